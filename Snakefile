@@ -1,0 +1,30 @@
+# eigenattn: eigen analysis of transformer self-attention (see README.md and METHOD.md).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/assets.smk"
+include: "workflow/rules/extract.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_outputs,
+
+
+onstart:
+    log_start()
+
+
+onsuccess:
+    print("eigenattn: workflow finished; outputs under results/, logs under logs/")
+
+
+onerror:
+    print("eigenattn: a job failed; see the log file named above (logs/<rule>/...)")

