@@ -77,6 +77,11 @@ def check_config(config: dict, workdir: str | Path = ".", check_hub: bool = True
                           f"define it under `corpora:` or use one of: {', '.join(sorted(config['corpora']))}")
 
     seq_len = config["sampling"]["seq_len"]
+    shards = config["extraction"]["shards"]
+    for split, n in config["sampling"]["n_sequences"].items():
+        if shards > n:
+            raise ConfigError("extraction.shards", f"{shards} shards but only {n} {split} passages",
+                              f"use at most {n} shards")
     for m in config["run_models"]:
         pos = model_positions(m, models[m], workdir / "resources" / "models")
         if pos and seq_len > pos:

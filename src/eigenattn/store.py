@@ -15,7 +15,7 @@ def compressor(dtype: str = "float16"):
     """Blosc/zstd with byte shuffle at the element size: the best ratio/speed we measured on scores."""
     from zarr.codecs import BloscCodec
 
-    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
+    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
 
 
 def score_chunks(batch: int, heads: int, n: int) -> tuple[int, ...]:

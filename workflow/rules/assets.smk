@@ -1,8 +1,6 @@
 rule fetch_model:
     output:
         directory("resources/models/{model}"),
-    params:
-        spec=model_spec,
     log:
         "logs/fetch_model/{model}.log",
     benchmark:
@@ -12,6 +10,8 @@ rule fetch_model:
     threads: 2
     resources:
         mem_mb=lambda wildcards, attempt: 6000 * attempt,
+    params:
+        spec=model_spec,
     script:
         "../scripts/fetch_model.py"
 
@@ -19,14 +19,14 @@ rule fetch_model:
 rule fetch_corpus:
     output:
         "resources/corpora/{corpus}/documents.parquet",
-    params:
-        spec=corpus_spec,
     log:
         "logs/fetch_corpus/{corpus}.log",
     benchmark:
         "benchmarks/out/fetch_corpus/{corpus}.tsv"
     conda:
         "../../envs/eigenattn.yaml"
+    params:
+        spec=corpus_spec,
     script:
         "../scripts/fetch_corpus.py"
 
@@ -36,12 +36,12 @@ rule sample_passages:
         "resources/corpora/{corpus}/documents.parquet",
     output:
         "results/corpus/{corpus}/passages.parquet",
-    params:
-        sampling=sampling_params,
     log:
         "logs/sample_passages/{corpus}.log",
     conda:
         "../../envs/eigenattn.yaml"
+    params:
+        sampling=sampling_params,
     script:
         "../scripts/sample_passages.py"
 

@@ -4,8 +4,6 @@ rule extract_scores:
         passages=expand("results/corpus/{corpus}/passages.parquet", corpus=CORPUS),
     output:
         directory("results/scores/{model}/{split}/shard-{shard}.zarr"),
-    params:
-        p=extract_params,
     log:
         "logs/extract/{model}/{split}/shard-{shard}.log",
     benchmark:
@@ -16,6 +14,8 @@ rule extract_scores:
     resources:
         mem_mb=extract_mem_mb,
         gpu=extract_gpus,
+    params:
+        p=extract_params,
     script:
         "../scripts/extract_scores.py"
 

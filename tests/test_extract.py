@@ -1,0 +1,122 @@
+"""Captured scores against transformers' own eager `output_attentions` (the oracle)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+from transformers import AutoModel, AutoTokenizer
+
+from eigenattn.capture import ScoreCapture, capturing, is_causal_mask, register
+from eigenattn.corpus import tokenize_passages
+from eigenattn.errors import ConfigError
+from eigenattn.extract import extract_scores, resolve_layers, shard_passages
+
+SEQ_LEN = 24
+
+
+def _passages(resources, k=5):
+    docs = pd.read_parquet(resources / "corpora" / "enwiki-sample" / "documents.parquet")
+    words = docs["text"].iloc[3].split()
+    return [" ".join(words[i * SEQ_LEN:(i + 1) * SEQ_LEN]) for i in range(k)]
+
+
+def _oracle_probs(model_dir, ids):
+    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids.astype(np.int64)), output_attentions=True)
+    return model, np.stack([a.numpy() for a in out.attentions], axis=1)  # (N, L, H, n, n)
+
+
+def _softmax_with_mask(scores, causal):
+    s = scores.astype(np.float64)
+    if causal:
+        n = s.shape[-1]
+        s = np.where(np.triu(np.ones((n, n), bool), 1), -np.inf, s)
+    s = s - s.max(-1, keepdims=True)
+    e = np.exp(s)
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("name,causal", [("minilm", False), ("smollm2", True)])
+def test_stored_scores_match_eager_output_attentions(resources, tmp_path, name, causal):
+    model_dir = resources / "models" / name
+    texts = _passages(resources)
+    ids = tokenize_passages(AutoTokenizer.from_pretrained(model_dir), texts, SEQ_LEN)
+    model, ref = _oracle_probs(model_dir, ids)
+    errors = {}
+    for dtype in ("float32", "float16"):
+        out = tmp_path / f"{name}-{dtype}.zarr"
+        extract_scores(model_dir, texts, np.arange(len(texts)), out, seq_len=SEQ_LEN, dtype=dtype,
+                       batch_size=2, device="cpu", progress=False)
+        g = zarr.open_group(out, mode="r")
+        assert g.attrs["causal"] is causal
+        np.testing.assert_array_equal(g["input_ids"][:], ids)
+        probs = _softmax_with_mask(g["scores"][:], causal)
+        errors[dtype] = float(np.abs(probs - ref).max())
+    print(f"{name}: max |softmax(S+mask) - output_attentions| float32 {errors['float32']:.2e}, "
+          f"float16 {errors['float16']:.2e}")
+    assert errors["float32"] <= 1e-5
+    # float16 storage: scores keep ~3 significant digits; README documents the measured error.
+    assert errors["float16"] <= 2e-2
+
+
+def test_capture_does_not_change_model_outputs(minilm_dir):
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    ids = tok(["attention scores are low dimensional"], return_tensors="pt")["input_ids"]
+    eager = AutoModel.from_pretrained(minilm_dir, attn_implementation="eager").eval()
+    cap_model = AutoModel.from_pretrained(minilm_dir, attn_implementation=register()).eval()
+    with torch.no_grad():
+        cap = ScoreCapture(layers=[1, 4])
+        with capturing(cap):
+            h = cap_model(input_ids=ids).last_hidden_state
+        h_ref = eager(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-6)
+    assert sorted(cap.scores) == [1, 4]
+    assert cap.scores[1].shape == (1, 12, ids.shape[1], ids.shape[1])
+    assert not is_causal_mask(cap.mask)
+
+
+def test_gqa_heads_are_per_query_head(smollm2_dir):
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tok(["grouped query attention shares key heads"], return_tensors="pt")["input_ids"]
+    model = AutoModel.from_pretrained(smollm2_dir, attn_implementation=register()).eval()
+    cap = ScoreCapture(layers=[0])
+    with torch.no_grad(), capturing(cap):
+        model(input_ids=ids)
+    s = cap.scores[0]
+    assert s.shape[1] == 9  # 9 query heads, though only 3 key heads
+    assert is_causal_mask(cap.mask)
+    # Query heads sharing a key head still differ (they have their own queries).
+    assert not torch.allclose(s[:, 0], s[:, 1])
+
+
+def test_interrupted_extraction_leaves_no_store(minilm_dir, tmp_path, monkeypatch):
+    import eigenattn.extract as ex
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "is_causal_mask", boom)
+    out = tmp_path / "s.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        extract_scores(minilm_dir, ["a b c d e f g h i j k l m n o p"] * 2, [0, 1], out, seq_len=8,
+                       batch_size=1, device="cpu", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resolve_layers_errors():
+    assert resolve_layers("all", 3) == [0, 1, 2]
+    assert resolve_layers([2, 0, 2], 3) == [0, 2]
+    with pytest.raises(ConfigError, match="out of range"):
+        resolve_layers([5], 3, "models.x.layers")
+
+
+def test_shards_partition_the_split(tmp_path):
+    df = pd.DataFrame({"passage_id": range(10), "split": ["fit"] * 7 + ["heldout"] * 3, "text": ["x"] * 10})
+    p = tmp_path / "p.parquet"
+    df.to_parquet(p)
+    got = np.concatenate([shard_passages(p, "fit", i, 3)["passage_id"].to_numpy() for i in range(3)])
+    np.testing.assert_array_equal(got, np.arange(7))
+    with pytest.raises(ConfigError, match="extraction.shards"):
+        shard_passages(p, "heldout", 0, 4)
