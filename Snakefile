@@ -10,6 +10,7 @@ configfile: "config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/assets.smk"
 include: "workflow/rules/extract.smk"
+include: "workflow/rules/eigen.smk"
 
 
 rule all:

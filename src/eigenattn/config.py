@@ -64,6 +64,34 @@ def model_positions(name: str, spec: dict, models_dir: Path) -> int | None:
     return spec.get("max_positions")
 
 
+def model_is_causal(config: dict, name: str, workdir: str | Path = ".") -> bool | None:
+    """The model's causality: from config, else from its fetched config.json, else None (unknown)."""
+    spec = config["models"][name]
+    if spec.get("causal") is not None:
+        return bool(spec["causal"])
+    cfg = Path(workdir) / "resources" / "models" / name / "config.json"
+    if cfg.is_file():
+        c = json.loads(cfg.read_text())
+        return bool(c.get("is_decoder")) or any(a.endswith("ForCausalLM") for a in c.get("architectures") or [])
+    return None
+
+
+def model_views(config: dict, name: str, workdir: str | Path = ".") -> list[str]:
+    """The eigen views planned for a model (METHOD.md §2)."""
+    causal = model_is_causal(config, name, workdir)
+    views = config["eigen"]["views"]
+    if causal is None:
+        raise ConfigError(f"models.{name}.causal", "cannot tell whether the model is causal before it is fetched",
+                          "set causal: true or false for it (or fetch it first: snakemake resources/models/"
+                          f"{name})")
+    if views == "auto":
+        return ["prefix"] if causal else ["all", "prefix"]
+    if causal and "all" in views:
+        raise ConfigError("eigen.views", f"view 'all' is undefined for the causal model '{name}' (keys after "
+                          "each query are masked)", "use views: auto, or [prefix]")
+    return list(views)
+
+
 def check_config(config: dict, workdir: str | Path = ".", check_hub: bool = True) -> None:
     """Cross-key checks. ``workdir`` is where resources/ lives (Snakemake's working directory)."""
     workdir = Path(workdir)
@@ -105,6 +133,8 @@ def check_config(config: dict, workdir: str | Path = ".", check_hub: bool = True
                           "is 'hf_dataset', but the Hugging Face hub cannot be reached (offline)",
                           "use source pypi or files, or run where huggingface.co is reachable")
     check_corpus_capacity(config, workdir)
+    for m in config["run_models"]:
+        model_views(config, m, workdir)
 
 
 def corpus_documents(config: dict, workdir: str | Path = ".") -> Path:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError, InputError
+from .store import write_table
 
 log = logging.getLogger(__name__)
 
@@ -214,20 +215,6 @@ def tokenize_passages(tokenizer, texts: list[str], seq_len: int) -> np.ndarray:
     return np.asarray(ids, dtype=np.int32)
 
 
-def write_parquet_atomic(df: pd.DataFrame, path: str | Path) -> None:
-    """Write a parquet file under a temporary name, then rename it into place."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def build_documents(name: str, spec: dict, out_path: str | Path, cache_dir: str | Path) -> pd.DataFrame:
     """Materialise a corpus as a documents parquet (doc_id, title, text, n_words)."""
     import tempfile
@@ -252,5 +239,5 @@ def build_documents(name: str, spec: dict, out_path: str | Path, cache_dir: str 
     docs["n_words"] = docs["text"].str.split().str.len().astype("int64")
     if docs["doc_id"].duplicated().any():
         raise InputError(f"corpora.{name}: duplicate document ids; set id_field to a unique column")
-    write_parquet_atomic(docs, out_path)
+    write_table(docs, out_path)
     return docs

@@ -17,8 +17,6 @@ import logging
 import os
 import queue
 import threading
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from . import SCORE_DEFINITION, __version__
 from .capture import ScoreCapture, capturing, is_causal_mask, register
 from .corpus import tokenize_passages
 from .errors import ConfigError
-from .store import compressor, score_chunks
+from .store import atomic_store, compressor, score_chunks
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +133,7 @@ class _Writer:
 
 def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dtype: str = "float16",
                    batch_size: int = 8, device: str = "auto", autocast: str = "none", layers="all",
-                   attrs: dict | None = None, progress: bool = True) -> dict:
+                   attrs: dict | None = None, progress: bool = True, expect_causal: bool | None = None) -> dict:
     """Extract the scores of every passage into a new Zarr store at ``out_path``.
 
     Returns a dict of timings and sizes. ``attrs`` are merged into the group attributes.
@@ -156,10 +154,8 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
     store_dtype = DTYPES[dtype]
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
     t0 = time.perf_counter()
-    try:
+    with atomic_store(out_path) as tmp:
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
         root.create_array("scores", shape=(n_seq, L, H, seq_len, seq_len), dtype=dtype,
                           chunks=score_chunks(batch_size, H, seq_len), compressors=compressor(dtype),
@@ -191,6 +187,11 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
                         model(input_ids=batch, attention_mask=torch.ones_like(batch))
                     if causal is None:
                         causal = is_causal_mask(cap.mask)
+                        if expect_causal is not None and causal != bool(expect_causal):
+                            raise ConfigError(f"models.{(attrs or {}).get('model', '?')}.causal",
+                                              f"is {expect_causal}, but the model's attention mask is "
+                                              f"{'causal' if causal else 'bidirectional'}",
+                                              f"set causal: {str(causal).lower()}")
                     missing = [l for l in keep if l not in cap.scores]
                     if missing:
                         raise RuntimeError(f"no scores captured for layers {missing}: the model does not "
@@ -229,12 +230,6 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
             "eigenattn_version": __version__,
             "complete": True,
         })
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        os.replace(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     total = time.perf_counter() - t0
     return {"n_sequences": n_seq, "seconds": total, "loop_seconds": t_loop, "forward_seconds": t_fwd,
             "bytes_raw": int(n_seq * L * H * seq_len * seq_len * np.dtype(dtype).itemsize),

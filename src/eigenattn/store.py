@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +58,55 @@ def open_scores(shards: list[str | Path]):
         arr = g["scores"]
         arrays.append(da.from_zarr(arr, chunks=arr.chunks))
     return da.concatenate(arrays, axis=0), attrs
+
+
+@contextlib.contextmanager
+def atomic_store(path: str | Path):
+    """Yield a temporary directory beside ``path``; on success it is renamed to ``path``.
+
+    On any error the temporary directory is removed, so an interrupted writer never leaves a
+    store (or file) at ``path`` that looks complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_arrays(group, arrays: dict, attrs: dict | None = None):
+    """Write a dict of numpy arrays (nested dicts become subgroups) into a Zarr group."""
+    for name, value in arrays.items():
+        if isinstance(value, dict):
+            write_arrays(group.require_group(name), value)
+        else:
+            value = np.asarray(value)
+            # whole arrays up to 16 MB; bigger ones chunk along their first (layer) axis
+            chunks = value.shape if value.nbytes <= 16 << 20 else (1, *value.shape[1:])
+            group.create_array(name, data=value, chunks=chunks, compressors=compressor(value.dtype.str))
+    if attrs:
+        group.attrs.update(attrs)
+
+
+def write_table(df, path: str | Path) -> None:
+    """Write a DataFrame as .parquet or .csv (by suffix) under a temporary name, then rename it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        if path.suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        elif path.suffix == ".csv":
+            df.to_csv(tmp, index=False)
+        else:
+            raise ValueError(f"{path}: unsupported table format (use .parquet or .csv)")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from eigenattn.config import check_config, validate_schema  # noqa: E402
+from eigenattn.config import check_config, model_views, validate_schema  # noqa: E402
 from eigenattn.errors import ConfigError  # noqa: E402
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
@@ -26,6 +26,7 @@ wildcard_constraints:
     corpus="|".join(sorted(config["corpora"])),
     split="fit|heldout",
     shard=r"\d+",
+    view="all|prefix",
 
 
 def log_start():
@@ -83,5 +84,33 @@ def extract_outputs():
     return [p for m in MODELS for s in SPLITS for p in score_shards(m, s)]
 
 
+def fit_shards(wildcards):
+    return score_shards(wildcards.model, "fit")
+
+
+def eigen_params(wildcards):
+    e = config["eigen"]
+    return {
+        "view": wildcards.view,
+        "variants": e["variants"],
+        "scheduler": e["scheduler"],
+        "split_every": e["split_every"],
+        "slurm": e["slurm"],
+        "report_k": e["report_k"],
+    }
+
+
+def eigen_mem_mb(wildcards, attempt):
+    return 4000 * attempt
+
+
+def eigen_outputs():
+    return [
+        f"results/eigen/{m}/{v}/spectrum.csv"
+        for m in MODELS
+        for v in model_views(config, m, ".")
+    ]
+
+
 def all_outputs(wildcards):
-    return extract_outputs()
+    return extract_outputs() + eigen_outputs()

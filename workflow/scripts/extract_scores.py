@@ -18,6 +18,7 @@ stats = extract_scores(
     device=p["device"],
     autocast=p["autocast"],
     layers=p["layers"],
+    expect_causal=p["source"].get("causal"),
     attrs={
         "model": p["model"],
         "source": p["source"],

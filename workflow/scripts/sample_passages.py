@@ -2,7 +2,8 @@ import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
 from eigenattn import logs
-from eigenattn.corpus import load_documents, sample_passages, write_parquet_atomic
+from eigenattn.corpus import load_documents, sample_passages
+from eigenattn.store import write_table
 
 log = logs.start(snakemake)
 p = snakemake.params.sampling
@@ -15,5 +16,5 @@ passages = sample_passages(
     heldout_fraction=p["heldout_fraction"],
     corpus=snakemake.wildcards.corpus,
 )
-write_parquet_atomic(passages, snakemake.output[0])
+write_table(passages, snakemake.output[0])
 log.info("%s", passages.groupby("split").size().to_dict())

@@ -1,0 +1,59 @@
+rule eigen_rows:
+    input:
+        fit_shards,
+    output:
+        directory("results/eigen/{model}/{view}/rows.zarr"),
+    log:
+        "logs/eigen_rows/{model}/{view}.log",
+    benchmark:
+        "benchmarks/out/eigen_rows/{model}/{view}.tsv"
+    conda:
+        "../../envs/eigenattn.yaml"
+    threads: 2
+    resources:
+        mem_mb=eigen_mem_mb,
+    params:
+        p=eigen_params,
+    script:
+        "../scripts/eigen_rows.py"
+
+
+rule eigen_full:
+    input:
+        fit_shards,
+    output:
+        directory("results/eigen/{model}/{view}/full.zarr"),
+    log:
+        "logs/eigen_full/{model}/{view}.log",
+    benchmark:
+        "benchmarks/out/eigen_full/{model}/{view}.tsv"
+    conda:
+        "../../envs/eigenattn.yaml"
+    threads: 2
+    resources:
+        mem_mb=eigen_mem_mb,
+    params:
+        p=eigen_params,
+    script:
+        "../scripts/eigen_full.py"
+
+
+rule eigen_spectrum:
+    input:
+        rows="results/eigen/{model}/{view}/rows.zarr",
+        full="results/eigen/{model}/{view}/full.zarr",
+    output:
+        "results/eigen/{model}/{view}/spectrum.csv",
+    log:
+        "logs/eigen_spectrum/{model}/{view}.log",
+    conda:
+        "../../envs/eigenattn.yaml"
+    params:
+        p=eigen_params,
+    script:
+        "../scripts/eigen_spectrum.py"
+
+
+rule eigen:
+    input:
+        eigen_outputs(),

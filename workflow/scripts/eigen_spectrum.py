@@ -1,0 +1,11 @@
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
+from eigenattn import logs
+from eigenattn.eigen import spectrum_table
+from eigenattn.store import write_table
+
+log = logs.start(snakemake)
+table = spectrum_table(snakemake.input.rows, snakemake.input.full, snakemake.params.p["report_k"])
+write_table(table, snakemake.output[0])
+log.info("%d spectrum rows -> %s", len(table), snakemake.output[0])
