@@ -11,6 +11,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/assets.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/eigen.smk"
+include: "workflow/rules/overlap.smk"
 
 
 rule all:

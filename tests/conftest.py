@@ -55,7 +55,7 @@ def workdir(tmp_path, resources):
 def tiny_run(tmp_path_factory, resources):
     """One real run of the workflow on tests/config.yaml, shared by the workflow tests."""
     wd = make_workdir(tmp_path_factory.mktemp("tiny"), resources)
-    proc = snakemake(wd, "-c2", "extract")
+    proc = snakemake(wd, "-c2", "all")
     return wd, proc
 
 

@@ -37,6 +37,9 @@ def _assert_nothing_written(workdir):
     ({"extraction": {"dtype": "float8"}}, "extraction.dtype'"),
     ({"models": {"hubmodel": {"source": "hub", "repo_id": "org/x", "revision": "main"}},
       "run_models": ["hubmodel"]}, "models.hubmodel.source'"),
+    ({"eigen": {"views": ["all", "prefix"]}}, "eigen.views': view 'all' is undefined for the causal model 'smollm2'"),
+    ({"eigen": {"variants": ["centred"]}}, "eigen.variants.0'"),
+    ({"eigen": {"scheduler": "mpi"}}, "eigen.scheduler'"),
 ])
 def test_bad_config_fails_before_any_job(workdir, override, needle):
     out = _run_bad(workdir, override)

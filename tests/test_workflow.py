@@ -56,9 +56,41 @@ def test_extract_stage_layout(tiny_run):
     assert (wd / "benchmarks" / "out" / "extract" / "minilm" / "fit" / "shard-0.tsv").is_file()
 
 
+def test_eigen_stage_outputs(tiny_run):
+    wd, _ = tiny_run
+    n = TINY["sampling"]["seq_len"]
+    N = TINY["sampling"]["n_sequences"]["fit"]
+    expect = {("minilm", "all"): (6, 12, n), ("minilm", "prefix"): (6, 12, n // 2),
+              ("smollm2", "prefix"): (4, 9, n // 2)}
+    assert sorted(p.name for p in (wd / "results" / "eigen" / "smollm2").iterdir()) == ["prefix"]
+    for (model, view), (L, H, d) in expect.items():
+        base = wd / "results" / "eigen" / model / view
+        rows = zarr.open_group(base / "rows.zarr", mode="r")
+        for variant in ("raw", "row_centered"):
+            g = rows[variant]
+            assert g["mean"].shape == (L, H, d) and g["eigenvalues"].shape == (L, H, d)
+            assert g["eigenvectors"].shape == (L, H, d, d) and g["count"].shape == (L, H)
+            assert g["pooled/eigenvalues"].shape == (L, d) and g["pooled/eigenvectors"].shape == (L, d, d)
+            w = g["eigenvalues"][:]
+            assert (np.diff(w, axis=-1) <= 1e-9 * w[..., :1]).all()  # descending
+            rows_per_seq = n if view == "all" else n // 2
+            assert (g["count"][:] == N * rows_per_seq).all()
+        full = zarr.open_group(base / "full.zarr", mode="r")
+        assert full["eigenvalues"].shape == (L, H, N - 1) and full["total_variance"].shape == (L, H)
+        assert full.attrs["n_samples"] == N
+        df = pd.read_csv(base / "spectrum.csv")
+        assert set(df.analysis) == {"rows", "full"} and set(df.variant) == {"raw", "row_centered"}
+        assert {f"ev_at_{k}" for k in (1, 2, 4, 8, 16, 32)} <= set(df.columns)
+        assert (df.k90 <= df.k95).all() and (df.k95 <= df.k99).all() and (df.k99 <= df.d).all()
+        np.testing.assert_allclose(
+            df[(df.analysis == "rows") & (df["head"] != "pooled")].total_variance.sum(),
+            sum(rows[v]["eigenvalues"][:].sum() for v in ("raw", "row_centered")), rtol=1e-9)
+    assert (wd / "benchmarks" / "out" / "eigen_rows" / "minilm" / "all.tsv").is_file()
+
+
 def test_rerun_is_a_noop(tiny_run):
     wd, _ = tiny_run
-    proc = snakemake(wd, "-n", "extract")
+    proc = snakemake(wd, "-n", "all")
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 

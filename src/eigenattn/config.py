@@ -51,9 +51,26 @@ def validate_schema(config: dict, schema_path: str | Path = SCHEMA) -> dict:
             raise ConfigError(key if e.absolute_path else extra[0],
                               f"unknown key {where} (misspelt?)",
                               f"allowed keys here: {', '.join(allowed)}" if allowed else None)
-        desc = e.schema.get("description")
-        raise ConfigError(key, e.message, desc)
+        fix = f"use one of: {', '.join(map(str, e.validator_value))}" if e.validator == "enum" else None
+        raise ConfigError(key, e.message, fix or _describe(schema, list(e.absolute_path)) or
+                          "see workflow/schemas/config.schema.yaml")
     return config
+
+
+def _describe(schema: dict, path: list) -> str | None:
+    """The description of the schema node at a config path (following properties, items and $refs)."""
+    node, desc = schema, None
+    for part in path:
+        while "$ref" in node:
+            node = schema["$defs"][node["$ref"].split("/")[-1]]
+        if isinstance(part, int):
+            node = node.get("items", {})
+        else:
+            props = node.get("properties", {})
+            node = props.get(part, node.get("additionalProperties") if isinstance(node.get("additionalProperties"), dict)
+                             else {})
+        desc = node.get("description", desc)
+    return desc
 
 
 def model_positions(name: str, spec: dict, models_dir: Path) -> int | None:
@@ -135,6 +152,36 @@ def check_config(config: dict, workdir: str | Path = ".", check_hub: bool = True
     check_corpus_capacity(config, workdir)
     for m in config["run_models"]:
         model_views(config, m, workdir)
+    check_overlap(config)
+
+
+def cross_pairs(config: dict) -> list[tuple[str, str]]:
+    """The model pairs compared across models (prefix view)."""
+    pairs = config["overlap"]["cross_pairs"]
+    if pairs == "auto":
+        ms = config["run_models"]
+        return [(a, b) for i, a in enumerate(ms) for b in ms[i + 1:]]
+    return [tuple(p) for p in pairs]
+
+
+def check_overlap(config: dict) -> None:
+    """k <= d for every view analysed, and cross pairs name models that run."""
+    n = config["sampling"]["seq_len"]
+    for m in config["run_models"]:
+        for v in model_views(config, m):
+            d = n if v == "all" else n // 2
+            bad = [k for k in config["overlap"]["k"] if k > d]
+            if bad:
+                raise ConfigError("overlap.k", f"k = {bad} exceeds the row dimension d = {d} of view '{v}' "
+                                  f"(seq_len {n}) for model '{m}'", f"use k <= {d}")
+    for i, (a, b) in enumerate(cross_pairs(config)):
+        for j, m in enumerate((a, b)):
+            if m not in config["run_models"]:
+                raise ConfigError(f"overlap.cross_pairs[{i}][{j}]", f"unknown model '{m}'",
+                                  f"use models from run_models: {', '.join(config['run_models'])}")
+        if a == b:
+            raise ConfigError(f"overlap.cross_pairs[{i}]", f"pairs a model with itself ('{a}')",
+                              "within-model overlap is always computed; list two different models")
 
 
 def corpus_documents(config: dict, workdir: str | Path = ".") -> Path:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .moments import check_variant, merge_packed, moments_to_covariance, row_moments, unpack, view_slices
+from .moments import (block_moments, check_variant, half_block_index, merge_packed, moments_to_covariance,
+                      reduce_moments, unpack, view_slices)
 
 P_LEVELS = (0.90, 0.95, 0.99)
 
@@ -38,17 +39,33 @@ def k_at(ev: np.ndarray, p: float) -> np.ndarray:
     return np.where(reached.any(axis=-1), k, ev.shape[-1])
 
 
-def row_spectrum(scores, view: str, variant: str, causal: bool, split_every: int = 8) -> dict:
-    """Per-head and pooled row spectra. Returns numpy arrays keyed as in rows.zarr."""
-    import dask
-
-    packed = row_moments(scores, view, variant, causal, split_every=split_every)
-    (packed,) = dask.compute(packed)
+def _spectra(packed: np.ndarray) -> dict:
     out = {}
     for scope, pk in (("heads", packed), ("pooled", merge_packed(packed, axis=1, keepdims=False))):
         count, mean, m2 = unpack(pk)
         w, v = eigh_desc(moments_to_covariance(count, m2))
         out[scope] = {"mean": mean, "eigenvalues": w, "eigenvectors": v, "count": count.astype(np.int64)}
+    return out
+
+
+def row_spectrum(scores, view: str, variant: str, causal: bool, split_every: int = 8,
+                 halves: bool = False) -> dict:
+    """Per-head and pooled row spectra (numpy arrays keyed as in rows.zarr).
+
+    With ``halves``, the moments of the first and second half of the sequences (split at a chunk
+    boundary) are reduced separately and merged exactly into the total, so the split-half spectra
+    (used as the noise ceiling of subspace overlap) cost no extra pass over the data.
+    """
+    import dask
+
+    per_block = block_moments(scores, view, variant, causal)
+    if not halves:
+        (packed,) = dask.compute(reduce_moments(per_block, split_every))
+        return _spectra(packed)
+    i = half_block_index(scores.chunks[0])
+    pa, pb = dask.compute(reduce_moments(per_block[:i], split_every), reduce_moments(per_block[i:], split_every))
+    out = _spectra(merge_packed(np.stack([pa, pb]), axis=0, keepdims=False))
+    out["halves"] = {"a": _spectra(pa), "b": _spectra(pb), "split_sequence": int(np.sum(scores.chunks[0][:i]))}
     return out
 
 
@@ -126,8 +143,13 @@ def _store_attrs(attrs: dict, view: str, causal: bool, n_seq: int, extra: dict) 
             "scores_dtype": attrs.get("dtype"), "eigenattn_version": __version__, **extra}
 
 
-def run_rows(shards, out_path, view: str, variants=("raw", "row_centered"), split_every: int = 8) -> dict:
-    """Row analysis of all fit shards into rows.zarr (groups per variant, with pooled/ subgroups)."""
+def run_rows(shards, out_path, view: str, variants=("raw", "row_centered"), split_every: int = 8,
+             halves_path=None) -> dict:
+    """Row analysis of all fit shards into rows.zarr (groups per variant, with pooled/ subgroups).
+
+    With ``halves_path``, the spectra of the two halves of the fit sequences go to a second store
+    (groups {variant}/{a,b}/ shaped like rows.zarr's), read by the overlap stage.
+    """
     import zarr
 
     from .store import atomic_store, open_scores, write_arrays
@@ -137,7 +159,23 @@ def run_rows(shards, out_path, view: str, variants=("raw", "row_centered"), spli
     view_slices(view, attrs["seq_len"], causal)  # fail early on an undefined view
     for v in variants:
         check_variant(v)
-    results = {v: row_spectrum(scores, view, v, causal, split_every) for v in variants}
+    results = {v: row_spectrum(scores, view, v, causal, split_every, halves=halves_path is not None)
+               for v in variants}
+    if halves_path is not None:
+        with atomic_store(halves_path) as tmp:
+            root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+            for v, res in results.items():
+                for half in ("a", "b"):
+                    g = root.require_group(f"{v}/{half}")
+                    write_arrays(g, res["halves"][half]["heads"])
+                    write_arrays(g.require_group("pooled"), res["halves"][half]["pooled"])
+            split = results[variants[0]]["halves"]["split_sequence"]
+            root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
+                "analysis": "rows_halves", "variants": list(variants), "split_sequence": split,
+                "halves": {"a": [0, split], "b": [split, int(scores.shape[0])]},
+                "definition": "row spectra (as rows.zarr) of the first (a) and second (b) half of the fit "
+                              "sequences in passage_id order",
+                "complete": True}))
     with atomic_store(out_path) as tmp:
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
         for v, res in results.items():

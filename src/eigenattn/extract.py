@@ -133,7 +133,8 @@ class _Writer:
 
 def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dtype: str = "float16",
                    batch_size: int = 8, device: str = "auto", autocast: str = "none", layers="all",
-                   attrs: dict | None = None, progress: bool = True, expect_causal: bool | None = None) -> dict:
+                   attrs: dict | None = None, progress: bool = True, expect_causal: bool | None = None,
+                   compression: str = "lz4") -> dict:
     """Extract the scores of every passage into a new Zarr store at ``out_path``.
 
     Returns a dict of timings and sizes. ``attrs`` are merged into the group attributes.
@@ -158,7 +159,7 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
     with atomic_store(out_path) as tmp:
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
         root.create_array("scores", shape=(n_seq, L, H, seq_len, seq_len), dtype=dtype,
-                          chunks=score_chunks(batch_size, H, seq_len), compressors=compressor(dtype),
+                          chunks=score_chunks(batch_size, H, seq_len), compressors=compressor(dtype, compression),
                           fill_value=np.nan, config={"write_empty_chunks": True})
         root.create_array("input_ids", data=ids, chunks=(max(n_seq, 1), seq_len))
         root.create_array("attention_mask", data=np.ones_like(ids, dtype=np.int8), chunks=(max(n_seq, 1), seq_len))
@@ -222,6 +223,7 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
             "causal": bool(causal),
             "score_definition": SCORE_DEFINITION,
             "dtype": dtype,
+            "compression": compression,
             "autocast": autocast if on_cuda else "none",
             "device": dev.type,
             "axes": {"scores": ["sequence", "layer", "head", "query", "key"],

@@ -38,12 +38,13 @@ def check_variant(variant: str) -> None:
 
 
 def view_rows(block: np.ndarray, qs: slice, ks: slice, variant: str) -> np.ndarray:
-    """Rows of a score block (b, L, H, n, n) in a view, as float64 (L, H, b*|Q|, d)."""
-    rows = np.asarray(block[..., qs, ks], dtype=np.float64)
+    """Rows of a score block (b, L, H, n, n) in a view, as contiguous float64 (L, H, b*|Q|, d)."""
+    # Transpose while still float16/32 (cheap), then one contiguous float64 conversion.
+    rows = np.ascontiguousarray(block[..., qs, ks].transpose(1, 2, 0, 3, 4), dtype=np.float64)
     if variant == "row_centered":
-        rows = rows - rows.mean(axis=-1, keepdims=True)
-    b, L, H, q, d = rows.shape
-    return rows.transpose(1, 2, 0, 3, 4).reshape(L, H, b * q, d)
+        rows -= rows.mean(axis=-1, keepdims=True)
+    L, H, b, q, d = rows.shape
+    return rows.reshape(L, H, b * q, d)
 
 
 def pack(count, mean, m2) -> np.ndarray:
@@ -61,11 +62,17 @@ def unpack(packed: np.ndarray):
 
 
 def sample_moments(x: np.ndarray):
-    """count, mean and M2 of samples along axis -2 of x (..., m, d)."""
-    count = np.full(x.shape[:-2], x.shape[-2], dtype=np.float64)
+    """count, mean and M2 of samples along axis -2 of x (..., m, d).
+
+    M2 = X^T X - m mu mu^T: one batched GEMM and no centred copy. Within one chunk (m ~ 10^3
+    rows of scores of order 1-10) float64 loses nothing measurable to the subtraction; chunks
+    then merge by the parallel update, which never subtracts large sums.
+    """
+    m = x.shape[-2]
+    count = np.full(x.shape[:-2], m, dtype=np.float64)
     mean = x.mean(axis=-2)
-    xc = x - mean[..., None, :]
-    m2 = np.matmul(np.swapaxes(xc, -1, -2), xc)
+    m2 = np.matmul(np.swapaxes(x, -1, -2), x)
+    m2 -= m * mean[..., :, None] * mean[..., None, :]
     return count, mean, m2
 
 
@@ -103,12 +110,11 @@ def _merge_aggregate(a, axis=None, keepdims=True):
     return merge_packed(a, axis=axis[0] if isinstance(axis, tuple) else axis, keepdims=keepdims)
 
 
-def row_moments(scores, view: str, variant: str, causal: bool, split_every: int = 8):
-    """Dask graph of per-(layer, head) row moments over all sequences.
+def block_moments(scores, view: str, variant: str, causal: bool):
+    """Dask array (nblocks, L, H, d+2, d): packed row moments of every sequence block.
 
-    ``scores``: Dask array (N, L, H, n, n) with whole (H, n, n) blocks (as extraction writes
-    them). Each block yields (count, mean, M2); blocks merge in a tree reduction. Returns a Dask
-    array (L, H, d+2, d) of packed moments.
+    ``scores``: Dask array (N, L, H, n, n) whose (H, n, n) axes are single chunks (as extraction
+    writes them; rechunked otherwise).
     """
     import dask.array as da
 
@@ -118,13 +124,30 @@ def row_moments(scores, view: str, variant: str, causal: bool, split_every: int 
     d = ks.stop - ks.start
     if any(len(c) != 1 for c in scores.chunks[2:]):
         scores = scores.rechunk({2: -1, 3: -1, 4: -1})
-    per_block = da.map_blocks(
+    return da.map_blocks(
         block_row_moments, scores, qs, ks, variant, dtype=np.float64,
         chunks=((1,) * scores.numblocks[0], scores.chunks[1], (scores.shape[2],), (d + 2,), (d,)),
         meta=np.empty((0, 0, 0, 0, 0), dtype=np.float64))
+
+
+def reduce_moments(per_block, split_every: int = 8):
+    """Tree-merge packed block moments along axis 0 -> (L, H, d+2, d)."""
+    import dask.array as da
+
     return da.reduction(per_block, _merge_chunk, _merge_aggregate, combine=_merge_combine, axis=0,
                         keepdims=False, dtype=np.float64, split_every=split_every, concatenate=True,
                         meta=np.empty((0, 0, 0, 0), dtype=np.float64))
+
+
+def half_block_index(chunks_n) -> int:
+    """Block index splitting the sequences into two halves at a chunk boundary (>= 1 block each)."""
+    edges = np.cumsum(chunks_n)
+    nb = len(chunks_n)
+    if nb < 2:
+        raise InputError(f"split-half statistics need at least 2 sequence chunks, got {nb}; "
+                         "use a smaller extraction.batch_size or more passages")
+    i = int(np.argmin(np.abs(edges - edges[-1] / 2))) + 1
+    return min(max(i, 1), nb - 1)
 
 
 def moments_to_covariance(count, m2):

@@ -4,7 +4,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from eigenattn.config import check_config, model_views, validate_schema  # noqa: E402
+from eigenattn.config import (
+    check_config,
+    cross_pairs,
+    model_views,
+    validate_schema,
+)  # noqa: E402
 from eigenattn.errors import ConfigError  # noqa: E402
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
@@ -23,10 +28,13 @@ CORPUS = config["corpus"]
 
 wildcard_constraints:
     model="|".join(sorted(config["models"])),
+    model_a="|".join(sorted(config["models"])),
+    model_b="|".join(sorted(config["models"])),
     corpus="|".join(sorted(config["corpora"])),
     split="fit|heldout",
     shard=r"\d+",
     view="all|prefix",
+    variant="raw|row_centered",
 
 
 def log_start():
@@ -58,6 +66,7 @@ def extract_params(wildcards):
         "n_shards": len(SHARDS),
         "seq_len": config["sampling"]["seq_len"],
         "dtype": e["dtype"],
+        "compression": e["compression"],
         "batch_size": e["batch_size"],
         "device": e["device"],
         "autocast": e["autocast"],
@@ -112,5 +121,33 @@ def eigen_outputs():
     ]
 
 
+def overlap_within_outputs():
+    return [
+        f"results/overlap/{m}/{v}/{variant}.zarr"
+        for m in MODELS
+        for v in model_views(config, m, ".")
+        for variant in config["eigen"]["variants"]
+    ]
+
+
+def overlap_cross_outputs():
+    return [
+        f"results/overlap/cross/{a}__{b}/prefix/{variant}.zarr"
+        for a, b in cross_pairs(config)
+        for variant in config["eigen"]["variants"]
+    ]
+
+
+def overlap_params(wildcards):
+    return {"k": config["overlap"]["k"], "variant": wildcards.variant}
+
+
+def overlap_summary_inputs(wildcards):
+    return {
+        "within": overlap_within_outputs(),
+        "cross": overlap_cross_outputs(),
+    }
+
+
 def all_outputs(wildcards):
-    return extract_outputs() + eigen_outputs()
+    return extract_outputs() + eigen_outputs() + ["results/overlap/summary.csv"]

@@ -2,7 +2,8 @@ rule eigen_rows:
     input:
         fit_shards,
     output:
-        directory("results/eigen/{model}/{view}/rows.zarr"),
+        rows=directory("results/eigen/{model}/{view}/rows.zarr"),
+        halves=directory("results/eigen/{model}/{view}/halves.zarr"),
     log:
         "logs/eigen_rows/{model}/{view}.log",
     benchmark:

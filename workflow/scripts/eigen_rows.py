@@ -8,5 +8,12 @@ from eigenattn.scheduler import dask_scheduler
 log = logs.start(snakemake)
 p = snakemake.params.p
 with dask_scheduler(p["scheduler"], snakemake.threads, p["slurm"]):
-    run_rows(list(snakemake.input), snakemake.output[0], p["view"], p["variants"], p["split_every"])
-log.info("wrote %s", snakemake.output[0])
+    run_rows(
+        list(snakemake.input),
+        snakemake.output.rows,
+        p["view"],
+        p["variants"],
+        p["split_every"],
+        halves_path=snakemake.output.halves,
+    )
+log.info("wrote %s and %s", snakemake.output.rows, snakemake.output.halves)

@@ -19,6 +19,7 @@ stats = extract_scores(
     autocast=p["autocast"],
     layers=p["layers"],
     expect_causal=p["source"].get("causal"),
+    compression=p["compression"],
     attrs={
         "model": p["model"],
         "source": p["source"],

@@ -1,0 +1,170 @@
+"""Eigen analysis against numpy, scipy, sklearn and dask's randomised SVD."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.linalg
+from sklearn.decomposition import PCA
+
+from eigenattn.eigen import (eigh_desc, explained_variance, full_spectrum, k_at, row_spectrum, run_full, run_rows,
+                             spectrum_table)
+from eigenattn.errors import ConfigError, InputError
+from eigenattn.moments import merge_packed, pack, sample_moments, unpack, view_slices
+from eigenattn.scheduler import dask_scheduler
+from eigenattn.store import open_scores
+from synthetic import low_rank_scores, write_store
+
+N, L, H, n = 20, 2, 3, 16
+
+
+@pytest.fixture(scope="module")
+def data():
+    return low_rank_scores(N, L, H, n, seed=1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, data):
+    d = tmp_path_factory.mktemp("shards")
+    return [write_store(d / "shard-0.zarr", data[:12]), write_store(d / "shard-1.zarr", data[12:])]
+
+
+def _rows(data, view, variant, causal=False):
+    qs, ks = view_slices(view, n, causal)
+    x = data[..., qs, ks].astype(np.float64)
+    if variant == "row_centered":
+        x = x - x.mean(-1, keepdims=True)
+    return x  # (N, L, H, q, d)
+
+
+@pytest.mark.parametrize("view", ["all", "prefix"])
+@pytest.mark.parametrize("variant", ["raw", "row_centered"])
+def test_rows_match_numpy(shards, data, view, variant):
+    scores, _ = open_scores(shards)
+    res = row_spectrum(scores, view, variant, causal=False, split_every=2)
+    x = _rows(data, view, variant)
+    d = x.shape[-1]
+    for l in range(L):
+        for h in range(H):
+            X = x[:, l, h].reshape(-1, d)
+            w, v = np.linalg.eigh(np.cov(X, rowvar=False))
+            w, v = w[::-1], v[:, ::-1]
+            got = res["heads"]
+            np.testing.assert_allclose(got["mean"][l, h], X.mean(0), rtol=0, atol=1e-12)
+            assert np.abs(got["eigenvalues"][l, h] - w).max() / w[0] <= 1e-9
+            assert got["count"][l, h] == X.shape[0]
+            gaps = w[:-1] - w[1:]
+            for k in (1, 2, 3):
+                if gaps[k - 1] > 1e-6 * w[0]:  # the top-k subspace is well defined
+                    U, V = got["eigenvectors"][l, h][:, :k], v[:, :k]
+                    assert np.linalg.norm(U.T @ V) ** 2 / k >= 1 - 1e-9
+        Xp = x[:, l].reshape(-1, d)  # pooled over heads
+        wp = np.linalg.eigvalsh(np.cov(Xp, rowvar=False))[::-1]
+        assert np.abs(res["pooled"]["eigenvalues"][l] - wp).max() / wp[0] <= 1e-9
+
+
+def test_explained_variance_matches_sklearn_pca(shards, data):
+    scores, _ = open_scores(shards)
+    res = row_spectrum(scores, "all", "raw", causal=False)
+    X = _rows(data, "all", "raw")[:, 1, 2].reshape(-1, n)
+    pca = PCA().fit(X)
+    ev = explained_variance(res["heads"]["eigenvalues"][1, 2])
+    np.testing.assert_allclose(ev, np.cumsum(pca.explained_variance_ratio_), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(res["heads"]["eigenvalues"][1, 2], pca.explained_variance_, rtol=1e-9, atol=1e-12)
+
+
+def test_chan_merge_is_exact():
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((m, 5)) * 3 + 7 for m in (3, 10, 1, 6)]
+    merged = merge_packed(np.stack([pack(*sample_moments(p)) for p in parts]), axis=0, keepdims=False)
+    count, mean, m2 = unpack(merged)
+    X = np.concatenate(parts)
+    assert count == len(X)
+    np.testing.assert_allclose(mean, X.mean(0), atol=1e-13)
+    np.testing.assert_allclose(m2, (X - X.mean(0)).T @ (X - X.mean(0)), rtol=1e-12, atol=1e-11)
+
+
+def test_chunking_invariance(tmp_path, data):
+    a = [write_store(tmp_path / "a.zarr", data, batch=3)]
+    b = [write_store(tmp_path / "b0.zarr", data[:7], batch=7), write_store(tmp_path / "b1.zarr", data[7:], batch=5)]
+    ra = row_spectrum(open_scores(a)[0], "prefix", "raw", False, split_every=2)
+    rb = row_spectrum(open_scores(b)[0], "prefix", "raw", False, split_every=5)
+    for key in ("mean", "eigenvalues"):
+        np.testing.assert_allclose(ra["heads"][key], rb["heads"][key], rtol=1e-10, atol=1e-10)
+    fa = full_spectrum(open_scores(a)[0], "all", "raw", False)
+    fb = full_spectrum(open_scores(b)[0], "all", "raw", False)
+    np.testing.assert_allclose(fa["eigenvalues"], fb["eigenvalues"], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(fa["total_variance"], fb["total_variance"], rtol=1e-10)
+
+
+@pytest.mark.parametrize("view", ["all", "prefix"])
+def test_full_gram_matches_dense_covariance_and_svd_compressed(shards, data, view):
+    import dask.array as da
+
+    scores, _ = open_scores(shards)
+    res = full_spectrum(scores, view, "raw", causal=False)
+    qs, ks = view_slices(view, n, False)
+    for l in range(L):
+        for h in range(H):
+            V = data[:, l, h, qs, ks].reshape(N, -1).astype(np.float64)
+            C = np.cov(V, rowvar=False)  # dense D x D covariance: fine at this size
+            w = np.linalg.eigvalsh(C)[::-1][: N - 1]
+            np.testing.assert_allclose(res["eigenvalues"][l, h], w, rtol=1e-9, atol=1e-9 * w[0])
+            np.testing.assert_allclose(res["total_variance"][l, h], np.trace(C), rtol=1e-12)
+            Vc = da.from_array(V - V.mean(0), chunks=(5, -1))
+            k = 4
+            _, s, _ = da.linalg.svd_compressed(Vc, k, n_power_iter=6, seed=0)
+            np.testing.assert_allclose(s.compute() ** 2 / (N - 1), res["eigenvalues"][l, h, :k], rtol=1e-6)
+
+
+def test_distributed_equals_threads(shards):
+    with dask_scheduler("threads", 2):
+        a = row_spectrum(open_scores(shards)[0], "all", "row_centered", False)
+    with dask_scheduler("distributed", 1):
+        b = row_spectrum(open_scores(shards)[0], "all", "row_centered", False)
+    np.testing.assert_allclose(a["heads"]["eigenvalues"], b["heads"]["eigenvalues"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(a["pooled"]["mean"], b["pooled"]["mean"], rtol=1e-12, atol=1e-12)
+
+
+def test_k_at_and_eigh_desc():
+    ev = np.array([0.5, 0.89, 0.9, 0.99, 1.0])
+    assert k_at(ev, 0.9) == 3 and k_at(ev, 0.95) == 4 and k_at(ev, 0.99) == 4
+    w, v = eigh_desc(np.diag([1.0, 3.0, 2.0]))
+    np.testing.assert_allclose(w, [3, 2, 1])
+    assert (v.max(axis=0) == 1).all()  # sign fixed: largest component positive
+
+
+def test_stores_and_spectrum_csv(tmp_path, shards, data):
+    run_rows(shards, tmp_path / "rows.zarr", "all")
+    run_full(shards, tmp_path / "full.zarr", "all")
+    df = spectrum_table(tmp_path / "rows.zarr", tmp_path / "full.zarr", [1, 2, 4])
+    cols = ["model", "view", "analysis", "variant", "layer", "head", "d", "n_samples", "total_variance",
+            "k90", "k95", "k99", "ev_at_1", "ev_at_2", "ev_at_4", "bounded"]
+    assert list(df.columns) == cols
+    # rows: L*H heads + L pooled, per variant; full: L*H per variant
+    assert len(df) == 2 * (L * H + L) + 2 * L * H
+    r = df[(df.analysis == "rows") & (df.variant == "raw") & (df["head"] != "pooled")]
+    assert (r.n_samples == N * n).all() and not r.bounded.any()
+    f = df[(df.analysis == "full") & (df.variant == "raw")]
+    assert (f.n_samples == N).all() and (f.d == n * n).all()
+    # rank-3 structure: k90 of the full view stays far below N-1
+    pca = PCA().fit(data[:, 0, 0].reshape(N, -1).astype(np.float64))
+    k90 = int(np.searchsorted(np.cumsum(pca.explained_variance_ratio_), 0.9 - 1e-12) + 1)
+    assert f[(f.layer == 0) & (f["head"] == 0)].k90.iloc[0] == k90
+    import zarr
+
+    g = zarr.open_group(str(tmp_path / "rows.zarr"), mode="r")
+    assert g["raw/eigenvectors"].shape == (L, H, n, n) and g["raw/pooled/eigenvalues"].shape == (L, n)
+    assert g["row_centered/count"].shape == (L, H)
+    f = zarr.open_group(str(tmp_path / "full.zarr"), mode="r")
+    assert f["eigenvalues"].shape == (L, H, N - 1) and f.attrs["n_samples"] == N
+
+
+def test_bad_inputs(tmp_path, data):
+    with pytest.raises(InputError, match="no score shards"):
+        run_rows([], tmp_path / "r.zarr", "all")
+    causal = [write_store(tmp_path / "c.zarr", data, causal=True)]
+    with pytest.raises(ConfigError, match="view 'all' is undefined for a causal model"):
+        run_rows(causal, tmp_path / "r.zarr", "all")
+    with pytest.raises(ConfigError, match="unknown variant 'centred'"):
+        run_full(causal, tmp_path / "f.zarr", "prefix", variants=["centred"])
+    assert not (tmp_path / "r.zarr").exists() and not (tmp_path / "f.zarr").exists()

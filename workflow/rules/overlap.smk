@@ -1,0 +1,54 @@
+rule overlap_within:
+    input:
+        rows="results/eigen/{model}/{view}/rows.zarr",
+        halves="results/eigen/{model}/{view}/halves.zarr",
+    output:
+        directory("results/overlap/{model}/{view}/{variant}.zarr"),
+    log:
+        "logs/overlap_within/{model}/{view}/{variant}.log",
+    benchmark:
+        "benchmarks/out/overlap_within/{model}/{view}/{variant}.tsv"
+    conda:
+        "../../envs/eigenattn.yaml"
+    threads: 2
+    params:
+        p=overlap_params,
+    script:
+        "../scripts/overlap_within.py"
+
+
+rule overlap_cross:
+    input:
+        a="results/eigen/{model_a}/prefix/rows.zarr",
+        b="results/eigen/{model_b}/prefix/rows.zarr",
+    output:
+        directory("results/overlap/cross/{model_a}__{model_b}/prefix/{variant}.zarr"),
+    log:
+        "logs/overlap_cross/{model_a}__{model_b}/{variant}.log",
+    benchmark:
+        "benchmarks/out/overlap_cross/{model_a}__{model_b}/{variant}.tsv"
+    conda:
+        "../../envs/eigenattn.yaml"
+    threads: 2
+    params:
+        p=overlap_params,
+    script:
+        "../scripts/overlap_cross.py"
+
+
+rule overlap_summary:
+    input:
+        unpack(overlap_summary_inputs),
+    output:
+        "results/overlap/summary.csv",
+    log:
+        "logs/overlap_summary.log",
+    conda:
+        "../../envs/eigenattn.yaml"
+    script:
+        "../scripts/overlap_summary.py"
+
+
+rule overlap:
+    input:
+        "results/overlap/summary.csv",

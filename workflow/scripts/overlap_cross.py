@@ -1,0 +1,11 @@
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
+from eigenattn import logs
+from eigenattn.overlap import cross_model, write_overlap
+
+log = logs.start(snakemake)
+p = snakemake.params.p
+arrays, attrs = cross_model(snakemake.input.a, snakemake.input.b, p["variant"], p["k"])
+write_overlap(snakemake.output[0], arrays, attrs)
+log.info("wrote %s", snakemake.output[0])

@@ -1,0 +1,11 @@
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
+from eigenattn import logs
+from eigenattn.overlap import summarise
+from eigenattn.store import write_table
+
+log = logs.start(snakemake)
+table = summarise(snakemake.input.within, snakemake.input.cross)
+write_table(table, snakemake.output[0])
+log.info("%d summary rows -> %s", len(table), snakemake.output[0])

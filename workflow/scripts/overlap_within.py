@@ -1,0 +1,11 @@
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
+from eigenattn import logs
+from eigenattn.overlap import within_model, write_overlap
+
+log = logs.start(snakemake)
+p = snakemake.params.p
+arrays, attrs = within_model(snakemake.input.rows, snakemake.input.halves, p["variant"], p["k"])
+write_overlap(snakemake.output[0], arrays, attrs)
+log.info("wrote %s", snakemake.output[0])
