@@ -97,16 +97,23 @@ def fit_shards(wildcards):
     return score_shards(wildcards.model, "fit")
 
 
-def eigen_params(wildcards):
+# The Dask scheduler settings are read by the scripts from `config`, not passed as params:
+# where a computation runs must not trigger a re-run.
+def eigen_rows_params(wildcards):
     e = config["eigen"]
     return {
         "view": wildcards.view,
         "variants": e["variants"],
-        "scheduler": e["scheduler"],
         "split_every": e["split_every"],
-        "slurm": e["slurm"],
-        "report_k": e["report_k"],
     }
+
+
+def eigen_full_params(wildcards):
+    return {"view": wildcards.view, "variants": config["eigen"]["variants"]}
+
+
+def eigen_spectrum_params(wildcards):
+    return {"report_k": config["eigen"]["report_k"]}
 
 
 def eigen_mem_mb(wildcards, attempt):

