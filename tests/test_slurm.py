@@ -42,8 +42,11 @@ def test_tiny_workflow_end_to_end_under_slurm(slurm, tmp_path, resources, tiny_r
     proc = snakemake(tmp_path, *SLURM_FLAGS, "all", timeout=1500)
     elapsed = time.perf_counter() - t
     out = proc.stdout + proc.stderr
-    assert "executor: slurm" in out.lower() or "slurm" in out.lower()
-    assert "Submitted job" in out or "sbatch" in out.lower() or "SLURM" in out
+    import re
+
+    submitted = set(re.findall(r"has been submitted with SLURM jobid (\d+)", out))
+    # every job except the target rules (local) ran as its own SLURM job
+    assert len(submitted) >= 25, out[-3000:]
     print(f"tiny workflow under SLURM: {elapsed:.0f} s")
     # Same results as the local run.
     import pandas as pd
@@ -52,7 +55,6 @@ def test_tiny_workflow_end_to_end_under_slurm(slurm, tmp_path, resources, tiny_r
     for rel in ("results/eigen/minilm/all/spectrum.csv", "results/overlap/summary.csv"):
         a, b = pd.read_csv(wd / rel), pd.read_csv(tmp_path / rel)
         pd.testing.assert_frame_equal(a, b, rtol=1e-9, atol=1e-12)
-    assert (tmp_path / ".snakemake" / "slurm_logs").is_dir()
 
 
 def test_failing_job_is_reported_failed(slurm, tmp_path, resources):
