@@ -1,6 +1,5 @@
 """Bad configs fail before any job runs, name the key, and leave nothing under results/."""
 
-import shutil
 
 import pytest
 import yaml

@@ -1,9 +1,7 @@
 """Eigen analysis against numpy, scipy, sklearn and dask's randomised SVD."""
 
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.linalg
 from sklearn.decomposition import PCA
 
 from eigenattn.eigen import (eigh_desc, explained_variance, full_spectrum, k_at, row_spectrum, run_full, run_rows,
