@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .moments import (block_moments, check_variant, half_block_index, merge_packed, moments_to_covariance,
-                      reduce_moments, unpack, view_slices)
+                      reduce_moments, unpack, view_slices, whole_heads)
 
 P_LEVELS = (0.90, 0.95, 0.99)
 
@@ -79,7 +79,7 @@ def _view_vectors(block, qs, ks, variant, shift=None):
 
 
 def full_gram(scores, view: str, variant: str, causal: bool):
-    """Dask graph of the centred Gram matrices (L, H, N, N) of vectorised view blocks.
+    """Dask graph of Gram matrices (L, H, N, N) of vectorised view blocks; returns (graph, N, D).
 
     The uncentred Gram of shifted samples G0 = (V - c)(V - c)^T is accumulated blockwise and
     centred exactly with H = I - 11^T/N: G = H G0 H (the centred Gram is shift invariant; the
@@ -92,8 +92,7 @@ def full_gram(scores, view: str, variant: str, causal: bool):
     n = scores.shape[-1]
     qs, ks = view_slices(view, n, causal)
     D = (qs.stop - qs.start) * (ks.stop - ks.start)
-    if any(len(c) != 1 for c in scores.chunks[2:]):
-        scores = scores.rechunk({2: -1, 3: -1, 4: -1})
+    scores = whole_heads(scores)
     shift = _view_vectors(scores[:1].compute(), qs, ks, variant)[0]  # (L, H, D): small
 
     def vectors(block, block_info=None):
@@ -103,7 +102,7 @@ def full_gram(scores, view: str, variant: str, causal: bool):
     vec = da.map_blocks(vectors, scores, dtype=np.float64, drop_axis=[4], chunks=scores.chunks[:3] + ((D,),),
                         meta=np.empty((0, 0, 0, 0), dtype=np.float64))
     g0 = da.einsum("nlhd,mlhd->lhnm", vec, vec, dtype=np.float64)
-    return g0, vec.shape[0]
+    return g0, vec.shape[0], D
 
 
 def center_gram(g0: np.ndarray) -> np.ndarray:
@@ -120,13 +119,11 @@ def full_spectrum(scores, view: str, variant: str, causal: bool) -> dict:
     """
     import dask
 
-    g0, N = full_gram(scores, view, variant, causal)
+    g0, N, D = full_gram(scores, view, variant, causal)
     (g0,) = dask.compute(g0)
     g = center_gram(g0)
     w = np.linalg.eigvalsh(g)[..., ::-1] / (N - 1)
     total = np.trace(g, axis1=-2, axis2=-1) / (N - 1)
-    qs, ks = view_slices(view, scores.shape[-1], causal)
-    D = (qs.stop - qs.start) * (ks.stop - ks.start)
     r = min(N - 1, D)
     return {"eigenvalues": np.clip(w[..., :r], 0.0, None), "total_variance": total, "n_samples": N, "dim": D}
 
@@ -143,6 +140,18 @@ def _store_attrs(attrs: dict, view: str, causal: bool, n_seq: int, extra: dict) 
             "scores_dtype": attrs.get("dtype"), "eigenattn_version": __version__, **extra}
 
 
+def _open_fit(shards, view: str, variants):
+    """Open the fit shards and fail early on an undefined view or unknown variant."""
+    from .store import open_scores
+
+    scores, attrs = open_scores(shards)
+    causal = bool(attrs["causal"])
+    view_slices(view, attrs["seq_len"], causal)
+    for v in variants:
+        check_variant(v)
+    return scores, attrs, causal
+
+
 def run_rows(shards, out_path, view: str, variants=("raw", "row_centered"), split_every: int = 8,
              halves_path=None) -> dict:
     """Row analysis of all fit shards into rows.zarr (groups per variant, with pooled/ subgroups).
@@ -152,13 +161,9 @@ def run_rows(shards, out_path, view: str, variants=("raw", "row_centered"), spli
     """
     import zarr
 
-    from .store import atomic_store, open_scores, write_arrays
+    from .store import atomic_store, write_arrays
 
-    scores, attrs = open_scores(shards)
-    causal = bool(attrs["causal"])
-    view_slices(view, attrs["seq_len"], causal)  # fail early on an undefined view
-    for v in variants:
-        check_variant(v)
+    scores, attrs, causal = _open_fit(shards, view, variants)
     results = {v: row_spectrum(scores, view, v, causal, split_every, halves=halves_path is not None)
                for v in variants}
     if halves_path is not None:
@@ -196,13 +201,9 @@ def run_full(shards, out_path, view: str, variants=("raw", "row_centered")) -> d
     """Full-matrix analysis into full.zarr: the `raw` variant at the root, others in subgroups."""
     import zarr
 
-    from .store import atomic_store, open_scores, write_arrays
+    from .store import atomic_store, write_arrays
 
-    scores, attrs = open_scores(shards)
-    causal = bool(attrs["causal"])
-    view_slices(view, attrs["seq_len"], causal)
-    for v in variants:
-        check_variant(v)
+    scores, attrs, causal = _open_fit(shards, view, variants)
     results = {v: full_spectrum(scores, view, v, causal) for v in variants}
     with atomic_store(out_path) as tmp:
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)

@@ -110,6 +110,13 @@ def _merge_aggregate(a, axis=None, keepdims=True):
     return merge_packed(a, axis=axis[0] if isinstance(axis, tuple) else axis, keepdims=keepdims)
 
 
+def whole_heads(scores):
+    """The Dask score array with its (H, n, n) axes as single chunks (extraction writes them so)."""
+    if any(len(c) != 1 for c in scores.chunks[2:]):
+        scores = scores.rechunk({2: -1, 3: -1, 4: -1})
+    return scores
+
+
 def block_moments(scores, view: str, variant: str, causal: bool):
     """Dask array (nblocks, L, H, d+2, d): packed row moments of every sequence block.
 
@@ -122,8 +129,7 @@ def block_moments(scores, view: str, variant: str, causal: bool):
     n = scores.shape[-1]
     qs, ks = view_slices(view, n, causal)
     d = ks.stop - ks.start
-    if any(len(c) != 1 for c in scores.chunks[2:]):
-        scores = scores.rechunk({2: -1, 3: -1, 4: -1})
+    scores = whole_heads(scores)
     return da.map_blocks(
         block_row_moments, scores, qs, ks, variant, dtype=np.float64,
         chunks=((1,) * scores.numblocks[0], scores.chunks[1], (scores.shape[2],), (d + 2,), (d,)),
