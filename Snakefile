@@ -12,6 +12,7 @@ include: "workflow/rules/assets.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/eigen.smk"
 include: "workflow/rules/overlap.smk"
+include: "workflow/rules/reconstruct.smk"
 
 
 rule all:

@@ -39,6 +39,12 @@ def _assert_nothing_written(workdir):
     ({"eigen": {"views": ["all", "prefix"]}}, "eigen.views': view 'all' is undefined for the causal model 'smollm2'"),
     ({"eigen": {"variants": ["centred"]}}, "eigen.variants.0'"),
     ({"eigen": {"scheduler": "mpi"}}, "eigen.scheduler'"),
+    ({"reconstruction": {"subset_sizes": [4, 100]}},
+     "reconstruction.subset_sizes': s = [100] exceeds the d = 64 keys of view 'prefix'"),
+    ({"reconstruction": {"estimators": ["pca"]}}, "reconstruction.estimators.0'"),
+    ({"plugin": {"strategies": ["greedy"]}}, "plugin.strategies.0'"),
+    ({"plugin": {"n_sequences": 500}}, "plugin.n_sequences': 500 exceeds the 32 held-out passages"),
+    ({"eigen": {"variants": ["row_centered"]}}, "eigen.variants': reconstruction fits on the 'raw' row spectra"),
 ])
 def test_bad_config_fails_before_any_job(workdir, override, needle):
     out = _run_bad(workdir, override)

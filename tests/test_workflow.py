@@ -87,6 +87,42 @@ def test_eigen_stage_outputs(tiny_run):
     assert (wd / "benchmarks" / "out" / "eigen_rows" / "minilm" / "all.tsv").is_file()
 
 
+def test_reconstruction_and_plugin_outputs(tiny_run):
+    wd, _ = tiny_run
+    n = TINY["sampling"]["seq_len"]
+    sizes = TINY["reconstruction"]["subset_sizes"]
+    cols = ["model", "view", "layer", "head", "estimator", "strategy", "subset_size", "basis_source",
+            "rel_error", "rel_error_centered", "tv", "kl", "top1"]
+    for model, view, L, H in [("minilm", "all", 6, 12), ("minilm", "prefix", 6, 12), ("smollm2", "prefix", 4, 9)]:
+        df = pd.read_csv(wd / "results" / "reconstruction" / model / f"{view}.csv")
+        assert list(df.columns) == cols
+        same = df[df.basis_source == "same"]
+        assert len(same) == L * H * 4 * 3 * len(sizes)
+        sources = set(df.basis_source)
+        assert {s for s in sources if s.startswith("layer:")}
+        other = "smollm2" if model == "minilm" else "minilm"
+        assert (f"model:{other}" in sources) == (view == "prefix")
+        assert same.tv.between(0, 1).all() and same.top1.between(0, 1).all()
+        est = same[same.estimator != "subset_only"]
+        assert est.rel_error.notna().all() and (est.rel_error >= 0).all()
+        # the error falls with s for the conditional Gaussian (median over heads)
+        med = same[same.estimator == "conditional_gaussian"].groupby("subset_size").rel_error.median()
+        assert med.is_monotonic_decreasing, med
+        assert (wd / "benchmarks" / "out" / "reconstruct" / model / f"{view}.tsv").is_file()
+    for model, metric in [("minilm", "embedding_cosine"), ("smollm2", "perplexity")]:
+        df = pd.read_csv(wd / "results" / "plugin" / f"{model}.csv")
+        assert list(df.columns) == ["model", "estimator", "strategy", "subset_size", "metric", "value",
+                                    "exact_value", "ratio"]
+        assert set(df.metric) == {metric}
+        assert len(df) == 3 * 1 * len(TINY["plugin"]["subset_sizes"])
+        np.testing.assert_allclose(df.ratio, df.value / df.exact_value, rtol=1e-9)
+        if metric == "perplexity":
+            assert (df.exact_value > 1).all() and (df.ratio > 0.5).all()
+        else:
+            assert df.value.between(-1, 1).all()
+    assert n // 2 >= max(sizes)
+
+
 def test_rerun_is_a_noop(tiny_run):
     wd, _ = tiny_run
     proc = snakemake(wd, "-n", "all")

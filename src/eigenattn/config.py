@@ -153,6 +153,7 @@ def check_config(config: dict, workdir: str | Path = ".", check_hub: bool = True
     for m in config["run_models"]:
         model_views(config, m, workdir)
     check_overlap(config)
+    check_reconstruction(config)
 
 
 def cross_pairs(config: dict) -> list[tuple[str, str]]:
@@ -182,6 +183,38 @@ def check_overlap(config: dict) -> None:
         if a == b:
             raise ConfigError(f"overlap.cross_pairs[{i}]", f"pairs a model with itself ('{a}')",
                               "within-model overlap is always computed; list two different models")
+
+
+def view_dim(view: str, seq_len: int) -> int:
+    return seq_len if view == "all" else seq_len // 2
+
+
+def plugin_view(config: dict, name: str, workdir: str | Path = ".") -> str:
+    """The view whose statistics the plug-in evaluation uses: 'all' when analysed, else 'prefix'."""
+    views = model_views(config, name, workdir)
+    return "all" if "all" in views else views[0]
+
+
+def check_reconstruction(config: dict) -> None:
+    """Subset sizes within every view's d, a raw spectrum to fit from, and a valid plug-in sample."""
+    n = config["sampling"]["seq_len"]
+    if "raw" not in config["eigen"]["variants"]:
+        raise ConfigError("eigen.variants", "reconstruction fits on the 'raw' row spectra, which are not computed",
+                          "add raw to eigen.variants")
+    for section in ("reconstruction", "plugin"):
+        sizes = config[section]["subset_sizes"]
+        for m in config["run_models"]:
+            views = model_views(config, m) if section == "reconstruction" else [plugin_view(config, m)]
+            for v in views:
+                d = view_dim(v, n)
+                bad = [s for s in sizes if s > d]
+                if bad:
+                    raise ConfigError(f"{section}.subset_sizes", f"s = {bad} exceeds the d = {d} keys of view "
+                                      f"'{v}' (seq_len {n}) for model '{m}'", f"use subset sizes <= {d}")
+    held = config["sampling"]["n_sequences"]["heldout"]
+    if config["plugin"]["n_sequences"] > held:
+        raise ConfigError("plugin.n_sequences", f"{config['plugin']['n_sequences']} exceeds the {held} held-out "
+                          "passages", f"use at most {held}, or raise sampling.n_sequences.heldout")
 
 
 def corpus_documents(config: dict, workdir: str | Path = ".") -> Path:

@@ -134,7 +134,8 @@ def _store_attrs(attrs: dict, view: str, causal: bool, n_seq: int, extra: dict) 
     n = attrs["seq_len"]
     qs, ks = view_slices(view, n, causal)
     return {"model": attrs["model"], "view": view, "causal": causal, "layers": attrs["layers"],
-            "heads": attrs["heads"], "seq_len": n, "query_range": [qs.start, qs.stop],
+            "heads": attrs["heads"], "n_layers_total": attrs.get("n_layers_total"),
+            "seq_len": n, "query_range": [qs.start, qs.stop],
             "key_range": [ks.start, ks.stop], "d": ks.stop - ks.start, "n_sequences": n_seq,
             "corpus": attrs.get("corpus"), "seed": attrs.get("seed"), "split": "fit",
             "scores_dtype": attrs.get("dtype"), "eigenattn_version": __version__, **extra}

@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, key: str = "extraction.device") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("extraction.device", f"'{device}' requested but CUDA is not available",
+        raise ConfigError(key, f"'{device}' requested but CUDA is not available",
                           "use device: auto or cpu")
     return torch.device(device)
 

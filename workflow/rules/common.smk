@@ -8,6 +8,7 @@ from eigenattn.config import (
     check_config,
     cross_pairs,
     model_views,
+    plugin_view,
     validate_schema,
 )  # noqa: E402
 from eigenattn.errors import ConfigError  # noqa: E402
@@ -156,5 +157,65 @@ def overlap_summary_inputs(wildcards):
     }
 
 
+def heldout_shards(wildcards):
+    return score_shards(wildcards.model, "heldout")
+
+
+def transfer_models(wildcards):
+    r = config["reconstruction"]
+    if wildcards.view != "prefix" or "other_model" not in r["transfer"]:
+        return []
+    return [m for m in MODELS if m != wildcards.model]
+
+
+def reconstruct_transfer_inputs(wildcards):
+    return [f"results/eigen/{m}/prefix/rows.zarr" for m in transfer_models(wildcards)]
+
+
+def reconstruct_params(wildcards):
+    r = config["reconstruction"]
+    others = transfer_models(wildcards)
+    return {
+        **r,
+        "seed": config["seed"],
+        "other_models": others,
+    }
+
+
+def reconstruct_outputs():
+    return [
+        f"results/reconstruction/{m}/{v}.csv"
+        for m in MODELS
+        for v in model_views(config, m, ".")
+    ]
+
+
+def plugin_rows(wildcards):
+    return f"results/eigen/{wildcards.model}/{plugin_view(config, wildcards.model, '.')}/rows.zarr"
+
+
+def plugin_params(wildcards):
+    return {
+        **{k: v for k, v in config["plugin"].items() if k != "device"},
+        "device": config["plugin"]["device"],
+        "ridge": config["reconstruction"]["ridge"],
+        "seed": config["seed"],
+    }
+
+
+def plugin_gpus(wildcards):
+    return 1 if config["plugin"]["device"].startswith("cuda") else 0
+
+
+def plugin_outputs():
+    return [f"results/plugin/{m}.csv" for m in MODELS]
+
+
 def all_outputs(wildcards):
-    return extract_outputs() + eigen_outputs() + ["results/overlap/summary.csv"]
+    return (
+        extract_outputs()
+        + eigen_outputs()
+        + ["results/overlap/summary.csv"]
+        + reconstruct_outputs()
+        + plugin_outputs()
+    )

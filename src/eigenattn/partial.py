@@ -1,0 +1,212 @@
+"""``partial`` attention: compute scores for a subset of keys and reconstruct the rest.
+
+Registered through ``transformers.AttentionInterface`` under the name ``partial``. Each attention
+module that should be approximated carries a :class:`PartialMap` as the attribute
+``eigenattn_partial`` (see :func:`attach`). For the queries ``Q`` and keys ``K`` of the view the
+map was fitted on, the backend
+
+1. gathers the keys at ``T`` (per query head, after RoPE and the grouped-query repeat),
+2. computes ``A_T = scale · Q K_Tᵀ`` (cost n·s·d_head instead of n·d·d_head),
+3. reconstructs ``Â = A_T Wᵀ + b`` (cost n·s·d),
+4. applies the model's mask, the softmax and V as eager attention does.
+
+Scores **outside the view** (queries outside ``Q``, or keys outside ``K`` for queries in ``Q``)
+are computed exactly: the statistics say nothing about them. For the ``all`` view that is
+nothing; for the ``prefix`` view (queries in the second half against keys in the first half) the
+first half of the queries and the keys of the second half stay exact. A module without a map
+runs exact eager attention. The mask is added after the reconstruction, so masked entries stay
+masked; for a causal model a map is only accepted when every key of the view precedes every
+query of the view (the ``prefix`` view), so no reconstructed score can draw on a future key.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import ConfigError, InputError
+
+PARTIAL_IMPL = "partial"
+ATTR = "eigenattn_partial"
+
+
+class PartialMap(nn.Module):
+    """(T, W, b) of every query head of one layer, for one view of sequences of length ``seq_len``.
+
+    ``T``: (H, s) key positions within the view; ``W``: (H, d, s); ``b``: (H, d). ``W`` and ``b``
+    are parameters, frozen unless ``trainable`` (``-inf`` entries of ``b``, as in
+    ``subset_only``, are kept as a fixed buffer mask).
+    """
+
+    def __init__(self, T, W, b, *, seq_len: int, query_range, key_range, causal: bool = False,
+                 trainable: bool = False):
+        super().__init__()
+        T = torch.as_tensor(np.asarray(T), dtype=torch.long)
+        W = torch.tensor(np.asarray(W), dtype=torch.float32)
+        b = torch.tensor(np.asarray(b), dtype=torch.float32)
+        q0, q1 = map(int, query_range)
+        k0, k1 = map(int, key_range)
+        d = k1 - k0
+        if T.ndim != 2 or W.shape != (T.shape[0], d, T.shape[1]) or b.shape != (T.shape[0], d):
+            raise InputError(f"partial map shapes T {tuple(T.shape)}, W {tuple(W.shape)}, b {tuple(b.shape)} do not "
+                             f"match H heads, d={d} keys of the view and s subset keys")
+        if T.numel() and (int(T.min()) < 0 or int(T.max()) >= d):
+            raise InputError(f"partial map: subset positions must lie in 0..{d - 1} (the view's keys)")
+        if causal and k1 > q0 + 1:
+            raise ConfigError("view", f"keys {k0}..{k1 - 1} reach past the first query {q0} of the view; on a causal "
+                              "model a reconstruction would read future keys",
+                              "use the prefix view for causal models")
+        self.seq_len = int(seq_len)
+        self.qs, self.ks = slice(q0, q1), slice(k0, k1)
+        self.register_buffer("T", T, persistent=True)
+        neg = torch.isneginf(b)
+        self.register_buffer("neg_inf", neg, persistent=True)
+        self.W = nn.Parameter(W, requires_grad=trainable)
+        self.b = nn.Parameter(torch.where(neg, torch.zeros_like(b), b), requires_grad=trainable)
+
+    @property
+    def heads(self) -> int:
+        return self.T.shape[0]
+
+    @property
+    def subset_size(self) -> int:
+        return self.T.shape[1]
+
+    def bias(self) -> torch.Tensor:
+        return self.b.masked_fill(self.neg_inf, float("-inf"))
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.heads}, s={self.subset_size}, d={self.ks.stop - self.ks.start}, seq_len={self.seq_len}, "
+                f"queries={self.qs.start}..{self.qs.stop - 1}, keys={self.ks.start}..{self.ks.stop - 1}")
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def partial_scores(query: torch.Tensor, key: torch.Tensor, pm: PartialMap, scaling: float) -> torch.Tensor:
+    """Scores (B, H, n, n) with the view block reconstructed from the keys at T, the rest exact."""
+    B, H, n, dh = query.shape
+    if n != pm.seq_len or key.shape[-2] != pm.seq_len:
+        raise InputError(f"partial attention: the map was fitted for seq_len {pm.seq_len}, but the input has "
+                         f"{n} queries and {key.shape[-2]} keys; use inputs of exactly {pm.seq_len} tokens "
+                         "(no KV cache) or refit the statistics at this length")
+    if pm.heads != H:
+        raise InputError(f"partial attention: the map has {pm.heads} heads, the layer has {H}")
+    qs, ks = pm.qs, pm.ks
+    q_view = query[:, :, qs]
+    k_view = key[:, :, ks]
+    idx = pm.T[None, :, :, None].expand(B, -1, -1, dh)
+    k_sub = torch.gather(k_view, 2, idx)                                     # (B, H, s, dh)
+    a_sub = torch.matmul(q_view, k_sub.transpose(-1, -2)) * scaling          # n·s·dh
+    W = pm.W.to(query.dtype)
+    a_hat = torch.matmul(a_sub, W.transpose(-1, -2)) + pm.bias().to(query.dtype)[None, :, None, :]  # n·s·d
+    cols = []
+    if ks.start > 0:
+        cols.append(torch.matmul(q_view, key[:, :, : ks.start].transpose(-1, -2)) * scaling)
+    cols.append(a_hat)
+    if ks.stop < n:
+        cols.append(torch.matmul(q_view, key[:, :, ks.stop:].transpose(-1, -2)) * scaling)
+    rows = []
+    if qs.start > 0:
+        rows.append(torch.matmul(query[:, :, : qs.start], key.transpose(-1, -2)) * scaling)
+    rows.append(torch.cat(cols, dim=-1) if len(cols) > 1 else a_hat)
+    if qs.stop < n:
+        rows.append(torch.matmul(query[:, :, qs.stop:], key.transpose(-1, -2)) * scaling)
+    return torch.cat(rows, dim=-2) if len(rows) > 1 else rows[0]
+
+
+def partial_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """An attention backend (see the module docstring); exact eager attention where no map is set."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    n_rep = query.shape[1] // key.shape[1]
+    key = _repeat_kv(key, n_rep)
+    value = _repeat_kv(value, n_rep)
+    pm = getattr(module, ATTR, None)
+    if pm is None:
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    else:
+        scores = partial_scores(query, key, pm, scaling)
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+_registered = False
+
+
+def register() -> str:
+    """Register the ``partial`` attention and mask functions (idempotent); return the name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import eager_mask
+
+        AttentionInterface.register(PARTIAL_IMPL, partial_attention_forward)
+        AttentionMaskInterface.register(PARTIAL_IMPL, eager_mask)
+        _registered = True
+    return PARTIAL_IMPL
+
+
+def attention_modules(model) -> dict[int, nn.Module]:
+    """The self-attention modules of a transformers model, by layer index."""
+    out = {}
+    for _, mod in model.named_modules():
+        idx = getattr(mod, "layer_idx", None)
+        if idx is not None and any(hasattr(mod, a) for a in ("q_proj", "query")):
+            out[int(idx)] = mod
+    if not out:
+        raise InputError(f"{type(model).__name__}: found no attention modules with a layer_idx")
+    return out
+
+
+def attach(model, maps: dict[int, PartialMap]) -> list[int]:
+    """Set the map of each layer in ``maps`` (replacing any); other layers are left exact."""
+    mods = attention_modules(model)
+    bad = sorted(set(maps) - set(mods))
+    if bad:
+        raise InputError(f"layers {bad} are not attention layers of this model (it has {sorted(mods)})")
+    for i, pm in maps.items():
+        setattr(mods[i], ATTR, pm)
+    return sorted(maps)
+
+
+def detach(model) -> None:
+    """Remove every map: the model runs exact attention again."""
+    for mod in attention_modules(model).values():
+        if hasattr(mod, ATTR):
+            delattr(mod, ATTR)
+
+
+def attention_flops(n: int, d_head: int, heads: int, s: int | None = None, view=None) -> dict:
+    """Multiply-adds of one layer's score computation and of P·V, per sequence.
+
+    ``s=None``: exact. Otherwise the view block (``view`` = (query count, key count); default the
+    whole matrix) costs n_q·s·d_head + n_q·s·d, and everything outside it is exact.
+    """
+    pv = heads * n * n * d_head
+    if s is None:
+        return {"scores": heads * n * n * d_head, "pv": pv}
+    nq, d = view if view is not None else (n, n)
+    exact_part = n * n - nq * d
+    return {"scores": heads * (exact_part * d_head + nq * s * d_head + nq * s * d), "pv": pv}
+
+
+def maps_from_stats(stats, estimator: str, strategy: str, s: int, *, layers=None, ridge: float = 1e-6,
+                    seed: int = 0, trainable: bool = False) -> dict[int, PartialMap]:
+    """One PartialMap per analysed layer from a :class:`eigenattn.reconstruct.RowStats`."""
+    from .reconstruct import fit_heads
+
+    out = {}
+    for layer in (stats.layers if layers is None else layers):
+        mean, U, lam = stats.head_stats(layer)
+        T, W, b = fit_heads(estimator, strategy, s, mean, U, lam, ridge=ridge, seed=seed, key=(layer,))
+        out[layer] = PartialMap(T, W, b, seq_len=stats.seq_len, query_range=stats.query_range,
+                                key_range=stats.key_range, causal=stats.causal, trainable=trainable)
+    return out

@@ -1,0 +1,50 @@
+rule reconstruct_view:
+    input:
+        rows="results/eigen/{model}/{view}/rows.zarr",
+        heldout=heldout_shards,
+        others=reconstruct_transfer_inputs,
+    output:
+        "results/reconstruction/{model}/{view}.csv",
+    log:
+        "logs/reconstruct/{model}/{view}.log",
+    benchmark:
+        "benchmarks/out/reconstruct/{model}/{view}.tsv"
+    conda:
+        "../../envs/eigenattn.yaml"
+    threads: 1
+    params:
+        p=reconstruct_params,
+    script:
+        "../scripts/reconstruct.py"
+
+
+rule reconstruct:
+    input:
+        reconstruct_outputs(),
+
+
+rule plugin_eval_model:
+    input:
+        model="resources/models/{model}",
+        rows=plugin_rows,
+        heldout=heldout_shards,
+    output:
+        "results/plugin/{model}.csv",
+    log:
+        "logs/plugin_eval/{model}.log",
+    benchmark:
+        "benchmarks/out/plugin_eval/{model}.tsv"
+    conda:
+        "../../envs/eigenattn.yaml"
+    threads: 2
+    resources:
+        gpu=plugin_gpus,
+    params:
+        p=plugin_params,
+    script:
+        "../scripts/plugin_eval.py"
+
+
+rule plugin_eval:
+    input:
+        plugin_outputs(),
