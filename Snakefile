@@ -13,6 +13,8 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/eigen.smk"
 include: "workflow/rules/overlap.smk"
 include: "workflow/rules/reconstruct.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/notebooks.smk"
 
 
 rule all:

@@ -1,5 +1,6 @@
 """Re-running single stages: dry-run assertions on tests/config.yaml (README "Re-running one stage")."""
 
+import os
 import re
 import time
 
@@ -29,7 +30,7 @@ def test_complete_run_is_a_noop(tiny_run):
 def test_eigen_parameter_does_not_reextract(tiny_run, tmp_path):
     wd, _ = tiny_run
     jobs = _jobs(snakemake(wd, "-n", configs=_override(tmp_path, {"eigen": {"split_every": 4}})))
-    assert jobs.get("eigen_rows") == 3  # minilm all + prefix, smollm2 prefix
+    assert jobs.get("eigen_rows") == 4  # minilm all + prefix, smollm2 prefix, the trained encoder
     assert "extract_scores" not in jobs and "sample_passages" not in jobs and "fetch_model" not in jobs
     assert "eigen_full" not in jobs  # split_every is a parameter of the row reduction only
 
@@ -43,8 +44,39 @@ def test_scheduler_change_reruns_nothing(tiny_run, tmp_path):
 def test_extraction_parameter_reextracts_and_cascades(tiny_run, tmp_path):
     wd, _ = tiny_run
     jobs = _jobs(snakemake(wd, "-n", configs=_override(tmp_path, {"extraction": {"dtype": "float32"}})))
-    assert jobs["extract_scores"] == 8 and "sample_passages" not in jobs
-    assert jobs["eigen_rows"] == 3 and jobs["overlap_summary"] == 1
+    assert jobs["extract_scores"] == 8 + 2 and "sample_passages" not in jobs  # + the trained encoder's fit shards
+    assert jobs["eigen_rows"] == 4 and jobs["overlap_summary"] == 1
+
+
+def test_training_parameter_reruns_only_training_and_its_notebooks(tiny_run, tmp_path):
+    wd, _ = tiny_run
+    jobs = _jobs(snakemake(wd, "-n", configs=_override(tmp_path, {"training": {"lr": 2e-3}})))
+    # the training stage: runs, the analysis of the retrained exact encoder, the summary
+    training = {"train_run", "train_summary", "fetch_model", "extract_scores", "eigen_rows"}
+    assert set(jobs) == training | {"notebook_training", "notebook_summary", "all"}, jobs
+    assert jobs["fetch_model"] == 1 and jobs["eigen_rows"] == 1  # only the trained encoder is re-analysed
+    assert jobs["notebook_training"] == 1 and jobs["notebook_summary"] == 1
+
+
+def test_subset_sizes_do_not_retrain_exact(tiny_run, tmp_path):
+    wd, _ = tiny_run
+    t = yaml.safe_load((REPO / "tests" / "config.yaml").read_text())["training"]
+    jobs = _jobs(snakemake(wd, "-n", "train", configs=_override(tmp_path, {"training": {
+        "subset_sizes": t["subset_sizes"] + [2]}})))
+    n_new = 2 * 4  # both modes × the four non-exact variants, at the new size only
+    assert jobs == {"train_run": n_new, "train_summary": 1, "train": 1}, jobs
+
+
+def test_editing_a_notebook_rerenders_only_it(tiny_run):
+    wd, _ = tiny_run
+    nb = REPO / "notebooks" / "overlap.ipynb"
+    st = nb.stat()
+    try:
+        os.utime(nb, (st.st_atime, time.time() + 5))
+        jobs = _jobs(snakemake(wd, "-n"))
+    finally:
+        os.utime(nb, (st.st_atime, st.st_mtime))
+    assert jobs == {"notebook_overlap": 1, "all": 1}, jobs
 
 
 def test_forcerun_one_rule_and_its_dependents(tiny_run):
@@ -61,7 +93,7 @@ def test_until_stops_after_a_rule(tiny_run):
 
 def test_stage_targets_are_independent(tiny_run):
     wd, _ = tiny_run
-    for target in ("corpus", "extract", "eigen", "overlap"):
+    for target in ("corpus", "extract", "eigen", "overlap", "reconstruct", "plugin_eval", "train", "notebooks"):
         assert _jobs(snakemake(wd, "-n", target)) == {}, target
 
 
@@ -69,4 +101,4 @@ def test_default_config_dry_run_is_quick(tmp_path):
     t = time.perf_counter()
     proc = snakemake(tmp_path, "-n", configs=[str(REPO / "config.yaml")])
     assert time.perf_counter() - t <= 10
-    assert _jobs(proc)["extract_scores"] == 4
+    assert _jobs(proc)["extract_scores"] == 4 + 1  # + the trained encoder's fit split

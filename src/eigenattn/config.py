@@ -154,6 +154,7 @@ def check_config(config: dict, workdir: str | Path = ".", check_hub: bool = True
         model_views(config, m, workdir)
     check_overlap(config)
     check_reconstruction(config)
+    check_training(config)
 
 
 def cross_pairs(config: dict) -> list[tuple[str, str]]:
@@ -215,6 +216,41 @@ def check_reconstruction(config: dict) -> None:
     if config["plugin"]["n_sequences"] > held:
         raise ConfigError("plugin.n_sequences", f"{config['plugin']['n_sequences']} exceeds the {held} held-out "
                           "passages", f"use at most {held}, or raise sampling.n_sequences.heldout")
+
+
+def check_training(config: dict) -> None:
+    t = config["training"]
+    n = config["sampling"]["seq_len"]
+    bad = [s for s in t["subset_sizes"] if s > n]
+    if bad:
+        raise ConfigError("training.subset_sizes", f"s = {bad} exceeds the {n} tokens of a sequence (sampling.seq_len)",
+                          f"use subset sizes <= {n}")
+    m = t["model"]
+    if m["d_model"] % m["heads"]:
+        raise ConfigError("training.model.d_model", f"{m['d_model']} is not divisible by heads = {m['heads']}",
+                          "use a d_model that is a multiple of heads")
+    for key in ("eval_every", "checkpoint_every"):
+        if t[key] % t["log_every"]:
+            raise ConfigError(f"training.{key}", f"{t[key]} is not a multiple of log_every = {t['log_every']}",
+                              f"use a multiple of {t['log_every']}")
+    name = t["analysis_model"]
+    if name in config["models"] and config["models"][name].get("source") != "path":
+        raise ConfigError("training.analysis_model", f"'{name}' is already a model under `models:`",
+                          "choose another key for the trained model")
+    if t["vocab"] == "minilm" and "minilm" not in config["models"]:
+        raise ConfigError("training.vocab", "'minilm' needs the minilm model defined under `models:`",
+                          "use vocab: wordpiece, or define models.minilm")
+    if len(set(t["exact_seeds"])) < 2:
+        raise ConfigError("training.exact_seeds", "needs two different seeds to measure seed noise",
+                          "e.g. exact_seeds: [0, 1]")
+
+
+def trained_model_spec(config: dict) -> dict:
+    """The model entry under which the first exact scratch run is analysed (a `path` source)."""
+    t = config["training"]
+    n = config["sampling"]["seq_len"]
+    return {"source": "path", "path": f"results/training/scratch/exact/s{n}/seed{t['exact_seeds'][0]}/model",
+            "causal": False, "max_positions": n, "layers": "all"}
 
 
 def corpus_documents(config: dict, workdir: str | Path = ".") -> Path:

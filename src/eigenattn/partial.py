@@ -30,6 +30,7 @@ from .errors import ConfigError, InputError
 
 PARTIAL_IMPL = "partial"
 ATTR = "eigenattn_partial"
+LINFORMER_ATTR = "eigenattn_linformer"
 
 
 class PartialMap(nn.Module):
@@ -65,6 +66,12 @@ class PartialMap(nn.Module):
         self.register_buffer("neg_inf", neg, persistent=True)
         self.W = nn.Parameter(W, requires_grad=trainable)
         self.b = nn.Parameter(torch.where(neg, torch.zeros_like(b), b), requires_grad=trainable)
+        # subset_only (W = I on T, -inf elsewhere) over the whole matrix runs as true sparse attention
+        eye = torch.zeros_like(W)
+        if T.numel():
+            eye.scatter_(1, T[:, None, :], 1.0)
+        self.sparse = bool(not trainable and int(neg.sum()) == T.shape[0] * (d - T.shape[1]) and torch.equal(W, eye)
+                           and (q0, q1, k0, k1) == (0, seq_len, 0, seq_len))
 
     @property
     def heads(self) -> int:
@@ -126,12 +133,33 @@ def partial_attention_forward(module, query, key, value, attention_mask, scaling
     key = _repeat_kv(key, n_rep)
     value = _repeat_kv(value, n_rep)
     pm = getattr(module, ATTR, None)
-    if pm is None:
+    lf = getattr(module, LINFORMER_ATTR, None)
+    mask = attention_mask
+    if lf is not None:  # Linformer: keys and values projected along the sequence (no key mask possible)
+        if mask is not None and bool((mask < 0).any()):
+            raise InputError("linformer attention cannot apply a padding or causal mask; use unpadded inputs "
+                             "of a bidirectional model")
+        if key.shape[-2] != lf.E.shape[1]:
+            raise InputError(f"linformer projections are for {lf.E.shape[1]} tokens, the input has {key.shape[-2]}")
+        key = torch.matmul(lf.E.to(key.dtype), key)
+        value = torch.matmul(lf.F.to(value.dtype), value)
+        scores, mask = torch.matmul(query, key.transpose(2, 3)) * scaling, None
+    elif pm is None:
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    elif pm.sparse:  # subset_only: attend to the keys at T only
+        if query.shape[-2] != pm.seq_len:
+            raise InputError(f"partial attention: the map was fitted for seq_len {pm.seq_len}, the input has "
+                             f"{query.shape[-2]} tokens")
+        idx = pm.T[None, :, :, None].expand(query.shape[0], -1, -1, query.shape[-1])
+        key, value = torch.gather(key, 2, idx), torch.gather(value, 2, idx)
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if mask is not None:
+            mask = torch.gather(mask.expand(query.shape[0], pm.heads, -1, -1), 3,
+                                pm.T[None, :, None, :].expand(query.shape[0], -1, mask.shape[-2], -1))
     else:
         scores = partial_scores(query, key, pm, scaling)
-    if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]]
+    if mask is not None:
+        scores = scores + mask[..., : key.shape[-2]]
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
@@ -182,6 +210,14 @@ def detach(model) -> None:
     for mod in attention_modules(model).values():
         if hasattr(mod, ATTR):
             delattr(mod, ATTR)
+
+
+def detach_all(model) -> None:
+    """Remove partial maps and Linformer projections."""
+    detach(model)
+    for mod in attention_modules(model).values():
+        if hasattr(mod, LINFORMER_ATTR):
+            delattr(mod, LINFORMER_ATTR)
 
 
 def attention_flops(n: int, d_head: int, heads: int, s: int | None = None, view=None) -> dict:

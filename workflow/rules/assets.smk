@@ -1,4 +1,6 @@
 rule fetch_model:
+    input:
+        model_source_input,
     output:
         directory("resources/models/{model}"),
     log:

@@ -9,6 +9,7 @@ from eigenattn.config import (
     cross_pairs,
     model_views,
     plugin_view,
+    trained_model_spec,
     validate_schema,
 )  # noqa: E402
 from eigenattn.errors import ConfigError  # noqa: E402
@@ -20,6 +21,12 @@ try:
     check_config(config, workdir=".")
 except ConfigError as e:
     raise WorkflowError(f"invalid configuration: {e}") from None
+
+# The trained exact encoder becomes a model source (`path:`) that the extraction and eigen rules
+# analyse like any other model; the partial training variants read that analysis.
+TRAIN = config["training"]
+TRAINED = TRAIN["analysis_model"]
+config["models"][TRAINED] = trained_model_spec(config)
 
 MODELS = config["run_models"]
 SPLITS = ["fit", "heldout"]
@@ -36,6 +43,10 @@ wildcard_constraints:
     shard=r"\d+",
     view="all|prefix",
     variant="raw|row_centered",
+    mode="scratch|finetune",
+    tvariant="exact|partial_fixed|partial_learned|subset_only|linformer",
+    s=r"\d+",
+    seed=r"\d+",
 
 
 def log_start():
@@ -211,6 +222,158 @@ def plugin_outputs():
     return [f"results/plugin/{m}.csv" for m in MODELS]
 
 
+def model_source_input(wildcards):
+    """A `path` model produced by this workflow (the trained encoder) is an input of fetch_model."""
+    spec = config["models"][wildcards.model]
+    if spec.get("source") == "path" and str(spec.get("path", "")).startswith(
+        "results/"
+    ):
+        return [spec["path"]]
+    return []
+
+
+SEQ_LEN = config["sampling"]["seq_len"]
+RUN_KEYS = [
+    "vocab",
+    "vocab_size",
+    "model",
+    "steps",
+    "batch_size",
+    "lr",
+    "finetune_lr",
+    "weight_decay",
+    "warmup",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "eval_sequences",
+]
+MAP_KEYS = ["estimator", "strategy", "ridge"]
+USES_MAPS = ["partial_fixed", "partial_learned", "subset_only"]
+
+
+def run_dir(mode, variant, s, seed):
+    return f"results/training/{mode}/{variant}/s{s}/seed{seed}"
+
+
+def training_runs():
+    """(mode, variant, s, seed) of every run; exact's s is the sequence length (all keys)."""
+    runs = []
+    for mode in TRAIN["modes"]:
+        runs += [(mode, "exact", SEQ_LEN, seed) for seed in TRAIN["exact_seeds"]]
+        for v in TRAIN["variants"]:
+            runs += [
+                (mode, v, s, seed)
+                for s in TRAIN["subset_sizes"]
+                for seed in TRAIN["seeds"]
+            ]
+    return runs
+
+
+def training_finals():
+    return [f"{run_dir(*r)}/final.json" for r in training_runs()]
+
+
+def tokenizer_input(wildcards):
+    if TRAIN["vocab"] == "minilm":
+        return {"minilm": "resources/models/minilm"}
+    return {"documents": f"resources/corpora/{CORPUS}/documents.parquet"}
+
+
+def train_inputs(wildcards):
+    ins = {
+        "tokenizer": "results/training/tokenizer",
+        "documents": f"resources/corpora/{CORPUS}/documents.parquet",
+    }
+    if wildcards.tvariant in USES_MAPS:
+        ins["stats"] = f"results/eigen/{TRAINED}/all/rows.zarr"
+    if wildcards.mode == "finetune":
+        ins["init"] = trained_model_spec(config)["path"]
+    return ins
+
+
+def train_params(wildcards):
+    keys = RUN_KEYS + (MAP_KEYS if wildcards.tvariant in USES_MAPS else [])
+    return {
+        "tcfg": {k: TRAIN[k] for k in keys},
+        "seq_len": SEQ_LEN,
+        "heldout_fraction": config["sampling"]["heldout_fraction"],
+        "data_seed": config["seed"],
+        "corpus": CORPUS,
+    }
+
+
+def train_gpus(wildcards):
+    return 1 if TRAIN["device"].startswith("cuda") else 0
+
+
+NOTEBOOKS = ["spectrum", "overlap", "reconstruction", "training", "summary"]
+NOTEBOOK_DIR = Path(workflow.basedir) / "notebooks"
+
+
+def notebook_data(name):
+    """The pipeline outputs each notebook reads (its papermill parameters)."""
+    eigen_dirs = [str(Path(p).parent) for p in eigen_outputs()]
+    if name == "spectrum":
+        return {"eigen_dirs": eigen_dirs}
+    if name == "overlap":
+        within = [p for p in overlap_within_outputs() if Path(p).name == "raw.zarr"]
+        cross = [p for p in overlap_cross_outputs() if Path(p).name == "raw.zarr"]
+        return {
+            "within": within,
+            "cross": cross,
+            "summary": "results/overlap/summary.csv",
+            "k_heatmap": 16,
+        }
+    if name == "reconstruction":
+        return {"recon": reconstruct_outputs(), "plugin": plugin_outputs()}
+    if name == "training":
+        return {
+            "summary": "results/training/summary.csv",
+            "metrics": [f"{run_dir(*r)}/metrics.csv" for r in training_runs()],
+        }
+    return {
+        "spectra": eigen_outputs(),
+        "overlap_summary": "results/overlap/summary.csv",
+        "recon": reconstruct_outputs(),
+        "plugin": plugin_outputs(),
+        "training": "results/training/summary.csv",
+        "s_report": 16,
+    }
+
+
+def notebook_inputs(wildcards):
+    name = wildcards.name
+    d = notebook_data(name)
+    files = []
+    for k, v in d.items():
+        if k == "eigen_dirs":
+            files += [
+                f"{x}/{f}"
+                for x in v
+                for f in ("spectrum.csv", "rows.zarr", "full.zarr")
+            ]
+        elif isinstance(v, list):
+            files += v
+        elif isinstance(v, str):
+            files.append(v)
+    return {"nb": str(NOTEBOOK_DIR / f"{name}.ipynb"), "data": files}
+
+
+def notebook_params(wildcards):
+    import json
+
+    name = wildcards.name
+    p = {**notebook_data(name), "fig_dir": f"results/figures/{name}"}
+    if name == "summary":
+        p["table_path"] = "results/figures/summary/claims.csv"
+    return json.dumps(p)
+
+
+def notebook_outputs():
+    return [f"results/notebooks/{n}.ipynb" for n in NOTEBOOKS]
+
+
 def all_outputs(wildcards):
     return (
         extract_outputs()
@@ -218,4 +381,6 @@ def all_outputs(wildcards):
         + ["results/overlap/summary.csv"]
         + reconstruct_outputs()
         + plugin_outputs()
+        + ["results/training/summary.csv"]
+        + notebook_outputs()
     )

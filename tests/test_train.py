@@ -1,0 +1,205 @@
+"""Training variants: shapes, masks, gradients, equivalences, determinism and resuming."""
+
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, SNAKEMAKE, make_workdir
+from eigenattn.errors import InputError
+from eigenattn.partial import ATTR, LINFORMER_ATTR, PartialMap, attach, attention_modules, partial_attention_forward
+from eigenattn.train import MLM, Linformer, attach_variant, bert_config, mask_batch, run, split_texts, train_wordpiece
+
+n, L, H, D = 16, 2, 2, 32
+TCFG = {"model": {"layers": L, "heads": H, "d_model": D, "d_ff": 64, "dropout": 0.1}, "steps": 20, "batch_size": 4,
+        "lr": 1e-3, "finetune_lr": 3e-4, "weight_decay": 0.01, "warmup": 0.1, "log_every": 5, "eval_every": 10,
+        "checkpoint_every": 10, "eval_sequences": 8, "estimator": "conditional_gaussian", "strategy": "pivoted_qr",
+        "ridge": 1e-6}
+
+
+class Stats:
+    """A stand-in for RowStats: identity-free statistics of a random covariance per layer/head."""
+
+    def __init__(self, seed=0):
+        rng = np.random.default_rng(seed)
+        self.seq_len, self.view, self.d, self.causal = n, "all", n, False
+        self.layers = list(range(L))
+        self.query_range, self.key_range = (0, n), (0, n)
+        self.path = "synthetic"
+        A = rng.standard_normal((L, H, n, n))
+        C = A @ np.swapaxes(A, -1, -2)
+        w, U = np.linalg.eigh(C)
+        self._m = rng.standard_normal((L, H, n))
+        self._U, self._w = U[..., ::-1].copy(), w[..., ::-1].copy()
+
+    def head_stats(self, layer):
+        return self._m[layer], self._U[layer], self._w[layer]
+
+
+def model(variant="exact", s=4, seed=0):
+    torch.manual_seed(seed)
+    m = MLM(bert_config(TCFG, 50, n))
+    attach_variant(m, variant, s, n, Stats() if variant in ("partial_fixed", "partial_learned", "subset_only")
+                   else None)
+    return m
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 50, (3, n), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    return ids
+
+
+TOK = {"special_ids": [0, 1, 2, 3, 4], "vocab_size": 50, "mask_id": 4}
+VARIANTS = ["exact", "partial_fixed", "partial_learned", "subset_only", "linformer"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_shapes_and_gradients(variant):
+    m = model(variant).train()
+    x, pos, labels = mask_batch(batch(), TOK, torch.Generator().manual_seed(1))
+    loss, logits = m(x, pos, labels)
+    assert logits.shape == (len(pos), 50) and loss.ndim == 0
+    assert m.encoder(input_ids=x).last_hidden_state.shape == (3, n, D)
+    loss.backward()
+    for i, mod in attention_modules(m.encoder).items():
+        assert mod.query.weight.grad is not None and mod.key.weight.grad is not None
+        pm = getattr(mod, ATTR, None)
+        if variant in ("partial_fixed", "subset_only"):
+            assert pm.W.grad is None and pm.b.grad is None and not pm.W.requires_grad
+        if variant == "partial_learned":
+            assert pm.W.grad is not None and pm.b.grad is not None and pm.W.grad.abs().sum() > 0
+        if variant == "linformer":
+            lf = getattr(mod, LINFORMER_ATTR)
+            assert lf.E.grad is not None and lf.F.grad is not None
+    trainable = {k for k, p in m.named_parameters() if p.requires_grad}
+    assert any(k.endswith(f"{ATTR}.W") for k in trainable) == (variant == "partial_learned")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_attention_mask_is_honoured(variant):
+    """Masked keys get zero attention probability; Linformer refuses a mask it cannot apply."""
+    m = model(variant).eval()
+    mod = attention_modules(m.encoder)[0]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, H, n, D // H, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, n, n)
+    mask[:, :, :, 5] = torch.finfo(torch.float32).min  # key 5 masked
+    if variant == "linformer":
+        with pytest.raises(InputError, match="cannot apply a padding or causal mask"):
+            partial_attention_forward(mod, q, k, v, mask)
+        return
+    out, w = partial_attention_forward(mod, q, k, v, mask)
+    assert out.shape == (2, n, H, D // H)
+    pm = getattr(mod, ATTR, None)
+    if pm is not None and pm.sparse:  # weights over the keys of T
+        T = pm.T
+        for h in range(H):
+            if 5 in T[h].tolist():
+                assert w[:, h, :, T[h].tolist().index(5)].abs().max() == 0
+    else:
+        assert w[..., 5].abs().max() == 0
+    assert torch.allclose(w.sum(-1), torch.ones(()), atol=1e-5)
+
+
+@torch.no_grad()
+def test_partial_fixed_with_all_keys_equals_exact():
+    exact = model("exact").eval()
+    ids = batch()
+    want = exact.encoder(input_ids=ids).last_hidden_state
+    maps = {i: PartialMap(np.tile(np.arange(n), (H, 1)), np.broadcast_to(np.eye(n), (H, n, n)), np.zeros((H, n)),
+                          seq_len=n, query_range=(0, n), key_range=(0, n)) for i in range(L)}
+    attach(exact.encoder, maps)
+    got = exact.encoder(input_ids=ids).last_hidden_state
+    assert (got - want).abs().max() <= 1e-5
+    # and the full pipeline at s = n: conditional Gaussian with T = all keys is the identity
+    m = model("partial_fixed", s=n).eval()
+    ref = model("exact").eval()
+    assert (m.encoder(input_ids=ids).last_hidden_state - ref.encoder(input_ids=ids).last_hidden_state).abs().max() \
+        <= 1e-4
+
+
+@torch.no_grad()
+def test_linformer_identity_equals_exact():
+    m = model("exact").eval()
+    ids = batch()
+    want = m.encoder(input_ids=ids).last_hidden_state
+    for mod in attention_modules(m.encoder).values():
+        setattr(mod, LINFORMER_ATTR, Linformer(n, n, identity=True))
+    got = m.encoder(input_ids=ids).last_hidden_state
+    assert (got - want).abs().max() <= 1e-5
+
+
+def test_mask_batch_proportions():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (200, 64), generator=g)
+    ids[:, 0] = 2
+    x, pos, labels = mask_batch(ids, TOK, torch.Generator().manual_seed(3))
+    assert abs(len(pos) / ids[:, 1:].numel() - 0.15) < 0.01
+    assert not bool((ids.flatten()[pos] == 2).any())  # specials are never predicted
+    xs = x.flatten()[pos]
+    assert abs(float((xs == 4).float().mean()) - 0.8) < 0.03
+    kept = float((xs == labels).float().mean())
+    assert 0.07 < kept < 0.14  # 10% kept, plus random draws that hit the same token
+    x2, pos2, _ = mask_batch(ids, TOK, torch.Generator().manual_seed(3))
+    assert torch.equal(x, x2) and torch.equal(pos, pos2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory, resources):
+    docs = resources / "corpora" / "enwiki-sample" / "documents.parquet"
+    out = tmp_path_factory.mktemp("tok")
+    train_wordpiece(split_texts(docs, 0, 0.2)["fit"][:20], 600, out, 32)
+    return out, docs
+
+
+def test_same_seed_same_metrics(tokenizer, tmp_path):
+    tok, docs = tokenizer
+    kw = dict(mode="scratch", variant="exact", s=32, seed=3, tcfg=TCFG, seq_len=32, tokenizer_dir=tok, documents=docs,
+              heldout_fraction=0.2, data_seed=0, progress=False)
+    a = run(tmp_path / "a", **kw)
+    b = run(tmp_path / "b", **kw)
+    ma, mb = pd.read_csv(tmp_path / "a" / "metrics.csv"), pd.read_csv(tmp_path / "b" / "metrics.csv")
+    pd.testing.assert_frame_equal(ma.drop(columns="step_time_ms"), mb.drop(columns="step_time_ms"))
+    assert a["heldout_mlm_acc"] == b["heldout_mlm_acc"] and len(ma) == 4
+    assert not (tmp_path / "a" / "checkpoint.pt").exists()
+    assert (tmp_path / "a" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "a" / "model" / "config.json").is_file()
+    c = run(tmp_path / "c", **{**kw, "seed": 4})
+    assert c["heldout_loss"] != a["heldout_loss"]
+
+
+def test_sigkill_resumes_from_checkpoint(tmp_path, resources):
+    """A training job killed with SIGKILL resumes from its last checkpoint when the target is re-run."""
+    wd = make_workdir(tmp_path, resources)
+    cfg = tmp_path / "kill.yaml"
+    cfg.write_text(yaml.safe_dump({"training": {"steps": 400, "log_every": 10, "checkpoint_every": 10,
+                                                "eval_every": 200}}))
+    target = "results/training/scratch/exact/s32/seed0/final.json"
+    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(wd), "-c1", target, "--configfile",
+           str(REPO / "config.yaml"), str(REPO / "tests" / "config.yaml"), str(cfg)]
+    proc = subprocess.Popen(cmd, cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = wd / "results/training/scratch/exact/s32/seed0/checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint was written"
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (wd / target).exists()
+    step = torch.load(ckpt, weights_only=False)["step"]
+    assert 0 < step < 400
+    done = subprocess.run(cmd + ["--rerun-incomplete"], cwd=wd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (wd / "logs/train/scratch/exact/s32/seed0.log").read_text()
+    assert "resumed from checkpoint" in log and f"at step {torch.tensor(step).item()}" in log
+    m = pd.read_csv(wd / "results/training/scratch/exact/s32/seed0/metrics.csv")
+    assert list(m.step) == list(range(10, 401, 10)) and not ckpt.exists()

@@ -1,0 +1,57 @@
+rule train_tokenizer:
+    input:
+        unpack(tokenizer_input),
+    output:
+        directory("results/training/tokenizer"),
+    log:
+        "logs/train_tokenizer.log",
+    conda:
+        "../../envs/eigenattn.yaml"
+    params:
+        vocab=TRAIN["vocab"],
+        vocab_size=TRAIN["vocab_size"],
+        seq_len=SEQ_LEN,
+        seed=config["seed"],
+        heldout_fraction=config["sampling"]["heldout_fraction"],
+    script:
+        "../scripts/train_tokenizer.py"
+
+
+rule train_run:
+    input:
+        unpack(train_inputs),
+    output:
+        metrics="results/training/{mode}/{tvariant}/s{s}/seed{seed}/metrics.csv",
+        final="results/training/{mode}/{tvariant}/s{s}/seed{seed}/final.json",
+        model=directory("results/training/{mode}/{tvariant}/s{s}/seed{seed}/model"),
+    log:
+        "logs/train/{mode}/{tvariant}/s{s}/seed{seed}.log",
+    benchmark:
+        "benchmarks/out/train/{mode}/{tvariant}/s{s}/seed{seed}.tsv"
+    conda:
+        "../../envs/eigenattn.yaml"
+    threads: 1
+    resources:
+        gpu=train_gpus,
+    params:
+        p=train_params,
+    script:
+        "../scripts/train_run.py"
+
+
+rule train_summary:
+    input:
+        training_finals(),
+    output:
+        "results/training/summary.csv",
+    log:
+        "logs/train_summary.log",
+    conda:
+        "../../envs/eigenattn.yaml"
+    script:
+        "../scripts/train_summary.py"
+
+
+rule train:
+    input:
+        "results/training/summary.csv",

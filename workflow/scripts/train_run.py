@@ -1,0 +1,30 @@
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
+from pathlib import Path
+
+from eigenattn import logs
+from eigenattn.extract import resolve_device
+from eigenattn.reconstruct import RowStats
+from eigenattn.train import run
+
+log = logs.start(snakemake)
+p = snakemake.params.p
+w = snakemake.wildcards
+stats = RowStats(snakemake.input.stats) if "stats" in snakemake.input.keys() else None
+run(
+    Path(snakemake.output.final).parent,
+    mode=w.mode,
+    variant=w.tvariant,
+    s=int(w.s),
+    seed=int(w.seed),
+    tcfg=p["tcfg"],
+    seq_len=p["seq_len"],
+    tokenizer_dir=snakemake.input.tokenizer,
+    documents=snakemake.input.documents,
+    heldout_fraction=p["heldout_fraction"],
+    data_seed=p["data_seed"],
+    stats=stats,
+    init_dir=snakemake.input.get("init"),
+    device=resolve_device(snakemake.config["training"]["device"], key="training.device"),
+)

@@ -1,0 +1,11 @@
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
+from eigenattn import logs
+from eigenattn.store import write_table
+from eigenattn.train import summarise
+
+log = logs.start(snakemake)
+df = summarise(list(snakemake.input))
+write_table(df, snakemake.output[0])
+log.info("wrote %s:\n%s", snakemake.output[0], df.to_string())
