@@ -14,7 +14,8 @@ import yaml
 from conftest import REPO, SNAKEMAKE, make_workdir
 from eigenattn.errors import InputError
 from eigenattn.partial import ATTR, LINFORMER_ATTR, PartialMap, attach, attention_modules, partial_attention_forward
-from eigenattn.train import MLM, Linformer, attach_variant, bert_config, mask_batch, run, split_texts, train_wordpiece
+from eigenattn.train import (MLM, Linformer, attach_variant, bert_config, build_windows, mask_batch, run, split_texts,
+                             train_wordpiece)
 
 n, L, H, D = 16, 2, 2, 32
 TCFG = {"model": {"layers": L, "heads": H, "d_model": D, "d_ff": 64, "dropout": 0.1}, "steps": 20, "batch_size": 4,
@@ -157,13 +158,15 @@ def tokenizer(tmp_path_factory, resources):
     docs = resources / "corpora" / "enwiki-sample" / "documents.parquet"
     out = tmp_path_factory.mktemp("tok")
     train_wordpiece(split_texts(docs, 0, 0.2)["fit"][:20], 600, out, 32)
-    return out, docs
+    counts = build_windows(out, docs, 32, 0, 0.2, 8, out / "windows.npz")
+    assert counts["fit"] > 1000 and counts["heldout"] == 8
+    return out, out / "windows.npz"
 
 
 def test_same_seed_same_metrics(tokenizer, tmp_path):
-    tok, docs = tokenizer
-    kw = dict(mode="scratch", variant="exact", s=32, seed=3, tcfg=TCFG, seq_len=32, tokenizer_dir=tok, documents=docs,
-              heldout_fraction=0.2, data_seed=0, progress=False)
+    tok, windows = tokenizer
+    kw = dict(mode="scratch", variant="exact", s=32, seed=3, tcfg=TCFG, seq_len=32, tokenizer_dir=tok,
+              windows=windows, data_seed=0, progress=False)
     a = run(tmp_path / "a", **kw)
     b = run(tmp_path / "b", **kw)
     ma, mb = pd.read_csv(tmp_path / "a" / "metrics.csv"), pd.read_csv(tmp_path / "b" / "metrics.csv")

@@ -70,7 +70,7 @@ def c3_rows(recon, plugin, s_report: int) -> list[dict]:
         q25, _, q75 = _pct(x.tv)
         model, view = df.model.iloc[0], df.view.iloc[0]
         out.append({"claim": "C3", "scope": f"{model}/{view} s={sz} ({be}, {bs})",
-                    "quantity": "median TV over heads, best estimator (subset_only best strategy)", "value": tv,
+                    "quantity": "median TV over heads (best estimator)", "value": tv,
                     "spread": f"IQR {q25:.3f}–{q75:.3f}; subset_only {so:.3f}",
                     "verdict": "reconstruction beats subset_only" if tv < so else "subset_only is as good or better",
                     "source": str(p)})

@@ -104,6 +104,25 @@ def chunk_documents(tok, texts, seq_len: int) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
+def build_windows(tokenizer_dir, documents, seq_len: int, seed: int, heldout_fraction: float, eval_sequences: int,
+                  out_path) -> dict:
+    """Tokenise the corpus once for every run: fit windows, and the evenly spread held-out windows.
+
+    Writes an .npz with int32 arrays ``fit`` (N, n) and ``heldout`` (M, n), atomically.
+    """
+    tok = load_tokenizer(tokenizer_dir)
+    texts = split_texts(documents, seed, heldout_fraction)
+    fit = chunk_documents(tok, texts["fit"], seq_len)
+    held = chunk_documents(tok, texts["heldout"], seq_len)
+    pick = np.unique(np.linspace(0, len(held) - 1, min(eval_sequences, len(held))).round().astype(int))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.partial.npz")
+    np.savez(tmp, fit=fit.astype(np.int32), heldout=held[pick].astype(np.int32))
+    os.replace(tmp, out_path)
+    return {"fit": len(fit), "heldout": len(pick), "heldout_available": len(held)}
+
+
 def mask_batch(ids: torch.Tensor, tok_info: dict, generator: torch.Generator, p: float = 0.15):
     """BERT masking: p of the non-special tokens; of those 80% [MASK], 10% random, 10% kept.
 
@@ -253,9 +272,12 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_len: int, tokenizer_dir,
-        documents, heldout_fraction: float, data_seed: int, stats=None, init_dir=None, device="cpu",
+        windows, data_seed: int, stats=None, init_dir=None, device="cpu",
         progress: bool = True) -> dict:
-    """One training run into ``out_dir``: metrics.csv, final.json, model/ (and checkpoint.pt while running)."""
+    """One training run into ``out_dir``: metrics.csv, final.json, model/ (and checkpoint.pt while running).
+
+    ``windows``: the .npz of :func:`build_windows`; ``data_seed`` fixes the held-out masks.
+    """
     import pandas as pd
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -276,11 +298,11 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
 
     tok = load_tokenizer(tokenizer_dir)
     tok_info = {"special_ids": sorted(set(tok.all_special_ids)), "vocab_size": len(tok), "mask_id": tok.mask_token_id}
-    texts = split_texts(documents, data_seed, heldout_fraction)
-    train_ids = torch.from_numpy(chunk_documents(tok, texts["fit"], seq_len))
-    held = chunk_documents(tok, texts["heldout"], seq_len)
-    pick = np.unique(np.linspace(0, len(held) - 1, min(tcfg["eval_sequences"], len(held))).round().astype(int))
-    held_ids = torch.from_numpy(held[pick])
+    with np.load(windows) as w:
+        train_ids, held_ids = torch.from_numpy(w["fit"].astype(np.int64)), torch.from_numpy(w["heldout"].astype(np.int64))
+    if train_ids.shape[1] != seq_len:
+        raise InputError(f"{windows}: windows of {train_ids.shape[1]} tokens, expected seq_len {seq_len}; "
+                         "re-run train_data")
     log.info("%d training windows, %d held-out windows of %d tokens; vocabulary %d", len(train_ids), len(held_ids),
              seq_len, len(tok))
 

@@ -45,6 +45,7 @@ wildcard_constraints:
     variant="raw|row_centered",
     mode="scratch|finetune",
     tvariant="exact|partial_fixed|partial_learned|subset_only|linformer",
+    name="spectrum|overlap|reconstruction|training|summary",
     s=r"\d+",
     seed=r"\d+",
 
@@ -246,7 +247,6 @@ RUN_KEYS = [
     "log_every",
     "eval_every",
     "checkpoint_every",
-    "eval_sequences",
 ]
 MAP_KEYS = ["estimator", "strategy", "ridge"]
 USES_MAPS = ["partial_fixed", "partial_learned", "subset_only"]
@@ -283,7 +283,7 @@ def tokenizer_input(wildcards):
 def train_inputs(wildcards):
     ins = {
         "tokenizer": "results/training/tokenizer",
-        "documents": f"resources/corpora/{CORPUS}/documents.parquet",
+        "windows": "results/training/data/windows.npz",
     }
     if wildcards.tvariant in USES_MAPS:
         ins["stats"] = f"results/eigen/{TRAINED}/all/rows.zarr"
@@ -297,9 +297,7 @@ def train_params(wildcards):
     return {
         "tcfg": {k: TRAIN[k] for k in keys},
         "seq_len": SEQ_LEN,
-        "heldout_fraction": config["sampling"]["heldout_fraction"],
         "data_seed": config["seed"],
-        "corpus": CORPUS,
     }
 
 

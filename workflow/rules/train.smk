@@ -17,6 +17,25 @@ rule train_tokenizer:
         "../scripts/train_tokenizer.py"
 
 
+rule train_data:
+    input:
+        tokenizer="results/training/tokenizer",
+        documents=f"resources/corpora/{CORPUS}/documents.parquet",
+    output:
+        "results/training/data/windows.npz",
+    log:
+        "logs/train_data.log",
+    conda:
+        "../../envs/eigenattn.yaml"
+    params:
+        seq_len=SEQ_LEN,
+        seed=config["seed"],
+        heldout_fraction=config["sampling"]["heldout_fraction"],
+        eval_sequences=TRAIN["eval_sequences"],
+    script:
+        "../scripts/train_data.py"
+
+
 rule train_run:
     input:
         unpack(train_inputs),
