@@ -200,6 +200,8 @@ def test_sigkill_resumes_from_checkpoint(tmp_path, resources):
     assert not (wd / target).exists()
     step = torch.load(ckpt, weights_only=False)["step"]
     assert 0 < step < 400
+    # a killed Snakemake leaves its lock behind: unlock, then re-run the target
+    subprocess.run(cmd + ["--unlock"], cwd=wd, capture_output=True, text=True, timeout=120, check=True)
     done = subprocess.run(cmd + ["--rerun-incomplete"], cwd=wd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = (wd / "logs/train/scratch/exact/s32/seed0.log").read_text()

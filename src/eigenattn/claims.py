@@ -5,13 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .figures import iqr
+
 COLUMNS = ["claim", "scope", "quantity", "value", "spread", "verdict", "source"]
-
-
-def _pct(x, qs=(25, 50, 75)):
-    x = np.asarray(x, dtype=float)
-    x = x[np.isfinite(x)]
-    return [float(v) for v in np.percentile(x, qs)] if len(x) else [np.nan] * len(qs)
 
 
 def c1_rows(spectra) -> list[dict]:
@@ -23,7 +19,7 @@ def c1_rows(spectra) -> list[dict]:
             x = r[r.variant == v]
             if not len(x):
                 continue
-            q25, q50, q75 = _pct(x.k90 / x.d)
+            q25, q50, q75 = iqr(x.k90 / x.d)
             model, view, d = x.model.iloc[0], x.view.iloc[0], int(x.d.iloc[0])
             out.append({"claim": "C1", "scope": f"{model}/{view} rows {v} (d={d}, {len(x)} heads)",
                         "quantity": "median k90/d over heads", "value": q50, "spread": f"IQR {q25:.2f}–{q75:.2f}",
@@ -41,7 +37,8 @@ def c2_rows(overlap_summary, k: int | None = None) -> list[dict]:
         pair = r.model_a if r.model_a == r.model_b else f"{r.model_a}×{r.model_b}"
         out.append({"claim": "C2", "scope": f"{pair}/{r.view} {r.scope} ({r.n_pairs} pairs)",
                     "quantity": f"median overlap_k, k={k} (random {r.median / r.median_ratio_random:.3f})",
-                    "value": float(r.median), "spread": f"p10–p90 {r.p10:.2f}–{r.p90:.2f}; ×{r.median_ratio_random:.1f} random",
+                    "value": float(r.median),
+                    "spread": f"p10–p90 {r.p10:.2f}–{r.p90:.2f}; ×{r.median_ratio_random:.1f} random",
                     "verdict": "shared subspace: ≥ 2× random" if r.median_ratio_random >= 2 else "near random",
                     "source": str(overlap_summary)})
     return out
@@ -67,7 +64,7 @@ def c3_rows(recon, plugin, s_report: int) -> list[dict]:
         (be, bs), tv = est.idxmin(), float(est.min())
         so = med.loc["subset_only"].min() if "subset_only" in med.index.get_level_values(0) else np.nan
         x = same[(same.estimator == be) & (same.strategy == bs)]
-        q25, _, q75 = _pct(x.tv)
+        q25, _, q75 = iqr(x.tv)
         model, view = df.model.iloc[0], df.view.iloc[0]
         out.append({"claim": "C3", "scope": f"{model}/{view} s={sz} ({be}, {bs})",
                     "quantity": "median TV over heads (best estimator)", "value": tv,

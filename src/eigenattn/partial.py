@@ -220,20 +220,6 @@ def detach_all(model) -> None:
             delattr(mod, LINFORMER_ATTR)
 
 
-def attention_flops(n: int, d_head: int, heads: int, s: int | None = None, view=None) -> dict:
-    """Multiply-adds of one layer's score computation and of P·V, per sequence.
-
-    ``s=None``: exact. Otherwise the view block (``view`` = (query count, key count); default the
-    whole matrix) costs n_q·s·d_head + n_q·s·d, and everything outside it is exact.
-    """
-    pv = heads * n * n * d_head
-    if s is None:
-        return {"scores": heads * n * n * d_head, "pv": pv}
-    nq, d = view if view is not None else (n, n)
-    exact_part = n * n - nq * d
-    return {"scores": heads * (exact_part * d_head + nq * s * d_head + nq * s * d), "pv": pv}
-
-
 def maps_from_stats(stats, estimator: str, strategy: str, s: int, *, layers=None, ridge: float = 1e-6,
                     seed: int = 0, trainable: bool = False) -> dict[int, PartialMap]:
     """One PartialMap per analysed layer from a :class:`eigenattn.reconstruct.RowStats`."""

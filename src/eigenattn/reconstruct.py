@@ -184,11 +184,6 @@ class Reference:
                 "kl": kl.double().mean(dim=-1).numpy(), "top1": top1.mean(dim=-1).numpy()}
 
 
-def attention_metrics(S_view, S_hat, full_rows=None, key_slice=None, allowed=None) -> dict:
-    """Metrics of one reconstruction (see Reference) per leading head index."""
-    return Reference(S_view, full_rows, key_slice, allowed).metrics(S_hat)
-
-
 # ----------------------------------------------------------------------------------- statistics
 
 
@@ -284,13 +279,6 @@ def eval_row_index(m: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, m - 1, k).round().astype(np.int64))
 
 
-def _heldout(shards):
-    """Held-out scores (N, L, H, n, n) as a Dask array, with attrs."""
-    from .store import open_scores
-
-    return open_scores(shards)
-
-
 def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_sizes, ridge=1e-6,
                   seed=0, transfer=(), transfer_estimators=None, other_stores=None,
                   eval_rows=None, progress=True) -> "pd.DataFrame":
@@ -299,9 +287,10 @@ def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_
     from tqdm.auto import tqdm
 
     from .moments import view_slices
+    from .store import open_scores
 
     stats = RowStats(rows_store)
-    scores, attrs = _heldout(heldout_shards)
+    scores, attrs = open_scores(heldout_shards)
     stats.check_matches(attrs["seq_len"], f"held-out scores {heldout_shards[0]}")
     if [int(x) for x in attrs["layers"]] != stats.layers:
         raise InputError(f"{heldout_shards[0]}: layers {attrs['layers']} differ from the fitted statistics "
@@ -315,13 +304,14 @@ def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_
         check_method(e, "strided", 1, d)
     for t in transfer:
         if t not in TRANSFERS:
-            raise ConfigError("reconstruction.transfer", f"unknown transfer '{t}'", f"use one of {', '.join(TRANSFERS)}")
+            raise ConfigError("reconstruction.transfer", f"unknown transfer '{t}'",
+                              f"use one of {', '.join(TRANSFERS)}")
     others = {}
     if "other_model" in transfer and stats.view == "prefix":
         others = {name: RowStats(p) for name, p in (other_stores or {}).items()}
     if "n_layers_total" not in stats.attrs:  # statistics from before the attribute existed
         stats.n_layers_total = int(attrs.get("n_layers_total") or stats.n_layers_total)
-    transfer_estimators = list(transfer_estimators if transfer_estimators is not None else estimators)
+    transfer_estimators = list(estimators if transfer_estimators is None else transfer_estimators)
 
     qs, ks = view_slices(stats.view, n, stats.causal)
     allowed = np.ones((qs.stop - qs.start, n), dtype=bool)
@@ -347,7 +337,7 @@ def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_
             sources += transfer_sources(stats, layer, transfer, others)
         for label, get in sources:
             mean, U, lam = get()
-            ests = estimators if label == "same" else [e for e in estimators if e in transfer_estimators]
+            ests = estimators if label == "same" else transfer_estimators
             for st in strategies:
                 for s in subset_sizes:
                     for est in ests:

@@ -299,7 +299,8 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
     tok = load_tokenizer(tokenizer_dir)
     tok_info = {"special_ids": sorted(set(tok.all_special_ids)), "vocab_size": len(tok), "mask_id": tok.mask_token_id}
     with np.load(windows) as w:
-        train_ids, held_ids = torch.from_numpy(w["fit"].astype(np.int64)), torch.from_numpy(w["heldout"].astype(np.int64))
+        train_ids = torch.from_numpy(w["fit"].astype(np.int64))
+        held_ids = torch.from_numpy(w["heldout"].astype(np.int64))
     if train_ids.shape[1] != seq_len:
         raise InputError(f"{windows}: windows of {train_ids.shape[1]} tokens, expected seq_len {seq_len}; "
                          "re-run train_data")
@@ -331,7 +332,7 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
     records, start = [], 0
     ckpt = out_dir / "checkpoint.pt"
     meta = {"mode": mode, "variant": variant, "s": s, "seed": seed, "steps": steps, "batch_size": bs,
-            "seq_len": seq_len, "n_params": n_params}
+            "seq_len": seq_len, "n_params": n_params, "tcfg": json.loads(json.dumps(tcfg, sort_keys=True))}
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if state.get("meta") == meta:
