@@ -1,6 +1,7 @@
 """Real snakemake runs: the data contract of the stores on tests/config.yaml, dry runs, lint."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -222,11 +223,22 @@ def test_summary_table_equals_its_sources(tiny_run):
         assert r.value == pytest.approx(want, rel=1e-9, abs=1e-12), r
 
 
-def test_snakemake_report(tiny_run):
+def test_snakemake_report(tiny_run, tmp_path):
     wd, _ = tiny_run
     proc = snakemake(wd, "--report", "results/report.html")
     html = wd / "results" / "report.html"
     assert html.stat().st_size > 100_000, proc.stderr[-2000:]
+    # after a partial run (no training, no training/summary notebooks) it covers what exists
+    part = tmp_path / "partial"
+    shutil.copytree(wd, part, symlinks=True, ignore=shutil.ignore_patterns("report.html"))
+    shutil.rmtree(part / "results" / "training")
+    for name in ("training", "summary"):
+        (part / "results" / "notebooks" / f"{name}.ipynb").unlink()
+        shutil.rmtree(part / "results" / "figures" / name)
+    proc = snakemake(part, "--report", "results/report.html")
+    out = proc.stdout + proc.stderr
+    assert "tv_vs_s.png" in out and "accuracy_vs_s.png" not in out
+    assert (part / "results" / "report.html").stat().st_size > 100_000
 
 
 def test_rerun_is_a_noop(tiny_run):

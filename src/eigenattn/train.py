@@ -137,10 +137,11 @@ def mask_batch(ids: torch.Tensor, tok_info: dict, generator: torch.Generator, p:
         cand = (~special).flatten().nonzero().flatten()
         pick.view(-1)[cand[torch.randint(len(cand), (1,), generator=generator)]] = True
     r = torch.rand(ids.shape, generator=generator)
-    rand_tok = torch.randint(len(tok_info["special_ids"]), tok_info["vocab_size"], ids.shape, generator=generator)
+    rand_tok = torch.randint(0, tok_info["vocab_size"], ids.shape, generator=generator)
+    rand_special = torch.isin(rand_tok, torch.tensor(tok_info["special_ids"]))
     x = ids.clone()
     x[pick & (r < 0.8)] = tok_info["mask_id"]
-    swap = pick & (r >= 0.8) & (r < 0.9)
+    swap = pick & (r >= 0.8) & (r < 0.9) & ~rand_special  # a random non-special token (else kept)
     x[swap] = rand_tok[swap]
     pos = pick.flatten().nonzero().flatten()
     return x, pos, ids.flatten()[pos]
@@ -249,8 +250,12 @@ def _lr(step: int, total: int, peak: float, warmup: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, ids: torch.Tensor, tok_info: dict, seed: int, batch_size: int, device, amp) -> tuple[float, float]:
-    """Held-out MLM loss and accuracy with masks fixed by ``seed`` (the same for every run)."""
+def evaluate(model, ids: torch.Tensor, tok_info: dict, seed: int, batch_size: int, device, amp,
+             counts: dict | None = None) -> tuple[float, float]:
+    """Held-out MLM loss and accuracy with masks fixed by ``seed`` (the same for every run).
+
+    ``counts``, if given, receives the number of predicted tokens under ``"tokens"``.
+    """
     model.eval()
     g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
     loss_sum, correct, count = 0.0, 0, 0
@@ -262,6 +267,8 @@ def evaluate(model, ids: torch.Tensor, tok_info: dict, seed: int, batch_size: in
         correct += int((logits.argmax(-1).cpu() == labels).sum())
         count += len(labels)
     model.train()
+    if counts is not None:
+        counts["tokens"] = count
     return loss_sum / count, correct / count
 
 
@@ -349,6 +356,7 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
         log.info("step 0 (before fine-tuning): heldout loss %.4f acc %.4f", loss, acc)
 
     n_train = len(train_ids)
+    eval_counts: dict = {}
     perms = {}
 
     def order(j):  # the j-th training example of this seed: a fresh permutation per epoch
@@ -389,7 +397,7 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
                    "heldout_mlm_acc": float("nan"), "lr": lr, "step_time_ms": 1000 * window_time / window_n}
             if done % tcfg["eval_every"] == 0 or done == steps:
                 rec["heldout_loss"], rec["heldout_mlm_acc"] = evaluate(model, held_ids, tok_info, data_seed, bs,
-                                                                       device, amp)
+                                                                       device, amp, eval_counts)
                 log.info("step %d: train loss %.4f, heldout loss %.4f, acc %.4f, %.1f ms/step", done,
                          rec["train_loss"], rec["heldout_loss"], rec["heldout_mlm_acc"], rec["step_time_ms"])
             records.append(rec)
@@ -405,6 +413,7 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
     cfg_m = tcfg["model"]
     final = {"mode": mode, "variant": variant, "subset_size": s, "seed": seed, "steps": steps,
              "heldout_mlm_acc": float(last.heldout_mlm_acc), "heldout_loss": float(last.heldout_loss),
+             "heldout_tokens": int(eval_counts.get("tokens", 0)),
              "params": n_params, "trainable_params": sum(p.numel() for p in params),
              "attention_flops_per_seq": attention_flops_per_seq(variant, seq_len, s, cfg_m["layers"], cfg_m["heads"],
                                                                 cfg_m["d_model"] // cfg_m["heads"]),
@@ -445,23 +454,34 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
 
 
 def summarise(final_paths) -> "pd.DataFrame":
-    """summary.csv rows, with each variant's difference from ``exact`` against the exact seed spread."""
+    """summary.csv rows, with each variant's difference from ``exact`` against the noise.
+
+    The noise of a mode is the larger of the exact seeds' spread (max − min) and twice the binomial
+    standard error of the exact accuracy on the ``heldout_tokens`` evaluated (two seeds can agree
+    by chance on a small evaluation set).
+    """
     import pandas as pd
 
     rows = [json.loads(Path(p).read_text()) for p in final_paths]
     df = pd.DataFrame(rows)
     cols = ["mode", "variant", "subset_size", "seed", "steps", "heldout_mlm_acc", "heldout_loss", "params",
             "attention_flops_per_seq", "mean_step_time_ms"]
-    df = df[cols + [c for c in ("heldout_mlm_acc_step0",) if c in df]].copy()
+    extra = [c for c in ("heldout_mlm_acc_step0", "heldout_tokens") if c in df]
+    df = df[cols + extra].copy()
     df["exact_mean_acc"] = np.nan
     df["exact_seed_spread"] = np.nan
+    df["noise"] = np.nan
     for mode, g in df.groupby("mode"):
-        ex = g[g.variant == "exact"].heldout_mlm_acc
+        ex = g[g.variant == "exact"]
         if len(ex):
-            df.loc[g.index, "exact_mean_acc"] = ex.mean()
-            df.loc[g.index, "exact_seed_spread"] = ex.max() - ex.min()
+            acc = ex.heldout_mlm_acc
+            tokens = ex.heldout_tokens.min() if "heldout_tokens" in ex else 0
+            se = float(np.sqrt(acc.mean() * (1 - acc.mean()) / tokens)) if tokens else 0.0
+            df.loc[g.index, "exact_mean_acc"] = acc.mean()
+            df.loc[g.index, "exact_seed_spread"] = acc.max() - acc.min()
+            df.loc[g.index, "noise"] = max(acc.max() - acc.min(), 2 * se)
     df["delta_vs_exact"] = df.heldout_mlm_acc - df.exact_mean_acc
-    df["exceeds_seed_noise"] = (df.delta_vs_exact.abs() > df.exact_seed_spread) & (df.variant != "exact")
+    df["exceeds_seed_noise"] = (df.delta_vs_exact.abs() > df.noise) & (df.variant != "exact")
     order = {v: i for i, v in enumerate(VARIANTS)}
     df = df.sort_values(["mode", "variant", "subset_size", "seed"], key=lambda c: c.map(order) if c.name == "variant"
                         else (c.map({"scratch": 0, "finetune": 1}) if c.name == "mode" else c))
