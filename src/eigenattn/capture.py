@@ -41,7 +41,7 @@ class ScoreCapture:
         return self.layers is None or layer_idx in self.layers
 
 
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     # Same head order as transformers' repeat_kv: kv head j serves query heads j*n_rep..(j+1)*n_rep-1.
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
@@ -51,8 +51,8 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     n_rep = query.shape[1] // key.shape[1]
-    key = _repeat_kv(key, n_rep)
-    value = _repeat_kv(value, n_rep)
+    key = repeat_kv(key, n_rep)
+    value = repeat_kv(value, n_rep)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
 
     cap: ScoreCapture | None = getattr(_state, "capture", None)
@@ -66,27 +66,36 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
         if cap.mask is None and attention_mask is not None:
             cap.mask = attention_mask.detach()
 
-    weights = scores if attention_mask is None else scores + attention_mask
-    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    return finish_attention(module, scores, attention_mask, value, query.dtype, dropout)
+
+
+def finish_attention(module, scores, mask, value, dtype, dropout=0.0):
+    """Eager attention after the scores: additive mask, float32 softmax, dropout, P·V."""
+    weights = scores if mask is None else scores + mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, weights
 
 
-_registered = False
+_registered: set[str] = set()
+
+
+def register_backend(name: str, fn) -> str:
+    """Register an attention function and the eager mask under ``name`` (idempotent)."""
+    if name not in _registered:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import eager_mask
+
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, eager_mask)
+        _registered.add(name)
+    return name
 
 
 def register() -> str:
     """Register the capture attention and mask functions (idempotent); return the impl name."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import eager_mask
-
-        AttentionInterface.register(CAPTURE_IMPL, capture_attention_forward)
-        AttentionMaskInterface.register(CAPTURE_IMPL, eager_mask)
-        _registered = True
-    return CAPTURE_IMPL
+    return register_backend(CAPTURE_IMPL, capture_attention_forward)
 
 
 @contextmanager

@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from .capture import finish_attention, register_backend, repeat_kv
 from .errors import ConfigError, InputError
 
 PARTIAL_IMPL = "partial"
@@ -89,10 +89,6 @@ class PartialMap(nn.Module):
                 f"queries={self.qs.start}..{self.qs.stop - 1}, keys={self.ks.start}..{self.ks.stop - 1}")
 
 
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
-
-
 def partial_scores(query: torch.Tensor, key: torch.Tensor, pm: PartialMap, scaling: float) -> torch.Tensor:
     """Scores (B, H, n, n) with the view block reconstructed from the keys at T, the rest exact."""
     B, H, n, dh = query.shape
@@ -130,8 +126,8 @@ def partial_attention_forward(module, query, key, value, attention_mask, scaling
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     n_rep = query.shape[1] // key.shape[1]
-    key = _repeat_kv(key, n_rep)
-    value = _repeat_kv(value, n_rep)
+    key = repeat_kv(key, n_rep)
+    value = repeat_kv(value, n_rep)
     pm = getattr(module, ATTR, None)
     lf = getattr(module, LINFORMER_ATTR, None)
     mask = attention_mask
@@ -159,27 +155,13 @@ def partial_attention_forward(module, query, key, value, attention_mask, scaling
     else:
         scores = partial_scores(query, key, pm, scaling)
     if mask is not None:
-        scores = scores + mask[..., : key.shape[-2]]
-    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=module.training)
-    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
-    return out, weights
-
-
-_registered = False
+        mask = mask[..., : key.shape[-2]]
+    return finish_attention(module, scores, mask, value, query.dtype, dropout)
 
 
 def register() -> str:
     """Register the ``partial`` attention and mask functions (idempotent); return the name."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import eager_mask
-
-        AttentionInterface.register(PARTIAL_IMPL, partial_attention_forward)
-        AttentionMaskInterface.register(PARTIAL_IMPL, eager_mask)
-        _registered = True
-    return PARTIAL_IMPL
+    return register_backend(PARTIAL_IMPL, partial_attention_forward)
 
 
 def attention_modules(model) -> dict[int, nn.Module]:
