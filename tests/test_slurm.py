@@ -45,7 +45,7 @@ def test_tiny_workflow_end_to_end_under_slurm(slurm, tmp_path, resources, tiny_r
     small = tmp_path / "slurm.yaml"
     small.write_text("training:\n  modes: [scratch]\n  variants: [partial_fixed]\n")
     t = time.perf_counter()
-    targets = ["overlap", "reconstruct", "plugin_eval", "train"]
+    targets = ["eigen", "overlap", "reconstruct", "plugin_eval", "train"]
     proc = snakemake(tmp_path, *SLURM_FLAGS, *targets, timeout=1500, configs=[*CONFIGS, str(small)])
     elapsed = time.perf_counter() - t
     out = proc.stdout + proc.stderr
