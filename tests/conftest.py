@@ -40,8 +40,22 @@ def resources():
     return CACHE / "resources"
 
 
+SHARED_MODELS = ("minilm", "smollm2")
+
+
 def make_workdir(tmp_path: Path, resources: Path) -> Path:
-    (tmp_path / "resources").symlink_to(resources, target_is_directory=True)
+    """Link the shared, fetched assets into ``tmp_path/resources``.
+
+    Only the pretrained models, the corpus and the wheel cache are shared; models a run makes
+    itself (the trained encoder, ``resources/models/trained_mlm``) stay in its own directory.
+    """
+    res = tmp_path / "resources"
+    (res / "models").mkdir(parents=True)
+    for name in ("corpora", "wheels"):
+        if (resources / name).exists():
+            (res / name).symlink_to(resources / name, target_is_directory=True)
+    for m in SHARED_MODELS:
+        (res / "models" / m).symlink_to(resources / "models" / m, target_is_directory=True)
     return tmp_path
 
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, REPO, snakemake
+from conftest import CONFIGS, REPO, make_workdir, snakemake
 
 SLURM_FLAGS = [
     "--workflow-profile", str(REPO / "profiles" / "slurm"),
@@ -41,7 +41,7 @@ def test_tiny_workflow_end_to_end_under_slurm(slurm, tmp_path, resources, tiny_r
     """Every computing stage, corpus to training, each job its own SLURM job. To keep CI short the
     training grid is cut to its two-stage core (exact twice, then partial_fixed from the analysed
     exact model), and the notebooks (which only read these outputs) are left to the local tiny run."""
-    (tmp_path / "resources").symlink_to(resources, target_is_directory=True)
+    make_workdir(tmp_path, resources)
     small = tmp_path / "slurm.yaml"
     small.write_text("training:\n  modes: [scratch]\n  variants: [partial_fixed]\n")
     t = time.perf_counter()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 import zarr
 
-from conftest import REPO, snakemake
+from conftest import REPO, make_workdir, snakemake
 
 TINY = yaml.safe_load((REPO / "tests" / "config.yaml").read_text())
 
@@ -250,7 +250,7 @@ def test_rerun_is_a_noop(tiny_run):
 def test_same_seed_same_tokens(tiny_run, tmp_path, resources):
     """A second, independent run with the same config yields identical passages and input_ids."""
     wd, _ = tiny_run
-    (tmp_path / "resources").symlink_to(resources, target_is_directory=True)
+    make_workdir(tmp_path, resources)
     snakemake(tmp_path, "-c2", "results/scores/minilm/fit/shard-0.zarr")
     a = pd.read_parquet(wd / "results" / "corpus" / "enwiki-sample" / "passages.parquet")
     b = pd.read_parquet(tmp_path / "results" / "corpus" / "enwiki-sample" / "passages.parquet")
