@@ -46,13 +46,17 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """An attention backend: eager attention that also records the pre-mask scores."""
+def expand_heads(query, key, value, scaling):
+    """The default scale, and keys/values repeated to one per query head (grouped-query attention)."""
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     n_rep = query.shape[1] // key.shape[1]
-    key = repeat_kv(key, n_rep)
-    value = repeat_kv(value, n_rep)
+    return repeat_kv(key, n_rep), repeat_kv(value, n_rep), scaling
+
+
+def capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """An attention backend: eager attention that also records the pre-mask scores."""
+    key, value, scaling = expand_heads(query, key, value, scaling)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
 
     cap: ScoreCapture | None = getattr(_state, "capture", None)

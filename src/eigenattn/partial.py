@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import finish_attention, register_backend, repeat_kv
+from .capture import expand_heads, finish_attention, register_backend
 from .errors import ConfigError, InputError
 
 PARTIAL_IMPL = "partial"
@@ -123,11 +123,7 @@ def partial_scores(query: torch.Tensor, key: torch.Tensor, pm: PartialMap, scali
 
 def partial_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """An attention backend (see the module docstring); exact eager attention where no map is set."""
-    if scaling is None:
-        scaling = query.size(-1) ** -0.5
-    n_rep = query.shape[1] // key.shape[1]
-    key = repeat_kv(key, n_rep)
-    value = repeat_kv(value, n_rep)
+    key, value, scaling = expand_heads(query, key, value, scaling)
     pm = getattr(module, ATTR, None)
     lf = getattr(module, LINFORMER_ATTR, None)
     mask = attention_mask
