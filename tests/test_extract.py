@@ -97,7 +97,7 @@ def test_interrupted_extraction_leaves_no_store(minilm_dir, tmp_path, monkeypatc
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ex, "is_causal_mask", boom)
+    monkeypatch.setattr(ex, "check_batch", boom)  # inside the store, after the first forward pass
     out = tmp_path / "s.zarr"
     with pytest.raises(KeyboardInterrupt):
         extract_scores(minilm_dir, ["a b c d e f g h i j k l m n o p"] * 2, [0, 1], out, seq_len=8,

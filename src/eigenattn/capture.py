@@ -1,10 +1,23 @@
 """Capture pre-softmax attention scores through ``transformers.AttentionInterface``.
 
-The registered attention function computes ``S = scale * Q K^T`` from the query and key states
-the model hands to its attention backend. Those are taken after any positional transform (RoPE),
-so this works for absolute-position encoders and rotary decoders alike, and with grouped-query
-attention every query head gets its own matrix against its shared key head. It then finishes the
-attention eagerly (mask, softmax, V), so the model's outputs are unchanged.
+The registered attention function computes the logits that enter the model's softmax before
+masking, from what the model hands to its attention backend:
+
+    S = scale · Q Kᵀ, then ``tanh(S / c) · c`` if the model passes ``softcap=c``, then
+    ``+ position_bias`` if it passes one (T5's relative bias, ALiBi where it reaches the interface).
+
+Q and K are taken after any positional transform (RoPE), so this works for absolute-position
+encoders and rotary decoders alike, and with grouped-query attention every query head gets its own
+matrix against its shared key head. Per-head attention sinks (``s_aux``, gpt-oss) are not token
+pairs; they are recorded beside the scores. The function then finishes the attention as eager
+attention does (mask, softmax with the sink column, V), so the model's outputs are unchanged.
+
+Every keyword argument the model passes is either applied (``scaling``, ``softcap``,
+``position_bias``, ``s_aux``), carried by the mask the layer receives (``sliding_window``,
+``is_causal``: recorded and checked by :mod:`eigenattn.probe`), known to be bookkeeping that does
+not change a full-sequence forward pass (:data:`IGNORED_KWARGS`), or None. Anything else raises
+:class:`~eigenattn.errors.UnsupportedModelError` naming the argument: the backend never silently
+drops a modifier it does not understand.
 
 A mask function is registered under the same name: without it ``transformers`` would build a mask
 for an unknown implementation and get it wrong. We reuse the eager mask (0 / dtype-min, additive).
@@ -18,6 +31,8 @@ from contextlib import contextmanager
 import torch
 from torch.nn import functional as F
 
+from .errors import UnsupportedModelError
+
 CAPTURE_IMPL = "eigenattn_capture"
 
 _state = threading.local()
@@ -28,17 +43,46 @@ class ScoreCapture:
 
     ``layers``: the layer indices to keep (None = all). ``store_dtype``: scores are cast to it
     on the device right after they are computed, which halves the copy for float16.
+
+    Besides the scores it records, for every layer that ran (kept or not), the mask the layer
+    received (``masks``), its sink logits (``sinks``, only where the model passes them), which
+    modifiers were applied (``modifiers``) and its head shapes (``shapes``). A layer is keyed by
+    its module's ``layer_idx`` (by call order for modules without one, such as ALBERT's shared
+    layer); a second attention call under a key already taken in this forward pass raises rather
+    than overwrite its scores (encoder–decoder self- and cross-attention share one ``layer_idx``).
     """
 
     def __init__(self, layers=None, store_dtype=torch.float32):
         self.layers = None if layers is None else set(int(x) for x in layers)
         self.store_dtype = store_dtype
         self.scores: dict[int, torch.Tensor] = {}
+        self.masks: dict[int, torch.Tensor | None] = {}
+        self.sinks: dict[int, torch.Tensor] = {}
+        self.modifiers: dict[int, dict] = {}
+        self.shapes: dict[int, dict] = {}
+        self.owners: dict[int, torch.nn.Module] = {}
         self.mask: torch.Tensor | None = None
         self.calls = 0
 
     def wants(self, layer_idx: int) -> bool:
         return self.layers is None or layer_idx in self.layers
+
+    def key(self, module) -> int:
+        """The layer index of this call; raises if another call already used it in this pass."""
+        layer_idx = getattr(module, "layer_idx", None)
+        layer_idx = self.calls if layer_idx is None else int(layer_idx)
+        self.calls += 1
+        owner = self.owners.get(layer_idx)
+        if owner is not None:
+            same = "the same module" if owner is module else f"{type(owner).__name__} and {type(module).__name__}"
+            raise UnsupportedModelError(
+                f"two attention calls in one forward pass share layer index {layer_idx} ({same}); their "
+                "scores would overwrite each other. Encoder–decoder models (self- and cross-attention per "
+                "layer) and modules reused under one layer_idx cannot be stored as one score matrix per layer",
+                "use an encoder-only or decoder-only model (for an encoder–decoder model, save its encoder "
+                "alone, e.g. T5EncoderModel)", model_type=model_type_of(module))
+        self.owners[layer_idx] = module
+        return layer_idx
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -54,29 +98,98 @@ def expand_heads(query, key, value, scaling):
     return repeat_kv(key, n_rep), repeat_kv(value, n_rep), scaling
 
 
+# Keyword arguments that do not change the scores or probabilities of one unpadded forward pass
+# over the whole sequence (no KV cache): output switches, cache bookkeeping, and positions that
+# were already applied to Q and K (RoPE) or only steer fused kernels (flash attention's
+# determinism flag). ``is_causal`` and ``sliding_window`` are honoured by the mask the layer
+# receives, which eager attention applies; the probe checks that mask against ``sliding_window``.
+IGNORED_KWARGS = frozenset({
+    "position_ids", "cache_position", "position_embeddings", "output_attentions", "output_hidden_states",
+    "return_dict", "use_cache", "cache", "past_key_values", "past_key_value", "deterministic",
+    "is_causal", "sliding_window",
+})
+# Applied by the capture backend to the scores or the softmax.
+APPLIED_KWARGS = frozenset({"softcap", "position_bias", "s_aux"})
+
+
+def model_type_of(module) -> str | None:
+    cfg = getattr(module, "config", None)
+    return getattr(cfg, "model_type", None) or type(module).__name__
+
+
+def check_kwargs(module, kwargs: dict, understood, backend: str) -> None:
+    """Raise for any keyword argument that is not None and not ``understood`` by ``backend``."""
+    bad = sorted(k for k, v in kwargs.items() if v is not None and k not in understood)
+    if bad:
+        shown = ", ".join(f"{k}={type(kwargs[k]).__name__}" for k in bad)
+        raise UnsupportedModelError(
+            f"its attention module {type(module).__name__} passes {shown} to the attention function, which "
+            f"the '{backend}' backend does not implement; ignoring it would give scores that are not the "
+            "model's", "use a model whose attention takes only the arguments listed in README "
+            "'Supported models', or add this argument to the backend (eigenattn/capture.py) with a test "
+            "against eager output_attentions", model_type=model_type_of(module))
+
+
 def capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """An attention backend: eager attention that also records the pre-mask scores."""
+    check_kwargs(module, kwargs, IGNORED_KWARGS | APPLIED_KWARGS, CAPTURE_IMPL)
+    if query.shape[-1] != value.shape[-1]:
+        raise UnsupportedModelError(
+            f"multi-latent attention: the Q·K head size ({query.shape[-1]}) differs from the V head size "
+            f"({value.shape[-1]}), so heads are not standard scaled dot products of one head dimension",
+            "use a model with standard multi-head or grouped-query attention", model_type=model_type_of(module))
+    if query.shape[1] % key.shape[1]:
+        raise UnsupportedModelError(
+            f"{query.shape[1]} query heads cannot share {key.shape[1]} key heads evenly",
+            "use a model with standard multi-head or grouped-query attention", model_type=model_type_of(module))
+    softcap = kwargs.get("softcap")
+    bias = kwargs.get("position_bias")
+    sinks = kwargs.get("s_aux")
+    if softcap is not None and bias is not None:
+        raise UnsupportedModelError(
+            "it passes both a logit softcap and a position bias; their order is not defined by the attention "
+            "interface", "use a model with at most one of them", model_type=model_type_of(module))
+    kv_heads = int(key.shape[1])
     key, value, scaling = expand_heads(query, key, value, scaling)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:  # as Gemma 2's eager attention: tanh(S / c) · c
+        scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias
 
     cap: ScoreCapture | None = getattr(_state, "capture", None)
     if cap is not None:
-        layer_idx = getattr(module, "layer_idx", None)
-        if layer_idx is None:
-            layer_idx = cap.calls
-        cap.calls += 1
+        layer_idx = cap.key(module)
         if cap.wants(layer_idx):
-            cap.scores[int(layer_idx)] = scores.detach().to(cap.store_dtype)
+            cap.scores[layer_idx] = scores.detach().to(cap.store_dtype)
+        cap.masks[layer_idx] = None if attention_mask is None else attention_mask.detach()
+        if sinks is not None:
+            cap.sinks[layer_idx] = sinks.detach().float().reshape(-1)
+        cap.modifiers[layer_idx] = {"softcap": None if softcap is None else float(softcap),
+                                    "position_bias": bias is not None, "sinks": sinks is not None,
+                                    "sliding_window": kwargs.get("sliding_window")}
+        cap.shapes[layer_idx] = {"heads": int(query.shape[1]), "kv_heads": kv_heads, "head_dim": int(query.shape[-1]),
+                                 "queries": int(query.shape[-2]), "keys": int(key.shape[-2])}
         if cap.mask is None and attention_mask is not None:
             cap.mask = attention_mask.detach()
 
-    return finish_attention(module, scores, attention_mask, value, query.dtype, dropout)
+    return finish_attention(module, scores, attention_mask, value, query.dtype, dropout, sinks=sinks)
 
 
-def finish_attention(module, scores, mask, value, dtype, dropout=0.0):
-    """Eager attention after the scores: additive mask, float32 softmax, dropout, P·V."""
+def finish_attention(module, scores, mask, value, dtype, dropout=0.0, sinks=None):
+    """Eager attention after the scores: additive mask, float32 softmax, dropout, P·V.
+
+    With ``sinks`` (one logit per head), the softmax runs over the keys plus a sink column that is
+    then dropped, as gpt-oss's eager attention does: P = softmax([S + mask, s_h])[..., :-1].
+    """
     weights = scores if mask is None else scores + mask
-    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(dtype)
+    if sinks is None:
+        weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(dtype)
+    else:
+        sink = sinks.reshape(1, -1, 1, 1).to(weights.dtype).expand(weights.shape[0], -1, weights.shape[-2], 1)
+        combined = torch.cat([weights, sink], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        weights = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1].to(dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, weights

@@ -138,11 +138,13 @@ def _store_attrs(attrs: dict, view: str, causal: bool, n_seq: int, extra: dict) 
             "seq_len": n, "query_range": [qs.start, qs.stop],
             "key_range": [ks.start, ks.stop], "d": ks.stop - ks.start, "n_sequences": n_seq,
             "corpus": attrs.get("corpus"), "seed": attrs.get("seed"), "split": "fit",
-            "scores_dtype": attrs.get("dtype"), "eigenattn_version": __version__, **extra}
+            "scores_dtype": attrs.get("dtype"), "skipped_layers": attrs.get("skipped_layers", []),
+            "eigenattn_version": __version__, **extra}
 
 
 def _open_fit(shards, view: str, variants):
     """Open the fit shards and fail early on an undefined view or unknown variant."""
+    from .masks import select_visible
     from .store import open_scores
 
     scores, attrs = open_scores(shards)
@@ -150,6 +152,7 @@ def _open_fit(shards, view: str, variants):
     view_slices(view, attrs["seq_len"], causal)
     for v in variants:
         check_variant(v)
+    scores, attrs = select_visible(scores, attrs, view)  # layers whose mask hides part of the view are skipped
     return scores, attrs, causal
 
 

@@ -22,3 +22,25 @@ class SourceError(EigenattnError):
 
 class InputError(EigenattnError):
     """An input file or store is missing or malformed. The message names the path."""
+
+
+class UnsupportedModelError(EigenattnError):
+    """A model whose attention scores cannot be captured exactly, refused before any score is written.
+
+    The message names the model (config key or path), its ``model_type``, the cause and the fix.
+    ``model`` may be filled in by the caller that knows the config key (the attention backend does not).
+    """
+
+    def __init__(self, problem: str, fix: str | None = None, *, model: str | None = None,
+                 model_type: str | None = None):
+        self.problem, self.fix, self.model, self.model_type = problem, fix, model, model_type
+        super().__init__(problem)
+
+    def __str__(self) -> str:
+        who = f"model {self.model}" if self.model else "this model"
+        if self.model_type:
+            who += f" (model_type '{self.model_type}')"
+        msg = f"{who} is refused: {self.problem}"
+        if self.fix:
+            msg += f"\n  fix: {self.fix}"
+        return msg

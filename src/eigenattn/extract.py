@@ -1,11 +1,16 @@
 """Run a model over passages and write its pre-softmax scores to a Zarr v3 store.
 
-Store layout (one group per shard; see README "Data contract"):
+Store layout (one group per shard; see README "Data contract" and "Supported models"):
 
     scores          (N, L, H, n, n)  float16|float32  chunks (B, 1, H, n, n)
     input_ids       (N, n)           int32
     attention_mask  (N, n)           int8
     passage_id      (N,)             int64
+    sinks           (L, H)           float32          only for models with attention sinks
+
+Before the store is created, an equivalence probe (``eigenattn.probe``) checks the model against
+its own eager attention and refuses it, with a message naming it, if the scores would not
+reproduce the model's probabilities; each layer's mask kind goes into ``attrs["layer_masks"]``.
 
 The store is written under a temporary sibling name and renamed into place only once every
 array and attribute is written, so an interrupted run never leaves a store that looks complete.
@@ -25,9 +30,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import SCORE_DEFINITION, __version__
-from .capture import ScoreCapture, capturing, is_causal_mask, register
+from .capture import ScoreCapture, capturing
 from .corpus import tokenize_passages
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModelError
+from .masks import describe
+from .probe import PROBE_SEQUENCES, equivalence_probe, load_capture_model, mask_info
 from .store import atomic_store, compressor, score_chunks
 
 log = logging.getLogger(__name__)
@@ -44,30 +51,57 @@ def resolve_device(device: str, key: str = "extraction.device") -> torch.device:
     return torch.device(device)
 
 
-def load_model(model_dir: str | os.PathLike, attn_implementation: str | None = None, device="cpu"):
-    """Load tokenizer and base model (no LM head) from a Hugging Face-format directory."""
-    from transformers import AutoModel, AutoTokenizer
+def load_model(model_dir: str | os.PathLike, attn_implementation: str | None = None, device="cpu",
+               label: str | None = None):
+    """Load tokenizer and base model (no LM head) from a Hugging Face-format directory.
 
-    impl = attn_implementation or register()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32)
-    model.eval().to(device)
-    return tok, model
+    The class comes from ``config.architectures`` (an encoder such as ``T5EncoderModel`` loads as
+    itself); an encoder–decoder model is refused (:func:`eigenattn.probe.model_class`).
+    """
+    return load_capture_model(model_dir, label or str(model_dir), device, attn_implementation)
 
 
 def model_facts(model) -> dict:
     cfg = model.config
-    heads = int(cfg.num_attention_heads)
-    hidden = int(cfg.hidden_size)
+    heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+    hidden = int(getattr(cfg, "hidden_size", 0) or 0)
     return {
         "architecture": (cfg.architectures or [type(model).__name__])[0],
         "model_type": cfg.model_type,
-        "n_layers": int(cfg.num_hidden_layers),
+        "n_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
         "heads": heads,
         "kv_heads": int(getattr(cfg, "num_key_value_heads", None) or heads),
-        "head_dim": int(getattr(cfg, "head_dim", None) or hidden // heads),
+        "head_dim": int(getattr(cfg, "head_dim", None) or (hidden // heads if heads else 0)),
         "max_positions": int(getattr(cfg, "max_position_embeddings", 0) or 0),
     }
+
+
+def probe_facts(probe, keep: list[int], label: str, model_type: str) -> dict:
+    """Head counts of the kept layers, from what the probe saw (one score array needs one H)."""
+    shapes = {k: {probe.shapes[l][k] for l in keep} for k in ("heads", "kv_heads", "head_dim")}
+    if len(shapes["heads"]) != 1:
+        raise UnsupportedModelError(f"layers {keep} have different numbers of query heads ({sorted(shapes['heads'])}),"
+                                    " which one score array (sequence, layer, head, query, key) cannot hold",
+                                    "extract only layers with equal head counts (models.<name>.layers)",
+                                    model=label, model_type=model_type)
+    return {k: (next(iter(v)) if len(v) == 1 else sorted(v)) for k, v in shapes.items()}
+
+
+def check_batch(cap: ScoreCapture, keep: list[int], probe, label: str) -> None:
+    """Every kept layer was captured, with the mask the probe recorded."""
+    missing = [l for l in keep if l not in cap.scores]
+    if missing:
+        raise RuntimeError(f"{label}: no scores captured for layers {missing}: the model does not "
+                           "route attention through AttentionInterface")
+    seen = {}  # layers usually share one mask tensor
+    for l in keep:
+        m = cap.masks.get(l)
+        if id(m) not in seen:
+            seen[id(m)] = mask_info(m, probe.seq_len)[0]
+        info = seen[id(m)]
+        if info != probe.masks[l]:
+            raise RuntimeError(f"{label}: layer {l} received a mask ({info}) that differs from the probe's "
+                               f"({probe.masks[l]})")
 
 
 def resolve_layers(layers, n_layers: int, key: str = "layers") -> list[int]:
@@ -144,15 +178,29 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
     if dtype not in DTYPES:
         raise ConfigError("extraction.dtype", f"unknown dtype '{dtype}'", "use float16 or float32")
     dev = resolve_device(device)
-    tok, model = load_model(model_dir, device=dev)
+    name = (attrs or {}).get("model")
+    label = f"'{name}' at {model_dir}" if name else str(model_dir)
+    tok, model = load_model(model_dir, device=dev, label=label)
     facts = model_facts(model)
     if facts["max_positions"] and seq_len > facts["max_positions"]:
         raise ConfigError("sampling.seq_len", f"{seq_len} exceeds the model's {facts['max_positions']} "
                           f"positions ({model_dir})", f"use seq_len <= {facts['max_positions']}")
-    keep = resolve_layers(layers, facts["n_layers"], "extraction.layers")
     ids = tokenize_passages(tok, texts, seq_len)
+    # Refuse before any store exists: the probe compares the capture with the model's eager attention.
+    probe = equivalence_probe(model, torch.from_numpy(ids[:PROBE_SEQUENCES].astype(np.int64)).to(dev), label)
+    facts["n_layers"] = probe.n_layers
+    keep = resolve_layers(layers, facts["n_layers"], "extraction.layers")
+    facts.update(probe_facts(probe, keep, label, facts["model_type"]))
+    causal = probe.causal(keep)
+    if expect_causal is not None and causal != bool(expect_causal):
+        kinds = ", ".join(sorted({describe(probe.masks[l]) for l in keep}))
+        raise ConfigError(f"models.{name or '?'}.causal",
+                          f"is {expect_causal}, but the model's attention masks are {kinds}, so it is "
+                          f"{'causal' if causal else 'not causal'} (every layer hiding the keys after each query)",
+                          f"set causal: {str(causal).lower()}")
     n_seq, L, H = len(ids), len(keep), facts["heads"]
     store_dtype = DTYPES[dtype]
+    sinks = [l for l in keep if l in probe.sinks]
 
     out_path = Path(out_path)
     t0 = time.perf_counter()
@@ -164,6 +212,15 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
         root.create_array("input_ids", data=ids, chunks=(max(n_seq, 1), seq_len))
         root.create_array("attention_mask", data=np.ones_like(ids, dtype=np.int8), chunks=(max(n_seq, 1), seq_len))
         root.create_array("passage_id", data=np.asarray(passage_ids, dtype=np.int64), chunks=(max(n_seq, 1),))
+        if sinks:
+            # -inf (no sink) for kept layers without one: softmax then ignores the sink column.
+            table = np.full((L, H), -np.inf, dtype=np.float32)
+            for i, l in enumerate(keep):
+                if l in probe.sinks:
+                    table[i] = probe.sinks[l]
+            arr = root.create_array("sinks", data=table, dimension_names=["layer", "head"])
+            arr.attrs.update({"definition": "per-head sink logit: an extra softmax column that is no token; "
+                              "P = softmax([S + mask, sink])[..., :n]", "layers": keep})
 
         on_cuda = dev.type == "cuda"
         amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast, "bad")
@@ -172,7 +229,6 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
         block_shape = (batch_size, L, H, seq_len, seq_len)
         writer = _Writer(root["scores"], block_shape, store_dtype, pin=on_cuda)
         t_loop = time.perf_counter()
-        causal = None
         t_fwd = 0.0
         bar = tqdm(total=n_seq, desc=f"extract {out_path.parent.parent.name}/{out_path.parent.name}",
                    unit="seq", disable=not progress, mininterval=1.0)
@@ -186,17 +242,7 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
                     tf = time.perf_counter()
                     with capturing(cap), torch.autocast(dev.type, dtype=amp, enabled=amp is not None and on_cuda):
                         model(input_ids=batch, attention_mask=torch.ones_like(batch))
-                    if causal is None:
-                        causal = is_causal_mask(cap.mask)
-                        if expect_causal is not None and causal != bool(expect_causal):
-                            raise ConfigError(f"models.{(attrs or {}).get('model', '?')}.causal",
-                                              f"is {expect_causal}, but the model's attention mask is "
-                                              f"{'causal' if causal else 'bidirectional'}",
-                                              f"set causal: {str(causal).lower()}")
-                    missing = [l for l in keep if l not in cap.scores]
-                    if missing:
-                        raise RuntimeError(f"no scores captured for layers {missing}: the model does not "
-                                           f"route attention through AttentionInterface")
+                    check_batch(cap, keep, probe, label)
                     count = batch.shape[0]
                     t_fwd += time.perf_counter() - tf
                     slot, buf = writer.acquire()
@@ -221,13 +267,17 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
             "n_layers_total": facts["n_layers"],
             "seq_len": seq_len,
             "causal": bool(causal),
+            "layer_masks": [probe.masks[l] for l in keep],
+            "layer_modifiers": [{k: probe.modifiers[l][k] for k in ("softcap", "position_bias", "sinks")}
+                                for l in keep],
+            "equivalence_probe": probe.summary(),
             "score_definition": SCORE_DEFINITION,
             "dtype": dtype,
             "compression": compression,
             "autocast": autocast if on_cuda else "none",
             "device": dev.type,
             "axes": {"scores": ["sequence", "layer", "head", "query", "key"],
-                     "input_ids": ["sequence", "position"]},
+                     "input_ids": ["sequence", "position"], **({"sinks": ["layer", "head"]} if sinks else {})},
             "special_tokens": describe_special_tokens(tok, ids),
             "eigenattn_version": __version__,
             "complete": True,

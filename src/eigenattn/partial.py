@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import expand_heads, finish_attention, register_backend
+from .capture import IGNORED_KWARGS, check_kwargs, expand_heads, finish_attention, register_backend
 from .errors import ConfigError, InputError
 
 PARTIAL_IMPL = "partial"
@@ -123,6 +123,8 @@ def partial_scores(query: torch.Tensor, key: torch.Tensor, pm: PartialMap, scali
 
 def partial_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """An attention backend (see the module docstring); exact eager attention where no map is set."""
+    # Softcapping, position biases and sinks are not implemented here: refuse them, never drop them.
+    check_kwargs(module, kwargs, IGNORED_KWARGS, PARTIAL_IMPL)
     key, value, scaling = expand_heads(query, key, value, scaling)
     pm = getattr(module, ATTR, None)
     lf = getattr(module, LINFORMER_ATTR, None)

@@ -292,7 +292,9 @@ def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_
     stats = RowStats(rows_store)
     scores, attrs = open_scores(heldout_shards)
     stats.check_matches(attrs["seq_len"], f"held-out scores {heldout_shards[0]}")
-    if [int(x) for x in attrs["layers"]] != stats.layers:
+    held = [int(x) for x in attrs["layers"]]
+    skipped = {int(x["layer"]) for x in stats.attrs.get("skipped_layers", [])}  # masked views (eigenattn.masks)
+    if [x for x in held if x not in skipped] != stats.layers:
         raise InputError(f"{heldout_shards[0]}: layers {attrs['layers']} differ from the fitted statistics "
                          f"{stats.layers} in {rows_store}; re-run extraction and eigen with the same layers")
     n, d = stats.seq_len, stats.d
@@ -322,7 +324,7 @@ def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_
     records = []
     bar = tqdm(total=len(stats.layers), desc=f"reconstruct {stats.model}/{stats.view}", disable=not progress)
     for li, layer in enumerate(stats.layers):
-        block = np.asarray(scores[:, li].compute(), dtype=np.float64)  # (N, H, n, n)
+        block = np.asarray(scores[:, held.index(layer)].compute(), dtype=np.float64)  # (N, H, n, n)
         N, H = block.shape[:2]
         full = block[:, :, qs, :].transpose(1, 0, 2, 3).reshape(H, -1, n)  # (H, m, n)
         row_allowed = np.tile(allowed, (N, 1))

@@ -1,0 +1,205 @@
+"""Any Hugging Face model: correct scores, or a clear refusal before any score is written.
+
+Tiny random-weight models of many families (tests/tiny_models.py) go through ``extract_scores``.
+A supported family's store must reproduce the model's own eager ``output_attentions`` from the
+README formula, ``softmax([S + mask, sink])`` per layer, within 1e-5 in float32; a refused one
+must raise UnsupportedModelError naming the model, its model_type, the cause and the fix, and
+leave nothing on disk. The oracle here is computed independently of eigenattn.probe.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from eigenattn.capture import CAPTURE_IMPL, ScoreCapture, capture_attention_forward, capturing, check_kwargs, register
+from eigenattn.errors import UnsupportedModelError
+from eigenattn.extract import extract_scores
+from tiny_models import FAMILIES, build, texts
+
+SEQ_LEN = 16
+TOL = 1e-5
+ERRORS: dict[str, float] = {}
+
+# Per-layer masks the families must record at SEQ_LEN (window and chunk 4 < 16).
+EXPECTED_MASKS = {
+    "bert": [{"kind": "bidirectional"}] * 2,
+    "modernbert": [{"kind": "bidirectional"}, {"kind": "bidirectional_sliding_window", "window": 4}],
+    "llama": [{"kind": "causal"}] * 2,
+    "mistral": [{"kind": "sliding_window", "window": 4}] * 2,
+    "gemma2": [{"kind": "sliding_window", "window": 4}, {"kind": "causal"}],
+    "gpt_oss": [{"kind": "sliding_window", "window": 4}, {"kind": "causal"}],
+    "llama4": [{"kind": "chunked", "chunk": 4}, {"kind": "causal"}],
+}
+
+
+def _visible(info: dict, n: int) -> np.ndarray:
+    """README 'Supported models': the keys each mask kind lets query i see."""
+    i, j = np.indices((n, n))
+    kind = info["kind"]
+    return {"bidirectional": np.ones((n, n), bool),
+            "causal": j <= i,
+            "sliding_window": (j <= i) & (i - j < info.get("window", 0)),
+            "chunked": (j <= i) & (i // info.get("chunk", 1) == j // info.get("chunk", 1)),
+            "bidirectional_sliding_window": np.abs(i - j) <= info.get("window", 0)}[kind]
+
+
+def store_probabilities(store) -> np.ndarray:
+    """P (N, L, H, n, n) from a score store by the README formula, in float64."""
+    g = zarr.open_group(store, mode="r")
+    a = g.attrs.asdict()
+    S = g["scores"][:].astype(np.float64)
+    n = S.shape[-1]
+    vis = np.stack([_visible(m, n) for m in a["layer_masks"]])[None, :, None]  # (1, L, 1, n, n)
+    logits = np.where(vis, S, -np.inf)
+    if "sinks" in g:
+        sink = g["sinks"][:].astype(np.float64)[None, :, :, None, None]  # (1, L, H, 1, 1)
+        logits = np.concatenate([logits, np.broadcast_to(sink, S.shape[:-1] + (1,))], axis=-1)
+    logits = logits - logits.max(-1, keepdims=True)
+    e = np.exp(logits)
+    return (e / e.sum(-1, keepdims=True))[..., :n]
+
+
+def eager_attentions(model_dir, ids: np.ndarray, layers) -> np.ndarray:
+    import transformers
+
+    from eigenattn.probe import model_class
+
+    cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    model = model_class(cfg, "oracle").from_pretrained(model_dir, attn_implementation="eager",
+                                                       dtype=torch.float32).eval()
+    x = torch.from_numpy(ids.astype(np.int64))
+    with torch.no_grad():
+        out = model(input_ids=x, attention_mask=torch.ones_like(x), output_attentions=True)
+    return np.stack([out.attentions[l].numpy() for l in layers], axis=1)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-models")
+    return lambda name: build(name, root / name) if not (root / name).exists() else root / name
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_passes_the_oracle_or_is_refused(name, models, tmp_path):
+    what, _, refusal = FAMILIES[name]
+    model_dir = models(name)
+    out = tmp_path / "scores" / name / "fit" / "shard-0.zarr"
+    run = dict(seq_len=SEQ_LEN, dtype="float32", batch_size=2, device="cpu", progress=False,
+               attrs={"model": name})
+    if refusal:
+        with pytest.raises(UnsupportedModelError) as err:
+            extract_scores(model_dir, texts(3), np.arange(3), out, **run)
+        msg = str(err.value)
+        print(f"{name} ({what}): refused: {msg.splitlines()[0]}")
+        assert re.search(refusal, msg, re.S), msg
+        assert f"model '{name}' at {model_dir}" in msg and "model_type '" in msg and "\n  fix: " in msg
+        assert not (tmp_path / "scores").exists()  # no store, no .partial-* leftover
+        return
+    extract_scores(model_dir, texts(3), np.arange(3), out, **run)
+    g = zarr.open_group(out, mode="r")
+    a = g.attrs.asdict()
+    S = g["scores"][:]
+    assert 5 <= np.abs(S).max() <= 100, "scores should be of order 10 (Q and K are scaled in tiny_models)"
+    ref = eager_attentions(model_dir, g["input_ids"][:], a["layers"])
+    err = float(np.abs(store_probabilities(out) - ref).max())
+    ERRORS[name] = err
+    print(f"{name} ({what}): max |softmax([S + mask, sink]) - eager output_attentions| = {err:.2e}; "
+          f"masks {a['layer_masks']}")
+    assert err <= TOL
+    assert a["equivalence_probe"]["max_prob_error"] <= TOL
+    if name in EXPECTED_MASKS:
+        assert a["layer_masks"] == EXPECTED_MASKS[name]
+    assert a["causal"] is all(m["kind"] in ("causal", "sliding_window", "chunked") for m in a["layer_masks"])
+    mods = a["layer_modifiers"]
+    assert any(m["softcap"] == 20.0 for m in mods) is (name == "gemma2")
+    assert all(m["position_bias"] for m in mods) is (name == "t5_encoder")
+    assert ("sinks" in g) is (name == "gpt_oss")
+    if name == "gpt_oss":
+        assert g["sinks"].shape == (2, 4) and list(g["sinks"].metadata.dimension_names) == ["layer", "head"]
+        assert a["axes"]["sinks"] == ["layer", "head"]
+
+
+def _wrong(drop: str):
+    """A capture backend that forgets one thing the model asks for."""
+    def backend(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        if drop == "scale":
+            scaling = 1.0
+        else:
+            kwargs.pop(drop, None)
+        return capture_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    return backend
+
+
+@pytest.mark.parametrize("name,drop", [("llama", "scale"), ("bert", "scale"), ("gemma2", "softcap"),
+                                       ("gpt_oss", "s_aux"), ("t5_encoder", "position_bias")])
+def test_probe_refuses_a_wrong_backend(name, drop, models, tmp_path, monkeypatch):
+    from transformers import AttentionInterface
+
+    register()
+    monkeypatch.setitem(AttentionInterface._global_mapping, CAPTURE_IMPL, _wrong(drop))
+    out = tmp_path / "s" / "shard-0.zarr"
+    with pytest.raises(UnsupportedModelError, match="does not reproduce its eager attention") as err:
+        extract_scores(models(name), texts(2), np.arange(2), out, seq_len=SEQ_LEN, dtype="float32", batch_size=2,
+                       device="cpu", progress=False, attrs={"model": name})
+    print(f"{name} without {drop}: {str(err.value).splitlines()[0]}")
+    assert not (tmp_path / "s").exists()
+
+
+def test_unknown_keyword_is_refused_by_name(models, tmp_path, monkeypatch):
+    from transformers import AttentionInterface
+
+    def extra_arg(module, query, key, value, attention_mask, **kwargs):
+        bias = torch.zeros(1, query.shape[1], query.shape[2], key.shape[2])
+        return capture_attention_forward(module, query, key, value, attention_mask, alibi_slopes=bias, **kwargs)
+
+    register()
+    monkeypatch.setitem(AttentionInterface._global_mapping, CAPTURE_IMPL, extra_arg)
+    with pytest.raises(UnsupportedModelError, match=r"LlamaAttention passes alibi_slopes=Tensor .* does not "
+                                                    r"implement") as err:
+        extract_scores(models("llama"), texts(2), np.arange(2), tmp_path / "s.zarr", seq_len=SEQ_LEN,
+                       device="cpu", progress=False, attrs={"model": "llama"})
+    assert "model_type 'llama'" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_none_keywords_are_allowed_and_unknown_ones_named():
+    mod = torch.nn.Linear(1, 1)
+    check_kwargs(mod, {"encoder_hidden_states": None, "position_ids": torch.zeros(1)}, {"position_ids"}, "x")
+    with pytest.raises(UnsupportedModelError, match="passes indices=Tensor"):
+        check_kwargs(mod, {"indices": torch.zeros(1)}, set(), "x")
+
+
+def test_shared_layer_index_never_overwrites(models):
+    """Encoder–decoder self- and cross-attention share a layer_idx: the capture raises instead of overwriting."""
+    from transformers import BartModel
+
+    model = BartModel.from_pretrained(models("bart"), attn_implementation=register()).eval()
+    ids = torch.randint(4, 70, (1, 8))
+    with torch.no_grad(), capturing(ScoreCapture()), pytest.raises(UnsupportedModelError,
+                                                                    match="share layer index 0"):
+        model(input_ids=ids, decoder_input_ids=ids)
+
+
+def test_shared_module_without_layer_idx_is_keyed_by_call_order(models):
+    """ALBERT runs one attention module for every layer: each call is its own layer."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(models("albert"), attn_implementation=register()).eval()
+    cap = ScoreCapture()
+    with torch.no_grad(), capturing(cap):
+        model(input_ids=torch.randint(4, 70, (1, 8)))
+    assert sorted(cap.scores) == [0, 1] and not torch.equal(cap.scores[0], cap.scores[1])
+
+
+def test_matrix_summary():
+    """Runs last: the maximum oracle error of every family that passed (see README 'Supported models')."""
+    if not ERRORS:
+        pytest.skip("run with the family tests")
+    for name, err in sorted(ERRORS.items()):
+        print(f"{name:12s} {err:.2e}")
+    assert max(ERRORS.values()) <= TOL
