@@ -19,7 +19,7 @@ import zarr
 from eigenattn.capture import CAPTURE_IMPL, ScoreCapture, capture_attention_forward, capturing, check_kwargs, register
 from eigenattn.errors import UnsupportedModelError
 from eigenattn.extract import extract_scores
-from tiny_models import FAMILIES, build, texts
+from tiny_models import FAMILIES, build, eager_attentions, store_probabilities, texts
 
 SEQ_LEN = 16
 TOL = 1e-5
@@ -35,47 +35,6 @@ EXPECTED_MASKS = {
     "gpt_oss": [{"kind": "sliding_window", "window": 4}, {"kind": "causal"}],
     "llama4": [{"kind": "chunked", "chunk": 4}, {"kind": "causal"}],
 }
-
-
-def _visible(info: dict, n: int) -> np.ndarray:
-    """README 'Supported models': the keys each mask kind lets query i see."""
-    i, j = np.indices((n, n))
-    kind = info["kind"]
-    return {"bidirectional": np.ones((n, n), bool),
-            "causal": j <= i,
-            "sliding_window": (j <= i) & (i - j < info.get("window", 0)),
-            "chunked": (j <= i) & (i // info.get("chunk", 1) == j // info.get("chunk", 1)),
-            "bidirectional_sliding_window": np.abs(i - j) <= info.get("window", 0)}[kind]
-
-
-def store_probabilities(store) -> np.ndarray:
-    """P (N, L, H, n, n) from a score store by the README formula, in float64."""
-    g = zarr.open_group(store, mode="r")
-    a = g.attrs.asdict()
-    S = g["scores"][:].astype(np.float64)
-    n = S.shape[-1]
-    vis = np.stack([_visible(m, n) for m in a["layer_masks"]])[None, :, None]  # (1, L, 1, n, n)
-    logits = np.where(vis, S, -np.inf)
-    if "sinks" in g:
-        sink = g["sinks"][:].astype(np.float64)[None, :, :, None, None]  # (1, L, H, 1, 1)
-        logits = np.concatenate([logits, np.broadcast_to(sink, S.shape[:-1] + (1,))], axis=-1)
-    logits = logits - logits.max(-1, keepdims=True)
-    e = np.exp(logits)
-    return (e / e.sum(-1, keepdims=True))[..., :n]
-
-
-def eager_attentions(model_dir, ids: np.ndarray, layers) -> np.ndarray:
-    import transformers
-
-    from eigenattn.probe import model_class
-
-    cfg = transformers.AutoConfig.from_pretrained(model_dir)
-    model = model_class(cfg, "oracle").from_pretrained(model_dir, attn_implementation="eager",
-                                                       dtype=torch.float32).eval()
-    x = torch.from_numpy(ids.astype(np.int64))
-    with torch.no_grad():
-        out = model(input_ids=x, attention_mask=torch.ones_like(x), output_attentions=True)
-    return np.stack([out.attentions[l].numpy() for l in layers], axis=1)
 
 
 @pytest.fixture(scope="module")

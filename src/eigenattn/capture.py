@@ -126,8 +126,9 @@ def check_kwargs(module, kwargs: dict, understood, backend: str) -> None:
             f"its attention module {type(module).__name__} passes {shown} to the attention function, which "
             f"the '{backend}' backend does not implement; ignoring it would give scores that are not the "
             "model's", "use a model whose attention takes only the arguments listed in README "
-            "'Supported models', or add this argument to the backend (eigenattn/capture.py) with a test "
-            "against eager output_attentions", model_type=model_type_of(module))
+            "'Supported models and the score contract' (Keyword arguments), or add this argument to the "
+            "backend (eigenattn/capture.py) with a test against eager output_attentions",
+            model_type=model_type_of(module))
 
 
 def capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -41,7 +41,7 @@ HIDDEN_TOL = 1e-4
 PROBE_SEQUENCES = 2
 """Sequences in the probe batch (the first ones of the shard): enough to check batching, small in memory."""
 
-SUPPORTED_HINT = "see README 'Supported models' for the families that are tested and those refused"
+SUPPORTED_HINT = "see README 'Supported models and the score contract' for the families tested and refused"
 
 
 def model_class(config, label: str):
