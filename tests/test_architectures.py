@@ -162,3 +162,16 @@ def test_matrix_summary():
     for name, err in sorted(ERRORS.items()):
         print(f"{name:12s} {err:.2e}")
     assert max(ERRORS.values()) <= TOL
+
+
+@pytest.mark.parametrize("name,arg", [("gemma2", "softcap=float"), ("gpt_oss", "s_aux=Parameter"),
+                                      ("t5_encoder", "position_bias=Tensor")])
+def test_partial_backend_refuses_what_it_does_not_implement(name, arg, models):
+    """The plug-in (partial) backend would drop these modifiers: it refuses them by name instead."""
+    from eigenattn.plugin import load
+
+    model = load(models(name), causal=False, device="cpu")
+    if name == "t5_encoder":
+        assert type(model).__name__ == "T5EncoderModel"  # loaded as its own class, as in extraction
+    with torch.no_grad(), pytest.raises(UnsupportedModelError, match=f"passes {arg}.*'partial' backend"):
+        model(input_ids=torch.randint(4, 70, (1, 8)))

@@ -38,12 +38,14 @@ def heldout_ids(shards, n_sequences: int | None = None) -> np.ndarray:
 
 
 def load(model_dir, causal: bool, device):
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .partial import register
+    from .probe import model_class
 
     impl = register()
-    cls = AutoModelForCausalLM if causal else AutoModel
+    # An encoder checkpoint loads as its own class (T5EncoderModel), as in extraction.
+    cls = AutoModelForCausalLM if causal else model_class(AutoConfig.from_pretrained(model_dir), str(model_dir))
     model = cls.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32)
     return model.eval().to(device)
 
