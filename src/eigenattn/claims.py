@@ -74,7 +74,7 @@ def c1_rows(spectra, cfg: dict) -> list[dict]:
                                   f"{bounded:.0%} of heads bounded by N")
             if bounded > 0.5:
                 state = "inconclusive"
-                verdict = (f"bounded by the sample count: k90 ≥ {row['value']:.3g} for most heads; "
+                verdict = (f"bounded by the sample count (N = {N}): for most heads k90 is only a lower bound; "
                            "more sequences are needed")
             elif q50 < share:
                 state, verdict = "supported", f"low-dimensional: median k90 < {share:g}·d"
@@ -259,10 +259,10 @@ def c4_rows(training, cfg: dict) -> list[dict]:
                 caveats.append(f"attention costs ×{fr:.2f} exact's FLOPs at this s: no saving")
             if mode == "finetune" and x.heldout_mlm_acc_step0.notna().any():
                 caveats.append(f"step 0 (attention replaced, no training) {x.heldout_mlm_acc_step0.mean():.3f}")
-            kept = (gain + delta) / gain if gain > 0 else np.nan
+            kept = f"kept {(gain + delta) / gain:.0%} of exact's gain" if gain > 0 else "exact has no gain to keep"
             out.append(_row("C4", training, mode=mode, model=v, s=int(size), scope=f"{mode} {v} s={size}",
                             quantity="held-out MLM accuracy", value=float(x.heldout_mlm_acc.mean()),
-                            spread=f"Δ vs exact {delta:+.3f} (95% {lo:+.3f}…{hi:+.3f}); kept {kept:.0%} of gain",
+                            spread=f"Δ vs exact {delta:+.3f} (95% {lo:+.3f}…{hi:+.3f}); {kept}",
                             state=state, verdict=verdict, caveat="; ".join(caveats)))
     return out
 

@@ -429,6 +429,8 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
     bar.close()
 
     metrics = pd.DataFrame.from_records(records, columns=METRIC_COLUMNS)
+    for i, (key, value) in enumerate({"mode": mode, "variant": variant, "subset_size": s, "seed": seed}.items()):
+        metrics.insert(i, key, value)  # each file names its own run
     last = metrics.dropna(subset=["heldout_mlm_acc"]).iloc[-1]
     timed = metrics[metrics.step > 0].step_time_ms.dropna()
     cfg_m = tcfg["model"]
