@@ -1,4 +1,4 @@
-"""Eigen analysis of attention scores: row covariances (METHOD.md §3) and whole view blocks via
+"""Eigen analysis of attention scores: row covariances (docs/method.md §3) and whole view blocks via
 the Gram matrix (§4). All reductions are Dask graphs; the scheduler is chosen by the caller."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Plug-in evaluation (METHOD.md §7): every analysed head's scores replaced by their
+"""Plug-in evaluation (docs/method.md §7): every analysed head's scores replaced by their
 reconstruction inside the forward pass of the pretrained model, on held-out text.
 
 - Causal LM: perplexity of the tokens predicted from the queries of the view (for the

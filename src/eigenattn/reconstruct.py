@@ -1,4 +1,4 @@
-"""Reconstruction of attention scores from a computed subset of keys (METHOD.md §6).
+"""Reconstruction of attention scores from a computed subset of keys (docs/method.md §6).
 
 Every method is a triple ``(T, W, b)`` for one head and view: compute the scores ``a_T`` of the
 ``s`` keys in ``T`` exactly, then estimate the whole row as ``â = W a_T + b`` (``W`` is ``d×s``).

@@ -1,4 +1,4 @@
-"""Training with approximate attention (METHOD.md §8).
+"""Training with approximate attention (docs/method.md §8).
 
 A small BERT-style encoder (``transformers.BertModel``, attention through the ``partial``
 backend) trained with masked-language modelling on the fit split, evaluated on held-out text.
