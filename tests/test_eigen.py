@@ -1,6 +1,7 @@
 """Eigen analysis against numpy, scipy, sklearn and dask's randomised SVD."""
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.decomposition import PCA
 
@@ -132,16 +133,17 @@ def test_k_at_and_eigh_desc():
 
 
 def test_stores_and_spectrum_csv(tmp_path, shards, data):
-    run_rows(shards, tmp_path / "rows.zarr", "all")
+    run_rows(shards, tmp_path / "rows.zarr", "all", halves_path=tmp_path / "halves.zarr")
     run_full(shards, tmp_path / "full.zarr", "all")
-    df = spectrum_table(tmp_path / "rows.zarr", tmp_path / "full.zarr", [1, 2, 4])
+    df = spectrum_table(tmp_path / "rows.zarr", tmp_path / "halves.zarr", tmp_path / "full.zarr", [1, 2, 4])
     cols = ["model", "view", "analysis", "variant", "layer", "head", "d", "n_samples", "total_variance",
-            "k90", "k95", "k99", "ev_at_1", "ev_at_2", "ev_at_4", "bounded"]
+            "k90", "k90_cv", "k95", "k95_cv", "k99", "k99_cv", "ev_at_1", "ev_at_2", "ev_at_4", "bounded_k90",
+            "bounded_k95", "bounded_k99", "u1_constant"]
     assert list(df.columns) == cols
     # rows: L*H heads + L pooled, per variant; full: L*H per variant
     assert len(df) == 2 * (L * H + L) + 2 * L * H
     r = df[(df.analysis == "rows") & (df.variant == "raw") & (df["head"] != "pooled")]
-    assert (r.n_samples == N * n).all() and not r.bounded.any()
+    assert (r.n_samples == N * n).all() and not r[["bounded_k90", "bounded_k95", "bounded_k99"]].any().any()
     f = df[(df.analysis == "full") & (df.variant == "raw")]
     assert (f.n_samples == N).all() and (f.d == n * n).all()
     # rank-3 structure: k90 of the full view stays far below N-1
@@ -166,3 +168,68 @@ def test_bad_inputs(tmp_path, data):
     with pytest.raises(ConfigError, match="unknown variant 'centred'"):
         run_full(causal, tmp_path / "f.zarr", "prefix", variants=["centred"])
     assert not (tmp_path / "r.zarr").exists() and not (tmp_path / "f.zarr").exists()
+
+
+def _half_pca_share(Xa, Xb, k):
+    """Brute force: share of Xb's variance (about its own mean) inside Xa's top-k principal axes."""
+    _, _, vt = np.linalg.svd(Xa - Xa.mean(0), full_matrices=False)
+    Pb = (Xb - Xb.mean(0)) @ vt[:k].T
+    return (Pb ** 2).sum() / ((Xb - Xb.mean(0)) ** 2).sum()
+
+
+def test_heldout_explained_variance_matches_brute_force():
+    from eigenattn.eigen import heldout_explained_variance
+
+    rng = np.random.default_rng(4)
+    N, D, split = 14, 40, 6
+    X = rng.standard_normal((N, 5)) @ rng.standard_normal((5, D)) * 3 + rng.standard_normal((N, D)) + 7
+    g0 = (X @ X.T)[None]
+    ev = heldout_explained_variance(g0, split)[0]
+    assert ev.shape == (min(split, N - split) - 1,)
+    for k in range(1, len(ev) + 1):
+        want = 0.5 * (_half_pca_share(X[:split], X[split:], k) + _half_pca_share(X[split:], X[:split], k))
+        assert abs(ev[k - 1] - want) <= 1e-9
+
+
+def test_heldout_ev_rows_matches_covariances():
+    from eigenattn.eigen import heldout_ev_rows
+
+    rng = np.random.default_rng(5)
+    d = 7
+    Xa = rng.standard_normal((50, d)) @ np.diag(np.arange(d, 0, -1.0))
+    Xb = rng.standard_normal((60, d)) @ np.diag(np.arange(d, 0, -1.0))
+    wa, Ua = eigh_desc(np.cov(Xa.T))
+    wb, Ub = eigh_desc(np.cov(Xb.T))
+    ev = heldout_ev_rows(Ua, wa, Ub, wb)
+    Ca, Cb = np.cov(Xa.T), np.cov(Xb.T)
+    for k in range(1, d + 1):
+        want = 0.5 * (np.trace(Ua[:, :k].T @ Cb @ Ua[:, :k]) / np.trace(Cb)
+                      + np.trace(Ub[:, :k].T @ Ca @ Ub[:, :k]) / np.trace(Ca))
+        assert abs(ev[k - 1] - want) <= 1e-12
+    assert abs(ev[-1] - 1.0) <= 1e-12
+
+
+def test_bounded_per_level_low_rank_vs_isotropic(tmp_path):
+    """A true rank below N/2 is measured (not bounded, k90 = rank); isotropic blocks in D >> N
+    dimensions are bounded at every level, since N - 1 samples cannot resolve their k_p."""
+    rng = np.random.default_rng(6)
+    Nf, nn = 40, 16
+    # rank 4 per head: every sequence's whole block is a combination of 4 fixed blocks
+    basis = rng.standard_normal((4, nn * nn))
+    coef = rng.standard_normal((Nf, 4)) * np.array([4.0, 3.0, 2.0, 1.5])
+    low = (coef @ basis).reshape(Nf, 1, 1, nn, nn).astype(np.float32)
+    iso = rng.standard_normal((Nf, 1, 1, nn, nn)).astype(np.float32)
+    for name, data, want_bounded in (("low", low, False), ("iso", iso, True)):
+        s = [write_store(tmp_path / f"{name}.zarr", data, batch=5)]
+        run_rows(s, tmp_path / f"{name}-rows.zarr", "all", halves_path=tmp_path / f"{name}-halves.zarr")
+        run_full(s, tmp_path / f"{name}-full.zarr", "all")
+        df = spectrum_table(tmp_path / f"{name}-rows.zarr", tmp_path / f"{name}-halves.zarr",
+                            tmp_path / f"{name}-full.zarr", [1])
+        f = df[(df.analysis == "full") & (df.variant == "raw")].iloc[0]
+        assert [f.bounded_k90, f.bounded_k95, f.bounded_k99] == [want_bounded] * 3, f
+        if not want_bounded:
+            assert f.k99 <= 4 and f.k99_cv <= 4
+            ev = np.cumsum(PCA().fit(low.reshape(Nf, -1).astype(np.float64)).explained_variance_ratio_)
+            assert f.k90 == int(np.searchsorted(ev, 0.9 - 1e-12) + 1)
+        else:
+            assert f.k90 > (Nf - 1) / 2 and pd.isna(f.k90_cv)

@@ -39,9 +39,9 @@ def mse(W, b, T, mean, C):
 def test_s_equal_d_is_exact(estimator, strategy):
     mean, C, U, lam = gaussian()
     X = np.random.default_rng(1).multivariate_normal(mean, C, size=50)
-    T, W, b = fit(estimator, strategy, d, mean, U, lam, ridge=1e-6)
-    assert np.array_equal(T, np.arange(d))
-    assert np.abs(apply(X, T, W, b) - X).max() <= 1e-6
+    m = fit(estimator, strategy, d, mean, U, lam, ridge=1e-6)
+    assert np.array_equal(m.T, np.arange(d))
+    assert np.abs(apply(X, m.T, m.W, m.b) - X).max() <= 1e-6
 
 
 def test_conditional_gaussian_is_the_analytical_conditional_mean_and_beats_eigenspace():
@@ -52,7 +52,7 @@ def test_conditional_gaussian_is_the_analytical_conditional_mean_and_beats_eigen
             T = select_subset(strategy, d, s, U, seed=s)
             Tb = np.setdiff1d(np.arange(d), T)
             a = rng.multivariate_normal(mean, C)
-            W, b = linear_map("conditional_gaussian", T, mean, U, lam, ridge=0.0)
+            W, b = linear_map("conditional_gaussian", T, mean, U, lam, ridge=0.0)[1:3]
             expected = mean[Tb] + C[np.ix_(Tb, T)] @ np.linalg.solve(C[np.ix_(T, T)], a[T] - mean[T])
             got = W @ a[T] + b
             np.testing.assert_allclose(got[Tb], expected, rtol=1e-8, atol=1e-8)
@@ -60,28 +60,61 @@ def test_conditional_gaussian_is_the_analytical_conditional_mean_and_beats_eigen
             # MMSE: never worse than eigenspace (or the mean) on the same subset, in exact expectation
             cg = mse(W, b, T, mean, C)
             for other in ("eigenspace", "mean"):
-                W2, b2 = linear_map(other, T, mean, U, lam)
+                W2, b2 = linear_map(other, T, mean, U, lam)[1:3]
                 assert cg <= mse(W2, b2, T, mean, C) * (1 + 1e-9) + 1e-12
     # and empirically on samples
     X = rng.multivariate_normal(mean, C, size=4000)
-    T, W, b = fit("conditional_gaussian", "pivoted_qr", 6, mean, U, lam, ridge=0.0)
-    T2, W2, b2 = fit("eigenspace", "pivoted_qr", 6, mean, U, lam)
+    T, W, b = fit("conditional_gaussian", "pivoted_qr", 6, mean, U, lam, ridge=0.0)[:3]
+    T2, W2, b2 = fit("eigenspace", "pivoted_qr", 6, mean, U, lam)[:3]
     assert ((apply(X, T, W, b) - X) ** 2).mean() <= ((apply(X, T2, W2, b2) - X) ** 2).mean()
 
 
-@pytest.mark.parametrize("rank,s", [(3, 3), (3, 6), (5, 8)])
-def test_pivoted_qr_exact_when_rank_at_most_s(rank, s):
+@pytest.mark.parametrize("rank,s", [(3, 3), (3, 6), (5, 8), (4, 9)])
+def test_exact_on_low_rank_rows(rank, s):
+    """Rows of rank r are recovered exactly by the conditional Gaussian when r <= s, and by the
+    eigenspace estimator when r <= its k = floor(s/2)."""
     rng = np.random.default_rng(rank * 10 + s)
     V = rng.standard_normal((d, rank))
     mu = rng.standard_normal(d)
     X = mu + rng.standard_normal((400, rank)) @ V.T
     mean = X.mean(0)
     lam, U = eigh_desc(np.cov(X.T))
-    T, W, b = fit("eigenspace", "pivoted_qr", s, mean, U, lam)
     fresh = mu + rng.standard_normal((50, rank)) @ V.T
-    assert np.abs(apply(fresh, T, W, b) - fresh).max() <= 1e-8 * np.abs(fresh).max()
-    T, W, b = fit("conditional_gaussian", "pivoted_qr", s, mean, U, lam, ridge=1e-12)
-    assert np.abs(apply(fresh, T, W, b) - fresh).max() <= 1e-5 * np.abs(fresh).max()
+    m = fit("conditional_gaussian", "pivoted_qr", s, mean, U, lam, ridge=1e-12)
+    assert np.abs(apply(fresh, m.T, m.W, m.b) - fresh).max() <= 1e-5 * np.abs(fresh).max()
+    m = fit("eigenspace", "pivoted_qr", s, mean, U, lam, ridge=1e-12)
+    assert m.k == s // 2 and np.isfinite(m.basis_condition) and np.isfinite(m.solve_condition)
+    err = np.abs(apply(fresh, m.T, m.W, m.b) - fresh).max() / np.abs(fresh).max()
+    assert (err <= 1e-5) == (rank <= s // 2), err
+
+
+def _pinv_eigenspace(T, mean, U):
+    """The unregularised estimator with k = s: U_s (U_s[T])⁺, the old default (for comparison)."""
+    Us = U[:, :len(T)]
+    W = Us @ np.linalg.pinv(Us[T])
+    return W, mean - W @ mean[T]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_regularised_eigenspace_error_falls_with_s(strategy):
+    """Exact expected error on a slowly decaying spectrum: the regularised eigenspace estimator
+    improves as more keys are computed, while the plain pseudo-inverse with k = s is worse at
+    every s, because U_s[T] is ill-conditioned."""
+    D = 64
+    mean, C, U, lam = gaussian(D, seed=4, decay=0.95)
+    sizes = [4, 8, 16, 32]
+    reg, old = [], []
+    for s in sizes:
+        m = fit("eigenspace", strategy, s, mean, U, lam, seed=1)
+        reg.append(mse(m.W, m.b, m.T, mean, C))
+        old.append(mse(*_pinv_eigenspace(m.T, mean, U), m.T, mean, C))
+        # the weighted ridge bounds the system's conditioning by the eigenvalue range over σ²
+        sigma2 = lam[m.k:].sum() / (D - m.k)
+        assert m.solve_condition <= (lam[0] * s + sigma2) / sigma2
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(reg, reg[1:])), reg
+    assert all(o > r for o, r in zip(old, reg)), (old, reg)
+    assert reg[-1] < mse(*linear_map("mean", fit("mean", strategy, 32, mean, U, lam, seed=1).T, mean, U, lam)[1:3],
+                         fit("mean", strategy, 32, mean, U, lam, seed=1).T, mean, C)
 
 
 def test_strategies():
@@ -186,7 +219,7 @@ def stores(tmp_path_factory):
     for i, name in enumerate(["ma", "mb"]):
         data = low_rank_scores(30, 3, 2, 16, seed=i)  # one distribution: fit on 24, hold out 6
         fit_store = write_store(root / f"{name}-fit.zarr", data[:24], model=name)
-        out[name] = {"held": write_store(root / f"{name}-held.zarr", data[24:], model=name)}
+        out[name] = {"held": write_store(root / f"{name}-held.zarr", data[24:], model=name), "fit": fit_store}
         for view in ("all", "prefix"):
             p = root / f"{name}-{view}-rows.zarr"
             run_rows([fit_store], p, view, variants=("raw",))
@@ -196,15 +229,25 @@ def stores(tmp_path_factory):
 
 
 def test_evaluate_view_table(stores):
-    df = evaluate_view(stores["ma"]["prefix"], [stores["ma"]["held"]], estimators=list(ESTIMATORS),
+    df = evaluate_view(stores["ma"]["prefix"], [stores["ma"]["held"]], fit_shards=[stores["ma"]["fit"]],
+                       estimators=list(ESTIMATORS),
                        strategies=list(STRATEGIES), subset_sizes=[2, 6], transfer=["adjacent_layer", "farthest_layer",
                                                                                   "other_model"],
                        transfer_estimators=["conditional_gaussian"], other_stores={"mb": stores["mb"]["prefix"]},
                        progress=False)
-    assert list(df.columns) == ["model", "view", "layer", "head", "estimator", "strategy", "subset_size",
-                                "basis_source", "rel_error", "rel_error_centered", "tv", "kl", "top1"]
+    assert list(df.columns) == ["model", "view", "split", "layer", "head", "estimator", "strategy", "subset_size",
+                                "basis_source", "k", "basis_condition", "solve_condition", "rel_error",
+                                "rel_error_centered", "tv", "kl", "top1"]
+    assert set(df[df.basis_source != "same"].split) == {"heldout"}
+    fitted = df[df.split == "fit"]
+    assert len(fitted) == 3 * 2 * len(ESTIMATORS) * len(STRATEGIES) * 2
+    df = df[df.split == "heldout"]
     same = df[df.basis_source == "same"]
     assert len(same) == 3 * 2 * len(ESTIMATORS) * len(STRATEGIES) * 2
+    eig = same[same.estimator == "eigenspace"]
+    assert (eig.k == eig.subset_size // 2).all() and (eig.basis_condition >= 1).all()
+    assert same[same.estimator == "conditional_gaussian"].solve_condition.ge(1).all()
+    assert same[same.estimator == "mean"].solve_condition.isna().all()
     assert set(df.basis_source) == {"same", "layer:1", "layer:2", "layer:0", "model:mb"}
     assert set(df[df.basis_source != "same"].estimator) == {"conditional_gaussian"}
     # layer 0: adjacent is 1, farthest is 2; layer 2: adjacent 1, farthest 0

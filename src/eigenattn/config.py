@@ -94,7 +94,7 @@ def model_is_causal(config: dict, name: str, workdir: str | Path = ".") -> bool 
 
 
 def model_views(config: dict, name: str, workdir: str | Path = ".") -> list[str]:
-    """The eigen views planned for a model (METHOD.md §2)."""
+    """The eigen views planned for a model (docs/method.md §2)."""
     causal = model_is_causal(config, name, workdir)
     views = config["eigen"]["views"]
     if causal is None:

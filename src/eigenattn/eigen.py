@@ -1,10 +1,11 @@
-"""Eigen analysis of attention scores: row covariances (METHOD.md §3) and whole view blocks via
+"""Eigen analysis of attention scores: row covariances (docs/method.md §3) and whole view blocks via
 the Gram matrix (§4). All reductions are Dask graphs; the scheduler is chosen by the caller."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from .errors import InputError
 from .moments import (block_moments, check_variant, half_block_index, merge_packed, moments_to_covariance,
                       reduce_moments, unpack, view_slices, whole_heads)
 
@@ -111,8 +112,40 @@ def center_gram(g0: np.ndarray) -> np.ndarray:
     return h @ g0 @ h
 
 
+def heldout_explained_variance(g0: np.ndarray, split: int) -> np.ndarray:
+    """Cross-validated EV(k) of vectorised blocks from their uncentred Gram matrix (..., N, N).
+
+    The sequences are split at ``split`` into halves a and b. Half a's principal directions in
+    sample space are e_j = X_aᶜᵀ u_j / √μ_j (u_j, μ_j: eigenpairs of a's centred Gram), so the
+    variance of half b along them is ‖G_baᶜ u_j‖² / μ_j, with G_baᶜ the cross Gram centred on both
+    sides by each half's own mean. EV_cv(k) is the share of b's total variance inside a's top-k
+    directions, averaged with the same quantity from b to a, for k = 1..min(|a|, |b|) − 1.
+    It is what a k-dimensional subspace estimated from one half explains of unseen data.
+    """
+    N = g0.shape[-1]
+    idx = (np.arange(split), np.arange(split, N))
+    r = min(split, N - split) - 1
+    if r < 1:
+        raise InputError(f"held-out explained variance needs at least 2 sequences per half, got {split} and "
+                         f"{N - split}")
+    out = []
+    for a, b in (idx, idx[::-1]):
+        ha = np.eye(len(a)) - 1.0 / len(a)
+        hb = np.eye(len(b)) - 1.0 / len(b)
+        gaa = ha @ g0[..., a[:, None], a[None, :]] @ ha
+        gba = hb @ g0[..., b[:, None], a[None, :]] @ ha
+        tot_b = np.trace(hb @ g0[..., b[:, None], b[None, :]] @ hb, axis1=-2, axis2=-1)
+        mu, u = eigh_desc(gaa)
+        mu, u = mu[..., :r], u[..., :r]
+        ok = mu > 1e-12 * np.maximum(mu[..., :1], np.finfo(np.float64).tiny)
+        var_b = np.where(ok, (np.matmul(gba, u) ** 2).sum(axis=-2) / np.where(ok, mu, 1.0), 0.0)
+        out.append(np.cumsum(var_b, axis=-1) / np.where(tot_b > 0, tot_b, 1.0)[..., None])
+    return np.clip(0.5 * (out[0] + out[1]), 0.0, 1.0)
+
+
 def full_spectrum(scores, view: str, variant: str, causal: bool) -> dict:
-    """Eigenvalues of the sample covariance of vectorised view blocks, and the exact total variance.
+    """Eigenvalues of the sample covariance of vectorised view blocks, the exact total variance,
+    and the held-out explained variance of half-sample subspaces (see heldout_explained_variance).
 
     The nonzero eigenvalues of C = Vc^T Vc / (N-1) equal those of the Gram Vc Vc^T / (N-1); the total
     variance (sum of per-coordinate variances) is trace(C) = trace(G) / (N-1), exactly.
@@ -125,7 +158,9 @@ def full_spectrum(scores, view: str, variant: str, causal: bool) -> dict:
     w = np.linalg.eigvalsh(g)[..., ::-1] / (N - 1)
     total = np.trace(g, axis1=-2, axis2=-1) / (N - 1)
     r = min(N - 1, D)
-    return {"eigenvalues": np.clip(w[..., :r], 0.0, None), "total_variance": total, "n_samples": N, "dim": D}
+    split = int(np.sum(scores.chunks[0][:half_block_index(scores.chunks[0])]))
+    return {"eigenvalues": np.clip(w[..., :r], 0.0, None), "total_variance": total, "n_samples": N, "dim": D,
+            "ev_heldout": heldout_explained_variance(g0, split), "split_sequence": split}
 
 
 def _store_attrs(attrs: dict, view: str, causal: bool, n_seq: int, extra: dict) -> dict:
@@ -213,67 +248,109 @@ def run_full(shards, out_path, view: str, variants=("raw", "row_centered")) -> d
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
         for v, res in results.items():
             g = root if v == "raw" else root.require_group(v)
-            write_arrays(g, {"eigenvalues": res["eigenvalues"], "total_variance": res["total_variance"]},
-                         {"n_samples": res["n_samples"], "dim": res["dim"], "variant": v})
+            write_arrays(g, {k: res[k] for k in ("eigenvalues", "total_variance", "ev_heldout")},
+                         {"n_samples": res["n_samples"], "dim": res["dim"], "variant": v,
+                          "split_sequence": res["split_sequence"]})
         root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
             "analysis": "full", "variants": list(variants),
-            "axes": {"eigenvalues": ["layer", "head", "component"], "total_variance": ["layer", "head"]},
+            "axes": {"eigenvalues": ["layer", "head", "component"], "total_variance": ["layer", "head"],
+                     "ev_heldout": ["layer", "head", "k - 1"]},
             "definition": "eigenvalues of the covariance of vectorised view blocks (one sample per sequence) "
-                          "via the centred Gram matrix; total_variance = sum of per-coordinate variances",
+                          "via the centred Gram matrix; total_variance = sum of per-coordinate variances; "
+                          "ev_heldout[k-1] = share of one half's variance inside the other half's top-k "
+                          "principal directions, averaged over both directions (halves split at split_sequence)",
             "complete": True}))
     return results
 
 
-def is_bounded(k: np.ndarray, n_samples: int, dim: int) -> np.ndarray:
-    """k_p is reported as a lower bound ('>=') when the sample rank limits it.
+def heldout_ev_rows(Ua: np.ndarray, lam_a: np.ndarray, Ub: np.ndarray, lam_b: np.ndarray) -> np.ndarray:
+    """Cross-validated EV(k), k = 1..d, of row spectra fitted on two halves of the sequences.
 
-    With N samples the sample covariance has rank <= N-1. When that is below the dimension and
-    k_p needs at least half of those N-1 directions, the sample spectrum cannot resolve the
-    population's k_p, so the value is only a lower bound.
+    Share of half b's variance tr(U_a,kᵀ C_b U_a,k) / tr C_b inside half a's top-k eigenvectors,
+    averaged with the same share from b to a. ``U``: (..., d, d) eigenvectors (columns, descending),
+    ``lam``: (..., d) eigenvalues.
     """
-    r = n_samples - 1
-    return (r < dim) & (np.asarray(k) >= max(r, 1) / 2)
+    g2 = np.matmul(np.swapaxes(Ua, -1, -2), Ub) ** 2  # [i, j] = (u_a,i · u_b,j)^2
+    tot_a, tot_b = lam_a.sum(-1), lam_b.sum(-1)
+    a_to_b = np.cumsum(np.matmul(g2, lam_b[..., None])[..., 0], -1) / np.where(tot_b > 0, tot_b, 1)[..., None]
+    b_to_a = np.cumsum(np.matmul(np.swapaxes(g2, -1, -2), lam_a[..., None])[..., 0], -1) / \
+        np.where(tot_a > 0, tot_a, 1)[..., None]
+    return np.clip(0.5 * (a_to_b + b_to_a), 0.0, 1.0)
 
 
-def spectrum_table(rows_store, full_store, report_k):
-    """The spectrum.csv table from rows.zarr and full.zarr (one row per layer x head, plus pooled)."""
+def is_bounded(ev_heldout: np.ndarray, p: float, n_samples: int, dim: int) -> np.ndarray:
+    """Whether k_p is only a lower bound ('≥') because the sample count cannot support it.
+
+    With N samples the sample covariance has rank ≤ N − 1, and its top eigenvalues over-state what
+    a subspace of that size explains of the population. When N − 1 < dim, k_p counts as measured
+    only if a subspace fitted on one half of the sequences reaches p of the other half's variance
+    (``ev_heldout`` reaches p within its length, i.e. within the half's rank); otherwise the sample
+    count, not the data, limits k_p. With N − 1 ≥ dim nothing is bounded.
+    """
+    reached = np.asarray(ev_heldout)[..., -1] >= p - 1e-12
+    return (n_samples - 1 < dim) & ~reached
+
+
+def constant_alignment(U: np.ndarray) -> np.ndarray:
+    """|⟨u₁, 1/√d⟩|: how closely the top eigenvector is the constant (row-offset) direction."""
+    d = U.shape[-2]
+    return np.abs(U[..., :, 0].sum(-1)) / np.sqrt(d)
+
+
+def spectrum_table(rows_store, halves_store, full_store, report_k):
+    """The spectrum.csv table (one row per layer × head, plus pooled) from rows.zarr, halves.zarr
+    and full.zarr: k_p in-sample and held-out (``k90_cv``: smallest k whose half-sample subspace
+    explains p of the other half, empty when not reached), bounded flags per level, EV(k)."""
     import pandas as pd
 
     from .store import open_group
 
     recs = []
 
-    def add(analysis, variant, attrs, eig, total, n_samples, head_labels, dim):
-        """eig (L, len(head_labels), r), total (L, len(head_labels)), n_samples an int."""
+    def add(analysis, variant, attrs, eig, total, n_samples, head_labels, dim, ev_cv, u1=None):
+        """eig (L, len(head_labels), r), total and u1 (L, len(head_labels)), ev_cv (L, heads, r_cv)."""
         ev = explained_variance(eig, total)
         ks = {p: k_at(ev, p) for p in P_LEVELS}
-        bounded = is_bounded(ks[0.90], n_samples, dim)
+        cv = {p: np.where(ev_cv[..., -1] >= p - 1e-12, k_at(ev_cv, p), -1) for p in P_LEVELS}
+        bounded = {p: is_bounded(ev_cv, p, n_samples, dim) for p in P_LEVELS}
         for li, layer in enumerate(attrs["layers"]):
             for hi, head in enumerate(head_labels):
                 rec = {"model": attrs["model"], "view": attrs["view"], "analysis": analysis, "variant": variant,
                        "layer": layer, "head": head, "d": dim, "n_samples": n_samples,
-                       "total_variance": float(total[li, hi]),
-                       **{f"k{round(p * 100)}": int(ks[p][li, hi]) for p in P_LEVELS}}
+                       "total_variance": float(total[li, hi])}
+                for p in P_LEVELS:
+                    name = f"k{round(p * 100)}"
+                    rec[name] = int(ks[p][li, hi])
+                    rec[f"{name}_cv"] = int(cv[p][li, hi]) if cv[p][li, hi] > 0 else pd.NA
                 for k in report_k:
                     rec[f"ev_at_{k}"] = float(ev[li, hi, min(k, ev.shape[-1]) - 1])
-                rec["bounded"] = bool(bounded[li, hi])
+                for p in P_LEVELS:
+                    rec[f"bounded_k{round(p * 100)}"] = bool(bounded[p][li, hi])
+                rec["u1_constant"] = float(u1[li, hi]) if u1 is not None else np.nan
                 recs.append(rec)
 
-    rows = open_group(rows_store)
+    rows, halves = open_group(rows_store), open_group(halves_store)
     ra = rows.attrs.asdict()
     d = int(ra["d"])
     heads = list(range(int(ra["heads"])))
     for v in ra["variants"]:
-        g = rows[v]
-        eig = g["eigenvalues"][:]
-        count = int(g["count"][0, 0])
-        add("rows", v, ra, eig, eig.sum(-1), count, heads, d)
-        peig = g["pooled"]["eigenvalues"][:][:, None, :]
-        add("rows", v, ra, peig, peig.sum(-1), int(g["pooled"]["count"][0]), ["pooled"], d)
+        for scope, labels, sl in (("", heads, np.s_[...]), ("pooled/", ["pooled"], np.s_[:, None])):
+            g = rows[f"{v}/{scope}" if scope else v]
+            ha, hb = halves[f"{v}/a/{scope}" if scope else f"{v}/a"], halves[f"{v}/b/{scope}" if scope else f"{v}/b"]
+            eig = g["eigenvalues"][:][sl]
+            ev_cv = heldout_ev_rows(ha["eigenvectors"][:], ha["eigenvalues"][:], hb["eigenvectors"][:],
+                                    hb["eigenvalues"][:])[sl]
+            count = int(np.asarray(g["count"][:]).flat[0])
+            add("rows", v, ra, eig, eig.sum(-1), count, labels, d, ev_cv,
+                constant_alignment(g["eigenvectors"][:])[sl])
     full = open_group(full_store)
     fa = full.attrs.asdict()
     for v in fa["variants"]:
         g = full if v == "raw" else full[v]
         ga = g.attrs.asdict()
-        add("full", v, fa, g["eigenvalues"][:], g["total_variance"][:], int(ga["n_samples"]), heads, int(ga["dim"]))
-    return pd.DataFrame.from_records(recs)
+        add("full", v, fa, g["eigenvalues"][:], g["total_variance"][:], int(ga["n_samples"]), heads, int(ga["dim"]),
+            g["ev_heldout"][:])
+    df = pd.DataFrame.from_records(recs)
+    for p in P_LEVELS:
+        df[f"k{round(p * 100)}_cv"] = df[f"k{round(p * 100)}_cv"].astype("Int64")
+    return df

@@ -14,7 +14,7 @@ captured layer, aligned with ``attrs["layers"]``):
 The kind is read from the mask the layer actually receives, at the extracted length ``n``: a
 window or chunk that covers the whole sequence is recorded as plain ``causal``, which it then is.
 
-A view (METHOD.md §2) is only analysed on layers whose mask shows the whole view block; entries a
+A view (docs/method.md §2) is only analysed on layers whose mask shows the whole view block; entries a
 mask hides are never analysed as scores. :func:`visible_layers` makes that decision.
 """
 

@@ -20,7 +20,7 @@ VARIANTS = ("raw", "row_centered")
 
 
 def view_slices(view: str, n: int, causal: bool) -> tuple[slice, slice]:
-    """(query slice, key slice) of a view (METHOD.md §2)."""
+    """(query slice, key slice) of a view (docs/method.md §2)."""
     if view == "all":
         if causal:
             raise ConfigError("eigen.views", "view 'all' is undefined for a causal model (keys after "

@@ -1,22 +1,25 @@
-"""Subspace overlap across heads, layers and models (METHOD.md §5).
+"""Subspace overlap across heads, layers and models (docs/method.md §5).
 
 For analyses a, b of equal dimension d with top-k eigenvectors U_a, U_b (d x k):
 
-    overlap_k(a, b)   = ||U_a^T U_b||_F^2 / k               in [0, 1]; mean cos^2 of the principal angles
+    overlap_k(a, b)    = ||U_a^T U_b||_F^2 / k               in [0, 1]; mean cos^2 of the principal angles
     captured_k(a -> b) = tr(U_a^T C_b U_a) / tr(C_b)         share of b's variance inside a's subspace
-    random baseline    = k / d
+    random baseline    = k / d  (k / (d - 1) for row_centered rows, which live in d - 1 dimensions)
 
 With C_b = V_b diag(l_b) V_b^T (all d eigenpairs of b): captured_k(a -> b) =
 sum_j l_bj ||U_a^T v_bj||^2 / sum_j l_bj, so both quantities come from one product U_a^T V_b.
+
+Like with like: every pair comparison that is set against the split-half ceiling is itself made
+between half-sample estimates (half a of head i against half b of head j, symmetrised), since the
+ceiling (half a against half b of the same head) is limited by the noise of N/2-sample estimates.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .eigen import constant_alignment
 from .errors import ConfigError
-
-SCOPES = ("same_layer_other_heads", "adjacent_layers", "all_layer_pairs", "cross_model", "split_half")
 
 
 def check_ks(ks, d: int, key: str = "overlap.k") -> list[int]:
@@ -26,6 +29,16 @@ def check_ks(ks, d: int, key: str = "overlap.k") -> list[int]:
         raise ConfigError(key, f"k = {bad} outside 1..d = {d} (d is the row dimension of the view)",
                           f"use values between 1 and {d}")
     return ks
+
+
+def random_baseline(ks, d: int, variant: str) -> np.ndarray:
+    """Expected overlap_k (and captured_k of isotropic data) of a uniformly random k-subspace.
+
+    Row-centred rows are orthogonal to the constant vector, so their subspaces are drawn from the
+    d − 1 dimensional complement.
+    """
+    dim = d - 1 if variant == "row_centered" else d
+    return np.minimum(np.asarray(ks, dtype=np.float64) / dim, 1.0)
 
 
 def overlap_and_captured(Ua: np.ndarray, Vb: np.ndarray, lam_b: np.ndarray, ks, block: int = 32):
@@ -53,13 +66,19 @@ def overlap_and_captured(Ua: np.ndarray, Vb: np.ndarray, lam_b: np.ndarray, ks, 
     return np.clip(ov, 0.0, 1.0), np.clip(cap, 0.0, 1.0)
 
 
-def paired_overlap(Ua: np.ndarray, Ub: np.ndarray, ks) -> np.ndarray:
-    """overlap_k(a_i, b_i) for aligned stacks (M, d, d) -> (K, M). Used for split halves."""
-    out = []
-    for k in ks:
-        G = np.einsum("mdi,mdj->mij", Ua[:, :, :k], Ub[:, :, :k])
-        out.append((G ** 2).sum(axis=(1, 2)) / k)
-    return np.clip(np.array(out), 0.0, 1.0)
+def half_pairs(a_halves, b_halves, ks):
+    """Overlap and captured share between half-sample estimates, symmetrised over the halves.
+
+    ``a_halves`` = ((U, lam) of half a, (U, lam) of half b) for the A analyses on one side, and
+    likewise ``b_halves`` for the B analyses on the other side. Entry [k, i, j] compares half a of
+    i with half b of j and half b of i with half a of j, and averages the two; so each value uses
+    every sequence once and matches the split-half ceiling (i against itself) in sample size.
+    """
+    (Ua1, _), (Ua2, _) = a_halves
+    (Ub1, lb1), (Ub2, lb2) = b_halves
+    ov12, cap12 = overlap_and_captured(Ua1, Ub2, lb2, ks)
+    ov21, cap21 = overlap_and_captured(Ua2, Ub1, lb1, ks)
+    return 0.5 * (ov12 + ov21), 0.5 * (cap12 + cap21)
 
 
 def flatten_heads(x: np.ndarray) -> np.ndarray:
@@ -67,67 +86,96 @@ def flatten_heads(x: np.ndarray) -> np.ndarray:
     return x.reshape((-1,) + x.shape[2:])
 
 
-def _rows_group(store, variant):
+def _open(store, variant):
     from .store import open_group
 
     g = open_group(store)
     if variant not in g:
         raise ConfigError("eigen.variants", f"variant '{variant}' not in {store}", "re-run the eigen stage")
-    return g, g[variant]
+    return g.attrs.asdict(), g[variant]
+
+
+def _heads(group, prefix=""):
+    """(U, lam) of every head (flattened, layer-major) and of every layer's pooled analysis."""
+    g = group[prefix] if prefix else group
+    return ((flatten_heads(g["eigenvectors"][:]), flatten_heads(g["eigenvalues"][:])),
+            (g["pooled/eigenvectors"][:], g["pooled/eigenvalues"][:]))
+
+
+def _side(rows_store, halves_store, variant):
+    attrs, v = _open(rows_store, variant)
+    _, h = _open(halves_store, variant)
+    heads, pooled = _heads(v)
+    (ha, pa), (hb, pb) = _heads(h, "a"), _heads(h, "b")
+    return attrs, heads, pooled, (ha, hb), (pa, pb)
+
+
+def _comparison(side_a, side_b, ks):
+    """Full-sample and half-sample overlap and captured share, per head and per pooled layer."""
+    _, heads_a, pooled_a, halves_a, phalves_a = side_a
+    _, heads_b, pooled_b, halves_b, phalves_b = side_b
+    ov, cap = overlap_and_captured(heads_a[0], heads_b[0], heads_b[1], ks)
+    hov, hcap = half_pairs(halves_a, halves_b, ks)
+    pov, pcap = overlap_and_captured(pooled_a[0], pooled_b[0], pooled_b[1], ks)
+    phov, phcap = half_pairs(phalves_a, phalves_b, ks)
+    return {"overlap": ov, "captured": cap, "half_overlap": hov, "half_captured": hcap,
+            "pooled": {"overlap": pov, "captured": pcap, "half_overlap": phov, "half_captured": phcap}}
+
+
+def _ceiling(side, ks):
+    """Split-half ceiling of each head (and pooled layer): half a against half b of itself."""
+    _, _, _, (ha, hb), (pa, pb) = side
+    hov, hcap = half_pairs((ha, hb), (ha, hb), ks)
+    pov, pcap = half_pairs((pa, pb), (pa, pb), ks)
+    diag = lambda x: np.diagonal(x, axis1=1, axis2=2).copy()  # noqa: E731
+    return diag(hov), diag(hcap), diag(pov), diag(pcap)
+
+
+AXES = {"overlap": ["k", "a (layer_pos*heads + head)", "b"], "captured": ["k", "a", "b (a -> b)"],
+        "half_overlap": ["k", "a", "b"], "half_captured": ["k", "a", "b (a -> b)"],
+        "split_half": ["k", "head index"], "split_half_captured": ["k", "head index"],
+        "u1_constant": ["head index"], "pooled/overlap": ["k", "layer_pos", "layer_pos"]}
 
 
 def within_model(rows_store, halves_store, variant: str, ks) -> tuple[dict, dict]:
     """Overlap arrays for one model/view/variant. Returns (arrays, attrs)."""
-    g, v = _rows_group(rows_store, variant)
-    a = g.attrs.asdict()
-    ks = check_ks(ks, int(a["d"]))
-    U = flatten_heads(v["eigenvectors"][:])
-    lam = flatten_heads(v["eigenvalues"][:])
-    ov, cap = overlap_and_captured(U, U, lam, ks)
-    Up, lamp = v["pooled/eigenvectors"][:], v["pooled/eigenvalues"][:]
-    pov, pcap = overlap_and_captured(Up, Up, lamp, ks)
-    h = _rows_group(halves_store, variant)[1]
-    sh = paired_overlap(flatten_heads(h["a/eigenvectors"][:]), flatten_heads(h["b/eigenvectors"][:]), ks)
-    psh = paired_overlap(h["a/pooled/eigenvectors"][:], h["b/pooled/eigenvectors"][:], ks)
+    side = _side(rows_store, halves_store, variant)
+    a = side[0]
     d = int(a["d"])
-    arrays = {"overlap": ov, "captured": cap, "random_baseline": np.array(ks, dtype=np.float64) / d,
-              "split_half": sh, "k": np.array(ks, dtype=np.int64),
-              "pooled": {"overlap": pov, "captured": pcap, "split_half": psh}}
+    ks = check_ks(ks, d)
+    arrays = _comparison(side, side, ks)
+    sh, shc, psh, pshc = _ceiling(side, ks)
+    arrays.update({"split_half": sh, "split_half_captured": shc, "random_baseline": random_baseline(ks, d, variant),
+                   "k": np.array(ks, dtype=np.int64), "u1_constant": constant_alignment(side[1][0])})
+    arrays["pooled"].update({"split_half": psh, "split_half_captured": pshc})
     attrs = {"model": a["model"], "view": a["view"], "variant": variant, "d": d, "layers": a["layers"],
-             "heads": a["heads"], "k": ks,
-             "axes": {"overlap": ["k", "a (layer_pos*heads + head)", "b"], "captured": ["k", "a", "b (a -> b)"],
-                      "split_half": ["k", "head index"], "pooled/overlap": ["k", "layer_pos", "layer_pos"]}}
+             "heads": a["heads"], "k": ks, "n_sequences": a.get("n_sequences"), "axes": AXES}
     return arrays, attrs
 
 
-def cross_model(rows_a, rows_b, variant: str, ks) -> tuple[dict, dict]:
-    ga, va = _rows_group(rows_a, variant)
-    gb, vb = _rows_group(rows_b, variant)
-    aa, ab = ga.attrs.asdict(), gb.attrs.asdict()
+def cross_model(rows_a, halves_a, rows_b, halves_b, variant: str, ks) -> tuple[dict, dict]:
+    side_a = _side(rows_a, halves_a, variant)
+    side_b = _side(rows_b, halves_b, variant)
+    aa, ab = side_a[0], side_b[0]
     if int(aa["d"]) != int(ab["d"]):
         raise ConfigError("overlap.cross_pairs", f"models '{aa['model']}' (d={aa['d']}) and '{ab['model']}' "
                           f"(d={ab['d']}) have different row dimensions in view '{aa['view']}'",
                           "compare models analysed with the same seq_len")
-    ks = check_ks(ks, int(aa["d"]))
-    ov, cap = overlap_and_captured(flatten_heads(va["eigenvectors"][:]), flatten_heads(vb["eigenvectors"][:]),
-                                   flatten_heads(vb["eigenvalues"][:]), ks)
-    pov, pcap = overlap_and_captured(va["pooled/eigenvectors"][:], vb["pooled/eigenvectors"][:],
-                                     vb["pooled/eigenvalues"][:], ks)
-    arrays = {"overlap": ov, "captured": cap, "random_baseline": np.array(ks, dtype=np.float64) / int(aa["d"]),
-              "k": np.array(ks, dtype=np.int64), "pooled": {"overlap": pov, "captured": pcap}}
+    d = int(aa["d"])
+    ks = check_ks(ks, d)
+    arrays = _comparison(side_a, side_b, ks)
+    sha, shca, _, _ = _ceiling(side_a, ks)
+    shb, shcb, _, _ = _ceiling(side_b, ks)
+    arrays.update({"split_half_a": sha, "split_half_b": shb, "split_half_captured_a": shca,
+                   "split_half_captured_b": shcb, "random_baseline": random_baseline(ks, d, variant),
+                   "k": np.array(ks, dtype=np.int64), "u1_constant_a": constant_alignment(side_a[1][0]),
+                   "u1_constant_b": constant_alignment(side_b[1][0])})
     attrs = {"model_a": aa["model"], "model_b": ab["model"], "view": aa["view"], "variant": variant,
-             "d": int(aa["d"]), "layers_a": aa["layers"], "layers_b": ab["layers"], "heads_a": aa["heads"],
-             "heads_b": ab["heads"], "k": ks}
+             "d": d, "layers_a": aa["layers"], "layers_b": ab["layers"], "heads_a": aa["heads"],
+             "heads_b": ab["heads"], "k": ks, "axes": AXES,
+             "caveat": "keys are compared by position: the two models tokenise the same passages differently, "
+                       "so key j is not the same token in both"}
     return arrays, attrs
-
-
-def _stats(values: np.ndarray, random: float, ceiling: np.ndarray) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    c = np.asarray(ceiling, dtype=np.float64)
-    return {"n_pairs": int(v.size), "mean": float(v.mean()), "median": float(np.median(v)),
-            "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90)),
-            "median_ratio_random": float(np.median(v / random)),
-            "median_ratio_split_half": float(np.median(v / np.where(c > 0, c, np.nan)))}
 
 
 def scope_masks(L: int, H: int) -> dict[str, np.ndarray]:
@@ -142,29 +190,55 @@ def scope_masks(L: int, H: int) -> dict[str, np.ndarray]:
             "all_layer_pairs": upper & (dl > 0)}
 
 
-def summary_rows(arrays: dict, attrs: dict, split_half_a: np.ndarray, split_half_b: np.ndarray | None = None):
-    """Summary records for one within-model (split_half_b None) or cross-model overlap result.
+SUMMARY_COLUMNS = ["model_a", "model_b", "view", "variant", "d", "k", "quantity", "scope", "n_pairs", "mean",
+                   "median", "p10", "p90", "random", "median_ratio_random", "half_median", "ceiling_median",
+                   "median_ratio_ceiling", "u1_constant_median"]
 
-    The split-half ceiling of a pair is the geometric mean of the two heads' split-half overlaps.
+
+def _stats(values, random: float, half=None, ceiling=None) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    out = {"n_pairs": int(v.size), "mean": float(v.mean()), "median": float(np.median(v)),
+           "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90)), "random": random,
+           "median_ratio_random": float(np.median(v)) / random}
+    if half is not None:
+        c = np.asarray(ceiling, dtype=np.float64)
+        out.update({"half_median": float(np.median(half)), "ceiling_median": float(np.median(c)),
+                    "median_ratio_ceiling": float(np.nanmedian(np.asarray(half) / np.where(c > 0, c, np.nan)))})
+    return out
+
+
+def summary_rows(arrays: dict, attrs: dict) -> list[dict]:
+    """Summary records of one within-model or cross-model overlap result.
+
+    ``overlap`` pairs are unordered (each once); ``captured`` pairs are ordered (a -> b, a ≠ b).
+    Each pair's half-sample value is compared with its ceiling, the geometric mean of the two
+    analyses' split-half values (of the same quantity).
     """
     recs = []
     cross = "model_b" in attrs
+    base = {"model_a": attrs.get("model_a", attrs.get("model")), "model_b": attrs.get("model_b", attrs.get("model")),
+            "view": attrs["view"], "variant": attrs["variant"], "d": int(attrs["d"])}
+    if cross:
+        u1 = np.concatenate([arrays["u1_constant_a"], arrays["u1_constant_b"]])
+        masks = {"cross_model": np.ones(arrays["overlap"].shape[1:], dtype=bool)}
+    else:
+        u1 = arrays["u1_constant"]
+        masks = scope_masks(len(attrs["layers"]), int(attrs["heads"]))
     for ki, k in enumerate(attrs["k"]):
-        ov = arrays["overlap"][ki]
         rnd = float(arrays["random_baseline"][ki])
-        sha = split_half_a[ki]
-        shb = sha if split_half_b is None else split_half_b[ki]
-        ceil = np.sqrt(np.clip(np.outer(sha, shb), 0, None))
-        base = {"model_a": attrs.get("model_a", attrs.get("model")), "model_b": attrs.get("model_b", attrs.get("model")),
-                "view": attrs["view"], "variant": attrs["variant"], "k": int(k)}
-        if cross:
-            recs.append({**base, "scope": "cross_model", **_stats(ov.ravel(), rnd, ceil.ravel())})
-            continue
-        L, H = len(attrs["layers"]), int(attrs["heads"])
-        for scope, m in scope_masks(L, H).items():
-            if m.any():
-                recs.append({**base, "scope": scope, **_stats(ov[m], rnd, ceil[m])})
-        recs.append({**base, "scope": "split_half", **_stats(sha, rnd, sha)})
+        for q, ceil_key in (("overlap", "split_half"), ("captured", "split_half_captured")):
+            full, half = arrays[q][ki], arrays[f"half_{q}"][ki]
+            ca = arrays[f"{ceil_key}_a"][ki] if cross else arrays[ceil_key][ki]
+            cb = arrays[f"{ceil_key}_b"][ki] if cross else ca
+            ceil = np.sqrt(np.clip(np.outer(ca, cb), 0, None))
+            row = {**base, "k": int(k), "quantity": q, "u1_constant_median": float(np.median(u1))}
+            for scope, m in masks.items():
+                if q == "captured" and not cross:
+                    m = m | m.T  # ordered pairs
+                if m.any():
+                    recs.append({**row, "scope": scope, **_stats(full[m], rnd, half[m], ceil[m])})
+            if not cross:
+                recs.append({**row, "scope": "split_half", **_stats(ca, rnd, ca, ca)})
     return recs
 
 
@@ -180,24 +254,14 @@ def write_overlap(path, arrays: dict, attrs: dict) -> None:
 
 
 def summarise(within_stores, cross_stores):
-    """The summary table (METHOD.md §5) from the within- and cross-model overlap stores."""
+    """The summary table (docs/method.md §5) from the within- and cross-model overlap stores."""
     import pandas as pd
 
     from .store import open_group
 
-    split_half = {}
     recs = []
-    for p in within_stores:
+    for p in [*within_stores, *cross_stores]:
         g = open_group(p)
-        a = g.attrs.asdict()
-        split_half[(a["model"], a["view"], a["variant"])] = g["split_half"][:]
-        recs += summary_rows({k: g[k][:] for k in ("overlap", "random_baseline")}, a, g["split_half"][:])
-    for p in cross_stores:
-        g = open_group(p)
-        a = g.attrs.asdict()
-        sha = split_half[(a["model_a"], a["view"], a["variant"])]
-        shb = split_half[(a["model_b"], a["view"], a["variant"])]
-        recs += summary_rows({k: g[k][:] for k in ("overlap", "random_baseline")}, a, sha, shb)
-    cols = ["model_a", "model_b", "view", "variant", "k", "scope", "n_pairs", "mean", "median", "p10", "p90",
-            "median_ratio_random", "median_ratio_split_half"]
-    return pd.DataFrame.from_records(recs, columns=cols)
+        arrays = {k: g[k][:] for k in g.array_keys()}
+        recs += summary_rows(arrays, g.attrs.asdict())
+    return pd.DataFrame.from_records(recs, columns=SUMMARY_COLUMNS)

@@ -201,14 +201,14 @@ def detach_all(model) -> None:
 
 
 def maps_from_stats(stats, estimator: str, strategy: str, s: int, *, layers=None, ridge: float = 1e-6,
-                    seed: int = 0, trainable: bool = False) -> dict[int, PartialMap]:
+                    rank: float = 0.5, seed: int = 0, trainable: bool = False) -> dict[int, PartialMap]:
     """One PartialMap per analysed layer from a :class:`eigenattn.reconstruct.RowStats`."""
     from .reconstruct import fit_heads
 
     out = {}
     for layer in (stats.layers if layers is None else layers):
         mean, U, lam = stats.head_stats(layer)
-        T, W, b = fit_heads(estimator, strategy, s, mean, U, lam, ridge=ridge, seed=seed, key=(layer,))
-        out[layer] = PartialMap(T, W, b, seq_len=stats.seq_len, query_range=stats.query_range,
+        m = fit_heads(estimator, strategy, s, mean, U, lam, ridge=ridge, rank=rank, seed=seed, key=(layer,))
+        out[layer] = PartialMap(m.T, m.W, m.b, seq_len=stats.seq_len, query_range=stats.query_range,
                                 key_range=stats.key_range, causal=stats.causal, trainable=trainable)
     return out

@@ -1,4 +1,4 @@
-"""Plug-in evaluation (METHOD.md §7): every analysed head's scores replaced by their
+"""Plug-in evaluation (docs/method.md §7): every analysed head's scores replaced by their
 reconstruction inside the forward pass of the pretrained model, on held-out text.
 
 - Causal LM: perplexity of the tokens predicted from the queries of the view (for the
@@ -70,8 +70,8 @@ def _outputs(model, ids: torch.Tensor, causal: bool, q0: int, batch_size: int):
 
 
 def plugin_eval(model_dir, rows_store, heldout_shards, *, estimators, strategies, subset_sizes,
-                n_sequences=None, batch_size: int = 8, ridge: float = 1e-6, seed: int = 0, device="cpu",
-                progress: bool = True):
+                n_sequences=None, batch_size: int = 8, ridge: float = 1e-6, rank: float = 0.5, seed: int = 0,
+                device="cpu", progress: bool = True):
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -103,7 +103,7 @@ def plugin_eval(model_dir, rows_store, heldout_shards, *, estimators, strategies
     grid = [(e, st, s) for s in subset_sizes for st in strategies for e in estimators]
     for est, st, s in tqdm(grid, desc=f"plug-in {stats.model}", disable=not progress):
         attach(model, {k: v.to(device) for k, v in
-                       maps_from_stats(stats, est, st, s, ridge=ridge, seed=seed).items()})
+                       maps_from_stats(stats, est, st, s, ridge=ridge, rank=rank, seed=seed).items()})
         out = _outputs(model, ids, stats.causal, q0, batch_size)
         detach(model)
         if stats.causal:

@@ -1,4 +1,4 @@
-"""Reconstruction of attention scores from a computed subset of keys (METHOD.md §6).
+"""Reconstruction of attention scores from a computed subset of keys (docs/method.md §6).
 
 Every method is a triple ``(T, W, b)`` for one head and view: compute the scores ``a_T`` of the
 ``s`` keys in ``T`` exactly, then estimate the whole row as ``â = W a_T + b`` (``W`` is ``d×s``).
@@ -6,7 +6,14 @@ Everything is fitted from the eigen stage's fit-split statistics only: the row m
 eigenvectors ``U`` and eigenvalues ``Λ`` (the covariance is rebuilt as ``U Λ Uᵀ``).
 
 Estimators:
-- ``eigenspace``: ``â = μ + U_k (U_k[T])⁺ (a_T − μ_T)``, with k = s.
+- ``eigenspace``: the rows are modelled by their top-k eigenspace plus isotropic noise,
+  ``a = μ + U_k c + e`` with ``c ~ N(0, Λ_k)`` and ``e ~ N(0, σ² I)``, and the coefficients are
+  found by least squares on the computed keys with a ridge weighted by the eigenvalues:
+  ``ĉ = argmin ‖U_k[T] c − (a_T − μ_T)‖²/σ² + cᵀ Λ_k⁻¹ c``, ``â_T̄ = μ_T̄ + U_k[T̄] ĉ``, ``â_T = a_T``.
+  The rank rule is ``k = max(1, ⌊rank · s⌋)`` (``rank`` = 0.5 by default, so k < s), and
+  ``σ²`` is the mean of the discarded eigenvalues (the probabilistic-PCA noise), floored at
+  ``ridge · tr(C)/d``. Without the weighting (``k = s``, a plain pseudo-inverse) the system
+  ``U_k[T]`` is ill-conditioned and the held-out error grows with s.
 - ``conditional_gaussian``: ``â_T̄ = μ_T̄ + C_T̄T (C_TT + εI)⁻¹ (a_T − μ_T)``, ``â_T = a_T``
   (the MMSE linear estimator), with ``ε = ridge · tr(C_TT)/s``.
 - ``mean`` (baseline): ``â_T̄ = μ_T̄``, ``â_T = a_T``.
@@ -21,6 +28,7 @@ Subset strategies: ``strided`` (evenly spaced keys), ``random`` (seeded per laye
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import numpy as np
 
@@ -63,52 +71,81 @@ def select_subset(strategy: str, d: int, s: int, U: np.ndarray | None = None, se
     return np.sort(piv[:s])
 
 
+class Method(NamedTuple):
+    """One fitted method: the subset ``T`` and the map ``â = W a_T + b``, with its diagnostics.
+
+    ``k``: the eigenspace rank (``eigenspace`` only, else 0); ``basis_condition``: condition number
+    of ``U_k[T]`` (``eigenspace``); ``solve_condition``: condition number of the s×s system the
+    estimator solves (``eigenspace``, ``conditional_gaussian``); NaN where not defined. Fields are
+    arrays with a leading head axis when returned by :func:`fit_heads`.
+    """
+
+    T: np.ndarray
+    W: np.ndarray
+    b: np.ndarray
+    k: int | np.ndarray = 0
+    basis_condition: float | np.ndarray = np.nan
+    solve_condition: float | np.ndarray = np.nan
+
+
+def eigenspace_rank(s: int, d: int, rank: float = 0.5) -> int:
+    """The eigenspace estimator's k for a subset of s keys: max(1, ⌊rank·s⌋), below s when s > 1."""
+    return int(min(max(1, int(np.floor(rank * s))), max(s - 1, 1), d))
+
+
 def linear_map(estimator: str, T: np.ndarray, mean: np.ndarray, U: np.ndarray, lam: np.ndarray,
-               ridge: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-    """(W, b) of an estimator for the subset T: â = W a_T + b, W is d×s."""
+               ridge: float = 1e-6, rank: float = 0.5) -> Method:
+    """The map of an estimator for the subset T: â = W a_T + b, W is d×s."""
     d, s = mean.shape[0], len(T)
     check_method(estimator, "strided", s, d)
     T = np.asarray(T)
     eye = np.zeros((d, s))
     eye[T, np.arange(s)] = 1.0
+    lam = np.clip(lam, 0.0, None)
+    floor = ridge * max(float(lam.sum()) / d, np.finfo(np.float64).tiny)
     if estimator == "eigenspace":
-        Uk = U[:, :s]
-        W = Uk @ np.linalg.pinv(Uk[T])
-        return W, mean - W @ mean[T]
+        k = eigenspace_rank(s, d, rank)
+        Uk, lk = U[:, :k], lam[:k]
+        sigma2 = max(float(lam[k:].sum()) / max(d - k, 1), floor)
+        A = Uk[T]                                         # s × k
+        system = (A * lk) @ A.T + sigma2 * np.eye(s)      # = Cov(a_T) under the rank-k model
+        W = np.linalg.solve(system, A * lk).T             # Λ_k A^T system^-1, (k × s)
+        W = Uk @ W
+        W[T] = np.eye(s)
+        return Method(T, W, mean - W @ mean[T], k, float(np.linalg.cond(A)), float(np.linalg.cond(system)))
     if estimator == "conditional_gaussian":
-        lam = np.clip(lam, 0.0, None)
         C = (U * lam) @ U.T
         ctt = C[np.ix_(T, T)]
         eps = ridge * max(float(np.trace(ctt)) / s, np.finfo(np.float64).tiny)
+        system = ctt + eps * np.eye(s)
         # C[:, T] (C_TT + eps I)^-1, by a symmetric solve
-        W = np.linalg.solve(ctt + eps * np.eye(s), C[T, :]).T
+        W = np.linalg.solve(system, C[T, :]).T
         W[T] = np.eye(s)
-        return W, mean - W @ mean[T]
+        return Method(T, W, mean - W @ mean[T], solve_condition=float(np.linalg.cond(system)))
     if estimator == "mean":
         b = mean.copy()
         b[T] = 0.0
-        return eye, b
+        return Method(T, eye, b)
     # subset_only
     b = np.full(d, -np.inf)
     b[T] = 0.0
-    return eye, b
+    return Method(T, eye, b)
 
 
 def fit(estimator: str, strategy: str, s: int, mean: np.ndarray, U: np.ndarray, lam: np.ndarray, *,
-        ridge: float = 1e-6, seed: int = 0, key: tuple = ()):
-    """(T, W, b) for one head: the subset from ``strategy``, the map from ``estimator``."""
+        ridge: float = 1e-6, rank: float = 0.5, seed: int = 0, key: tuple = ()) -> Method:
+    """The method for one head: the subset from ``strategy``, the map from ``estimator``."""
     d = mean.shape[0]
     check_method(estimator, strategy, s, d)
     T = select_subset(strategy, d, s, U, seed=seed, key=key)
-    W, b = linear_map(estimator, T, mean, U, lam, ridge)
-    return T, W, b
+    return linear_map(estimator, T, mean, U, lam, ridge, rank)
 
 
-def fit_heads(estimator, strategy, s, mean, U, lam, *, ridge=1e-6, seed=0, key=()):
-    """Stacked (T, W, b) over a head axis: shapes (H, s), (H, d, s), (H, d)."""
-    out = [fit(estimator, strategy, s, mean[h], U[h], lam[h], ridge=ridge, seed=seed, key=(*key, h))
+def fit_heads(estimator, strategy, s, mean, U, lam, *, ridge=1e-6, rank=0.5, seed=0, key=()) -> Method:
+    """Methods of every head stacked along a leading head axis: T (H, s), W (H, d, s), b (H, d), …"""
+    out = [fit(estimator, strategy, s, mean[h], U[h], lam[h], ridge=ridge, rank=rank, seed=seed, key=(*key, h))
            for h in range(mean.shape[0])]
-    return tuple(np.stack(x) for x in zip(*out))
+    return Method(*(np.stack(x) for x in zip(*out)))
 
 
 def apply(X: np.ndarray, T: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -279,24 +316,60 @@ def eval_row_index(m: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, m - 1, k).round().astype(np.int64))
 
 
-def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_sizes, ridge=1e-6,
-                  seed=0, transfer=(), transfer_estimators=None, other_stores=None,
+COLUMNS = ["model", "view", "split", "layer", "head", "estimator", "strategy", "subset_size", "basis_source", "k",
+           "basis_condition", "solve_condition", *METRICS]
+
+
+def _open_split(shards, stats: RowStats, rows_store, what: str):
+    from .store import open_scores
+
+    scores, attrs = open_scores(shards)
+    stats.check_matches(attrs["seq_len"], f"{what} scores {shards[0]}")
+    held = [int(x) for x in attrs["layers"]]
+    skipped = {int(x["layer"]) for x in stats.attrs.get("skipped_layers", [])}  # masked views (eigenattn.masks)
+    if [x for x in held if x not in skipped] != stats.layers:
+        raise InputError(f"{shards[0]}: layers {attrs['layers']} differ from the fitted statistics "
+                         f"{stats.layers} in {rows_store}; re-run extraction and eigen with the same layers")
+    if skipped:  # the statistics' layers only, in their order
+        scores = scores[:, [held.index(x) for x in stats.layers]]
+    return scores, attrs
+
+
+def _layer_reference(scores, li: int, qs: slice, ks: slice, allowed, causal: bool, eval_rows) -> Reference:
+    """The exact side of the metrics for one layer, from ``eval_rows`` rows spread over the split."""
+    block = scores[:, li, :, qs, :].compute()  # (N, H, |Q|, n) in the stored dtype
+    N, H, nq, n = block.shape
+    full = block.transpose(1, 0, 2, 3).reshape(H, N * nq, n)
+    row_allowed = np.tile(allowed, (N, 1))
+    if eval_rows and eval_rows < full.shape[1]:
+        pick = eval_row_index(full.shape[1], eval_rows)
+        full, row_allowed = full[:, pick], row_allowed[pick]
+    full = np.asarray(full, dtype=np.float64)  # only the sampled rows are widened
+    X = np.ascontiguousarray(full[..., ks])
+    if qs == slice(0, n) and ks == slice(0, n):
+        return Reference(X)
+    return Reference(X, full, ks, row_allowed if causal else None)
+
+
+def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_sizes, ridge=1e-6, rank=0.5,
+                  seed=0, transfer=(), transfer_estimators=None, other_stores=None, fit_shards=None,
                   eval_rows=None, progress=True) -> "pd.DataFrame":
-    """The reconstruction table of one model and view (one row per layer, head, method, source)."""
+    """The reconstruction table of one model and view: one row per split, layer, head, method, source.
+
+    Every method is fitted from the fit-split statistics in ``rows_store``. Its errors are measured on
+    the held-out shards and, when ``fit_shards`` are given, also on fit-split rows (``split`` = fit),
+    so that a best method can be chosen without looking at the held-out data it is reported on.
+    Transfer rows (another layer's or model's statistics) are measured on the held-out split only.
+    """
     import pandas as pd
     from tqdm.auto import tqdm
 
     from .moments import view_slices
-    from .store import open_scores
 
     stats = RowStats(rows_store)
-    scores, attrs = open_scores(heldout_shards)
-    stats.check_matches(attrs["seq_len"], f"held-out scores {heldout_shards[0]}")
-    held = [int(x) for x in attrs["layers"]]
-    skipped = {int(x["layer"]) for x in stats.attrs.get("skipped_layers", [])}  # masked views (eigenattn.masks)
-    if [x for x in held if x not in skipped] != stats.layers:
-        raise InputError(f"{heldout_shards[0]}: layers {attrs['layers']} differ from the fitted statistics "
-                         f"{stats.layers} in {rows_store}; re-run extraction and eigen with the same layers")
+    splits = {"heldout": _open_split(heldout_shards, stats, rows_store, "held-out")[0]}
+    if fit_shards:
+        splits["fit"] = _open_split(fit_shards, stats, rows_store, "fit")[0]
     n, d = stats.seq_len, stats.d
     for e in estimators:
         for st in strategies:
@@ -311,45 +384,38 @@ def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_
     others = {}
     if "other_model" in transfer and stats.view == "prefix":
         others = {name: RowStats(p) for name, p in (other_stores or {}).items()}
-    if "n_layers_total" not in stats.attrs:  # statistics from before the attribute existed
-        stats.n_layers_total = int(attrs.get("n_layers_total") or stats.n_layers_total)
     transfer_estimators = list(estimators if transfer_estimators is None else transfer_estimators)
 
     qs, ks = view_slices(stats.view, n, stats.causal)
     allowed = np.ones((qs.stop - qs.start, n), dtype=bool)
     if stats.causal:
         allowed = np.arange(n)[None, :] <= np.arange(qs.start, qs.stop)[:, None]
-    whole_row = qs == slice(0, n) and ks == slice(0, n)
 
     records = []
     bar = tqdm(total=len(stats.layers), desc=f"reconstruct {stats.model}/{stats.view}", disable=not progress)
     for li, layer in enumerate(stats.layers):
-        block = np.asarray(scores[:, held.index(layer)].compute(), dtype=np.float64)  # (N, H, n, n)
-        N, H = block.shape[:2]
-        full = block[:, :, qs, :].transpose(1, 0, 2, 3).reshape(H, -1, n)  # (H, m, n)
-        row_allowed = np.tile(allowed, (N, 1))
-        if eval_rows and eval_rows < full.shape[1]:
-            pick = eval_row_index(full.shape[1], eval_rows)
-            full, row_allowed = full[:, pick], row_allowed[pick]
-        X = np.ascontiguousarray(full[..., ks])
-        ref = Reference(X) if whole_row else \
-            Reference(X, full, ks, row_allowed if stats.causal else None)
+        refs = {split: _layer_reference(sc, li, qs, ks, allowed, stats.causal, eval_rows)
+                for split, sc in splits.items()}
         sources = [("same", lambda layer=layer: stats.head_stats(layer))]
         if transfer:
             sources += transfer_sources(stats, layer, transfer, others)
         for label, get in sources:
             mean, U, lam = get()
             ests = estimators if label == "same" else transfer_estimators
+            on = refs if label == "same" else {"heldout": refs["heldout"]}
             for st in strategies:
                 for s in subset_sizes:
                     for est in ests:
-                        T, W, b = fit_heads(est, st, s, mean, U, lam, ridge=ridge, seed=seed, key=(layer,))
-                        m = ref.metrics(ref.reconstruct(T, W, b))
-                        for h in range(H):
-                            records.append({"model": stats.model, "view": stats.view, "layer": layer, "head": h,
-                                            "estimator": est, "strategy": st, "subset_size": s,
-                                            "basis_source": label, **{k: float(m[k][h]) for k in METRICS}})
+                        m = fit_heads(est, st, s, mean, U, lam, ridge=ridge, rank=rank, seed=seed, key=(layer,))
+                        for split, ref in on.items():
+                            met = ref.metrics(ref.reconstruct(m.T, m.W, m.b))
+                            for h in range(len(m.T)):
+                                records.append({"model": stats.model, "view": stats.view, "split": split,
+                                                "layer": layer, "head": h, "estimator": est, "strategy": st,
+                                                "subset_size": s, "basis_source": label, "k": int(m.k[h]),
+                                                "basis_condition": float(m.basis_condition[h]),
+                                                "solve_condition": float(m.solve_condition[h]),
+                                                **{k: float(met[k][h]) for k in METRICS}})
         bar.update(1)
     bar.close()
-    cols = ["model", "view", "layer", "head", "estimator", "strategy", "subset_size", "basis_source", *METRICS]
-    return pd.DataFrame.from_records(records, columns=cols)
+    return pd.DataFrame.from_records(records, columns=COLUMNS)

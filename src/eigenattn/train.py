@@ -1,4 +1,4 @@
-"""Training with approximate attention (METHOD.md §8).
+"""Training with approximate attention (docs/method.md §8).
 
 A small BERT-style encoder (``transformers.BertModel``, attention through the ``partial``
 backend) trained with masked-language modelling on the fit split, evaluated on held-out text.
@@ -202,7 +202,7 @@ def bert_config(tcfg: dict, vocab_size: int, seq_len: int):
 
 
 def attach_variant(model: MLM, variant: str, s: int, seq_len: int, stats=None, estimator="conditional_gaussian",
-                   strategy="pivoted_qr", ridge=1e-6, seed=0) -> None:
+                   strategy="pivoted_qr", ridge=1e-6, seed=0, rank=0.5) -> None:
     """Give every attention layer of the encoder the variant's attention."""
     from .partial import LINFORMER_ATTR, attach, attention_modules, maps_from_stats
 
@@ -221,7 +221,7 @@ def attach_variant(model: MLM, variant: str, s: int, seq_len: int, stats=None, e
     if sorted(stats.layers) != sorted(mods):
         raise InputError(f"{stats.path}: analysed layers {stats.layers} differ from the encoder's {sorted(mods)}")
     est = "subset_only" if variant == "subset_only" else estimator
-    maps = maps_from_stats(stats, est, strategy, s, ridge=ridge, seed=seed,
+    maps = maps_from_stats(stats, est, strategy, s, ridge=ridge, rank=rank, seed=seed,
                            trainable=variant == "partial_learned")
     attach(model.encoder, maps)
 
@@ -249,27 +249,47 @@ def _lr(step: int, total: int, peak: float, warmup: float) -> float:
     return peak * max(0.0, (total - step) / max(1, total - w))
 
 
-@torch.no_grad()
-def evaluate(model, ids: torch.Tensor, tok_info: dict, seed: int, batch_size: int, device, amp,
-             counts: dict | None = None) -> tuple[float, float]:
-    """Held-out MLM loss and accuracy with masks fixed by ``seed`` (the same for every run).
+def heldout_batches(ids: torch.Tensor, tok_info: dict, seed: int, batch_size: int):
+    """(masked input, positions, labels) of every held-out batch, with masks fixed by ``seed``.
 
-    ``counts``, if given, receives the number of predicted tokens under ``"tokens"``.
+    Every run, and the unigram baseline, is scored on exactly these tokens.
     """
-    model.eval()
     g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
-    loss_sum, correct, count = 0.0, 0, 0
     for i in range(0, len(ids), batch_size):
-        x, pos, labels = mask_batch(ids[i:i + batch_size], tok_info, g)
+        yield mask_batch(ids[i:i + batch_size], tok_info, g)
+
+
+@torch.no_grad()
+def evaluate(model, ids: torch.Tensor, tok_info: dict, seed: int, batch_size: int, device, amp) -> dict:
+    """Held-out MLM loss (mean and per-token standard deviation), accuracy and token count."""
+    model.eval()
+    losses, correct = [], 0
+    for x, pos, labels in heldout_batches(ids, tok_info, seed, batch_size):
         with amp():
-            loss, logits = model(x.to(device), pos.to(device), labels.to(device))
-        loss_sum += float(loss) * len(labels)
+            logits = model(x.to(device), pos.to(device))
+        losses.append(F.cross_entropy(logits.float(), labels.to(device), reduction="none").cpu())
         correct += int((logits.argmax(-1).cpu() == labels).sum())
-        count += len(labels)
     model.train()
-    if counts is not None:
-        counts["tokens"] = count
-    return loss_sum / count, correct / count
+    loss = torch.cat(losses).double()
+    return {"loss": float(loss.mean()), "loss_sd": float(loss.std()), "acc": correct / len(loss), "tokens": len(loss)}
+
+
+def unigram_baseline(fit_ids: torch.Tensor, heldout_ids: torch.Tensor, tok_info: dict, seed: int,
+                     batch_size: int) -> dict:
+    """What predicting without context achieves: the fit split's unigram entropy (nats, over
+    non-special tokens), its most frequent token, and that token's accuracy on the held-out
+    positions every run is scored on."""
+    counts = torch.bincount(fit_ids.flatten(), minlength=tok_info["vocab_size"]).double()
+    counts[torch.tensor(tok_info["special_ids"])] = 0
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    top = int(counts.argmax())
+    hits, total = 0, 0
+    for _, _, labels in heldout_batches(heldout_ids, tok_info, seed, batch_size):
+        hits += int((labels == top).sum())
+        total += len(labels)
+    return {"unigram_entropy": float(-(nz * nz.log()).sum()), "unigram_top_token": top,
+            "unigram_acc": hits / total, "heldout_tokens": total}
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -328,7 +348,8 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
             raise InputError(f"{init_dir}: checkpoint does not match the model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
     attach_variant(model, variant, s, seq_len, stats, tcfg.get("estimator", "conditional_gaussian"),
-                   tcfg.get("strategy", "pivoted_qr"), tcfg.get("ridge", 1e-6), seed)
+                   tcfg.get("strategy", "pivoted_qr"), tcfg.get("ridge", 1e-6), seed,
+                   rank=tcfg.get("eigenspace_rank", 0.5))
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in model.parameters())
@@ -350,13 +371,13 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
         else:
             log.warning("ignoring checkpoint %s written for another configuration", ckpt)
     if start == 0 and mode == "finetune":
-        loss, acc = evaluate(model, held_ids, tok_info, data_seed, bs, device, amp)
-        records.append({"step": 0, "train_loss": float("nan"), "heldout_loss": loss, "heldout_mlm_acc": acc,
-                        "lr": 0.0, "step_time_ms": float("nan")})
-        log.info("step 0 (before fine-tuning): heldout loss %.4f acc %.4f", loss, acc)
+        ev = evaluate(model, held_ids, tok_info, data_seed, bs, device, amp)
+        records.append({"step": 0, "train_loss": float("nan"), "heldout_loss": ev["loss"],
+                        "heldout_mlm_acc": ev["acc"], "lr": 0.0, "step_time_ms": float("nan")})
+        log.info("step 0 (before fine-tuning): heldout loss %.4f acc %.4f", ev["loss"], ev["acc"])
 
     n_train = len(train_ids)
-    eval_counts: dict = {}
+    ev: dict = {}
     perms = {}
 
     def order(j):  # the j-th training example of this seed: a fresh permutation per epoch
@@ -396,8 +417,8 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
             rec = {"step": done, "train_loss": window_loss / window_n, "heldout_loss": float("nan"),
                    "heldout_mlm_acc": float("nan"), "lr": lr, "step_time_ms": 1000 * window_time / window_n}
             if done % tcfg["eval_every"] == 0 or done == steps:
-                rec["heldout_loss"], rec["heldout_mlm_acc"] = evaluate(model, held_ids, tok_info, data_seed, bs,
-                                                                       device, amp, eval_counts)
+                ev = evaluate(model, held_ids, tok_info, data_seed, bs, device, amp)
+                rec["heldout_loss"], rec["heldout_mlm_acc"] = ev["loss"], ev["acc"]
                 log.info("step %d: train loss %.4f, heldout loss %.4f, acc %.4f, %.1f ms/step", done,
                          rec["train_loss"], rec["heldout_loss"], rec["heldout_mlm_acc"], rec["step_time_ms"])
             records.append(rec)
@@ -408,12 +429,15 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
     bar.close()
 
     metrics = pd.DataFrame.from_records(records, columns=METRIC_COLUMNS)
+    for i, (key, value) in enumerate({"mode": mode, "variant": variant, "subset_size": s, "seed": seed}.items()):
+        metrics.insert(i, key, value)  # each file names its own run
     last = metrics.dropna(subset=["heldout_mlm_acc"]).iloc[-1]
     timed = metrics[metrics.step > 0].step_time_ms.dropna()
     cfg_m = tcfg["model"]
     final = {"mode": mode, "variant": variant, "subset_size": s, "seed": seed, "steps": steps,
              "heldout_mlm_acc": float(last.heldout_mlm_acc), "heldout_loss": float(last.heldout_loss),
-             "heldout_tokens": int(eval_counts.get("tokens", 0)),
+             "heldout_loss_sd": ev["loss_sd"],
+             **unigram_baseline(train_ids, held_ids, tok_info, data_seed, bs),
              "params": n_params, "trainable_params": sum(p.numel() for p in params),
              "attention_flops_per_seq": attention_flops_per_seq(variant, seq_len, s, cfg_m["layers"], cfg_m["heads"],
                                                                 cfg_m["d_model"] // cfg_m["heads"]),
@@ -453,36 +477,60 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
     return final
 
 
-def summarise(final_paths) -> "pd.DataFrame":
-    """summary.csv rows, with each variant's difference from ``exact`` against the noise.
+SUMMARY_COLUMNS = ["mode", "variant", "subset_size", "seed", "steps", "heldout_mlm_acc", "heldout_loss",
+                   "heldout_loss_sd", "heldout_tokens", "heldout_mlm_acc_step0", "params", "attention_flops_per_seq",
+                   "flops_ratio", "mean_step_time_ms", "unigram_entropy", "unigram_acc", "exact_mean_acc",
+                   "exact_seed_sd", "exact_acc_gap", "exact_acc_gap_low", "exact_loss_gap", "exact_loss_gap_low",
+                   "exact_learned", "delta_vs_exact", "delta_ci_low", "delta_ci_high", "kept_gain",
+                   "kept_gain_ci_low", "kept_gain_ci_high"]
 
-    The noise of a mode is the larger of the exact seeds' spread (max − min) and twice the binomial
-    standard error of the exact accuracy on the ``heldout_tokens`` evaluated (two seeds can agree
-    by chance on a small evaluation set).
+
+def summarise(final_paths) -> "pd.DataFrame":
+    """summary.csv: one row per run, each compared with ``exact`` of its mode.
+
+    - ``exact_learned``: exact's accuracy beats the unigram baseline's, and its loss the unigram
+      entropy, by more than their 95% intervals (:func:`eigenattn.stats.learned_margins`); unless
+      it does, no comparison with exact can speak to C4.
+    - ``delta_vs_exact`` with its 95% interval (:func:`eigenattn.stats.accuracy_difference`).
+    - ``kept_gain``: the share of exact's gain over the unigram baseline that the run keeps,
+      ``(acc − unigram_acc) / (exact_mean_acc − unigram_acc)``, with the interval of the difference.
     """
     import pandas as pd
 
-    rows = [json.loads(Path(p).read_text()) for p in final_paths]
-    df = pd.DataFrame(rows)
-    cols = ["mode", "variant", "subset_size", "seed", "steps", "heldout_mlm_acc", "heldout_loss", "params",
-            "attention_flops_per_seq", "mean_step_time_ms"]
-    extra = [c for c in ("heldout_mlm_acc_step0", "heldout_tokens") if c in df]
-    df = df[cols + extra].copy()
-    df["exact_mean_acc"] = np.nan
-    df["exact_seed_spread"] = np.nan
-    df["noise"] = np.nan
+    from .stats import accuracy_difference, learned_margins
+
+    df = pd.DataFrame([json.loads(Path(p).read_text()) for p in final_paths])
+    if "heldout_mlm_acc_step0" not in df:
+        df["heldout_mlm_acc_step0"] = np.nan
+    for key in ("unigram_entropy", "unigram_acc", "heldout_tokens"):
+        if df[key].nunique() != 1:
+            raise InputError(f"training runs were scored on different held-out data ({key} differs: "
+                             f"{sorted(df[key].unique())}); re-run the training stage")
+    n_tokens = int(df.heldout_tokens.iloc[0])
+    u = float(df.unigram_acc.iloc[0])
+    for col in SUMMARY_COLUMNS:
+        if col not in df:
+            df[col] = np.nan
+    df["exact_learned"] = False
     for mode, g in df.groupby("mode"):
         ex = g[g.variant == "exact"]
-        if len(ex):
-            acc = ex.heldout_mlm_acc
-            tokens = ex.heldout_tokens.min() if "heldout_tokens" in ex else 0
-            se = float(np.sqrt(acc.mean() * (1 - acc.mean()) / tokens)) if tokens else 0.0
-            df.loc[g.index, "exact_mean_acc"] = acc.mean()
-            df.loc[g.index, "exact_seed_spread"] = acc.max() - acc.min()
-            df.loc[g.index, "noise"] = max(acc.max() - acc.min(), 2 * se)
-    df["delta_vs_exact"] = df.heldout_mlm_acc - df.exact_mean_acc
-    df["exceeds_seed_noise"] = (df.delta_vs_exact.abs() > df.noise) & (df.variant != "exact")
+        if len(ex) < 2:
+            raise InputError(f"mode '{mode}': {len(ex)} exact run(s); seed noise needs at least two exact seeds")
+        m = learned_margins(ex.heldout_mlm_acc, ex.heldout_loss, ex.heldout_loss_sd, n_tokens, u,
+                            float(ex.unigram_entropy.iloc[0]))
+        gain = m["acc_gap"]
+        df.loc[g.index, ["exact_mean_acc", "exact_seed_sd"]] = [ex.heldout_mlm_acc.mean(), ex.heldout_mlm_acc.std()]
+        df.loc[g.index, ["exact_acc_gap", "exact_acc_gap_low", "exact_loss_gap", "exact_loss_gap_low"]] = [
+            m["acc_gap"], m["acc_gap_low"], m["loss_gap"], m["loss_gap_low"]]
+        df.loc[g.index, "exact_learned"] = m["learned"]
+        df.loc[g.index, "flops_ratio"] = g.attention_flops_per_seq / ex.attention_flops_per_seq.iloc[0]
+        for i, r in g.iterrows():
+            delta, lo, hi = accuracy_difference([r.heldout_mlm_acc], ex.heldout_mlm_acc, n_tokens)
+            df.loc[i, ["delta_vs_exact", "delta_ci_low", "delta_ci_high"]] = [delta, lo, hi]
+            if gain > 0:
+                df.loc[i, ["kept_gain", "kept_gain_ci_low", "kept_gain_ci_high"]] = [
+                    (gain + delta) / gain, (gain + lo) / gain, (gain + hi) / gain]
     order = {v: i for i, v in enumerate(VARIANTS)}
     df = df.sort_values(["mode", "variant", "subset_size", "seed"], key=lambda c: c.map(order) if c.name == "variant"
                         else (c.map({"scratch": 0, "finetune": 1}) if c.name == "mode" else c))
-    return df.reset_index(drop=True)
+    return df[SUMMARY_COLUMNS].reset_index(drop=True)

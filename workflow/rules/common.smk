@@ -211,6 +211,7 @@ def plugin_params(wildcards):
         **{k: v for k, v in config["plugin"].items() if k != "device"},
         "device": config["plugin"]["device"],
         "ridge": config["reconstruction"]["ridge"],
+        "eigenspace_rank": config["reconstruction"]["eigenspace_rank"],
         "seed": config["seed"],
     }
 
@@ -248,7 +249,7 @@ RUN_KEYS = [
     "eval_every",
     "checkpoint_every",
 ]
-MAP_KEYS = ["estimator", "strategy", "ridge"]
+MAP_KEYS = ["estimator", "strategy", "ridge", "eigenspace_rank"]
 USES_MAPS = ["partial_fixed", "partial_learned", "subset_only"]
 
 
@@ -315,28 +316,35 @@ def notebook_data(name):
     if name == "spectrum":
         return {"eigen_dirs": eigen_dirs}
     if name == "overlap":
-        within = [p for p in overlap_within_outputs() if Path(p).name == "raw.zarr"]
-        cross = [p for p in overlap_cross_outputs() if Path(p).name == "raw.zarr"]
+        within = overlap_within_outputs()
+        cross = overlap_cross_outputs()
         return {
             "within": within,
             "cross": cross,
             "summary": "results/overlap/summary.csv",
-            "k_heatmap": 16,
+            "k_heatmap": config["claims"]["k_report"],
         }
     if name == "reconstruction":
-        return {"recon": reconstruct_outputs(), "plugin": plugin_outputs()}
+        return {
+            "recon": reconstruct_outputs(),
+            "plugin": plugin_outputs(),
+            "s_report": config["claims"]["s_report"],
+        }
     if name == "training":
         return {
             "summary": "results/training/summary.csv",
             "metrics": [f"{run_dir(*r)}/metrics.csv" for r in training_runs()],
         }
+    return {"claims": "results/claims.csv"}
+
+
+def claims_inputs(wildcards):
     return {
         "spectra": eigen_outputs(),
         "overlap_summary": "results/overlap/summary.csv",
         "recon": reconstruct_outputs(),
         "plugin": plugin_outputs(),
         "training": "results/training/summary.csv",
-        "s_report": 16,
     }
 
 
@@ -363,8 +371,6 @@ def notebook_params(wildcards):
 
     name = wildcards.name
     p = {**notebook_data(name), "fig_dir": f"results/figures/{name}"}
-    if name == "summary":
-        p["table_path"] = "results/figures/summary/claims.csv"
     return json.dumps(p)
 
 
@@ -385,7 +391,7 @@ def all_outputs(wildcards):
         + ["results/overlap/summary.csv"]
         + reconstruct_outputs()
         + plugin_outputs()
-        + ["results/training/summary.csv"]
+        + ["results/training/summary.csv", "results/claims.csv"]
         + notebook_outputs()
     )
     if REPORT_MODE:

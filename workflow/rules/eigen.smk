@@ -42,6 +42,7 @@ rule eigen_full:
 rule eigen_spectrum:
     input:
         rows="results/eigen/{model}/{view}/rows.zarr",
+        halves="results/eigen/{model}/{view}/halves.zarr",
         full="results/eigen/{model}/{view}/full.zarr",
     output:
         "results/eigen/{model}/{view}/spectrum.csv",

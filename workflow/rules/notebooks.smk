@@ -1,3 +1,21 @@
+# The claims table: every C1-C4 value with its state, computed from the stages' CSVs.
+
+
+rule claims:
+    input:
+        unpack(claims_inputs),
+    output:
+        "results/claims.csv",
+    log:
+        "logs/claims.log",
+    conda:
+        "../../envs/eigenattn.yaml"
+    params:
+        cfg=config["claims"],
+    script:
+        "../scripts/claims.py"
+
+
 # One rule for every notebook: papermill runs it (parameters from config), nbconvert renders it
 # to HTML. The notebook file itself is an input, so editing one re-renders only that notebook.
 

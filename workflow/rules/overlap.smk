@@ -20,7 +20,9 @@ rule overlap_within:
 rule overlap_cross:
     input:
         a="results/eigen/{model_a}/prefix/rows.zarr",
+        a_halves="results/eigen/{model_a}/prefix/halves.zarr",
         b="results/eigen/{model_b}/prefix/rows.zarr",
+        b_halves="results/eigen/{model_b}/prefix/halves.zarr",
     output:
         directory("results/overlap/cross/{model_a}__{model_b}/prefix/{variant}.zarr"),
     log:

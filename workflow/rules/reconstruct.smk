@@ -2,6 +2,7 @@ rule reconstruct_view:
     input:
         rows="results/eigen/{model}/{view}/rows.zarr",
         heldout=heldout_shards,
+        fit=fit_shards,
         others=reconstruct_transfer_inputs,
     output:
         "results/reconstruction/{model}/{view}.csv",

@@ -6,6 +6,11 @@ from eigenattn.eigen import spectrum_table
 from eigenattn.store import write_table
 
 log = logs.start(snakemake)
-table = spectrum_table(snakemake.input.rows, snakemake.input.full, snakemake.params.p["report_k"])
+table = spectrum_table(
+    snakemake.input.rows,
+    snakemake.input.halves,
+    snakemake.input.full,
+    snakemake.params.p["report_k"],
+)
 write_table(table, snakemake.output[0])
 log.info("%d spectrum rows -> %s", len(table), snakemake.output[0])

@@ -6,6 +6,7 @@ from eigenattn.overlap import cross_model, write_overlap
 
 log = logs.start(snakemake)
 p = snakemake.params.p
-arrays, attrs = cross_model(snakemake.input.a, snakemake.input.b, p["variant"], p["k"])
+i = snakemake.input
+arrays, attrs = cross_model(i.a, i.a_halves, i.b, i.b_halves, p["variant"], p["k"])
 write_overlap(snakemake.output[0], arrays, attrs)
 log.info("wrote %s", snakemake.output[0])

@@ -18,6 +18,7 @@ df = plugin_eval(
     n_sequences=p["n_sequences"],
     batch_size=p["batch_size"],
     ridge=p["ridge"],
+    rank=p["eigenspace_rank"],
     seed=p["seed"],
     device=resolve_device(p["device"], key="plugin.device"),
 )

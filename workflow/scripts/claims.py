@@ -1,0 +1,14 @@
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
+from eigenattn import logs
+from eigenattn.claims import claims_table
+from eigenattn.store import write_table
+
+log = logs.start(snakemake)
+i = snakemake.input
+table = claims_table(
+    list(i.spectra), i.overlap_summary, list(i.recon), list(i.plugin), i.training, snakemake.params.cfg
+)
+write_table(table, snakemake.output[0])
+log.info("%d claim rows -> %s\n%s", len(table), snakemake.output[0], table.to_string())
