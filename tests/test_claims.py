@@ -110,13 +110,14 @@ def test_c3_no_structure_beyond_the_mean_is_not_supported(tmp_path):
     assert all(r["method"].split("/")[0] in ("eigenspace", "conditional_gaussian") for r in low)
 
 
-def _finals(root, accs, losses, unigram_acc=0.05, entropy=7.0, tokens=5000, mode="scratch", step0=None):
+def _finals(root, accs, losses, unigram_acc=0.05, entropy=7.0, tokens=5000, mode="scratch", shuffled=0.06):
     paths = []
     for (variant, s, seed), acc in accs.items():
         d = root / f"{mode}-{variant}-{s}-{seed}"
         d.mkdir(parents=True)
         final = {"mode": mode, "variant": variant, "subset_size": s, "seed": seed, "steps": 100,
                  "heldout_mlm_acc": acc, "heldout_loss": losses[(variant, s, seed)], "heldout_loss_sd": 2.0,
+                 "heldout_mlm_acc_shuffled": shuffled,
                  "heldout_tokens": tokens, "unigram_acc": unigram_acc, "unigram_entropy": entropy,
                  "unigram_top_token": 5, "params": 1, "attention_flops_per_seq": 100 if variant == "exact" else 50,
                  "mean_step_time_ms": 1.0}
@@ -127,10 +128,10 @@ def _finals(root, accs, losses, unigram_acc=0.05, entropy=7.0, tokens=5000, mode
     return p
 
 
-def _c4(root, exact, variant, exact_loss=6.0, tokens=5000):
+def _c4(root, exact, variant, exact_loss=6.0, tokens=5000, shuffled=0.06):
     accs = {("exact", 128, 0): exact[0], ("exact", 128, 1): exact[1], ("partial_fixed", 16, 0): variant}
     losses = {k: exact_loss for k in accs}
-    return {r["model"]: r for r in c4_rows(_finals(root, accs, losses, tokens=tokens), CFG)}
+    return {r["model"]: r for r in c4_rows(_finals(root, accs, losses, tokens=tokens, shuffled=shuffled), CFG)}
 
 
 def test_c4_exact_not_learned_is_inconclusive(tmp_path):
@@ -138,6 +139,14 @@ def test_c4_exact_not_learned_is_inconclusive(tmp_path):
     assert rows["exact"]["state"] == "inconclusive" and "has not learned" in rows["exact"]["verdict"]
     assert rows["partial_fixed"]["state"] == "inconclusive"
     assert "exact has not learned" in rows["partial_fixed"]["verdict"]
+
+
+def test_c4_order_blind_exact_is_inconclusive(tmp_path):
+    """An exact model that beats the unigram baseline but scores as well on shuffled windows is a
+    bag-of-words model: any attention variant matches it, so C4 cannot be judged."""
+    rows = _c4(tmp_path, (0.150, 0.152), 0.151, tokens=20000, shuffled=0.150)
+    assert rows["exact"]["state"] == "inconclusive" and "word order" in rows["exact"]["verdict"]
+    assert rows["partial_fixed"]["state"] == "inconclusive" and "word order" in rows["partial_fixed"]["verdict"]
 
 
 @pytest.mark.parametrize("variant_acc,tokens,state", [(0.148, 20000, "supported"), (0.06, 20000, "not supported"),

@@ -18,8 +18,8 @@ from eigenattn.train import (MLM, Linformer, attach_variant, bert_config, build_
                              train_wordpiece)
 
 n, L, H, D = 16, 2, 2, 32
-TCFG = {"model": {"layers": L, "heads": H, "d_model": D, "d_ff": 64, "dropout": 0.1}, "steps": 20, "batch_size": 4,
-        "lr": 1e-3, "finetune_lr": 3e-4, "weight_decay": 0.01, "warmup": 0.1, "log_every": 5, "eval_every": 10,
+TCFG = {"model": {"layers": L, "heads": H, "d_model": D, "d_ff": 64, "dropout": 0.1}, "steps": 20,
+        "finetune_steps": 10, "batch_size": 4, "lr": 1e-3, "finetune_lr": 3e-4, "weight_decay": 0.01, "warmup": 0.1, "log_every": 5, "eval_every": 10,
         "checkpoint_every": 10, "eval_sequences": 8, "estimator": "conditional_gaussian", "strategy": "pivoted_qr",
         "ridge": 1e-6}
 

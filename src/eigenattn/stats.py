@@ -63,3 +63,16 @@ def learned_margins(acc_exact, loss_exact, loss_token_sd, n_tokens: int, unigram
     return {"acc_gap": acc_gap, "acc_gap_low": acc_gap - z * acc_se, "loss_gap": loss_gap,
             "loss_gap_low": loss_gap - z * loss_se,
             "learned": bool(acc_gap - z * acc_se > 0 and loss_gap - z * loss_se > 0)}
+
+
+def order_gain(acc, acc_shuffled, n_tokens: int, z: float = Z95) -> dict:
+    """How much exact's accuracy drops when each held-out window's tokens are shuffled.
+
+    Both accuracies are means over the same seeds on ``n_tokens`` tokens each; the shuffled windows
+    are different tokens at the masked positions, so the two binomial variances add.
+    """
+    acc, acc_shuffled = np.asarray(acc, dtype=np.float64), np.asarray(acc_shuffled, dtype=np.float64)
+    gain = float(acc.mean() - acc_shuffled.mean())
+    se = np.sqrt(mean_accuracy_variance(acc, n_tokens, seed_variance(acc))
+                 + mean_accuracy_variance(acc_shuffled, n_tokens, seed_variance(acc_shuffled)))
+    return {"gain": gain, "gain_low": gain - z * se, "uses_order": bool(gain - z * se > 0)}

@@ -243,10 +243,27 @@ def attention_flops_per_seq(variant: str, n: int, s: int, layers: int, heads: in
 
 
 def _lr(step: int, total: int, peak: float, warmup: float) -> float:
+    """Linear warm-up over ``warmup`` of the steps, then cosine decay from peak to 10% of peak."""
     w = max(1, int(round(warmup * total)))
     if step < w:
         return peak * (step + 1) / w
-    return peak * max(0.0, (total - step) / max(1, total - w))
+    frac = (step - w) / max(1, total - w)
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+def shuffle_windows(ids: torch.Tensor, special_ids, seed: int) -> torch.Tensor:
+    """The held-out windows with the order of their non-special tokens shuffled (seeded).
+
+    A model scores as well on them as on the originals only if it ignores word order: then it is a
+    bag-of-words predictor, and no attention variant can be told apart from exact attention.
+    """
+    g = torch.Generator().manual_seed(int(seed) * 104729 + 7)
+    out = ids.clone()
+    special = torch.isin(ids, torch.tensor(list(special_ids)))
+    for i in range(len(ids)):
+        pos = (~special[i]).nonzero().flatten()
+        out[i, pos] = ids[i, pos[torch.randperm(len(pos), generator=g)]]
+    return out
 
 
 def heldout_batches(ids: torch.Tensor, tok_info: dict, seed: int, batch_size: int):
@@ -354,7 +371,8 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"], betas=(0.9, 0.98))
-    steps, bs = tcfg["steps"], tcfg["batch_size"]
+    bs = tcfg["batch_size"]
+    steps = tcfg["steps"] if mode == "scratch" else tcfg["finetune_steps"]
     peak = tcfg["lr"] if mode == "scratch" else tcfg["finetune_lr"]
 
     records, start = [], 0
@@ -434,9 +452,11 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
     last = metrics.dropna(subset=["heldout_mlm_acc"]).iloc[-1]
     timed = metrics[metrics.step > 0].step_time_ms.dropna()
     cfg_m = tcfg["model"]
+    shuffled = evaluate(model, shuffle_windows(held_ids, tok_info["special_ids"], data_seed), tok_info, data_seed, bs,
+                        device, amp)
     final = {"mode": mode, "variant": variant, "subset_size": s, "seed": seed, "steps": steps,
              "heldout_mlm_acc": float(last.heldout_mlm_acc), "heldout_loss": float(last.heldout_loss),
-             "heldout_loss_sd": ev["loss_sd"],
+             "heldout_loss_sd": ev["loss_sd"], "heldout_mlm_acc_shuffled": shuffled["acc"],
              **unigram_baseline(train_ids, held_ids, tok_info, data_seed, bs),
              "params": n_params, "trainable_params": sum(p.numel() for p in params),
              "attention_flops_per_seq": attention_flops_per_seq(variant, seq_len, s, cfg_m["layers"], cfg_m["heads"],
@@ -481,7 +501,8 @@ SUMMARY_COLUMNS = ["mode", "variant", "subset_size", "seed", "steps", "heldout_m
                    "heldout_loss_sd", "heldout_tokens", "heldout_mlm_acc_step0", "params", "attention_flops_per_seq",
                    "flops_ratio", "mean_step_time_ms", "unigram_entropy", "unigram_acc", "exact_mean_acc",
                    "exact_seed_sd", "exact_acc_gap", "exact_acc_gap_low", "exact_loss_gap", "exact_loss_gap_low",
-                   "exact_learned", "delta_vs_exact", "delta_ci_low", "delta_ci_high", "kept_gain",
+                   "exact_learned", "heldout_mlm_acc_shuffled", "exact_order_gain", "exact_order_gain_low",
+                   "exact_uses_order", "delta_vs_exact", "delta_ci_low", "delta_ci_high", "kept_gain",
                    "kept_gain_ci_low", "kept_gain_ci_high"]
 
 
@@ -491,13 +512,17 @@ def summarise(final_paths) -> "pd.DataFrame":
     - ``exact_learned``: exact's accuracy beats the unigram baseline's, and its loss the unigram
       entropy, by more than their 95% intervals (:func:`eigenattn.stats.learned_margins`); unless
       it does, no comparison with exact can speak to C4.
+    - ``exact_uses_order``: exact scores better on the held-out windows than on the same windows with
+      their tokens shuffled, beyond the 95% interval (:func:`eigenattn.stats.order_gain`); a model
+      that ignores word order is a bag-of-words predictor, against which no attention variant can
+      be told apart.
     - ``delta_vs_exact`` with its 95% interval (:func:`eigenattn.stats.accuracy_difference`).
     - ``kept_gain``: the share of exact's gain over the unigram baseline that the run keeps,
       ``(acc − unigram_acc) / (exact_mean_acc − unigram_acc)``, with the interval of the difference.
     """
     import pandas as pd
 
-    from .stats import accuracy_difference, learned_margins
+    from .stats import accuracy_difference, learned_margins, order_gain
 
     df = pd.DataFrame([json.loads(Path(p).read_text()) for p in final_paths])
     if "heldout_mlm_acc_step0" not in df:
@@ -512,6 +537,7 @@ def summarise(final_paths) -> "pd.DataFrame":
         if col not in df:
             df[col] = np.nan
     df["exact_learned"] = False
+    df["exact_uses_order"] = False
     for mode, g in df.groupby("mode"):
         ex = g[g.variant == "exact"]
         if len(ex) < 2:
@@ -523,6 +549,9 @@ def summarise(final_paths) -> "pd.DataFrame":
         df.loc[g.index, ["exact_acc_gap", "exact_acc_gap_low", "exact_loss_gap", "exact_loss_gap_low"]] = [
             m["acc_gap"], m["acc_gap_low"], m["loss_gap"], m["loss_gap_low"]]
         df.loc[g.index, "exact_learned"] = m["learned"]
+        o = order_gain(ex.heldout_mlm_acc, ex.heldout_mlm_acc_shuffled, n_tokens)
+        df.loc[g.index, ["exact_order_gain", "exact_order_gain_low"]] = [o["gain"], o["gain_low"]]
+        df.loc[g.index, "exact_uses_order"] = o["uses_order"]
         df.loc[g.index, "flops_ratio"] = g.attention_flops_per_seq / ex.attention_flops_per_seq.iloc[0]
         for i, r in g.iterrows():
             delta, lo, hi = accuracy_difference([r.heldout_mlm_acc], ex.heldout_mlm_acc, n_tokens)

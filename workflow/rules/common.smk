@@ -240,6 +240,7 @@ RUN_KEYS = [
     "vocab_size",
     "model",
     "steps",
+    "finetune_steps",
     "batch_size",
     "lr",
     "finetune_lr",
