@@ -1,4 +1,4 @@
-# eigenattn: eigen analysis of transformer self-attention (see README.md and METHOD.md).
+# eigenattn: eigen analysis of transformer self-attention (see README.md and docs/method.md).
 from snakemake.utils import min_version
 
 min_version("9.0")

@@ -68,7 +68,7 @@ def child(method: str, store: str, threads: int, N: int):
         t = time.perf_counter()
         with dask_scheduler("threads", threads):
             x, _ = open_scores([store])
-            res = row_spectrum(x[:N], "all", "raw", causal=False)
+            res = row_spectrum(x[:N], "all", "raw", causal=False, split_every=8)
         out["seconds"] = time.perf_counter() - t
         out["eigenvalues"] = res["heads"]["eigenvalues"][:, :, :8].tolist()
     elif method == "a":

@@ -47,7 +47,7 @@ def make_workdir(tmp_path: Path, resources: Path) -> Path:
     """Link the shared, fetched assets into ``tmp_path/resources``.
 
     Only the pretrained models, the corpus and the wheel cache are shared; models a run makes
-    itself (the trained encoder, ``resources/models/trained_mlm``) stay in its own directory.
+    itself stay in its own directory.
     """
     res = tmp_path / "resources"
     (res / "models").mkdir(parents=True)

@@ -7,6 +7,8 @@ import zarr
 
 from eigenattn.store import score_chunks
 
+VARIANTS = ("raw", "row_centered")
+
 
 def low_rank_scores(N, L, H, n, rank=3, noise=0.05, seed=0):
     """Scores whose rows live near a rank-`rank` affine subspace, with head-specific spectra."""

@@ -2,7 +2,7 @@
 
 Tiny random-weight models of many families (tests/tiny_models.py) go through ``extract_scores``.
 A supported family's store must reproduce the model's own eager ``output_attentions`` from the
-README formula, ``softmax([S + mask, sink])`` per layer, within 1e-5 in float32; a refused one
+docs/models.md formula, ``softmax([S + mask, sink])`` per layer, within 1e-5 in float32; a refused one
 must raise UnsupportedModelError naming the model, its model_type, the cause and the fix, and
 leave nothing on disk. The oracle here is computed independently of eigenattn.probe.
 """
@@ -48,8 +48,8 @@ def test_family_passes_the_oracle_or_is_refused(name, models, tmp_path):
     what, _, refusal = FAMILIES[name]
     model_dir = models(name)
     out = tmp_path / "scores" / name / "fit" / "shard-0.zarr"
-    run = dict(seq_len=SEQ_LEN, dtype="float32", batch_size=2, device="cpu", progress=False,
-               attrs={"model": name})
+    run = dict(seq_len=SEQ_LEN, dtype="float32", batch_size=2, device="cpu", progress=False, autocast="none",
+               layers="all", compression="lz4", attrs={"model": name})
     if refusal:
         with pytest.raises(UnsupportedModelError) as err:
             extract_scores(model_dir, texts(3), np.arange(3), out, **run)
@@ -104,7 +104,8 @@ def test_probe_refuses_a_wrong_backend(name, drop, models, tmp_path, monkeypatch
     out = tmp_path / "s" / "shard-0.zarr"
     with pytest.raises(UnsupportedModelError, match="does not reproduce its eager attention") as err:
         extract_scores(models(name), texts(2), np.arange(2), out, seq_len=SEQ_LEN, dtype="float32", batch_size=2,
-                       device="cpu", progress=False, attrs={"model": name})
+                       device="cpu", progress=False, attrs={"model": name}, autocast="none", layers="all",
+                       compression="lz4")
     print(f"{name} without {drop}: {str(err.value).splitlines()[0]}")
     assert not (tmp_path / "s").exists()
 
@@ -121,7 +122,8 @@ def test_unknown_keyword_is_refused_by_name(models, tmp_path, monkeypatch):
     with pytest.raises(UnsupportedModelError, match=r"LlamaAttention passes alibi_slopes=Tensor .* does not "
                                                     r"implement") as err:
         extract_scores(models("llama"), texts(2), np.arange(2), tmp_path / "s.zarr", seq_len=SEQ_LEN,
-                       device="cpu", progress=False, attrs={"model": "llama"})
+                       device="cpu", progress=False, attrs={"model": "llama"}, dtype="float16", batch_size=8,
+                       autocast="none", layers="all", compression="lz4")
     assert "model_type 'llama'" in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -156,7 +158,7 @@ def test_shared_module_without_layer_idx_is_keyed_by_call_order(models):
 
 
 def test_matrix_summary():
-    """Runs last: the maximum oracle error of every family that passed (see README 'Supported models')."""
+    """Runs last: the maximum oracle error of every family that passed (see docs/models.md)."""
     if not ERRORS:
         pytest.skip("run with the family tests")
     for name, err in sorted(ERRORS.items()):

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 
 from eigenattn.claims import DEFAULTS, STATES, c1_rows, c2_rows, c3_rows, c4_rows, claims_table
-from eigenattn.eigen import run_full, run_rows, spectrum_table
+from eigenattn.eigen_stores import run_full, run_rows, spectrum_table
 from eigenattn.overlap import summarise, within_model, write_overlap
 from eigenattn.reconstruct import evaluate_view
-from eigenattn.train import summarise as training_summary
-from synthetic import low_rank_scores, write_store
+from eigenattn.training_summary import summarise as training_summary
+from synthetic import VARIANTS, low_rank_scores, write_store
 
 CFG = dict(DEFAULTS, k_report=4, s_report=4)
 
@@ -25,8 +25,8 @@ def _analyse(root, name, data, views=("all",)):
     out = {}
     for view in views:
         rows, halves, full = (root / f"{name}-{view}-{x}.zarr" for x in ("rows", "halves", "full"))
-        run_rows(s, rows, view, halves_path=halves)
-        run_full(s, full, view)
+        run_rows(s, rows, view, VARIANTS, 2, halves_path=halves)
+        run_full(s, full, view, VARIANTS)
         csv = root / f"{name}-{view}-spectrum.csv"
         spectrum_table(rows, halves, full, [1, 4]).to_csv(csv, index=False)
         out[view] = {"rows": rows, "halves": halves, "spectrum": csv}
@@ -86,10 +86,11 @@ def test_c2_independent_subspaces_not_supported(tmp_path, same, state):
 def _recon_csv(root, name, data):
     fit = write_store(root / f"{name}-fit.zarr", data[:24], batch=4, model=name)
     held = write_store(root / f"{name}-held.zarr", data[24:], batch=4, model=name)
-    run_rows([fit], root / f"{name}-rows.zarr", "all", variants=("raw",))
+    run_rows([fit], root / f"{name}-rows.zarr", "all", ("raw",), 2)
     df = evaluate_view(root / f"{name}-rows.zarr", [held], fit_shards=[fit],
                        estimators=["eigenspace", "conditional_gaussian", "mean", "subset_only"],
-                       strategies=["strided", "random"], subset_sizes=[4], progress=False)
+                       strategies=["strided", "random"], subset_sizes=[4], progress=False, ridge=1e-6,
+                       rank=0.5, seed=0, eval_rows=None)
     p = root / f"{name}-recon.csv"
     df.to_csv(p, index=False)
     return p

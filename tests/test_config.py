@@ -1,11 +1,12 @@
-"""Bad configs fail before any job runs, name the key, and leave nothing under results/."""
-
+"""Bad configs fail before any job runs (or, for what needs data, in the rule that has it), name the
+key and the fix, and leave nothing under results/."""
 
 import pytest
 import yaml
 
 from conftest import REPO, snakemake
-from eigenattn.config import check_config, validate_schema
+from eigenattn import plan
+from eigenattn.config import check, validate
 from eigenattn.errors import ConfigError
 
 
@@ -25,17 +26,17 @@ def _run_bad(workdir, override: dict, *targets):
 
 
 def _assert_nothing_written(workdir):
-    assert not (workdir / "results").exists()
+    results = workdir / "results"
+    assert not results.exists() or not [p for p in results.rglob("*") if p.is_file()]
 
 
 @pytest.mark.parametrize("override,needle", [
     ({"run_models": ["minilm", "nosuchmodel"]}, "run_models[1]': unknown model 'nosuchmodel'"),
     ({"sampling": {"seq_len": 1024}}, "sampling.seq_len': 1024 exceeds the 512 positions of model 'minilm'"),
-    ({"sampling": {"n_sequences": {"fit": 100000}}}, "sampling.n_sequences.fit': corpus 'enwiki-sample' offers only"),
     ({"sampling": {"seq_lne": 64}}, "unknown key 'sampling.seq_lne' (misspelt?)"),
     ({"extraction": {"dtype": "float8"}}, "extraction.dtype'"),
     ({"models": {"hubmodel": {"source": "hub", "repo_id": "org/x", "revision": "main"}},
-      "run_models": ["hubmodel"]}, "models.hubmodel.source'"),
+      "run_models": ["hubmodel"]}, "models.hubmodel.causal': is not set"),
     ({"eigen": {"views": ["all", "prefix"]}}, "eigen.views': view 'all' is undefined for the causal model 'smollm2'"),
     ({"eigen": {"variants": ["centred"]}}, "eigen.variants.0'"),
     ({"eigen": {"scheduler": "mpi"}}, "eigen.scheduler'"),
@@ -45,12 +46,28 @@ def _assert_nothing_written(workdir):
     ({"plugin": {"strategies": ["greedy"]}}, "plugin.strategies.0'"),
     ({"plugin": {"n_sequences": 500}}, "plugin.n_sequences': 500 exceeds the 32 held-out passages"),
     ({"eigen": {"variants": ["row_centered"]}}, "eigen.variants': reconstruction fits on the 'raw' row spectra"),
+    ({"run_models": ["minilm", "minilm"]}, "run_models': lists a model twice"),
 ])
 def test_bad_config_fails_before_any_job(workdir, override, needle):
     out = _run_bad(workdir, override)
     assert needle in out, out[-3000:]
     assert "fix:" in out
     assert "jobid" not in out  # no job was scheduled
+    _assert_nothing_written(workdir)
+
+
+@pytest.mark.parametrize("override,target,needle", [
+    ({"sampling": {"n_sequences": {"fit": 100000}}}, "corpus",
+     "sampling.n_sequences.fit': corpus 'enwiki-sample' offers only"),
+    ({"models": {"hubmodel": {"source": "hub", "repo_id": "org/x", "revision": "main", "causal": False}},
+      "run_models": ["hubmodel"]}, "resources/models/hubmodel", "models.hubmodel.source is 'hub', but the Hugging"),
+])
+def test_config_errors_that_need_data_fail_in_their_rule(workdir, monkeypatch, override, target, needle):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = _run_bad(workdir, override, target)
+    log = "".join(p.read_text() for p in (workdir / "logs").rglob("*.log"))
+    assert needle in out + log, (out + log)[-3000:]
+    assert "fix:" in out + log
     _assert_nothing_written(workdir)
 
 
@@ -66,36 +83,35 @@ def test_wrong_sha256_names_key_and_leaves_nothing(tmp_path, resources):
     _assert_nothing_written(tmp_path)
 
 
-def test_hub_offline_error_from_library(monkeypatch):
-    c = _config()
-    c["models"]["h"] = {"source": "hub", "repo_id": "org/x", "revision": "abc"}
-    c["run_models"] = ["h"]
-    validate_schema(c)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="models.h.source.*cannot be reached"):
-        check_config(c, workdir="/nonexistent")
-
-
 def test_schema_fills_defaults_and_rejects_types():
     c = {"models": _config()["models"], "corpora": _config()["corpora"]}
-    validate_schema(c)
+    validate(c)
     assert c["sampling"]["n_sequences"] == {"fit": 96, "heldout": 32}
-    assert c["extraction"]["device"] == "auto"
+    assert c["extraction"]["device"] == "auto" and c["training"]["finetune_steps"] == 200
     c["sampling"]["seq_len"] = "long"
     with pytest.raises(ConfigError, match="sampling.seq_len"):
-        validate_schema(c)
+        validate(c)
 
 
 def test_pypi_model_requires_checksums():
     c = _config()
     del c["models"]["minilm"]["sha256"]
     with pytest.raises(ConfigError, match="models.minilm.*sha256"):
-        validate_schema(c)
+        validate(c)
 
 
 def test_shards_larger_than_split():
-    c = _config()
-    validate_schema(c)
+    c = validate(_config())
     c["extraction"]["shards"] = 7
     with pytest.raises(ConfigError, match="extraction.shards"):
-        check_config(c, workdir="/nonexistent", check_hub=False)
+        check(c)
+
+
+def test_planning_is_a_function_of_the_config():
+    c = validate(_config())
+    assert plan.model_views(c, "minilm") == ["all", "prefix"] and plan.model_views(c, "smollm2") == ["prefix"]
+    assert plan.cross_pairs(c) == [("minilm", "smollm2")]
+    assert plan.plugin_view(c, "smollm2") == "prefix"
+    runs = plan.training_runs(c)
+    assert len(runs) == 2 * (2 + 4 * len(c["training"]["subset_sizes"]))
+    assert plan.model_spec(c, c["training"]["analysis_model"])["run"] == plan.trained_run(c)

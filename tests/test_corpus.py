@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from eigenattn.corpus import (check_capacity, parse_mediawiki_dump, sample_passages, split_documents,
-                              strip_wikitext, tokenize_passages)
+from eigenattn.config import check_corpus_capacity
+from eigenattn.corpus import parse_mediawiki_dump, sample_passages, split_documents, strip_wikitext, tokenize_passages
 from eigenattn.errors import ConfigError, InputError
 
 DUMP = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">
@@ -79,8 +79,13 @@ def test_sampling_is_deterministic_and_disjoint():
 
 
 def test_too_small_corpus_names_the_key():
+    config = {"seed": 0, "corpus": "toy", "sampling": {"heldout_fraction": 0.3, "seq_len": 50,
+                                                       "n_sequences": {"fit": 50, "heldout": 1}}}
     with pytest.raises(ConfigError, match=r"sampling.n_sequences.fit.*offers only"):
-        check_capacity(np.array([100, 100, 100]), 0, 0.3, 50, {"fit": 50, "heldout": 1}, "toy")
+        check_corpus_capacity(config, np.array([100, 100, 100]))
+    with pytest.raises(ValueError, match="cannot supply"):
+        sample_passages(pd.DataFrame({"doc_id": ["a", "b", "c"], "title": "t", "text": ["w " * 100] * 3}), seed=0,
+                        seq_len=50, n_sequences={"fit": 50, "heldout": 1}, heldout_fraction=0.3, corpus="toy")
 
 
 @pytest.mark.parametrize("name", ["minilm", "smollm2"])

@@ -5,13 +5,13 @@ import pandas as pd
 import pytest
 from sklearn.decomposition import PCA
 
-from eigenattn.eigen import (eigh_desc, explained_variance, full_spectrum, k_at, row_spectrum, run_full, run_rows,
-                             spectrum_table)
-from eigenattn.errors import ConfigError, InputError
+from eigenattn.eigen import eigh_desc, explained_variance, full_spectrum, k_at, row_spectrum
+from eigenattn.eigen_stores import run_full, run_rows, spectrum_table
+from eigenattn.errors import InputError
 from eigenattn.moments import merge_packed, pack, sample_moments, unpack, view_slices
 from eigenattn.scheduler import dask_scheduler
 from eigenattn.store import open_scores
-from synthetic import low_rank_scores, write_store
+from synthetic import VARIANTS, low_rank_scores, write_store
 
 N, L, H, n = 20, 2, 3, 16
 
@@ -63,7 +63,7 @@ def test_rows_match_numpy(shards, data, view, variant):
 
 def test_explained_variance_matches_sklearn_pca(shards, data):
     scores, _ = open_scores(shards)
-    res = row_spectrum(scores, "all", "raw", causal=False)
+    res = row_spectrum(scores, "all", "raw", causal=False, split_every=8)
     X = _rows(data, "all", "raw")[:, 1, 2].reshape(-1, n)
     pca = PCA().fit(X)
     ev = explained_variance(res["heads"]["eigenvalues"][1, 2])
@@ -117,9 +117,9 @@ def test_full_gram_matches_dense_covariance_and_svd_compressed(shards, data, vie
 
 def test_distributed_equals_threads(shards):
     with dask_scheduler("threads", 2):
-        a = row_spectrum(open_scores(shards)[0], "all", "row_centered", False)
+        a = row_spectrum(open_scores(shards)[0], "all", "row_centered", False, 8)
     with dask_scheduler("distributed", 1):
-        b = row_spectrum(open_scores(shards)[0], "all", "row_centered", False)
+        b = row_spectrum(open_scores(shards)[0], "all", "row_centered", False, 8)
     np.testing.assert_allclose(a["heads"]["eigenvalues"], b["heads"]["eigenvalues"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(a["pooled"]["mean"], b["pooled"]["mean"], rtol=1e-12, atol=1e-12)
 
@@ -133,8 +133,8 @@ def test_k_at_and_eigh_desc():
 
 
 def test_stores_and_spectrum_csv(tmp_path, shards, data):
-    run_rows(shards, tmp_path / "rows.zarr", "all", halves_path=tmp_path / "halves.zarr")
-    run_full(shards, tmp_path / "full.zarr", "all")
+    run_rows(shards, tmp_path / "rows.zarr", "all", VARIANTS, 2, halves_path=tmp_path / "halves.zarr")
+    run_full(shards, tmp_path / "full.zarr", "all", VARIANTS)
     df = spectrum_table(tmp_path / "rows.zarr", tmp_path / "halves.zarr", tmp_path / "full.zarr", [1, 2, 4])
     cols = ["model", "view", "analysis", "variant", "layer", "head", "d", "n_samples", "total_variance",
             "k90", "k90_cv", "k95", "k95_cv", "k99", "k99_cv", "ev_at_1", "ev_at_2", "ev_at_4", "bounded_k90",
@@ -161,12 +161,12 @@ def test_stores_and_spectrum_csv(tmp_path, shards, data):
 
 def test_bad_inputs(tmp_path, data):
     with pytest.raises(InputError, match="no score shards"):
-        run_rows([], tmp_path / "r.zarr", "all")
+        run_rows([], tmp_path / "r.zarr", "all", VARIANTS, 2)
     causal = [write_store(tmp_path / "c.zarr", data, causal=True)]
-    with pytest.raises(ConfigError, match="view 'all' is undefined for a causal model"):
-        run_rows(causal, tmp_path / "r.zarr", "all")
-    with pytest.raises(ConfigError, match="unknown variant 'centred'"):
-        run_full(causal, tmp_path / "f.zarr", "prefix", variants=["centred"])
+    with pytest.raises(ValueError, match="view 'all' is undefined for a causal model"):
+        run_rows(causal, tmp_path / "r.zarr", "all", VARIANTS, 2)
+    with pytest.raises(ValueError, match="unknown variant 'centred'"):
+        run_full(causal, tmp_path / "f.zarr", "prefix", ["centred"])
     assert not (tmp_path / "r.zarr").exists() and not (tmp_path / "f.zarr").exists()
 
 
@@ -221,8 +221,8 @@ def test_bounded_per_level_low_rank_vs_isotropic(tmp_path):
     iso = rng.standard_normal((Nf, 1, 1, nn, nn)).astype(np.float32)
     for name, data, want_bounded in (("low", low, False), ("iso", iso, True)):
         s = [write_store(tmp_path / f"{name}.zarr", data, batch=5)]
-        run_rows(s, tmp_path / f"{name}-rows.zarr", "all", halves_path=tmp_path / f"{name}-halves.zarr")
-        run_full(s, tmp_path / f"{name}-full.zarr", "all")
+        run_rows(s, tmp_path / f"{name}-rows.zarr", "all", VARIANTS, 2, halves_path=tmp_path / f"{name}-halves.zarr")
+        run_full(s, tmp_path / f"{name}-full.zarr", "all", VARIANTS)
         df = spectrum_table(tmp_path / f"{name}-rows.zarr", tmp_path / f"{name}-halves.zarr",
                             tmp_path / f"{name}-full.zarr", [1])
         f = df[(df.analysis == "full") & (df.variant == "raw")].iloc[0]

@@ -75,7 +75,7 @@ def test_select_visible_drops_masked_layers_from_the_dask_array():
 
 
 def test_eigen_and_reconstruction_skip_masked_layers(tmp_path, caplog):
-    from eigenattn.eigen import run_rows
+    from eigenattn.eigen_stores import run_rows
     from eigenattn.reconstruct import evaluate_view
 
     n = 16
@@ -87,12 +87,13 @@ def test_eigen_and_reconstruction_skip_masked_layers(tmp_path, caplog):
         zarr.open_group(p, mode="r+").attrs["layer_masks"] = masks
         stores[split] = p
     with caplog.at_level(logging.WARNING):
-        run_rows([stores["fit"]], tmp_path / "rows.zarr", "prefix", variants=("raw",))
+        run_rows([stores["fit"]], tmp_path / "rows.zarr", "prefix", ("raw",), 2)
     assert "layer 4 skipped in view 'prefix'" in caplog.text
     g = zarr.open_group(tmp_path / "rows.zarr", mode="r")
     assert g.attrs["layers"] == [2, 6] and [x["layer"] for x in g.attrs["skipped_layers"]] == [4]
     assert g["raw/mean"].shape == (2, 2, n // 2)
     np.testing.assert_allclose(g["raw/mean"][1], scores[:6, 2][:, :, n // 2:, : n // 2].mean(axis=(0, 2)), rtol=1e-5)
     df = evaluate_view(tmp_path / "rows.zarr", [stores["held"]], estimators=["mean"], strategies=["strided"],
-                       subset_sizes=[2], progress=False)
+                       subset_sizes=[2], progress=False, ridge=1e-6, rank=0.5, seed=0,
+                       eval_rows=None)
     assert sorted(df["layer"].unique()) == [2, 6]

@@ -7,12 +7,13 @@ import yaml
 import zarr
 
 from conftest import REPO
-from eigenattn.config import check_overlap, validate_schema
-from eigenattn.eigen import explained_variance, run_rows
-from eigenattn.errors import ConfigError
+from eigenattn.config import check, validate
+from eigenattn.eigen import explained_variance
+from eigenattn.eigen_stores import run_rows
+from eigenattn.errors import ConfigError, InputError
 from eigenattn.overlap import (check_ks, cross_model, overlap_and_captured, scope_masks, summarise,
                                within_model, write_overlap)
-from synthetic import low_rank_scores, write_store
+from synthetic import VARIANTS, low_rank_scores, write_store
 
 
 def _orthonormal(rng, m, d):
@@ -68,7 +69,7 @@ def analyses(tmp_path_factory):
     out = {}
     for name, seed, L, H in (("m1", 0, 3, 2), ("m2", 1, 2, 3)):
         s = write_store(d / f"{name}.zarr", low_rank_scores(16, L, H, 12, seed=seed), batch=4, model=name)
-        run_rows([s], d / f"{name}-rows.zarr", "prefix", halves_path=d / f"{name}-halves.zarr")
+        run_rows([s], d / f"{name}-rows.zarr", "prefix", VARIANTS, 2, halves_path=d / f"{name}-halves.zarr")
         out[name] = (d / f"{name}-rows.zarr", d / f"{name}-halves.zarr")
     return d, out
 
@@ -126,7 +127,7 @@ def _independent_subspace_analyses(root, same: bool):
             data[:, l, h, :, : n // 2] = coef @ B.T + 0.05 * rng.standard_normal((N, n, n // 2))
             data[:, l, h, :, n // 2:] = rng.standard_normal((N, n, n // 2))
     s = write_store(root / "ind.zarr", data, batch=4)
-    run_rows([s], root / "rows.zarr", "prefix", halves_path=root / "halves.zarr")
+    run_rows([s], root / "rows.zarr", "prefix", VARIANTS, 2, halves_path=root / "halves.zarr")
     write_overlap(root / "w.zarr", *within_model(root / "rows.zarr", root / "halves.zarr", "raw", [3]))
     return summarise([root / "w.zarr"], [])
 
@@ -147,26 +148,26 @@ def test_independent_subspaces_read_as_random(tmp_path, same):
 
 def test_bad_inputs(analyses, tmp_path):
     d, out = analyses
-    with pytest.raises(ConfigError, match="overlap.k.*outside 1..d = 6"):
+    with pytest.raises(ValueError, match="outside 1..d = 6"):
         within_model(*out["m1"], "raw", [8])
-    with pytest.raises(ConfigError, match="overlap.k"):
+    with pytest.raises(ValueError, match="outside 1..d = 6"):
         check_ks([0], 6)
     other = write_store(tmp_path / "o.zarr", low_rank_scores(8, 1, 1, 16), batch=4, model="o")
-    run_rows([other], tmp_path / "o-rows.zarr", "prefix", halves_path=tmp_path / "o-halves.zarr")
-    with pytest.raises(ConfigError, match="different row dimensions"):
+    run_rows([other], tmp_path / "o-rows.zarr", "prefix", VARIANTS, 2, halves_path=tmp_path / "o-halves.zarr")
+    with pytest.raises(InputError, match="different row dimensions"):
         cross_model(*out["m1"], tmp_path / "o-rows.zarr", tmp_path / "o-halves.zarr", "raw", [2])
 
 
 def _config(**overlap):
     c = yaml.safe_load((REPO / "config.yaml").read_text())
     c["overlap"].update(overlap)
-    validate_schema(c)
+    validate(c)
     return c
 
 
 def test_config_checks():
     with pytest.raises(ConfigError, match=r"overlap.cross_pairs\[0\]\[1\]': unknown model 'bert'"):
-        check_overlap(_config(cross_pairs=[["minilm", "bert"]]))
+        check(_config(cross_pairs=[["minilm", "bert"]]))
     with pytest.raises(ConfigError, match="overlap.k': k = \\[128\\] exceeds the row dimension d = 64"):
-        check_overlap(_config(k=[4, 128]))
-    check_overlap(_config())
+        check(_config(k=[4, 128]))
+    check(_config())

@@ -1,4 +1,4 @@
-"""Re-running single stages: dry-run assertions on tests/config.yaml (README "Re-running one stage")."""
+"""Re-running single stages: dry-run assertions on tests/config.yaml (README: "Running and re-running")."""
 
 import os
 import re
@@ -52,10 +52,10 @@ def test_training_parameter_reruns_only_training_and_its_notebooks(tiny_run, tmp
     wd, _ = tiny_run
     proc = snakemake(wd, "-n", configs=_override(tmp_path, {"training": {"lr": 2e-3}}))
     jobs = _jobs(proc)
-    # the training stage: runs, the analysis of the retrained exact encoder, the summary
-    training = {"train_run", "train_summary", "fetch_model", "extract_scores", "eigen_rows"}
+    # the training stage: runs, the analysis of the retrained exact encoder, the summary, the claims
+    training = {"train_run", "train_summary", "extract_scores", "eigen_rows", "claims"}
     assert set(jobs) == training | {"notebook", "all"}, jobs
-    assert jobs["fetch_model"] == 1 and jobs["eigen_rows"] == 1  # only the trained encoder is re-analysed
+    assert jobs["eigen_rows"] == 1  # only the trained encoder is re-analysed, read from its run folder
     out = proc.stdout + proc.stderr
     assert jobs["notebook"] == 2 and "name=training" in out and "name=summary" in out
 

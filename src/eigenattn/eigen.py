@@ -3,6 +3,8 @@ the Gram matrix (§4). All reductions are Dask graphs; the scheduler is chosen b
 
 from __future__ import annotations
 
+import dask
+import dask.array as da
 import numpy as np
 
 from .errors import InputError
@@ -49,16 +51,13 @@ def _spectra(packed: np.ndarray) -> dict:
     return out
 
 
-def row_spectrum(scores, view: str, variant: str, causal: bool, split_every: int = 8,
-                 halves: bool = False) -> dict:
+def row_spectrum(scores, view: str, variant: str, causal: bool, split_every: int, halves: bool = False) -> dict:
     """Per-head and pooled row spectra (numpy arrays keyed as in rows.zarr).
 
     With ``halves``, the moments of the first and second half of the sequences (split at a chunk
     boundary) are reduced separately and merged exactly into the total, so the split-half spectra
     (used as the noise ceiling of subspace overlap) cost no extra pass over the data.
     """
-    import dask
-
     per_block = block_moments(scores, view, variant, causal)
     if not halves:
         (packed,) = dask.compute(reduce_moments(per_block, split_every))
@@ -87,8 +86,6 @@ def full_gram(scores, view: str, variant: str, causal: bool):
     shift c, the first sequence's block, keeps the float64 sums well conditioned). One pass over
     the data; no (|Q||K|)-dimensional covariance is ever formed.
     """
-    import dask.array as da
-
     check_variant(variant)
     n = scores.shape[-1]
     qs, ks = view_slices(view, n, causal)
@@ -150,8 +147,6 @@ def full_spectrum(scores, view: str, variant: str, causal: bool) -> dict:
     The nonzero eigenvalues of C = Vc^T Vc / (N-1) equal those of the Gram Vc Vc^T / (N-1); the total
     variance (sum of per-coordinate variances) is trace(C) = trace(G) / (N-1), exactly.
     """
-    import dask
-
     g0, N, D = full_gram(scores, view, variant, causal)
     (g0,) = dask.compute(g0)
     g = center_gram(g0)
@@ -161,106 +156,6 @@ def full_spectrum(scores, view: str, variant: str, causal: bool) -> dict:
     split = int(np.sum(scores.chunks[0][:half_block_index(scores.chunks[0])]))
     return {"eigenvalues": np.clip(w[..., :r], 0.0, None), "total_variance": total, "n_samples": N, "dim": D,
             "ev_heldout": heldout_explained_variance(g0, split), "split_sequence": split}
-
-
-def _store_attrs(attrs: dict, view: str, causal: bool, n_seq: int, extra: dict) -> dict:
-    from . import __version__
-
-    n = attrs["seq_len"]
-    qs, ks = view_slices(view, n, causal)
-    return {"model": attrs["model"], "view": view, "causal": causal, "layers": attrs["layers"],
-            "heads": attrs["heads"], "n_layers_total": attrs.get("n_layers_total"),
-            "seq_len": n, "query_range": [qs.start, qs.stop],
-            "key_range": [ks.start, ks.stop], "d": ks.stop - ks.start, "n_sequences": n_seq,
-            "corpus": attrs.get("corpus"), "seed": attrs.get("seed"), "split": "fit",
-            "scores_dtype": attrs.get("dtype"), "skipped_layers": attrs.get("skipped_layers", []),
-            "eigenattn_version": __version__, **extra}
-
-
-def _open_fit(shards, view: str, variants):
-    """Open the fit shards and fail early on an undefined view or unknown variant."""
-    from .masks import select_visible
-    from .store import open_scores
-
-    scores, attrs = open_scores(shards)
-    causal = bool(attrs["causal"])
-    view_slices(view, attrs["seq_len"], causal)
-    for v in variants:
-        check_variant(v)
-    scores, attrs = select_visible(scores, attrs, view)  # layers whose mask hides part of the view are skipped
-    return scores, attrs, causal
-
-
-def run_rows(shards, out_path, view: str, variants=("raw", "row_centered"), split_every: int = 8,
-             halves_path=None) -> dict:
-    """Row analysis of all fit shards into rows.zarr (groups per variant, with pooled/ subgroups).
-
-    With ``halves_path``, the spectra of the two halves of the fit sequences go to a second store
-    (groups {variant}/{a,b}/ shaped like rows.zarr's), read by the overlap stage.
-    """
-    import zarr
-
-    from .store import atomic_store, write_arrays
-
-    scores, attrs, causal = _open_fit(shards, view, variants)
-    results = {v: row_spectrum(scores, view, v, causal, split_every, halves=halves_path is not None)
-               for v in variants}
-    if halves_path is not None:
-        with atomic_store(halves_path) as tmp:
-            root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
-            for v, res in results.items():
-                for half in ("a", "b"):
-                    g = root.require_group(f"{v}/{half}")
-                    write_arrays(g, res["halves"][half]["heads"])
-                    write_arrays(g.require_group("pooled"), res["halves"][half]["pooled"])
-            split = results[variants[0]]["halves"]["split_sequence"]
-            root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
-                "analysis": "rows_halves", "variants": list(variants), "split_sequence": split,
-                "halves": {"a": [0, split], "b": [split, int(scores.shape[0])]},
-                "definition": "row spectra (as rows.zarr) of the first (a) and second (b) half of the fit "
-                              "sequences in passage_id order",
-                "complete": True}))
-    with atomic_store(out_path) as tmp:
-        root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
-        for v, res in results.items():
-            g = root.require_group(v)
-            write_arrays(g, res["heads"])
-            write_arrays(g.require_group("pooled"), res["pooled"])
-        root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
-            "analysis": "rows", "variants": list(variants),
-            "axes": {"mean": ["layer", "head", "key"], "eigenvalues": ["layer", "head", "component"],
-                     "eigenvectors": ["layer", "head", "key", "component"], "count": ["layer", "head"]},
-            "definition": "covariance of score rows S[i, keys] over queries i in the view and fit sequences; "
-                          "eigenvalues descending, eigenvectors are columns; pooled/ merges the heads of a layer",
-            "complete": True}))
-    return results
-
-
-def run_full(shards, out_path, view: str, variants=("raw", "row_centered")) -> dict:
-    """Full-matrix analysis into full.zarr: the `raw` variant at the root, others in subgroups."""
-    import zarr
-
-    from .store import atomic_store, write_arrays
-
-    scores, attrs, causal = _open_fit(shards, view, variants)
-    results = {v: full_spectrum(scores, view, v, causal) for v in variants}
-    with atomic_store(out_path) as tmp:
-        root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
-        for v, res in results.items():
-            g = root if v == "raw" else root.require_group(v)
-            write_arrays(g, {k: res[k] for k in ("eigenvalues", "total_variance", "ev_heldout")},
-                         {"n_samples": res["n_samples"], "dim": res["dim"], "variant": v,
-                          "split_sequence": res["split_sequence"]})
-        root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
-            "analysis": "full", "variants": list(variants),
-            "axes": {"eigenvalues": ["layer", "head", "component"], "total_variance": ["layer", "head"],
-                     "ev_heldout": ["layer", "head", "k - 1"]},
-            "definition": "eigenvalues of the covariance of vectorised view blocks (one sample per sequence) "
-                          "via the centred Gram matrix; total_variance = sum of per-coordinate variances; "
-                          "ev_heldout[k-1] = share of one half's variance inside the other half's top-k "
-                          "principal directions, averaged over both directions (halves split at split_sequence)",
-            "complete": True}))
-    return results
 
 
 def heldout_ev_rows(Ua: np.ndarray, lam_a: np.ndarray, Ub: np.ndarray, lam_b: np.ndarray) -> np.ndarray:
@@ -295,62 +190,3 @@ def constant_alignment(U: np.ndarray) -> np.ndarray:
     """|⟨u₁, 1/√d⟩|: how closely the top eigenvector is the constant (row-offset) direction."""
     d = U.shape[-2]
     return np.abs(U[..., :, 0].sum(-1)) / np.sqrt(d)
-
-
-def spectrum_table(rows_store, halves_store, full_store, report_k):
-    """The spectrum.csv table (one row per layer × head, plus pooled) from rows.zarr, halves.zarr
-    and full.zarr: k_p in-sample and held-out (``k90_cv``: smallest k whose half-sample subspace
-    explains p of the other half, empty when not reached), bounded flags per level, EV(k)."""
-    import pandas as pd
-
-    from .store import open_group
-
-    recs = []
-
-    def add(analysis, variant, attrs, eig, total, n_samples, head_labels, dim, ev_cv, u1=None):
-        """eig (L, len(head_labels), r), total and u1 (L, len(head_labels)), ev_cv (L, heads, r_cv)."""
-        ev = explained_variance(eig, total)
-        ks = {p: k_at(ev, p) for p in P_LEVELS}
-        cv = {p: np.where(ev_cv[..., -1] >= p - 1e-12, k_at(ev_cv, p), -1) for p in P_LEVELS}
-        bounded = {p: is_bounded(ev_cv, p, n_samples, dim) for p in P_LEVELS}
-        for li, layer in enumerate(attrs["layers"]):
-            for hi, head in enumerate(head_labels):
-                rec = {"model": attrs["model"], "view": attrs["view"], "analysis": analysis, "variant": variant,
-                       "layer": layer, "head": head, "d": dim, "n_samples": n_samples,
-                       "total_variance": float(total[li, hi])}
-                for p in P_LEVELS:
-                    name = f"k{round(p * 100)}"
-                    rec[name] = int(ks[p][li, hi])
-                    rec[f"{name}_cv"] = int(cv[p][li, hi]) if cv[p][li, hi] > 0 else pd.NA
-                for k in report_k:
-                    rec[f"ev_at_{k}"] = float(ev[li, hi, min(k, ev.shape[-1]) - 1])
-                for p in P_LEVELS:
-                    rec[f"bounded_k{round(p * 100)}"] = bool(bounded[p][li, hi])
-                rec["u1_constant"] = float(u1[li, hi]) if u1 is not None else np.nan
-                recs.append(rec)
-
-    rows, halves = open_group(rows_store), open_group(halves_store)
-    ra = rows.attrs.asdict()
-    d = int(ra["d"])
-    heads = list(range(int(ra["heads"])))
-    for v in ra["variants"]:
-        for scope, labels, sl in (("", heads, np.s_[...]), ("pooled/", ["pooled"], np.s_[:, None])):
-            g = rows[f"{v}/{scope}" if scope else v]
-            ha, hb = halves[f"{v}/a/{scope}" if scope else f"{v}/a"], halves[f"{v}/b/{scope}" if scope else f"{v}/b"]
-            eig = g["eigenvalues"][:][sl]
-            ev_cv = heldout_ev_rows(ha["eigenvectors"][:], ha["eigenvalues"][:], hb["eigenvectors"][:],
-                                    hb["eigenvalues"][:])[sl]
-            count = int(np.asarray(g["count"][:]).flat[0])
-            add("rows", v, ra, eig, eig.sum(-1), count, labels, d, ev_cv,
-                constant_alignment(g["eigenvectors"][:])[sl])
-    full = open_group(full_store)
-    fa = full.attrs.asdict()
-    for v in fa["variants"]:
-        g = full if v == "raw" else full[v]
-        ga = g.attrs.asdict()
-        add("full", v, fa, g["eigenvalues"][:], g["total_variance"][:], int(ga["n_samples"]), heads, int(ga["dim"]),
-            g["ev_heldout"][:])
-    df = pd.DataFrame.from_records(recs)
-    for p in P_LEVELS:
-        df[f"k{round(p * 100)}_cv"] = df[f"k{round(p * 100)}_cv"].astype("Int64")
-    return df

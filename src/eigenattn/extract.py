@@ -1,6 +1,6 @@
 """Run a model over passages and write its pre-softmax scores to a Zarr v3 store.
 
-Store layout (one group per shard; see README "Data contract" and "Supported models"):
+Store layout (one group per shard; see docs/data-contract.md and docs/models.md):
 
     scores          (N, L, H, n, n)  float16|float32  chunks (B, 1, H, n, n)
     input_ids       (N, n)           int32
@@ -20,35 +20,28 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+import zarr
 from tqdm.auto import tqdm
 
 from . import SCORE_DEFINITION, __version__
 from .capture import ScoreCapture, capturing
 from .corpus import tokenize_passages
-from .errors import ConfigError, UnsupportedModelError
+from .errors import UnsupportedModelError
 from .masks import describe
 from .probe import PROBE_SEQUENCES, equivalence_probe, load_capture_model, mask_info
+from .score_writer import ScoreWriter
 from .store import atomic_store, compressor, score_chunks
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_device(device: str, key: str = "extraction.device") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(key, f"'{device}' requested but CUDA is not available",
-                          "use device: auto or cpu")
-    return torch.device(device)
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_model(model_dir: str | os.PathLike, attn_implementation: str | None = None, device="cpu",
@@ -104,100 +97,50 @@ def check_batch(cap: ScoreCapture, keep: list[int], probe, label: str) -> None:
                                f"({probe.masks[l]})")
 
 
-def resolve_layers(layers, n_layers: int, key: str = "layers") -> list[int]:
+def resolve_layers(layers, n_layers: int) -> list[int]:
     if layers in (None, "all"):
         return list(range(n_layers))
     out = sorted(set(int(x) for x in layers))
     bad = [x for x in out if x < 0 or x >= n_layers]
     if bad:
-        raise ConfigError(key, f"layer(s) {bad} out of range for a model with {n_layers} layers",
-                          f"use 'all' or indices in 0..{n_layers - 1}")
+        raise ValueError(f"layer(s) {bad} out of range for a model with {n_layers} layers")
     return out
 
 
-class _Writer:
-    """Writes score blocks to Zarr on a background thread while the next batch is computed.
-
-    ``slots`` preallocated host buffers rotate between the model loop (fills one) and the
-    writer (drains the others). On CUDA they are pinned, so device-to-host copies are
-    non-blocking; the writer waits on each block's CUDA event before reading it. (A writer
-    process was measured slower here: the extra copy through shared memory cost more than the
-    GIL contention it avoids.)
-    """
-
-    def __init__(self, array, block_shape, dtype: torch.dtype, slots: int = 3, pin: bool = False):
-        self.array = array
-        self.bufs = [torch.empty(block_shape, dtype=dtype, pin_memory=pin) for _ in range(slots)]
-        self.free: queue.Queue = queue.Queue()
-        for i in range(slots):
-            self.free.put(i)
-        self.todo: queue.Queue = queue.Queue()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="zarr-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while (job := self.todo.get()) is not None:
-            slot, start, count, ready = job
-            try:
-                if self.error is None:
-                    if ready is not None:
-                        ready.synchronize()
-                    self.array[start:start + count] = self.bufs[slot][:count].numpy()
-            except BaseException as e:  # re-raised in the model loop
-                self.error = e
-            finally:
-                self.free.put(slot)
-
-    def acquire(self) -> tuple[int, torch.Tensor]:
-        slot = self.free.get()
-        if self.error is not None:
-            raise self.error
-        return slot, self.bufs[slot]
-
-    def submit(self, slot: int, start: int, count: int, ready=None):
-        self.todo.put((slot, start, count, ready))
-
-    def close(self):
-        self.todo.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dtype: str = "float16",
-                   batch_size: int = 8, device: str = "auto", autocast: str = "none", layers="all",
-                   attrs: dict | None = None, progress: bool = True, expect_causal: bool | None = None,
-                   compression: str = "lz4") -> dict:
+def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dtype: str, batch_size: int,
+                   device: torch.device, autocast: str, layers, compression: str, attrs: dict | None = None,
+                   progress: bool = True, check_facts=None) -> dict:
     """Extract the scores of every passage into a new Zarr store at ``out_path``.
 
     Returns a dict of timings and sizes. ``attrs`` are merged into the group attributes.
+    ``check_facts``, if given, is called with what the equivalence probe found (``n_layers``,
+    ``causal``, ``mask_kinds``) before any store exists, so a caller can refuse a model that does
+    not match what it expected.
     """
-    import zarr
-
     if dtype not in DTYPES:
-        raise ConfigError("extraction.dtype", f"unknown dtype '{dtype}'", "use float16 or float32")
-    dev = resolve_device(device)
+        raise ValueError(f"unknown dtype '{dtype}' (use float16 or float32)")
+    if autocast not in AUTOCAST:
+        raise ValueError(f"unknown autocast '{autocast}' (use {', '.join(AUTOCAST)})")
+    dev = torch.device(device)
     name = (attrs or {}).get("model")
     label = f"'{name}' at {model_dir}" if name else str(model_dir)
     tok, model = load_model(model_dir, device=dev, label=label)
     facts = model_facts(model)
     if facts["max_positions"] and seq_len > facts["max_positions"]:
-        raise ConfigError("sampling.seq_len", f"{seq_len} exceeds the model's {facts['max_positions']} "
-                          f"positions ({model_dir})", f"use seq_len <= {facts['max_positions']}")
+        raise ValueError(f"seq_len {seq_len} exceeds the {facts['max_positions']} positions of the model at "
+                         f"{model_dir}")
     ids = tokenize_passages(tok, texts, seq_len)
     # Refuse before any store exists: the probe compares the capture with the model's eager attention.
     probe = equivalence_probe(model, torch.from_numpy(ids[:PROBE_SEQUENCES].astype(np.int64)).to(dev), label)
     facts["n_layers"] = probe.n_layers
-    keep = resolve_layers(layers, facts["n_layers"], "extraction.layers")
+    wanted = list(range(probe.n_layers)) if layers in (None, "all") else \
+        sorted({int(x) for x in layers if 0 <= int(x) < probe.n_layers})
+    if check_facts is not None:
+        check_facts({"n_layers": probe.n_layers, "causal": probe.causal(wanted),
+                     "mask_kinds": ", ".join(sorted({describe(probe.masks[l]) for l in wanted}))})
+    keep = resolve_layers(layers, facts["n_layers"])
     facts.update(probe_facts(probe, keep, label, facts["model_type"]))
     causal = probe.causal(keep)
-    if expect_causal is not None and causal != bool(expect_causal):
-        kinds = ", ".join(sorted({describe(probe.masks[l]) for l in keep}))
-        raise ConfigError(f"models.{name or '?'}.causal",
-                          f"is {expect_causal}, but the model's attention masks are {kinds}, so it is "
-                          f"{'causal' if causal else 'not causal'} (every layer hiding the keys after each query)",
-                          f"set causal: {str(causal).lower()}")
     n_seq, L, H = len(ids), len(keep), facts["heads"]
     store_dtype = DTYPES[dtype]
     sinks = [l for l in keep if l in probe.sinks]
@@ -223,11 +166,9 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
                               "P = softmax([S + mask, sink])[..., :n]", "layers": keep})
 
         on_cuda = dev.type == "cuda"
-        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast, "bad")
-        if amp == "bad":
-            raise ConfigError("extraction.autocast", f"unknown value '{autocast}'", "use none, bf16 or fp16")
+        amp = AUTOCAST[autocast]
         block_shape = (batch_size, L, H, seq_len, seq_len)
-        writer = _Writer(root["scores"], block_shape, store_dtype, pin=on_cuda)
+        writer = ScoreWriter(root["scores"], block_shape, store_dtype, pin=on_cuda)
         t_loop = time.perf_counter()
         t_fwd = 0.0
         bar = tqdm(total=n_seq, desc=f"extract {out_path.parent.parent.name}/{out_path.parent.name}",
@@ -303,12 +244,9 @@ def dir_size(path) -> int:
 
 def shard_passages(passages_path, split: str, shard: int, n_shards: int):
     """The passages of ``split`` that shard ``shard`` of ``n_shards`` extracts (contiguous rows)."""
-    import pandas as pd
-
     df = pd.read_parquet(passages_path)
     df = df[df["split"] == split].sort_values("passage_id").reset_index(drop=True)
     lo, hi = shard * len(df) // n_shards, (shard + 1) * len(df) // n_shards
     if hi <= lo:
-        raise ConfigError("extraction.shards", f"shard {shard} of {n_shards} has no {split} passages "
-                          f"({len(df)} in total)", "use fewer shards than passages")
+        raise ValueError(f"shard {shard} of {n_shards} has no {split} passages ({len(df)} in total)")
     return df.iloc[lo:hi]

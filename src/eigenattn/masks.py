@@ -24,6 +24,9 @@ import logging
 
 import numpy as np
 
+from .errors import InputError
+from .moments import view_slices
+
 log = logging.getLogger(__name__)
 
 KINDS = ("bidirectional", "causal", "sliding_window", "chunked", "bidirectional_sliding_window")
@@ -105,8 +108,6 @@ def visible_layers(score_attrs: dict, view: str, n: int | None = None) -> tuple[
     ``skipped`` lists ``{"layer", "mask", "reason"}`` for every layer left out; each is logged as a
     warning. ``n`` defaults to the store's ``seq_len``.
     """
-    from .moments import view_slices
-
     n = int(score_attrs["seq_len"] if n is None else n)
     # The query/key ranges of a view do not depend on causality; `all` asks for every pair.
     qs, ks = view_slices(view, n, False)
@@ -130,8 +131,6 @@ def select_visible(scores, score_attrs: dict, view: str):
     Returns (scores of the kept layers, attrs with ``layers``/``layer_masks`` of the kept layers and
     ``skipped_layers``). Raises when no layer is left.
     """
-    from .errors import InputError
-
     kept, skipped = visible_layers(score_attrs, view)
     if not kept:
         raise InputError(f"model {score_attrs.get('model', '?')}: every captured layer's mask hides part of view "

@@ -11,30 +11,32 @@ so a Dask reduction can concatenate and merge them like any other array.
 
 from __future__ import annotations
 
+import dask.array as da
 import numpy as np
 
-from .errors import ConfigError, InputError
+from .errors import InputError
+from .schema import enum
 
-VIEWS = ("all", "prefix")
-VARIANTS = ("raw", "row_centered")
+VIEWS = enum("eigen.views")
+VARIANTS = enum("eigen.variants")
 
 
 def view_slices(view: str, n: int, causal: bool) -> tuple[slice, slice]:
     """(query slice, key slice) of a view (docs/method.md §2)."""
     if view == "all":
         if causal:
-            raise ConfigError("eigen.views", "view 'all' is undefined for a causal model (keys after "
-                              "the query are masked)", "use the 'prefix' view for causal models")
+            raise ValueError("view 'all' is undefined for a causal model (keys after the query are masked); "
+                             "use the 'prefix' view for causal models")
         return slice(0, n), slice(0, n)
     if view == "prefix":
         h = n // 2
         return slice(h, n), slice(0, h)
-    raise ConfigError("eigen.views", f"unknown view '{view}'", f"use one of {', '.join(VIEWS)}")
+    raise ValueError(f"unknown view '{view}' (use one of {', '.join(VIEWS)})")
 
 
 def check_variant(variant: str) -> None:
     if variant not in VARIANTS:
-        raise ConfigError("eigen.variants", f"unknown variant '{variant}'", f"use one of {', '.join(VARIANTS)}")
+        raise ValueError(f"unknown variant '{variant}' (use one of {', '.join(VARIANTS)})")
 
 
 def view_rows(block: np.ndarray, qs: slice, ks: slice, variant: str) -> np.ndarray:
@@ -123,8 +125,6 @@ def block_moments(scores, view: str, variant: str, causal: bool):
     ``scores``: Dask array (N, L, H, n, n) whose (H, n, n) axes are single chunks (as extraction
     writes them; rechunked otherwise).
     """
-    import dask.array as da
-
     check_variant(variant)
     n = scores.shape[-1]
     qs, ks = view_slices(view, n, causal)
@@ -136,10 +136,8 @@ def block_moments(scores, view: str, variant: str, causal: bool):
         meta=np.empty((0, 0, 0, 0, 0), dtype=np.float64))
 
 
-def reduce_moments(per_block, split_every: int = 8):
+def reduce_moments(per_block, split_every: int):
     """Tree-merge packed block moments along axis 0 -> (L, H, d+2, d)."""
-    import dask.array as da
-
     return da.reduction(per_block, _merge_chunk, _merge_aggregate, combine=_merge_combine, axis=0,
                         keepdims=False, dtype=np.float64, split_every=split_every, concatenate=True,
                         meta=np.empty((0, 0, 0, 0), dtype=np.float64))

@@ -17,17 +17,20 @@ ceiling (half a against half b of the same head) is limited by the noise of N/2-
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+import zarr
 
+from . import __version__
 from .eigen import constant_alignment
-from .errors import ConfigError
+from .errors import InputError
+from .store import atomic_store, open_group, write_arrays
 
 
-def check_ks(ks, d: int, key: str = "overlap.k") -> list[int]:
+def check_ks(ks, d: int) -> list[int]:
     ks = [int(k) for k in ks]
     bad = [k for k in ks if k < 1 or k > d]
     if bad:
-        raise ConfigError(key, f"k = {bad} outside 1..d = {d} (d is the row dimension of the view)",
-                          f"use values between 1 and {d}")
+        raise ValueError(f"k = {bad} outside 1..d = {d} (d is the row dimension of the view)")
     return ks
 
 
@@ -87,11 +90,9 @@ def flatten_heads(x: np.ndarray) -> np.ndarray:
 
 
 def _open(store, variant):
-    from .store import open_group
-
     g = open_group(store)
     if variant not in g:
-        raise ConfigError("eigen.variants", f"variant '{variant}' not in {store}", "re-run the eigen stage")
+        raise InputError(f"{store}: has no '{variant}' group; run the eigen stage with this variant")
     return g.attrs.asdict(), g[variant]
 
 
@@ -158,9 +159,9 @@ def cross_model(rows_a, halves_a, rows_b, halves_b, variant: str, ks) -> tuple[d
     side_b = _side(rows_b, halves_b, variant)
     aa, ab = side_a[0], side_b[0]
     if int(aa["d"]) != int(ab["d"]):
-        raise ConfigError("overlap.cross_pairs", f"models '{aa['model']}' (d={aa['d']}) and '{ab['model']}' "
-                          f"(d={ab['d']}) have different row dimensions in view '{aa['view']}'",
-                          "compare models analysed with the same seq_len")
+        raise InputError(f"{rows_a}, {rows_b}: models '{aa['model']}' (d={aa['d']}) and '{ab['model']}' "
+                         f"(d={ab['d']}) have different row dimensions in view '{aa['view']}'; compare models "
+                         "analysed with the same seq_len")
     d = int(aa["d"])
     ks = check_ks(ks, d)
     arrays = _comparison(side_a, side_b, ks)
@@ -243,11 +244,6 @@ def summary_rows(arrays: dict, attrs: dict) -> list[dict]:
 
 
 def write_overlap(path, arrays: dict, attrs: dict) -> None:
-    import zarr
-
-    from . import __version__
-    from .store import atomic_store, write_arrays
-
     with atomic_store(path) as tmp:
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
         write_arrays(root, arrays, {**attrs, "eigenattn_version": __version__, "complete": True})
@@ -255,10 +251,6 @@ def write_overlap(path, arrays: dict, attrs: dict) -> None:
 
 def summarise(within_stores, cross_stores):
     """The summary table (docs/method.md §5) from the within- and cross-model overlap stores."""
-    import pandas as pd
-
-    from .store import open_group
-
     recs = []
     for p in [*within_stores, *cross_stores]:
         g = open_group(p)

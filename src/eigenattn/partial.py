@@ -21,16 +21,39 @@ query of the view (the ``prefix`` view), so no reconstructed score can draw on a
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
 
 from .capture import IGNORED_KWARGS, check_kwargs, expand_heads, finish_attention, register_backend
-from .errors import ConfigError, InputError
+from .errors import InputError
+from .estimators import fit_heads
 
 PARTIAL_IMPL = "partial"
 ATTR = "eigenattn_partial"
 LINFORMER_ATTR = "eigenattn_linformer"
+
+
+class Linformer(nn.Module):
+    """Sequence projections E, F (s × n) of one layer, shared by its heads."""
+
+    def __init__(self, n: int, s: int, identity: bool = False):
+        super().__init__()
+        if identity:
+            if s != n:
+                raise ValueError("an identity Linformer projection needs s = n")
+            E = torch.eye(n)
+        else:
+            E = torch.randn(s, n) / math.sqrt(n)
+        self.E = nn.Parameter(E.clone())
+        self.F = nn.Parameter(E.clone() if identity else torch.randn(s, n) / math.sqrt(n))
+
+    def extra_repr(self) -> str:
+        return f"s={self.E.shape[0]}, n={self.E.shape[1]}"
+
+
 
 
 class PartialMap(nn.Module):
@@ -56,9 +79,8 @@ class PartialMap(nn.Module):
         if T.numel() and (int(T.min()) < 0 or int(T.max()) >= d):
             raise InputError(f"partial map: subset positions must lie in 0..{d - 1} (the view's keys)")
         if causal and k1 > q0 + 1:
-            raise ConfigError("view", f"keys {k0}..{k1 - 1} reach past the first query {q0} of the view; on a causal "
-                              "model a reconstruction would read future keys",
-                              "use the prefix view for causal models")
+            raise ValueError(f"keys {k0}..{k1 - 1} reach past the first query {q0} of the view; on a causal "
+                             "model a reconstruction would read future keys (use the prefix view for causal models)")
         self.seq_len = int(seq_len)
         self.qs, self.ks = slice(q0, q1), slice(k0, k1)
         self.register_buffer("T", T, persistent=True)
@@ -200,11 +222,9 @@ def detach_all(model) -> None:
             delattr(mod, LINFORMER_ATTR)
 
 
-def maps_from_stats(stats, estimator: str, strategy: str, s: int, *, layers=None, ridge: float = 1e-6,
-                    rank: float = 0.5, seed: int = 0, trainable: bool = False) -> dict[int, PartialMap]:
+def maps_from_stats(stats, estimator: str, strategy: str, s: int, *, ridge: float, rank: float, seed: int,
+                    layers=None, trainable: bool = False) -> dict[int, PartialMap]:
     """One PartialMap per analysed layer from a :class:`eigenattn.reconstruct.RowStats`."""
-    from .reconstruct import fit_heads
-
     out = {}
     for layer in (stats.layers if layers is None else layers):
         mean, U, lam = stats.head_stats(layer)

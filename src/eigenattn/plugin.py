@@ -14,19 +14,25 @@ import logging
 import time
 
 import numpy as np
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from .eigen_stores import RowStats
 from .errors import InputError
+from .estimators import check_method
+from .partial import attach, detach, maps_from_stats, register
+from .probe import model_class
+from .store import open_group
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["model", "estimator", "strategy", "subset_size", "metric", "value", "exact_value", "ratio"]
 
 
-def heldout_ids(shards, n_sequences: int | None = None) -> np.ndarray:
+def heldout_ids(shards, n_sequences: int | None) -> np.ndarray:
     """Token ids (N, n) of the held-out shards, in passage order (the first n_sequences)."""
-    from .store import open_group
-
     ids = []
     for p in shards:
         g = open_group(p)
@@ -38,11 +44,6 @@ def heldout_ids(shards, n_sequences: int | None = None) -> np.ndarray:
 
 
 def load(model_dir, causal: bool, device):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .partial import register
-    from .probe import model_class
-
     impl = register()
     # An encoder checkpoint loads as its own class (T5EncoderModel), as in extraction.
     cls = AutoModelForCausalLM if causal else model_class(AutoConfig.from_pretrained(model_dir), str(model_dir))
@@ -70,19 +71,13 @@ def _outputs(model, ids: torch.Tensor, causal: bool, q0: int, batch_size: int):
 
 
 def plugin_eval(model_dir, rows_store, heldout_shards, *, estimators, strategies, subset_sizes,
-                n_sequences=None, batch_size: int = 8, ridge: float = 1e-6, rank: float = 0.5, seed: int = 0,
-                device="cpu", progress: bool = True):
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from .partial import attach, detach, maps_from_stats
-    from .reconstruct import RowStats, check_method
-
+                n_sequences: int, batch_size: int, ridge: float, rank: float, seed: int, device,
+                progress: bool = True) -> pd.DataFrame:
     stats = RowStats(rows_store)
     for e in estimators:
         for st in strategies:
             for s in subset_sizes:
-                check_method(e, st, s, stats.d, key="plugin")
+                check_method(e, st, s, stats.d)
     ids_np = heldout_ids(heldout_shards, n_sequences)
     stats.check_matches(ids_np.shape[1], f"held-out tokens {heldout_shards[0]}")
     device = torch.device(device)

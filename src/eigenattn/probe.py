@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer
 
 from .capture import ScoreCapture, capturing, register
 from .errors import UnsupportedModelError
@@ -41,7 +43,7 @@ HIDDEN_TOL = 1e-4
 PROBE_SEQUENCES = 2
 """Sequences in the probe batch (the first ones of the shard): enough to check batching, small in memory."""
 
-SUPPORTED_HINT = "see README 'Supported models and the score contract' for the families tested and refused"
+SUPPORTED_HINT = "see docs/models.md for the families tested and refused"
 
 
 def model_class(config, label: str):
@@ -50,8 +52,6 @@ def model_class(config, label: str):
     Encoder–decoder models are refused unless the checkpoint is an encoder alone (its
     ``architectures`` names an ``…EncoderModel`` class such as ``T5EncoderModel``).
     """
-    import transformers
-
     arch = (getattr(config, "architectures", None) or [None])[0]
     if arch and arch.endswith("EncoderModel") and hasattr(transformers, arch):
         return getattr(transformers, arch)
@@ -70,8 +70,6 @@ def model_class(config, label: str):
 
 def load_capture_model(model_dir, label: str, device="cpu", attn_implementation: str | None = None):
     """Tokenizer and base model loaded with the capture backend (float32), or a clear refusal."""
-    from transformers import AutoConfig, AutoTokenizer
-
     impl = attn_implementation or register()
     config = AutoConfig.from_pretrained(model_dir)
     cls = model_class(config, label)

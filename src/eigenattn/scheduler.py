@@ -11,18 +11,21 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from .errors import ConfigError
+import dask
+from threadpoolctl import threadpool_limits
 
-SCHEDULERS = ("threads", "processes", "distributed", "slurm")
+from .schema import enum
+
+SCHEDULERS = enum("eigen.scheduler")
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def dask_scheduler(kind: str = "threads", workers: int = 1, slurm: dict | None = None):
-    """Context in which ``dask.compute`` uses the chosen scheduler with ``workers`` workers/threads."""
-    import dask
-    from threadpoolctl import threadpool_limits
+def dask_scheduler(kind: str, workers: int, slurm: dict | None = None):
+    """Context in which ``dask.compute`` uses the chosen scheduler with ``workers`` workers/threads.
 
+    ``distributed`` and ``dask_jobqueue`` are imported only when their scheduler is chosen.
+    """
     if kind == "threads":
         # BLAS gets one thread per task (dask supplies the parallelism), and one thread more than
         # cores keeps Zarr reads, which zarr serialises on its event loop, overlapping compute:
@@ -54,4 +57,4 @@ def dask_scheduler(kind: str = "threads", workers: int = 1, slurm: dict | None =
             log.info("dask SLURMCluster with %d job(s): %s", jobs, cluster.job_script().splitlines()[:3])
             yield client
     else:
-        raise ConfigError("eigen.scheduler", f"unknown scheduler '{kind}'", f"use one of {', '.join(SCHEDULERS)}")
+        raise ValueError(f"unknown scheduler '{kind}' (use one of {', '.join(SCHEDULERS)})")

@@ -8,7 +8,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
 
 from .errors import InputError
 
@@ -24,10 +27,12 @@ CODECS = {
 }
 
 
-def compressor(dtype: str = "float16", codec: str = "zstd"):
-    """A Blosc codec (see CODECS) with the element size as its typesize."""
-    from zarr.codecs import BloscCodec
+# Analysis stores (spectra, overlaps) are small and written once: the smaller codec.
+ANALYSIS_CODEC = "zstd"
 
+
+def compressor(dtype: str, codec: str):
+    """A Blosc codec (see CODECS) with the element size as its typesize."""
     return BloscCodec(**CODECS[codec], typesize=np.dtype(dtype).itemsize)
 
 
@@ -37,8 +42,6 @@ def score_chunks(batch: int, heads: int, n: int) -> tuple[int, ...]:
 
 
 def open_group(path: str | Path, mode: str = "r"):
-    import zarr
-
     path = Path(path)
     if mode == "r" and not (path / "zarr.json").is_file():
         raise InputError(f"{path}: not a Zarr v3 group (no zarr.json); was the stage that writes it run?")
@@ -50,8 +53,6 @@ def open_scores(shards: list[str | Path]):
 
     Dask chunks equal the Zarr chunks. Returns (dask array, attrs of the first shard).
     """
-    import dask.array as da
-
     if not shards:
         raise InputError("no score shards given")
     arrays, attrs = [], None
@@ -70,24 +71,30 @@ def open_scores(shards: list[str | Path]):
 
 
 @contextlib.contextmanager
-def atomic_store(path: str | Path):
-    """Yield a temporary directory beside ``path``; on success it is renamed to ``path``.
-
-    On any error the temporary directory is removed, so an interrupted writer never leaves a
-    store (or file) at ``path`` that looks complete.
+def atomic_output(path: str | Path, directory: bool = False):
+    """Yield a temporary sibling of ``path`` (a new directory, or a file name); on success it is
+    renamed to ``path``, replacing what was there. On any error it is removed, so an interrupted
+    writer never leaves an output at ``path`` that looks complete. The one atomic writer of the
+    package: stores, tables, checkpoints and model folders all go through it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     tmp.chmod(0o755)
+    if not directory:
+        tmp = tmp / path.name  # a file inside a private folder: any suffix-sensitive writer works
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp if directory else tmp.parent, ignore_errors=True)
+
+
+def atomic_store(path: str | Path):
+    """:func:`atomic_output` for a directory (a Zarr store, a model folder)."""
+    return atomic_output(path, directory=True)
 
 
 def write_arrays(group, arrays: dict, attrs: dict | None = None):
@@ -99,23 +106,18 @@ def write_arrays(group, arrays: dict, attrs: dict | None = None):
             value = np.asarray(value)
             # whole arrays up to 16 MB; bigger ones chunk along their first (layer) axis
             chunks = value.shape if value.nbytes <= 16 << 20 else (1, *value.shape[1:])
-            group.create_array(name, data=value, chunks=chunks, compressors=compressor(value.dtype.str))
+            group.create_array(name, data=value, chunks=chunks, compressors=compressor(value.dtype.str, ANALYSIS_CODEC))
     if attrs:
         group.attrs.update(attrs)
 
 
 def write_table(df, path: str | Path) -> None:
-    """Write a DataFrame as .parquet or .csv (by suffix) under a temporary name, then rename it."""
+    """Write a DataFrame as .parquet or .csv (by suffix), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
+    if path.suffix not in (".parquet", ".csv"):
+        raise ValueError(f"{path}: unsupported table format (use .parquet or .csv)")
+    with atomic_output(path) as tmp:
         if path.suffix == ".parquet":
             df.to_parquet(tmp, index=False)
-        elif path.suffix == ".csv":
-            df.to_csv(tmp, index=False)
         else:
-            raise ValueError(f"{path}: unsupported table format (use .parquet or .csv)")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            df.to_csv(tmp, index=False)

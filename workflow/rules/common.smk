@@ -1,113 +1,148 @@
 # Config validation and every input function. The other .smk files hold only rules.
+#
+# Paths: each output pattern is written once, in its rule; everything else refers to it as
+# rules.<rule>.output and expands it. Planning (views, pairs, runs) comes from eigenattn.plan,
+# checks from eigenattn.config: both are functions of the config dict, so parsing the Snakefile
+# reads no file but the config and the schema, and opens no socket.
+import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from snakemake.utils import validate
 
-from eigenattn.config import (
-    check_config,
-    cross_pairs,
-    model_views,
-    plugin_view,
-    trained_model_spec,
-    validate_schema,
-)  # noqa: E402
-from eigenattn.errors import ConfigError  # noqa: E402
-
-SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+from eigenattn import config as config_layer
+from eigenattn import plan
+from eigenattn.errors import ConfigError
+from eigenattn.schema import SCHEMA_FILE, enum
 
 try:
-    validate_schema(config, SCHEMA)
-    check_config(config, workdir=".")
+    validate(config, str(SCHEMA_FILE))
+except WorkflowError as e:
+    error = config_layer.validation_error(e)
+    if error is None:
+        raise
+    raise WorkflowError(
+        f"invalid configuration: {config_layer.explain(error)}"
+    ) from None
+try:
+    config_layer.check(config)
 except ConfigError as e:
     raise WorkflowError(f"invalid configuration: {e}") from None
 
-# The trained exact encoder becomes a model source (`path:`) that the extraction and eigen rules
-# analyse like any other model; the partial training variants read that analysis.
-TRAIN = config["training"]
-TRAINED = TRAIN["analysis_model"]
-config["models"][TRAINED] = trained_model_spec(config)
-
 MODELS = config["run_models"]
+TRAINED = config["training"]["analysis_model"]
+CORPUS = config["corpus"]
 SPLITS = ["fit", "heldout"]
 SHARDS = list(range(config["extraction"]["shards"]))
-CORPUS = config["corpus"]
+SEQ_LEN = config["sampling"]["seq_len"]
+TRAIN = config["training"]
+NOTEBOOKS = ["spectrum", "overlap", "reconstruction", "training", "summary"]
+NOTEBOOK_DIR = Path(workflow.current_basedir) / ".." / ".." / "notebooks"
+WHEEL_CACHE = "resources/wheels"
 
 
 wildcard_constraints:
-    model="|".join(sorted(config["models"])),
+    model="|".join(sorted([*config["models"], TRAINED])),
     model_a="|".join(sorted(config["models"])),
     model_b="|".join(sorted(config["models"])),
     corpus="|".join(sorted(config["corpora"])),
-    split="fit|heldout",
+    split="|".join(SPLITS),
     shard=r"\d+",
-    view="all|prefix",
-    variant="raw|row_centered",
-    mode="scratch|finetune",
-    tvariant="exact|partial_fixed|partial_learned|subset_only|linformer",
-    name="spectrum|overlap|reconstruction|training|summary",
+    view="|".join(enum("eigen.views")),
+    variant="|".join(enum("eigen.variants")),
+    mode="|".join(enum("training.modes")),
+    tvariant="|".join(["exact", *enum("training.variants")]),
+    name="|".join(NOTEBOOKS),
     s=r"\d+",
     seed=r"\d+",
 
 
 def log_start():
     print(
-        f"eigenattn: models {', '.join(MODELS)}; corpus {CORPUS}; "
-        f"seq_len {config['sampling']['seq_len']}; "
+        f"eigenattn: models {', '.join(MODELS)}; corpus {CORPUS}; seq_len {SEQ_LEN}; "
         f"n_sequences {config['sampling']['n_sequences']}; seed {config['seed']}"
     )
 
 
+# ------------------------------------------------------------------ models, corpus and scores
+
+
 def model_spec(wildcards):
-    return config["models"][wildcards.model]
+    return plan.model_spec(config, wildcards.model)
 
 
 def corpus_spec(wildcards):
     return config["corpora"][wildcards.corpus]
 
 
+def trained_model_dir():
+    return expand(rules.train_run.output.model, **plan.trained_run(config))[0]
+
+
+def model_dir(wildcards):
+    """A fetched model's folder, or the trained encoder straight from its training run."""
+    if wildcards.model == TRAINED:
+        return trained_model_dir()
+    return expand(rules.fetch_model.output[0], model=wildcards.model)[0]
+
+
+def corpus_documents():
+    return expand(rules.fetch_corpus.output[0], corpus=CORPUS)[0]
+
+
+def passages():
+    return expand(rules.sample_passages.output[0], corpus=CORPUS)[0]
+
+
 def score_shards(model, split):
-    return [f"results/scores/{model}/{split}/shard-{i}.zarr" for i in SHARDS]
+    return expand(
+        rules.extract_scores.output[0], model=model, split=split, shard=SHARDS
+    )
 
 
-def extract_params(wildcards):
-    e = config["extraction"]
-    return {
-        "model": wildcards.model,
-        "split": wildcards.split,
-        "shard": int(wildcards.shard),
-        "n_shards": len(SHARDS),
-        "seq_len": config["sampling"]["seq_len"],
-        "dtype": e["dtype"],
-        "compression": e["compression"],
-        "batch_size": e["batch_size"],
-        "device": e["device"],
-        "autocast": e["autocast"],
-        "layers": config["models"][wildcards.model].get("layers", "all"),
-        "source": config["models"][wildcards.model],
-        "corpus": CORPUS,
-        "seed": config["seed"],
-    }
+def fit_shards(wildcards):
+    return score_shards(wildcards.model, "fit")
 
 
-def extract_gpus(wildcards):
-    return 1 if config["extraction"]["device"].startswith("cuda") else 0
-
-
-def extract_mem_mb(wildcards, attempt):
-    return 4000 * attempt
+def heldout_shards(wildcards):
+    return score_shards(wildcards.model, "heldout")
 
 
 def sampling_params(wildcards):
     return {"seed": config["seed"], **config["sampling"]}
 
 
+def extract_params(wildcards):
+    e = config["extraction"]
+    spec = plan.model_spec(config, wildcards.model)
+    return {
+        "model": wildcards.model,
+        "split": wildcards.split,
+        "shard": int(wildcards.shard),
+        "n_shards": len(SHARDS),
+        "seq_len": SEQ_LEN,
+        **{k: e[k] for k in ("dtype", "compression", "batch_size", "autocast")},
+        "layers": spec.get("layers", "all"),
+        "source": spec,
+        "corpus": CORPUS,
+        "seed": config["seed"],
+    }
+
+
+def gpus_for(key):
+    """A `resources: gpu` function: 1 when the section's device is CUDA."""
+    return lambda wildcards: int(config[key]["device"].startswith("cuda"))
+
+
+def mem_mb(base):
+    return lambda wildcards, attempt: base * attempt
+
+
 def extract_outputs():
     return [p for m in MODELS for s in SPLITS for p in score_shards(m, s)]
 
 
-def fit_shards(wildcards):
-    return score_shards(wildcards.model, "fit")
+# ------------------------------------------------------------------------------- eigen, overlap
 
 
 # The Dask scheduler settings are read by the scripts from `config`, not passed as params:
@@ -129,33 +164,54 @@ def eigen_spectrum_params(wildcards):
     return {"report_k": config["eigen"]["report_k"]}
 
 
-def eigen_mem_mb(wildcards, attempt):
-    return 4000 * attempt
+def model_view_pairs():
+    return [(m, v) for m in MODELS for v in plan.model_views(config, m)]
 
 
 def eigen_outputs():
     return [
-        f"results/eigen/{m}/{v}/spectrum.csv"
-        for m in MODELS
-        for v in model_views(config, m, ".")
+        expand(rules.eigen_spectrum.output[0], model=m, view=v)[0]
+        for m, v in model_view_pairs()
     ]
+
+
+def eigen_dirs():
+    return [str(Path(p).parent) for p in eigen_outputs()]
 
 
 def overlap_within_outputs():
     return [
-        f"results/overlap/{m}/{v}/{variant}.zarr"
-        for m in MODELS
-        for v in model_views(config, m, ".")
+        expand(rules.overlap_within.output[0], model=m, view=v, variant=variant)[0]
+        for m, v in model_view_pairs()
         for variant in config["eigen"]["variants"]
     ]
 
 
 def overlap_cross_outputs():
-    return [
-        f"results/overlap/cross/{a}__{b}/prefix/{variant}.zarr"
-        for a, b in cross_pairs(config)
-        for variant in config["eigen"]["variants"]
-    ]
+    return expand(
+        rules.overlap_cross.output[0],
+        zip,
+        model_a=[
+            a for a, b in plan.cross_pairs(config) for _ in config["eigen"]["variants"]
+        ],
+        model_b=[
+            b for a, b in plan.cross_pairs(config) for _ in config["eigen"]["variants"]
+        ],
+        variant=[
+            v for _ in plan.cross_pairs(config) for v in config["eigen"]["variants"]
+        ],
+    )
+
+
+def cross_inputs(wildcards):
+    rows, halves = rules.eigen_rows.output.rows, rules.eigen_rows.output.halves
+    return {
+        f"{side}{suffix}": expand(
+            pattern, model=getattr(wildcards, f"model_{side}"), view="prefix"
+        )[0]
+        for side in ("a", "b")
+        for suffix, pattern in (("", rows), ("_halves", halves))
+    }
 
 
 def overlap_params(wildcards):
@@ -163,78 +219,54 @@ def overlap_params(wildcards):
 
 
 def overlap_summary_inputs(wildcards):
-    return {
-        "within": overlap_within_outputs(),
-        "cross": overlap_cross_outputs(),
-    }
+    return {"within": overlap_within_outputs(), "cross": overlap_cross_outputs()}
 
 
-def heldout_shards(wildcards):
-    return score_shards(wildcards.model, "heldout")
+# ---------------------------------------------------------------------- reconstruction, plug-in
 
 
-def transfer_models(wildcards):
-    r = config["reconstruction"]
-    if wildcards.view != "prefix" or "other_model" not in r["transfer"]:
-        return []
-    return [m for m in MODELS if m != wildcards.model]
-
-
-def reconstruct_transfer_inputs(wildcards):
-    return [f"results/eigen/{m}/prefix/rows.zarr" for m in transfer_models(wildcards)]
+def transfer_inputs(wildcards):
+    others = plan.other_models(config, wildcards.model, wildcards.view)
+    return expand(rules.eigen_rows.output.rows, model=others, view="prefix")
 
 
 def reconstruct_params(wildcards):
-    r = config["reconstruction"]
-    others = transfer_models(wildcards)
     return {
-        **r,
+        **config["reconstruction"],
         "seed": config["seed"],
-        "other_models": others,
+        "other_models": plan.other_models(config, wildcards.model, wildcards.view),
     }
 
 
 def reconstruct_outputs():
     return [
-        f"results/reconstruction/{m}/{v}.csv"
-        for m in MODELS
-        for v in model_views(config, m, ".")
+        expand(rules.reconstruct_view.output[0], model=m, view=v)[0]
+        for m, v in model_view_pairs()
     ]
 
 
 def plugin_rows(wildcards):
-    return f"results/eigen/{wildcards.model}/{plugin_view(config, wildcards.model, '.')}/rows.zarr"
+    view = plan.plugin_view(config, wildcards.model)
+    return expand(rules.eigen_rows.output.rows, model=wildcards.model, view=view)[0]
 
 
 def plugin_params(wildcards):
+    r = config["reconstruction"]
     return {
         **{k: v for k, v in config["plugin"].items() if k != "device"},
-        "device": config["plugin"]["device"],
-        "ridge": config["reconstruction"]["ridge"],
-        "eigenspace_rank": config["reconstruction"]["eigenspace_rank"],
+        "ridge": r["ridge"],
+        "eigenspace_rank": r["eigenspace_rank"],
         "seed": config["seed"],
     }
 
 
-def plugin_gpus(wildcards):
-    return 1 if config["plugin"]["device"].startswith("cuda") else 0
-
-
 def plugin_outputs():
-    return [f"results/plugin/{m}.csv" for m in MODELS]
+    return expand(rules.plugin_eval_model.output[0], model=MODELS)
 
 
-def model_source_input(wildcards):
-    """A `path` model produced by this workflow (the trained encoder) is an input of fetch_model."""
-    spec = config["models"][wildcards.model]
-    if spec.get("source") == "path" and str(spec.get("path", "")).startswith(
-        "results/"
-    ):
-        return [spec["path"]]
-    return []
+# ------------------------------------------------------------------------------------ training
 
-
-SEQ_LEN = config["sampling"]["seq_len"]
+# The training keys a run's result depends on (its params); device and cadence-free keys aside.
 RUN_KEYS = [
     "vocab",
     "vocab_size",
@@ -254,43 +286,30 @@ MAP_KEYS = ["estimator", "strategy", "ridge", "eigenspace_rank"]
 USES_MAPS = ["partial_fixed", "partial_learned", "subset_only"]
 
 
-def run_dir(mode, variant, s, seed):
-    return f"results/training/{mode}/{variant}/s{s}/seed{seed}"
-
-
-def training_runs():
-    """(mode, variant, s, seed) of every run; exact's s is the sequence length (all keys)."""
-    runs = []
-    for mode in TRAIN["modes"]:
-        runs += [(mode, "exact", SEQ_LEN, seed) for seed in TRAIN["exact_seeds"]]
-        for v in TRAIN["variants"]:
-            runs += [
-                (mode, v, s, seed)
-                for s in TRAIN["subset_sizes"]
-                for seed in TRAIN["seeds"]
-            ]
-    return runs
-
-
-def training_finals():
-    return [f"{run_dir(*r)}/final.json" for r in training_runs()]
+def run_outputs(name):
+    return [
+        expand(getattr(rules.train_run.output, name), **r)[0]
+        for r in plan.training_runs(config)
+    ]
 
 
 def tokenizer_input(wildcards):
     if TRAIN["vocab"] == "minilm":
-        return {"minilm": "resources/models/minilm"}
-    return {"documents": f"resources/corpora/{CORPUS}/documents.parquet"}
+        return {"minilm": expand(rules.fetch_model.output[0], model="minilm")[0]}
+    return {"documents": corpus_documents()}
 
 
 def train_inputs(wildcards):
     ins = {
-        "tokenizer": "results/training/tokenizer",
-        "windows": "results/training/data/windows.npz",
+        "tokenizer": rules.train_tokenizer.output[0],
+        "windows": rules.train_data.output[0],
     }
     if wildcards.tvariant in USES_MAPS:
-        ins["stats"] = f"results/eigen/{TRAINED}/all/rows.zarr"
+        ins["stats"] = expand(rules.eigen_rows.output.rows, model=TRAINED, view="all")[
+            0
+        ]
     if wildcards.mode == "finetune":
-        ins["init"] = trained_model_spec(config)["path"]
+        ins["init"] = trained_model_dir()
     return ins
 
 
@@ -303,98 +322,87 @@ def train_params(wildcards):
     }
 
 
-def train_gpus(wildcards):
-    return 1 if TRAIN["device"].startswith("cuda") else 0
-
-
-NOTEBOOKS = ["spectrum", "overlap", "reconstruction", "training", "summary"]
-NOTEBOOK_DIR = Path(workflow.basedir) / "notebooks"
-
-
-def notebook_data(name):
-    """The pipeline outputs each notebook reads (its papermill parameters)."""
-    eigen_dirs = [str(Path(p).parent) for p in eigen_outputs()]
-    if name == "spectrum":
-        return {"eigen_dirs": eigen_dirs}
-    if name == "overlap":
-        within = overlap_within_outputs()
-        cross = overlap_cross_outputs()
-        return {
-            "within": within,
-            "cross": cross,
-            "summary": "results/overlap/summary.csv",
-            "k_heatmap": config["claims"]["k_report"],
-        }
-    if name == "reconstruction":
-        return {
-            "recon": reconstruct_outputs(),
-            "plugin": plugin_outputs(),
-            "s_report": config["claims"]["s_report"],
-        }
-    if name == "training":
-        return {
-            "summary": "results/training/summary.csv",
-            "metrics": [f"{run_dir(*r)}/metrics.csv" for r in training_runs()],
-        }
-    return {"claims": "results/claims.csv"}
+# ------------------------------------------------------------------------- claims and notebooks
 
 
 def claims_inputs(wildcards):
     return {
         "spectra": eigen_outputs(),
-        "overlap_summary": "results/overlap/summary.csv",
+        "overlap_summary": rules.overlap_summary.output[0],
         "recon": reconstruct_outputs(),
         "plugin": plugin_outputs(),
-        "training": "results/training/summary.csv",
+        "training": rules.train_summary.output[0],
     }
 
 
+def notebook_data(name):
+    """The pipeline outputs each notebook reads (its papermill parameters)."""
+    if name == "spectrum":
+        return {"eigen_dirs": eigen_dirs()}
+    if name == "overlap":
+        return {
+            "within": overlap_within_outputs(),
+            "cross": overlap_cross_outputs(),
+            "summary": rules.overlap_summary.output[0],
+            "k_heatmap": config["claims"]["k_report"],
+        }
+    if name == "reconstruction":
+        return {"recon": reconstruct_outputs(), "plugin": plugin_outputs()}
+    if name == "training":
+        return {
+            "summary": rules.train_summary.output[0],
+            "metrics": run_outputs("metrics"),
+        }
+    return {"claims": rules.claims.output[0]}
+
+
 def notebook_inputs(wildcards):
-    name = wildcards.name
-    d = notebook_data(name)
     files = []
-    for k, v in d.items():
+    for k, v in notebook_data(wildcards.name).items():
         if k == "eigen_dirs":
             files += [
-                f"{x}/{f}"
-                for x in v
+                f"{d}/{f}"
+                for d in v
                 for f in ("spectrum.csv", "rows.zarr", "full.zarr")
             ]
         elif isinstance(v, list):
             files += v
         elif isinstance(v, str):
             files.append(v)
-    return {"nb": str(NOTEBOOK_DIR / f"{name}.ipynb"), "data": files}
+    return {"nb": str(NOTEBOOK_DIR / f"{wildcards.name}.ipynb"), "data": files}
 
 
 def notebook_params(wildcards):
-    import json
-
-    name = wildcards.name
-    p = {**notebook_data(name), "fig_dir": f"results/figures/{name}"}
-    return json.dumps(p)
+    return json.dumps(
+        {
+            **notebook_data(wildcards.name),
+            "fig_dir": f"results/figures/{wildcards.name}",
+        }
+    )
 
 
 def notebook_outputs():
-    return [f"results/notebooks/{n}.ipynb" for n in NOTEBOOKS]
+    return expand(rules.notebook.output.nb, name=NOTEBOOKS)
 
 
 # `snakemake --report` builds the report from the DAG of the default target and fails on a
-# marked output that does not exist. In report mode the default target therefore asks only for
-# outputs that exist, so a report after a partial run covers the stages that ran.
-REPORT_MODE = any(a == "--report" or a.startswith("--report=") for a in sys.argv)
+# marked output that does not exist, and Snakemake tells a workflow nothing else about report
+# mode. In report mode the default target therefore asks only for outputs that exist, so a report
+# after a partial run covers the stages that ran.
+def report_mode():
+    return any(a == "--report" or a.startswith("--report=") for a in sys.argv)
 
 
 def all_outputs(wildcards):
     outputs = (
         extract_outputs()
         + eigen_outputs()
-        + ["results/overlap/summary.csv"]
+        + [rules.overlap_summary.output[0]]
         + reconstruct_outputs()
         + plugin_outputs()
-        + ["results/training/summary.csv", "results/claims.csv"]
+        + [rules.train_summary.output[0], rules.claims.output[0]]
         + notebook_outputs()
     )
-    if REPORT_MODE:
+    if report_mode():
         outputs = [p for p in outputs if Path(p).exists()]
     return outputs

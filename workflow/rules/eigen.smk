@@ -12,7 +12,7 @@ rule eigen_rows:
         "../../envs/eigenattn.yaml"
     threads: 2
     resources:
-        mem_mb=eigen_mem_mb,
+        mem_mb=mem_mb(4000),
     params:
         p=eigen_rows_params,
     script:
@@ -32,7 +32,7 @@ rule eigen_full:
         "../../envs/eigenattn.yaml"
     threads: 2
     resources:
-        mem_mb=eigen_mem_mb,
+        mem_mb=mem_mb(4000),
     params:
         p=eigen_full_params,
     script:
@@ -41,9 +41,9 @@ rule eigen_full:
 
 rule eigen_spectrum:
     input:
-        rows="results/eigen/{model}/{view}/rows.zarr",
-        halves="results/eigen/{model}/{view}/halves.zarr",
-        full="results/eigen/{model}/{view}/full.zarr",
+        rows=rules.eigen_rows.output.rows,
+        halves=rules.eigen_rows.output.halves,
+        full=rules.eigen_full.output[0],
     output:
         "results/eigen/{model}/{view}/spectrum.csv",
     log:

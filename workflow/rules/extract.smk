@@ -1,7 +1,7 @@
 rule extract_scores:
     input:
-        model="resources/models/{model}",
-        passages=expand("results/corpus/{corpus}/passages.parquet", corpus=CORPUS),
+        model=model_dir,
+        passages=passages(),
     output:
         directory("results/scores/{model}/{split}/shard-{shard}.zarr"),
     log:
@@ -12,8 +12,8 @@ rule extract_scores:
         "../../envs/eigenattn.yaml"
     threads: 2
     resources:
-        mem_mb=extract_mem_mb,
-        gpu=extract_gpus,
+        mem_mb=mem_mb(4000),
+        gpu=gpus_for("extraction"),
     params:
         p=extract_params,
     script:

@@ -39,10 +39,10 @@ rule notebook:
     params:
         yaml=notebook_params,
     shell:
-        "papermill {input.nb} {output.nb} --kernel python3 --cwd . --log-output "
-        "--parameters_yaml '{params.yaml}' > {log} 2>&1 && "
-        "jupyter nbconvert --to html --no-input --output-dir results/report "
-        "--output {wildcards.name} {output.nb} >> {log} 2>&1"
+        "papermill {input.nb:q} {output.nb:q} --kernel python3 --cwd . --log-output "
+        "--parameters_yaml {params.yaml:q} > {log:q} 2>&1 && "
+        'jupyter nbconvert --to html --no-input --output-dir "$(dirname {output.html:q})" '
+        "--output {wildcards.name:q} {output.nb:q} >> {log:q} 2>&1"
 
 
 rule notebooks:

@@ -1,7 +1,7 @@
 rule overlap_within:
     input:
-        rows="results/eigen/{model}/{view}/rows.zarr",
-        halves="results/eigen/{model}/{view}/halves.zarr",
+        rows=rules.eigen_rows.output.rows,
+        halves=rules.eigen_rows.output.halves,
     output:
         directory("results/overlap/{model}/{view}/{variant}.zarr"),
     log:
@@ -19,10 +19,7 @@ rule overlap_within:
 
 rule overlap_cross:
     input:
-        a="results/eigen/{model_a}/prefix/rows.zarr",
-        a_halves="results/eigen/{model_a}/prefix/halves.zarr",
-        b="results/eigen/{model_b}/prefix/rows.zarr",
-        b_halves="results/eigen/{model_b}/prefix/halves.zarr",
+        unpack(cross_inputs),
     output:
         directory("results/overlap/cross/{model_a}__{model_b}/prefix/{variant}.zarr"),
     log:
@@ -53,4 +50,4 @@ rule overlap_summary:
 
 rule overlap:
     input:
-        "results/overlap/summary.csv",
+        rules.overlap_summary.output[0],

@@ -1,9 +1,9 @@
 rule reconstruct_view:
     input:
-        rows="results/eigen/{model}/{view}/rows.zarr",
+        rows=rules.eigen_rows.output.rows,
         heldout=heldout_shards,
         fit=fit_shards,
-        others=reconstruct_transfer_inputs,
+        others=transfer_inputs,
     output:
         "results/reconstruction/{model}/{view}.csv",
     log:
@@ -26,7 +26,7 @@ rule reconstruct:
 
 rule plugin_eval_model:
     input:
-        model="resources/models/{model}",
+        model=model_dir,
         rows=plugin_rows,
         heldout=heldout_shards,
     output:
@@ -39,7 +39,7 @@ rule plugin_eval_model:
         "../../envs/eigenattn.yaml"
     threads: 2
     resources:
-        gpu=plugin_gpus,
+        gpu=gpus_for("plugin"),
     params:
         p=plugin_params,
     script:

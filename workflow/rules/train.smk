@@ -19,8 +19,8 @@ rule train_tokenizer:
 
 rule train_data:
     input:
-        tokenizer="results/training/tokenizer",
-        documents=f"resources/corpora/{CORPUS}/documents.parquet",
+        tokenizer=rules.train_tokenizer.output[0],
+        documents=corpus_documents(),
     output:
         "results/training/data/windows.npz",
     log:
@@ -51,7 +51,7 @@ rule train_run:
         "../../envs/eigenattn.yaml"
     threads: 1
     resources:
-        gpu=train_gpus,
+        gpu=gpus_for("training"),
     params:
         p=train_params,
     script:
@@ -60,7 +60,7 @@ rule train_run:
 
 rule train_summary:
     input:
-        training_finals(),
+        run_outputs("final"),
     output:
         "results/training/summary.csv",
     log:
@@ -73,4 +73,4 @@ rule train_summary:
 
 rule train:
     input:
-        "results/training/summary.csv",
+        rules.train_summary.output[0],

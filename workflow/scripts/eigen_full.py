@@ -1,8 +1,5 @@
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
 from eigenattn import logs
-from eigenattn.eigen import run_full
+from eigenattn.eigen_stores import run_full
 from eigenattn.scheduler import dask_scheduler
 
 log = logs.start(snakemake)

@@ -1,8 +1,5 @@
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
 from eigenattn import logs
-from eigenattn.eigen import spectrum_table
+from eigenattn.eigen_stores import spectrum_table
 from eigenattn.store import write_table
 
 log = logs.start(snakemake)

@@ -1,12 +1,10 @@
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
 from eigenattn import logs
+from eigenattn.config import check_model_facts, resolve_device
 from eigenattn.extract import extract_scores, shard_passages
 
 log = logs.start(snakemake)
 p = snakemake.params.p
-passages = shard_passages(snakemake.input.passages[0], p["split"], p["shard"], p["n_shards"])
+passages = shard_passages(snakemake.input.passages, p["split"], p["shard"], p["n_shards"])
 stats = extract_scores(
     snakemake.input.model,
     passages["text"].tolist(),
@@ -15,11 +13,11 @@ stats = extract_scores(
     seq_len=p["seq_len"],
     dtype=p["dtype"],
     batch_size=p["batch_size"],
-    device=p["device"],
+    device=resolve_device(snakemake.config["extraction"]["device"], key="extraction.device"),
     autocast=p["autocast"],
     layers=p["layers"],
-    expect_causal=p["source"].get("causal"),
     compression=p["compression"],
+    check_facts=lambda facts: check_model_facts(snakemake.config, p["model"], facts),
     attrs={
         "model": p["model"],
         "source": p["source"],

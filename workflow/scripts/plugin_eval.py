@@ -1,8 +1,5 @@
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
 from eigenattn import logs
-from eigenattn.extract import resolve_device
+from eigenattn.config import resolve_device
 from eigenattn.plugin import plugin_eval
 from eigenattn.store import write_table
 
@@ -20,7 +17,7 @@ df = plugin_eval(
     ridge=p["ridge"],
     rank=p["eigenspace_rank"],
     seed=p["seed"],
-    device=resolve_device(p["device"], key="plugin.device"),
+    device=resolve_device(snakemake.config["plugin"]["device"], key="plugin.device"),
 )
 write_table(df, snakemake.output[0])
 log.info("wrote %s:\n%s", snakemake.output[0], df.to_string())

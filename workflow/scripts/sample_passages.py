@@ -1,13 +1,12 @@
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
 from eigenattn import logs
-from eigenattn.corpus import load_documents, sample_passages
+from eigenattn.config import check_corpus_capacity
+from eigenattn.corpus import load_documents, sample_passages, word_counts
 from eigenattn.store import write_table
 
 log = logs.start(snakemake)
 p = snakemake.params.sampling
 docs = load_documents({"source": "pypi"}, snakemake.wildcards.corpus, snakemake.input[0]).to_pandas()
+check_corpus_capacity(snakemake.config, word_counts(docs["text"]))
 passages = sample_passages(
     docs,
     seed=p["seed"],

@@ -1,8 +1,5 @@
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
 from eigenattn import logs
-from eigenattn.train import build_windows
+from eigenattn.mlm_data import build_windows
 
 log = logs.start(snakemake)
 p = snakemake.params

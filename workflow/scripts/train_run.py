@@ -1,12 +1,9 @@
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
 from pathlib import Path
 
 from eigenattn import logs
-from eigenattn.extract import resolve_device
-from eigenattn.reconstruct import RowStats
-from eigenattn.train import run
+from eigenattn.config import resolve_device
+from eigenattn.eigen_stores import RowStats
+from eigenattn.training import run
 
 log = logs.start(snakemake)
 p = snakemake.params.p

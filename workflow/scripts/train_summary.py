@@ -1,9 +1,6 @@
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
 from eigenattn import logs
 from eigenattn.store import write_table
-from eigenattn.train import summarise
+from eigenattn.training_summary import summarise
 
 log = logs.start(snakemake)
 df = summarise(list(snakemake.input))

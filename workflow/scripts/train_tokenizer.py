@@ -1,9 +1,6 @@
-import sys
-
-sys.path.insert(0, f"{snakemake.scriptdir}/../../src")
 from eigenattn import logs
 from eigenattn.store import atomic_store
-from eigenattn.train import load_tokenizer, split_texts, train_wordpiece
+from eigenattn.mlm_data import load_tokenizer, split_texts, train_wordpiece
 
 log = logs.start(snakemake)
 p = snakemake.params

@@ -1,0 +1,204 @@
+"""The eigen stage's stores (docs/data-contract.md): rows.zarr, halves.zarr and full.zarr are
+written here, read back by :class:`RowStats`, and summarised as spectrum.csv."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from . import __version__
+from .eigen import (P_LEVELS, constant_alignment, explained_variance, full_spectrum, heldout_ev_rows, is_bounded, k_at,
+                    row_spectrum)
+from .errors import InputError
+from .masks import select_visible
+from .moments import check_variant, view_slices
+from .store import atomic_store, open_group, open_scores, write_arrays
+
+
+def _store_attrs(attrs: dict, view: str, causal: bool, n_seq: int, extra: dict) -> dict:
+    n = attrs["seq_len"]
+    qs, ks = view_slices(view, n, causal)
+    return {"model": attrs["model"], "view": view, "causal": causal, "layers": attrs["layers"],
+            "heads": attrs["heads"], "n_layers_total": attrs.get("n_layers_total"),
+            "seq_len": n, "query_range": [qs.start, qs.stop],
+            "key_range": [ks.start, ks.stop], "d": ks.stop - ks.start, "n_sequences": n_seq,
+            "corpus": attrs.get("corpus"), "seed": attrs.get("seed"), "split": "fit",
+            "scores_dtype": attrs.get("dtype"), "skipped_layers": attrs.get("skipped_layers", []),
+            "eigenattn_version": __version__, **extra}
+
+
+def _open_fit(shards, view: str, variants):
+    """Open the fit shards and fail early on an undefined view or unknown variant."""
+    scores, attrs = open_scores(shards)
+    causal = bool(attrs["causal"])
+    view_slices(view, attrs["seq_len"], causal)
+    for v in variants:
+        check_variant(v)
+    scores, attrs = select_visible(scores, attrs, view)  # layers whose mask hides part of the view are skipped
+    return scores, attrs, causal
+
+
+def run_rows(shards, out_path, view: str, variants, split_every: int, halves_path=None) -> dict:
+    """Row analysis of all fit shards into rows.zarr (groups per variant, with pooled/ subgroups).
+
+    With ``halves_path``, the spectra of the two halves of the fit sequences go to a second store
+    (groups {variant}/{a,b}/ shaped like rows.zarr's), read by the overlap stage.
+    """
+    scores, attrs, causal = _open_fit(shards, view, variants)
+    results = {v: row_spectrum(scores, view, v, causal, split_every, halves=halves_path is not None)
+               for v in variants}
+    if halves_path is not None:
+        with atomic_store(halves_path) as tmp:
+            root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+            for v, res in results.items():
+                for half in ("a", "b"):
+                    g = root.require_group(f"{v}/{half}")
+                    write_arrays(g, res["halves"][half]["heads"])
+                    write_arrays(g.require_group("pooled"), res["halves"][half]["pooled"])
+            split = results[variants[0]]["halves"]["split_sequence"]
+            root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
+                "analysis": "rows_halves", "variants": list(variants), "split_sequence": split,
+                "halves": {"a": [0, split], "b": [split, int(scores.shape[0])]},
+                "definition": "row spectra (as rows.zarr) of the first (a) and second (b) half of the fit "
+                              "sequences in passage_id order",
+                "complete": True}))
+    with atomic_store(out_path) as tmp:
+        root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+        for v, res in results.items():
+            g = root.require_group(v)
+            write_arrays(g, res["heads"])
+            write_arrays(g.require_group("pooled"), res["pooled"])
+        root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
+            "analysis": "rows", "variants": list(variants),
+            "axes": {"mean": ["layer", "head", "key"], "eigenvalues": ["layer", "head", "component"],
+                     "eigenvectors": ["layer", "head", "key", "component"], "count": ["layer", "head"]},
+            "definition": "covariance of score rows S[i, keys] over queries i in the view and fit sequences; "
+                          "eigenvalues descending, eigenvectors are columns; pooled/ merges the heads of a layer",
+            "complete": True}))
+    return results
+
+
+def run_full(shards, out_path, view: str, variants) -> dict:
+    """Full-matrix analysis into full.zarr: the `raw` variant at the root, others in subgroups."""
+    scores, attrs, causal = _open_fit(shards, view, variants)
+    results = {v: full_spectrum(scores, view, v, causal) for v in variants}
+    with atomic_store(out_path) as tmp:
+        root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+        for v, res in results.items():
+            g = root if v == "raw" else root.require_group(v)
+            write_arrays(g, {k: res[k] for k in ("eigenvalues", "total_variance", "ev_heldout")},
+                         {"n_samples": res["n_samples"], "dim": res["dim"], "variant": v,
+                          "split_sequence": res["split_sequence"]})
+        root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
+            "analysis": "full", "variants": list(variants),
+            "axes": {"eigenvalues": ["layer", "head", "component"], "total_variance": ["layer", "head"],
+                     "ev_heldout": ["layer", "head", "k - 1"]},
+            "definition": "eigenvalues of the covariance of vectorised view blocks (one sample per sequence) "
+                          "via the centred Gram matrix; total_variance = sum of per-coordinate variances; "
+                          "ev_heldout[k-1] = share of one half's variance inside the other half's top-k "
+                          "principal directions, averaged over both directions (halves split at split_sequence)",
+            "complete": True}))
+    return results
+
+
+def spectrum_table(rows_store, halves_store, full_store, report_k):
+    """The spectrum.csv table (one row per layer × head, plus pooled) from rows.zarr, halves.zarr
+    and full.zarr: k_p in-sample and held-out (``k90_cv``: smallest k whose half-sample subspace
+    explains p of the other half, empty when not reached), bounded flags per level, EV(k)."""
+    recs = []
+
+    def add(analysis, variant, attrs, eig, total, n_samples, head_labels, dim, ev_cv, u1=None):
+        """eig (L, len(head_labels), r), total and u1 (L, len(head_labels)), ev_cv (L, heads, r_cv)."""
+        ev = explained_variance(eig, total)
+        ks = {p: k_at(ev, p) for p in P_LEVELS}
+        cv = {p: np.where(ev_cv[..., -1] >= p - 1e-12, k_at(ev_cv, p), -1) for p in P_LEVELS}
+        bounded = {p: is_bounded(ev_cv, p, n_samples, dim) for p in P_LEVELS}
+        for li, layer in enumerate(attrs["layers"]):
+            for hi, head in enumerate(head_labels):
+                rec = {"model": attrs["model"], "view": attrs["view"], "analysis": analysis, "variant": variant,
+                       "layer": layer, "head": head, "d": dim, "n_samples": n_samples,
+                       "total_variance": float(total[li, hi])}
+                for p in P_LEVELS:
+                    name = f"k{round(p * 100)}"
+                    rec[name] = int(ks[p][li, hi])
+                    rec[f"{name}_cv"] = int(cv[p][li, hi]) if cv[p][li, hi] > 0 else pd.NA
+                for k in report_k:
+                    rec[f"ev_at_{k}"] = float(ev[li, hi, min(k, ev.shape[-1]) - 1])
+                for p in P_LEVELS:
+                    rec[f"bounded_k{round(p * 100)}"] = bool(bounded[p][li, hi])
+                rec["u1_constant"] = float(u1[li, hi]) if u1 is not None else np.nan
+                recs.append(rec)
+
+    rows, halves = open_group(rows_store), open_group(halves_store)
+    ra = rows.attrs.asdict()
+    d = int(ra["d"])
+    heads = list(range(int(ra["heads"])))
+    for v in ra["variants"]:
+        for scope, labels, sl in (("", heads, np.s_[...]), ("pooled/", ["pooled"], np.s_[:, None])):
+            g = rows[f"{v}/{scope}" if scope else v]
+            ha, hb = halves[f"{v}/a/{scope}" if scope else f"{v}/a"], halves[f"{v}/b/{scope}" if scope else f"{v}/b"]
+            eig = g["eigenvalues"][:][sl]
+            ev_cv = heldout_ev_rows(ha["eigenvectors"][:], ha["eigenvalues"][:], hb["eigenvectors"][:],
+                                    hb["eigenvalues"][:])[sl]
+            count = int(np.asarray(g["count"][:]).flat[0])
+            add("rows", v, ra, eig, eig.sum(-1), count, labels, d, ev_cv,
+                constant_alignment(g["eigenvectors"][:])[sl])
+    full = open_group(full_store)
+    fa = full.attrs.asdict()
+    for v in fa["variants"]:
+        g = full if v == "raw" else full[v]
+        ga = g.attrs.asdict()
+        add("full", v, fa, g["eigenvalues"][:], g["total_variance"][:], int(ga["n_samples"]), heads, int(ga["dim"]),
+            g["ev_heldout"][:])
+    df = pd.DataFrame.from_records(recs)
+    for p in P_LEVELS:
+        df[f"k{round(p * 100)}_cv"] = df[f"k{round(p * 100)}_cv"].astype("Int64")
+    return df
+
+
+class RowStats:
+    """The fit-split statistics of one rows.zarr (variant ``raw``): μ, U, Λ per layer and head."""
+
+    def __init__(self, path, variant: str = "raw"):
+        g = open_group(path)
+        a = g.attrs.asdict()
+        if not a.get("complete"):
+            raise InputError(f"{path}: store is not marked complete; re-run the eigen stage")
+        if variant not in g:
+            raise InputError(f"{path}: has no '{variant}' group; the eigen stage must include variant '{variant}'")
+        self.path = str(path)
+        self.attrs = a
+        self.model = a["model"]
+        self.view = a["view"]
+        self.layers = [int(x) for x in a["layers"]]
+        self.n_layers_total = int(a.get("n_layers_total") or max(self.layers) + 1)
+        self.seq_len = int(a["seq_len"])
+        self.d = int(a["d"])
+        self.causal = bool(a["causal"])
+        self.query_range = tuple(a["query_range"])
+        self.key_range = tuple(a["key_range"])
+        v = g[variant]
+        self.mean, self.eigenvalues, self.eigenvectors = v["mean"][:], v["eigenvalues"][:], v["eigenvectors"][:]
+        p = v["pooled"]
+        self.pooled = (p["mean"][:], p["eigenvalues"][:], p["eigenvectors"][:])
+
+    def check_matches(self, seq_len: int, what: str) -> None:
+        if int(seq_len) != self.seq_len:
+            raise InputError(f"{self.path}: statistics were fitted at seq_len {self.seq_len}, but {what} has "
+                             f"seq_len {seq_len}; re-run the eigen stage with the same sampling.seq_len")
+
+    def layer_pos(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise InputError(f"{self.path}: layer {layer} was not analysed (analysed: {self.layers}); "
+                             f"add it to models.{self.model}.layers")
+        return self.layers.index(layer)
+
+    def head_stats(self, layer: int):
+        """(mean, U, lam) of every head of a layer: (H, d), (H, d, d), (H, d)."""
+        i = self.layer_pos(layer)
+        return self.mean[i], self.eigenvectors[i], self.eigenvalues[i]
+
+    def pooled_stats(self, layer: int):
+        i = self.layer_pos(layer)
+        return self.pooled[0][i], self.pooled[2][i], self.pooled[1][i]

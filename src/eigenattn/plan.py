@@ -1,0 +1,71 @@
+"""Planning: what the workflow runs for a config (docs/method.md §2, §5, §8). Pure functions of
+the validated config dict; the Snakefile builds its targets from them."""
+
+from __future__ import annotations
+
+from .schema import enum
+
+
+def model_views(config: dict, name: str) -> list[str]:
+    """The eigen views of a model: ``all`` and ``prefix`` for bidirectional models, ``prefix`` for
+    causal ones (``eigen.views: auto``), or the configured list."""
+    causal = bool(model_spec(config, name)["causal"])
+    views = config["eigen"]["views"]
+    if views == "auto":  # every view, but `all` is undefined under a causal mask
+        return [v for v in enum("eigen.views") if not (causal and v == "all")]
+    return list(views)
+
+
+def view_dim(view: str, seq_len: int) -> int:
+    """d, the keys of a view."""
+    return seq_len if view == "all" else seq_len // 2
+
+
+def plugin_view(config: dict, name: str) -> str:
+    """The view whose statistics the plug-in evaluation uses: 'all' when analysed, else 'prefix'."""
+    views = model_views(config, name)
+    return "all" if "all" in views else views[0]
+
+
+def cross_pairs(config: dict) -> list[tuple[str, str]]:
+    """The model pairs compared across models (prefix view)."""
+    pairs = config["overlap"]["cross_pairs"]
+    if pairs == "auto":
+        ms = config["run_models"]
+        return [(a, b) for i, a in enumerate(ms) for b in ms[i + 1:]]
+    return [tuple(p) for p in pairs]
+
+
+def other_models(config: dict, name: str, view: str) -> list[str]:
+    """Models whose statistics a model's reconstruction transfers from (prefix view only)."""
+    if view != "prefix" or "other_model" not in config["reconstruction"]["transfer"]:
+        return []
+    return [m for m in config["run_models"] if m != name]
+
+
+def trained_run(config: dict) -> dict:
+    """The training run whose encoder is analysed and fine-tuned: the first exact seed, scratch."""
+    return {"mode": "scratch", "tvariant": "exact", "s": config["sampling"]["seq_len"],
+            "seed": config["training"]["exact_seeds"][0]}
+
+
+def model_spec(config: dict, name: str) -> dict:
+    """A model's entry; the trained encoder (``training.analysis_model``) is a bidirectional model
+    made by the training stage."""
+    if name == config["training"]["analysis_model"]:
+        return {"source": "training", "run": trained_run(config), "causal": False,
+                "max_positions": config["sampling"]["seq_len"], "layers": "all"}
+    return config["models"][name]
+
+
+def training_runs(config: dict) -> list[dict]:
+    """Every training run: exact for each exact seed (s = seq_len, all keys), and every variant ×
+    subset size × seed, in each mode."""
+    t = config["training"]
+    n = config["sampling"]["seq_len"]
+    runs = []
+    for mode in t["modes"]:
+        runs += [{"mode": mode, "tvariant": "exact", "s": n, "seed": seed} for seed in t["exact_seeds"]]
+        runs += [{"mode": mode, "tvariant": v, "s": s, "seed": seed}
+                 for v in t["variants"] for s in t["subset_sizes"] for seed in t["seeds"]]
+    return runs
