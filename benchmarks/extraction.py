@@ -83,7 +83,8 @@ def main(argv=None):
                 naive_bytes = dir_size(naive_dir)
                 shutil.rmtree(naive_dir)
                 st = extract_scores(a.model_dir, texts, np.arange(N), tmp / f"s-{r}.zarr", seq_len=n,
-                                    dtype="float16", batch_size=a.batch_size, device=a.device, progress=False)
+                                    dtype="float16", batch_size=a.batch_size, device=a.device, progress=False,
+                                    autocast="none", layers="all", compression="lz4")
                 sc.append(N / st["loop_seconds"])
                 shutil.rmtree(tmp / f"s-{r}.zarr")
         finally:

@@ -205,12 +205,9 @@ def check_corpus_capacity(config: dict, n_words) -> None:
 
 def check_model_facts(config: dict, model: str, facts: dict) -> None:
     """After the equivalence probe, before any score is written (extraction rule): the model's
-    positions, layers and causality agree with the config."""
+    layers and causality agree with the config. (A seq_len beyond the model's positions is refused
+    at parse time when `max_positions` is set, and by extraction itself otherwise.)"""
     spec = plan.model_spec(config, model)
-    n = config["sampling"]["seq_len"]
-    if facts["max_positions"] and n > facts["max_positions"]:
-        raise ConfigError("sampling.seq_len", f"{n} exceeds the {facts['max_positions']} positions of model "
-                          f"'{model}'", f"use seq_len <= {facts['max_positions']}, or drop '{model}'")
     layers = spec.get("layers", "all")
     if layers != "all":
         bad = [x for x in layers if x >= facts["n_layers"]]
