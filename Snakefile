@@ -14,6 +14,7 @@ include: "workflow/rules/eigen.smk"
 include: "workflow/rules/overlap.smk"
 include: "workflow/rules/reconstruct.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/scaling.smk"
 include: "workflow/rules/notebooks.smk"
 
 

@@ -89,8 +89,8 @@ def test_chunking_invariance(tmp_path, data):
     rb = row_spectrum(open_scores(b)[0], "prefix", "raw", False, split_every=5)
     for key in ("mean", "eigenvalues"):
         np.testing.assert_allclose(ra["heads"][key], rb["heads"][key], rtol=1e-10, atol=1e-10)
-    fa = full_spectrum(open_scores(a)[0], "all", "raw", False)
-    fb = full_spectrum(open_scores(b)[0], "all", "raw", False)
+    fa = full_spectrum(open_scores(a)[0], "all", "raw", False, 64)
+    fb = full_spectrum(open_scores(b)[0], "all", "raw", False, 0.001)
     np.testing.assert_allclose(fa["eigenvalues"], fb["eigenvalues"], rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(fa["total_variance"], fb["total_variance"], rtol=1e-10)
 
@@ -100,7 +100,7 @@ def test_full_gram_matches_dense_covariance_and_svd_compressed(shards, data, vie
     import dask.array as da
 
     scores, _ = open_scores(shards)
-    res = full_spectrum(scores, view, "raw", causal=False)
+    res = full_spectrum(scores, view, "raw", causal=False, memory_mb=64)
     qs, ks = view_slices(view, n, False)
     for l in range(L):
         for h in range(H):
@@ -134,11 +134,11 @@ def test_k_at_and_eigh_desc():
 
 def test_stores_and_spectrum_csv(tmp_path, shards, data):
     run_rows(shards, tmp_path / "rows.zarr", "all", VARIANTS, 2, halves_path=tmp_path / "halves.zarr")
-    run_full(shards, tmp_path / "full.zarr", "all", VARIANTS)
+    run_full(shards, tmp_path / "full.zarr", "all", VARIANTS, 64)
     df = spectrum_table(tmp_path / "rows.zarr", tmp_path / "halves.zarr", tmp_path / "full.zarr", [1, 2, 4])
     cols = ["model", "view", "analysis", "variant", "layer", "head", "d", "n_samples", "total_variance",
             "k90", "k90_cv", "k95", "k95_cv", "k99", "k99_cv", "ev_at_1", "ev_at_2", "ev_at_4", "bounded_k90",
-            "bounded_k95", "bounded_k99", "u1_constant"]
+            "bounded_k95", "bounded_k99", "k90_split_spread", "k95_split_spread", "k99_split_spread", "u1_constant"]
     assert list(df.columns) == cols
     # rows: L*H heads + L pooled, per variant; full: L*H per variant
     assert len(df) == 2 * (L * H + L) + 2 * L * H
@@ -166,7 +166,7 @@ def test_bad_inputs(tmp_path, data):
     with pytest.raises(ValueError, match="view 'all' is undefined for a causal model"):
         run_rows(causal, tmp_path / "r.zarr", "all", VARIANTS, 2)
     with pytest.raises(ValueError, match="unknown variant 'centred'"):
-        run_full(causal, tmp_path / "f.zarr", "prefix", ["centred"])
+        run_full(causal, tmp_path / "f.zarr", "prefix", ["centred"], 64)
     assert not (tmp_path / "r.zarr").exists() and not (tmp_path / "f.zarr").exists()
 
 
@@ -222,7 +222,7 @@ def test_bounded_per_level_low_rank_vs_isotropic(tmp_path):
     for name, data, want_bounded in (("low", low, False), ("iso", iso, True)):
         s = [write_store(tmp_path / f"{name}.zarr", data, batch=5)]
         run_rows(s, tmp_path / f"{name}-rows.zarr", "all", VARIANTS, 2, halves_path=tmp_path / f"{name}-halves.zarr")
-        run_full(s, tmp_path / f"{name}-full.zarr", "all", VARIANTS)
+        run_full(s, tmp_path / f"{name}-full.zarr", "all", VARIANTS, 64)
         df = spectrum_table(tmp_path / f"{name}-rows.zarr", tmp_path / f"{name}-halves.zarr",
                             tmp_path / f"{name}-full.zarr", [1])
         f = df[(df.analysis == "full") & (df.variant == "raw")].iloc[0]

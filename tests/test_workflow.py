@@ -1,6 +1,7 @@
 """Real snakemake runs: the data contract of the stores on tests/config.yaml, dry runs, lint."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -205,10 +206,12 @@ def _png_has_content(path):
 
 def test_notebooks_and_figures(tiny_run):
     wd, _ = tiny_run
-    for name in ("spectrum", "overlap", "reconstruction", "training", "summary"):
+    for name in ("spectrum", "overlap", "reconstruction", "training", "summary", "scaling"):
         nb = json.loads((wd / "results" / "notebooks" / f"{name}.ipynb").read_text())
-        assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb["cells"])
-        assert any("injected-parameters" in c.get("metadata", {}).get("tags", []) for c in nb["cells"])
+        tagged = {t: "".join(c["source"]) for c in nb["cells"] for t in c.get("metadata", {}).get("tags", [])}
+        # every parameter the notebook declares was injected by the pipeline (no silent defaults)
+        declared = set(re.findall(r"^(\w+) =", tagged["parameters"], re.M))
+        assert declared and declared <= set(re.findall(r"^(\w+) =", tagged["injected-parameters"], re.M)), name
         assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
         figdir = wd / "results" / "figures" / name
         manifest = json.loads((figdir / "figures.json").read_text())

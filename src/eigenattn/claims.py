@@ -84,6 +84,49 @@ def c1_rows(spectra, cfg: dict) -> list[dict]:
     return out
 
 
+def c1_scaling_rows(fits, saturations, tables) -> list[dict]:
+    """C1 from the scaling study: the exponent of k90 against n (rows), and whether full-matrix
+    k90 has saturated at the largest N of the sample sweep."""
+    out = []
+    for fp, sp, tp in zip(fits, saturations, tables):
+        fit, sat, table = pd.read_csv(fp), pd.read_csv(sp), pd.read_csv(tp)
+        for r in fit[fit.scope == "medians"].itertuples():
+            rows = table[(table.analysis == "rows") & (table.variant == r.variant) & (table.N == r.N)]
+            if rows.bounded_k90.mean() > 0.5:
+                state, verdict = "inconclusive", "row k90 is bounded by the sample count at some lengths"
+            elif r.alpha_high < 1:
+                state, verdict = "supported", f"k90/d falls as n grows: k90 grows as n^{r.alpha:.2f}"
+            elif r.alpha_low >= 1:
+                state, verdict = "not supported", f"k90 grows at least as fast as n (n^{r.alpha:.2f})"
+            else:
+                state, verdict = "inconclusive", "the interval for α includes 1: k90/d may not fall with n"
+            out.append(_row("C1", fp, model=r.model, view=r.view, variant=r.variant,
+                            scope=f"rows against n = {r.n_min}…{r.n_max} ({int(r.heads)} heads, N={r.N})",
+                            quantity="α of median k90 ≈ c·n^α", value=float(r.alpha),
+                            spread=f"95% {r.alpha_low:.2f}–{r.alpha_high:.2f} (bootstrap over heads); k90/d "
+                                   f"{r.median_k_share_first:.2f} at n={r.n_min}, {r.median_k_share_last:.2f} at "
+                                   f"n={r.n_max}",
+                            state=state, verdict=verdict, caveat=_caveat_rows(r.variant, r.view)))
+        k90 = sat[sat.level == "k90"]
+        full = table[table.analysis == "full"]
+        for (model, view, variant), g in k90.groupby(["model", "view", "variant"], sort=False):
+            share = float(g.saturated.mean())
+            med = float(g.k_last.median())
+            Nl = int(g.N_last.iloc[0])
+            f = full[(full.variant == variant) & (full.N == Nl)]
+            if share > 0.5:
+                state, verdict = "supported", f"full-matrix k90 saturates at {med:.0f} of {int(f.d.iloc[0])} by N = {Nl}"
+            else:
+                state, verdict = "inconclusive", (f"full-matrix k90 is still growing or bounded at N = {Nl} "
+                                                  f"(k90 ≥ {med:.0f}); more sequences are needed")
+            out.append(_row("C1", sp, model=model, view=view, variant=variant,
+                            scope=f"full matrices against N = …{int(g.N_prev.iloc[0])}, {Nl} (n={int(g.n.iloc[0])})",
+                            quantity=f"median k90 at N = {Nl}", value=med,
+                            spread=f"{share:.0%} of heads saturated; {float(g.bounded.mean()):.0%} bounded by N",
+                            state=state, verdict=verdict, caveat=""))
+    return out
+
+
 # --------------------------------------------------------------------------------------------- C2
 
 
@@ -276,10 +319,12 @@ def c4_rows(training, cfg: dict) -> list[dict]:
     return out
 
 
-def claims_table(spectra, overlap_summary, recon, plugin, training, cfg: dict | None = None) -> pd.DataFrame:
+def claims_table(spectra, overlap_summary, recon, plugin, training, cfg: dict | None = None,
+                 scaling: tuple = ((), (), ())) -> pd.DataFrame:
+    """``scaling``: (fits, saturations, tables) of the scaling study, one of each per model and view."""
     cfg = {**DEFAULTS, **(cfg or {})}
-    rows = (c1_rows(spectra, cfg) + c2_rows(overlap_summary, cfg) + c3_rows(recon, plugin, cfg)
-            + c4_rows(training, cfg))
+    rows = (c1_rows(spectra, cfg) + c1_scaling_rows(*scaling) + c2_rows(overlap_summary, cfg)
+            + c3_rows(recon, plugin, cfg) + c4_rows(training, cfg))
     df = pd.DataFrame.from_records(rows, columns=COLUMNS)
     for col in ("k", "s"):
         df[col] = df[col].astype("Int64")

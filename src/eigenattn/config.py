@@ -109,6 +109,26 @@ def check(config: dict) -> None:
     _check_overlap(config)
     _check_reconstruction(config)
     _check_training(config)
+    _check_scaling(config)
+
+
+def _check_scaling(config: dict) -> None:
+    s = config["scaling"]
+    for i, m in enumerate(s["models"]):
+        if m not in config["run_models"]:
+            raise ConfigError(f"scaling.models[{i}]", f"'{m}' is not in run_models",
+                              f"use models from run_models: {', '.join(config['run_models'])}")
+        pos = config["models"][m].get("max_positions")
+        longest = max([*s["lengths"], s["sample_length"]])
+        if pos and longest > pos:
+            raise ConfigError("scaling.lengths", f"{longest} exceeds the {pos} positions of model '{m}'",
+                              f"use lengths <= {pos}")
+    batch = config["extraction"]["batch_size"]
+    small = [N for N in s["samples"] if N < 2 * batch]
+    if s["models"] and small:
+        raise ConfigError("scaling.samples", f"N = {small} gives fewer than two chunks of extraction.batch_size "
+                          f"= {batch} sequences, so there are no halves to compare",
+                          f"use samples of at least {2 * batch}, or a smaller extraction.batch_size")
 
 
 def _check_views(config: dict) -> None:
@@ -190,12 +210,14 @@ def _check_training(config: dict) -> None:
 # ------------------------------------------------------------------------- in the rules, with data
 
 
-def check_corpus_capacity(config: dict, n_words) -> None:
-    """Before sampling: the corpus can supply the passages asked for (sampling rule)."""
-    s = config["sampling"]
+def check_corpus_capacity(config: dict, n_words, sampling: dict, key: str) -> None:
+    """Before sampling: the corpus can supply the passages asked for (sampling rules). ``sampling``:
+    the rule's seq_len, n_sequences and heldout_fraction; ``key``: the config section they come
+    from (``sampling``, or ``scaling`` for a grid point of the scaling study)."""
+    s = sampling
     short = capacity_shortfall(n_words, config["seed"], s["heldout_fraction"], s["seq_len"], s["n_sequences"])
     for split, (available, words) in short.items():
-        raise ConfigError(f"sampling.n_sequences.{split}",
+        raise ConfigError(f"sampling.n_sequences.{split}" if key == "sampling" else f"{key}.samples",
                           f"corpus '{config['corpus']}' offers only {available} non-overlapping passages of "
                           f"{s['seq_len']} words in the {split} split ({words} words), but "
                           f"{s['n_sequences'][split]} were asked for",

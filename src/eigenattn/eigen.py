@@ -78,29 +78,49 @@ def _view_vectors(block, qs, ks, variant, shift=None):
     return x if shift is None else x - shift
 
 
-def full_gram(scores, view: str, variant: str, causal: bool):
-    """Dask graph of Gram matrices (L, H, N, N) of vectorised view blocks; returns (graph, N, D).
+def full_gram(scores, view: str, variant: str, causal: bool, memory_mb: float) -> tuple[np.ndarray, int, int]:
+    """Gram matrices (L, H, N, N) of shifted, vectorised view blocks; returns (G0, N, D).
 
-    The uncentred Gram of shifted samples G0 = (V - c)(V - c)^T is accumulated blockwise and
-    centred exactly with H = I - 11^T/N: G = H G0 H (the centred Gram is shift invariant; the
-    shift c, the first sequence's block, keeps the float64 sums well conditioned). One pass over
-    the data; no (|Q||K|)-dimensional covariance is ever formed.
+    G0 = (V - c)(V - c)ᵀ is centred later, exactly, with H = I - 11ᵀ/N (the centred Gram is shift
+    invariant; the shift c, the first sequence's block, keeps the float64 sums well conditioned).
+    No (|Q||K|)-dimensional covariance is ever formed, and the data are streamed: one Dask task
+    per layer holds a panel of sequence blocks (as many as fit in half of ``memory_mb``) and
+    streams every later block past it, re-reading blocks from the store when the panel cannot
+    hold them all. Peak memory per task is about ``memory_mb`` plus the (H, N, N) Gram itself,
+    whatever N is.
     """
     check_variant(variant)
     n = scores.shape[-1]
     qs, ks = view_slices(view, n, causal)
     D = (qs.stop - qs.start) * (ks.stop - ks.start)
     scores = whole_heads(scores)
+    N, L, H = scores.shape[:3]
+    edges = np.concatenate([[0], np.cumsum(scores.chunks[0])]).astype(int)
+    nb = len(edges) - 1
     shift = _view_vectors(scores[:1].compute(), qs, ks, variant)[0]  # (L, H, D): small
+    block_bytes = max(scores.chunks[0]) * H * D * 8
+    panel = int(max(1, (memory_mb * 2 ** 20 / 2) // block_bytes))
 
-    def vectors(block, block_info=None):
-        lo, hi = block_info[0]["array-location"][1]  # this block's layers
-        return _view_vectors(block, qs, ks, variant, shift[lo:hi])
+    def vectors(layer: int, i: int) -> np.ndarray:  # (H, b, D) of sequence block i
+        block = scores[edges[i]:edges[i + 1], layer:layer + 1].compute(scheduler="sync")
+        return np.ascontiguousarray(_view_vectors(block, qs, ks, variant, shift[layer:layer + 1])[:, 0]
+                                    .transpose(1, 0, 2))
 
-    vec = da.map_blocks(vectors, scores, dtype=np.float64, drop_axis=[4], chunks=scores.chunks[:3] + ((D,),),
-                        meta=np.empty((0, 0, 0, 0), dtype=np.float64))
-    g0 = da.einsum("nlhd,mlhd->lhnm", vec, vec, dtype=np.float64)
-    return g0, vec.shape[0], D
+    def layer_gram(layer: int) -> np.ndarray:
+        G = np.empty((H, N, N))
+        for p0 in range(0, nb, panel):
+            held = {i: vectors(layer, i) for i in range(p0, min(p0 + panel, nb))}
+            for j in range(p0, nb):
+                vj = held[j] if j in held else vectors(layer, j)
+                for i, vi in held.items():
+                    if i <= j:
+                        g = np.matmul(vi, np.swapaxes(vj, -1, -2))
+                        G[:, edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = g
+                        G[:, edges[j]:edges[j + 1], edges[i]:edges[i + 1]] = np.swapaxes(g, -1, -2)
+        return G
+
+    grams = dask.compute(*[dask.delayed(layer_gram)(layer) for layer in range(L)])
+    return np.stack(grams), N, D
 
 
 def center_gram(g0: np.ndarray) -> np.ndarray:
@@ -140,22 +160,36 @@ def heldout_explained_variance(g0: np.ndarray, split: int) -> np.ndarray:
     return np.clip(0.5 * (out[0] + out[1]), 0.0, 1.0)
 
 
-def full_spectrum(scores, view: str, variant: str, causal: bool) -> dict:
+def half_spectra(g0: np.ndarray, split: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (2, ..., r_half) and total variances (2, ...) of each half's own covariance."""
+    N = g0.shape[-1]
+    out_w, out_t = [], []
+    r = min(split, N - split) - 1
+    for idx in (np.arange(split), np.arange(split, N)):
+        g = center_gram(g0[..., idx[:, None], idx[None, :]])
+        out_w.append(np.clip(np.linalg.eigvalsh(g)[..., ::-1][..., :r], 0.0, None) / (len(idx) - 1))
+        out_t.append(np.trace(g, axis1=-2, axis2=-1) / (len(idx) - 1))
+    return np.stack(out_w), np.stack(out_t)
+
+
+def full_spectrum(scores, view: str, variant: str, causal: bool, memory_mb: float) -> dict:
     """Eigenvalues of the sample covariance of vectorised view blocks, the exact total variance,
-    and the held-out explained variance of half-sample subspaces (see heldout_explained_variance).
+    the held-out explained variance of half-sample subspaces (see heldout_explained_variance), and
+    each half's own spectrum (whose disagreement is the split-half noise of k_p).
 
     The nonzero eigenvalues of C = Vc^T Vc / (N-1) equal those of the Gram Vc Vc^T / (N-1); the total
     variance (sum of per-coordinate variances) is trace(C) = trace(G) / (N-1), exactly.
     """
-    g0, N, D = full_gram(scores, view, variant, causal)
-    (g0,) = dask.compute(g0)
+    g0, N, D = full_gram(scores, view, variant, causal, memory_mb)
     g = center_gram(g0)
     w = np.linalg.eigvalsh(g)[..., ::-1] / (N - 1)
     total = np.trace(g, axis1=-2, axis2=-1) / (N - 1)
     r = min(N - 1, D)
     split = int(np.sum(scores.chunks[0][:half_block_index(scores.chunks[0])]))
+    half_w, half_t = half_spectra(g0, split)
     return {"eigenvalues": np.clip(w[..., :r], 0.0, None), "total_variance": total, "n_samples": N, "dim": D,
-            "ev_heldout": heldout_explained_variance(g0, split), "split_sequence": split}
+            "ev_heldout": heldout_explained_variance(g0, split), "half_eigenvalues": half_w,
+            "half_total_variance": half_t, "split_sequence": split}
 
 
 def heldout_ev_rows(Ua: np.ndarray, lam_a: np.ndarray, Ub: np.ndarray, lam_b: np.ndarray) -> np.ndarray:

@@ -79,39 +79,48 @@ def run_rows(shards, out_path, view: str, variants, split_every: int, halves_pat
     return results
 
 
-def run_full(shards, out_path, view: str, variants) -> dict:
-    """Full-matrix analysis into full.zarr: the `raw` variant at the root, others in subgroups."""
+def run_full(shards, out_path, view: str, variants, memory_mb: float) -> dict:
+    """Full-matrix analysis into full.zarr: the `raw` variant at the root, others in subgroups.
+    ``memory_mb`` bounds the sequence blocks each Gram task holds (see eigen.full_gram)."""
     scores, attrs, causal = _open_fit(shards, view, variants)
-    results = {v: full_spectrum(scores, view, v, causal) for v in variants}
+    results = {v: full_spectrum(scores, view, v, causal, memory_mb) for v in variants}
     with atomic_store(out_path) as tmp:
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
         for v, res in results.items():
             g = root if v == "raw" else root.require_group(v)
-            write_arrays(g, {k: res[k] for k in ("eigenvalues", "total_variance", "ev_heldout")},
+            write_arrays(g, {k: res[k] for k in ("eigenvalues", "total_variance", "ev_heldout", "half_eigenvalues",
+                                                 "half_total_variance")},
                          {"n_samples": res["n_samples"], "dim": res["dim"], "variant": v,
                           "split_sequence": res["split_sequence"]})
         root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
             "analysis": "full", "variants": list(variants),
             "axes": {"eigenvalues": ["layer", "head", "component"], "total_variance": ["layer", "head"],
-                     "ev_heldout": ["layer", "head", "k - 1"]},
+                     "ev_heldout": ["layer", "head", "k - 1"], "half_eigenvalues": ["half", "layer", "head", "component"],
+                     "half_total_variance": ["half", "layer", "head"]},
             "definition": "eigenvalues of the covariance of vectorised view blocks (one sample per sequence) "
                           "via the centred Gram matrix; total_variance = sum of per-coordinate variances; "
                           "ev_heldout[k-1] = share of one half's variance inside the other half's top-k "
-                          "principal directions, averaged over both directions (halves split at split_sequence)",
+                          "principal directions, averaged over both directions (halves split at split_sequence); "
+                          "half_eigenvalues: each half's own spectrum",
             "complete": True}))
     return results
 
 
 def spectrum_table(rows_store, halves_store, full_store, report_k):
     """The spectrum.csv table (one row per layer × head, plus pooled) from rows.zarr, halves.zarr
-    and full.zarr: k_p in-sample and held-out (``k90_cv``: smallest k whose half-sample subspace
-    explains p of the other half, empty when not reached), bounded flags per level, EV(k)."""
+    and full.zarr (``None``: rows only): k_p in-sample and held-out (``k90_cv``: smallest k whose
+    half-sample subspace explains p of the other half, empty when not reached), bounded flags per
+    level, the split-half spread of full-matrix k_p (``k90_split_spread``: |k_p of half a − k_p of
+    half b|), EV(k)."""
     recs = []
 
-    def add(analysis, variant, attrs, eig, total, n_samples, head_labels, dim, ev_cv, u1=None):
-        """eig (L, len(head_labels), r), total and u1 (L, len(head_labels)), ev_cv (L, heads, r_cv)."""
+    def add(analysis, variant, attrs, eig, total, n_samples, head_labels, dim, ev_cv, u1=None, halves=None):
+        """eig (L, len(head_labels), r), total and u1 (L, len(head_labels)), ev_cv (L, heads, r_cv);
+        halves: (eigenvalues (2, L, H, r), totals (2, L, H)) of each half's own spectrum."""
         ev = explained_variance(eig, total)
         ks = {p: k_at(ev, p) for p in P_LEVELS}
+        spread = None if halves is None else \
+            {p: np.abs(np.subtract(*k_at(explained_variance(*halves), p))) for p in P_LEVELS}
         cv = {p: np.where(ev_cv[..., -1] >= p - 1e-12, k_at(ev_cv, p), -1) for p in P_LEVELS}
         bounded = {p: is_bounded(ev_cv, p, n_samples, dim) for p in P_LEVELS}
         for li, layer in enumerate(attrs["layers"]):
@@ -127,6 +136,8 @@ def spectrum_table(rows_store, halves_store, full_store, report_k):
                     rec[f"ev_at_{k}"] = float(ev[li, hi, min(k, ev.shape[-1]) - 1])
                 for p in P_LEVELS:
                     rec[f"bounded_k{round(p * 100)}"] = bool(bounded[p][li, hi])
+                for p in P_LEVELS:
+                    rec[f"k{round(p * 100)}_split_spread"] = pd.NA if spread is None else int(spread[p][li, hi])
                 rec["u1_constant"] = float(u1[li, hi]) if u1 is not None else np.nan
                 recs.append(rec)
 
@@ -144,16 +155,16 @@ def spectrum_table(rows_store, halves_store, full_store, report_k):
             count = int(np.asarray(g["count"][:]).flat[0])
             add("rows", v, ra, eig, eig.sum(-1), count, labels, d, ev_cv,
                 constant_alignment(g["eigenvectors"][:])[sl])
-    full = open_group(full_store)
-    fa = full.attrs.asdict()
-    for v in fa["variants"]:
+    full = open_group(full_store) if full_store is not None else None
+    for v in full.attrs["variants"] if full is not None else ():
         g = full if v == "raw" else full[v]
         ga = g.attrs.asdict()
-        add("full", v, fa, g["eigenvalues"][:], g["total_variance"][:], int(ga["n_samples"]), heads, int(ga["dim"]),
-            g["ev_heldout"][:])
+        add("full", v, full.attrs.asdict(), g["eigenvalues"][:], g["total_variance"][:], int(ga["n_samples"]), heads,
+            int(ga["dim"]), g["ev_heldout"][:], halves=(g["half_eigenvalues"][:], g["half_total_variance"][:]))
     df = pd.DataFrame.from_records(recs)
     for p in P_LEVELS:
-        df[f"k{round(p * 100)}_cv"] = df[f"k{round(p * 100)}_cv"].astype("Int64")
+        for col in (f"k{round(p * 100)}_cv", f"k{round(p * 100)}_split_spread"):
+            df[col] = df[col].astype("Int64")
     return df
 
 

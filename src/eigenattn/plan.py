@@ -69,3 +69,18 @@ def training_runs(config: dict) -> list[dict]:
         runs += [{"mode": mode, "tvariant": v, "s": s, "seed": seed}
                  for v in t["variants"] for s in t["subset_sizes"] for seed in t["seeds"]]
     return runs
+
+
+def scaling_points(config: dict) -> dict[str, list[tuple[int, int]]]:
+    """The (n, N) grid of the scaling study: the length sweep at the main run's N, the sample
+    sweep at ``scaling.sample_length``; ``full`` lists the points whose whole blocks are analysed."""
+    s = config["scaling"]
+    fit = config["sampling"]["n_sequences"]["fit"]
+    lengths = [(int(n), fit) for n in s["lengths"]]
+    samples = [(int(s["sample_length"]), int(N)) for N in s["samples"]]
+    return {"all": sorted(set(lengths) | set(samples)), "full": sorted(set(samples))}
+
+
+def is_main_point(config: dict, n: int, N: int) -> bool:
+    """Whether a grid point is the main run (same length and fit sequences): its outputs are reused."""
+    return int(n) == config["sampling"]["seq_len"] and int(N) == config["sampling"]["n_sequences"]["fit"]

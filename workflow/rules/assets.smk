@@ -44,6 +44,7 @@ rule sample_passages:
         "../../envs/eigenattn.yaml"
     params:
         sampling=sampling_params,
+        capacity_key="sampling",
     script:
         "../scripts/sample_passages.py"
 

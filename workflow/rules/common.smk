@@ -37,6 +37,7 @@ SHARDS = list(range(config["extraction"]["shards"]))
 SEQ_LEN = config["sampling"]["seq_len"]
 TRAIN = config["training"]
 NOTEBOOKS = ["spectrum", "overlap", "reconstruction", "training", "summary"]
+NOTEBOOKS += ["scaling"] if config["scaling"]["models"] else []
 NOTEBOOK_DIR = Path(workflow.current_basedir) / ".." / ".." / "notebooks"
 WHEEL_CACHE = "resources/wheels"
 
@@ -52,9 +53,11 @@ wildcard_constraints:
     variant="|".join(enum("eigen.variants")),
     mode="|".join(enum("training.modes")),
     tvariant="|".join(["exact", *enum("training.variants")]),
-    name="|".join(NOTEBOOKS),
+    name="|".join([*NOTEBOOKS, "scaling"]),
     s=r"\d+",
     seed=r"\d+",
+    n=r"\d+",
+    N=r"\d+",
 
 
 def log_start():
@@ -112,21 +115,50 @@ def sampling_params(wildcards):
     return {"seed": config["seed"], **config["sampling"]}
 
 
-def extract_params(wildcards):
+def score_shape(path):
+    """(N, L, H, n, n) of a score store, from its metadata (read when jobs are planned, not at parse)."""
+    meta = Path(path) / "scores" / "zarr.json"
+    return json.loads(meta.read_text())["shape"] if meta.is_file() else None
+
+
+def gram_mem_mb(wildcards, input, attempt):
+    """Sequence blocks (eigen.gram_memory_mb) plus the N x N Gram of the layers in flight, from the
+    store's shape once it exists (a generous guess before)."""
+    shapes = [score_shape(p) for p in input]
+    N = (
+        sum(s[0] for s in shapes)
+        if all(shapes)
+        else 4 * config["sampling"]["n_sequences"]["fit"]
+    )
+    H = shapes[0][2] if all(shapes) else 32
+    layers_in_flight = workflow.cores if isinstance(workflow.cores, int) else 2
+    gram = (
+        layers_in_flight * 4 * H * N * N * 8 / 2**20
+    )  # G0, its centred copy and eigh work
+    return int(attempt * (1000 + config["eigen"]["gram_memory_mb"] + gram))
+
+
+def extraction_params(model, split, shard, n_shards, seq_len):
     e = config["extraction"]
-    spec = plan.model_spec(config, wildcards.model)
+    spec = plan.model_spec(config, model)
     return {
-        "model": wildcards.model,
-        "split": wildcards.split,
-        "shard": int(wildcards.shard),
-        "n_shards": len(SHARDS),
-        "seq_len": SEQ_LEN,
+        "model": model,
+        "split": split,
+        "shard": shard,
+        "n_shards": n_shards,
+        "seq_len": seq_len,
         **{k: e[k] for k in ("dtype", "compression", "batch_size", "autocast")},
         "layers": spec.get("layers", "all"),
         "source": spec,
         "corpus": CORPUS,
         "seed": config["seed"],
     }
+
+
+def extract_params(wildcards):
+    return extraction_params(
+        wildcards.model, wildcards.split, int(wildcards.shard), len(SHARDS), SEQ_LEN
+    )
 
 
 def gpus_for(key):
@@ -332,6 +364,9 @@ def claims_inputs(wildcards):
         "recon": reconstruct_outputs(),
         "plugin": plugin_outputs(),
         "training": rules.train_summary.output[0],
+        "scaling_fits": scaling_files("fits"),
+        "scaling_saturation": scaling_files("saturation"),
+        "scaling_tables": scaling_files("table"),
     }
 
 
@@ -352,6 +387,12 @@ def notebook_data(name):
         return {
             "summary": rules.train_summary.output[0],
             "metrics": run_outputs("metrics"),
+        }
+    if name == "scaling":
+        return {
+            "tables": scaling_files("table"),
+            "fits": scaling_files("fits"),
+            "saturation": scaling_files("saturation"),
         }
     return {"claims": rules.claims.output[0]}
 
@@ -393,6 +434,97 @@ def report_mode():
     return any(a == "--report" or a.startswith("--report=") for a in sys.argv)
 
 
+# ------------------------------------------------------------------------------------- scaling
+
+
+def scaling_sampling_params(wildcards):
+    return {
+        "seed": config["seed"],
+        "seq_len": int(wildcards.n),
+        "n_sequences": {"fit": int(wildcards.N), "heldout": 1},
+        "heldout_fraction": config["sampling"]["heldout_fraction"],
+    }
+
+
+def scaling_passages(wildcards):
+    return expand(
+        rules.scaling_sample_passages.output[0],
+        corpus=CORPUS,
+        n=wildcards.n,
+        N=wildcards.N,
+    )[0]
+
+
+def scaling_extract_params(wildcards):
+    return extraction_params(wildcards.model, "fit", 0, 1, int(wildcards.n))
+
+
+def scaling_spectrum_inputs(wildcards):
+    point = (int(wildcards.n), int(wildcards.N))
+    out = rules.scaling_eigen_rows.output
+    ins = {
+        k: expand(
+            getattr(out, k),
+            model=wildcards.model,
+            view=wildcards.view,
+            n=point[0],
+            N=point[1],
+        )[0]
+        for k in ("rows", "halves")
+    }
+    if point in plan.scaling_points(config)["full"]:
+        ins["full"] = expand(
+            rules.scaling_eigen_full.output[0],
+            model=wildcards.model,
+            view=wildcards.view,
+            n=point[0],
+            N=point[1],
+        )[0]
+    return ins
+
+
+def scaling_spectrum(model, view, n, N):
+    """A grid point's spectrum.csv: the main run's where the point coincides with it."""
+    if plan.is_main_point(config, n, N):
+        return expand(rules.eigen_spectrum.output[0], model=model, view=view)[0]
+    return expand(
+        rules.scaling_eigen_spectrum.output[0], model=model, view=view, n=n, N=N
+    )[0]
+
+
+def scaling_spectra(wildcards):
+    return [
+        scaling_spectrum(wildcards.model, wildcards.view, n, N)
+        for n, N in plan.scaling_points(config)["all"]
+    ]
+
+
+def scaling_table_params(wildcards):
+    s = config["scaling"]
+    points = plan.scaling_points(config)["all"]
+    return {
+        "n": [n for n, _ in points],
+        "N": [N for _, N in points],
+        "length_N": config["sampling"]["n_sequences"]["fit"],
+        "sample_length": s["sample_length"],
+        "bootstrap": s["bootstrap"],
+        "seed": config["seed"],
+    }
+
+
+def scaling_files(name):
+    """One output of the scaling table rule (`table`, `fits`, `saturation`) per model and view."""
+    return [
+        expand(getattr(rules.scaling_table.output, name), model=m, view=v)[0]
+        for m in config["scaling"]["models"]
+        for v in plan.model_views(config, m)
+    ]
+
+
+def scaling_outputs():
+    return [p for name in ("table", "fits", "saturation") for p in scaling_files(name)]
+
+
 def all_outputs(wildcards):
     outputs = (
         extract_outputs()
@@ -401,6 +533,7 @@ def all_outputs(wildcards):
         + reconstruct_outputs()
         + plugin_outputs()
         + [rules.train_summary.output[0], rules.claims.output[0]]
+        + scaling_outputs()
         + notebook_outputs()
     )
     if report_mode():

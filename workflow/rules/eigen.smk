@@ -32,7 +32,7 @@ rule eigen_full:
         "../../envs/eigenattn.yaml"
     threads: 2
     resources:
-        mem_mb=mem_mb(4000),
+        mem_mb=gram_mem_mb,
     params:
         p=eigen_full_params,
     script:

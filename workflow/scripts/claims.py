@@ -5,7 +5,13 @@ from eigenattn.store import write_table
 log = logs.start(snakemake)
 i = snakemake.input
 table = claims_table(
-    list(i.spectra), i.overlap_summary, list(i.recon), list(i.plugin), i.training, snakemake.params.cfg
+    list(i.spectra),
+    i.overlap_summary,
+    list(i.recon),
+    list(i.plugin),
+    i.training,
+    snakemake.params.cfg,
+    scaling=(list(i.scaling_fits), list(i.scaling_saturation), list(i.scaling_tables)),
 )
 write_table(table, snakemake.output[0])
 log.info("%d claim rows -> %s\n%s", len(table), snakemake.output[0], table.to_string())

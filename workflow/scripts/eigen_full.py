@@ -6,5 +6,5 @@ log = logs.start(snakemake)
 p = snakemake.params.p
 dask_cfg = snakemake.config["eigen"]
 with dask_scheduler(dask_cfg["scheduler"], snakemake.threads, dask_cfg["slurm"]):
-    run_full(list(snakemake.input), snakemake.output[0], p["view"], p["variants"])
+    run_full(list(snakemake.input), snakemake.output[0], p["view"], p["variants"], dask_cfg["gram_memory_mb"])
 log.info("wrote %s", snakemake.output[0])

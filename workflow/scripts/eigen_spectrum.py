@@ -6,7 +6,7 @@ log = logs.start(snakemake)
 table = spectrum_table(
     snakemake.input.rows,
     snakemake.input.halves,
-    snakemake.input.full,
+    snakemake.input.get("full"),
     snakemake.params.p["report_k"],
 )
 write_table(table, snakemake.output[0])

@@ -1,0 +1,83 @@
+# The scaling study (docs/method.md §10): the sampling, extraction and eigen rules, reused over a
+# grid of sequence lengths n and sample counts N. A grid point that coincides with the main run
+# (same n and N) reads the main run's outputs instead of storing its scores twice.
+
+
+use rule sample_passages as scaling_sample_passages with:
+    output:
+        "results/scaling/corpus/{corpus}/n{n}/N{N}/passages.parquet",
+    log:
+        "logs/scaling/sample_passages/{corpus}/n{n}/N{N}.log",
+    params:
+        sampling=scaling_sampling_params,
+        capacity_key="scaling",
+
+
+use rule extract_scores as scaling_extract_scores with:
+    input:
+        model=model_dir,
+        passages=scaling_passages,
+    output:
+        directory("results/scaling/scores/{model}/n{n}/N{N}/fit.zarr"),
+    log:
+        "logs/scaling/extract/{model}/n{n}/N{N}.log",
+    benchmark:
+        "benchmarks/out/scaling/extract/{model}/n{n}/N{N}.tsv"
+    params:
+        p=scaling_extract_params,
+
+
+use rule eigen_rows as scaling_eigen_rows with:
+    input:
+        rules.scaling_extract_scores.output[0],
+    output:
+        rows=directory("results/scaling/eigen/{model}/n{n}/N{N}/{view}/rows.zarr"),
+        halves=directory("results/scaling/eigen/{model}/n{n}/N{N}/{view}/halves.zarr"),
+    log:
+        "logs/scaling/eigen_rows/{model}/n{n}/N{N}/{view}.log",
+    benchmark:
+        "benchmarks/out/scaling/eigen_rows/{model}/n{n}/N{N}/{view}.tsv"
+
+
+use rule eigen_full as scaling_eigen_full with:
+    input:
+        rules.scaling_extract_scores.output[0],
+    output:
+        directory("results/scaling/eigen/{model}/n{n}/N{N}/{view}/full.zarr"),
+    log:
+        "logs/scaling/eigen_full/{model}/n{n}/N{N}/{view}.log",
+    benchmark:
+        "benchmarks/out/scaling/eigen_full/{model}/n{n}/N{N}/{view}.tsv"
+    resources:
+        mem_mb=gram_mem_mb,
+
+
+use rule eigen_spectrum as scaling_eigen_spectrum with:
+    input:
+        unpack(scaling_spectrum_inputs),
+    output:
+        "results/scaling/eigen/{model}/n{n}/N{N}/{view}/spectrum.csv",
+    log:
+        "logs/scaling/eigen_spectrum/{model}/n{n}/N{N}/{view}.log",
+
+
+rule scaling_table:
+    input:
+        spectra=scaling_spectra,
+    output:
+        table="results/scaling/{model}/{view}.csv",
+        fits="results/scaling/{model}/{view}.fits.csv",
+        saturation="results/scaling/{model}/{view}.saturation.csv",
+    log:
+        "logs/scaling/table/{model}/{view}.log",
+    conda:
+        "../../envs/eigenattn.yaml"
+    params:
+        p=scaling_table_params,
+    script:
+        "../scripts/scaling_table.py"
+
+
+rule scaling:
+    input:
+        scaling_outputs(),
