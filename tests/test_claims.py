@@ -120,7 +120,8 @@ def _finals(root, accs, losses, unigram_acc=0.05, entropy=7.0, tokens=5000, mode
                  "heldout_mlm_acc": acc, "heldout_loss": losses[(variant, s, seed)], "heldout_loss_sd": 2.0,
                  "heldout_mlm_acc_shuffled": shuffled,
                  "heldout_tokens": tokens, "unigram_acc": unigram_acc, "unigram_entropy": entropy,
-                 "unigram_top_token": 5, "params": 1, "attention_flops_per_seq": 100 if variant == "exact" else 50,
+                 "unigram_top_token": 5, "tokenizer_sha256": "0" * 64, "params": 1,
+                 "attention_flops_per_seq": 100 if variant == "exact" else 50,
                  "mean_step_time_ms": 1.0}
         (d / "final.json").write_text(json.dumps(final))
         paths.append(d / "final.json")

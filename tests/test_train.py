@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -211,3 +212,15 @@ def test_sigkill_resumes_from_checkpoint(tmp_path, resources):
     assert "resumed from checkpoint" in log and f"at step {torch.tensor(step).item()}" in log
     m = pd.read_csv(wd / "results/training/scratch/exact/s32/seed0/metrics.csv")
     assert list(m.step) == list(range(10, 251, 10)) and not ckpt.exists()
+
+
+def test_wordpiece_is_identical_across_processes(resources, tmp_path):
+    """The tokenizers library numbers the trained pieces differently in each process; after the
+    canonical renumbering two processes write the same vocabulary file."""
+    code = ("import sys; from eigenattn.mlm_data import split_texts, train_wordpiece; "
+            "t = split_texts(sys.argv[1], 0, 0.2)['fit'][:40]; train_wordpiece(t, 600, sys.argv[2], 32)")
+    docs = resources / "corpora" / "enwiki-sample" / "documents.parquet"
+    for i in (1, 2):
+        subprocess.run([sys.executable, "-c", code, str(docs), str(tmp_path / f"t{i}")], check=True)
+    a, b = ((tmp_path / f"t{i}" / "tokenizer.json").read_bytes() for i in (1, 2))
+    assert a == b

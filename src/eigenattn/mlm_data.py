@@ -16,15 +16,29 @@ from .store import atomic_output
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def train_wordpiece(texts, vocab_size: int, out_dir, seq_len: int):
-    """Train a lower-cased WordPiece vocabulary on ``texts`` and save it as a transformers tokenizer."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+def _bert_wordpiece(vocab: dict | None = None) -> Tokenizer:
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]") if vocab else models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def train_wordpiece(texts, vocab_size: int, out_dir, seq_len: int):
+    """Train a lower-cased WordPiece vocabulary on ``texts`` and save it as a transformers tokenizer.
+
+    The trainer finds the same pieces in every process but numbers them in an order that varies
+    between processes (hash-map iteration in the tokenizers library), so the ids are reassigned
+    canonically: the special tokens, then every other piece in sorted order. WordPiece splits by
+    longest match over the set of pieces, so this changes no tokenisation, only the ids, and makes
+    the vocabulary file identical across runs.
+    """
+    tok = _bert_wordpiece()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=2,
                                         show_progress=False)
     tok.train_from_iterator(list(texts), trainer=trainer)
+    pieces = SPECIALS + sorted(t for t in tok.get_vocab() if t not in SPECIALS)
+    tok = _bert_wordpiece({t: i for i, t in enumerate(pieces)})
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])

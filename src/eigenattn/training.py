@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from .assets import sha256_file
 from .errors import InputError
 from .mlm_data import heldout_batches, load_tokenizer, mask_batch, shuffle_windows, unigram_baseline
 from .mlm_model import MLM, MODES, VARIANTS, attach_variant, attention_flops_per_seq, bert_config
@@ -218,7 +219,8 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
              "attention_flops_per_seq": attention_flops_per_seq(variant, seq_len, s, m["layers"], m["heads"],
                                                                 m["d_model"] // m["heads"]),
              "mean_step_time_ms": float(timed.mean()) if len(timed) else float("nan"),
-             "device": str(device), "seq_len": seq_len, "vocab_size": len(tok)}
+             "device": str(device), "seq_len": seq_len, "vocab_size": len(tok),
+             "tokenizer_sha256": sha256_file(Path(tokenizer_dir) / "tokenizer.json")}
     if mode == "finetune":
         final["heldout_mlm_acc_step0"] = float(metrics.iloc[0].heldout_mlm_acc)
     _publish(out_dir, model, tok, metrics, final)

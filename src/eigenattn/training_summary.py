@@ -19,7 +19,7 @@ SUMMARY_COLUMNS = ["mode", "variant", "subset_size", "seed", "steps", "heldout_m
                    "exact_seed_sd", "exact_acc_gap", "exact_acc_gap_low", "exact_loss_gap", "exact_loss_gap_low",
                    "exact_learned", "heldout_mlm_acc_shuffled", "exact_order_gain", "exact_order_gain_low",
                    "exact_uses_order", "delta_vs_exact", "delta_ci_low", "delta_ci_high", "kept_gain",
-                   "kept_gain_ci_low", "kept_gain_ci_high"]
+                   "kept_gain_ci_low", "kept_gain_ci_high", "tokenizer_sha256"]
 
 
 def summarise(final_paths) -> "pd.DataFrame":
@@ -39,7 +39,7 @@ def summarise(final_paths) -> "pd.DataFrame":
     df = pd.DataFrame([json.loads(Path(p).read_text()) for p in final_paths])
     if "heldout_mlm_acc_step0" not in df:
         df["heldout_mlm_acc_step0"] = np.nan
-    for key in ("unigram_entropy", "unigram_acc", "heldout_tokens"):
+    for key in ("unigram_entropy", "unigram_acc", "heldout_tokens", "tokenizer_sha256"):
         if df[key].nunique() != 1:
             raise InputError(f"training runs were scored on different held-out data ({key} differs: "
                              f"{sorted(df[key].unique())}); re-run the training stage")
