@@ -46,7 +46,7 @@ def _assert_nothing_written(workdir):
     ({"plugin": {"strategies": ["greedy"]}}, "plugin.strategies.0'"),
     ({"plugin": {"n_sequences": 500}}, "plugin.n_sequences': 500 exceeds the 32 held-out passages"),
     ({"eigen": {"variants": ["row_centered"]}}, "eigen.variants': reconstruction fits on the 'raw' row spectra"),
-    ({"run_models": ["minilm", "minilm"]}, "run_models': lists a model twice"),
+    ({"run_models": ["minilm", "minilm"]}, "run_models': ['minilm', 'minilm'] has non-unique elements"),
 ])
 def test_bad_config_fails_before_any_job(workdir, override, needle):
     out = _run_bad(workdir, override)

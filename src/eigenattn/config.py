@@ -30,20 +30,43 @@ def _description(path) -> str | None:
         return None
 
 
+FIXES = {
+    "minimum": "use a value of at least {v}",
+    "exclusiveMinimum": "use a value above {v}",
+    "maximum": "use a value of at most {v}",
+    "exclusiveMaximum": "use a value below {v}",
+    "minItems": "list at least {v} value(s)",
+    "maxItems": "list at most {v} value(s)",
+    "uniqueItems": "list each value once",
+    "minProperties": "give at least {v} entr(y/ies)",
+    "pattern": "write it to match the pattern {v}",
+    "const": "write {v}",
+}
+
+
 def explain(error: jsonschema.ValidationError) -> ConfigError:
     """A ConfigError for a schema violation: the dotted key, what is wrong, and what to write."""
     key = _key(error.absolute_path)
+    desc = _description(error.absolute_path)
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
         where = f"{key}.{extra[0]}" if error.absolute_path else extra[0]
         return ConfigError(where, f"unknown key '{where}' (misspelt?)",
                            f"use one of the keys allowed here: {', '.join(allowed)}" if allowed else None)
+    if error.validator == "propertyNames" or "propertyNames" in list(error.absolute_schema_path):
+        return ConfigError(key, f"the name {error.instance!r} is not allowed ({error.message})",
+                           "use a name of letters, digits, '_' and '-' that starts with a letter or digit (it "
+                           "becomes a folder name and a wildcard value)")
     if error.validator == "enum":
         return ConfigError(key, error.message, f"use one of: {', '.join(map(str, error.validator_value))}")
     if error.validator == "required":
-        return ConfigError(key, error.message, f"add it ({_description(error.absolute_path) or 'see docs/config.md'})")
-    desc = _description(error.absolute_path)
+        return ConfigError(key, error.message, "add the missing key" + (f" ({desc})" if desc else ""))
+    if error.validator == "type":
+        kinds = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        return ConfigError(key, error.message, f"write a value of type {' or '.join(kinds)}" + (f": {desc}" if desc else ""))
+    if error.validator in FIXES:
+        return ConfigError(key, error.message, FIXES[error.validator].format(v=error.validator_value))
     return ConfigError(key, error.message, f"write a value that fits: {desc}" if desc else "see docs/config.md")
 
 
@@ -81,8 +104,6 @@ def check(config: dict) -> None:
         if m not in models:
             raise ConfigError(f"run_models[{i}]", f"unknown model '{m}'",
                               f"define it under `models:` or use one of: {', '.join(sorted(models))}")
-    if len(set(config["run_models"])) != len(config["run_models"]):
-        raise ConfigError("run_models", "lists a model twice", "list each model once")
     if config["corpus"] not in corpora:
         raise ConfigError("corpus", f"unknown corpus '{config['corpus']}'",
                           f"define it under `corpora:` or use one of: {', '.join(sorted(corpora))}")
@@ -101,10 +122,17 @@ def check(config: dict) -> None:
             raise ConfigError("sampling.seq_len", f"{n} exceeds the {pos} positions of model '{m}'",
                               f"use seq_len <= {pos}, or drop '{m}' from run_models")
         plan.model_views(config, m)  # raises for an undefined view
+    shards, batch = config["extraction"]["shards"], config["extraction"]["batch_size"]
     for split, count in config["sampling"]["n_sequences"].items():
-        if config["extraction"]["shards"] > count:
-            raise ConfigError("extraction.shards", f"{config['extraction']['shards']} shards but only {count} "
-                              f"{split} passages", f"use at most {count} shards")
+        if shards > count:
+            raise ConfigError("extraction.shards", f"{shards} shards but only {count} {split} passages",
+                              f"use at most {count} shards")
+    fit = config["sampling"]["n_sequences"]["fit"]
+    chunks = sum(-(-((i + 1) * fit // shards - i * fit // shards) // batch) for i in range(shards))
+    if chunks < 2:
+        raise ConfigError("extraction.batch_size", f"{batch} covers all {fit} fit passages of the shard in one chunk, "
+                          "so there are no two halves for the split-half statistics",
+                          f"use a batch_size of at most {max(1, fit // 2)}, or more extraction.shards")
     _check_views(config)
     _check_overlap(config)
     _check_reconstruction(config)
@@ -150,6 +178,12 @@ def _check_overlap(config: dict) -> None:
             if bad:
                 raise ConfigError("overlap.k", f"k = {bad} exceeds the row dimension d = {d} of view '{v}' "
                                   f"(seq_len {n}) for model '{m}'", f"use k <= {d}")
+    ks = config["eigen"]["report_k"]
+    d_min = min(plan.view_dim(v, n) for m in config["run_models"] for v in plan.model_views(config, m))
+    if max(ks) > d_min:
+        raise ConfigError("eigen.report_k", f"k = {[k for k in ks if k > d_min]} exceeds the d = {d_min} keys of "
+                          f"the smallest view (seq_len {n}); EV(k) would be clamped to EV(d)",
+                          f"use k <= {d_min}")
     pairs = config["overlap"]["cross_pairs"]
     for i, (a, b) in enumerate(plan.cross_pairs(config)):
         for j, m in enumerate((a, b)):
@@ -178,6 +212,12 @@ def _check_reconstruction(config: dict) -> None:
                 if bad:
                     raise ConfigError(f"{section}.subset_sizes", f"s = {bad} exceeds the d = {d} keys of view "
                                       f"'{v}' (seq_len {n}) for model '{m}'", f"use subset sizes <= {d}")
+    r = config["reconstruction"]
+    prefix_models = [m for m in config["run_models"] if "prefix" in plan.model_views(config, m)]
+    if "other_model" in r["transfer"] and len(prefix_models) < 2:
+        raise ConfigError("reconstruction.transfer", "lists other_model, but fewer than two models are analysed in "
+                          f"the prefix view ({', '.join(prefix_models) or 'none'}), so there is no other model",
+                          "add a second model to run_models, or drop other_model from reconstruction.transfer")
     held = config["sampling"]["n_sequences"]["heldout"]
     if config["plugin"]["n_sequences"] > held:
         raise ConfigError("plugin.n_sequences", f"{config['plugin']['n_sequences']} exceeds the {held} held-out "
@@ -241,6 +281,14 @@ def check_model_facts(config: dict, model: str, facts: dict) -> None:
                           f"{facts['mask_kinds']}, so it is {'causal' if facts['causal'] else 'not causal'} "
                           "(every layer hiding the keys after each query)",
                           f"set causal: {str(facts['causal']).lower()}")
+
+
+def expected_scores(config: dict, wildcards, split: str) -> dict:
+    """What a score store read by a rule must have been written with (its attrs); a store left over
+    from another configuration is refused rather than analysed."""
+    n = int(wildcards["n"]) if "n" in wildcards.keys() else config["sampling"]["seq_len"]
+    return {"model": wildcards["model"], "split": split, "seq_len": n, "dtype": config["extraction"]["dtype"],
+            "seed": config["seed"]}
 
 
 def resolve_device(value: str, key: str):

@@ -110,10 +110,20 @@ def load_documents(spec: dict, name: str, documents_path: str | Path | None = No
         missing = [p for p in paths if not Path(p).exists()]
         if missing:
             raise InputError(f"{key}.paths: file(s) not found: {missing}")
-        suffix = Path(paths[0]).suffix.lower()
-        builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
+        suffixes = sorted({Path(p).suffix.lower() for p in paths})
+        if len(suffixes) > 1:
+            raise InputError(f"{key}.paths: mixed file types {suffixes}; list files of one type per corpus "
+                             "(define one corpus per type)")
+        builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffixes[0])
         if builder is None:
-            raise InputError(f"{key}.paths: unsupported file type '{suffix}' (use .txt, .jsonl or .parquet)")
+            raise InputError(f"{key}.paths: unsupported file type '{suffixes[0]}' (use .txt, .jsonl or .parquet)")
+        if builder != "parquet":
+            for p in paths:  # a clear error instead of a bare UnicodeDecodeError deep in datasets
+                try:
+                    Path(p).read_text(encoding="utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{key}.paths: {p} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                                     "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
         kw = {"sample_by": "document"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=paths, split="train", **kw)
     else:
@@ -124,9 +134,12 @@ def load_documents(spec: dict, name: str, documents_path: str | Path | None = No
         raise InputError(f"{key}.text_field: column '{text_field}' is not in the documents (columns: "
                          f"{ds.column_names})")
     id_field = spec.get("id_field")
+    if id_field and id_field not in ds.column_names:  # silently ignored, documents could straddle the split
+        raise InputError(f"{key}.id_field: column '{id_field}' is not in the documents (columns: {ds.column_names}); "
+                         "name an existing column, or remove id_field to number documents by row")
     if text_field != "text":
         ds = ds.rename_column(text_field, "text")
-    if id_field and id_field in ds.column_names:
+    if id_field:
         ds = ds.map(lambda r: {"doc_id": str(r[id_field])})
     elif "doc_id" not in ds.column_names:
         ds = ds.map(lambda r, i: {"doc_id": str(i)}, with_indices=True)

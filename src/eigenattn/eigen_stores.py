@@ -28,9 +28,9 @@ def _store_attrs(attrs: dict, view: str, causal: bool, n_seq: int, extra: dict) 
             "eigenattn_version": __version__, **extra}
 
 
-def _open_fit(shards, view: str, variants):
+def _open_fit(shards, view: str, variants, expect: dict | None):
     """Open the fit shards and fail early on an undefined view or unknown variant."""
-    scores, attrs = open_scores(shards)
+    scores, attrs = open_scores(shards, expect)
     causal = bool(attrs["causal"])
     view_slices(view, attrs["seq_len"], causal)
     for v in variants:
@@ -39,13 +39,14 @@ def _open_fit(shards, view: str, variants):
     return scores, attrs, causal
 
 
-def run_rows(shards, out_path, view: str, variants, split_every: int, halves_path=None) -> dict:
+def run_rows(shards, out_path, view: str, variants, split_every: int, halves_path=None,
+             expect: dict | None = None) -> dict:
     """Row analysis of all fit shards into rows.zarr (groups per variant, with pooled/ subgroups).
 
     With ``halves_path``, the spectra of the two halves of the fit sequences go to a second store
     (groups {variant}/{a,b}/ shaped like rows.zarr's), read by the overlap stage.
     """
-    scores, attrs, causal = _open_fit(shards, view, variants)
+    scores, attrs, causal = _open_fit(shards, view, variants, expect)
     results = {v: row_spectrum(scores, view, v, causal, split_every, halves=halves_path is not None)
                for v in variants}
     if halves_path is not None:
@@ -79,10 +80,10 @@ def run_rows(shards, out_path, view: str, variants, split_every: int, halves_pat
     return results
 
 
-def run_full(shards, out_path, view: str, variants, memory_mb: float) -> dict:
+def run_full(shards, out_path, view: str, variants, memory_mb: float, expect: dict | None = None) -> dict:
     """Full-matrix analysis into full.zarr: the `raw` variant at the root, others in subgroups.
     ``memory_mb`` bounds the sequence blocks each Gram task holds (see eigen.full_gram)."""
-    scores, attrs, causal = _open_fit(shards, view, variants)
+    scores, attrs, causal = _open_fit(shards, view, variants, expect)
     results = {v: full_spectrum(scores, view, v, causal, memory_mb) for v in variants}
     with atomic_store(out_path) as tmp:
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
@@ -132,8 +133,8 @@ def spectrum_table(rows_store, halves_store, full_store, report_k):
                     name = f"k{round(p * 100)}"
                     rec[name] = int(ks[p][li, hi])
                     rec[f"{name}_cv"] = int(cv[p][li, hi]) if cv[p][li, hi] > 0 else pd.NA
-                for k in report_k:
-                    rec[f"ev_at_{k}"] = float(ev[li, hi, min(k, ev.shape[-1]) - 1])
+                for k in report_k:  # EV(k) is undefined past the last component: empty, never clamped
+                    rec[f"ev_at_{k}"] = float(ev[li, hi, k - 1]) if k <= ev.shape[-1] else np.nan
                 for p in P_LEVELS:
                     rec[f"bounded_k{round(p * 100)}"] = bool(bounded[p][li, hi])
                 for p in P_LEVELS:

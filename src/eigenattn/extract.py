@@ -36,7 +36,7 @@ from .errors import UnsupportedModelError
 from .masks import describe
 from .probe import PROBE_SEQUENCES, equivalence_probe, load_capture_model, mask_info
 from .score_writer import ScoreWriter
-from .store import atomic_store, compressor, score_chunks
+from .store import atomic_store, score_chunks, score_codecs
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
     with atomic_store(out_path) as tmp:
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
         root.create_array("scores", shape=(n_seq, L, H, seq_len, seq_len), dtype=dtype,
-                          chunks=score_chunks(batch_size, H, seq_len), compressors=compressor(dtype, compression),
+                          chunks=score_chunks(batch_size, H, seq_len), compressors=score_codecs(dtype, compression),
                           fill_value=np.nan, config={"write_empty_chunks": True})
         root.create_array("input_ids", data=ids, chunks=(max(n_seq, 1), seq_len))
         root.create_array("attention_mask", data=np.ones_like(ids, dtype=np.int8), chunks=(max(n_seq, 1), seq_len))

@@ -63,8 +63,8 @@ COLUMNS = ["model", "view", "split", "layer", "head", "estimator", "strategy", "
            "basis_condition", "solve_condition", *METRICS]
 
 
-def _open_split(shards, stats: RowStats, rows_store, what: str):
-    scores, attrs = open_scores(shards)
+def _open_split(shards, stats: RowStats, rows_store, what: str, expect: dict | None):
+    scores, attrs = open_scores(shards, expect)
     stats.check_matches(attrs["seq_len"], f"{what} scores {shards[0]}")
     held = [int(x) for x in attrs["layers"]]
     skipped = {int(x["layer"]) for x in stats.attrs.get("skipped_layers", [])}  # masked views (eigenattn.masks)
@@ -94,7 +94,7 @@ def _layer_reference(scores, li: int, qs: slice, ks: slice, allowed, causal: boo
 
 def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_sizes, ridge: float, rank: float,
                   seed: int, eval_rows: int | None, transfer=(), transfer_estimators=None, other_stores=None,
-                  fit_shards=None, progress=True) -> pd.DataFrame:
+                  fit_shards=None, expect: dict | None = None, progress=True) -> pd.DataFrame:
     """The reconstruction table of one model and view: one row per split, layer, head, method, source.
 
     Every method is fitted from the fit-split statistics in ``rows_store``. Its errors are measured on
@@ -103,9 +103,10 @@ def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_
     Transfer rows (another layer's or model's statistics) are measured on the held-out split only.
     """
     stats = RowStats(rows_store)
-    splits = {"heldout": _open_split(heldout_shards, stats, rows_store, "held-out")[0]}
+    splits = {"heldout": _open_split(heldout_shards, stats, rows_store, "held-out",
+                                     expect and {**expect, "split": "heldout"})[0]}
     if fit_shards:
-        splits["fit"] = _open_split(fit_shards, stats, rows_store, "fit")[0]
+        splits["fit"] = _open_split(fit_shards, stats, rows_store, "fit", expect and {**expect, "split": "fit"})[0]
     n, d = stats.seq_len, stats.d
     for e in estimators:
         for st in strategies:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import dask
 from threadpoolctl import threadpool_limits
@@ -37,21 +38,28 @@ def dask_scheduler(kind: str, workers: int, slurm: dict | None = None):
             yield None
     elif kind == "distributed":
         from distributed import Client, LocalCluster
+        from distributed.security import Security
 
+        security = Security.temporary()  # TLS with throw-away credentials: no unauthenticated peer gets in
         with LocalCluster(n_workers=1, threads_per_worker=workers + 1, processes=True, host="127.0.0.1",
-                          dashboard_address=None, silence_logs=logging.WARNING) as cluster, \
-                Client(cluster) as client:
+                          dashboard_address=None, silence_logs=logging.WARNING, security=security,
+                          protocol="tls://") as cluster, Client(cluster, security=security) as client:
             log.info("dask distributed LocalCluster at %s", cluster.scheduler_address)
             yield client
     elif kind == "slurm":
         from dask_jobqueue import SLURMCluster
         from distributed import Client
+        from distributed.security import Security
 
         opts = dict(slurm or {})
         jobs = int(opts.pop("jobs", 1))
         opts.setdefault("cores", workers)
         opts.setdefault("memory", "4GB")
-        with SLURMCluster(**opts) as cluster, Client(cluster) as client:
+        # TLS with throw-away credentials; the workers read them from a folder on the shared filesystem
+        opts.setdefault("shared_temp_directory", os.path.abspath(".dask-security"))
+        security = Security.temporary()
+        with SLURMCluster(**opts, security=security, protocol="tls://") as cluster, \
+                Client(cluster, security=security) as client:
             cluster.scale(jobs=jobs)
             client.wait_for_workers(jobs, timeout=opts.get("death_timeout", 300))
             log.info("dask SLURMCluster with %d job(s): %s", jobs, cluster.job_script().splitlines()[:3])

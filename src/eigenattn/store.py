@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from glob import escape as glob_escape
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import InputError
 
@@ -36,6 +37,12 @@ def compressor(dtype: str, codec: str):
     return BloscCodec(**CODECS[codec], typesize=np.dtype(dtype).itemsize)
 
 
+def score_codecs(dtype: str, codec: str) -> list:
+    """Codecs of a score store: the compressor (none for ``none``), then a CRC32C checksum, so a
+    chunk that rots on disk fails its read instead of yielding wrong scores."""
+    return ([] if codec == "none" else [compressor(dtype, codec)]) + [Crc32cCodec()]
+
+
 def score_chunks(batch: int, heads: int, n: int) -> tuple[int, ...]:
     """One chunk = a batch of sequences for one layer, all heads: (B, 1, H, n, n)."""
     return (batch, 1, heads, n, n)
@@ -48,10 +55,54 @@ def open_group(path: str | Path, mode: str = "r"):
     return zarr.open_group(zarr.storage.LocalStore(path, read_only=(mode == "r")), mode=mode)
 
 
-def open_scores(shards: list[str | Path]):
-    """Concatenate the ``scores`` arrays of several shard stores into one Dask array.
+def refetch_hint(path) -> str:
+    return f"re-create it: snakemake --cores all --forcerun {path} (then run your target again)"
 
-    Dask chunks equal the Zarr chunks. Returns (dask array, attrs of the first shard).
+
+class CheckedScores:
+    """The ``scores`` array of one store, read chunk by chunk for Dask. A chunk that cannot be read
+    (missing, truncated, failing its checksum) or that holds a non-finite score stops the stage
+    with an error naming the store, the chunk and the fix, so no NaN reaches a result."""
+
+    def __init__(self, path, arr):
+        self.path, self.arr = str(path), arr
+        self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
+
+    def _where(self, key) -> str:
+        spans = [f"{k.start}:{k.stop}" if isinstance(k, slice) else str(k) for k in key]
+        return f"scores[{', '.join(spans)}]"
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        try:
+            x = self.arr[key]
+        except Exception as e:  # noqa: BLE001 - codec and checksum errors have many types
+            raise InputError(f"{self.path}: {self._where(key)} cannot be read ({type(e).__name__}: {e}); the store "
+                             f"is damaged.\n  fix: {refetch_hint(self.path)}") from e
+        if not np.isfinite(x).all():
+            raise InputError(f"{self.path}: {self._where(key)} holds {int((~np.isfinite(x)).sum())} non-finite "
+                             f"scores (a missing or damaged chunk reads as NaN).\n  fix: {refetch_hint(self.path)}")
+        return x
+
+
+def missing_objects(path, arr) -> list[tuple[int, ...]]:
+    """Grid keys of the stored objects (chunks, or shards) of a local array that are absent."""
+    step = arr.shards or arr.chunks
+    grid = [-(-s // c) for s, c in zip(arr.shape, step)]
+    root = Path(path) / "c"
+    present = {tuple(int(x) for x in Path(d, f).relative_to(root).parts)
+               for d, _, files in os.walk(root) for f in files}
+    return [k for k in np.ndindex(*grid) if k not in present]
+
+
+def open_scores(shards: list[str | Path], expect: dict | None = None):
+    """Concatenate the ``scores`` arrays of several shard stores into one checked Dask array.
+
+    Each store must be marked complete, hold every chunk, and carry the attributes in ``expect``
+    (e.g. the model, split, seq_len, dtype and seed the calling rule was configured with); a stale
+    or damaged store fails here, naming it and the fix. Dask chunks equal the Zarr chunks, and every
+    chunk is checked as it is read (:class:`CheckedScores`). Returns (dask array, attrs of the
+    first shard).
     """
     if not shards:
         raise InputError("no score shards given")
@@ -60,13 +111,22 @@ def open_scores(shards: list[str | Path]):
         g = open_group(p)
         a = g.attrs.asdict()
         if not a.get("complete"):
-            raise InputError(f"{p}: store is not marked complete; re-run extraction")
+            raise InputError(f"{p}: store is not marked complete.\n  fix: {refetch_hint(p)}")
+        for key, want in (expect or {}).items():
+            if a.get(key) != want:
+                raise InputError(f"{p}: written with {key} = {a.get(key)!r}, but this stage expects {want!r}: the "
+                                 f"store is stale.\n  fix: {refetch_hint(p)}")
         if attrs is None:
             attrs = a
         elif (a["layers"], a["heads"], a["seq_len"]) != (attrs["layers"], attrs["heads"], attrs["seq_len"]):
             raise InputError(f"{p}: layers/heads/seq_len differ from {shards[0]}")
         arr = g["scores"]
-        arrays.append(da.from_zarr(arr, chunks=arr.chunks))
+        missing = missing_objects(Path(p) / "scores", arr)
+        if missing:
+            raise InputError(f"{p}: {len(missing)} chunk file(s) of scores are missing (first: {missing[0]}).\n"
+                             f"  fix: {refetch_hint(p)}")
+        arrays.append(da.from_array(CheckedScores(p, arr), chunks=arr.chunks, asarray=False,
+                                    name=f"scores-{Path(p).resolve()}", meta=np.empty((0,) * arr.ndim, arr.dtype)))
     return da.concatenate(arrays, axis=0), attrs
 
 
@@ -79,6 +139,10 @@ def atomic_output(path: str | Path, directory: bool = False):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A writer killed outright (SIGKILL, out of memory) leaves its temporary sibling behind; the
+    # next writer of the same output sweeps it (one job writes an output at a time).
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     tmp.chmod(0o755)
     if not directory:

@@ -8,6 +8,7 @@ exact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from . import __version__
 from .assets import sha256_file
 from .errors import InputError
 from .mlm_data import heldout_batches, load_tokenizer, mask_batch, shuffle_windows, unigram_baseline
@@ -86,18 +88,37 @@ def _build_model(mode, variant, s, seed, tcfg, seq_len, vocab_size, stats, init_
     return model
 
 
-def _resume(ckpt: Path, meta: dict, model, opt) -> tuple[list, int]:
-    """(records, start step) from a checkpoint written for exactly this run, else from scratch."""
+def provenance(meta: dict, inputs) -> str:
+    """A digest of everything a run's state depends on: its settings (``meta``: the run, the
+    training config, the data seed, the code version) and the content of its input files (the
+    tokenizer, the windows, the statistics its maps come from, the model it starts from)."""
+    h = hashlib.sha256(json.dumps({**meta, "eigenattn_version": __version__}, sort_keys=True).encode())
+    for path in inputs:
+        for f in sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]:
+            h.update(str(f.relative_to(path) if Path(path).is_dir() else f.name).encode())
+            h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _resume(ckpt: Path, digest: str, model, opt) -> tuple[list, int]:
+    """(records, start step) from a checkpoint written for exactly this run and these inputs, else
+    from scratch. A checkpoint from other settings or inputs, or one that cannot be read (cut
+    short, or not a plain tensor file: it is loaded with ``weights_only``, so it can run no code),
+    is logged and deleted."""
     if not ckpt.is_file():
         return [], 0
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    if state.get("meta") != meta:
-        log.warning("ignoring checkpoint %s written for another configuration", ckpt)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state.get("provenance") != digest:
+            raise ValueError("written for other settings or inputs (provenance digest differs)")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except Exception as e:  # noqa: BLE001 - any unreadable or foreign checkpoint means: start afresh
+        log.warning("discarding checkpoint %s (%s: %s); training starts from step 0", ckpt, type(e).__name__, e)
+        ckpt.unlink(missing_ok=True)
         return [], 0
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
     log.info("resumed from checkpoint %s at step %d", ckpt, state["step"])
-    return state["records"], state["step"]
+    return state["records"], int(state["step"])
 
 
 def _publish(out_dir: Path, model: MLM, tok, metrics: pd.DataFrame, final: dict) -> None:
@@ -144,7 +165,9 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
     ckpt = out_dir / "checkpoint.pt"
     meta = {"mode": mode, "variant": variant, "s": s, "seed": seed, "steps": steps, "batch_size": bs,
             "seq_len": seq_len, "n_params": n_params, "tcfg": json.loads(json.dumps(tcfg, sort_keys=True))}
-    records, start = _resume(ckpt, meta, model, opt)
+    inputs = [tokenizer_dir, windows, *([stats.path] if stats is not None else []), *([init_dir] if init_dir else [])]
+    digest = provenance({**meta, "data_seed": data_seed}, inputs)
+    records, start = _resume(ckpt, digest, model, opt)
     if start == 0 and mode == "finetune":
         ev = evaluate(model, held_ids, tok_info, data_seed, bs, device, amp)
         records.append({"step": 0, "train_loss": float("nan"), "heldout_loss": ev["loss"],
@@ -199,7 +222,7 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
             window_loss, window_time, window_n = 0.0, 0.0, 0
             if done % tcfg["checkpoint_every"] == 0 and done < steps:
                 with atomic_output(ckpt) as tmp:
-                    torch.save({"meta": meta, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    torch.save({"provenance": digest, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "records": records, "step": done}, tmp)
     bar.close()
 

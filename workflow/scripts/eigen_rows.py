@@ -1,4 +1,5 @@
 from eigenattn import logs
+from eigenattn.config import expected_scores
 from eigenattn.eigen_stores import run_rows
 from eigenattn.scheduler import dask_scheduler
 
@@ -13,5 +14,6 @@ with dask_scheduler(dask_cfg["scheduler"], snakemake.threads, dask_cfg["slurm"])
         p["variants"],
         p["split_every"],
         halves_path=snakemake.output.halves,
+        expect=expected_scores(snakemake.config, snakemake.wildcards, "fit"),
     )
 log.info("wrote %s and %s", snakemake.output.rows, snakemake.output.halves)

@@ -1,4 +1,5 @@
 from eigenattn import logs
+from eigenattn.config import expected_scores
 from eigenattn.reconstruct import evaluate_view
 from eigenattn.store import write_table
 
@@ -14,6 +15,7 @@ df = evaluate_view(
     rank=p["eigenspace_rank"],
     seed=p["seed"],
     fit_shards=list(snakemake.input.fit),
+    expect=expected_scores(snakemake.config, snakemake.wildcards, "heldout"),
     eval_rows=p["eval_rows"],
     transfer=p["transfer"],
     transfer_estimators=p["transfer_estimators"],
