@@ -1,7 +1,7 @@
 """Time and peak memory of the eigen stage against the number of sequences N, on synthetic stores.
 
-    python benchmarks/scale.py                         # n = 128, N = 128 … 1024 (a few minutes)
-    python benchmarks/scale.py --n 256 --N 256 512 1024 2048 --budget 256
+    python benchmarks/scale.py                  # n = 256, N = 256 … 2048 (about ten minutes on 2 cores)
+    python benchmarks/scale.py --n 128 --N 128 256 512
 
 Each measurement runs in its own process (so its peak RSS is its own): the row analysis
 (``run_rows``) and the full-matrix analysis (``run_full``, streamed Gram with a block budget of
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,15 +38,17 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_mb": resource.getrus
 
 
 def make_store(path: Path, N: int, L: int, H: int, n: int, batch: int) -> int:
-    """A float16 score store of low-rank-plus-noise blocks, written batch by batch; returns its bytes."""
+    """A float16 score store of low-rank-plus-noise blocks in the extraction stage's layout
+    (eigenattn.store.create_score_store: shards of ``batch`` sequences, default codecs), written
+    batch by batch; returns its bytes."""
     import zarr
 
-    from eigenattn.store import compressor, score_chunks
+    from eigenattn.store import create_score_store, finish_store
 
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
-    arr = g.create_array("scores", shape=(N, L, H, n, n), dtype="float16", chunks=score_chunks(batch, H, n),
-                         compressors=compressor("float16", "lz4"))
-    g.create_array("passage_id", data=np.arange(N, dtype=np.int64))
+    arr = create_score_store(g, ids=np.zeros((N, n), dtype=np.int32), passage_ids=np.arange(N), layers=range(L),
+                             heads=H, kv_heads=H, seq_len=n, dtype="float16", compression="none",
+                             chunk_sequences=batch, shard_sequences=batch)
     rng = np.random.default_rng(0)
     basis = rng.standard_normal((L, H, 8, n), dtype=np.float32)
     for s in range(0, N, batch):
@@ -57,6 +58,7 @@ def make_store(path: Path, N: int, L: int, H: int, n: int, batch: int) -> int:
                         + rng.standard_normal((b, L, H, n, n), dtype=np.float32)).astype(np.float16)
     g.attrs.update({"model": "synthetic", "layers": list(range(L)), "heads": H, "seq_len": n, "causal": False,
                     "dtype": "float16", "complete": True})
+    finish_store(path)
     return N * L * H * n * n * 2
 
 
@@ -75,8 +77,8 @@ def slope(x, y) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=128)
-    ap.add_argument("--N", type=int, nargs="+", default=[128, 256, 512, 1024])
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--N", type=int, nargs="+", default=[256, 512, 1024, 2048])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--view", default="prefix")

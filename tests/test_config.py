@@ -60,7 +60,8 @@ def test_bad_config_fails_before_any_job(workdir, override, needle):
     ({"sampling": {"n_sequences": {"fit": 100000}}}, "corpus",
      "sampling.n_sequences.fit': corpus 'enwiki-sample' offers only"),
     ({"models": {"hubmodel": {"source": "hub", "repo_id": "org/x", "revision": "main", "causal": False}},
-      "run_models": ["hubmodel"]}, "resources/models/hubmodel", "models.hubmodel.source is 'hub', but the Hugging"),
+      "run_models": ["hubmodel"], "reconstruction": {"transfer": ["adjacent_layer"]}, "scaling": {"models": []}},
+     "resources/models/hubmodel", "models.hubmodel.source is 'hub', but the Hugging"),
 ])
 def test_config_errors_that_need_data_fail_in_their_rule(workdir, monkeypatch, override, target, needle):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -75,7 +76,8 @@ def test_wrong_sha256_names_key_and_leaves_nothing(tmp_path, resources):
     # Own working directory (no cached models), but reuse the downloaded wheels.
     (tmp_path / "resources").mkdir()
     (tmp_path / "resources" / "wheels").symlink_to(resources / "wheels", target_is_directory=True)
-    bad = {"models": {"minilm": {"sha256": {"config.json": "0" * 64}}}, "run_models": ["minilm"]}
+    bad = {"models": {"minilm": {"sha256": {"config.json": "0" * 64}}}, "run_models": ["minilm"],
+           "reconstruction": {"transfer": ["adjacent_layer"]}, "scaling": {"models": []}}
     out = _run_bad(tmp_path, bad, "resources/models/minilm")
     assert "models.minilm.sha256['config.json']: checksum mismatch" in out, out[-3000:]
     models = tmp_path / "resources" / "models"

@@ -47,7 +47,8 @@ def test_stored_scores_match_eager_output_attentions(resources, tmp_path, name, 
     for dtype in ("float32", "float16"):
         out = tmp_path / f"{name}-{dtype}.zarr"
         extract_scores(model_dir, texts, np.arange(len(texts)), out, seq_len=SEQ_LEN, dtype=dtype,
-                       batch_size=2, device="cpu", progress=False, autocast="none", layers="all", compression="lz4")
+                       batch_size=2, chunk_sequences=1, device="cpu", progress=False, autocast="none", layers="all",
+                       compression="lz4")
         g = zarr.open_group(out, mode="r")
         assert g.attrs["causal"] is causal
         np.testing.assert_array_equal(g["input_ids"][:], ids)
@@ -70,7 +71,8 @@ def test_capture_does_not_change_model_outputs(minilm_dir):
         with capturing(cap):
             h = cap_model(input_ids=ids).last_hidden_state
         h_ref = eager(input_ids=ids).last_hidden_state
-    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-6)
+    # SDPA (layers not stored) and the fused scale sum in another order than eager: float32 rounding
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-5)
     assert sorted(cap.scores) == [1, 4]
     assert cap.scores[1].shape == (1, 12, ids.shape[1], ids.shape[1])
     assert not is_causal_mask(cap.mask)
@@ -100,7 +102,8 @@ def test_interrupted_extraction_leaves_no_store(minilm_dir, tmp_path, monkeypatc
     out = tmp_path / "s.zarr"
     with pytest.raises(KeyboardInterrupt):
         extract_scores(minilm_dir, ["a b c d e f g h i j k l m n o p"] * 2, [0, 1], out, seq_len=8, dtype="float16",
-                       batch_size=1, device="cpu", progress=False, autocast="none", layers="all", compression="lz4")
+                       batch_size=1, chunk_sequences=1, device="cpu", progress=False, autocast="none", layers="all",
+                       compression="lz4")
     assert list(tmp_path.iterdir()) == []
 
 

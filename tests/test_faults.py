@@ -219,7 +219,9 @@ def test_bad_corpus_files_name_the_key(tmp_path, files, spec, needle):
     ({"seed": -1}, "config key 'seed': -1 is less than the minimum of 0\n  fix: use a value of at least 0"),
     ({"eigen": {"report_k": [1, 1000]}}, "eigen.report_k': k = [1000] exceeds the d = 64 keys"),
     ({"training": {"exact_seeds": [0, 0, 1]}}, "training.exact_seeds': [0, 0, 1] has non-unique elements"),
-    ({"extraction": {"batch_size": 128}}, "extraction.batch_size': 128 covers all 96 fit passages"),
+    ({"extraction": {"batch_size": 128, "chunk_sequences": 128}},
+     "extraction.chunk_sequences': 128 covers all 96 fit passages"),
+    ({"extraction": {"batch_size": 12}}, "extraction.batch_size': 12 is not a multiple of extraction.chunk_sequences"),
     ({"run_models": ["minilm"]}, "reconstruction.transfer': lists other_model, but fewer than two models"),
     ({"models": {"o'brien": {"source": "path", "path": "/x", "causal": False}}}, "models': the name \"o'brien\""),
     ({"models": {"org/name": {"source": "path", "path": "/x", "causal": False}}}, "models': the name 'org/name'"),
@@ -253,7 +255,7 @@ def test_sigkill_then_rerun_completes_and_keeps_finished_work(tmp_path, resource
     sibling), the re-run completes it and sweeps the leftover, and outputs finished before the kill
     are not recomputed."""
     wd = make_workdir(tmp_path, resources)
-    base = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(wd), "-c1", "--configfile", *CONFIGS]
+    base = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(wd), "-c1", "--configfile", *CONFIGS, "--"]
     scores = wd / "results" / "scores" / "minilm" / "fit"
     shards = ["results/scores/minilm/fit/shard-0.zarr", "results/scores/minilm/fit/shard-1.zarr"]
     if stage == "extract":
@@ -272,8 +274,8 @@ def test_sigkill_then_rerun_completes_and_keeps_finished_work(tmp_path, resource
     finished = {p: p.stat().st_mtime for p in scores.glob("shard-*.zarr")}
     unfinished = [t for t in targets if not (wd / t).exists()]
     assert unfinished and list((wd / "results").rglob(".*partial-*"))
-    subprocess.run(base + ["--unlock"], cwd=wd, check=True, capture_output=True)
-    done = subprocess.run(base + targets + ["--rerun-incomplete"], cwd=wd, capture_output=True, text=True)
+    subprocess.run(base[:-1] + ["--unlock"], cwd=wd, check=True, capture_output=True)
+    done = subprocess.run(base[:-1] + ["--rerun-incomplete", "--"] + targets, cwd=wd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not list((wd / "results").rglob(".*partial-*"))  # swept by the re-run
     for p, t in finished.items():

@@ -273,3 +273,27 @@ def test_statistics_from_another_seq_len(stores):
     with pytest.raises(ValueError, match="s=9 is outside"):
         evaluate_view(stores["ma"]["prefix"], [stores["ma"]["held"]], estimators=["mean"], strategies=["strided"],
                       subset_sizes=[9], progress=False, **EVAL)
+
+
+@pytest.mark.parametrize("view,causal", [("all", False), ("prefix", True)])
+def test_layer_reference_reads_only_the_chosen_rows(view, causal):
+    """Streaming one chunk of sequences at a time gives the rows of the whole-layer reshape."""
+    import dask.array as da
+
+    from eigenattn.moments import view_slices
+    from eigenattn.reconstruct import _layer_reference, eval_row_index
+
+    rng = np.random.default_rng(1)
+    N, L, H, n = 7, 2, 3, 8
+    S = rng.standard_normal((N, L, H, n, n)).astype(np.float16)
+    qs, ks = view_slices(view, n, causal)
+    allowed = np.arange(n)[None, :] <= np.arange(qs.start, qs.stop)[:, None]
+    nq = qs.stop - qs.start
+    for eval_rows in (None, 5, N * nq - 1):
+        ref = _layer_reference(da.from_array(S, chunks=(3, 1, H, n, n)), 1, qs, ks, allowed, causal, eval_rows)
+        whole = S[:, 1, :, qs, :].transpose(1, 0, 2, 3).reshape(H, N * nq, n).astype(np.float64)
+        pick = eval_row_index(N * nq, eval_rows) if eval_rows else np.arange(N * nq)
+        np.testing.assert_array_equal(ref.X.numpy(), whole[:, pick][..., ks].astype(np.float32))
+        np.testing.assert_array_equal(ref.full.numpy(), whole[:, pick].astype(np.float32))
+        if causal:
+            np.testing.assert_array_equal(ref.masked.numpy(), ~np.tile(allowed, (N, 1))[pick])

@@ -35,13 +35,15 @@ def test_extract_refuses_or_reproduces_each_family(tmp_path, resources):
         models[f"tiny_{name}"] = {"source": "path", "path": str(src), "causal": CAUSAL.get(name, True)}
     overlay = {"run_models": list(models), "models": models,
                "sampling": {"seq_len": SEQ_LEN, "n_sequences": {"fit": 4, "heldout": 2}},
-               "extraction": {"batch_size": 2, "shards": 1, "dtype": "float32"},
-               "plugin": {"n_sequences": 2}}
+               "extraction": {"batch_size": 2, "chunk_sequences": 2, "shards": 1, "dtype": "float32"},
+               "plugin": {"n_sequences": 2}, "eigen": {"report_k": [2, 4, 8]}, "scaling": {"models": []},
+               "reconstruction": {"transfer": ["adjacent_layer"]}}
     cfg = tmp_path / "families.yaml"
     cfg.write_text(yaml.safe_dump(overlay))
     from conftest import CONFIGS
 
     proc = snakemake(wd, "-c2", "--keep-going", "extract", configs=[*CONFIGS, str(cfg)], check=False, timeout=1500)
+    assert "invalid configuration" not in proc.stderr, proc.stderr[-2000:]
     results = {}
     for key in models:
         name = key.removeprefix("tiny_")
@@ -76,7 +78,9 @@ def test_eigen_skips_sliding_window_layers(tmp_path, resources, view, expect):
     overlay = {"run_models": ["tiny_gemma2"],
                "models": {"tiny_gemma2": {"source": "path", "path": str(src), "causal": True}},
                "sampling": {"seq_len": SEQ_LEN, "n_sequences": {"fit": 4, "heldout": 2}},
-               "extraction": {"batch_size": 2, "shards": 1}, "plugin": {"n_sequences": 2}}
+               "extraction": {"batch_size": 2, "chunk_sequences": 2, "shards": 1}, "plugin": {"n_sequences": 2},
+               "eigen": {"report_k": [2, 4, 8]}, "scaling": {"models": []},
+               "reconstruction": {"transfer": ["adjacent_layer"]}}
     cfg = tmp_path / "gemma2.yaml"
     cfg.write_text(yaml.safe_dump(overlay))
     from conftest import CONFIGS

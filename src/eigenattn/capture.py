@@ -29,10 +29,10 @@ import threading
 from contextlib import contextmanager
 
 import torch
-from torch.nn import functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
+from .attention import expand_heads, finish_attention, scaled_scores, sdpa_attention, streamed_attention
 from .errors import UnsupportedModelError
 
 CAPTURE_IMPL = "eigenattn_capture"
@@ -44,7 +44,10 @@ class ScoreCapture:
     """Collects per-layer scores of one forward pass.
 
     ``layers``: the layer indices to keep (None = all). ``store_dtype``: scores are cast to it
-    on the device right after they are computed, which halves the copy for float16.
+    on the device right after they are computed, which halves the copy for float16. ``out``: an
+    optional (batch, len(layers), heads, n, n) tensor of ``store_dtype``; kept layer ``layers[i]``
+    is then cast straight into ``out[:, i]`` (one pass, no intermediate copy) and ``scores`` holds
+    views of it.
 
     Besides the scores it records, for every layer that ran (kept or not), the mask the layer
     received (``masks``), its sink logits (``sinks``, only where the model passes them), which
@@ -54,9 +57,13 @@ class ScoreCapture:
     than overwrite its scores (encoder–decoder self- and cross-attention share one ``layer_idx``).
     """
 
-    def __init__(self, layers=None, store_dtype=torch.float32):
+    def __init__(self, layers=None, store_dtype=torch.float32, out: torch.Tensor | None = None):
         self.layers = None if layers is None else set(int(x) for x in layers)
         self.store_dtype = store_dtype
+        if out is not None and layers is None:
+            raise ValueError("an output buffer needs the list of layers it holds")
+        self.out = out
+        self.slot = {} if layers is None else {int(x): i for i, x in enumerate(layers)}
         self.scores: dict[int, torch.Tensor] = {}
         self.masks: dict[int, torch.Tensor | None] = {}
         self.sinks: dict[int, torch.Tensor] = {}
@@ -68,6 +75,21 @@ class ScoreCapture:
 
     def wants(self, layer_idx: int) -> bool:
         return self.layers is None or layer_idx in self.layers
+
+    def store_part(self, layer_idx: int, b: int, batch: int, scores: torch.Tensor) -> None:
+        """Store the scores of sequence ``b`` of a batch of ``batch`` (``scores``: heads, n, m)."""
+        if b == 0:
+            self.scores[layer_idx] = (scores.new_empty((batch, *scores.shape), dtype=self.store_dtype)
+                                      if self.out is None else self.out[:, self.slot[layer_idx]])
+        self.scores[layer_idx][b].copy_(scores.detach())
+
+    def store(self, layer_idx: int, scores: torch.Tensor) -> None:
+        if self.out is None:
+            self.scores[layer_idx] = scores.detach().to(self.store_dtype)
+        else:
+            dst = self.out[:, self.slot[layer_idx]]
+            dst.copy_(scores.detach())
+            self.scores[layer_idx] = dst
 
     def key(self, module) -> int:
         """The layer index of this call; raises if another call already used it in this pass."""
@@ -85,19 +107,6 @@ class ScoreCapture:
                 "alone, e.g. T5EncoderModel)", model_type=model_type_of(module))
         self.owners[layer_idx] = module
         return layer_idx
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    # Same head order as transformers' repeat_kv: kv head j serves query heads j*n_rep..(j+1)*n_rep-1.
-    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
-
-
-def expand_heads(query, key, value, scaling):
-    """The default scale, and keys/values repeated to one per query head (grouped-query attention)."""
-    if scaling is None:
-        scaling = query.size(-1) ** -0.5
-    n_rep = query.shape[1] // key.shape[1]
-    return repeat_kv(key, n_rep), repeat_kv(value, n_rep), scaling
 
 
 # Keyword arguments that do not change the scores or probabilities of one unpadded forward pass
@@ -154,17 +163,29 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
             "interface", "use a model with at most one of them", model_type=model_type_of(module))
     kv_heads = int(key.shape[1])
     key, value, scaling = expand_heads(query, key, value, scaling)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if softcap is not None:  # as Gemma 2's eager attention: tanh(S / c) · c
-        scores = torch.tanh(scores / softcap) * softcap
-    if bias is not None:
-        scores = scores + bias
-
     cap: ScoreCapture | None = getattr(_state, "capture", None)
+    layer_idx = None if cap is None else cap.key(module)
+    wanted = cap is not None and cap.wants(layer_idx)
+    # Plain attention (no softcap, bias or sink, no dropout) never materialises the whole batch's
+    # n×n matrices: a layer that is not stored runs SDPA; a stored layer on CPU runs eager attention
+    # one sequence at a time in a reused buffer (the scores are computed once, cast into the store's
+    # buffer, then softmax and P·V run while they are in cache); on GPU a stored layer computes the
+    # scores and takes its output from SDPA. The equivalence probe checks each against eager
+    # attention (last hidden state included).
+    plain = softcap is None and bias is None and sinks is None and not (module.training and dropout > 0)
+    streamed = wanted and plain and query.device.type == "cpu" and query.dtype == torch.float32 and (
+        attention_mask is None or attention_mask.is_floating_point())
+    scores = None
+    if (wanted or not plain) and not streamed:
+        scores = scaled_scores(query, key, scaling)
+        if softcap is not None:  # as Gemma 2's eager attention: tanh(S / c) · c
+            scores = torch.tanh(scores / softcap) * softcap
+        if bias is not None:
+            scores = scores + bias
+
     if cap is not None:
-        layer_idx = cap.key(module)
-        if cap.wants(layer_idx):
-            cap.scores[layer_idx] = scores.detach().to(cap.store_dtype)
+        if wanted and not streamed:
+            cap.store(layer_idx, scores)
         cap.masks[layer_idx] = None if attention_mask is None else attention_mask.detach()
         if sinks is not None:
             cap.sinks[layer_idx] = sinks.detach().float().reshape(-1)
@@ -176,26 +197,14 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
         if cap.mask is None and attention_mask is not None:
             cap.mask = attention_mask.detach()
 
+    if streamed:
+        def store(b, S):
+            cap.store_part(layer_idx, b, query.shape[0], S)
+
+        return streamed_attention(query, key, value, attention_mask, scaling, store), None
+    if plain:
+        return sdpa_attention(query, key, value, attention_mask, scaling), None
     return finish_attention(module, scores, attention_mask, value, query.dtype, dropout, sinks=sinks)
-
-
-def finish_attention(module, scores, mask, value, dtype, dropout=0.0, sinks=None):
-    """Eager attention after the scores: additive mask, float32 softmax, dropout, P·V.
-
-    With ``sinks`` (one logit per head), the softmax runs over the keys plus a sink column that is
-    then dropped, as gpt-oss's eager attention does: P = softmax([S + mask, s_h])[..., :-1].
-    """
-    weights = scores if mask is None else scores + mask
-    if sinks is None:
-        weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(dtype)
-    else:
-        sink = sinks.reshape(1, -1, 1, 1).to(weights.dtype).expand(weights.shape[0], -1, weights.shape[-2], 1)
-        combined = torch.cat([weights, sink], dim=-1)
-        combined = combined - combined.max(dim=-1, keepdim=True).values
-        weights = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1].to(dtype)
-    weights = F.dropout(weights, p=dropout, training=module.training)
-    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
-    return out, weights
 
 
 _registered: set[str] = set()

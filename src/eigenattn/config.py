@@ -30,18 +30,11 @@ def _description(path) -> str | None:
         return None
 
 
-FIXES = {
-    "minimum": "use a value of at least {v}",
-    "exclusiveMinimum": "use a value above {v}",
-    "maximum": "use a value of at most {v}",
-    "exclusiveMaximum": "use a value below {v}",
-    "minItems": "list at least {v} value(s)",
-    "maxItems": "list at most {v} value(s)",
-    "uniqueItems": "list each value once",
-    "minProperties": "give at least {v} entr(y/ies)",
-    "pattern": "write it to match the pattern {v}",
-    "const": "write {v}",
-}
+FIXES = {"minimum": "use a value of at least {v}", "exclusiveMinimum": "use a value above {v}",
+         "maximum": "use a value of at most {v}", "exclusiveMaximum": "use a value below {v}",
+         "minItems": "list at least {v} value(s)", "maxItems": "list at most {v} value(s)",
+         "uniqueItems": "list each value once", "minProperties": "give at least {v} entr(y/ies)",
+         "pattern": "write it to match the pattern {v}", "const": "write {v}"}
 
 
 def explain(error: jsonschema.ValidationError) -> ConfigError:
@@ -122,22 +115,28 @@ def check(config: dict) -> None:
             raise ConfigError("sampling.seq_len", f"{n} exceeds the {pos} positions of model '{m}'",
                               f"use seq_len <= {pos}, or drop '{m}' from run_models")
         plan.model_views(config, m)  # raises for an undefined view
-    shards, batch = config["extraction"]["shards"], config["extraction"]["batch_size"]
-    for split, count in config["sampling"]["n_sequences"].items():
-        if shards > count:
-            raise ConfigError("extraction.shards", f"{shards} shards but only {count} {split} passages",
-                              f"use at most {count} shards")
-    fit = config["sampling"]["n_sequences"]["fit"]
-    chunks = sum(-(-((i + 1) * fit // shards - i * fit // shards) // batch) for i in range(shards))
-    if chunks < 2:
-        raise ConfigError("extraction.batch_size", f"{batch} covers all {fit} fit passages of the shard in one chunk, "
-                          "so there are no two halves for the split-half statistics",
-                          f"use a batch_size of at most {max(1, fit // 2)}, or more extraction.shards")
+    _check_extraction(config)
     _check_views(config)
     _check_overlap(config)
     _check_reconstruction(config)
     _check_training(config)
     _check_scaling(config)
+
+
+def _check_extraction(config: dict) -> None:
+    e, fit = config["extraction"], config["sampling"]["n_sequences"]["fit"]
+    shards, batch, chunk = e["shards"], e["batch_size"], e["chunk_sequences"]
+    if batch % chunk:
+        raise ConfigError("extraction.batch_size", f"{batch} is not a multiple of extraction.chunk_sequences = "
+                          f"{chunk} (a batch is one shard of whole chunks)", f"use a multiple of {chunk}")
+    for split, count in config["sampling"]["n_sequences"].items():
+        if shards > count:
+            raise ConfigError("extraction.shards", f"{shards} shards but only {count} {split} passages",
+                              f"use at most {count} shards")
+    if sum(-(-((i + 1) * fit // shards - i * fit // shards) // chunk) for i in range(shards)) < 2:
+        raise ConfigError("extraction.chunk_sequences", f"{chunk} covers all {fit} fit passages of the shard in one "
+                          "chunk, so there are no two halves for the split-half statistics",
+                          f"use chunk_sequences (and batch_size) of at most {max(1, fit // 2)}, or more shards")
 
 
 def _check_scaling(config: dict) -> None:
@@ -151,12 +150,12 @@ def _check_scaling(config: dict) -> None:
         if pos and longest > pos:
             raise ConfigError("scaling.lengths", f"{longest} exceeds the {pos} positions of model '{m}'",
                               f"use lengths <= {pos}")
-    batch = config["extraction"]["batch_size"]
-    small = [N for N in s["samples"] if N < 2 * batch]
+    chunk = config["extraction"]["chunk_sequences"]
+    small = [N for N in s["samples"] if N < 2 * chunk]
     if s["models"] and small:
-        raise ConfigError("scaling.samples", f"N = {small} gives fewer than two chunks of extraction.batch_size "
-                          f"= {batch} sequences, so there are no halves to compare",
-                          f"use samples of at least {2 * batch}, or a smaller extraction.batch_size")
+        raise ConfigError("scaling.samples", f"N = {small} gives fewer than two chunks of extraction.chunk_sequences "
+                          f"= {chunk} sequences, so there are no halves to compare",
+                          f"use samples of at least {2 * chunk}, or a smaller extraction.chunk_sequences")
 
 
 def _check_views(config: dict) -> None:
@@ -225,14 +224,12 @@ def _check_reconstruction(config: dict) -> None:
 
 
 def _check_training(config: dict) -> None:
-    t = config["training"]
-    n = config["sampling"]["seq_len"]
+    t, n = config["training"], config["sampling"]["seq_len"]
     bad = [s for s in t["subset_sizes"] if s > n]
     if bad:
         raise ConfigError("training.subset_sizes", f"s = {bad} exceeds the {n} tokens of a sequence (sampling.seq_len)",
                           f"use subset sizes <= {n}")
-    m = t["model"]
-    if m["d_model"] % m["heads"]:
+    if (m := t["model"])["d_model"] % m["heads"]:
         raise ConfigError("training.model.d_model", f"{m['d_model']} is not divisible by heads = {m['heads']}",
                           "use a d_model that is a multiple of heads")
     for key in ("eval_every", "checkpoint_every"):

@@ -4,7 +4,6 @@ the Gram matrix (§4). All reductions are Dask graphs; the scheduler is chosen b
 from __future__ import annotations
 
 import dask
-import dask.array as da
 import numpy as np
 
 from .errors import InputError

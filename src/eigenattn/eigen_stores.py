@@ -13,7 +13,7 @@ from .eigen import (P_LEVELS, constant_alignment, explained_variance, full_spect
 from .errors import InputError
 from .masks import select_visible
 from .moments import check_variant, view_slices
-from .store import atomic_store, open_group, open_scores, write_arrays
+from .store import atomic_store, finish_store, open_group, open_scores, write_arrays
 
 
 def _store_attrs(attrs: dict, view: str, causal: bool, n_seq: int, extra: dict) -> dict:
@@ -39,6 +39,23 @@ def _open_fit(shards, view: str, variants, expect: dict | None):
     return scores, attrs, causal
 
 
+HEAD_DIMS = {"mean": ["layer", "head", "key"], "eigenvalues": ["layer", "head", "component"],
+             "eigenvectors": ["layer", "head", "key", "component"], "count": ["layer", "head"]}
+ROW_DIMS = {**HEAD_DIMS, "pooled": {k: [d for d in v if d != "head"] for k, v in HEAD_DIMS.items()}}
+FULL_DIMS = {"eigenvalues": ["layer", "head", "component"], "total_variance": ["layer", "head"],
+             "ev_heldout": ["layer", "head", "k"], "half_eigenvalues": ["half", "layer", "head", "half_component"],
+             "half_total_variance": ["half", "layer", "head"]}
+
+
+def _coords(attrs: dict, d: int | None = None) -> dict:
+    """Coordinate arrays of the eigen stores: the model's layer indices, heads and key positions."""
+    out = {"layer": (np.asarray(attrs["layers"], dtype=np.int64), "layer"),
+           "head": (np.arange(int(attrs["heads"]), dtype=np.int64), "head")}
+    if d is not None:
+        out["key"] = (np.arange(d, dtype=np.int64), "key")
+    return out
+
+
 def run_rows(shards, out_path, view: str, variants, split_every: int, halves_path=None,
              expect: dict | None = None) -> dict:
     """Row analysis of all fit shards into rows.zarr (groups per variant, with pooled/ subgroups).
@@ -49,14 +66,16 @@ def run_rows(shards, out_path, view: str, variants, split_every: int, halves_pat
     scores, attrs, causal = _open_fit(shards, view, variants, expect)
     results = {v: row_spectrum(scores, view, v, causal, split_every, halves=halves_path is not None)
                for v in variants}
+    d = results[variants[0]]["heads"]["mean"].shape[-1]
+    coords = _coords(attrs, d)
     if halves_path is not None:
         with atomic_store(halves_path) as tmp:
             root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
             for v, res in results.items():
                 for half in ("a", "b"):
-                    g = root.require_group(f"{v}/{half}")
-                    write_arrays(g, res["halves"][half]["heads"])
-                    write_arrays(g.require_group("pooled"), res["halves"][half]["pooled"])
+                    write_arrays(root.require_group(f"{v}/{half}"),
+                                 {**res["halves"][half]["heads"], "pooled": res["halves"][half]["pooled"]}, ROW_DIMS,
+                                 coords=coords)
             split = results[variants[0]]["halves"]["split_sequence"]
             root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
                 "analysis": "rows_halves", "variants": list(variants), "split_sequence": split,
@@ -64,19 +83,17 @@ def run_rows(shards, out_path, view: str, variants, split_every: int, halves_pat
                 "definition": "row spectra (as rows.zarr) of the first (a) and second (b) half of the fit "
                               "sequences in passage_id order",
                 "complete": True}))
+            finish_store(tmp)
     with atomic_store(out_path) as tmp:
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
         for v, res in results.items():
-            g = root.require_group(v)
-            write_arrays(g, res["heads"])
-            write_arrays(g.require_group("pooled"), res["pooled"])
+            write_arrays(root.require_group(v), {**res["heads"], "pooled": res["pooled"]}, ROW_DIMS, coords=coords)
         root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
             "analysis": "rows", "variants": list(variants),
-            "axes": {"mean": ["layer", "head", "key"], "eigenvalues": ["layer", "head", "component"],
-                     "eigenvectors": ["layer", "head", "key", "component"], "count": ["layer", "head"]},
             "definition": "covariance of score rows S[i, keys] over queries i in the view and fit sequences; "
                           "eigenvalues descending, eigenvectors are columns; pooled/ merges the heads of a layer",
             "complete": True}))
+        finish_store(tmp)
     return results
 
 
@@ -89,21 +106,18 @@ def run_full(shards, out_path, view: str, variants, memory_mb: float, expect: di
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
         for v, res in results.items():
             g = root if v == "raw" else root.require_group(v)
-            write_arrays(g, {k: res[k] for k in ("eigenvalues", "total_variance", "ev_heldout", "half_eigenvalues",
-                                                 "half_total_variance")},
+            write_arrays(g, {k: res[k] for k in FULL_DIMS}, FULL_DIMS,
                          {"n_samples": res["n_samples"], "dim": res["dim"], "variant": v,
-                          "split_sequence": res["split_sequence"]})
+                          "split_sequence": res["split_sequence"]}, coords=_coords(attrs))
         root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
             "analysis": "full", "variants": list(variants),
-            "axes": {"eigenvalues": ["layer", "head", "component"], "total_variance": ["layer", "head"],
-                     "ev_heldout": ["layer", "head", "k - 1"], "half_eigenvalues": ["half", "layer", "head", "component"],
-                     "half_total_variance": ["half", "layer", "head"]},
             "definition": "eigenvalues of the covariance of vectorised view blocks (one sample per sequence) "
                           "via the centred Gram matrix; total_variance = sum of per-coordinate variances; "
                           "ev_heldout[k-1] = share of one half's variance inside the other half's top-k "
                           "principal directions, averaged over both directions (halves split at split_sequence); "
-                          "half_eigenvalues: each half's own spectrum",
+                          "half_eigenvalues: each half's own spectrum (half 0 = a, before split_sequence; 1 = b)",
             "complete": True}))
+        finish_store(tmp)
     return results
 
 

@@ -35,8 +35,8 @@ from .corpus import tokenize_passages
 from .errors import UnsupportedModelError
 from .masks import describe
 from .probe import PROBE_SEQUENCES, equivalence_probe, load_capture_model, mask_info
-from .score_writer import ScoreWriter
-from .store import atomic_store, score_chunks, score_codecs
+from .score_writer import ScoreWriter, reuse_freed_memory
+from .store import atomic_store, create_score_store, finish_store
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,8 @@ def resolve_layers(layers, n_layers: int) -> list[int]:
 
 
 def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dtype: str, batch_size: int,
-                   device: torch.device, autocast: str, layers, compression: str, attrs: dict | None = None,
-                   progress: bool = True, check_facts=None) -> dict:
+                   chunk_sequences: int, device: torch.device, autocast: str, layers, compression: str,
+                   attrs: dict | None = None, progress: bool = True, check_facts=None) -> dict:
     """Extract the scores of every passage into a new Zarr store at ``out_path``.
 
     Returns a dict of timings and sizes. ``attrs`` are merged into the group attributes.
@@ -119,6 +119,8 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}' (use float16 or float32)")
+    if batch_size % chunk_sequences:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of chunk_sequences {chunk_sequences}")
     if autocast not in AUTOCAST:
         raise ValueError(f"unknown autocast '{autocast}' (use {', '.join(AUTOCAST)})")
     dev = torch.device(device)
@@ -146,15 +148,13 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
     sinks = [l for l in keep if l in probe.sinks]
 
     out_path = Path(out_path)
+    reuse_freed_memory()
     t0 = time.perf_counter()
     with atomic_store(out_path) as tmp:
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
-        root.create_array("scores", shape=(n_seq, L, H, seq_len, seq_len), dtype=dtype,
-                          chunks=score_chunks(batch_size, H, seq_len), compressors=score_codecs(dtype, compression),
-                          fill_value=np.nan, config={"write_empty_chunks": True})
-        root.create_array("input_ids", data=ids, chunks=(max(n_seq, 1), seq_len))
-        root.create_array("attention_mask", data=np.ones_like(ids, dtype=np.int8), chunks=(max(n_seq, 1), seq_len))
-        root.create_array("passage_id", data=np.asarray(passage_ids, dtype=np.int64), chunks=(max(n_seq, 1),))
+        scores = create_score_store(root, ids=ids, passage_ids=passage_ids, layers=keep, heads=H,
+                                    kv_heads=facts["kv_heads"], seq_len=seq_len, dtype=dtype, compression=compression,
+                                    chunk_sequences=chunk_sequences, shard_sequences=batch_size)
         if sinks:
             # -inf (no sink) for kept layers without one: softmax then ignores the sink column.
             table = np.full((L, H), -np.inf, dtype=np.float32)
@@ -168,7 +168,9 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
         on_cuda = dev.type == "cuda"
         amp = AUTOCAST[autocast]
         block_shape = (batch_size, L, H, seq_len, seq_len)
-        writer = ScoreWriter(root["scores"], block_shape, store_dtype, pin=on_cuda)
+        # the array object itself: its write_empty_chunks=True is not stored in the metadata, and a
+        # re-opened array would test every chunk for all-NaN before writing it
+        writer = ScoreWriter(scores, block_shape, store_dtype, pin=on_cuda)
         t_loop = time.perf_counter()
         t_fwd = 0.0
         bar = tqdm(total=n_seq, desc=f"extract {out_path.parent.parent.name}/{out_path.parent.name}",
@@ -179,21 +181,21 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
                     batch = torch.from_numpy(ids[start:start + batch_size].astype(np.int64))
                     if on_cuda:
                         batch = batch.pin_memory().to(dev, non_blocking=True)
-                    cap = ScoreCapture(keep, store_dtype)
+                    count = batch.shape[0]
+                    slot, buf = writer.acquire()
+                    # on CPU each layer is cast straight into the writer's buffer; on CUDA the layers
+                    # stay on the device and go to the pinned buffer in one asynchronous copy
+                    cap = ScoreCapture(keep, store_dtype, out=None if on_cuda else buf[:count])
                     tf = time.perf_counter()
                     with capturing(cap), torch.autocast(dev.type, dtype=amp, enabled=amp is not None and on_cuda):
                         model(input_ids=batch, attention_mask=torch.ones_like(batch))
                     check_batch(cap, keep, probe, label)
-                    count = batch.shape[0]
                     t_fwd += time.perf_counter() - tf
-                    slot, buf = writer.acquire()
                     ready = None
                     if on_cuda:
                         buf[:count].copy_(torch.stack([cap.scores[l] for l in keep], dim=1), non_blocking=True)
                         ready = torch.cuda.Event()
                         ready.record()
-                    else:
-                        torch.stack([cap.scores[l] for l in keep], dim=1, out=buf[:count])
                     writer.submit(slot, start, count, ready)
                     bar.update(count)
         finally:
@@ -217,12 +219,11 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
             "compression": compression,
             "autocast": autocast if on_cuda else "none",
             "device": dev.type,
-            "axes": {"scores": ["sequence", "layer", "head", "query", "key"],
-                     "input_ids": ["sequence", "position"], **({"sinks": ["layer", "head"]} if sinks else {})},
             "special_tokens": describe_special_tokens(tok, ids),
             "eigenattn_version": __version__,
             "complete": True,
         })
+        finish_store(tmp)
     total = time.perf_counter() - t0
     return {"n_sequences": n_seq, "seconds": total, "loop_seconds": t_loop, "forward_seconds": t_fwd,
             "bytes_raw": int(n_seq * L * H * seq_len * seq_len * np.dtype(dtype).itemsize),

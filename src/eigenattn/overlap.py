@@ -23,7 +23,7 @@ import zarr
 from . import __version__
 from .eigen import constant_alignment
 from .errors import InputError
-from .store import atomic_store, open_group, write_arrays
+from .store import atomic_store, finish_store, open_group, write_arrays
 
 
 def check_ks(ks, d: int) -> list[int]:
@@ -132,10 +132,7 @@ def _ceiling(side, ks):
     return diag(hov), diag(hcap), diag(pov), diag(pcap)
 
 
-AXES = {"overlap": ["k", "a (layer_pos*heads + head)", "b"], "captured": ["k", "a", "b (a -> b)"],
-        "half_overlap": ["k", "a", "b"], "half_captured": ["k", "a", "b (a -> b)"],
-        "split_half": ["k", "head index"], "split_half_captured": ["k", "head index"],
-        "u1_constant": ["head index"], "pooled/overlap": ["k", "layer_pos", "layer_pos"]}
+AXES = "a and b index heads layer-major (layer_pos * heads + head); captured[k, a, b] is captured_k(a -> b)"
 
 
 def within_model(rows_store, halves_store, variant: str, ks) -> tuple[dict, dict]:
@@ -243,10 +240,22 @@ def summary_rows(arrays: dict, attrs: dict) -> list[dict]:
     return recs
 
 
+_PAIR = ["k", "a", "b"]
+OVERLAP_DIMS = {"overlap": _PAIR, "captured": _PAIR, "half_overlap": _PAIR, "half_captured": _PAIR,
+                "split_half": ["k", "a"], "split_half_captured": ["k", "a"], "split_half_a": ["k", "a"],
+                "split_half_b": ["k", "b"], "split_half_captured_a": ["k", "a"], "split_half_captured_b": ["k", "b"],
+                "random_baseline": ["k"], "k": ["k"], "u1_constant": ["a"], "u1_constant_a": ["a"],
+                "u1_constant_b": ["b"],
+                "pooled": {"overlap": ["k", "layer_a", "layer_b"], "captured": ["k", "layer_a", "layer_b"],
+                           "half_overlap": ["k", "layer_a", "layer_b"], "half_captured": ["k", "layer_a", "layer_b"],
+                           "split_half": ["k", "layer_a"], "split_half_captured": ["k", "layer_a"]}}
+
+
 def write_overlap(path, arrays: dict, attrs: dict) -> None:
     with atomic_store(path) as tmp:
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
-        write_arrays(root, arrays, {**attrs, "eigenattn_version": __version__, "complete": True})
+        write_arrays(root, arrays, OVERLAP_DIMS, {**attrs, "eigenattn_version": __version__, "complete": True})
+        finish_store(tmp)
 
 
 def summarise(within_stores, cross_stores):

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import IGNORED_KWARGS, check_kwargs, expand_heads, finish_attention, register_backend
+from .attention import expand_heads, finish_attention
+from .capture import IGNORED_KWARGS, check_kwargs, register_backend
 from .errors import InputError
 from .estimators import fit_heads
 

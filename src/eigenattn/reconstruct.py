@@ -77,19 +77,26 @@ def _open_split(shards, stats: RowStats, rows_store, what: str, expect: dict | N
 
 
 def _layer_reference(scores, li: int, qs: slice, ks: slice, allowed, causal: bool, eval_rows) -> Reference:
-    """The exact side of the metrics for one layer, from ``eval_rows`` rows spread over the split."""
-    block = scores[:, li, :, qs, :].compute()  # (N, H, |Q|, n) in the stored dtype
-    N, H, nq, n = block.shape
-    full = block.transpose(1, 0, 2, 3).reshape(H, N * nq, n)
-    row_allowed = np.tile(allowed, (N, 1))
-    if eval_rows and eval_rows < full.shape[1]:
-        pick = eval_row_index(full.shape[1], eval_rows)
-        full, row_allowed = full[:, pick], row_allowed[pick]
-    full = np.asarray(full, dtype=np.float64)  # only the sampled rows are widened
+    """The exact side of the metrics for one layer, from ``eval_rows`` rows spread over the split.
+
+    Rows are chosen first and read one stored chunk of sequences at a time, so memory holds one
+    chunk and the chosen rows, not the whole layer (N·H·|Q|·n scores)."""
+    N, _, H, _, n = scores.shape
+    nq = len(range(n)[qs])
+    pick = eval_row_index(N * nq, eval_rows) if eval_rows and eval_rows < N * nq else np.arange(N * nq)
+    seq, q = np.divmod(pick, nq)  # row r of the layer is query r % nq of sequence r // nq
+    edges = np.cumsum((0, *scores.chunks[0]))
+    parts = []
+    for s0, s1 in zip(edges[:-1], edges[1:]):
+        sel = (seq >= s0) & (seq < s1)
+        if sel.any():
+            block = scores[s0:s1, li, :, qs, :].compute()  # (chunk, H, |Q|, n) in the stored dtype
+            parts.append(block[seq[sel] - s0, :, q[sel]])  # (rows, H, n)
+    full = np.concatenate(parts).transpose(1, 0, 2).astype(np.float64)  # only the chosen rows are widened
     X = np.ascontiguousarray(full[..., ks])
     if qs == slice(0, n) and ks == slice(0, n):
         return Reference(X)
-    return Reference(X, full, ks, row_allowed if causal else None)
+    return Reference(X, full, ks, np.asarray(allowed)[q] if causal else None)
 
 
 def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_sizes, ridge: float, rank: float,

@@ -57,6 +57,7 @@ def dask_scheduler(kind: str, workers: int, slurm: dict | None = None):
         opts.setdefault("memory", "4GB")
         # TLS with throw-away credentials; the workers read them from a folder on the shared filesystem
         opts.setdefault("shared_temp_directory", os.path.abspath(".dask-security"))
+        os.makedirs(opts["shared_temp_directory"], mode=0o700, exist_ok=True)  # dask_jobqueue does not create it
         security = Security.temporary()
         with SLURMCluster(**opts, security=security, protocol="tls://") as cluster, \
                 Client(cluster, security=security) as client:

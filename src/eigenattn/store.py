@@ -7,6 +7,7 @@ import os
 from glob import escape as glob_escape
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import dask.array as da
@@ -46,6 +47,48 @@ def score_codecs(dtype: str, codec: str) -> list:
 def score_chunks(batch: int, heads: int, n: int) -> tuple[int, ...]:
     """One chunk = a batch of sequences for one layer, all heads: (B, 1, H, n, n)."""
     return (batch, 1, heads, n, n)
+
+
+SCORE_DIMS = ["sequence", "layer", "head", "query", "key"]
+
+
+def create_score_store(root, *, ids, passage_ids, layers, heads: int, kv_heads: int, seq_len: int, dtype: str,
+                       compression: str, chunk_sequences: int, shard_sequences: int):
+    """The arrays of a score store (docs/data-contract.md), with named dimensions and coordinates,
+    so that ``xarray.open_zarr`` gives a labelled dataset.
+
+    ``scores`` is sharded: one shard file per block of ``shard_sequences`` sequences (the block the
+    extraction writes at once) holds every layer, in inner chunks of ``chunk_sequences`` sequences ×
+    one layer × all heads, the unit the eigen stage reads.
+    """
+    n_seq, L = len(ids), len(layers)
+    scores = root.create_array(
+        "scores", shape=(n_seq, L, heads, seq_len, seq_len), dtype=dtype,
+        chunks=score_chunks(chunk_sequences, heads, seq_len), shards=(shard_sequences, L, heads, seq_len, seq_len),
+        compressors=score_codecs(dtype, compression), fill_value=np.nan, dimension_names=SCORE_DIMS,
+        config={"write_empty_chunks": True})
+    scores.attrs["coordinates"] = "passage_id kv_head"
+    whole = (max(n_seq, 1), seq_len)
+    root.create_array("input_ids", data=ids, chunks=whole, dimension_names=["sequence", "position"])
+    root.create_array("attention_mask", data=np.ones_like(ids, dtype=np.int8), chunks=whole,
+                      dimension_names=["sequence", "position"])
+    coords = {"passage_id": (np.asarray(passage_ids, dtype=np.int64), "sequence"),
+              "layer": (np.asarray(layers, dtype=np.int64), "layer"),
+              "head": (np.arange(heads, dtype=np.int64), "head"),
+              "kv_head": (np.arange(heads, dtype=np.int64) // max(heads // kv_heads, 1), "head"),
+              "query": (np.arange(seq_len, dtype=np.int64), "query"),
+              "key": (np.arange(seq_len, dtype=np.int64), "key"),
+              "position": (np.arange(seq_len, dtype=np.int64), "position")}
+    for name, (values, dim) in coords.items():
+        root.create_array(name, data=values, dimension_names=[dim])
+    return scores
+
+
+def finish_store(path) -> None:
+    """Consolidate a finished store's metadata (one read opens it, also on object stores)."""
+    with warnings.catch_warnings():  # zarr notes that consolidation is not in the v3 spec yet; xarray reads it
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(zarr.storage.LocalStore(path))
 
 
 def open_group(path: str | Path, mode: str = "r"):
@@ -161,16 +204,29 @@ def atomic_store(path: str | Path):
     return atomic_output(path, directory=True)
 
 
-def write_arrays(group, arrays: dict, attrs: dict | None = None):
-    """Write a dict of numpy arrays (nested dicts become subgroups) into a Zarr group."""
+def write_arrays(group, arrays: dict, dims: dict, attrs: dict | None = None, coords: dict | None = None):
+    """Write a dict of numpy arrays (nested dicts become subgroups) into a Zarr group.
+
+    ``dims`` names the dimensions of every array (nested like ``arrays``); ``coords`` maps a
+    coordinate name to (values, dimension) and is written into every group that uses the dimension,
+    so each group opens with ``xarray.open_zarr`` as a labelled dataset.
+    """
+    used = set()
     for name, value in arrays.items():
         if isinstance(value, dict):
-            write_arrays(group.require_group(name), value)
-        else:
-            value = np.asarray(value)
-            # whole arrays up to 16 MB; bigger ones chunk along their first (layer) axis
-            chunks = value.shape if value.nbytes <= 16 << 20 else (1, *value.shape[1:])
-            group.create_array(name, data=value, chunks=chunks, compressors=compressor(value.dtype.str, ANALYSIS_CODEC))
+            write_arrays(group.require_group(name), value, dims[name], coords=coords)
+            continue
+        value = np.asarray(value)
+        if len(dims[name]) != value.ndim:
+            raise ValueError(f"{name}: {value.ndim} dimensions but {len(dims[name])} names {dims[name]}")
+        # whole arrays up to 16 MB; bigger ones chunk along their first (layer) axis
+        chunks = value.shape if value.nbytes <= 16 << 20 else (1, *value.shape[1:])
+        group.create_array(name, data=value, chunks=chunks, compressors=compressor(value.dtype.str, ANALYSIS_CODEC),
+                           dimension_names=dims[name])
+        used |= set(dims[name])
+    for name, (values, dim) in (coords or {}).items():
+        if dim in used and name not in group:
+            group.create_array(name, data=np.asarray(values), dimension_names=[dim])
     if attrs:
         group.attrs.update(attrs)
 

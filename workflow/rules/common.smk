@@ -138,6 +138,15 @@ def gram_mem_mb(wildcards, input, attempt):
     return int(attempt * (1000 + config["eigen"]["gram_memory_mb"] + gram))
 
 
+EXTRACTION_PARAMS = (
+    "dtype",
+    "compression",
+    "batch_size",
+    "chunk_sequences",
+    "autocast",
+)
+
+
 def extraction_params(model, split, shard, n_shards, seq_len):
     e = config["extraction"]
     spec = plan.model_spec(config, model)
@@ -147,7 +156,7 @@ def extraction_params(model, split, shard, n_shards, seq_len):
         "shard": shard,
         "n_shards": n_shards,
         "seq_len": seq_len,
-        **{k: e[k] for k in ("dtype", "compression", "batch_size", "autocast")},
+        **{k: e[k] for k in EXTRACTION_PARAMS},
         "layers": spec.get("layers", "all"),
         "source": spec,
         "corpus": CORPUS,
@@ -382,7 +391,11 @@ def notebook_data(name):
             "k_heatmap": config["claims"]["k_report"],
         }
     if name == "reconstruction":
-        return {"recon": reconstruct_outputs(), "plugin": plugin_outputs()}
+        return {
+            "recon": reconstruct_outputs(),
+            "plugin": plugin_outputs(),
+            "s_report": config["claims"]["s_report"],
+        }
     if name == "training":
         return {
             "summary": rules.train_summary.output[0],

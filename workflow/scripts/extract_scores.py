@@ -13,6 +13,7 @@ stats = extract_scores(
     seq_len=p["seq_len"],
     dtype=p["dtype"],
     batch_size=p["batch_size"],
+    chunk_sequences=p["chunk_sequences"],
     device=resolve_device(snakemake.config["extraction"]["device"], key="extraction.device"),
     autocast=p["autocast"],
     layers=p["layers"],
