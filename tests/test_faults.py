@@ -22,7 +22,7 @@ from eigenattn.corpus import load_documents
 from eigenattn.eigen_stores import run_full, run_rows
 from eigenattn.errors import InputError
 from eigenattn.scheduler import dask_scheduler
-from eigenattn.store import atomic_output, open_scores, score_codecs
+from eigenattn.store import all_finite, atomic_output, open_scores, score_codecs
 from synthetic import VARIANTS, low_rank_scores
 
 # ------------------------------------------------------------------------------ damaged stores
@@ -75,6 +75,24 @@ def test_non_finite_scores_never_reach_a_result(tmp_path):
     store = _store(tmp_path / "s.zarr", data)
     with pytest.raises(InputError, match=r"scores\[4:8, 1:2, 0:2, 0:8, 0:8\] holds 1 non-finite"):
         _analyse(str(store), tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_finiteness_check_agrees_with_numpy(dtype):
+    """The exponent-bit test of every score read against np.isfinite: NaN, +-inf, the largest
+    finite value, subnormals, signed zeros, non-contiguous views and empty arrays."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 16)).astype(dtype)
+    info = np.finfo(dtype)
+    x[0, 0, :6] = [info.max, -info.max, info.smallest_subnormal, -0.0, 0.0, info.tiny]
+    cases = [x, x[:, ::2], np.empty((0, 3), dtype)]
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in ((0, 0, 0), (3, 2, 15), (1, 1, 7)):
+            y = x.copy()
+            y[where] = bad
+            cases += [y, y[:, :, ::3]]
+    for c in cases:
+        assert all_finite(c) == bool(np.isfinite(c).all())
 
 
 @pytest.mark.parametrize("attrs,expect,needle", [

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .mlm_model import VARIANTS
+from .schema import enum
 from .stats import accuracy_difference, learned_margins, order_gain
 
 SUMMARY_COLUMNS = ["mode", "variant", "subset_size", "seed", "steps", "heldout_mlm_acc", "heldout_loss",
@@ -71,7 +71,7 @@ def summarise(final_paths) -> "pd.DataFrame":
             if gain > 0:
                 df.loc[i, ["kept_gain", "kept_gain_ci_low", "kept_gain_ci_high"]] = [
                     (gain + delta) / gain, (gain + lo) / gain, (gain + hi) / gain]
-    order = {v: i for i, v in enumerate(VARIANTS)}
+    order = {v: i for i, v in enumerate(("exact", *enum("training.variants")))}
     df = df.sort_values(["mode", "variant", "subset_size", "seed"], key=lambda c: c.map(order) if c.name == "variant"
                         else (c.map({"scratch": 0, "finetune": 1}) if c.name == "mode" else c))
     return df[SUMMARY_COLUMNS].reset_index(drop=True)
