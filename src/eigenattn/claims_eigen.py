@@ -79,8 +79,11 @@ def c1_scaling_rows(fits, saturations, tables) -> list[dict]:
                 state = "supported"
                 verdict = f"full-matrix k90 saturates at {med:.0f} of {int(f.d.iloc[0])} by N = {Nl}"
             else:
-                state, verdict = "inconclusive", (f"full-matrix k90 is still growing or bounded at N = {Nl} "
-                                                  f"(k90 ≥ {med:.0f}); more sequences are needed")
+                bounded = float(g.bounded.mean()) > 0.5
+                state, verdict = "inconclusive", (
+                    f"full-matrix k90 is bounded by N at N = {Nl} (k90 ≥ {med:.0f}); more sequences are needed"
+                    if bounded else f"full-matrix k90 is measured but still growing at N = {Nl} "
+                    f"({float(g.k_prev.median()):.0f} → {med:.0f}); more sequences are needed")
             out.append(make_row("C1", sp, model=model, view=view, variant=variant,
                                 scope=f"full matrices against N = …{int(g.N_prev.iloc[0])}, {Nl} "
                                       f"(n={int(g.n.iloc[0])})",
