@@ -26,7 +26,7 @@ def _analyse(root, name, data, views=("all",)):
     for view in views:
         rows, halves, full = (root / f"{name}-{view}-{x}.zarr" for x in ("rows", "halves", "full"))
         run_rows(s, rows, view, VARIANTS, 2, halves_path=halves)
-        run_full(s, full, view, VARIANTS, 64)
+        run_full(s, full, view, VARIANTS, 64, rank=None, seed=0)
         csv = root / f"{name}-{view}-spectrum.csv"
         spectrum_table(rows, halves, full, [1, 4]).to_csv(csv, index=False)
         out[view] = {"rows": rows, "halves": halves, "spectrum": csv}

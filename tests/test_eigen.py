@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from sklearn.decomposition import PCA
 
-from eigenattn.eigen import eigh_desc, explained_variance, full_spectrum, k_at, row_spectrum
+from eigenattn.eigen import eigh_desc, explained_variance, k_at, row_spectrum
+from eigenattn.full_spectra import full_spectrum
 from eigenattn.eigen_stores import run_full, run_rows, spectrum_table
 from eigenattn.errors import InputError
 from eigenattn.moments import merge_packed, pack, sample_moments, unpack, view_slices
@@ -89,8 +90,8 @@ def test_chunking_invariance(tmp_path, data):
     rb = row_spectrum(open_scores(b)[0], "prefix", "raw", False, split_every=5)
     for key in ("mean", "eigenvalues"):
         np.testing.assert_allclose(ra["heads"][key], rb["heads"][key], rtol=1e-10, atol=1e-10)
-    fa = full_spectrum(open_scores(a)[0], "all", "raw", False, 64)
-    fb = full_spectrum(open_scores(b)[0], "all", "raw", False, 0.001)
+    fa = full_spectrum(open_scores(a)[0], "all", "raw", False, 64, rank=None, seed=0)
+    fb = full_spectrum(open_scores(b)[0], "all", "raw", False, 0.001, rank=None, seed=0)
     np.testing.assert_allclose(fa["eigenvalues"], fb["eigenvalues"], rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(fa["total_variance"], fb["total_variance"], rtol=1e-10)
 
@@ -100,7 +101,7 @@ def test_full_gram_matches_dense_covariance_and_svd_compressed(shards, data, vie
     import dask.array as da
 
     scores, _ = open_scores(shards)
-    res = full_spectrum(scores, view, "raw", causal=False, memory_mb=64)
+    res = full_spectrum(scores, view, "raw", causal=False, memory_mb=64, rank=None, seed=0)
     qs, ks = view_slices(view, n, False)
     for l in range(L):
         for h in range(H):
@@ -134,7 +135,7 @@ def test_k_at_and_eigh_desc():
 
 def test_stores_and_spectrum_csv(tmp_path, shards, data):
     run_rows(shards, tmp_path / "rows.zarr", "all", VARIANTS, 2, halves_path=tmp_path / "halves.zarr")
-    run_full(shards, tmp_path / "full.zarr", "all", VARIANTS, 64)
+    run_full(shards, tmp_path / "full.zarr", "all", VARIANTS, 64, rank=None, seed=0)
     df = spectrum_table(tmp_path / "rows.zarr", tmp_path / "halves.zarr", tmp_path / "full.zarr", [1, 2, 4])
     cols = ["model", "view", "analysis", "variant", "layer", "head", "d", "n_samples", "total_variance",
             "k90", "k90_cv", "k95", "k95_cv", "k99", "k99_cv", "ev_at_1", "ev_at_2", "ev_at_4", "bounded_k90",
@@ -166,7 +167,7 @@ def test_bad_inputs(tmp_path, data):
     with pytest.raises(ValueError, match="view 'all' is undefined for a causal model"):
         run_rows(causal, tmp_path / "r.zarr", "all", VARIANTS, 2)
     with pytest.raises(ValueError, match="unknown variant 'centred'"):
-        run_full(causal, tmp_path / "f.zarr", "prefix", ["centred"], 64)
+        run_full(causal, tmp_path / "f.zarr", "prefix", ["centred"], 64, rank=None, seed=0)
     assert not (tmp_path / "r.zarr").exists() and not (tmp_path / "f.zarr").exists()
 
 
@@ -177,14 +178,17 @@ def _half_pca_share(Xa, Xb, k):
     return (Pb ** 2).sum() / ((Xb - Xb.mean(0)) ** 2).sum()
 
 
-def test_heldout_explained_variance_matches_brute_force():
-    from eigenattn.eigen import heldout_explained_variance
-
+@pytest.mark.parametrize("route", ["covariance", "gram"])
+def test_heldout_explained_variance_matches_brute_force(tmp_path, route):
     rng = np.random.default_rng(4)
-    N, D, split = 14, 40, 6
-    X = rng.standard_normal((N, 5)) @ rng.standard_normal((5, D)) * 3 + rng.standard_normal((N, D)) + 7
-    g0 = (X @ X.T)[None]
-    ev = heldout_explained_variance(g0, split)[0]
+    N, nn, split = 14, 6, 6  # D = 36 > N: half a has 6 sequences, b 8
+    X = rng.standard_normal((N, 5)) @ rng.standard_normal((5, nn * nn)) * 3 + rng.standard_normal((N, nn * nn)) + 7
+    s = [write_store(tmp_path / "a.zarr", X.reshape(N, 1, 1, nn, nn).astype(np.float32)[:split], batch=split),
+         write_store(tmp_path / "b.zarr", X.reshape(N, 1, 1, nn, nn).astype(np.float32)[split:], batch=N - split)]
+    X = X.astype(np.float32).astype(np.float64)
+    res = full_spectrum(open_scores(s)[0], "all", "raw", False, 64, route=route, rank=None, seed=0)
+    assert res["split_sequence"] == split
+    ev = res["ev_heldout"][0, 0]
     assert ev.shape == (min(split, N - split) - 1,)
     for k in range(1, len(ev) + 1):
         want = 0.5 * (_half_pca_share(X[:split], X[split:], k) + _half_pca_share(X[split:], X[:split], k))
@@ -222,7 +226,7 @@ def test_bounded_per_level_low_rank_vs_isotropic(tmp_path):
     for name, data, want_bounded in (("low", low, False), ("iso", iso, True)):
         s = [write_store(tmp_path / f"{name}.zarr", data, batch=5)]
         run_rows(s, tmp_path / f"{name}-rows.zarr", "all", VARIANTS, 2, halves_path=tmp_path / f"{name}-halves.zarr")
-        run_full(s, tmp_path / f"{name}-full.zarr", "all", VARIANTS, 64)
+        run_full(s, tmp_path / f"{name}-full.zarr", "all", VARIANTS, 64, rank=None, seed=0)
         df = spectrum_table(tmp_path / f"{name}-rows.zarr", tmp_path / f"{name}-halves.zarr",
                             tmp_path / f"{name}-full.zarr", [1])
         f = df[(df.analysis == "full") & (df.variant == "raw")].iloc[0]

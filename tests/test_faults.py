@@ -62,7 +62,7 @@ def test_damaged_chunk_names_store_chunk_and_fix(tmp_path, damage, needle):
         b = bytearray(f.read_bytes())
         b[len(b) // 2] ^= 0xFF
         f.write_bytes(bytes(b))
-    for analyse in (_analyse, lambda s, o: run_full([s], o / "full.zarr", "all", VARIANTS, 64)):
+    for analyse in (_analyse, lambda s, o: run_full([s], o / "full.zarr", "all", VARIANTS, 64, rank=None, seed=0)):
         with pytest.raises(InputError, match=needle) as err:
             analyse(str(store), tmp_path)
         assert str(store) in str(err.value) and "fix: re-create it: snakemake --cores all --forcerun" in str(err.value)

@@ -46,7 +46,7 @@ def test_true_rank_below_N_is_reported_unbounded_with_the_exact_rank(tmp_path):
         s = [write_store(tmp_path / f"s{N}.zarr", _rank4_blocks(N, seed=N), batch=4)]
         paths = [tmp_path / f"{x}{N}.zarr" for x in ("rows", "halves", "full")]
         run_rows(s, paths[0], "all", VARIANTS, 2, halves_path=paths[1])
-        run_full(s, paths[2], "all", ["raw"], 64)
+        run_full(s, paths[2], "all", ["raw"], 64, rank=None, seed=0)
         spectrum_table(*paths, [1]).to_csv(tmp_path / f"sp{N}.csv", index=False)
         points.append((tmp_path / f"sp{N}.csv", 12, N))
     table = collect(points)

@@ -29,6 +29,45 @@ def test_default_config_dry_run(tmp_path):
     assert "extract_scores" in proc.stdout and "fetch_model" in proc.stdout
 
 
+def test_full_matrix_routes_match_former_implementation_on_the_tiny_run(tiny_run):
+    """On the tiny run's real fit shards (minilm `all` and `prefix`, smollm2 `prefix`, both variants):
+    the full.zarr the pipeline wrote, both exact routes, and the former all-heads Gram implementation
+    give the same eigenvalues, total variances, half spectra and held-out EV (relative 1e-9), and
+    so the same bounded flags."""
+    import oracle_full
+    from test_full_spectra import assert_same
+
+    from eigenattn.eigen import explained_variance, is_bounded
+    from eigenattn.full_spectra import full_spectrum
+    from eigenattn.masks import select_visible
+    from eigenattn.score_source import open_score_source
+    from eigenattn.store import open_scores
+
+    wd, _ = tiny_run
+    for model, view in (("minilm", "all"), ("minilm", "prefix"), ("smollm2", "prefix")):
+        shards = sorted(str(p) for p in (wd / "results" / "scores" / model / "fit").iterdir())
+        causal = model == "smollm2"
+        stored = zarr.open_group(wd / "results" / "eigen" / model / view / "full.zarr", mode="r")
+        for variant in ("raw", "row_centered"):
+            dask_scores, attrs = open_scores(shards)
+            old = oracle_full.full_spectrum(select_visible(dask_scores, attrs, view)[0], view, variant, causal, 64)
+            g = stored if variant == "raw" else stored[variant]
+            assert_same(old, {k: g[k][:] for k in ("eigenvalues", "total_variance", "ev_heldout", "half_eigenvalues",
+                                                    "half_total_variance")})
+            src, attrs = open_score_source(shards)
+            src = select_visible(src, attrs, view)[0]
+            for route in ("covariance", "gram"):
+                new = full_spectrum(src, view, variant, causal, 64, route=route, workers=2, rank=None,
+                                    seed=0)
+                assert_same(old, new)
+                for p in (0.9, 0.95, 0.99):
+                    ev_old = explained_variance(old["eigenvalues"], old["total_variance"])
+                    ev_new = explained_variance(new["eigenvalues"], new["total_variance"])
+                    np.testing.assert_array_equal(
+                        is_bounded(old["ev_heldout"], p, old["n_samples"], old["dim"], ev_old),
+                        is_bounded(new["ev_heldout"], p, new["n_samples"], new["dim"], ev_new))
+
+
 def test_extract_stage_layout(tiny_run):
     wd, _ = tiny_run
     n = TINY["sampling"]["seq_len"]

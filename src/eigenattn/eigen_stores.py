@@ -8,11 +8,12 @@ import pandas as pd
 import zarr
 
 from . import __version__
-from .eigen import (P_LEVELS, constant_alignment, explained_variance, full_spectrum, heldout_ev_rows, is_bounded, k_at,
-                    row_spectrum)
+from .eigen import P_LEVELS, constant_alignment, explained_variance, heldout_ev_rows, is_bounded, k_at, row_spectrum
 from .errors import InputError
+from .full_spectra import full_spectra
 from .masks import select_visible
 from .moments import check_variant, view_slices
+from .score_source import open_score_source
 from .store import atomic_store, finish_store, open_group, open_scores, write_arrays
 
 
@@ -28,9 +29,9 @@ def _store_attrs(attrs: dict, view: str, causal: bool, n_seq: int, extra: dict) 
             "eigenattn_version": __version__, **extra}
 
 
-def _open_fit(shards, view: str, variants, expect: dict | None):
+def _open_fit(shards, view: str, variants, expect: dict | None, opener=open_scores):
     """Open the fit shards and fail early on an undefined view or unknown variant."""
-    scores, attrs = open_scores(shards, expect)
+    scores, attrs = opener(shards, expect)
     causal = bool(attrs["causal"])
     view_slices(view, attrs["seq_len"], causal)
     for v in variants:
@@ -97,25 +98,32 @@ def run_rows(shards, out_path, view: str, variants, split_every: int, halves_pat
     return results
 
 
-def run_full(shards, out_path, view: str, variants, memory_mb: float, expect: dict | None = None) -> dict:
+def run_full(shards, out_path, view: str, variants, memory_mb: float, expect: dict | None = None, *,
+             rank: int | None, seed: int, workers: int = 1, route: str = "auto") -> dict:
     """Full-matrix analysis into full.zarr: the `raw` variant at the root, others in subgroups.
-    ``memory_mb`` bounds the sequence blocks each Gram task holds (see eigen.full_gram)."""
-    scores, attrs, causal = _open_fit(shards, view, variants, expect)
-    results = {v: full_spectrum(scores, view, v, causal, memory_mb) for v in variants}
+    ``memory_mb`` bounds what the tasks hold, ``workers`` tasks run at once, ``route`` and ``rank``
+    choose how (see eigenattn.full_spectra)."""
+    scores, attrs, causal = _open_fit(shards, view, variants, expect, opener=open_score_source)
+    results = full_spectra(scores, view, variants, causal, memory_mb, workers=workers, route=route, rank=rank,
+                           seed=seed)
     with atomic_store(out_path) as tmp:
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
         for v, res in results.items():
             g = root if v == "raw" else root.require_group(v)
             write_arrays(g, {k: res[k] for k in FULL_DIMS}, FULL_DIMS,
                          {"n_samples": res["n_samples"], "dim": res["dim"], "variant": v,
-                          "split_sequence": res["split_sequence"]}, coords=_coords(attrs))
+                          "split_sequence": res["split_sequence"], "route": res["route"], "rank": res["rank"]},
+                         coords=_coords(attrs))
+        first = results[variants[0]]
         root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
-            "analysis": "full", "variants": list(variants),
-            "definition": "eigenvalues of the covariance of vectorised view blocks (one sample per sequence) "
-                          "via the centred Gram matrix; total_variance = sum of per-coordinate variances; "
-                          "ev_heldout[k-1] = share of one half's variance inside the other half's top-k "
-                          "principal directions, averaged over both directions (halves split at split_sequence); "
-                          "half_eigenvalues: each half's own spectrum (half 0 = a, before split_sequence; 1 = b)",
+            "analysis": "full", "variants": list(variants), "route": first["route"], "rank": first["rank"],
+            "definition": "eigenvalues of the covariance of vectorised view blocks (one sample per sequence), "
+                          "from the D x D scatter (route covariance) or the centred N x N Gram (route gram), or "
+                          "the top `rank` components by randomised SVD (route randomized); total_variance = sum "
+                          "of per-coordinate variances (exact); ev_heldout[k-1] = share of one half's variance "
+                          "inside the other half's top-k principal directions, averaged over both directions "
+                          "(halves split at split_sequence); half_eigenvalues: each half's own spectrum "
+                          "(half 0 = a, before split_sequence; 1 = b)",
             "complete": True}))
         finish_store(tmp)
     return results
@@ -137,7 +145,7 @@ def spectrum_table(rows_store, halves_store, full_store, report_k):
         spread = None if halves is None else \
             {p: np.abs(np.subtract(*k_at(explained_variance(*halves), p))) for p in P_LEVELS}
         cv = {p: np.where(ev_cv[..., -1] >= p - 1e-12, k_at(ev_cv, p), -1) for p in P_LEVELS}
-        bounded = {p: is_bounded(ev_cv, p, n_samples, dim) for p in P_LEVELS}
+        bounded = {p: is_bounded(ev_cv, p, n_samples, dim, ev) for p in P_LEVELS}
         for li, layer in enumerate(attrs["layers"]):
             for hi, head in enumerate(head_labels):
                 rec = {"model": attrs["model"], "view": attrs["view"], "analysis": analysis, "variant": variant,

@@ -152,15 +152,8 @@ def missing_objects(path, arr) -> list[tuple[int, ...]]:
     return [k for k in np.ndindex(*grid) if k not in present]
 
 
-def open_scores(shards: list[str | Path], expect: dict | None = None):
-    """Concatenate the ``scores`` arrays of several shard stores into one checked Dask array.
-
-    Each store must be marked complete, hold every chunk, and carry the attributes in ``expect``
-    (e.g. the model, split, seq_len, dtype and seed the calling rule was configured with); a stale
-    or damaged store fails here, naming it and the fix. Dask chunks equal the Zarr chunks, and every
-    chunk is checked as it is read (:class:`CheckedScores`). Returns (dask array, attrs of the
-    first shard).
-    """
+def _checked_arrays(shards: list[str | Path], expect: dict | None):
+    """The checked ``scores`` arrays of the shard stores (see :func:`open_scores`), and the first's attrs."""
     if not shards:
         raise InputError("no score shards given")
     arrays, attrs = [], None
@@ -182,9 +175,26 @@ def open_scores(shards: list[str | Path], expect: dict | None = None):
         if missing:
             raise InputError(f"{p}: {len(missing)} chunk file(s) of scores are missing (first: {missing[0]}).\n"
                              f"  fix: {refetch_hint(p)}")
-        arrays.append(da.from_array(CheckedScores(p, arr), chunks=arr.chunks, asarray=False,
-                                    name=f"scores-{Path(p).resolve()}", meta=np.empty((0,) * arr.ndim, arr.dtype)))
-    return da.concatenate(arrays, axis=0), attrs
+        arrays.append(CheckedScores(p, arr))
+    return arrays, attrs
+
+
+def open_scores(shards: list[str | Path], expect: dict | None = None):
+    """Concatenate the ``scores`` arrays of several shard stores into one checked Dask array.
+
+    Each store must be marked complete, hold every chunk, and carry the attributes in ``expect``
+    (e.g. the model, split, seq_len, dtype and seed the calling rule was configured with); a stale
+    or damaged store fails here, naming it and the fix. Dask chunks equal the Zarr chunks, and every
+    chunk is checked as it is read (:class:`CheckedScores`). Returns (dask array, attrs of the
+    first shard).
+    """
+    arrays, attrs = _checked_arrays(shards, expect)
+    return _as_dask(arrays), attrs
+
+
+def _as_dask(arrays):
+    return da.concatenate([da.from_array(c, chunks=c.arr.chunks, asarray=False, name=f"scores-{Path(c.path).resolve()}",
+                                         meta=np.empty((0,) * c.ndim, c.dtype)) for c in arrays], axis=0)
 
 
 @contextlib.contextmanager

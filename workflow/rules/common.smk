@@ -115,27 +115,27 @@ def sampling_params(wildcards):
     return {"seed": config["seed"], **config["sampling"]}
 
 
-def score_shape(path):
-    """(N, L, H, n, n) of a score store, from its metadata (read when jobs are planned, not at parse)."""
-    meta = Path(path) / "scores" / "zarr.json"
-    return json.loads(meta.read_text())["shape"] if meta.is_file() else None
+def gram_mem_mb(wildcards, input, threads, attempt):
+    """Peak memory of a full-matrix job (eigenattn.full_plan.stores_memory_mb): eigen.gram_memory_mb
+    plus each head's eigenproblem work, from the store's shape once it exists (a generous guess
+    before)."""
+    from eigenattn.full_plan import stores_memory_mb
 
-
-def gram_mem_mb(wildcards, input, attempt):
-    """Sequence blocks (eigen.gram_memory_mb) plus the N x N Gram of the layers in flight, from the
-    store's shape once it exists (a generous guess before)."""
-    shapes = [score_shape(p) for p in input]
-    N = (
-        sum(s[0] for s in shapes)
-        if all(shapes)
-        else 4 * config["sampling"]["n_sequences"]["fit"]
+    e = config["eigen"]
+    mb = stores_memory_mb(
+        list(input),
+        wildcards.view,
+        bool(plan.model_spec(config, wildcards.model).get("causal")),
+        e["gram_memory_mb"],
+        threads,
+        e["full_route"],
+        rank=e["full_rank"],
+        guess_n_sequences=int(
+            getattr(wildcards, "N", 4 * config["sampling"]["n_sequences"]["fit"])
+        ),
+        guess_seq_len=int(getattr(wildcards, "n", config["sampling"]["seq_len"])),
     )
-    H = shapes[0][2] if all(shapes) else 32
-    layers_in_flight = workflow.cores if isinstance(workflow.cores, int) else 2
-    gram = (
-        layers_in_flight * 4 * H * N * N * 8 / 2**20
-    )  # G0, its centred copy and eigh work
-    return int(attempt * (1000 + config["eigen"]["gram_memory_mb"] + gram))
+    return int(attempt * mb)
 
 
 EXTRACTION_PARAMS = (
@@ -198,7 +198,13 @@ def eigen_rows_params(wildcards):
 
 
 def eigen_full_params(wildcards):
-    return {"view": wildcards.view, "variants": config["eigen"]["variants"]}
+    e = config["eigen"]
+    return {
+        "view": wildcards.view,
+        "variants": e["variants"],
+        "rank": e["full_rank"],
+        "seed": config["seed"],
+    }
 
 
 def eigen_spectrum_params(wildcards):
