@@ -380,17 +380,21 @@ def test_rerun_is_a_noop(tiny_run):
 
 
 def test_same_seed_same_tokens(tiny_run, tmp_path, resources):
-    """A second, independent run with the same config yields identical passages and input_ids."""
+    """A second, independent run with the same config yields identical passages and input_ids, and the
+    same scores within float tolerance (two float16 steps: torch's CPU kernels may round the last
+    bit of a float32 score differently from run to run, which moves it across a float16 boundary)."""
     wd, _ = tiny_run
     make_workdir(tmp_path, resources)
-    snakemake(tmp_path, "-c2", "results/scores/minilm/fit/shard-0.zarr")
+    snakemake(tmp_path, "-c2", "--max-threads", "1", "results/scores/minilm/fit/shard-0.zarr")
     a = pd.read_parquet(wd / "results" / "corpus" / "enwiki-sample" / "passages.parquet")
     b = pd.read_parquet(tmp_path / "results" / "corpus" / "enwiki-sample" / "passages.parquet")
     pd.testing.assert_frame_equal(a, b)
     ga = zarr.open_group(wd / "results/scores/minilm/fit/shard-0.zarr", mode="r")
     gb = zarr.open_group(tmp_path / "results/scores/minilm/fit/shard-0.zarr", mode="r")
     np.testing.assert_array_equal(ga["input_ids"][:], gb["input_ids"][:])
-    np.testing.assert_array_equal(ga["scores"][:], gb["scores"][:])
+    sa, sb = ga["scores"][:], gb["scores"][:]
+    step = np.spacing(np.maximum(np.abs(sa), np.abs(sb)))  # float16 spacing at each score
+    assert (np.abs(sa.astype(np.float32) - sb.astype(np.float32)) <= 2 * step.astype(np.float32)).all()
 
 
 def test_lint_and_format_clean():
