@@ -66,8 +66,8 @@ def _eigvals_desc(m: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------- covariance route
 
 def _scatter(read, ranges, g: int, D: int):
-    """count, mean (g, D) and scatter matrices (g × upper-triangular D × D, Fortran order) of the
-    vectors in ``ranges``, by a rank-m update per panel and Chan's merge of the panel means."""
+    """count, mean (g, D) and symmetric scatter matrices (g × D × D) of the vectors in ``ranges``, by
+    a rank-m update per panel and Chan's merge of the panel means."""
     count, mean = 0, np.zeros((g, D))
     m2 = [np.zeros((D, D)) for _ in range(g)]
     for s0, s1 in ranges:
@@ -83,9 +83,9 @@ def _scatter(read, ranges, g: int, D: int):
                 m2[h] += f * np.multiply.outer(delta[h], delta[h])
         mean += delta * (m / (count + m))
         count += m
-    for m in m2:  # the lower-left block from the upper-right one
-        h0 = D // 2
-        m[h0:, :h0] = m[:h0, h0:].T
+    h0 = D // 2
+    for acc in m2:  # the lower-left block from the upper-right one
+        acc[h0:, :h0] = acc[:h0, h0:].T
     return count, mean, m2
 
 
