@@ -37,6 +37,7 @@ import dask
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from .eigen import eigh_desc
 from .errors import InputError
 from .full_plan import FullPlan, plan_full
 from .full_randomized import randomized_task
@@ -46,21 +47,12 @@ from .moments import check_variant, half_block_index, view_slices
 PARALLEL = ("tasks", "blas")
 
 
-def _desc(w: np.ndarray) -> np.ndarray:
-    return np.clip(w[::-1], 0.0, None)
-
-
-# numpy's LAPACK calls release the GIL, scipy.linalg's f2py wrappers do not: with scipy, two heads'
-# eigenproblems in two threads ran no faster than one after the other (measured 0.24 s against 0.21 s
-# per 1,024 x 1,024 eigh), with numpy 1.9x faster.
-
-def _eigh_desc(m: np.ndarray):
-    w, v = np.linalg.eigh(m)
-    return np.clip(w[::-1], 0.0, None), v[:, ::-1]
-
+# numpy's LAPACK calls (here and in eigen.eigh_desc) release the GIL, scipy.linalg's f2py wrappers do
+# not: with scipy, two heads' eigenproblems in two threads ran no faster than one after the other
+# (measured 0.24 s against 0.21 s per 1,024 x 1,024 eigh), with numpy 1.9x faster.
 
 def _eigvals_desc(m: np.ndarray) -> np.ndarray:
-    return _desc(np.linalg.eigvalsh(m))
+    return np.clip(np.linalg.eigvalsh(m)[::-1], 0.0, None)
 
 
 # ------------------------------------------------------------------------------- covariance route
@@ -114,7 +106,9 @@ def _cov_task(scores, layer, heads, qs, ks, variant, plan: FullPlan):
         out["total_variance"][h] = np.trace(tot) / (N - 1)
         out["eigenvalues"][h] = pad(_eigvals_desc(tot)[:plan.r], plan.r) / (N - 1)
         del tot
-        _halves_out(out, h, plan, (a, b), (na, nb), lambda e, other: np.einsum("ij,ij->j", other @ e, e))
+        halves = (a, b)  # b's variance along a's direction e is eᵀ·M_b·e (and back)
+        _halves_out(out, h, plan, halves, (na, nb),
+                    lambda i, e, mu: np.einsum("ij,ij->j", halves[1 - i] @ e, e))
         ma[h] = mb[h] = None
     return out
 
@@ -154,8 +148,9 @@ def _gram_task(scores, layer, heads, qs, ks, variant, plan: FullPlan):
         gaa, gbb = _centre(g0[:s, :s].copy()), _centre(g0[s:, s:].copy())
         gba = _centre(g0[s:, :s].copy())
         # a's direction e_j = Xaᶜᵀ u_j / √μ_j, so b's variance along it is ‖G_baᶜ u_j‖² / μ_j (and back)
-        proj = {0: lambda u, _: (gba @ u) ** 2, 1: lambda u, _: (gba.T @ u) ** 2}
-        _halves_out(out, h, plan, (gaa, gbb), (s, N - s), None, proj)
+        cross = (gba, gba.T)
+        _halves_out(out, h, plan, (gaa, gbb), (s, N - s),
+                    lambda i, u, mu: ((cross[i] @ u) ** 2).sum(axis=0) / np.where(mu > 0, mu, 1.0))
         gaa = gbb = gba = None  # free them before the whole sample's eigenproblem
         gt = _centre(g0)  # this head's Gram is not needed uncentred any more
         out["total_variance"][h] = np.trace(gt) / (N - 1)
@@ -163,19 +158,17 @@ def _gram_task(scores, layer, heads, qs, ks, variant, plan: FullPlan):
     return out
 
 
-def _halves_out(out, h, plan, mats, counts, var_along, gram_proj=None):
-    """Each half's own spectrum and the held-out curve, from the halves' scatter (covariance route:
-    ``var_along(e, other)`` gives eᵀ·other·e per column) or centred Gram matrices (``gram_proj``)."""
+def _halves_out(out, h, plan, mats, counts, other_variance):
+    """Each half's own spectrum and the held-out curve, from the halves' scatter or centred Gram
+    matrices ``mats``; ``other_variance(i, vectors, eigenvalues)`` gives the other half's variance
+    along half i's principal directions (one value per column)."""
     r = plan.r_half
-    eig = [_eigh_desc(m) for m in mats]
+    eig = [eigh_desc(m) for m in mats]
     traces = [float(np.trace(m)) for m in mats]
     shares = []
     for i, j in ((0, 1), (1, 0)):
         mu, vec = eig[i][0][:r], eig[i][1][:, :r]
-        if gram_proj is None:
-            var = var_along(vec, mats[j])
-        else:
-            var = gram_proj[i](vec, None).sum(axis=0) / np.where(mu > 0, mu, 1.0)
+        var = other_variance(i, vec, mu)
         shares.append(pad(cv_share(var, mu, traces[j]), r, edge=True))
     for i in (0, 1):
         out["half_eigenvalues"][i, h] = pad(eig[i][0][:r] / (counts[i] - 1), r)
