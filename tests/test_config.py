@@ -88,7 +88,7 @@ def test_wrong_sha256_names_key_and_leaves_nothing(tmp_path, resources):
 def test_schema_fills_defaults_and_rejects_types():
     c = {"models": _config()["models"], "corpora": _config()["corpora"]}
     validate(c)
-    assert c["sampling"]["n_sequences"] == {"fit": 96, "heldout": 32}
+    assert c["sampling"]["n_sequences"] == {"fit": 384, "heldout": 32}
     assert c["extraction"]["device"] == "auto" and c["training"]["finetune_steps"] == 200
     c["sampling"]["seq_len"] = "long"
     with pytest.raises(ConfigError, match="sampling.seq_len"):

@@ -112,6 +112,12 @@ def test_resolve_layers_errors():
     assert resolve_layers([2, 0, 2], 3) == [0, 2]
     with pytest.raises(ValueError, match="out of range"):
         resolve_layers([5], 3)
+    # the scaling study's thinning: at most k layers, evenly spread, first and last included
+    assert resolve_layers({"of": "all", "at_most": 6}, 30) == [0, 6, 12, 17, 23, 29]
+    assert resolve_layers({"of": "all", "at_most": 6}, 6) == [0, 1, 2, 3, 4, 5]
+    assert resolve_layers({"of": [0, 1, 15, 29], "at_most": 2}, 30) == [0, 29]
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_layers({"of": [40], "at_most": 2}, 30)
 
 
 def test_shards_partition_the_split(tmp_path):

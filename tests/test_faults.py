@@ -117,7 +117,8 @@ def tiny_training(tmp_path_factory, resources):
     docs = resources / "corpora" / "enwiki-sample" / "documents.parquet"
     train_wordpiece(split_texts(docs, 0, 0.2)["fit"][:30], 400, out / "tok", 16)
     build_windows(out / "tok", docs, 16, 0, 0.2, 4, out / "w.npz")
-    tcfg = {"model": {"layers": 1, "heads": 2, "d_model": 16, "d_ff": 32, "dropout": 0.0}, "steps": 8,
+    tcfg = {"model": {"layers": 1, "heads": 2, "d_model": 16, "d_ff": 32, "dropout": 0.0, "positions": "rotary",
+                      "init_range": 0.1}, "steps": 8,
             "finetune_steps": 4, "batch_size": 4, "lr": 1e-3, "finetune_lr": 1e-3, "weight_decay": 0.0, "warmup": 0.1,
             "log_every": 2, "eval_every": 4, "checkpoint_every": 2}
     return dict(mode="scratch", variant="exact", s=16, seed=0, tcfg=tcfg, seq_len=16, tokenizer_dir=out / "tok",
@@ -237,8 +238,8 @@ def test_bad_corpus_files_name_the_key(tmp_path, files, spec, needle):
     ({"seed": -1}, "config key 'seed': -1 is less than the minimum of 0\n  fix: use a value of at least 0"),
     ({"eigen": {"report_k": [1, 1000]}}, "eigen.report_k': k = [1000] exceeds the d = 64 keys"),
     ({"training": {"exact_seeds": [0, 0, 1]}}, "training.exact_seeds': [0, 0, 1] has non-unique elements"),
-    ({"extraction": {"batch_size": 128, "chunk_sequences": 128}},
-     "extraction.chunk_sequences': 128 covers all 96 fit passages"),
+    ({"extraction": {"batch_size": 512, "chunk_sequences": 512}},
+     "extraction.chunk_sequences': 512 covers all 384 fit passages"),
     ({"extraction": {"batch_size": 12}}, "extraction.batch_size': 12 is not a multiple of extraction.chunk_sequences"),
     ({"run_models": ["minilm"]}, "reconstruction.transfer': lists other_model, but fewer than two models"),
     ({"models": {"o'brien": {"source": "path", "path": "/x", "causal": False}}}, "models': the name \"o'brien\""),

@@ -44,14 +44,16 @@ def test_tiny_workflow_end_to_end_under_slurm(slurm, tmp_path, resources, tiny_r
     """Every computing stage, corpus to training, each job its own SLURM job, and one job that fails
     inside SLURM (a model whose checksum is wrong): with --keep-going the run ends with an error
     naming that job, and every other job completes. To keep CI short the training grid is cut to
-    exact (two seeds) and the raw variant, and the notebooks (which only read these outputs) are
-    left to the local tiny run, which also covers the two-stage training DAG."""
+    exact (two seeds), the analysis to the raw variant and the prefix view, and the notebooks (which
+    only read these outputs) are left to the local tiny run, which also covers the two-stage
+    training DAG."""
     make_workdir(tmp_path, resources)
     broken = dict(yaml.safe_load((REPO / "config.yaml").read_text())["models"]["minilm"])
     broken["sha256"] = {**broken["sha256"], "config.json": "0" * 64}
     small = tmp_path / "slurm.yaml"
     small.write_text(yaml.safe_dump({"training": {"modes": ["scratch"], "variants": []},
-                                     "eigen": {"variants": ["raw"]}, "models": {"broken": broken}}))
+                                     "eigen": {"variants": ["raw"], "views": ["prefix"]},
+                                     "models": {"broken": broken}}))
     t = time.perf_counter()
     targets = ["eigen", "overlap", "reconstruct", "plugin_eval", "train", "resources/models/broken"]
     proc = snakemake(tmp_path, *SLURM_FLAGS, "--keep-going", "--retries", "0", *targets, timeout=1500,
@@ -75,11 +77,13 @@ def test_tiny_workflow_end_to_end_under_slurm(slurm, tmp_path, resources, tiny_r
     # Same results as the local run.
     wd, _ = tiny_run
     # (the plug-in ran on 1 thread here and 2 locally: float32 sums may differ in the last bits)
-    for rel, rtol in (("results/eigen/minilm/all/spectrum.csv", 1e-9), ("results/overlap/summary.csv", 1e-9),
-                      ("results/reconstruction/smollm2/prefix.csv", 1e-6), ("results/plugin/minilm.csv", 1e-4)):
+    for rel, rtol in (("results/eigen/minilm/prefix/spectrum.csv", 1e-9), ("results/overlap/summary.csv", 1e-9),
+                      ("results/reconstruction/smollm2/prefix.csv", 1e-6), ("results/plugin/smollm2.csv", 1e-4)):
         a, b = pd.read_csv(wd / rel), pd.read_csv(tmp_path / rel)
         if "variant" in a:  # the local run also has the row_centered variant
             a = a[a["variant"] == "raw"].reset_index(drop=True)
+        if "view" in a and rel.endswith("summary.csv"):  # ... and the `all` view
+            a = a[a["view"] == "prefix"].reset_index(drop=True)
         pd.testing.assert_frame_equal(a, b, rtol=rtol, atol=1e-9)
     assert (tmp_path / "results" / "training" / "summary.csv").is_file()
 

@@ -16,12 +16,13 @@ from conftest import REPO, SNAKEMAKE, make_workdir
 from eigenattn.errors import InputError
 from eigenattn.partial import ATTR, LINFORMER_ATTR, PartialMap, attach, attention_modules, partial_attention_forward
 from eigenattn.mlm_data import build_windows, mask_batch, split_texts, train_wordpiece
-from eigenattn.mlm_model import MLM, attach_variant, bert_config
+from eigenattn.mlm_model import MLM, attach_variant, encoder_config
 from eigenattn.partial import Linformer
 from eigenattn.training import run
 
 n, L, H, D = 16, 2, 2, 32
-TCFG = {"model": {"layers": L, "heads": H, "d_model": D, "d_ff": 64, "dropout": 0.1}, "steps": 20,
+TCFG = {"model": {"layers": L, "heads": H, "d_model": D, "d_ff": 64, "dropout": 0.1, "positions": "rotary",
+                  "init_range": 0.1}, "steps": 20,
         "finetune_steps": 10, "batch_size": 4, "lr": 1e-3, "finetune_lr": 3e-4, "weight_decay": 0.01, "warmup": 0.1,
         "log_every": 5, "eval_every": 10, "checkpoint_every": 10, "eval_sequences": 8,
         "estimator": "conditional_gaussian", "strategy": "pivoted_qr", "ridge": 1e-6, "eigenspace_rank": 0.5}
@@ -47,9 +48,12 @@ class Stats:
         return self._m[layer], self._U[layer], self._w[layer]
 
 
-def model(variant="exact", s=4, seed=0):
+POSITIONS = ["rotary", "absolute"]
+
+
+def model(variant="exact", s=4, seed=0, positions="rotary"):
     torch.manual_seed(seed)
-    m = MLM(bert_config(TCFG, 50, n))
+    m = MLM(encoder_config({**TCFG, "model": {**TCFG["model"], "positions": positions}}, 50, n))
     attach_variant(m, variant, s, n, Stats() if variant in ("partial_fixed", "partial_learned", "subset_only")
                    else None, **MAPS, rank=0.5, seed=0)
     return m
@@ -66,16 +70,26 @@ TOK = {"special_ids": [0, 1, 2, 3, 4], "vocab_size": 50, "mask_id": 4}
 VARIANTS = ["exact", "partial_fixed", "partial_learned", "subset_only", "linformer"]
 
 
+def _qk_grads(mod):
+    """The query and key weight gradients (ModernBERT's fused Wqkv: its q and k rows)."""
+    if hasattr(mod, "Wqkv"):
+        g = mod.Wqkv.weight.grad
+        return None if g is None else g[: 2 * D]
+    return None if mod.query.weight.grad is None else torch.cat([mod.query.weight.grad, mod.key.weight.grad])
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_shapes_and_gradients(variant):
-    m = model(variant).train()
+def test_shapes_and_gradients(variant, positions):
+    m = model(variant, positions=positions).train()
     x, pos, labels = mask_batch(batch(), TOK, torch.Generator().manual_seed(1))
     loss, logits = m(x, pos, labels)
     assert logits.shape == (len(pos), 50) and loss.ndim == 0
     assert m.encoder(input_ids=x).last_hidden_state.shape == (3, n, D)
     loss.backward()
     for i, mod in attention_modules(m.encoder).items():
-        assert mod.query.weight.grad is not None and mod.key.weight.grad is not None
+        g = _qk_grads(mod)
+        assert g is not None and g.abs().sum() > 0
         pm = getattr(mod, ATTR, None)
         if variant in ("partial_fixed", "subset_only"):
             assert pm.W.grad is None and pm.b.grad is None and not pm.W.requires_grad
@@ -88,10 +102,11 @@ def test_shapes_and_gradients(variant):
     assert any(k.endswith(f"{ATTR}.W") for k in trainable) == (variant == "partial_learned")
 
 
+@pytest.mark.parametrize("positions", POSITIONS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_attention_mask_is_honoured(variant):
+def test_attention_mask_is_honoured(variant, positions):
     """Masked keys get zero attention probability; Linformer refuses a mask it cannot apply."""
-    m = model(variant).eval()
+    m = model(variant, positions=positions).eval()
     mod = attention_modules(m.encoder)[0]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, H, n, D // H, generator=g) for _ in range(3))
@@ -115,8 +130,9 @@ def test_attention_mask_is_honoured(variant):
 
 
 @torch.no_grad()
-def test_partial_fixed_with_all_keys_equals_exact():
-    exact = model("exact").eval()
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_partial_fixed_with_all_keys_equals_exact(positions):
+    exact = model("exact", positions=positions).eval()
     ids = batch()
     want = exact.encoder(input_ids=ids).last_hidden_state
     maps = {i: PartialMap(np.tile(np.arange(n), (H, 1)), np.broadcast_to(np.eye(n), (H, n, n)), np.zeros((H, n)),
@@ -125,15 +141,16 @@ def test_partial_fixed_with_all_keys_equals_exact():
     got = exact.encoder(input_ids=ids).last_hidden_state
     assert (got - want).abs().max() <= 1e-5
     # and the full pipeline at s = n: conditional Gaussian with T = all keys is the identity
-    m = model("partial_fixed", s=n).eval()
-    ref = model("exact").eval()
+    m = model("partial_fixed", s=n, positions=positions).eval()
+    ref = model("exact", positions=positions).eval()
     assert (m.encoder(input_ids=ids).last_hidden_state - ref.encoder(input_ids=ids).last_hidden_state).abs().max() \
         <= 1e-4
 
 
 @torch.no_grad()
-def test_linformer_identity_equals_exact():
-    m = model("exact").eval()
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_linformer_identity_equals_exact(positions):
+    m = model("exact", positions=positions).eval()
     ids = batch()
     want = m.encoder(input_ids=ids).last_hidden_state
     for mod in attention_modules(m.encoder).values():

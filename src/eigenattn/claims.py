@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .claims_eigen import c1_rows, c1_scaling_rows, c2_rows
+from .claims_eigen import c1_headlines, c1_rows, c1_scaling_rows, c2_rows
 from .claims_partial import c3_rows, c4_rows
 from .verdicts import COLUMNS, DEFAULTS, STATES
 
@@ -27,7 +27,7 @@ def claims_table(spectra, overlap_summary, recon, plugin, training, cfg: dict | 
                  scaling: tuple = ((), (), ())) -> pd.DataFrame:
     """``scaling``: (fits, saturations, tables) of the scaling study, one of each per model and view."""
     cfg = {**DEFAULTS, **(cfg or {})}
-    rows = (c1_rows(spectra, cfg) + c1_scaling_rows(*scaling) + c2_rows(overlap_summary, cfg)
+    rows = (c1_headlines(c1_rows(spectra, cfg) + c1_scaling_rows(*scaling, cfg)) + c2_rows(overlap_summary, cfg)
             + c3_rows(recon, plugin, cfg) + c4_rows(training, cfg))
     df = pd.DataFrame.from_records(rows, columns=COLUMNS)
     for col in ("k", "s"):

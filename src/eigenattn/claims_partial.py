@@ -123,16 +123,19 @@ def c4_rows(training, cfg: dict) -> list[dict]:
         if not m["learned"]:
             blocker = "inconclusive: exact has not learned"
         elif not o["uses_order"]:
-            blocker = ("inconclusive: exact ignores word order (a bag-of-words model), so attention variants "
-                       "cannot be told apart from it")
+            blocker = ("inconclusive: exact ignores word order (a bag-of-words model) in at least one seed "
+                       f"(smallest per-seed gain over shuffled windows {o['run_gain_min']:+.3f}), so attention "
+                       "variants cannot be told apart from it; rotary positions (training.model.positions) and "
+                       "more steps let it learn order")
         else:
             blocker = None
         out.append(make_row("C4", training, mode=mode, model="exact",
                             scope=f"{mode} exact ({len(ex)} seeds) vs unigram",
                             quantity="held-out MLM accuracy", value=acc,
                             spread=f"unigram {u:.3f} (×{acc / u:.2f}); loss {ex.heldout_loss.mean():.2f} vs entropy "
-                                   f"{H:.2f} nats; shuffled-order accuracy {ex.heldout_mlm_acc_shuffled.mean():.3f}; "
-                                   f"{n} tokens",
+                                   f"{H:.2f} nats; shuffled-order accuracy {ex.heldout_mlm_acc_shuffled.mean():.3f} "
+                                   f"(per-seed gain ≥ {o['run_gain_min']:+.3f}, lower 95% end "
+                                   f"{o['run_gain_low']:+.3f}); {n} tokens",
                             state="inconclusive" if blocker else "reference",
                             verdict=blocker or "exact has learned and uses word order", caveat=""))
         gain = m["acc_gap"]
@@ -146,7 +149,9 @@ def c4_rows(training, cfg: dict) -> list[dict]:
             elif hi < -margin:
                 state, verdict = "not supported", f"keeps < {keep:.0%} of exact's gain over unigram"
             else:
-                state, verdict = "inconclusive", f"interval too wide to tell whether it keeps {keep:.0%}"
+                state, verdict = "inconclusive", (f"interval too wide to tell whether it keeps {keep:.0%}; more "
+                                                  "exact seeds (training.exact_seeds) or held-out windows "
+                                                  "(training.eval_sequences) would narrow it")
             caveats = []
             fr = float(x.flops_ratio.iloc[0])
             if fr >= 1:

@@ -140,22 +140,20 @@ def _check_extraction(config: dict) -> None:
 
 
 def _check_scaling(config: dict) -> None:
-    s = config["scaling"]
-    for i, m in enumerate(s["models"]):
-        if m not in config["run_models"]:
-            raise ConfigError(f"scaling.models[{i}]", f"'{m}' is not in run_models",
-                              f"use models from run_models: {', '.join(config['run_models'])}")
+    s, models = config["scaling"], plan.scaling_models(config)
+    for key, within, name in (("models", config["run_models"], "run_models"), ("sample_models", models, "scaling.models")):
+        for i, m in enumerate([] if s[key] == "auto" else s[key]):
+            if m not in within:
+                raise ConfigError(f"scaling.{key}[{i}]", f"'{m}' is not in {name}",
+                                  f"use models from {name} ({', '.join(within)}), or auto")
+    for m in models:
         pos = config["models"][m].get("max_positions")
-        longest = max([*s["lengths"], s["sample_length"]])
-        if pos and longest > pos:
-            raise ConfigError("scaling.lengths", f"{longest} exceeds the {pos} positions of model '{m}'",
-                              f"use lengths <= {pos}")
-    chunk = config["extraction"]["chunk_sequences"]
-    small = [N for N in s["samples"] if N < 2 * chunk]
-    if s["models"] and small:
-        raise ConfigError("scaling.samples", f"N = {small} gives fewer than two chunks of extraction.chunk_sequences "
-                          f"= {chunk} sequences, so there are no halves to compare",
-                          f"use samples of at least {2 * chunk}, or a smaller extraction.chunk_sequences")
+        if pos and m in plan.sample_models(config) and s["sample_length"] > pos:
+            raise ConfigError("scaling.sample_length", f"{s['sample_length']} exceeds the {pos} positions of "
+                              f"model '{m}'", f"use sample_length <= {pos}")
+        if pos and len([n for n in s["lengths"] if n <= pos]) < 2:
+            raise ConfigError("scaling.lengths", f"fewer than two lengths are within the {pos} positions of model "
+                              f"'{m}', so no trend against n can be fitted", f"add lengths <= {pos}")
 
 
 def _check_views(config: dict) -> None:

@@ -98,6 +98,12 @@ def check_batch(cap: ScoreCapture, keep: list[int], probe, label: str) -> None:
 
 
 def resolve_layers(layers, n_layers: int) -> list[int]:
+    """The kept layer indices: ``all``, a list, or ``{"of": layers, "at_most": k}`` (k of those,
+    evenly spread with the first and last included)."""
+    if isinstance(layers, dict):
+        base = resolve_layers(layers["of"], n_layers)
+        k = min(int(layers["at_most"]), len(base))
+        return [base[i] for i in sorted(set(np.round(np.linspace(0, len(base) - 1, k)).astype(int)))]
     if layers in (None, "all"):
         return list(range(n_layers))
     out = sorted(set(int(x) for x in layers))
@@ -135,8 +141,9 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
     # Refuse before any store exists: the probe compares the capture with the model's eager attention.
     probe = equivalence_probe(model, torch.from_numpy(ids[:PROBE_SEQUENCES].astype(np.int64)).to(dev), label)
     facts["n_layers"] = probe.n_layers
-    wanted = list(range(probe.n_layers)) if layers in (None, "all") else \
-        sorted({int(x) for x in layers if 0 <= int(x) < probe.n_layers})
+    configured = layers["of"] if isinstance(layers, dict) else layers  # before any thinning to at_most
+    wanted = list(range(probe.n_layers)) if configured in (None, "all") else \
+        sorted({int(x) for x in configured if 0 <= int(x) < probe.n_layers})
     if check_facts is not None:
         check_facts({"n_layers": probe.n_layers, "causal": probe.causal(wanted),
                      "mask_kinds": ", ".join(sorted({describe(probe.masks[l]) for l in wanted}))})

@@ -51,3 +51,36 @@ def iqr(x) -> tuple[float, float, float]:
     if not len(x):
         return (np.nan, np.nan, np.nan)
     return tuple(float(v) for v in np.percentile(x, [25, 50, 75]))
+
+
+def claim_grid(table) -> "pd.DataFrame":
+    """The one-glance summary of the claims table: one cell per claim (C4 per mode) and subject
+    (model / view for C1–C3, variant and s for C4), with the state that answers it and its number.
+
+    A cell's state is its headline row's where it has one (C1), else the common state of its judged
+    rows, else ``mixed``; reference-only cells are ``reference``. The number is the headline's value,
+    else the first judged row's (row-centred rows first). ``rows`` counts the rows behind the cell.
+    """
+    import pandas as pd
+
+    t = table.copy()
+    t["row_label"] = [f"{r.claim} {r.mode}".strip() if r.claim == "C4" else r.claim for r in t.itertuples()]
+    t["subject"] = [f"{r.model} s={r.s}" if r.claim == "C4" and str(r.s) not in ("", "<NA>", "nan")
+                    else (r.model if r.claim == "C4" else f"{r.model} / {r.view}") for r in t.itertuples()]
+    out = []
+    for (label, subject), g in t.groupby(["row_label", "subject"], sort=False):
+        judged = g[g.state != "reference"]
+        head = g[g.get("role", pd.Series("", index=g.index)) == "headline"]
+        if len(head):
+            pick, state = head.iloc[0], head.iloc[0].state
+        elif not len(judged):
+            pick, state = g.iloc[0], "reference"
+        else:
+            order = judged.assign(_c=(judged.variant != "row_centered").astype(int)).sort_values("_c", kind="stable")
+            pick = order.iloc[0]
+            state = judged.state.iloc[0] if judged.state.nunique() == 1 else "mixed"
+        counts = judged.state.value_counts()
+        out.append({"row": label, "subject": subject, "state": state, "value": float(pick.value),
+                    "quantity": pick.quantity, "rows": len(g),
+                    "tally": ", ".join(f"{n} {s}" for s, n in counts.items())})
+    return pd.DataFrame(out)

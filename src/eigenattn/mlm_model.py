@@ -1,8 +1,15 @@
 """The MLM encoder of the training stage (docs/method.md §8) and its attention variants.
 
-A small BERT-style encoder (``transformers.BertModel`` with the ``partial`` attention backend)
-and an MLM head whose logits are computed only at the masked positions. Variants differ only in
-attention:
+A small encoder with the ``partial`` attention backend and an MLM head whose logits are computed
+only at the masked positions. ``training.model.positions`` chooses the encoder:
+
+- ``rotary`` (default): ``transformers.ModernBertModel`` with global attention in every layer, so
+  RoPE rotates Q and K *inside* the attention module, before the attention backend. The capture
+  backend, the partial maps and Linformer all see the rotated Q and K that training used, and the
+  saved encoder loads anywhere with ``AutoModel``;
+- ``absolute``: ``transformers.BertModel`` with learned absolute position embeddings.
+
+Variants differ only in attention:
 
 - ``exact``: every score computed;
 - ``partial_fixed``: scores at ``T`` only, ``â = W a_T + b`` with ``T, W, b`` fitted on the eigen
@@ -17,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import BertConfig, BertModel
+from transformers import AutoModel, BertConfig, ModernBertConfig
 
 from .errors import InputError
 from .partial import LINFORMER_ATTR, Linformer, attach, attention_modules, maps_from_stats, register
@@ -33,25 +40,35 @@ class MLM(nn.Module):
     def __init__(self, config):
         super().__init__()
         config._attn_implementation = register()
-        self.encoder = BertModel(config, add_pooling_layer=False)
+        kw = {"add_pooling_layer": False} if config.model_type == "bert" else {}
+        self.encoder = AutoModel.from_config(config, attn_implementation=config._attn_implementation, **kw)
         h = config.hidden_size
-        self.transform = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=config.layer_norm_eps))
+        self.transform = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=getattr(config, "layer_norm_eps", None) or config.norm_eps))
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, input_ids, positions, labels=None):
         hidden = self.encoder(input_ids=input_ids).last_hidden_state
         hm = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-        logits = self.transform(hm) @ self.encoder.embeddings.word_embeddings.weight.T + self.bias
+        logits = self.transform(hm) @ self.encoder.get_input_embeddings().weight.T + self.bias
         if labels is None:
             return logits
         return F.cross_entropy(logits.float(), labels), logits
 
 
-def bert_config(tcfg: dict, vocab_size: int, seq_len: int):
+def encoder_config(tcfg: dict, vocab_size: int, seq_len: int):
+    """The encoder's transformers config from ``training.model`` (``positions``: rotary or absolute)."""
     m = tcfg["model"]
-    return BertConfig(vocab_size=vocab_size, hidden_size=m["d_model"], num_hidden_layers=m["layers"],
-                      num_attention_heads=m["heads"], intermediate_size=m["d_ff"], max_position_embeddings=seq_len,
-                      hidden_dropout_prob=m["dropout"], attention_probs_dropout_prob=m["dropout"])
+    common = {"vocab_size": vocab_size, "hidden_size": m["d_model"], "num_hidden_layers": m["layers"],
+              "num_attention_heads": m["heads"], "intermediate_size": m["d_ff"], "max_position_embeddings": seq_len,
+              "initializer_range": m["init_range"]}
+    if m["positions"] == "absolute":
+        return BertConfig(**common, hidden_dropout_prob=m["dropout"], attention_probs_dropout_prob=m["dropout"])
+    # every layer global (no sliding window); pad/bos/eos/cls/sep ids are unused by the MLM
+    return ModernBertConfig(**common, layer_types=["full_attention"] * m["layers"],
+                            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+                            attention_dropout=m["dropout"],
+                            mlp_dropout=m["dropout"], embedding_dropout=m["dropout"], pad_token_id=0,
+                            bos_token_id=None, eos_token_id=None, cls_token_id=None, sep_token_id=None)
 
 
 def attach_variant(model: MLM, variant: str, s: int, seq_len: int, stats=None, *, estimator: str, strategy: str,

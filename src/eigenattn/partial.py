@@ -190,7 +190,7 @@ def attention_modules(model) -> dict[int, nn.Module]:
     out = {}
     for _, mod in model.named_modules():
         idx = getattr(mod, "layer_idx", None)
-        if idx is not None and any(hasattr(mod, a) for a in ("q_proj", "query")):
+        if idx is not None and any(hasattr(mod, a) for a in ("q_proj", "query", "Wqkv")):
             out[int(idx)] = mod
     if not out:
         raise InputError(f"{type(model).__name__}: found no attention modules with a layer_idx")

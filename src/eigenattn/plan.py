@@ -71,16 +71,45 @@ def training_runs(config: dict) -> list[dict]:
     return runs
 
 
-def scaling_points(config: dict) -> dict[str, list[tuple[int, int]]]:
-    """The (n, N) grid of the scaling study: the length sweep at the main run's N, the sample
-    sweep at ``scaling.sample_length``; ``full`` lists the points whose whole blocks are analysed."""
+def scaling_models(config: dict) -> list[str]:
+    """The models of the length sweep (``scaling.models``; auto: every run model)."""
+    m = config["scaling"]["models"]
+    return list(config["run_models"]) if m == "auto" else list(m)
+
+
+def sample_models(config: dict) -> list[str]:
+    """The models of the sample sweep (``scaling.sample_models``; auto: the first scaling model)."""
+    m = config["scaling"]["sample_models"]
+    return scaling_models(config)[:1] if m == "auto" else list(m)
+
+
+def length_sequences(config: dict) -> int:
+    """N of the length sweep (``scaling.length_sequences``; auto: the main run's fit sequences)."""
+    N = config["scaling"]["length_sequences"]
+    return int(config["sampling"]["n_sequences"]["fit"] if N == "auto" else N)
+
+
+def scaling_points(config: dict, model: str) -> dict[str, list[tuple[int, int]]]:
+    """A model's (n, N) grid of the scaling study: the length sweep at ``length_sequences`` (lengths
+    beyond the model's positions left out), and the sample sweep at ``scaling.sample_length`` for
+    the sample-sweep models; ``full`` lists the points whose whole blocks are analysed."""
     s = config["scaling"]
-    fit = config["sampling"]["n_sequences"]["fit"]
-    lengths = [(int(n), fit) for n in s["lengths"]]
-    samples = [(int(s["sample_length"]), int(N)) for N in s["samples"]]
+    pos = model_spec(config, model).get("max_positions") or max(s["lengths"])
+    lengths = [(int(n), length_sequences(config)) for n in s["lengths"] if int(n) <= pos]
+    samples = [(int(s["sample_length"]), int(N)) for N in s["samples"]] if model in sample_models(config) else []
     return {"all": sorted(set(lengths) | set(samples)), "full": sorted(set(samples))}
 
 
-def is_main_point(config: dict, n: int, N: int) -> bool:
-    """Whether a grid point is the main run (same length and fit sequences): its outputs are reused."""
-    return int(n) == config["sampling"]["seq_len"] and int(N) == config["sampling"]["n_sequences"]["fit"]
+def scaling_layers(config: dict, model: str):
+    """The layers a model's scaling stores keep: at most ``scaling.max_layers``, evenly spread over
+    its analysed layers (see :func:`eigenattn.extract.resolve_layers`)."""
+    layers = model_spec(config, model).get("layers", "all")
+    k = config["scaling"]["max_layers"]
+    return layers if k is None else {"of": layers, "at_most": int(k)}
+
+
+def is_main_point(config: dict, model: str, n: int, N: int) -> bool:
+    """Whether a grid point is the main run (same length and fit sequences, and every layer kept):
+    its outputs are reused."""
+    return (int(n) == config["sampling"]["seq_len"] and int(N) == config["sampling"]["n_sequences"]["fit"]
+            and scaling_layers(config, model) == model_spec(config, model).get("layers", "all"))

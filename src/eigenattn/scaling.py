@@ -6,7 +6,12 @@ and with the number of sequences N (whole view blocks).
   means the share of dimensions needed, k90/d, falls as sequences grow (d ∝ n).
 - Full matrices: k_p against N. At the largest N, k_p has *saturated* when it is measured (not
   bounded by the sample count) and moved from the previous N by no more than the split-half noise
-  (the disagreement between the k_p of the two halves of the sequences, at least 1).
+  (the disagreement between the k_p of the two halves of the sequences, at least 1). Until then
+  it is bracketed: the in-sample k_p is low in expectation (the sample covariance's top-k variance
+  over-estimates the population's: Ky Fan's sum of the top k eigenvalues is convex, so Jensen's
+  inequality applies, while the total variance is unbiased), and the held-out ``k_p_cv`` (one
+  half's eigenvectors on the other half's variance) is high; ``k_cv_last`` is inf where the
+  held-out EV never reaches p.
 """
 
 from __future__ import annotations
@@ -62,19 +67,27 @@ def length_fits(table: pd.DataFrame, N: int, bootstrap: int, seed: int, p: float
             a, c = power_law(ns, k.to_numpy())
             out.append({**base, "scope": "head", "layer": layer, "head": head, "alpha": a, "c": c})
         K = wide.to_numpy(float)
+        d = g.groupby("n").d.first().reindex(wide.columns).to_numpy(float)  # the view's d at each n
         a, c = power_law(ns, np.median(K, axis=0))
         rng = np.random.default_rng(seed)
         boot = [power_law(ns, np.median(K[rng.integers(0, len(K), len(K))], axis=0))[0] for _ in range(bootstrap)]
         lo, hi = np.percentile(boot, [2.5, 97.5])
         out.append({**base, "scope": "medians", "layer": -1, "head": -1, "alpha": a, "c": c,
                     "alpha_low": float(lo), "alpha_high": float(hi), "heads": len(K),
-                    "median_k_share_first": float(np.median(K[:, 0]) / ns[0]),
-                    "median_k_share_last": float(np.median(K[:, -1]) / ns[-1])})
+                    "d_first": int(d[0]), "d_last": int(d[-1]),
+                    "median_k_share_first": float(np.median(K[:, 0] / d[0])),
+                    "median_k_share_last": float(np.median(K[:, -1] / d[-1])),
+                    "bounded_share_last": float(g[g.n == ns[-1]][f"bounded_{col}"].astype(bool).mean())})
     return pd.DataFrame.from_records(out)
 
 
+SATURATION_COLUMNS = ["model", "view", "variant", "level", "n", "N_last", "N_prev", "layer", "head", "d", "k_last",
+                      "k_prev", "k_cv_last", "noise", "bounded", "saturated"]
+
+
 def sample_saturation(table: pd.DataFrame, n: int) -> pd.DataFrame:
-    """Per head and level, full-matrix k_p at the largest N against the previous N (at length n)."""
+    """Per head and level, full-matrix k_p at the largest N against the previous N (at length n);
+    no rows (but the columns) for a model without a sample sweep."""
     full = table[(table.analysis == "full") & (table.n == n)]
     out = []
     for (model, view, variant), g in full.groupby(["model", "view", "variant"], sort=False):
@@ -89,12 +102,14 @@ def sample_saturation(table: pd.DataFrame, n: int) -> pd.DataFrame:
             step = (last[col] - prev[col]).abs()
             for (layer, head), r in last.iterrows():
                 out.append({"model": model, "view": view, "variant": variant, "level": col, "n": n,
-                            "N_last": Ns[-1], "N_prev": Ns[-2], "layer": layer, "head": head, "k_last": int(r[col]),
+                            "N_last": Ns[-1], "N_prev": Ns[-2], "layer": layer, "head": head, "d": int(r["d"]),
+                            "k_last": int(r[col]), "k_cv_last": float(r[f"{col}_cv"]) if pd.notna(r[f"{col}_cv"])
+                            else np.inf,
                             "k_prev": int(prev.loc[(layer, head), col]), "noise": float(noise[(layer, head)]),
                             "bounded": bool(bounded[(layer, head)]),
                             "saturated": bool(not bounded[(layer, head)]
                                               and step[(layer, head)] <= noise[(layer, head)])})
-    return pd.DataFrame.from_records(out)
+    return pd.DataFrame.from_records(out, columns=SATURATION_COLUMNS)
 
 
 def unbounded_from(table: pd.DataFrame, n: int, p: float = 0.90) -> pd.DataFrame:

@@ -26,7 +26,7 @@ from . import __version__
 from .assets import sha256_file
 from .errors import InputError
 from .mlm_data import heldout_batches, load_tokenizer, mask_batch, shuffle_windows, unigram_baseline
-from .mlm_model import MLM, MODES, VARIANTS, attach_variant, attention_flops_per_seq, bert_config
+from .mlm_model import MLM, MODES, VARIANTS, attach_variant, attention_flops_per_seq, encoder_config
 from .partial import detach_all
 from .store import atomic_output, write_table
 
@@ -75,7 +75,7 @@ def _load_data(tokenizer_dir, windows, seq_len: int):
 
 def _build_model(mode, variant, s, seed, tcfg, seq_len, vocab_size, stats, init_dir) -> MLM:
     torch.manual_seed(seed)
-    model = MLM(bert_config(tcfg, vocab_size, seq_len))
+    model = MLM(encoder_config(tcfg, vocab_size, seq_len))
     if mode == "finetune":
         if init_dir is None:
             raise InputError("finetune mode needs the trained exact model (init_dir)")

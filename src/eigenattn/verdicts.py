@@ -4,7 +4,7 @@ default thresholds (the ``claims:`` config section) and the caveats of the row a
 from __future__ import annotations
 
 COLUMNS = ["claim", "model", "view", "variant", "k", "s", "mode", "method", "scope", "quantity", "value", "spread",
-           "state", "verdict", "caveat", "source"]
+           "state", "role", "verdict", "caveat", "source"]
 STATES = ("supported", "not supported", "inconclusive", "reference")
 DEFAULTS = {"k_report": 16, "s_report": 16, "c1_max_k90_share": 0.5, "c2_min_ratio_random": 2.0,
             "c3_min_gain": 0.05, "c3_alpha": 0.05, "c4_min_kept_gain": 0.5}
@@ -18,8 +18,14 @@ CAVEAT_CROSS = ("keys are compared by position, but the two models tokenise the 
                 "so key j is not the same token in both")
 
 
+ROLES = ("headline", "supporting", "")
+
+
 def make_row(claim, source, **kw) -> dict:
-    return {"claim": claim, "source": str(source), **kw}
+    """A claims row; ``role`` is "headline" for the row that answers its claim for a model and view,
+    "supporting" for the other rows of that model and view (C1), and empty where every row answers
+    for its own scope. Keys starting with an underscore are bookkeeping, not columns."""
+    return {"claim": claim, "source": str(source), "role": "", **kw}
 
 
 def caveat_rows(variant: str, view: str, u1: float | None = None) -> str:

@@ -37,7 +37,7 @@ SHARDS = list(range(config["extraction"]["shards"]))
 SEQ_LEN = config["sampling"]["seq_len"]
 TRAIN = config["training"]
 NOTEBOOKS = ["spectrum", "overlap", "reconstruction", "training", "summary"]
-NOTEBOOKS += ["scaling"] if config["scaling"]["models"] else []
+NOTEBOOKS += ["scaling"] if plan.scaling_models(config) else []
 NOTEBOOK_DIR = Path(workflow.current_basedir) / ".." / ".." / "notebooks"
 WHEEL_CACHE = "resources/wheels"
 
@@ -475,7 +475,17 @@ def scaling_passages(wildcards):
 
 
 def scaling_extract_params(wildcards):
-    return extraction_params(wildcards.model, "fit", 0, 1, int(wildcards.n))
+    """A grid point's extraction: at most scaling.max_layers layers, and chunks small enough that
+    even a small N has two halves (a batch is whole chunks)."""
+    p = extraction_params(wildcards.model, "fit", 0, 1, int(wildcards.n))
+    chunk = min(p["chunk_sequences"], max(1, int(wildcards.N) // 2))
+    batch = p["batch_size"] if chunk == p["chunk_sequences"] else chunk
+    return {
+        **p,
+        "layers": plan.scaling_layers(config, wildcards.model),
+        "chunk_sequences": chunk,
+        "batch_size": batch,
+    }
 
 
 def scaling_spectrum_inputs(wildcards):
@@ -491,7 +501,7 @@ def scaling_spectrum_inputs(wildcards):
         )[0]
         for k in ("rows", "halves")
     }
-    if point in plan.scaling_points(config)["full"]:
+    if point in plan.scaling_points(config, wildcards.model)["full"]:
         ins["full"] = expand(
             rules.scaling_eigen_full.output[0],
             model=wildcards.model,
@@ -504,7 +514,7 @@ def scaling_spectrum_inputs(wildcards):
 
 def scaling_spectrum(model, view, n, N):
     """A grid point's spectrum.csv: the main run's where the point coincides with it."""
-    if plan.is_main_point(config, n, N):
+    if plan.is_main_point(config, model, n, N):
         return expand(rules.eigen_spectrum.output[0], model=model, view=view)[0]
     return expand(
         rules.scaling_eigen_spectrum.output[0], model=model, view=view, n=n, N=N
@@ -514,17 +524,17 @@ def scaling_spectrum(model, view, n, N):
 def scaling_spectra(wildcards):
     return [
         scaling_spectrum(wildcards.model, wildcards.view, n, N)
-        for n, N in plan.scaling_points(config)["all"]
+        for n, N in plan.scaling_points(config, wildcards.model)["all"]
     ]
 
 
 def scaling_table_params(wildcards):
     s = config["scaling"]
-    points = plan.scaling_points(config)["all"]
+    points = plan.scaling_points(config, wildcards.model)["all"]
     return {
         "n": [n for n, _ in points],
         "N": [N for _, N in points],
-        "length_N": config["sampling"]["n_sequences"]["fit"],
+        "length_N": plan.length_sequences(config),
         "sample_length": s["sample_length"],
         "bootstrap": s["bootstrap"],
         "seed": config["seed"],
@@ -535,7 +545,7 @@ def scaling_files(name):
     """One output of the scaling table rule (`table`, `fits`, `saturation`) per model and view."""
     return [
         expand(getattr(rules.scaling_table.output, name), model=m, view=v)[0]
-        for m in config["scaling"]["models"]
+        for m in plan.scaling_models(config)
         for v in plan.model_views(config, m)
     ]
 
