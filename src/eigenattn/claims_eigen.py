@@ -58,9 +58,9 @@ def c1_rows(spectra, cfg: dict) -> list[dict]:
                               f"{bounded:.0%} of heads bounded by N")
             if bounded > 0.5:
                 state = "reference"
-                verdict = (f"bounded by the sample count: N = {N} sequences span at most {N - 1} of the {d} dimensions, "
-                           f"so k90 ≥ {k:.0f} is only a lower bound. Measuring it at this length needs N well above "
-                           f"{d} sequences (a larger corpus and config/gpu-scaling.yaml); the sample sweep "
+                verdict = (f"bounded by the sample count: N = {N} sequences span at most {N - 1} of the {d} "
+                           f"dimensions, so k90 ≥ {k:.0f} is only a lower bound. Measuring it at this length needs "
+                           f"N well above {d} sequences (a larger corpus and config/gpu-scaling.yaml); the sample sweep "
                            "(scaling.samples at scaling.sample_length) answers C1 for whole blocks")
             else:
                 state, verdict = _level_state(q50, bounded, share, "k90", "")
@@ -83,7 +83,7 @@ def c1_scaling_rows(fits, saturations, tables, cfg: dict) -> list[dict]:
             state, verdict = _level_state(r.median_k_share_last, r.bounded_share_last, share, "k90",
                                           f"more sequences are needed (scaling.length_sequences > {r.N})")
             out.append(make_row("C1", fp, **base, _n=int(r.n_max),
-                                scope=f"rows at n = {r.n_max} (d={r.d_last}, {int(r.heads)} heads, N={r.N})",
+                                scope=f"rows at n = {r.n_max} (d={int(r.d_last)}, {int(r.heads)} heads, N={r.N})",
                                 quantity="median k90/d over heads", value=float(r.median_k_share_last),
                                 spread=f"k90/d {r.median_k_share_first:.2f} at n={r.n_min} → "
                                        f"{r.median_k_share_last:.2f} at n={r.n_max}",
@@ -117,7 +117,8 @@ def c1_scaling_rows(fits, saturations, tables, cfg: dict) -> list[dict]:
                 state, verdict = _level_state(q50, 0.0, share, "k90", "")
                 verdict = f"k90 saturates at {med:.0f} of D = {D} by N = {Nl}; {verdict.replace('·d', '·D')}"
             elif bounded > 0.5:
-                state, verdict = "inconclusive", f"full-matrix k90 is bounded by N at N = {Nl} (k90 ≥ {med:.0f} of D = {D})"
+                state = "inconclusive"
+                verdict = f"full-matrix k90 is bounded by N at N = {Nl} (k90 ≥ {med:.0f} of D = {D})"
             elif q50 >= share:
                 state, verdict = "not supported", (
                     f"not low-dimensional: median k90 = {q50:.2f}·D ≥ {share:g}·D at N = {Nl} ({grow}), and the "

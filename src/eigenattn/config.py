@@ -141,7 +141,8 @@ def _check_extraction(config: dict) -> None:
 
 def _check_scaling(config: dict) -> None:
     s, models = config["scaling"], plan.scaling_models(config)
-    for key, within, name in (("models", config["run_models"], "run_models"), ("sample_models", models, "scaling.models")):
+    for key, within, name in (("models", config["run_models"], "run_models"),
+                              ("sample_models", models, "scaling.models")):
         for i, m in enumerate([] if s[key] == "auto" else s[key]):
             if m not in within:
                 raise ConfigError(f"scaling.{key}[{i}]", f"'{m}' is not in {name}",

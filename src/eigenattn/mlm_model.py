@@ -43,7 +43,8 @@ class MLM(nn.Module):
         kw = {"add_pooling_layer": False} if config.model_type == "bert" else {}
         self.encoder = AutoModel.from_config(config, attn_implementation=config._attn_implementation, **kw)
         h = config.hidden_size
-        self.transform = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=getattr(config, "layer_norm_eps", None) or config.norm_eps))
+        eps = getattr(config, "layer_norm_eps", None) or config.norm_eps  # BERT's name, else ModernBERT's
+        self.transform = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=eps))
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, input_ids, positions, labels=None):
@@ -66,8 +67,8 @@ def encoder_config(tcfg: dict, vocab_size: int, seq_len: int):
     # every layer global (no sliding window); pad/bos/eos/cls/sep ids are unused by the MLM
     return ModernBertConfig(**common, layer_types=["full_attention"] * m["layers"],
                             rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
-                            attention_dropout=m["dropout"],
-                            mlp_dropout=m["dropout"], embedding_dropout=m["dropout"], pad_token_id=0,
+                            attention_dropout=m["dropout"], mlp_dropout=m["dropout"],
+                            embedding_dropout=m["dropout"], pad_token_id=0,
                             bos_token_id=None, eos_token_id=None, cls_token_id=None, sep_token_id=None)
 
 
