@@ -147,9 +147,9 @@ def _why_differs(row: dict, head: dict) -> str:
         return "it measures whole view blocks (k90/D), not rows"
     if row["quantity"].startswith("α"):
         return "α says how k90/d changes with n, not how large it is"
-    if row["variant"] != head["variant"]:
-        return f"{row['variant']} rows keep each row's offset, which softmax ignores"
-    return f"it is measured at n = {row['_n']}, shorter than the headline's n = {head['_n']}"
+    if row["_n"] is not None and row["_n"] != head["_n"]:
+        return f"it is measured at n = {row['_n']}, shorter than the headline's n = {head['_n']}"
+    return f"{row['variant']} rows keep each row's offset, which softmax ignores"
 
 
 def c1_headlines(rows: list[dict]) -> list[dict]:
