@@ -18,13 +18,14 @@ from .verdicts import CAVEAT_CROSS, caveat_rows, make_row, nearest_measured
 HEADLINE_VARIANT = "row_centered"
 
 
-def _level_state(q50: float, bounded: float, share: float, what: str, more: str) -> tuple[str, str]:
-    """State and verdict of a median k90/d (``bounded``: the share of heads bounded by N)."""
+def _level_state(q50: float, bounded: float, share: float, more: str = "", dim: str = "d") -> tuple[str, str]:
+    """State and verdict of a median k90 as a share of the dimension ``dim`` (d for rows, D for whole
+    blocks); ``bounded``: the share of heads bounded by N, ``more``: what would answer if so."""
     if bounded > 0.5:
-        return "inconclusive", f"{what} is only a lower bound for most heads (bounded by the sample count); {more}"
+        return "inconclusive", f"k90 is only a lower bound for most heads (bounded by the sample count); {more}"
     if q50 < share:
-        return "supported", f"low-dimensional: median k90 < {share:g}·d"
-    return "not supported", f"not low-dimensional: median k90 ≥ {share:g}·d"
+        return "supported", f"low-dimensional: median k90 < {share:g}·{dim}"
+    return "not supported", f"not low-dimensional: median k90 ≥ {share:g}·{dim}"
 
 
 def c1_rows(spectra, cfg: dict) -> list[dict]:
@@ -45,7 +46,7 @@ def c1_rows(spectra, cfg: dict) -> list[dict]:
                         caveat=caveat_rows(v, view, float(x.u1_constant.median()) if analysis == "rows" else None))
             if analysis == "rows":
                 n = d if view == "all" else 2 * d  # the sequence length (docs/method.md §3: views)
-                state, verdict = _level_state(q50, bounded, share, "k90",
+                state, verdict = _level_state(q50, bounded, share,
                                               "more fit sequences are needed (raise sampling.n_sequences.fit)")
                 out.append(make_row("C1", **base, _n=n, scope=f"rows (d={d}, {len(x)} heads)",
                                     quantity="median k90/d over heads", value=q50, spread=f"IQR {q25:.2f}–{q75:.2f}",
@@ -63,7 +64,7 @@ def c1_rows(spectra, cfg: dict) -> list[dict]:
                            f"N well above {d} sequences (a larger corpus and config/gpu-scaling.yaml); the sample sweep "
                            "(scaling.samples at scaling.sample_length) answers C1 for whole blocks")
             else:
-                state, verdict = _level_state(q50, bounded, share, "k90", "")
+                state, verdict = _level_state(q50, bounded, share, dim="D")
             out.append(make_row("C1", **base, **row, state=state, verdict=verdict))
     return out
 
@@ -80,7 +81,7 @@ def c1_scaling_rows(fits, saturations, tables, cfg: dict) -> list[dict]:
             rows = table[(table.analysis == "rows") & (table.variant == r.variant) & (table.N == r.N)]
             base = dict(model=r.model, view=r.view, variant=r.variant, caveat=caveat_rows(r.variant, r.view),
                         _analysis="rows")
-            state, verdict = _level_state(r.median_k_share_last, r.bounded_share_last, share, "k90",
+            state, verdict = _level_state(r.median_k_share_last, r.bounded_share_last, share,
                                           f"more sequences are needed (scaling.length_sequences > {r.N})")
             out.append(make_row("C1", fp, **base, _n=int(r.n_max),
                                 scope=f"rows at n = {r.n_max} (d={int(r.d_last)}, {int(r.heads)} heads, N={r.N})",
@@ -114,8 +115,8 @@ def c1_scaling_rows(fits, saturations, tables, cfg: dict) -> list[dict]:
             upper = float((g.k_cv_last / g.d).median())  # the held-out k90: high in expectation
             grow = f"{float(g.k_prev.median()):.0f} → {med:.0f} from N = {Np}"
             if saturated > 0.5:
-                state, verdict = _level_state(q50, 0.0, share, "k90", "")
-                verdict = f"k90 saturates at {med:.0f} of D = {D} by N = {Nl}; {verdict.replace('·d', '·D')}"
+                state, verdict = _level_state(q50, 0.0, share, dim="D")
+                verdict = f"k90 saturates at {med:.0f} of D = {D} by N = {Nl}; {verdict}"
             elif bounded > 0.5:
                 state = "inconclusive"
                 verdict = f"full-matrix k90 is bounded by N at N = {Nl} (k90 ≥ {med:.0f} of D = {D})"

@@ -70,7 +70,7 @@ def claim_grid(table) -> "pd.DataFrame":
     out = []
     for (label, subject), g in t.groupby(["row_label", "subject"], sort=False):
         judged = g[g.state != "reference"]
-        head = g[g.get("role", pd.Series("", index=g.index)) == "headline"]
+        head = g[g.role == "headline"]
         if len(head):
             pick, state = head.iloc[0], head.iloc[0].state
         elif not len(judged):
