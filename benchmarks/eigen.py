@@ -7,7 +7,7 @@ chunking (about --gb GB uncompressed), then times the row analysis (raw variant,
 three ways, each in its own process so that peak RSS is its own:
 
 (a) in-memory numpy float64 X^T X on the same rows (the compute floor; the load is not timed);
-(b) this stage: eigenattn.eigen.row_spectrum streaming from Zarr (moments + eigh);
+(b) this stage: eigenattn.spectra.rows.row_spectrum streaming from Zarr (moments + eigh);
 (c) sklearn IncrementalPCA run to the same eigenvalues (partial_fit over the same chunks).
 
 It prints the time ratios, peak RSS of each, and (b) again on a quarter of the sequences to show
@@ -35,7 +35,7 @@ L, H, n = 4, 8, 128
 def make_store(path: Path, N: int, batch: int = 8, seed: int = 0):
     import zarr
 
-    from eigenattn.store import create_score_store
+    from eigenattn.storage.store import create_score_store
 
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
     a = create_score_store(g, ids=np.zeros((N, n), dtype=np.int32), passage_ids=np.arange(N), layers=range(L),
@@ -61,9 +61,9 @@ def child(method: str, store: str, threads: int, N: int):
 
     out = {"method": method}
     if method == "b":
-        from eigenattn.eigen import row_spectrum
-        from eigenattn.scheduler import dask_scheduler
-        from eigenattn.store import open_scores
+        from eigenattn.spectra.rows import row_spectrum
+        from eigenattn.spectra.scheduler import dask_scheduler
+        from eigenattn.storage.store import open_scores
 
         t = time.perf_counter()
         with dask_scheduler("threads", threads):

@@ -26,8 +26,8 @@ import torch
 import zarr
 from transformers import AutoModel, AutoTokenizer
 
-from eigenattn.corpus import sample_passages, tokenize_passages
-from eigenattn.extract import dir_size, extract_scores
+from eigenattn.corpus.passages import sample_passages, tokenize_passages
+from eigenattn.capture.extract import dir_size, extract_scores
 
 
 def _batches(ids, bs):

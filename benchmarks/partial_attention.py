@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from eigenattn.partial import PartialMap, partial_scores  # noqa: E402
+from eigenattn.reconstruction.partial import PartialMap, partial_scores  # noqa: E402
 
 
 def eager_scores(q, k, scale):

@@ -31,8 +31,8 @@ import numpy as np
 
 CHILD = """
 import json, os, sys, time
-from eigenattn.eigen_stores import run_full
-from eigenattn.scheduler import dask_scheduler
+from eigenattn.spectra.stores import run_full
+from eigenattn.spectra.scheduler import dask_scheduler
 store, out, view, budget, route = sys.argv[1:6]
 t, c = time.perf_counter(), os.times()
 with dask_scheduler("threads", 2):
@@ -48,11 +48,11 @@ print(json.dumps({"seconds": time.perf_counter() - t, "cpu": c1.user + c1.system
 
 def make_store(path: Path, N: int, L: int, H: int, n: int, batch: int = 8) -> int:
     """A float16 score store of low-rank-plus-noise blocks in the extraction stage's layout
-    (eigenattn.store.create_score_store: shards of ``batch`` sequences, default codecs), written
+    (eigenattn.storage.store.create_score_store: shards of ``batch`` sequences, default codecs), written
     batch by batch; returns its bytes."""
     import zarr
 
-    from eigenattn.store import create_score_store, finish_store
+    from eigenattn.storage.store import create_score_store, finish_store
 
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
     arr = create_score_store(g, ids=np.zeros((N, n), dtype=np.int32), passage_ids=np.arange(N), layers=range(L),
@@ -90,7 +90,7 @@ def measure(tmp: Path, N: int, L: int, H: int, n: int, view: str, budget: float,
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
     D = (n // 2) ** 2 if view == "prefix" else n * n
     rec.update({"N": N, "L": L, "H": H, "n": n, "D": D, "view": view})
-    from eigenattn.full_spectra import plan_full
+    from eigenattn.spectra.full_spectra import plan_full
 
     rec["plan_peak_mb"] = plan_full(N, D, L, H, N // 2, 8, budget, 2, route, rank=None).peak_mb()
     print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
@@ -136,7 +136,7 @@ def table(title: str, recs, key: str):
 
 def read_throughput(tmp: Path) -> float:
     """GB/s of float16 scores read through ScoreSource (one layer, all heads, 2,048 sequences)."""
-    from eigenattn.score_source import open_score_source
+    from eigenattn.storage.score_source import open_score_source
 
     store = tmp / "s-2048-2x12-32.zarr"
     if not store.exists():
@@ -193,7 +193,7 @@ def gemm_gflops() -> float:
 
 
 def projection(laws: dict, gbps: float, budget: float, N=10_000, n=512, L=12, H=12):
-    from eigenattn.full_spectra import plan_full
+    from eigenattn.spectra.full_spectra import plan_full
 
     print(f"\nprojection: n = {n}, N = {N}, {L} x {H} heads, one variant, 2 cores, eigen.gram_memory_mb = {budget:g}")
     for view, D in (("prefix", (n // 2) ** 2), ("all", n * n)):

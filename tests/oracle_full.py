@@ -1,6 +1,6 @@
 """The full-matrix analysis as it was before the per-head routes (eigenattn 0.x, commit ddca1ba):
 every layer's (H, N, N) Gram at once, O(N³) centring with H = I − 11ᵀ/N, fancy-indexed halves.
-Kept verbatim as an independent oracle for eigenattn.full_spectra (tests compare the two at 1e-9);
+Kept verbatim as an independent oracle for eigenattn.spectra.full_spectra (tests compare the two at 1e-9);
 not used by the pipeline."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from __future__ import annotations
 import dask
 import numpy as np
 
-from eigenattn.eigen import eigh_desc
+from eigenattn.spectra.rows import eigh_desc
 from eigenattn.errors import InputError
-from eigenattn.moments import check_variant, half_block_index, view_slices, whole_heads
+from eigenattn.spectra.moments import check_variant, half_block_index, whole_heads
+from eigenattn.config.views import view_slices
 
 
 def _view_vectors(block, qs, ks, variant, shift=None):

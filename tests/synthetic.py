@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from eigenattn.store import score_chunks
+from eigenattn.storage.store import score_chunks
 
 VARIANTS = ("raw", "row_centered")
 

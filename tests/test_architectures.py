@@ -4,7 +4,7 @@ Tiny random-weight models of many families (tests/tiny_models.py) go through ``e
 A supported family's store must reproduce the model's own eager ``output_attentions`` from the
 docs/models.md formula, ``softmax([S + mask, sink])`` per layer, within 1e-5 in float32; a refused one
 must raise UnsupportedModelError naming the model, its model_type, the cause and the fix, and
-leave nothing on disk. The oracle here is computed independently of eigenattn.probe.
+leave nothing on disk. The oracle here is computed independently of eigenattn.capture.probe.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 import torch
 import zarr
 
-from eigenattn.capture import CAPTURE_IMPL, ScoreCapture, capture_attention_forward, capturing, check_kwargs, register
+from eigenattn.capture.interface import CAPTURE_IMPL, ScoreCapture, capture_attention_forward, capturing, check_kwargs, register
 from eigenattn.errors import UnsupportedModelError
-from eigenattn.extract import extract_scores
+from eigenattn.capture.extract import extract_scores
 from tiny_models import FAMILIES, build, eager_attentions, store_probabilities, texts
 
 SEQ_LEN = 16
@@ -169,7 +169,7 @@ def test_matrix_summary():
                                       ("t5_encoder", "position_bias=Tensor")])
 def test_partial_backend_refuses_what_it_does_not_implement(name, arg, models):
     """The plug-in (partial) backend would drop these modifiers: it refuses them by name instead."""
-    from eigenattn.plugin import load
+    from eigenattn.reconstruction.plugin import load
 
     model = load(models(name), causal=False, device="cpu")
     if name == "t5_encoder":

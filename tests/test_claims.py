@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eigenattn.claims import DEFAULTS, STATES, c1_rows, c1_scaling_rows, c2_rows, c3_rows, c4_rows, claims_table
-from eigenattn.claims_eigen import c1_headlines
-from eigenattn.scaling import length_fits, sample_saturation
-from eigenattn.verdicts import make_row
-from eigenattn.eigen_stores import run_full, run_rows, spectrum_table
-from eigenattn.overlap import summarise, within_model, write_overlap
-from eigenattn.reconstruct import evaluate_view
-from eigenattn.training_summary import summarise as training_summary
+from eigenattn.claims.table import DEFAULTS, STATES, c1_rows, c1_scaling_rows, c2_rows, c3_rows, c4_rows, claims_table
+from eigenattn.claims.spectra import c1_headlines
+from eigenattn.spectra.scaling import length_fits, sample_saturation
+from eigenattn.claims.verdicts import make_row
+from eigenattn.spectra.stores import run_full, run_rows, spectrum_table
+from eigenattn.spectra.overlap import summarise, within_model, write_overlap
+from eigenattn.reconstruction.evaluate import evaluate_view
+from eigenattn.training.summary import summarise as training_summary
 from synthetic import VARIANTS, low_rank_scores, write_store
 
 CFG = dict(DEFAULTS, k_report=4, s_report=4)
@@ -242,7 +242,7 @@ def test_c4_one_order_blind_seed_gates_the_comparison(tmp_path):
     shuffled = {("exact", 128, 0): 0.079, ("exact", 128, 1): 0.080, ("exact", 128, 2): 0.149,
                 ("partial_fixed", 16, 0): 0.08}
     p = _finals(tmp_path, accs, {k: 6.0 for k in accs}, tokens=20000, shuffled=shuffled)
-    from eigenattn.stats import order_gain
+    from eigenattn.training.stats import order_gain
     ex = pd.read_csv(p).query("variant == 'exact'")
     o = order_gain(ex.heldout_mlm_acc, ex.heldout_mlm_acc_shuffled, 20000)
     assert o["gain_low"] > 0 and not o["uses_order"]  # the mean alone would have passed

@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from conftest import REPO, snakemake
-from eigenattn import plan
-from eigenattn.config import check, validate
+from eigenattn.config import plan
+from eigenattn.config.validation import check, validate
 from eigenattn.errors import ConfigError
 
 

@@ -7,8 +7,7 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from eigenattn.config import check_corpus_capacity
-from eigenattn.corpus import parse_mediawiki_dump, sample_passages, split_documents, strip_wikitext, tokenize_passages
+from eigenattn.corpus.passages import check_corpus_capacity, parse_mediawiki_dump, sample_passages, split_documents, strip_wikitext, tokenize_passages
 from eigenattn.errors import ConfigError, InputError
 
 DUMP = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">

@@ -5,13 +5,14 @@ import pandas as pd
 import pytest
 from sklearn.decomposition import PCA
 
-from eigenattn.eigen import eigh_desc, explained_variance, k_at, row_spectrum
-from eigenattn.full_spectra import full_spectrum
-from eigenattn.eigen_stores import run_full, run_rows, spectrum_table
-from eigenattn.errors import InputError
-from eigenattn.moments import merge_packed, pack, sample_moments, unpack, view_slices
-from eigenattn.scheduler import dask_scheduler
-from eigenattn.store import open_scores
+from eigenattn.spectra.rows import eigh_desc, explained_variance, k_at, row_spectrum
+from eigenattn.spectra.full_spectra import full_spectrum
+from eigenattn.spectra.stores import run_full, run_rows, spectrum_table
+from eigenattn.errors import ConfigError, InputError
+from eigenattn.spectra.moments import merge_packed, pack, sample_moments, unpack
+from eigenattn.config.views import view_slices
+from eigenattn.spectra.scheduler import dask_scheduler
+from eigenattn.storage.store import open_scores
 from synthetic import VARIANTS, low_rank_scores, write_store
 
 N, L, H, n = 20, 2, 3, 16
@@ -164,7 +165,7 @@ def test_bad_inputs(tmp_path, data):
     with pytest.raises(InputError, match="no score shards"):
         run_rows([], tmp_path / "r.zarr", "all", VARIANTS, 2)
     causal = [write_store(tmp_path / "c.zarr", data, causal=True)]
-    with pytest.raises(ValueError, match="view 'all' is undefined for a causal model"):
+    with pytest.raises(ConfigError, match="'eigen.views': view 'all' is undefined for a causal model"):
         run_rows(causal, tmp_path / "r.zarr", "all", VARIANTS, 2)
     with pytest.raises(ValueError, match="unknown variant 'centred'"):
         run_full(causal, tmp_path / "f.zarr", "prefix", ["centred"], 64, rank=None, seed=0)
@@ -196,7 +197,7 @@ def test_heldout_explained_variance_matches_brute_force(tmp_path, route):
 
 
 def test_heldout_ev_rows_matches_covariances():
-    from eigenattn.eigen import heldout_ev_rows
+    from eigenattn.spectra.rows import heldout_ev_rows
 
     rng = np.random.default_rng(5)
     d = 7

@@ -7,9 +7,9 @@ import torch
 import zarr
 from transformers import AutoModel, AutoTokenizer
 
-from eigenattn.capture import ScoreCapture, capturing, is_causal_mask, register
-from eigenattn.corpus import tokenize_passages
-from eigenattn.extract import extract_scores, resolve_layers, shard_passages
+from eigenattn.capture.interface import ScoreCapture, capturing, is_causal_mask, register
+from eigenattn.corpus.passages import tokenize_passages
+from eigenattn.capture.extract import extract_scores, resolve_layers, shard_passages
 
 SEQ_LEN = 24
 
@@ -93,7 +93,7 @@ def test_gqa_heads_are_per_query_head(smollm2_dir):
 
 
 def test_interrupted_extraction_leaves_no_store(minilm_dir, tmp_path, monkeypatch):
-    import eigenattn.extract as ex
+    import eigenattn.capture.extract as ex
 
     def boom(*a, **k):
         raise KeyboardInterrupt

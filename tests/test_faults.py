@@ -17,12 +17,12 @@ import yaml
 import zarr
 
 from conftest import CONFIGS, REPO, SNAKEMAKE, make_workdir, snakemake
-from eigenattn import assets
-from eigenattn.corpus import load_documents
-from eigenattn.eigen_stores import run_full, run_rows
+from eigenattn.storage import assets
+from eigenattn.corpus.passages import load_documents
+from eigenattn.spectra.stores import run_full, run_rows
 from eigenattn.errors import InputError
-from eigenattn.scheduler import dask_scheduler
-from eigenattn.store import all_finite, atomic_output, open_scores, score_codecs
+from eigenattn.spectra.scheduler import dask_scheduler
+from eigenattn.storage.store import all_finite, atomic_output, open_scores, score_codecs
 from synthetic import VARIANTS, low_rank_scores
 
 # ------------------------------------------------------------------------------ damaged stores
@@ -111,7 +111,7 @@ def test_stale_or_incomplete_store_is_refused(tmp_path, attrs, expect, needle):
 
 @pytest.fixture(scope="module")
 def tiny_training(tmp_path_factory, resources):
-    from eigenattn.mlm_data import build_windows, train_wordpiece, split_texts
+    from eigenattn.training.data import build_windows, train_wordpiece, split_texts
 
     out = tmp_path_factory.mktemp("ckpt")
     docs = resources / "corpora" / "enwiki-sample" / "documents.parquet"
@@ -126,7 +126,7 @@ def tiny_training(tmp_path_factory, resources):
 
 
 def _checkpoint_run(kw, run_dir, content, caplog):
-    from eigenattn.training import run
+    from eigenattn.training.loop import run
 
     run_dir.mkdir()
     (run_dir / "checkpoint.pt").write_bytes(content)
@@ -139,7 +139,7 @@ def _checkpoint_run(kw, run_dir, content, caplog):
 def test_checkpoint_of_another_run_is_discarded(tiny_training, tmp_path, caplog):
     """A checkpoint whose provenance digest differs (another seed, corpus, split or exact model
     since it was written) is logged, deleted, and the run starts afresh."""
-    from eigenattn.training import run
+    from eigenattn.training.loop import run
 
     fresh = run(tmp_path / "fresh", **tiny_training)
     torch.save({"provenance": "another run", "step": 6, "records": [], "model": {}, "optimizer": {}},

@@ -1,4 +1,4 @@
-"""Full-matrix spectra (eigenattn.full_spectra): both exact routes against each other, against the
+"""Full-matrix spectra (eigenattn.spectra.full_spectra): both exact routes against each other, against the
 dense covariance, sklearn's PCA and the former all-heads Gram implementation (tests/oracle_full.py);
 the randomised top-r route against the exact one; the memory plan; direct score reads."""
 
@@ -8,12 +8,12 @@ import pytest
 from sklearn.decomposition import PCA
 
 import oracle_full
-from eigenattn.eigen_stores import run_full, run_rows, spectrum_table
-from eigenattn.full_plan import FullPlan, choose_route, plan_full, stores_memory_mb
-from eigenattn.full_spectra import full_spectra, full_spectrum
-from eigenattn.moments import view_slices
-from eigenattn.score_source import open_score_source
-from eigenattn.store import open_scores
+from eigenattn.spectra.stores import run_full, run_rows, spectrum_table
+from eigenattn.spectra.full_plan import FullPlan, choose_route, plan_full, stores_memory_mb
+from eigenattn.spectra.full_spectra import full_spectra, full_spectrum
+from eigenattn.config.views import view_slices
+from eigenattn.storage.score_source import open_score_source
+from eigenattn.storage.store import open_scores
 from synthetic import VARIANTS, low_rank_scores, write_store
 
 EXACT = {"rank": None, "seed": 0}  # exact spectra (eigen.full_rank: null)

@@ -1,4 +1,4 @@
-"""Per-layer mask kinds, and which layers a view may analyse (eigenattn.masks)."""
+"""Per-layer mask kinds, and which layers a view may analyse (eigenattn.capture.masks)."""
 
 import logging
 
@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from eigenattn.errors import InputError
-from eigenattn.masks import classify_visibility, select_visible, visibility, visible_layers
+from eigenattn.capture.masks import classify_visibility, select_visible, visibility, visible_layers
 from synthetic import low_rank_scores, write_store
 
 KINDS = [{"kind": "bidirectional"}, {"kind": "causal"}, {"kind": "sliding_window", "window": 3},
@@ -75,8 +75,8 @@ def test_select_visible_drops_masked_layers_from_the_dask_array():
 
 
 def test_eigen_and_reconstruction_skip_masked_layers(tmp_path, caplog):
-    from eigenattn.eigen_stores import run_rows
-    from eigenattn.reconstruct import evaluate_view
+    from eigenattn.spectra.stores import run_rows
+    from eigenattn.reconstruction.evaluate import evaluate_view
 
     n = 16
     scores = low_rank_scores(8, 3, 2, n)

@@ -7,11 +7,11 @@ import yaml
 import zarr
 
 from conftest import REPO
-from eigenattn.config import check, validate
-from eigenattn.eigen import explained_variance
-from eigenattn.eigen_stores import run_rows
+from eigenattn.config.validation import check, validate
+from eigenattn.spectra.rows import explained_variance
+from eigenattn.spectra.stores import run_rows
 from eigenattn.errors import ConfigError, InputError
-from eigenattn.overlap import (check_ks, cross_model, overlap_and_captured, scope_masks, summarise,
+from eigenattn.spectra.overlap import (check_ks, cross_model, overlap_and_captured, scope_masks, summarise,
                                within_model, write_overlap)
 from synthetic import VARIANTS, low_rank_scores, write_store
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModel
 
 from eigenattn.errors import InputError
-from eigenattn.partial import PartialMap, attach, attention_modules, detach, register
+from eigenattn.reconstruction.partial import PartialMap, attach, attention_modules, detach, register
 
 n = 24
 

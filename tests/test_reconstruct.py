@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from eigenattn.eigen import eigh_desc
-from eigenattn.eigen_stores import run_rows
+from eigenattn.spectra.rows import eigh_desc
+from eigenattn.spectra.stores import run_rows
 from eigenattn.errors import InputError
-from eigenattn.estimators import ESTIMATORS, STRATEGIES, apply, fit, linear_map, select_subset
-from eigenattn.metrics import Reference
-from eigenattn.partial import PartialMap, partial_scores
-from eigenattn.reconstruct import evaluate_view
+from eigenattn.reconstruction.estimators import ESTIMATORS, STRATEGIES, apply, fit, linear_map, select_subset
+from eigenattn.reconstruction.metrics import Reference
+from eigenattn.reconstruction.partial import PartialMap, partial_scores
+from eigenattn.reconstruction.evaluate import evaluate_view
 from synthetic import low_rank_scores, write_store
 
 d = 24
@@ -280,8 +280,8 @@ def test_layer_reference_reads_only_the_chosen_rows(view, causal):
     """Streaming one chunk of sequences at a time gives the rows of the whole-layer reshape."""
     import dask.array as da
 
-    from eigenattn.moments import view_slices
-    from eigenattn.reconstruct import _layer_reference, eval_row_index
+    from eigenattn.config.views import view_slices
+    from eigenattn.reconstruction.evaluate import _layer_reference, eval_row_index
 
     rng = np.random.default_rng(1)
     N, L, H, n = 7, 2, 3, 8

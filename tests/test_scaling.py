@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from conftest import CONFIGS, snakemake
-from eigenattn.eigen_stores import run_full, run_rows, spectrum_table
-from eigenattn.scaling import collect, length_fits, sample_saturation, unbounded_from
+from eigenattn.spectra.stores import run_full, run_rows, spectrum_table
+from eigenattn.spectra.scaling import collect, length_fits, sample_saturation, unbounded_from
 from synthetic import VARIANTS, write_store
 
 

@@ -89,9 +89,9 @@ def test_tiny_workflow_end_to_end_under_slurm(slurm, tmp_path, resources, tiny_r
 
 
 def test_dask_on_slurm_equals_threads(slurm, tmp_path):
-    from eigenattn.eigen import row_spectrum
-    from eigenattn.scheduler import dask_scheduler
-    from eigenattn.store import open_scores
+    from eigenattn.spectra.rows import row_spectrum
+    from eigenattn.spectra.scheduler import dask_scheduler
+    from eigenattn.storage.store import open_scores
     from synthetic import low_rank_scores, write_store
 
     shards = [write_store(tmp_path / "s.zarr", low_rank_scores(24, 2, 3, 16, seed=5), batch=4)]

@@ -1,5 +1,6 @@
-"""One source of truth: enums, defaults and output paths are defined once, the config layer alone
-speaks of config keys, parsing the Snakefile touches no data, and the workflow works as a module."""
+"""One source of truth: enums, defaults and output paths are defined once, each stage imports only
+the shared packages and earlier stages, parsing the Snakefile touches no data, and the workflow works
+as a module. Every check walks the subpackages (rglob), so a moved file cannot hide from one."""
 
 import ast
 import re
@@ -10,10 +11,17 @@ import textwrap
 import yaml
 
 from conftest import CONFIGS, REPO, SNAKEMAKE
-from eigenattn import estimators, mlm_model, moments, reconstruct, schema
+from eigenattn.reconstruction import estimators
+from eigenattn.training import model as mlm_model
+from eigenattn.spectra import moments
+from eigenattn.reconstruction import evaluate as reconstruct
+from eigenattn.config import schema
 
 SRC = REPO / "src" / "eigenattn"
-CONFIG_LAYER = {"config.py", "plan.py", "errors.py"}
+# The library's packages in pipeline order. Rank 0 is shared: any stage may import it, and it imports no
+# stage. A stage may import shared packages and earlier stages, never a later one.
+STAGES = {"errors": 0, "config": 0, "storage": 0, "corpus": 1, "capture": 2, "spectra": 3, "reconstruction": 4,
+          "training": 5, "claims": 6, "figures": 7}
 
 
 def test_library_enums_come_from_the_schema():
@@ -42,14 +50,14 @@ def _enum_groups():
 def test_no_enum_or_default_written_twice():
     """No source file spells out a whole enum of the schema, and no function signature carries a
     default for a science value (the schema holds them)."""
-    files = [*SRC.glob("*.py"), *(REPO / "workflow").rglob("*.smk"), *(REPO / "workflow" / "scripts").glob("*.py")]
+    files = [*SRC.rglob("*.py"), *(REPO / "workflow").rglob("*.smk"), *(REPO / "workflow" / "scripts").glob("*.py")]
     for group in _enum_groups():
         pattern = r"\s*,\s*".join(f"[\"']{re.escape(v)}[\"']" for v in group)
         for f in files:
             assert not re.search(pattern, f.read_text()), f"{f.name} spells out the enum {group}"
     science = {"ridge", "rank", "split_every", "compression", "codec", "batch_size", "dtype", "autocast", "seed",
                "variants", "eval_rows", "n_sequences"}
-    for f in SRC.glob("*.py"):
+    for f in SRC.rglob("*.py"):
         for fn in ast.walk(ast.parse(f.read_text())):
             if isinstance(fn, ast.FunctionDef):
                 args = fn.args.args[len(fn.args.args) - len(fn.args.defaults):] + \
@@ -65,12 +73,76 @@ def test_each_output_path_is_written_once():
     assert not dup, dup
 
 
-def test_modules_are_small_and_only_the_config_layer_names_keys():
-    for f in SRC.glob("*.py"):
-        text = f.read_text()
-        assert len(text.splitlines()) <= 300, f"{f.name}: {len(text.splitlines())} lines"
-        if f.name not in CONFIG_LAYER:
-            assert "ConfigError" not in text, f"{f.name} imports ConfigError"
+def _package(module: str) -> str:
+    """The top-level package of an ``eigenattn`` module path (``eigenattn.spectra.rows`` -> ``spectra``)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "eigenattn" else ""
+
+
+def _eigenattn_imports(path, module: str) -> list[tuple[int, str]]:
+    """(line, imported module) for every import of an eigenattn module in ``path``, relative ones resolved."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                target = node.module or ""
+            names = [target] if node.module or not node.level else [f"{target}.{a.name}" for a in node.names]
+            if target == "eigenattn":  # `from eigenattn import x`: x is a package or a root name
+                names = [f"eigenattn.{a.name}" for a in node.names]
+            found += [(node.lineno, n) for n in names if n.startswith("eigenattn")]
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("eigenattn")]
+    return found
+
+
+def import_violations(src) -> list[str]:
+    """Every import in the library that goes against the stage order (see STAGES)."""
+    bad = []
+    for path in sorted(src.rglob("*.py")):
+        module = ".".join(["eigenattn", *path.relative_to(src).with_suffix("").parts]).removesuffix(".__init__")
+        mine = _package(module)
+        if mine not in STAGES:
+            if module != "eigenattn":
+                bad.append(f"{path.relative_to(src)}: not in a known package; add it to STAGES in pipeline order")
+            continue
+        for line, target in _eigenattn_imports(path, module):
+            theirs = _package(target)
+            if theirs not in STAGES:  # the root package's own names (__version__, SCORE_DEFINITION)
+                continue
+            if STAGES[theirs] > STAGES[mine] or (STAGES[mine] == 0 and STAGES[theirs] > 0):
+                bad.append(f"{path.relative_to(src)}:{line} ({mine}) imports {target} ({theirs}), a later stage")
+    return bad
+
+
+def test_stages_import_only_shared_packages_and_earlier_stages():
+    assert import_violations(SRC) == []
+    packages = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    modules = {p.stem for p in SRC.glob("*.py")} - {"__init__"}
+    assert packages | modules == set(STAGES), "every package is ranked in STAGES and every rank exists"
+
+
+def test_the_import_rule_fails_on_a_planted_import(tmp_path):
+    """The rule is not vacuous: a copy of the library with one backwards import fails it, naming it."""
+    import shutil
+
+    copy = tmp_path / "eigenattn"
+    shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert import_violations(copy) == []
+    planted = copy / "capture" / "masks.py"
+    planted.write_text(planted.read_text() + "\nfrom eigenattn.claims.verdicts import iqr  # planted\n")
+    relative = copy / "config" / "plan.py"
+    relative.write_text(relative.read_text() + "\nfrom ..spectra import rows  # planted\n")
+    bad = import_violations(copy)
+    assert len(bad) == 2, bad
+    assert "capture/masks.py" in bad[0] and "eigenattn.claims.verdicts (claims), a later stage" in bad[0]
+    assert "config/plan.py" in bad[1] and "eigenattn.spectra (spectra), a later stage" in bad[1]
+
+
+def test_scripts_use_the_installed_package():
     scripts = "\n".join(p.read_text() for p in (REPO / "workflow" / "scripts").glob("*.py"))
     assert "sys.path" not in scripts  # the package is installed
 
@@ -125,7 +197,7 @@ def test_usable_as_a_snakemake_module(tmp_path):
 
 def test_config_reference_is_generated_from_the_schema():
     assert (REPO / "docs" / "config.md").read_text() == schema.reference(), \
-        "docs/config.md is stale: run `python -m eigenattn.schema > docs/config.md`"
+        "docs/config.md is stale: run `python -m eigenattn.config.schema > docs/config.md`"
 
 
 def test_method_references_resolve():
@@ -133,7 +205,7 @@ def test_method_references_resolve():
     method = (REPO / "docs" / "method.md").read_text()
     sections = set(re.findall(r"^## §(\d+)", method, re.M))
     cited = set()
-    for p in [*REPO.glob("*.md"), *REPO.glob("docs/*.md"), *SRC.glob("*.py"), *SRC.glob("*.yaml"),
+    for p in [*REPO.glob("*.md"), *REPO.glob("docs/*.md"), *SRC.rglob("*.py"), *SRC.rglob("*.yaml"),
               *(REPO / "workflow").rglob("*.smk"), REPO / "config.yaml"]:
         text = p.read_text()
         assert "METHOD.md" not in text, p

@@ -14,11 +14,11 @@ import yaml
 
 from conftest import REPO, SNAKEMAKE, make_workdir
 from eigenattn.errors import InputError
-from eigenattn.partial import ATTR, LINFORMER_ATTR, PartialMap, attach, attention_modules, partial_attention_forward
-from eigenattn.mlm_data import build_windows, mask_batch, split_texts, train_wordpiece
-from eigenattn.mlm_model import MLM, attach_variant, encoder_config
-from eigenattn.partial import Linformer
-from eigenattn.training import run
+from eigenattn.reconstruction.partial import ATTR, LINFORMER_ATTR, PartialMap, attach, attention_modules, partial_attention_forward
+from eigenattn.training.data import build_windows, mask_batch, split_texts, train_wordpiece
+from eigenattn.training.model import MLM, attach_variant, encoder_config
+from eigenattn.reconstruction.partial import Linformer
+from eigenattn.training.loop import run
 
 n, L, H, D = 16, 2, 2, 32
 TCFG = {"model": {"layers": L, "heads": H, "d_model": D, "d_ff": 64, "dropout": 0.1, "positions": "rotary",
@@ -234,7 +234,7 @@ def test_sigkill_resumes_from_checkpoint(tmp_path, resources):
 def test_wordpiece_is_identical_across_processes(resources, tmp_path):
     """The tokenizers library numbers the trained pieces differently in each process; after the
     canonical renumbering two processes write the same vocabulary file."""
-    code = ("import sys; from eigenattn.mlm_data import split_texts, train_wordpiece; "
+    code = ("import sys; from eigenattn.training.data import split_texts, train_wordpiece; "
             "t = split_texts(sys.argv[1], 0, 0.2)['fit'][:40]; train_wordpiece(t, 600, sys.argv[2], 32)")
     docs = resources / "corpora" / "enwiki-sample" / "documents.parquet"
     for i in (1, 2):

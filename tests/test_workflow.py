@@ -17,7 +17,7 @@ import zarr
 from sklearn.decomposition import PCA
 from transformers import AutoModelForCausalLM
 
-from eigenattn.moments import view_slices
+from eigenattn.config.views import view_slices
 
 from conftest import REPO, make_workdir, snakemake
 
@@ -37,11 +37,11 @@ def test_full_matrix_routes_match_former_implementation_on_the_tiny_run(tiny_run
     import oracle_full
     from test_full_spectra import assert_same
 
-    from eigenattn.eigen import explained_variance, is_bounded
-    from eigenattn.full_spectra import full_spectrum
-    from eigenattn.masks import select_visible
-    from eigenattn.score_source import open_score_source
-    from eigenattn.store import open_scores
+    from eigenattn.spectra.rows import explained_variance, is_bounded
+    from eigenattn.spectra.full_spectra import full_spectrum
+    from eigenattn.capture.masks import select_visible
+    from eigenattn.storage.score_source import open_score_source
+    from eigenattn.storage.store import open_scores
 
     wd, _ = tiny_run
     for model, view in (("minilm", "all"), ("minilm", "prefix"), ("smollm2", "prefix")):

@@ -177,7 +177,7 @@ def _has_qk_norm(model, linear_name: str) -> bool:
 
 
 def _score_std(model, ids) -> float:
-    from eigenattn.capture import ScoreCapture, capturing, register
+    from eigenattn.capture.interface import ScoreCapture, capturing, register
 
     impl = model.config._attn_implementation
     model.set_attn_implementation(register())
@@ -245,7 +245,7 @@ def store_probabilities(store) -> np.ndarray:
 def eager_attentions(model_dir, ids: np.ndarray, layers) -> np.ndarray:
     import transformers
 
-    from eigenattn.probe import model_class
+    from eigenattn.capture.probe import model_class
 
     cfg = transformers.AutoConfig.from_pretrained(model_dir)
     model = model_class(cfg, "oracle").from_pretrained(model_dir, attn_implementation="eager",

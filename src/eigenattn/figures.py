@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from eigenattn.claims.verdicts import iqr  # noqa: F401  (the notebooks read it from here)
+
 METHOD_COLORS = {"conditional_gaussian": "C0", "eigenspace": "C1", "mean": "C2", "subset_only": "C3",
                  "exact": "k", "partial_fixed": "C0", "partial_learned": "C4", "linformer": "C1"}
 
@@ -43,14 +45,6 @@ def write_manifest(fig_dir, entries: dict[str, str]) -> None:
     """figures.json: figure name -> one-line description of what it shows."""
     Path(fig_dir).mkdir(parents=True, exist_ok=True)
     (Path(fig_dir) / "figures.json").write_text(json.dumps(entries, indent=2))
-
-
-def iqr(x) -> tuple[float, float, float]:
-    x = np.asarray(x, dtype=float)
-    x = x[np.isfinite(x)]
-    if not len(x):
-        return (np.nan, np.nan, np.nan)
-    return tuple(float(v) for v in np.percentile(x, [25, 50, 75]))
 
 
 def claim_grid(table) -> "pd.DataFrame":

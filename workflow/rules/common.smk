@@ -1,8 +1,8 @@
 # Config validation and every input function. The other .smk files hold only rules.
 #
 # Paths: each output pattern is written once, in its rule; everything else refers to it as
-# rules.<rule>.output and expands it. Planning (views, pairs, runs) comes from eigenattn.plan,
-# checks from eigenattn.config: both are functions of the config dict, so parsing the Snakefile
+# rules.<rule>.output and expands it. Planning (views, pairs, runs) comes from eigenattn.config.plan,
+# checks from eigenattn.config.validation: both are functions of the config dict, so parsing the Snakefile
 # reads no file but the config and the schema, and opens no socket.
 import json
 import sys
@@ -10,10 +10,10 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from eigenattn import config as config_layer
-from eigenattn import plan
+from eigenattn.config import validation as config_layer
+from eigenattn.config import plan
 from eigenattn.errors import ConfigError
-from eigenattn.schema import SCHEMA_FILE, enum
+from eigenattn.config.schema import SCHEMA_FILE, enum
 
 try:
     validate(config, str(SCHEMA_FILE))
@@ -116,10 +116,10 @@ def sampling_params(wildcards):
 
 
 def gram_mem_mb(wildcards, input, threads, attempt):
-    """Peak memory of a full-matrix job (eigenattn.full_plan.stores_memory_mb): eigen.gram_memory_mb
+    """Peak memory of a full-matrix job (eigenattn.spectra.full_plan.stores_memory_mb): eigen.gram_memory_mb
     plus each head's eigenproblem work, from the store's shape once it exists (a generous guess
     before)."""
-    from eigenattn.full_plan import stores_memory_mb
+    from eigenattn.spectra.full_plan import stores_memory_mb
 
     e = config["eigen"]
     mb = stores_memory_mb(

@@ -1,6 +1,6 @@
-from eigenattn import logs
-from eigenattn.claims import claims_table
-from eigenattn.store import write_table
+from eigenattn.storage import logs
+from eigenattn.claims.table import claims_table
+from eigenattn.storage.store import write_table
 
 log = logs.start(snakemake)
 i = snakemake.input

@@ -1,7 +1,7 @@
-from eigenattn import logs
-from eigenattn.config import expected_scores
-from eigenattn.eigen_stores import run_rows
-from eigenattn.scheduler import dask_scheduler
+from eigenattn.storage import logs
+from eigenattn.config.validation import expected_scores
+from eigenattn.spectra.stores import run_rows
+from eigenattn.spectra.scheduler import dask_scheduler
 
 log = logs.start(snakemake)
 p = snakemake.params.p

@@ -1,6 +1,6 @@
-from eigenattn import logs
-from eigenattn.eigen_stores import spectrum_table
-from eigenattn.store import write_table
+from eigenattn.storage import logs
+from eigenattn.spectra.stores import spectrum_table
+from eigenattn.storage.store import write_table
 
 log = logs.start(snakemake)
 table = spectrum_table(

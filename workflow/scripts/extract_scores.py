@@ -1,6 +1,6 @@
-from eigenattn import logs
-from eigenattn.config import check_model_facts, resolve_device
-from eigenattn.extract import extract_scores, shard_passages
+from eigenattn.storage import logs
+from eigenattn.config.validation import check_model_facts, resolve_device
+from eigenattn.capture.extract import extract_scores, shard_passages
 
 log = logs.start(snakemake)
 p = snakemake.params.p

@@ -1,5 +1,5 @@
-from eigenattn import logs
-from eigenattn.assets import materialise_model
+from eigenattn.storage import logs
+from eigenattn.storage.assets import materialise_model
 
 log = logs.start(snakemake)
 materialise_model(

@@ -1,6 +1,6 @@
-from eigenattn import logs
-from eigenattn.overlap import summarise
-from eigenattn.store import write_table
+from eigenattn.storage import logs
+from eigenattn.spectra.overlap import summarise
+from eigenattn.storage.store import write_table
 
 log = logs.start(snakemake)
 table = summarise(snakemake.input.within, snakemake.input.cross)

@@ -1,5 +1,5 @@
-from eigenattn import logs
-from eigenattn.overlap import within_model, write_overlap
+from eigenattn.storage import logs
+from eigenattn.spectra.overlap import within_model, write_overlap
 
 log = logs.start(snakemake)
 p = snakemake.params.p

@@ -1,7 +1,7 @@
-from eigenattn import logs
-from eigenattn.config import resolve_device
-from eigenattn.plugin import plugin_eval
-from eigenattn.store import write_table
+from eigenattn.storage import logs
+from eigenattn.config.validation import resolve_device
+from eigenattn.reconstruction.plugin import plugin_eval
+from eigenattn.storage.store import write_table
 
 log = logs.start(snakemake)
 p = snakemake.params.p

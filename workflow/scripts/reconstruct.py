@@ -1,7 +1,7 @@
-from eigenattn import logs
-from eigenattn.config import expected_scores
-from eigenattn.reconstruct import evaluate_view
-from eigenattn.store import write_table
+from eigenattn.storage import logs
+from eigenattn.config.validation import expected_scores
+from eigenattn.reconstruction.evaluate import evaluate_view
+from eigenattn.storage.store import write_table
 
 log = logs.start(snakemake)
 p = snakemake.params.p

@@ -1,7 +1,6 @@
-from eigenattn import logs
-from eigenattn.config import check_corpus_capacity
-from eigenattn.corpus import load_documents, sample_passages, word_counts
-from eigenattn.store import write_table
+from eigenattn.storage import logs
+from eigenattn.corpus.passages import check_corpus_capacity, load_documents, sample_passages, word_counts
+from eigenattn.storage.store import write_table
 
 log = logs.start(snakemake)
 p = snakemake.params.sampling

@@ -1,6 +1,6 @@
-from eigenattn import logs
-from eigenattn.scaling import collect, length_fits, sample_saturation
-from eigenattn.store import write_table
+from eigenattn.storage import logs
+from eigenattn.spectra.scaling import collect, length_fits, sample_saturation
+from eigenattn.storage.store import write_table
 
 log = logs.start(snakemake)
 p = snakemake.params.p

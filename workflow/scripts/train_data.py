@@ -1,5 +1,5 @@
-from eigenattn import logs
-from eigenattn.mlm_data import build_windows
+from eigenattn.storage import logs
+from eigenattn.training.data import build_windows
 
 log = logs.start(snakemake)
 p = snakemake.params

@@ -1,9 +1,9 @@
 from pathlib import Path
 
-from eigenattn import logs
-from eigenattn.config import resolve_device
-from eigenattn.eigen_stores import RowStats
-from eigenattn.training import run
+from eigenattn.storage import logs
+from eigenattn.config.validation import resolve_device
+from eigenattn.spectra.stores import RowStats
+from eigenattn.training.loop import run
 
 log = logs.start(snakemake)
 p = snakemake.params.p

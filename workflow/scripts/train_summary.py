@@ -1,6 +1,6 @@
-from eigenattn import logs
-from eigenattn.store import write_table
-from eigenattn.training_summary import summarise
+from eigenattn.storage import logs
+from eigenattn.storage.store import write_table
+from eigenattn.training.summary import summarise
 
 log = logs.start(snakemake)
 df = summarise(list(snakemake.input))

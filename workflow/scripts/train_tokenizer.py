@@ -1,6 +1,6 @@
-from eigenattn import logs
-from eigenattn.store import atomic_store
-from eigenattn.mlm_data import load_tokenizer, split_texts, train_wordpiece
+from eigenattn.storage import logs
+from eigenattn.storage.store import atomic_store
+from eigenattn.training.data import load_tokenizer, split_texts, train_wordpiece
 
 log = logs.start(snakemake)
 p = snakemake.params

@@ -1,0 +1,79 @@
+"""Start-up cost: Snakefile parse time and each workflow script's import time.
+
+    python benchmarks/import_cost.py [--repeat 3]
+
+(a) `snakemake --list-rules` (the Snakefile parsed and the config validated, no DAG), and the same
+    with only `import snakemake` in a bare interpreter, so the difference is this workflow's share;
+(b) for every script under workflow/scripts: a fresh interpreter runs only the script's own
+    top-level import statements (read with `ast`), which is what each job pays before it works;
+(c) which heavy libraries (torch, transformers, datasets, pandas, dask, zarr) each of those
+    imports brings in.
+Each figure is the median of --repeat runs, measured side by side in this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ["torch", "transformers", "datasets", "pandas", "dask", "zarr", "scipy", "sklearn"]
+
+
+def top_level_imports(script: Path) -> str:
+    tree = ast.parse(script.read_text())
+    lines = [ast.unparse(node) for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    return "\n".join(lines)
+
+
+def timed(cmd: list[str], cwd: Path = ROOT) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def median_time(cmd: list[str], repeat: int) -> float:
+    return statistics.median(timed(cmd) for _ in range(repeat))
+
+
+def heavy_modules(code: str) -> list[str]:
+    probe = code + f"\nimport sys, json; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    python = sys.executable
+    snakemake = str(Path(python).with_name("snakemake"))
+
+    bare = median_time([python, "-c", "import snakemake.api"], args.repeat)
+    parse = median_time([snakemake, "--list-rules", "--quiet"], args.repeat)
+    print(f"snakefile parse (snakemake --list-rules): {parse:.2f} s; bare `import snakemake.api` "
+          f"{bare:.2f} s; workflow's share {parse - bare:.2f} s")
+    code = "from eigenattn import config, plan" if (ROOT / "src/eigenattn/config/plan.py").exists() else \
+        "from eigenattn.config.validation.validation import plan, check"
+    print(f"  heavy libraries imported by the Snakefile's library imports: {heavy_modules(code) or 'none'}")
+
+    baseline = median_time([python, "-c", "pass"], args.repeat)
+    print(f"\nper-job import time (interpreter start {baseline:.2f} s included):")
+    print(f"{'script':28s} {'seconds':>8s}  heavy imports")
+    total = 0.0
+    for script in sorted((ROOT / "workflow/scripts").glob("*.py")):
+        code = top_level_imports(script)
+        seconds = median_time([python, "-c", code], args.repeat)
+        total += seconds
+        print(f"{script.stem:28s} {seconds:8.2f}  {', '.join(heavy_modules(code)) or '-'}")
+    print(f"{'sum over scripts':28s} {total:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Run a model over passages and write its pre-softmax scores to a Zarr v3 store.
+
+Store layout (one group per shard; see docs/data-contract.md and docs/models.md):
+
+    scores          (N, L, H, n, n)  float16|float32  chunks (B, 1, H, n, n)
+    input_ids       (N, n)           int32
+    attention_mask  (N, n)           int8
+    passage_id      (N,)             int64
+    sinks           (L, H)           float32          only for models with attention sinks
+
+Before the store is created, an equivalence probe (``eigenattn.capture.probe``) checks the model against
+its own eager attention and refuses it, with a message naming it, if the scores would not
+reproduce the model's probabilities; each layer's mask kind goes into ``attrs["layer_masks"]``.
+
+The store is written under a temporary sibling name and renamed into place only once every
+array and attribute is written, so an interrupted run never leaves a store that looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from eigenattn import SCORE_DEFINITION, __version__
+from eigenattn.capture.interface import ScoreCapture, capturing
+from eigenattn.corpus.passages import tokenize_passages
+from eigenattn.errors import UnsupportedModelError
+from eigenattn.capture.masks import describe
+from eigenattn.capture.probe import PROBE_SEQUENCES, equivalence_probe, load_capture_model, mask_info
+from eigenattn.storage.score_writer import ScoreWriter, reuse_freed_memory
+from eigenattn.storage.store import atomic_store, create_score_store, finish_store
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_model(model_dir: str | os.PathLike, attn_implementation: str | None = None, device="cpu",
+               label: str | None = None):
+    """Load tokenizer and base model (no LM head) from a Hugging Face-format directory.
+
+    The class comes from ``config.architectures`` (an encoder such as ``T5EncoderModel`` loads as
+    itself); an encoder–decoder model is refused (:func:`eigenattn.capture.probe.model_class`).
+    """
+    return load_capture_model(model_dir, label or str(model_dir), device, attn_implementation)
+
+
+def model_facts(model) -> dict:
+    cfg = model.config
+    heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+    hidden = int(getattr(cfg, "hidden_size", 0) or 0)
+    return {
+        "architecture": (cfg.architectures or [type(model).__name__])[0],
+        "model_type": cfg.model_type,
+        "n_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
+        "heads": heads,
+        "kv_heads": int(getattr(cfg, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(cfg, "head_dim", None) or (hidden // heads if heads else 0)),
+        "max_positions": int(getattr(cfg, "max_position_embeddings", 0) or 0),
+    }
+
+
+def probe_facts(probe, keep: list[int], label: str, model_type: str) -> dict:
+    """Head counts of the kept layers, from what the probe saw (one score array needs one H)."""
+    shapes = {k: {probe.shapes[l][k] for l in keep} for k in ("heads", "kv_heads", "head_dim")}
+    if len(shapes["heads"]) != 1:
+        raise UnsupportedModelError(f"layers {keep} have different numbers of query heads ({sorted(shapes['heads'])}),"
+                                    " which one score array (sequence, layer, head, query, key) cannot hold",
+                                    "extract only layers with equal head counts (models.<name>.layers)",
+                                    model=label, model_type=model_type)
+    return {k: (next(iter(v)) if len(v) == 1 else sorted(v)) for k, v in shapes.items()}
+
+
+def check_batch(cap: ScoreCapture, keep: list[int], probe, label: str) -> None:
+    """Every kept layer was captured, with the mask the probe recorded."""
+    missing = [l for l in keep if l not in cap.scores]
+    if missing:
+        raise RuntimeError(f"{label}: no scores captured for layers {missing}: the model does not "
+                           "route attention through AttentionInterface")
+    seen = {}  # layers usually share one mask tensor
+    for l in keep:
+        m = cap.masks.get(l)
+        if id(m) not in seen:
+            seen[id(m)] = mask_info(m, probe.seq_len)[0]
+        info = seen[id(m)]
+        if info != probe.masks[l]:
+            raise RuntimeError(f"{label}: layer {l} received a mask ({info}) that differs from the probe's "
+                               f"({probe.masks[l]})")
+
+
+def resolve_layers(layers, n_layers: int) -> list[int]:
+    """The kept layer indices: ``all``, a list, or ``{"of": layers, "at_most": k}`` (k of those,
+    evenly spread with the first and last included)."""
+    if isinstance(layers, dict):
+        base = resolve_layers(layers["of"], n_layers)
+        k = min(int(layers["at_most"]), len(base))
+        return [base[i] for i in sorted(set(np.round(np.linspace(0, len(base) - 1, k)).astype(int)))]
+    if layers in (None, "all"):
+        return list(range(n_layers))
+    out = sorted(set(int(x) for x in layers))
+    bad = [x for x in out if x < 0 or x >= n_layers]
+    if bad:
+        raise ValueError(f"layer(s) {bad} out of range for a model with {n_layers} layers")
+    return out
+
+
+def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dtype: str, batch_size: int,
+                   chunk_sequences: int, device: torch.device, autocast: str, layers, compression: str,
+                   attrs: dict | None = None, progress: bool = True, check_facts=None) -> dict:
+    """Extract the scores of every passage into a new Zarr store at ``out_path``.
+
+    Returns a dict of timings and sizes. ``attrs`` are merged into the group attributes.
+    ``check_facts``, if given, is called with what the equivalence probe found (``n_layers``,
+    ``causal``, ``mask_kinds``) before any store exists, so a caller can refuse a model that does
+    not match what it expected.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}' (use float16 or float32)")
+    if batch_size % chunk_sequences:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of chunk_sequences {chunk_sequences}")
+    if autocast not in AUTOCAST:
+        raise ValueError(f"unknown autocast '{autocast}' (use {', '.join(AUTOCAST)})")
+    dev = torch.device(device)
+    name = (attrs or {}).get("model")
+    label = f"'{name}' at {model_dir}" if name else str(model_dir)
+    tok, model = load_model(model_dir, device=dev, label=label)
+    facts = model_facts(model)
+    if facts["max_positions"] and seq_len > facts["max_positions"]:
+        raise ValueError(f"seq_len {seq_len} exceeds the {facts['max_positions']} positions of the model at "
+                         f"{model_dir}")
+    ids = tokenize_passages(tok, texts, seq_len)
+    # Refuse before any store exists: the probe compares the capture with the model's eager attention.
+    probe = equivalence_probe(model, torch.from_numpy(ids[:PROBE_SEQUENCES].astype(np.int64)).to(dev), label)
+    facts["n_layers"] = probe.n_layers
+    configured = layers["of"] if isinstance(layers, dict) else layers  # before any thinning to at_most
+    wanted = list(range(probe.n_layers)) if configured in (None, "all") else \
+        sorted({int(x) for x in configured if 0 <= int(x) < probe.n_layers})
+    if check_facts is not None:
+        check_facts({"n_layers": probe.n_layers, "causal": probe.causal(wanted),
+                     "mask_kinds": ", ".join(sorted({describe(probe.masks[l]) for l in wanted}))})
+    keep = resolve_layers(layers, facts["n_layers"])
+    facts.update(probe_facts(probe, keep, label, facts["model_type"]))
+    causal = probe.causal(keep)
+    n_seq, L, H = len(ids), len(keep), facts["heads"]
+    store_dtype = DTYPES[dtype]
+    sinks = [l for l in keep if l in probe.sinks]
+
+    out_path = Path(out_path)
+    reuse_freed_memory()
+    t0 = time.perf_counter()
+    with atomic_store(out_path) as tmp:
+        root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+        scores = create_score_store(root, ids=ids, passage_ids=passage_ids, layers=keep, heads=H,
+                                    kv_heads=facts["kv_heads"], seq_len=seq_len, dtype=dtype, compression=compression,
+                                    chunk_sequences=chunk_sequences, shard_sequences=batch_size)
+        if sinks:
+            # -inf (no sink) for kept layers without one: softmax then ignores the sink column.
+            table = np.full((L, H), -np.inf, dtype=np.float32)
+            for i, l in enumerate(keep):
+                if l in probe.sinks:
+                    table[i] = probe.sinks[l]
+            arr = root.create_array("sinks", data=table, dimension_names=["layer", "head"])
+            arr.attrs.update({"definition": "per-head sink logit: an extra softmax column that is no token; "
+                              "P = softmax([S + mask, sink])[..., :n]", "layers": keep})
+
+        on_cuda = dev.type == "cuda"
+        amp = AUTOCAST[autocast]
+        block_shape = (batch_size, L, H, seq_len, seq_len)
+        # the array object itself: its write_empty_chunks=True is not stored in the metadata, and a
+        # re-opened array would test every chunk for all-NaN before writing it
+        writer = ScoreWriter(scores, block_shape, store_dtype, pin=on_cuda)
+        t_loop = time.perf_counter()
+        t_fwd = 0.0
+        bar = tqdm(total=n_seq, desc=f"extract {out_path.parent.parent.name}/{out_path.parent.name}",
+                   unit="seq", disable=not progress, mininterval=1.0)
+        try:
+            with torch.inference_mode():
+                for start in range(0, n_seq, batch_size):
+                    batch = torch.from_numpy(ids[start:start + batch_size].astype(np.int64))
+                    if on_cuda:
+                        batch = batch.pin_memory().to(dev, non_blocking=True)
+                    count = batch.shape[0]
+                    slot, buf = writer.acquire()
+                    # on CPU each layer is cast straight into the writer's buffer; on CUDA the layers
+                    # stay on the device and go to the pinned buffer in one asynchronous copy
+                    cap = ScoreCapture(keep, store_dtype, out=None if on_cuda else buf[:count])
+                    tf = time.perf_counter()
+                    with capturing(cap), torch.autocast(dev.type, dtype=amp, enabled=amp is not None and on_cuda):
+                        model(input_ids=batch, attention_mask=torch.ones_like(batch))
+                    check_batch(cap, keep, probe, label)
+                    t_fwd += time.perf_counter() - tf
+                    ready = None
+                    if on_cuda:
+                        buf[:count].copy_(torch.stack([cap.scores[l] for l in keep], dim=1), non_blocking=True)
+                        ready = torch.cuda.Event()
+                        ready.record()
+                    writer.submit(slot, start, count, ready)
+                    bar.update(count)
+        finally:
+            bar.close()
+            writer.close()
+        t_loop = time.perf_counter() - t_loop
+
+        root.attrs.update({
+            **(attrs or {}),
+            **{k: facts[k] for k in ("architecture", "model_type", "heads", "kv_heads", "head_dim")},
+            "layers": keep,
+            "n_layers_total": facts["n_layers"],
+            "seq_len": seq_len,
+            "causal": bool(causal),
+            "layer_masks": [probe.masks[l] for l in keep],
+            "layer_modifiers": [{k: probe.modifiers[l][k] for k in ("softcap", "position_bias", "sinks")}
+                                for l in keep],
+            "equivalence_probe": probe.summary(),
+            "score_definition": SCORE_DEFINITION,
+            "dtype": dtype,
+            "compression": compression,
+            "autocast": autocast if on_cuda else "none",
+            "device": dev.type,
+            "special_tokens": describe_special_tokens(tok, ids),
+            "eigenattn_version": __version__,
+            "complete": True,
+        })
+        finish_store(tmp)
+    total = time.perf_counter() - t0
+    return {"n_sequences": n_seq, "seconds": total, "loop_seconds": t_loop, "forward_seconds": t_fwd,
+            "bytes_raw": int(n_seq * L * H * seq_len * seq_len * np.dtype(dtype).itemsize),
+            "bytes_stored": dir_size(out_path)}
+
+
+def describe_special_tokens(tok, ids: np.ndarray) -> str:
+    first = tok.convert_ids_to_tokens(int(ids[0, 0])) if ids.size else ""
+    last = tok.convert_ids_to_tokens(int(ids[0, -1])) if ids.size else ""
+    specials = set(tok.all_special_ids)
+    return (f"tokenizer default special tokens, truncated to seq_len; first token '{first}'"
+            f"{' (special)' if ids.size and int(ids[0, 0]) in specials else ''}, last token '{last}'"
+            f"{' (special)' if ids.size and int(ids[0, -1]) in specials else ''}")
+
+
+def dir_size(path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def shard_passages(passages_path, split: str, shard: int, n_shards: int):
+    """The passages of ``split`` that shard ``shard`` of ``n_shards`` extracts (contiguous rows)."""
+    df = pd.read_parquet(passages_path)
+    df = df[df["split"] == split].sort_values("passage_id").reset_index(drop=True)
+    lo, hi = shard * len(df) // n_shards, (shard + 1) * len(df) // n_shards
+    if hi <= lo:
+        raise ValueError(f"shard {shard} of {n_shards} has no {split} passages ({len(df)} in total)")
+    return df.iloc[lo:hi]

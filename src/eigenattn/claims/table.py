@@ -1,0 +1,36 @@
+"""The claims table (docs/method.md §9), computed from the pipeline's CSV outputs.
+
+Every row states a measured value, its spread, a ``state`` (supported, not supported,
+inconclusive, or reference for rows that only set a baseline), a verdict in words, and the caveat
+that qualifies it. Each state can come out either way: a value that cannot answer its question
+(bounded by the sample count, noise-level subspaces, an exact model that has not learned, an
+interval too wide) is ``inconclusive`` rather than read as support. The thresholds are the
+``claims:`` section of the config (see :data:`DEFAULTS`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from eigenattn.claims.spectra import c1_headlines, c1_rows, c1_scaling_rows, c2_rows
+from eigenattn.claims.reconstruction import c3_rows, c4_rows
+from eigenattn.claims.verdicts import COLUMNS, DEFAULTS, STATES
+
+__all__ = ["COLUMNS", "DEFAULTS", "STATES", "c1_rows", "c1_scaling_rows", "c2_rows", "c3_rows", "c4_rows",
+           "claims_table"]
+
+
+
+def claims_table(spectra, overlap_summary, recon, plugin, training, cfg: dict | None = None,
+                 scaling: tuple = ((), (), ())) -> pd.DataFrame:
+    """``scaling``: (fits, saturations, tables) of the scaling study, one of each per model and view."""
+    cfg = {**DEFAULTS, **(cfg or {})}
+    rows = (c1_headlines(c1_rows(spectra, cfg) + c1_scaling_rows(*scaling, cfg)) + c2_rows(overlap_summary, cfg)
+            + c3_rows(recon, plugin, cfg) + c4_rows(training, cfg))
+    df = pd.DataFrame.from_records(rows, columns=COLUMNS)
+    for col in ("k", "s"):
+        df[col] = df[col].astype("Int64")
+    df["source"] = [str(Path(p)) for p in df.source]
+    return df

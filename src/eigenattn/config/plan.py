@@ -1,0 +1,116 @@
+"""Planning: what the workflow runs for a config (docs/method.md §2, §5, §8). Pure functions of
+the validated config dict; the Snakefile builds its targets from them."""
+
+from __future__ import annotations
+
+from eigenattn.config.schema import enum
+from eigenattn.config.views import View, allowed_views
+
+
+def model_views(config: dict, name: str) -> list[str]:
+    """The eigen views of a model: ``all`` and ``prefix`` for bidirectional models, ``prefix`` for
+    causal ones (``eigen.views: auto``), or the configured list."""
+    causal = bool(model_spec(config, name)["causal"])
+    views = config["eigen"]["views"]
+    if views == "auto":
+        return allowed_views(causal)
+    return list(views)
+
+
+def view_dim(view: str, seq_len: int) -> int:
+    """d, the keys of a view."""
+    return View(view, seq_len).d
+
+
+def plugin_view(config: dict, name: str) -> str:
+    """The view whose statistics the plug-in evaluation uses: 'all' when analysed, else 'prefix'."""
+    views = model_views(config, name)
+    return "all" if "all" in views else views[0]
+
+
+def cross_pairs(config: dict) -> list[tuple[str, str]]:
+    """The model pairs compared across models (prefix view)."""
+    pairs = config["overlap"]["cross_pairs"]
+    if pairs == "auto":
+        ms = config["run_models"]
+        return [(a, b) for i, a in enumerate(ms) for b in ms[i + 1:]]
+    return [tuple(p) for p in pairs]
+
+
+def other_models(config: dict, name: str, view: str) -> list[str]:
+    """Models whose statistics a model's reconstruction transfers from (prefix view only)."""
+    if view != "prefix" or "other_model" not in config["reconstruction"]["transfer"]:
+        return []
+    return [m for m in config["run_models"] if m != name]
+
+
+def trained_run(config: dict) -> dict:
+    """The training run whose encoder is analysed and fine-tuned: the first exact seed, scratch."""
+    return {"mode": "scratch", "tvariant": "exact", "s": config["sampling"]["seq_len"],
+            "seed": config["training"]["exact_seeds"][0]}
+
+
+def model_spec(config: dict, name: str) -> dict:
+    """A model's entry; the trained encoder (``training.analysis_model``) is a bidirectional model
+    made by the training stage."""
+    if name == config["training"]["analysis_model"]:
+        return {"source": "training", "run": trained_run(config), "causal": False,
+                "max_positions": config["sampling"]["seq_len"], "layers": "all"}
+    return config["models"][name]
+
+
+def training_runs(config: dict) -> list[dict]:
+    """Every training run: exact for each exact seed (s = seq_len, all keys), and every variant ×
+    subset size × seed, in each mode."""
+    t = config["training"]
+    n = config["sampling"]["seq_len"]
+    runs = []
+    for mode in t["modes"]:
+        runs += [{"mode": mode, "tvariant": "exact", "s": n, "seed": seed} for seed in t["exact_seeds"]]
+        runs += [{"mode": mode, "tvariant": v, "s": s, "seed": seed}
+                 for v in t["variants"] for s in t["subset_sizes"] for seed in t["seeds"]]
+    return runs
+
+
+def scaling_models(config: dict) -> list[str]:
+    """The models of the length sweep (``scaling.models``; auto: every run model)."""
+    m = config["scaling"]["models"]
+    return list(config["run_models"]) if m == "auto" else list(m)
+
+
+def sample_models(config: dict) -> list[str]:
+    """The models of the sample sweep (``scaling.sample_models``; auto: the first scaling model)."""
+    m = config["scaling"]["sample_models"]
+    return scaling_models(config)[:1] if m == "auto" else list(m)
+
+
+def length_sequences(config: dict) -> int:
+    """N of the length sweep (``scaling.length_sequences``; auto: the main run's fit sequences)."""
+    N = config["scaling"]["length_sequences"]
+    return int(config["sampling"]["n_sequences"]["fit"] if N == "auto" else N)
+
+
+def scaling_points(config: dict, model: str) -> dict[str, list[tuple[int, int]]]:
+    """A model's (n, N) grid of the scaling study: the length sweep at ``length_sequences`` (lengths
+    beyond the model's positions left out), and the sample sweep at ``scaling.sample_length`` for
+    the sample-sweep models; ``full`` lists the points whose whole blocks are analysed."""
+    s = config["scaling"]
+    pos = model_spec(config, model).get("max_positions") or max(s["lengths"])
+    lengths = [(int(n), length_sequences(config)) for n in s["lengths"] if int(n) <= pos]
+    samples = [(int(s["sample_length"]), int(N)) for N in s["samples"]] if model in sample_models(config) else []
+    return {"all": sorted(set(lengths) | set(samples)), "full": sorted(set(samples))}
+
+
+def scaling_layers(config: dict, model: str):
+    """The layers a model's scaling stores keep: at most ``scaling.max_layers``, evenly spread over
+    its analysed layers (see :func:`eigenattn.capture.extract.resolve_layers`)."""
+    layers = model_spec(config, model).get("layers", "all")
+    k = config["scaling"]["max_layers"]
+    return layers if k is None else {"of": layers, "at_most": int(k)}
+
+
+def is_main_point(config: dict, model: str, n: int, N: int) -> bool:
+    """Whether a grid point is the main run (same length and fit sequences, and every layer kept):
+    its outputs are reused."""
+    return (int(n) == config["sampling"]["seq_len"] and int(N) == config["sampling"]["n_sequences"]["fit"]
+            and scaling_layers(config, model) == model_spec(config, model).get("layers", "all"))

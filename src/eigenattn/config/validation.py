@@ -1,0 +1,284 @@
+"""The config layer: the only module that speaks of config keys.
+
+- :func:`explain` turns a schema violation (from ``snakemake.utils.validate``, which also fills
+  in the defaults) into a :class:`ConfigError` that names the key and the fix.
+- :func:`check` runs the cross-key checks a schema cannot express. It is a pure function of the
+  config dict: it reads no file and opens no socket, so it runs when the Snakefile is parsed.
+- Checks that need data run in the rule that has the data, and still name the key:
+  :func:`check_corpus_capacity` (sampling), :func:`check_model_facts` (extraction, after the
+  equivalence probe) and :func:`resolve_device` (any rule that picks a device).
+"""
+
+from __future__ import annotations
+
+import jsonschema
+
+from eigenattn.config import plan
+from eigenattn.errors import ConfigError
+from eigenattn.config.views import View
+from eigenattn.config.schema import SCHEMA_FILE, node
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _description(path) -> str | None:
+    try:
+        return node(".".join(str(p) for p in path if not isinstance(p, int))).get("description")
+    except KeyError:
+        return None
+
+
+FIXES = {"minimum": "use a value of at least {v}", "exclusiveMinimum": "use a value above {v}",
+         "maximum": "use a value of at most {v}", "exclusiveMaximum": "use a value below {v}",
+         "minItems": "list at least {v} value(s)", "maxItems": "list at most {v} value(s)",
+         "uniqueItems": "list each value once", "minProperties": "give at least {v} entr(y/ies)",
+         "pattern": "write it to match the pattern {v}", "const": "write {v}"}
+
+
+def explain(error: jsonschema.ValidationError) -> ConfigError:
+    """A ConfigError for a schema violation: the dotted key, what is wrong, and what to write."""
+    key = _key(error.absolute_path)
+    desc = _description(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        where = f"{key}.{extra[0]}" if error.absolute_path else extra[0]
+        return ConfigError(where, f"unknown key '{where}' (misspelt?)",
+                           f"use one of the keys allowed here: {', '.join(allowed)}" if allowed else None)
+    if error.validator == "propertyNames" or "propertyNames" in list(error.absolute_schema_path):
+        return ConfigError(key, f"the name {error.instance!r} is not allowed ({error.message})",
+                           "use a name of letters, digits, '_' and '-' that starts with a letter or digit (it "
+                           "becomes a folder name and a wildcard value)")
+    if error.validator == "enum":
+        return ConfigError(key, error.message, f"use one of: {', '.join(map(str, error.validator_value))}")
+    if error.validator == "required":
+        return ConfigError(key, error.message, "add the missing key" + (f" ({desc})" if desc else ""))
+    if error.validator == "type":
+        kinds = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        return ConfigError(key, error.message, f"write a value of type {' or '.join(kinds)}" + (f": {desc}" if desc else ""))
+    if error.validator in FIXES:
+        return ConfigError(key, error.message, FIXES[error.validator].format(v=error.validator_value))
+    return ConfigError(key, error.message, f"write a value that fits: {desc}" if desc else "see docs/config.md")
+
+
+def validation_error(exc: BaseException) -> jsonschema.ValidationError | None:
+    """The schema violation inside what ``snakemake.utils.validate`` raised, if any."""
+    seen = exc
+    while seen is not None:  # snakemake raises its WorkflowError while handling the ValidationError
+        if isinstance(seen, jsonschema.ValidationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def validate(config: dict) -> dict:
+    """Validate and fill defaults outside a workflow (tests, notebooks), as the Snakefile does."""
+    from snakemake.utils import validate as snakemake_validate  # snakemake is only needed here
+
+    try:
+        snakemake_validate(config, str(SCHEMA_FILE))
+    except Exception as e:  # noqa: BLE001 - WorkflowError wraps the ValidationError
+        err = validation_error(e)
+        if err is None:
+            raise
+        raise explain(err) from None
+    return config
+
+
+# ----------------------------------------------------------------------------------- at parse time
+
+
+def check(config: dict) -> None:
+    """Cross-key checks; a function of the config dict alone."""
+    models, corpora = config["models"], config["corpora"]
+    for i, m in enumerate(config["run_models"]):
+        if m not in models:
+            raise ConfigError(f"run_models[{i}]", f"unknown model '{m}'",
+                              f"define it under `models:` or use one of: {', '.join(sorted(models))}")
+    if config["corpus"] not in corpora:
+        raise ConfigError("corpus", f"unknown corpus '{config['corpus']}'",
+                          f"define it under `corpora:` or use one of: {', '.join(sorted(corpora))}")
+    trained = config["training"]["analysis_model"]
+    if trained in models:
+        raise ConfigError("training.analysis_model", f"'{trained}' is already a model under `models:`",
+                          "choose another key for the trained model")
+    n = config["sampling"]["seq_len"]
+    for m in config["run_models"]:
+        if models[m].get("causal") is None:
+            raise ConfigError(f"models.{m}.causal", "is not set; the views of a model are planned before it is "
+                              "fetched", "set causal: true for a decoder (causal LM), false for an encoder "
+                              "(extraction checks it against the model's masks)")
+        pos = models[m].get("max_positions")
+        if pos and n > pos:
+            raise ConfigError("sampling.seq_len", f"{n} exceeds the {pos} positions of model '{m}'",
+                              f"use seq_len <= {pos}, or drop '{m}' from run_models")
+        plan.model_views(config, m)  # raises for an undefined view
+    _check_extraction(config)
+    _check_views(config)
+    _check_overlap(config)
+    _check_reconstruction(config)
+    _check_training(config)
+    _check_scaling(config)
+
+
+def _check_extraction(config: dict) -> None:
+    e, fit = config["extraction"], config["sampling"]["n_sequences"]["fit"]
+    shards, batch, chunk = e["shards"], e["batch_size"], e["chunk_sequences"]
+    if batch % chunk:
+        raise ConfigError("extraction.batch_size", f"{batch} is not a multiple of extraction.chunk_sequences = "
+                          f"{chunk} (a batch is one shard of whole chunks)", f"use a multiple of {chunk}")
+    for split, count in config["sampling"]["n_sequences"].items():
+        if shards > count:
+            raise ConfigError("extraction.shards", f"{shards} shards but only {count} {split} passages",
+                              f"use at most {count} shards")
+    if sum(-(-((i + 1) * fit // shards - i * fit // shards) // chunk) for i in range(shards)) < 2:
+        raise ConfigError("extraction.chunk_sequences", f"{chunk} covers all {fit} fit passages of the shard in one "
+                          "chunk, so there are no two halves for the split-half statistics",
+                          f"use chunk_sequences (and batch_size) of at most {max(1, fit // 2)}, or more shards")
+
+
+def _check_scaling(config: dict) -> None:
+    s, models = config["scaling"], plan.scaling_models(config)
+    for key, within, name in (("models", config["run_models"], "run_models"),
+                              ("sample_models", models, "scaling.models")):
+        for i, m in enumerate([] if s[key] == "auto" else s[key]):
+            if m not in within:
+                raise ConfigError(f"scaling.{key}[{i}]", f"'{m}' is not in {name}",
+                                  f"use models from {name} ({', '.join(within)}), or auto")
+    for m in models:
+        pos = config["models"][m].get("max_positions")
+        if pos and m in plan.sample_models(config) and s["sample_length"] > pos:
+            raise ConfigError("scaling.sample_length", f"{s['sample_length']} exceeds the {pos} positions of "
+                              f"model '{m}'", f"use sample_length <= {pos}")
+        if pos and len([n for n in s["lengths"] if n <= pos]) < 2:
+            raise ConfigError("scaling.lengths", f"fewer than two lengths are within the {pos} positions of model "
+                              f"'{m}', so no trend against n can be fitted", f"add lengths <= {pos}")
+
+
+def _check_views(config: dict) -> None:
+    views = config["eigen"]["views"]
+    if views == "auto":
+        return
+    for m in config["run_models"]:
+        if not all(View(v, 2).allowed(config["models"][m]["causal"]) for v in views):
+            raise ConfigError("eigen.views", f"view 'all' is undefined for the causal model '{m}' (keys after "
+                              "each query are masked)", "use views: auto, or [prefix]")
+
+
+def _check_overlap(config: dict) -> None:
+    n = config["sampling"]["seq_len"]
+    for m in config["run_models"]:
+        for v in plan.model_views(config, m):
+            d = plan.view_dim(v, n)
+            bad = [k for k in config["overlap"]["k"] if k > d]
+            if bad:
+                raise ConfigError("overlap.k", f"k = {bad} exceeds the row dimension d = {d} of view '{v}' "
+                                  f"(seq_len {n}) for model '{m}'", f"use k <= {d}")
+    ks = config["eigen"]["report_k"]
+    d_min = min(plan.view_dim(v, n) for m in config["run_models"] for v in plan.model_views(config, m))
+    if max(ks) > d_min:
+        raise ConfigError("eigen.report_k", f"k = {[k for k in ks if k > d_min]} exceeds the d = {d_min} keys of "
+                          f"the smallest view (seq_len {n}); EV(k) would be clamped to EV(d)",
+                          f"use k <= {d_min}")
+    pairs = config["overlap"]["cross_pairs"]
+    for i, (a, b) in enumerate(plan.cross_pairs(config)):
+        for j, m in enumerate((a, b)):
+            if m not in config["run_models"]:
+                raise ConfigError(f"overlap.cross_pairs[{i}][{j}]", f"unknown model '{m}'",
+                                  f"use models from run_models: {', '.join(config['run_models'])}")
+        if a == b:
+            raise ConfigError(f"overlap.cross_pairs[{i}]", f"pairs a model with itself ('{a}')",
+                              "within-model overlap is always computed; list two different models")
+    if pairs != "auto" and len({tuple(p) for p in pairs}) != len(pairs):
+        raise ConfigError("overlap.cross_pairs", "lists a pair twice", "list each pair once")
+
+
+def _check_reconstruction(config: dict) -> None:
+    n = config["sampling"]["seq_len"]
+    if "raw" not in config["eigen"]["variants"]:
+        raise ConfigError("eigen.variants", "reconstruction fits on the 'raw' row spectra, which are not computed",
+                          "add raw to eigen.variants")
+    for section in ("reconstruction", "plugin"):
+        sizes = config[section]["subset_sizes"]
+        for m in config["run_models"]:
+            views = plan.model_views(config, m) if section == "reconstruction" else [plan.plugin_view(config, m)]
+            for v in views:
+                d = plan.view_dim(v, n)
+                bad = [s for s in sizes if s > d]
+                if bad:
+                    raise ConfigError(f"{section}.subset_sizes", f"s = {bad} exceeds the d = {d} keys of view "
+                                      f"'{v}' (seq_len {n}) for model '{m}'", f"use subset sizes <= {d}")
+    r = config["reconstruction"]
+    prefix_models = [m for m in config["run_models"] if "prefix" in plan.model_views(config, m)]
+    if "other_model" in r["transfer"] and len(prefix_models) < 2:
+        raise ConfigError("reconstruction.transfer", "lists other_model, but fewer than two models are analysed in "
+                          f"the prefix view ({', '.join(prefix_models) or 'none'}), so there is no other model",
+                          "add a second model to run_models, or drop other_model from reconstruction.transfer")
+    held = config["sampling"]["n_sequences"]["heldout"]
+    if config["plugin"]["n_sequences"] > held:
+        raise ConfigError("plugin.n_sequences", f"{config['plugin']['n_sequences']} exceeds the {held} held-out "
+                          "passages", f"use at most {held}, or raise sampling.n_sequences.heldout")
+
+
+def _check_training(config: dict) -> None:
+    t, n = config["training"], config["sampling"]["seq_len"]
+    bad = [s for s in t["subset_sizes"] if s > n]
+    if bad:
+        raise ConfigError("training.subset_sizes", f"s = {bad} exceeds the {n} tokens of a sequence (sampling.seq_len)",
+                          f"use subset sizes <= {n}")
+    if (m := t["model"])["d_model"] % m["heads"]:
+        raise ConfigError("training.model.d_model", f"{m['d_model']} is not divisible by heads = {m['heads']}",
+                          "use a d_model that is a multiple of heads")
+    for key in ("eval_every", "checkpoint_every"):
+        if t[key] % t["log_every"]:
+            raise ConfigError(f"training.{key}", f"{t[key]} is not a multiple of log_every = {t['log_every']}",
+                              f"use a multiple of {t['log_every']}")
+    if t["vocab"] == "minilm" and "minilm" not in config["models"]:
+        raise ConfigError("training.vocab", "'minilm' needs the minilm model defined under `models:`",
+                          "use vocab: wordpiece, or define models.minilm")
+    if len(set(t["exact_seeds"])) < 2:
+        raise ConfigError("training.exact_seeds", "needs two different seeds to measure seed noise",
+                          "e.g. exact_seeds: [0, 1]")
+
+
+# ------------------------------------------------------------------------- in the rules, with data
+
+
+def check_model_facts(config: dict, model: str, facts: dict) -> None:
+    """After the equivalence probe, before any score is written (extraction rule): the model's
+    layers and causality agree with the config. (A seq_len beyond the model's positions is refused
+    at parse time when `max_positions` is set, and by extraction itself otherwise.)"""
+    spec = plan.model_spec(config, model)
+    layers = spec.get("layers", "all")
+    if layers != "all":
+        bad = [x for x in layers if x >= facts["n_layers"]]
+        if bad:
+            raise ConfigError(f"models.{model}.layers", f"layer(s) {bad} out of range for a model with "
+                              f"{facts['n_layers']} layers", f"use 'all' or indices in 0..{facts['n_layers'] - 1}")
+    if spec.get("causal") is not None and bool(spec["causal"]) != facts["causal"]:
+        raise ConfigError(f"models.{model}.causal", f"is {spec['causal']}, but the model's attention masks are "
+                          f"{facts['mask_kinds']}, so it is {'causal' if facts['causal'] else 'not causal'} "
+                          "(every layer hiding the keys after each query)",
+                          f"set causal: {str(facts['causal']).lower()}")
+
+
+def expected_scores(config: dict, wildcards, split: str) -> dict:
+    """What a score store read by a rule must have been written with (its attrs); a store left over
+    from another configuration is refused rather than analysed."""
+    n = int(wildcards["n"]) if "n" in wildcards.keys() else config["sampling"]["seq_len"]
+    return {"model": wildcards["model"], "split": split, "seq_len": n, "dtype": config["extraction"]["dtype"],
+            "seed": config["seed"]}
+
+
+def resolve_device(value: str, key: str):
+    """A torch device for a config value (auto, cpu, cuda, cuda:N); CUDA asked for but absent fails."""
+    import torch  # not at module level: the Snakefile imports this module at parse time
+
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(key, f"'{value}' requested but CUDA is not available", "use device: auto or cpu")
+    return torch.device(value)
+

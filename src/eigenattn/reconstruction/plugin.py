@@ -1,0 +1,113 @@
+"""Plug-in evaluation (docs/method.md §7): every analysed head's scores replaced by their
+reconstruction inside the forward pass of the pretrained model, on held-out text.
+
+- Causal LM: perplexity of the tokens predicted from the queries of the view (for the
+  ``prefix`` view, the second half of each sequence: the first half is exact by construction),
+  and its ratio to the exact model's.
+- Encoder: cosine similarity of mean-pooled final hidden states to the exact model's, averaged
+  over sequences (the exact value is 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from eigenattn.spectra.stores import RowStats
+from eigenattn.errors import InputError
+from eigenattn.reconstruction.estimators import check_method
+from eigenattn.reconstruction.partial import attach, detach, maps_from_stats, register
+from eigenattn.capture.probe import model_class
+from eigenattn.storage.store import open_group
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["model", "estimator", "strategy", "subset_size", "metric", "value", "exact_value", "ratio"]
+
+
+def heldout_ids(shards, n_sequences: int | None) -> np.ndarray:
+    """Token ids (N, n) of the held-out shards, in passage order (the first n_sequences)."""
+    ids = []
+    for p in shards:
+        g = open_group(p)
+        if not g.attrs.get("complete"):
+            raise InputError(f"{p}: store is not marked complete; re-run extraction")
+        ids.append(g["input_ids"][:])
+    ids = np.concatenate(ids)
+    return ids[:n_sequences] if n_sequences else ids
+
+
+def load(model_dir, causal: bool, device):
+    impl = register()
+    # An encoder checkpoint loads as its own class (T5EncoderModel), as in extraction.
+    cls = AutoModelForCausalLM if causal else model_class(AutoConfig.from_pretrained(model_dir), str(model_dir))
+    model = cls.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32)
+    return model.eval().to(device)
+
+
+@torch.inference_mode()
+def _outputs(model, ids: torch.Tensor, causal: bool, q0: int, batch_size: int):
+    """Causal: (sum of NLL, count) over targets predicted from queries >= q0. Encoder: pooled states."""
+    if causal:
+        nll, count = 0.0, 0
+        for i in range(0, len(ids), batch_size):
+            x = ids[i:i + batch_size]
+            logits = model(input_ids=x).logits[:, q0:-1].float()
+            lp = torch.log_softmax(logits, dim=-1)
+            nll += float(-lp.gather(-1, x[:, q0 + 1:, None]).sum())
+            count += lp.shape[0] * lp.shape[1]
+        return nll, count
+    pooled = []
+    for i in range(0, len(ids), batch_size):
+        h = model(input_ids=ids[i:i + batch_size]).last_hidden_state
+        pooled.append(h.float().mean(dim=1))
+    return torch.cat(pooled)
+
+
+def plugin_eval(model_dir, rows_store, heldout_shards, *, estimators, strategies, subset_sizes,
+                n_sequences: int, batch_size: int, ridge: float, rank: float, seed: int, device,
+                progress: bool = True) -> pd.DataFrame:
+    stats = RowStats(rows_store)
+    for e in estimators:
+        for st in strategies:
+            for s in subset_sizes:
+                check_method(e, st, s, stats.d)
+    ids_np = heldout_ids(heldout_shards, n_sequences)
+    stats.check_matches(ids_np.shape[1], f"held-out tokens {heldout_shards[0]}")
+    device = torch.device(device)
+    ids = torch.from_numpy(ids_np.astype(np.int64)).to(device)
+    model = load(model_dir, stats.causal, device)
+    n_layers = model.config.num_hidden_layers
+    if len(stats.layers) < n_layers:
+        log.warning("statistics cover layers %s of %d: the other layers keep exact attention",
+                    stats.layers, n_layers)
+    q0 = stats.query_range[0]
+    t0 = time.perf_counter()
+    exact = _outputs(model, ids, stats.causal, q0, batch_size)
+    log.info("exact forward of %d sequences: %.1f s", len(ids), time.perf_counter() - t0)
+    if stats.causal:
+        exact_ppl = float(np.exp(exact[0] / exact[1]))
+        log.info("exact perplexity (targets from queries %d..): %.3f", q0, exact_ppl)
+    records = []
+    grid = [(e, st, s) for s in subset_sizes for st in strategies for e in estimators]
+    for est, st, s in tqdm(grid, desc=f"plug-in {stats.model}", disable=not progress):
+        attach(model, {k: v.to(device) for k, v in
+                       maps_from_stats(stats, est, st, s, ridge=ridge, rank=rank, seed=seed).items()})
+        out = _outputs(model, ids, stats.causal, q0, batch_size)
+        detach(model)
+        if stats.causal:
+            value = float(np.exp(out[0] / out[1]))
+            rec = ("perplexity", value, exact_ppl, value / exact_ppl)
+        else:
+            value = float(torch.nn.functional.cosine_similarity(out, exact, dim=-1).mean())
+            rec = ("embedding_cosine", value, 1.0, value)
+        records.append({"model": stats.model, "estimator": est, "strategy": st, "subset_size": s,
+                        **dict(zip(COLUMNS[4:], rec))})
+        log.info("%s %s s=%d: %s %.4f (ratio %.4f)", est, st, s, rec[0], rec[1], rec[3])
+    return pd.DataFrame.from_records(records, columns=COLUMNS)

@@ -1,0 +1,3 @@
+"""Shared: where the pipeline's bytes live. Zarr stores (the one writer and the one opener),
+tables, the background score writer, checked shard reads, fetched assets and job logs.
+"""

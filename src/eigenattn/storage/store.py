@@ -1,0 +1,267 @@
+"""Zarr layout helpers shared by the stages: codecs, chunking and reading shards as Dask arrays."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from glob import escape as glob_escape
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from eigenattn.errors import InputError
+
+MIN_CHUNK_BYTES = 1 << 20
+
+
+CODECS = {
+    # Measured on float16 minilm scores (one core): lz4 ratio 1.03, ~1 GB/s encode, ~2 GB/s decode;
+    # zstd ratio 1.11, ~0.4 GB/s encode, ~0.5 GB/s decode. Scores are nearly incompressible, and
+    # extraction and the eigen stage are CPU-bound, so lz4 is the default for them.
+    "lz4": {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"},
+    "zstd": {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"},
+}
+
+
+# Analysis stores (spectra, overlaps) are small and written once: the smaller codec.
+ANALYSIS_CODEC = "zstd"
+
+
+def compressor(dtype: str, codec: str):
+    """A Blosc codec (see CODECS) with the element size as its typesize."""
+    return BloscCodec(**CODECS[codec], typesize=np.dtype(dtype).itemsize)
+
+
+def score_codecs(dtype: str, codec: str) -> list:
+    """Codecs of a score store: the compressor (none for ``none``), then a CRC32C checksum, so a
+    chunk that rots on disk fails its read instead of yielding wrong scores."""
+    return ([] if codec == "none" else [compressor(dtype, codec)]) + [Crc32cCodec()]
+
+
+def score_chunks(batch: int, heads: int, n: int) -> tuple[int, ...]:
+    """One chunk = a batch of sequences for one layer, all heads: (B, 1, H, n, n)."""
+    return (batch, 1, heads, n, n)
+
+
+SCORE_DIMS = ["sequence", "layer", "head", "query", "key"]
+
+
+def create_score_store(root, *, ids, passage_ids, layers, heads: int, kv_heads: int, seq_len: int, dtype: str,
+                       compression: str, chunk_sequences: int, shard_sequences: int):
+    """The arrays of a score store (docs/data-contract.md), with named dimensions and coordinates,
+    so that ``xarray.open_zarr`` gives a labelled dataset.
+
+    ``scores`` is sharded: one shard file per block of ``shard_sequences`` sequences (the block the
+    extraction writes at once) holds every layer, in inner chunks of ``chunk_sequences`` sequences ×
+    one layer × all heads, the unit the eigen stage reads.
+    """
+    n_seq, L = len(ids), len(layers)
+    scores = root.create_array(
+        "scores", shape=(n_seq, L, heads, seq_len, seq_len), dtype=dtype,
+        chunks=score_chunks(chunk_sequences, heads, seq_len), shards=(shard_sequences, L, heads, seq_len, seq_len),
+        compressors=score_codecs(dtype, compression), fill_value=np.nan, dimension_names=SCORE_DIMS,
+        config={"write_empty_chunks": True})
+    scores.attrs["coordinates"] = "passage_id kv_head"
+    whole = (max(n_seq, 1), seq_len)
+    root.create_array("input_ids", data=ids, chunks=whole, dimension_names=["sequence", "position"])
+    root.create_array("attention_mask", data=np.ones_like(ids, dtype=np.int8), chunks=whole,
+                      dimension_names=["sequence", "position"])
+    coords = {"passage_id": (np.asarray(passage_ids, dtype=np.int64), "sequence"),
+              "layer": (np.asarray(layers, dtype=np.int64), "layer"),
+              "head": (np.arange(heads, dtype=np.int64), "head"),
+              "kv_head": (np.arange(heads, dtype=np.int64) // max(heads // kv_heads, 1), "head"),
+              "query": (np.arange(seq_len, dtype=np.int64), "query"),
+              "key": (np.arange(seq_len, dtype=np.int64), "key"),
+              "position": (np.arange(seq_len, dtype=np.int64), "position")}
+    for name, (values, dim) in coords.items():
+        root.create_array(name, data=values, dimension_names=[dim])
+    return scores
+
+
+def finish_store(path) -> None:
+    """Consolidate a finished store's metadata (one read opens it, also on object stores)."""
+    with warnings.catch_warnings():  # zarr notes that consolidation is not in the v3 spec yet; xarray reads it
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(zarr.storage.LocalStore(path))
+
+
+def open_group(path: str | Path, mode: str = "r"):
+    path = Path(path)
+    if mode == "r" and not (path / "zarr.json").is_file():
+        raise InputError(f"{path}: not a Zarr v3 group (no zarr.json); was the stage that writes it run?")
+    return zarr.open_group(zarr.storage.LocalStore(path, read_only=(mode == "r")), mode=mode)
+
+
+def refetch_hint(path) -> str:
+    return f"re-create it: snakemake --cores all --forcerun {path} (then run your target again)"
+
+
+_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000),
+             np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """Whether every element is finite. For IEEE floats it tests the exponent bits (all ones means
+    inf or NaN) as integers, about 10x faster than np.isfinite on float16."""
+    x = np.asarray(x)
+    if x.dtype not in _EXPONENT or not x.flags.c_contiguous:
+        return bool(np.isfinite(x).all())
+    utype, mask = _EXPONENT[x.dtype]
+    return int(np.max(x.view(utype) & utype(mask), initial=0)) != mask
+
+
+class CheckedScores:
+    """The ``scores`` array of one store, read chunk by chunk for Dask. A chunk that cannot be read
+    (missing, truncated, failing its checksum) or that holds a non-finite score stops the stage
+    with an error naming the store, the chunk and the fix, so no NaN reaches a result."""
+
+    def __init__(self, path, arr):
+        self.path, self.arr = str(path), arr
+        self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
+
+    def _where(self, key) -> str:
+        spans = [f"{k.start}:{k.stop}" if isinstance(k, slice) else str(k) for k in key]
+        return f"scores[{', '.join(spans)}]"
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        try:
+            x = self.arr[key]
+        except Exception as e:  # noqa: BLE001 - codec and checksum errors have many types
+            raise InputError(f"{self.path}: {self._where(key)} cannot be read ({type(e).__name__}: {e}); the store "
+                             f"is damaged.\n  fix: {refetch_hint(self.path)}") from e
+        if not all_finite(x):
+            raise InputError(f"{self.path}: {self._where(key)} holds {int((~np.isfinite(x)).sum())} non-finite "
+                             f"scores (a missing or damaged chunk reads as NaN).\n  fix: {refetch_hint(self.path)}")
+        return x
+
+
+def missing_objects(path, arr) -> list[tuple[int, ...]]:
+    """Grid keys of the stored objects (chunks, or shards) of a local array that are absent."""
+    step = arr.shards or arr.chunks
+    grid = [-(-s // c) for s, c in zip(arr.shape, step)]
+    root = Path(path) / "c"
+    present = {tuple(int(x) for x in Path(d, f).relative_to(root).parts)
+               for d, _, files in os.walk(root) for f in files}
+    return [k for k in np.ndindex(*grid) if k not in present]
+
+
+def _checked_arrays(shards: list[str | Path], expect: dict | None):
+    """The checked ``scores`` arrays of the shard stores (see :func:`open_scores`), and the first's attrs."""
+    if not shards:
+        raise InputError("no score shards given")
+    arrays, attrs = [], None
+    for p in shards:
+        g = open_group(p)
+        a = g.attrs.asdict()
+        if not a.get("complete"):
+            raise InputError(f"{p}: store is not marked complete.\n  fix: {refetch_hint(p)}")
+        for key, want in (expect or {}).items():
+            if a.get(key) != want:
+                raise InputError(f"{p}: written with {key} = {a.get(key)!r}, but this stage expects {want!r}: the "
+                                 f"store is stale.\n  fix: {refetch_hint(p)}")
+        if attrs is None:
+            attrs = a
+        elif (a["layers"], a["heads"], a["seq_len"]) != (attrs["layers"], attrs["heads"], attrs["seq_len"]):
+            raise InputError(f"{p}: layers/heads/seq_len differ from {shards[0]}")
+        arr = g["scores"]
+        missing = missing_objects(Path(p) / "scores", arr)
+        if missing:
+            raise InputError(f"{p}: {len(missing)} chunk file(s) of scores are missing (first: {missing[0]}).\n"
+                             f"  fix: {refetch_hint(p)}")
+        arrays.append(CheckedScores(p, arr))
+    return arrays, attrs
+
+
+def open_scores(shards: list[str | Path], expect: dict | None = None):
+    """Concatenate the ``scores`` arrays of several shard stores into one checked Dask array.
+
+    Each store must be marked complete, hold every chunk, and carry the attributes in ``expect``
+    (e.g. the model, split, seq_len, dtype and seed the calling rule was configured with); a stale
+    or damaged store fails here, naming it and the fix. Dask chunks equal the Zarr chunks, and every
+    chunk is checked as it is read (:class:`CheckedScores`). Returns (dask array, attrs of the
+    first shard).
+    """
+    arrays, attrs = _checked_arrays(shards, expect)
+    return _as_dask(arrays), attrs
+
+
+def _as_dask(arrays):
+    return da.concatenate([da.from_array(c, chunks=c.arr.chunks, asarray=False, name=f"scores-{Path(c.path).resolve()}",
+                                         meta=np.empty((0,) * c.ndim, c.dtype)) for c in arrays], axis=0)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, directory: bool = False):
+    """Yield a temporary sibling of ``path`` (a new directory, or a file name); on success it is
+    renamed to ``path``, replacing what was there. On any error it is removed, so an interrupted
+    writer never leaves an output at ``path`` that looks complete. The one atomic writer of the
+    package: stores, tables, checkpoints and model folders all go through it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A writer killed outright (SIGKILL, out of memory) leaves its temporary sibling behind; the
+    # next writer of the same output sweeps it (one job writes an output at a time).
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    tmp.chmod(0o755)
+    if not directory:
+        tmp = tmp / path.name  # a file inside a private folder: any suffix-sensitive writer works
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp if directory else tmp.parent, ignore_errors=True)
+
+
+def atomic_store(path: str | Path):
+    """:func:`atomic_output` for a directory (a Zarr store, a model folder)."""
+    return atomic_output(path, directory=True)
+
+
+def write_arrays(group, arrays: dict, dims: dict, attrs: dict | None = None, coords: dict | None = None):
+    """Write a dict of numpy arrays (nested dicts become subgroups) into a Zarr group.
+
+    ``dims`` names the dimensions of every array (nested like ``arrays``); ``coords`` maps a
+    coordinate name to (values, dimension) and is written into every group that uses the dimension,
+    so each group opens with ``xarray.open_zarr`` as a labelled dataset.
+    """
+    used = set()
+    for name, value in arrays.items():
+        if isinstance(value, dict):
+            write_arrays(group.require_group(name), value, dims[name], coords=coords)
+            continue
+        value = np.asarray(value)
+        if len(dims[name]) != value.ndim:
+            raise ValueError(f"{name}: {value.ndim} dimensions but {len(dims[name])} names {dims[name]}")
+        # whole arrays up to 16 MB; bigger ones chunk along their first (layer) axis
+        chunks = value.shape if value.nbytes <= 16 << 20 else (1, *value.shape[1:])
+        group.create_array(name, data=value, chunks=chunks, compressors=compressor(value.dtype.str, ANALYSIS_CODEC),
+                           dimension_names=dims[name])
+        used |= set(dims[name])
+    for name, (values, dim) in (coords or {}).items():
+        if dim in used and name not in group:
+            group.create_array(name, data=np.asarray(values), dimension_names=[dim])
+    if attrs:
+        group.attrs.update(attrs)
+
+
+def write_table(df, path: str | Path) -> None:
+    """Write a DataFrame as .parquet or .csv (by suffix), atomically."""
+    path = Path(path)
+    if path.suffix not in (".parquet", ".csv"):
+        raise ValueError(f"{path}: unsupported table format (use .parquet or .csv)")
+    with atomic_output(path) as tmp:
+        if path.suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
