@@ -1,0 +1,248 @@
+"""Typed, frozen settings: what each stage's library functions take instead of the config dict.
+
+Each dataclass is built from the config in one place, its ``from_config`` constructor, which is the
+only code outside this package that names config keys. A rule passes ``settings.params()`` (a plain
+dict of the fields) as its params, so Snakemake's params rerun trigger sees every science value
+exactly as before; the script rebuilds the dataclass with ``from_params`` and calls the library.
+
+Where a job runs (:class:`Runtime`: the torch device, the Dask scheduler) is passed as the object
+itself. Snakemake records only builtin values as params, so changing where a job runs re-runs
+nothing (tests/test_rerun.py checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from eigenattn.config import plan
+
+
+class _Settings:
+    def params(self) -> dict:
+        """The fields as a plain dict: the rule's params (a rerun trigger)."""
+        return asdict(self)
+
+    @classmethod
+    def from_params(cls, params: dict):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in dict(params).items() if k in names})
+
+
+@dataclass(frozen=True)
+class Runtime(_Settings):
+    """Where a job runs: not science, never a rerun trigger. ``key`` names the device's config key."""
+
+    device: str = "cpu"
+    key: str = ""
+    scheduler: str = "threads"
+    slurm: dict | None = None
+
+    @classmethod
+    def from_config(cls, config: dict, section: str) -> Runtime:
+        s = config[section]
+        return cls(device=s.get("device", "cpu"), key=f"{section}.device", scheduler=s.get("scheduler", "threads"),
+                   slurm=s.get("slurm"))
+
+    def torch_device(self):
+        from eigenattn.config.validation import resolve_device
+
+        return resolve_device(self.device, key=self.key)
+
+
+@dataclass(frozen=True)
+class Sampling(_Settings):
+    """One passage sample (the main run's, or a grid point of the scaling study)."""
+
+    corpus: str
+    seed: int
+    seq_len: int
+    n_sequences: dict
+    heldout_fraction: float
+    key: str  # the config section the sizes come from, for errors: sampling or scaling
+
+    @classmethod
+    def from_config(cls, config: dict) -> Sampling:
+        s = config["sampling"]
+        return cls(config["corpus"], config["seed"], s["seq_len"], dict(s["n_sequences"]), s["heldout_fraction"],
+                   "sampling")
+
+    @classmethod
+    def scaling_point(cls, config: dict, n: int, N: int) -> Sampling:
+        return cls(config["corpus"], config["seed"], int(n), {"fit": int(N), "heldout": 1},
+                   config["sampling"]["heldout_fraction"], "scaling")
+
+    def size_key(self, split: str) -> str:
+        return f"sampling.n_sequences.{split}" if self.key == "sampling" else "scaling.samples"
+
+
+@dataclass(frozen=True)
+class ModelFacts(_Settings):
+    """What the config says of a model, checked against the model itself after the probe."""
+
+    model: str
+    layers: Any  # "all", a list of indices, or {"of": [...], "at_most": k}
+    causal: bool | None
+
+
+@dataclass(frozen=True)
+class Extraction(_Settings):
+    """One score shard: which passages, how they are stored, and what the store is stamped with."""
+
+    model: str
+    split: str
+    shard: int
+    n_shards: int
+    seq_len: int
+    dtype: str
+    compression: Any
+    batch_size: int
+    chunk_sequences: int
+    autocast: Any
+    layers: Any
+    source: dict
+    corpus: str
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: dict, model: str, split: str, shard: int, n_shards: int, seq_len: int,
+                    *, layers=None, chunk_sequences: int | None = None, batch_size: int | None = None) -> Extraction:
+        e = config["extraction"]
+        spec = plan.model_spec(config, model)
+        chunk = e["chunk_sequences"] if chunk_sequences is None else chunk_sequences
+        return cls(model, split, int(shard), int(n_shards), int(seq_len), e["dtype"], e["compression"],
+                   e["batch_size"] if batch_size is None else batch_size, chunk, e["autocast"],
+                   spec.get("layers", "all") if layers is None else layers, spec, config["corpus"], config["seed"])
+
+    def facts(self) -> ModelFacts:
+        return ModelFacts(self.model, self.source.get("layers", "all"), self.source.get("causal"))
+
+    def attrs(self) -> dict:
+        """The store attrs that say where its scores come from."""
+        return {"model": self.model, "source": self.source, "corpus": self.corpus, "split": self.split,
+                "seed": self.seed, "shard": self.shard, "n_shards": self.n_shards}
+
+
+def expected_scores(config: dict, model: str, split: str, n: int | None = None) -> dict:
+    """What a score store read by a rule must have been written with (its attrs); a store left over
+    from another configuration is refused rather than analysed."""
+    return {"model": model, "split": split, "seq_len": int(n or config["sampling"]["seq_len"]),
+            "dtype": config["extraction"]["dtype"], "seed": config["seed"]}
+
+
+@dataclass(frozen=True)
+class Reconstruction(_Settings):
+    """The held-out reconstruction of one model and view (docs/method.md §6)."""
+
+    estimators: tuple
+    strategies: tuple
+    subset_sizes: tuple
+    ridge: float
+    rank: float
+    seed: int
+    eval_rows: int | None
+    transfer: tuple = ()
+    transfer_estimators: tuple = ()
+    other_models: tuple = ()
+
+    @classmethod
+    def from_config(cls, config: dict, model: str, view: str) -> Reconstruction:
+        r = config["reconstruction"]
+        return cls(tuple(r["estimators"]), tuple(r["strategies"]), tuple(r["subset_sizes"]), r["ridge"],
+                   r["eigenspace_rank"], config["seed"], r["eval_rows"], tuple(r["transfer"]),
+                   tuple(r["transfer_estimators"]), tuple(plan.other_models(config, model, view)))
+
+
+@dataclass(frozen=True)
+class Plugin(_Settings):
+    """The plug-in evaluation of one model (docs/method.md §7)."""
+
+    estimators: tuple
+    strategies: tuple
+    subset_sizes: tuple
+    n_sequences: int
+    batch_size: int
+    ridge: float
+    rank: float
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> Plugin:
+        p, r = config["plugin"], config["reconstruction"]
+        return cls(tuple(p["estimators"]), tuple(p["strategies"]), tuple(p["subset_sizes"]), p["n_sequences"],
+                   p["batch_size"], r["ridge"], r["eigenspace_rank"], config["seed"])
+
+
+@dataclass(frozen=True)
+class EncoderModel(_Settings):
+    """The MLM encoder's shape (training.model)."""
+
+    layers: int
+    heads: int
+    d_model: int
+    d_ff: int
+    dropout: float
+    positions: str
+    init_range: float
+
+
+# The training keys a run's result depends on; the maps' keys only for the variants that use them.
+RUN_KEYS = ("vocab", "vocab_size", "steps", "finetune_steps", "batch_size", "lr", "finetune_lr", "weight_decay",
+            "warmup", "log_every", "eval_every", "checkpoint_every")
+MAP_KEYS = ("estimator", "strategy", "ridge", "eigenspace_rank")
+USES_MAPS = ("partial_fixed", "partial_learned", "subset_only")
+
+
+@dataclass(frozen=True)
+class Training(_Settings):
+    """One training run's hyper-parameters (docs/method.md §8). The map keys are None for variants
+    that use no fitted maps, so changing them does not re-run those."""
+
+    vocab: str
+    vocab_size: int
+    model: EncoderModel
+    steps: int
+    finetune_steps: int
+    batch_size: int
+    lr: float
+    finetune_lr: float
+    weight_decay: float
+    warmup: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    seq_len: int
+    data_seed: int
+    estimator: str | None = None
+    strategy: str | None = None
+    ridge: float | None = None
+    eigenspace_rank: float | None = None
+
+    @classmethod
+    def from_config(cls, config: dict, variant: str = "exact") -> Training:
+        t = config["training"]
+        maps = {k: t[k] for k in MAP_KEYS} if variant in USES_MAPS else {}
+        return cls(**{k: t[k] for k in RUN_KEYS}, model=EncoderModel(**t["model"]),
+                   seq_len=config["sampling"]["seq_len"], data_seed=config["seed"], **maps)
+
+    @classmethod
+    def from_params(cls, params: dict) -> Training:
+        p = dict(params)
+        return cls(**{**p, "model": EncoderModel(**p["model"])})
+
+
+@dataclass(frozen=True)
+class ClaimThresholds(_Settings):
+    """The claims table's thresholds (the ``claims:`` section; docs/method.md §9)."""
+
+    k_report: int
+    s_report: int
+    c1_max_k90_share: float
+    c2_min_ratio_random: float
+    c3_min_gain: float
+    c3_alpha: float
+    c4_min_kept_gain: float
+
+    @classmethod
+    def from_config(cls, config: dict) -> ClaimThresholds:
+        return cls.from_params(config["claims"])
