@@ -15,6 +15,7 @@ include: "workflow/rules/overlap.smk"
 include: "workflow/rules/reconstruct.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/scaling.smk"
+include: "workflow/rules/claims.smk"
 include: "workflow/rules/notebooks.smk"
 
 

@@ -307,8 +307,9 @@ def test_sigkill_then_rerun_completes_and_keeps_finished_work(tmp_path, resource
 
 
 def test_moved_workdir_with_a_space_reruns_nothing(tiny_run, tmp_path):
-    """Moving a finished working directory schedules nothing; every shell placeholder is quoted, so a
-    path with a space works for the notebook rule too."""
+    """A finished project (the tiny run's folder holds its own checkout beside results/, logs/ and
+    .snakemake/) copied to a path with a space schedules nothing: the notebooks are inputs relative
+    to the working directory. Every shell placeholder is quoted, so the notebook rule works there."""
     wd, _ = tiny_run
     moved = tmp_path / "with space" / "run"
     shutil.copytree(wd, moved, symlinks=True)

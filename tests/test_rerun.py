@@ -71,7 +71,7 @@ def test_subset_sizes_do_not_retrain_exact(tiny_run, tmp_path):
 
 def test_editing_a_notebook_rerenders_only_it(tiny_run):
     wd, _ = tiny_run
-    nb = REPO / "notebooks" / "overlap.ipynb"
+    nb = wd / "notebooks" / "overlap.ipynb"  # the run's own checkout
     original = nb.read_bytes()
     st = nb.stat()
     try:

@@ -1,3 +1,49 @@
+# Stage 3: row and full-matrix spectra of every model and view. The Dask scheduler is part of
+# `runtime`, not a recorded param: where a computation runs must not trigger a re-run.
+
+
+def expected_fit_scores(wildcards):
+    n = int(wildcards.n) if "n" in wildcards.keys() else None
+    return settings.expected_scores(config, wildcards.model, "fit", n)
+
+
+def gram_mem_mb(wildcards, input, threads, attempt):
+    """Peak memory of a full-matrix job, from the score stores' shapes once they exist
+    (eigenattn.spectra.full_plan.stores_memory_mb, a generous guess before)."""
+    from eigenattn.spectra.full_plan import stores_memory_mb
+
+    e = config["eigen"]
+    mb = stores_memory_mb(
+        list(input),
+        wildcards.view,
+        bool(plan.model_spec(config, wildcards.model).get("causal")),
+        e["gram_memory_mb"],
+        threads,
+        e["full_route"],
+        rank=e["full_rank"],
+        guess_n_sequences=int(
+            getattr(wildcards, "N", 4 * config["sampling"]["n_sequences"]["fit"])
+        ),
+        guess_seq_len=int(getattr(wildcards, "n", SEQ_LEN)),
+    )
+    return int(attempt * mb)
+
+
+def model_view_pairs():
+    return [(m, v) for m in MODELS for v in plan.model_views(config, m)]
+
+
+def eigen_outputs():
+    return [
+        path(rules.eigen_spectrum.output[0], model=m, view=v)
+        for m, v in model_view_pairs()
+    ]
+
+
+def eigen_dirs():
+    return [str(Path(p).parent) for p in eigen_outputs()]
+
+
 rule eigen_rows:
     input:
         fit_shards,
@@ -14,7 +60,11 @@ rule eigen_rows:
     resources:
         mem_mb=mem_mb(4000),
     params:
-        p=eigen_rows_params,
+        view=lambda wildcards: wildcards.view,
+        variants=config["eigen"]["variants"],
+        split_every=config["eigen"]["split_every"],
+        expect=expected_fit_scores,
+        runtime=runtime("eigen"),
     script:
         "../scripts/eigen_rows.py"
 
@@ -34,7 +84,12 @@ rule eigen_full:
     resources:
         mem_mb=gram_mem_mb,
     params:
-        p=eigen_full_params,
+        view=lambda wildcards: wildcards.view,
+        variants=config["eigen"]["variants"],
+        rank=config["eigen"]["full_rank"],
+        seed=config["seed"],
+        expect=expected_fit_scores,
+        runtime=runtime("eigen"),
     script:
         "../scripts/eigen_full.py"
 
@@ -51,7 +106,7 @@ rule eigen_spectrum:
     conda:
         "../../envs/eigenattn.yaml"
     params:
-        p=eigen_spectrum_params,
+        p={"report_k": config["eigen"]["report_k"]},
     script:
         "../scripts/eigen_spectrum.py"
 

@@ -1,3 +1,37 @@
+# Stage 5: reconstruction from partial computation, on held-out scores and inside the models.
+
+
+def expected_heldout_scores(wildcards):
+    return settings.expected_scores(config, wildcards.model, "heldout")
+
+
+def transfer_inputs(wildcards):
+    others = plan.other_models(config, wildcards.model, wildcards.view)
+    return expand(rules.eigen_rows.output.rows, model=others, view="prefix")
+
+
+def reconstruction_settings(wildcards):
+    return settings.Reconstruction.from_config(
+        config, wildcards.model, wildcards.view
+    ).params()
+
+
+def reconstruct_outputs():
+    return [
+        path(rules.reconstruct_view.output[0], model=m, view=v)
+        for m, v in model_view_pairs()
+    ]
+
+
+def plugin_rows(wildcards):
+    view = plan.plugin_view(config, wildcards.model)
+    return path(rules.eigen_rows.output.rows, model=wildcards.model, view=view)
+
+
+def plugin_outputs():
+    return expand(rules.plugin_eval_model.output[0], model=MODELS)
+
+
 rule reconstruct_view:
     input:
         rows=rules.eigen_rows.output.rows,
@@ -14,7 +48,8 @@ rule reconstruct_view:
         "../../envs/eigenattn.yaml"
     threads: 1
     params:
-        p=reconstruct_params,
+        settings=reconstruction_settings,
+        expect=expected_heldout_scores,
     script:
         "../scripts/reconstruct.py"
 
@@ -41,7 +76,8 @@ rule plugin_eval_model:
     resources:
         gpu=gpus_for("plugin"),
     params:
-        p=plugin_params,
+        settings=settings.Plugin.from_config(config).params(),
+        runtime=runtime("plugin"),
     script:
         "../scripts/plugin_eval.py"
 
