@@ -29,8 +29,8 @@ def scaling_extraction_settings(wildcards):
         1,
         int(wildcards.n),
         layers=plan.scaling_layers(config, wildcards.model),
-        chunk_sequences=chunk,
-        batch_size=e["batch_size"] if chunk == e["chunk_sequences"] else chunk,
+        chunk=chunk,
+        batch=e["batch_size"] if chunk == e["chunk_sequences"] else chunk,
     ).params()
 
 

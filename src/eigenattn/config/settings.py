@@ -106,12 +106,13 @@ class Extraction(_Settings):
 
     @classmethod
     def from_config(cls, config: dict, model: str, split: str, shard: int, n_shards: int, seq_len: int,
-                    *, layers=None, chunk_sequences: int | None = None, batch_size: int | None = None) -> Extraction:
+                    *, layers=None, chunk: int | None = None, batch: int | None = None) -> Extraction:
+        """``layers``, ``chunk`` and ``batch`` override the config's (the scaling study's grid points)."""
         e = config["extraction"]
         spec = plan.model_spec(config, model)
-        chunk = e["chunk_sequences"] if chunk_sequences is None else chunk_sequences
+        chunk = e["chunk_sequences"] if chunk is None else chunk
         return cls(model, split, int(shard), int(n_shards), int(seq_len), e["dtype"], e["compression"],
-                   e["batch_size"] if batch_size is None else batch_size, chunk, e["autocast"],
+                   e["batch_size"] if batch is None else batch, chunk, e["autocast"],
                    spec.get("layers", "all") if layers is None else layers, spec, config["corpus"], config["seed"])
 
     def facts(self) -> ModelFacts:
