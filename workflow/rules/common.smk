@@ -40,6 +40,8 @@ TRAIN = config["training"]
 NOTEBOOKS = ["spectrum", "overlap", "reconstruction", "training", "summary"]
 NOTEBOOKS += ["scaling"] if plan.scaling_models(config) else []
 WHEEL_CACHE = "resources/wheels"
+# The checkout this file belongs to (also when the workflow is used as a module).
+CHECKOUT = (Path(workflow.current_basedir) / ".." / "..").resolve()
 
 
 wildcard_constraints:
@@ -76,7 +78,7 @@ def path(pattern, **wildcards):
 def checkout_file(*parts):
     """A file of this workflow's checkout: relative to the working directory when it lies inside
     it, so a finished project moved or copied with its checkout re-runs nothing."""
-    p = Path(workflow.basedir, *parts).resolve()
+    p = CHECKOUT.joinpath(*parts)
     try:
         return str(p.relative_to(Path.cwd().resolve()))
     except ValueError:
