@@ -17,9 +17,11 @@ import torch
 import zarr
 
 from eigenattn.capture.interface import CAPTURE_IMPL, ScoreCapture, capture_attention_forward, capturing, check_kwargs, register
-from eigenattn.errors import UnsupportedModelError
+from eigenattn.capture.probe import STORE_DTYPES, STORED_PROB_TOL
+from eigenattn.config.schema import default, enum
+from eigenattn.errors import ConfigError, UnsupportedModelError
 from eigenattn.capture.extract import extract_scores
-from tiny_models import FAMILIES, build, eager_attentions, store_probabilities, texts
+from tiny_models import FAMILIES, build, build_wide_t5, eager_attentions, store_probabilities, texts
 
 SEQ_LEN = 16
 TOL = 1e-5
@@ -70,7 +72,12 @@ def test_family_passes_the_oracle_or_is_refused(name, models, tmp_path):
     print(f"{name} ({what}): max |softmax([S + mask, sink]) - eager output_attentions| = {err:.2e}; "
           f"masks {a['layer_masks']}")
     assert err <= TOL
-    assert a["equivalence_probe"]["max_prob_error"] <= TOL
+    probe = a["equivalence_probe"]
+    assert probe["max_prob_error"] <= TOL
+    assert probe["max_prob_error_stored"] <= TOL and probe["stored_prob_tolerance"] == STORED_PROB_TOL
+    # scores of order 10: float16 would reproduce P too, so dtype auto stores float16 for every family
+    print(f"{name}: float16 would reproduce P to {probe['stored_prob_errors']['float16']:.2e}")
+    assert probe["stored_prob_errors"]["float16"] <= STORED_PROB_TOL
     if name in EXPECTED_MASKS:
         assert a["layer_masks"] == EXPECTED_MASKS[name]
     assert a["causal"] is all(m["kind"] in ("causal", "sliding_window", "chunked") for m in a["layer_masks"])
@@ -107,6 +114,67 @@ def test_probe_refuses_a_wrong_backend(name, drop, models, tmp_path, monkeypatch
                        layers="all", compression="lz4")
     print(f"{name} without {drop}: {str(err.value).splitlines()[0]}")
     assert not (tmp_path / "s").exists()
+
+
+@pytest.fixture(scope="module")
+def wide_t5(tmp_path_factory):
+    return build_wide_t5(tmp_path_factory.mktemp("tiny-models") / "t5_wide")
+
+
+def _extract(model_dir, out, dtype, name):
+    extract_scores(model_dir, texts(3), np.arange(3), out, seq_len=SEQ_LEN, dtype=dtype, batch_size=2,
+                   chunk_sequences=1, device="cpu", progress=False, autocast="none", layers="all",
+                   compression="none", attrs={"model": name})
+    return zarr.open_group(out, mode="r")
+
+
+def test_auto_dtype_stores_float32_where_float16_fails(wide_t5, tmp_path, caplog):
+    """A T5 encoder with |S| ~ 200 (unscaled logits, large position bias): float16 scores move P by
+    ~1e-2, so the default dtype (auto) stores float32, says why, and the store reproduces P."""
+    assert default("extraction.dtype") == "auto"
+    out = tmp_path / "t5" / "shard-0.zarr"
+    with caplog.at_level("INFO", logger="eigenattn.capture.probe"):
+        g = _extract(wide_t5, out, default("extraction.dtype"), "t5_wide")
+    a = g.attrs.asdict()
+    probe = a["equivalence_probe"]
+    assert 150 <= np.abs(g["scores"][:]).max() <= 400
+    assert a["dtype"] == "float32" and g["scores"].dtype == np.float32 and a["dtype_requested"] == "auto"
+    e16 = probe["stored_prob_errors"]["float16"]
+    assert e16 > 1.5 * STORED_PROB_TOL  # measured ~1e-2
+    assert probe["max_prob_error_stored"] == probe["stored_prob_errors"]["float32"] <= TOL
+    err = float(np.abs(store_probabilities(out) - eager_attentions(wide_t5, g["input_ids"][:], a["layers"])).max())
+    print(f"wide-logit T5: float16 would reproduce P to {e16:.2e}; stored float32 {err:.2e} "
+          f"(probe: {probe['max_prob_error_stored']:.2e})")
+    assert err <= TOL
+    line = next(r.getMessage() for r in caplog.records if "extraction.dtype auto" in r.getMessage())
+    assert "float32" in line and f"{e16:.2e}" in line and f"{STORED_PROB_TOL:.0e}" in line
+
+
+def test_explicit_float16_is_refused_where_it_fails(wide_t5, tmp_path):
+    with pytest.raises(ConfigError, match=r"'extraction\.dtype'.*float16.*\d\.\d\de-0\d, over the tolerance "
+                                          r"5e-03") as err:
+        _extract(wide_t5, tmp_path / "t5" / "shard-0.zarr", "float16", "t5_wide")
+    assert err.value.key == "extraction.dtype" and "fix: use dtype: auto" in str(err.value)
+    print(str(err.value))
+    assert not (tmp_path / "t5").exists()  # refused before any score was written
+
+
+def test_store_dtypes_are_the_schema_enum():
+    assert ("auto", *STORE_DTYPES) == enum("extraction.dtype")
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_auto_dtype_keeps_float16_for_ordinary_models(name, models, tmp_path):
+    out = tmp_path / name / "shard-0.zarr"
+    g = _extract(models(name), out, "auto", name)
+    a = g.attrs.asdict()
+    probe = a["equivalence_probe"]
+    assert a["dtype"] == "float16" and g["scores"].dtype == np.float16 and a["dtype_requested"] == "auto"
+    assert probe["max_prob_error_stored"] == probe["stored_prob_errors"]["float16"] <= STORED_PROB_TOL
+    err = float(np.abs(store_probabilities(out) - eager_attentions(models(name), g["input_ids"][:],
+                                                                   a["layers"])).max())
+    print(f"{name}: float16 stored error {err:.2e} (probe {probe['max_prob_error_stored']:.2e})")
+    assert err <= STORED_PROB_TOL
 
 
 def test_unknown_keyword_is_refused_by_name(models, tmp_path, monkeypatch):

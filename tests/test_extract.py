@@ -128,3 +128,16 @@ def test_shards_partition_the_split(tmp_path):
     np.testing.assert_array_equal(got, np.arange(7))
     with pytest.raises(ValueError, match="shard 0 of 4 has no heldout passages"):
         shard_passages(p, "heldout", 0, 4)
+
+
+def test_stale_check_follows_the_requested_dtype():
+    """dtype auto resolves per model, so later stages check what was asked for; an explicit dtype,
+    what the store holds."""
+    from eigenattn.config.validation import expected_scores
+
+    config = {"sampling": {"seq_len": 16}, "seed": 0, "extraction": {"dtype": "auto"}}
+    want = expected_scores(config, {"model": "m"}, "fit")
+    assert want["dtype_requested"] == "auto" and "dtype" not in want
+    config["extraction"]["dtype"] = "float16"
+    want = expected_scores(config, {"model": "m"}, "fit")
+    assert want["dtype"] == "float16" and "dtype_requested" not in want

@@ -213,6 +213,26 @@ def build(name: str, dest: Path, target_std: float = 3.0) -> Path:
     return dest
 
 
+def build_wide_t5(dest: Path, target_std: float = 50.0, bias_scale: float = 200.0) -> Path:
+    """A tiny T5 encoder whose float16 scores do not reproduce its probabilities.
+
+    T5 does not scale its logits by 1/sqrt(d), and adds a relative position bias: here Q and K
+    are scaled to a score std of ``target_std`` and the bias table multiplied by ``bias_scale``
+    (std ~0.2 -> ~40), so |S| reaches ~250, where float16's ~3 significant digits move the
+    probabilities by ~1e-2 while float32 stays at ~1e-7.
+    """
+    import transformers as T
+
+    dest = build("t5_encoder", Path(dest), target_std=target_std)
+    model = T.T5EncoderModel.from_pretrained(dest)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("relative_attention_bias.weight"):
+                p.mul_(bias_scale)
+    model.save_pretrained(dest)
+    return dest
+
+
 # The oracle: the store's probabilities by the docs/models.md formula against the model's own eager attention.
 
 def _visible(info: dict, n: int) -> np.ndarray:

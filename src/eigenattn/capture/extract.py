@@ -11,6 +11,11 @@ Store layout (one group per shard; see docs/data-contract.md and docs/models.md)
 Before the store is created, an equivalence probe (``eigenattn.capture.probe``) checks the model against
 its own eager attention and refuses it, with a message naming it, if the scores would not
 reproduce the model's probabilities; each layer's mask kind goes into ``attrs["layer_masks"]``.
+The probe also measures the scores as stored (cast to float16 and float32), which decides the
+dtype: ``dtype="auto"`` stores float16 where its cast reproduces the probabilities within
+``probe.STORED_PROB_TOL`` and float32 where not; an explicit float16 that fails is refused
+(ConfigError) before any store exists. ``attrs["dtype"]`` is the dtype stored,
+``attrs["dtype_requested"]`` the one asked for.
 
 The store is written under a temporary sibling name and renamed into place only once every
 array and attribute is written, so an interrupted run never leaves a store that looks complete.
@@ -34,13 +39,14 @@ from eigenattn.capture.interface import ScoreCapture, capturing
 from eigenattn.corpus.passages import tokenize_passages
 from eigenattn.errors import UnsupportedModelError
 from eigenattn.capture.masks import describe
-from eigenattn.capture.probe import PROBE_SEQUENCES, equivalence_probe, load_capture_model, mask_info
+from eigenattn.capture.probe import (PROBE_SEQUENCES, STORE_DTYPES, equivalence_probe, load_capture_model,
+                                     mask_info, resolve_store_dtype)
 from eigenattn.storage.score_writer import ScoreWriter, reuse_freed_memory
 from eigenattn.storage.store import atomic_store, create_score_store, finish_store
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
+DTYPES = STORE_DTYPES  # extraction.dtype, besides auto
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -121,10 +127,11 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
     Returns a dict of timings and sizes. ``attrs`` are merged into the group attributes.
     ``check_facts``, if given, is called with what the equivalence probe found (``n_layers``,
     ``causal``, ``mask_kinds``) before any store exists, so a caller can refuse a model that does
-    not match what it expected.
+    not match what it expected. ``dtype``: ``auto``, ``float16`` or ``float32``
+    (:func:`eigenattn.capture.probe.resolve_store_dtype` decides ``auto`` from the probe).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}' (use float16 or float32)")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}' (use auto, float16 or float32)")
     if batch_size % chunk_sequences:
         raise ValueError(f"batch_size {batch_size} is not a multiple of chunk_sequences {chunk_sequences}")
     if autocast not in AUTOCAST:
@@ -148,6 +155,8 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
         check_facts({"n_layers": probe.n_layers, "causal": probe.causal(wanted),
                      "mask_kinds": ", ".join(sorted({describe(probe.masks[l]) for l in wanted}))})
     keep = resolve_layers(layers, facts["n_layers"])
+    # before any store exists: float16 is stored only where its cast reproduces the probabilities
+    requested, dtype = dtype, resolve_store_dtype(probe, dtype, label, keep)  # the dtype stored, from here on
     facts.update(probe_facts(probe, keep, label, facts["model_type"]))
     causal = probe.causal(keep)
     n_seq, L, H = len(ids), len(keep), facts["heads"]
@@ -220,9 +229,10 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
             "layer_masks": [probe.masks[l] for l in keep],
             "layer_modifiers": [{k: probe.modifiers[l][k] for k in ("softcap", "position_bias", "sinks")}
                                 for l in keep],
-            "equivalence_probe": probe.summary(),
+            "equivalence_probe": probe.summary(dtype, keep),
             "score_definition": SCORE_DEFINITION,
             "dtype": dtype,
+            "dtype_requested": requested,
             "compression": compression,
             "autocast": autocast if on_cuda else "none",
             "device": dev.type,
@@ -232,7 +242,7 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
         })
         finish_store(tmp)
     total = time.perf_counter() - t0
-    return {"n_sequences": n_seq, "seconds": total, "loop_seconds": t_loop, "forward_seconds": t_fwd,
+    return {"n_sequences": n_seq, "dtype": dtype, "seconds": total, "loop_seconds": t_loop, "forward_seconds": t_fwd,
             "bytes_raw": int(n_seq * L * H * seq_len * seq_len * np.dtype(dtype).itemsize),
             "bytes_stored": dir_size(out_path)}
 

@@ -18,6 +18,13 @@ refuses the model unless
 The tolerances are for float32, which the probe always uses (no autocast): both paths then run
 the same operations, and what they measure is whether the backend computes the model's
 attention, not storage precision.
+
+The probe also measures the scores *as stored*: the captured scores cast to each storage dtype
+(float16, float32), pushed through the same formula and compared with the same eager
+probabilities (:attr:`ProbeResult.stored_errors`). :func:`resolve_store_dtype` turns that into
+the dtype of the store: ``auto`` is float16 where the cast scores reproduce P within
+:data:`STORED_PROB_TOL` and float32 where they do not; an explicit float16 that fails is a
+:class:`~eigenattn.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer
 
 from eigenattn.capture.interface import ScoreCapture, capturing, register
-from eigenattn.errors import UnsupportedModelError
+from eigenattn.errors import ConfigError, UnsupportedModelError
 from eigenattn.capture.masks import classify_visibility, describe, hides_future, visibility
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,13 @@ PROB_TOL = 1e-5
 """Largest allowed |softmax(S + mask, sink) − eager output_attentions| (float32)."""
 HIDDEN_TOL = 1e-4
 """Largest allowed |capture − eager| of the last hidden state, relative to max(1, max |eager|) (float32)."""
+STORED_PROB_TOL = 5e-3
+"""Largest allowed |softmax(cast S + mask, sink) − eager output_attentions| for the scores as stored
+(after the cast to the store's dtype). float16 keeps ~3 significant digits of each score, so its
+probability error grows with |S|: 6e-4 to 2.2e-3 for the tiny test families, minilm and smollm2, but
+~1e-2 and more for a T5 encoder whose unscaled logits plus position bias reach |S| ~ 200."""
+STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+"""The storage dtypes whose cast the probe measures (``extraction.dtype``, besides ``auto``)."""
 PROBE_SEQUENCES = 2
 """Sequences in the probe batch (the first ones of the shard): enough to check batching, small in memory."""
 
@@ -102,16 +116,69 @@ class ProbeResult:
     hidden_error: float
     sequences: int
     layer_errors: dict[int, float] = field(default_factory=dict)
+    stored_errors: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Per storage dtype and layer: max |softmax(S cast to the dtype + mask, sink) - eager| (inf
+    where the cast overflows)."""
+
+    def stored_error(self, dtype: str, layers=None) -> float:
+        """The largest error of the scores stored as ``dtype``, over ``layers`` (None = all)."""
+        per_layer = self.stored_errors[dtype]
+        return max(per_layer[int(l)] for l in (per_layer if layers is None else layers))
 
     def causal(self, layers) -> bool:
         """Every one of ``layers`` hides all keys after the query (causal, sliding window or chunked)."""
         return all(hides_future(self.masks[int(l)]) for l in layers)
 
-    def summary(self) -> dict:
-        return {"sequences": self.sequences, "max_prob_error": self.prob_error, "prob_tolerance": PROB_TOL,
-                "max_hidden_error": self.hidden_error, "hidden_tolerance": HIDDEN_TOL,
-                "hidden_error_definition": "max |capture - eager| of the last hidden state / max(1, max |eager|)",
-                "reference": "the same model with attn_implementation='eager', output_attentions=True, float32"}
+    def summary(self, dtype: str, layers=None) -> dict:
+        """The probe's findings for the store's attrs; ``dtype``: the store's (resolved) dtype,
+        ``layers``: the stored layers (the stored errors are over those; None = all)."""
+        out = {"sequences": self.sequences, "max_prob_error": self.prob_error, "prob_tolerance": PROB_TOL,
+               "max_hidden_error": self.hidden_error, "hidden_tolerance": HIDDEN_TOL,
+               "hidden_error_definition": "max |capture - eager| of the last hidden state / max(1, max |eager|)",
+               "reference": "the same model with attn_implementation='eager', output_attentions=True, float32"}
+        if self.stored_errors:
+            out.update({"max_prob_error_stored": _finite_or_none(self.stored_error(dtype, layers)),
+                        "stored_prob_errors": {k: _finite_or_none(self.stored_error(k, layers))
+                                               for k in self.stored_errors},
+                        "stored_prob_tolerance": STORED_PROB_TOL,
+                        "stored_error_definition": "max |softmax([S cast to the storage dtype + mask, sink]) - "
+                                                   "eager output_attentions|; null where the cast overflows"})
+        return out
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None  # JSON attrs hold no inf
+
+
+def resolve_store_dtype(probe: ProbeResult, requested: str, label: str, layers=None) -> str:
+    """The storage dtype for ``extraction.dtype`` = ``requested`` (auto, float16 or float32).
+
+    ``auto``: float16 where the float16 scores of ``layers`` (the stored ones; None = all)
+    reproduce the model's probabilities within :data:`STORED_PROB_TOL`, else float32, with a log
+    line naming the measured error. An explicit dtype whose cast fails that tolerance raises
+    :class:`~eigenattn.errors.ConfigError`.
+    """
+    if requested != "auto" and requested not in STORE_DTYPES:
+        raise ConfigError("extraction.dtype", f"unknown dtype '{requested}'", "use auto, float16 or float32")
+    err = {k: probe.stored_error(k, layers) for k in STORE_DTYPES}
+    if requested == "auto":
+        e16 = err["float16"]
+        if e16 <= STORED_PROB_TOL:
+            log.info("extraction.dtype auto for %s: float16 (its float16 scores reproduce the eager "
+                     "probabilities to %.2e, within the tolerance %.0e)", label, e16, STORED_PROB_TOL)
+            return "float16"
+        log.warning("extraction.dtype auto for %s: float32, because its float16 scores reproduce the eager "
+                    "probabilities only to %.2e, over the tolerance %.0e (float32: %.2e)",
+                    label, e16, STORED_PROB_TOL, err["float32"])
+        return "float32"
+    e = err[requested]
+    if not e <= STORED_PROB_TOL:
+        raise ConfigError("extraction.dtype",
+                          f"is {requested}, but {requested} scores of model {label} reproduce its eager attention "
+                          f"probabilities only to max |softmax(S + mask, sink) - eager| = {e:.2e}, over the "
+                          f"tolerance {STORED_PROB_TOL:.0e} (float32: {err['float32']:.2e}); no score was written",
+                          "use dtype: auto (float16 where it is exact enough, float32 where not) or float32")
+    return requested
 
 
 def _first_tensor(out) -> torch.Tensor:
@@ -188,7 +255,7 @@ def equivalence_probe(model, ids: torch.Tensor, label: str) -> ProbeResult:
         refuse(f"its outputs have shape {tuple(h_cap.shape)} under capture and {tuple(h_ref.shape)} under eager")
     hidden_error = float((h_cap - h_ref).abs().max() / max(1.0, float(h_ref.abs().max())))
 
-    masks, errors = {}, {}
+    masks, errors, stored = {}, {}, {}
     for l in layers:
         info, problem = mask_info(cap.masks[l], n)
         if info is None:
@@ -202,26 +269,29 @@ def equivalence_probe(model, ids: torch.Tensor, label: str) -> ProbeResult:
                 refuse(f"layer {l} passes sliding_window={w}, but the mask it receives ({describe(info)}) "
                        "shows keys outside that window, so eager and fused attention would disagree")
         masks[l] = info
-        s = cap.scores[l].double()
+        s = cap.scores[l]
         vis = torch.from_numpy(visibility(info, n)).to(s.device)
-        logits = s.masked_fill(~vis, float("-inf"))
+        sink = None
         if l in cap.sinks:
             sink = cap.sinks[l].double().to(s.device)
             if sink.numel() != s.shape[1]:
                 refuse(f"layer {l} passes {sink.numel()} sink logits for {s.shape[1]} query heads")
-            logits = torch.cat([logits, sink.reshape(1, -1, 1, 1).expand(s.shape[0], -1, n, 1)], dim=-1)
-            probs = torch.softmax(logits, dim=-1)[..., :n]
-        else:
-            probs = torch.softmax(logits, dim=-1)
+        probs = _probabilities(s, vis, sink)
         ref = att[l].double()
         if ref.shape != probs.shape:
             refuse(f"layer {l}: eager output_attentions have shape {tuple(ref.shape)}, the captured scores "
                    f"{tuple(probs.shape)}")
         errors[l] = float((probs - ref).abs().max())
+        for name, dt in STORE_DTYPES.items():  # the scores as the store would hold them
+            cast = s.to(dt)
+            e = float((_probabilities(cast, vis, sink) - ref).abs().max()) if bool(torch.isfinite(cast).all()) \
+                else float("inf")  # an overflow (a stored inf also fails the readers' finiteness check)
+            stored.setdefault(name, {})[l] = e if e == e else float("inf")
     prob_error = max(errors.values())
     log.info("equivalence probe for %s (%s): %d layers, masks %s, max |P - P_eager| %.2e (tol %.0e), "
-             "max hidden-state difference %.2e (tol %.0e)", label, model_type, len(layers),
-             sorted({describe(m) for m in masks.values()}), prob_error, PROB_TOL, hidden_error, HIDDEN_TOL)
+             "max hidden-state difference %.2e (tol %.0e); as stored: %s (tol %.0e)", label, model_type, len(layers),
+             sorted({describe(m) for m in masks.values()}), prob_error, PROB_TOL, hidden_error, HIDDEN_TOL,
+             ", ".join(f"{k} {max(v.values()):.2e}" for k, v in stored.items()), STORED_PROB_TOL)
     if not prob_error <= PROB_TOL or not hidden_error <= HIDDEN_TOL:
         worst = max(errors, key=errors.get)
         refuse(f"the capture backend does not reproduce its eager attention: max |softmax(S + mask, sink) - "
@@ -232,4 +302,14 @@ def equivalence_probe(model, ids: torch.Tensor, label: str) -> ProbeResult:
     return ProbeResult(n_layers=len(layers), seq_len=n, masks=masks, modifiers={l: cap.modifiers[l] for l in layers},
                        sinks={l: cap.sinks[l].cpu().numpy() for l in cap.sinks}, shapes=dict(cap.shapes),
                        prob_error=prob_error, hidden_error=hidden_error, sequences=int(ids.shape[0]),
-                       layer_errors=errors)
+                       layer_errors=errors, stored_errors=stored)
+
+
+def _probabilities(s: torch.Tensor, vis: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """P = softmax([S + mask, sink])[..., :n] in float64 (docs/models.md), from scores (B, H, n, n)."""
+    n = s.shape[-1]
+    logits = s.double().masked_fill(~vis, float("-inf"))
+    if sink is None:
+        return torch.softmax(logits, dim=-1)
+    logits = torch.cat([logits, sink.reshape(1, -1, 1, 1).expand(s.shape[0], -1, n, 1)], dim=-1)
+    return torch.softmax(logits, dim=-1)[..., :n]

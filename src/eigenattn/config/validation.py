@@ -266,10 +266,13 @@ def check_model_facts(config: dict, model: str, facts: dict) -> None:
 
 def expected_scores(config: dict, wildcards, split: str) -> dict:
     """What a score store read by a rule must have been written with (its attrs); a store left over
-    from another configuration is refused rather than analysed."""
+    from another configuration is refused rather than analysed. ``dtype: auto`` is resolved per
+    model at extraction, so it is checked against the dtype the store was asked for
+    (``dtype_requested``), an explicit dtype against the dtype stored."""
     n = int(wildcards["n"]) if "n" in wildcards.keys() else config["sampling"]["seq_len"]
-    return {"model": wildcards["model"], "split": split, "seq_len": n, "dtype": config["extraction"]["dtype"],
-            "seed": config["seed"]}
+    dtype = config["extraction"]["dtype"]
+    return {"model": wildcards["model"], "split": split, "seq_len": n,
+            **({"dtype_requested": dtype} if dtype == "auto" else {"dtype": dtype}), "seed": config["seed"]}
 
 
 def resolve_device(value: str, key: str):
