@@ -126,9 +126,12 @@ class Extraction(_Settings):
 
 def expected_scores(config: dict, model: str, split: str, n: int | None = None) -> dict:
     """What a score store read by a rule must have been written with (its attrs); a store left over
-    from another configuration is refused rather than analysed."""
+    from another configuration is refused rather than analysed. ``dtype: auto`` is resolved per
+    model at extraction, so it is checked against the dtype the store was asked for
+    (``dtype_requested``), an explicit dtype against the dtype stored."""
+    dtype = config["extraction"]["dtype"]
     return {"model": model, "split": split, "seq_len": int(n or config["sampling"]["seq_len"]),
-            "dtype": config["extraction"]["dtype"], "seed": config["seed"]}
+            **({"dtype_requested": dtype} if dtype == "auto" else {"dtype": dtype}), "seed": config["seed"]}
 
 
 @dataclass(frozen=True)
