@@ -57,11 +57,15 @@ def test_no_enum_or_default_written_twice():
             assert not re.search(pattern, f.read_text()), f"{f.name} spells out the enum {group}"
     science = {"ridge", "rank", "split_every", "compression", "codec", "batch_size", "dtype", "autocast", "seed",
                "variants", "eval_rows", "n_sequences"}
+    def given(d):  # settings.from_config's None default means "the config's value", not a value
+        return not (f.name == "settings.py" and isinstance(d, ast.Constant) and d.value is None)
+
     for f in SRC.rglob("*.py"):
         for fn in ast.walk(ast.parse(f.read_text())):
             if isinstance(fn, ast.FunctionDef):
-                args = fn.args.args[len(fn.args.args) - len(fn.args.defaults):] + \
-                    [a for a, d in zip(fn.args.kwonlyargs, fn.args.kw_defaults) if d is not None]
+                pos = fn.args.args[len(fn.args.args) - len(fn.args.defaults):]
+                args = [a for a, d in zip(pos, fn.args.defaults) if given(d)] + \
+                    [a for a, d in zip(fn.args.kwonlyargs, fn.args.kw_defaults) if d is not None and given(d)]
                 bad = [a.arg for a in args if a.arg in science]
                 assert not bad, f"{f.name}:{fn.name} has defaults for {bad}"
 
@@ -211,3 +215,24 @@ def test_method_references_resolve():
         assert "METHOD.md" not in text, p
         cited |= set(re.findall(r"method\.md §(\d+)", text))
     assert cited and cited <= sections, cited - sections
+
+
+def test_settings_not_config_dicts_reach_the_library_and_scripts():
+    """Only the config layer reads the config dict: no workflow script reads ``snakemake.config`` (the
+    rules pass typed settings' params and Runtime), and no library function outside
+    ``eigenattn.config`` takes a config dict (a parameter named config, cfg or tcfg)."""
+    scripts = sorted((REPO / "workflow" / "scripts").rglob("*.py"))
+    assert scripts
+    reading = [f.name for f in scripts if "snakemake.config" in f.read_text()]
+    assert not reading, f"scripts reading snakemake.config: {reading}"
+    bad = []
+    for f in SRC.rglob("*.py"):
+        if (SRC / "config") in f.parents:
+            continue
+        for fn in ast.walk(ast.parse(f.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                a = fn.args
+                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if x]
+                bad += [f"{f.relative_to(SRC)}:{getattr(fn, 'name', 'lambda')}({n})" for n in names
+                        if n in ("config", "cfg", "tcfg")]
+    assert not bad, f"library functions taking a config dict: {bad}"
