@@ -26,6 +26,7 @@ import torch
 import zarr
 from transformers import AutoModel, AutoTokenizer
 
+from eigenattn.config.settings import Sampling
 from eigenattn.corpus.passages import sample_passages, tokenize_passages
 from eigenattn.capture.extract import dir_size, extract_scores
 
@@ -84,7 +85,7 @@ def main(argv=None):
     rows = []
     for n in a.seq_lens:
         N = max(a.tokens // n, a.batch_size)
-        passages = sample_passages(docs, 0, n, {"fit": N, "heldout": 1}, 0.2, "bench")
+        passages = sample_passages(docs, Sampling("bench", 0, n, {"fit": N, "heldout": 1}, 0.2, "sampling"))
         texts = passages.loc[passages.split == "fit", "text"].tolist()
         ids = tokenize_passages(tok, texts, n)
         tmp = Path(tempfile.mkdtemp(prefix="eigenattn-bench-"))

@@ -1,6 +1,7 @@
 """Every verdict of the claims table on data where its claim holds, and where it is false."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -10,13 +11,14 @@ from eigenattn.claims.table import DEFAULTS, STATES, c1_rows, c1_scaling_rows, c
 from eigenattn.claims.spectra import c1_headlines
 from eigenattn.spectra.scaling import length_fits, sample_saturation
 from eigenattn.claims.verdicts import make_row
+from eigenattn.config.settings import ClaimThresholds, Reconstruction
 from eigenattn.spectra.stores import run_full, run_rows, spectrum_table
 from eigenattn.spectra.overlap import summarise, within_model, write_overlap
 from eigenattn.reconstruction.evaluate import evaluate_view
 from eigenattn.training.summary import summarise as training_summary
 from synthetic import VARIANTS, low_rank_scores, write_store
 
-CFG = dict(DEFAULTS, k_report=4, s_report=4)
+CFG = ClaimThresholds.from_params(dict(DEFAULTS, k_report=4, s_report=4))
 
 
 def isotropic_scores(N, L, H, n, seed=0):
@@ -161,7 +163,7 @@ def test_c2_independent_subspaces_not_supported(tmp_path, same, state):
     df = _independent_subspace_analyses(tmp_path, same)
     p = tmp_path / "s.csv"
     df.to_csv(p, index=False)
-    rows = c2_rows(p, dict(CFG, k_report=3))
+    rows = c2_rows(p, replace(CFG, k_report=3))
     assert {r["state"] for r in rows} == {state}
 
 
@@ -169,10 +171,10 @@ def _recon_csv(root, name, data):
     fit = write_store(root / f"{name}-fit.zarr", data[:24], batch=4, model=name)
     held = write_store(root / f"{name}-held.zarr", data[24:], batch=4, model=name)
     run_rows([fit], root / f"{name}-rows.zarr", "all", ("raw",), 2)
-    df = evaluate_view(root / f"{name}-rows.zarr", [held], fit_shards=[fit],
-                       estimators=["eigenspace", "conditional_gaussian", "mean", "subset_only"],
-                       strategies=["strided", "random"], subset_sizes=[4], progress=False, ridge=1e-6,
-                       rank=0.5, seed=0, eval_rows=None)
+    settings = Reconstruction(estimators=("eigenspace", "conditional_gaussian", "mean", "subset_only"),
+                              strategies=("strided", "random"), subset_sizes=(4,), ridge=1e-6, rank=0.5, seed=0,
+                              eval_rows=None)
+    df = evaluate_view(root / f"{name}-rows.zarr", [held], settings, fit_shards=[fit], progress=False)
     p = root / f"{name}-recon.csv"
     df.to_csv(p, index=False)
     return p

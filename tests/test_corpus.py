@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from eigenattn.corpus.passages import check_corpus_capacity, parse_mediawiki_dump, sample_passages, split_documents, strip_wikitext, tokenize_passages
+from eigenattn.config.settings import Sampling
 from eigenattn.errors import ConfigError, InputError
 
 DUMP = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">
@@ -61,11 +62,11 @@ def test_split_is_by_document_and_deterministic():
 
 def test_sampling_is_deterministic_and_disjoint():
     docs = _docs([400, 900, 300, 1200, 500, 700, 350, 800])
-    kw = dict(seq_len=50, n_sequences={"fit": 20, "heldout": 5}, heldout_fraction=0.2, corpus="toy")
-    p1 = sample_passages(docs, seed=3, **kw)
-    p2 = sample_passages(docs, seed=3, **kw)
+    kw = dict(corpus="toy", seq_len=50, n_sequences={"fit": 20, "heldout": 5}, heldout_fraction=0.2, key="sampling")
+    p1 = sample_passages(docs, Sampling(seed=3, **kw))
+    p2 = sample_passages(docs, Sampling(seed=3, **kw))
     pd.testing.assert_frame_equal(p1, p2)
-    p3 = sample_passages(docs, seed=4, **kw)
+    p3 = sample_passages(docs, Sampling(seed=4, **kw))
     assert not p1["text"].equals(p3["text"])
     fit_docs = set(p1.loc[p1.split == "fit", "doc_id"])
     held_docs = set(p1.loc[p1.split == "heldout", "doc_id"])
@@ -80,19 +81,20 @@ def test_sampling_is_deterministic_and_disjoint():
 def test_too_small_corpus_names_the_key():
     config = {"seed": 0, "corpus": "toy", "sampling": {"heldout_fraction": 0.3, "seq_len": 50,
                                                        "n_sequences": {"fit": 50, "heldout": 1}}}
+    sampling = Sampling.from_config(config)
     with pytest.raises(ConfigError, match=r"sampling.n_sequences.fit.*offers only"):
-        check_corpus_capacity(config, np.array([100, 100, 100]), config["sampling"], "sampling")
+        check_corpus_capacity(sampling, np.array([100, 100, 100]))
     with pytest.raises(ValueError, match="cannot supply"):
-        sample_passages(pd.DataFrame({"doc_id": ["a", "b", "c"], "title": "t", "text": ["w " * 100] * 3}), seed=0,
-                        seq_len=50, n_sequences={"fit": 50, "heldout": 1}, heldout_fraction=0.3, corpus="toy")
+        sample_passages(pd.DataFrame({"doc_id": ["a", "b", "c"], "title": "t", "text": ["w " * 100] * 3}), sampling)
 
 
 @pytest.mark.parametrize("name", ["minilm", "smollm2"])
 def test_tokenize_exact_length_and_repeatable(resources, name):
     tok = AutoTokenizer.from_pretrained(resources / "models" / name)
     docs = pd.read_parquet(resources / "corpora" / "enwiki-sample" / "documents.parquet")
-    passages = sample_passages(docs, seed=0, seq_len=64, n_sequences={"fit": 6, "heldout": 3},
-                               heldout_fraction=0.2, corpus="enwiki-sample")
+    passages = sample_passages(docs, Sampling(corpus="enwiki-sample", seed=0, seq_len=64,
+                                              n_sequences={"fit": 6, "heldout": 3}, heldout_fraction=0.2,
+                                              key="sampling"))
     a = tokenize_passages(tok, passages["text"].tolist(), 64)
     b = tokenize_passages(tok, passages["text"].tolist(), 64)
     assert a.shape == (9, 64) and a.dtype == np.int32

@@ -133,11 +133,11 @@ def test_shards_partition_the_split(tmp_path):
 def test_stale_check_follows_the_requested_dtype():
     """dtype auto resolves per model, so later stages check what was asked for; an explicit dtype,
     what the store holds."""
-    from eigenattn.config.validation import expected_scores
+    from eigenattn.config.settings import expected_scores
 
     config = {"sampling": {"seq_len": 16}, "seed": 0, "extraction": {"dtype": "auto"}}
-    want = expected_scores(config, {"model": "m"}, "fit")
+    want = expected_scores(config, "m", "fit")
     assert want["dtype_requested"] == "auto" and "dtype" not in want
     config["extraction"]["dtype"] = "float16"
-    want = expected_scores(config, {"model": "m"}, "fit")
+    want = expected_scores(config, "m", "fit")
     assert want["dtype"] == "float16" and "dtype_requested" not in want

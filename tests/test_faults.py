@@ -111,18 +111,20 @@ def test_stale_or_incomplete_store_is_refused(tmp_path, attrs, expect, needle):
 
 @pytest.fixture(scope="module")
 def tiny_training(tmp_path_factory, resources):
+    from eigenattn.config.settings import EncoderModel, Training
     from eigenattn.training.data import build_windows, train_wordpiece, split_texts
 
     out = tmp_path_factory.mktemp("ckpt")
     docs = resources / "corpora" / "enwiki-sample" / "documents.parquet"
     train_wordpiece(split_texts(docs, 0, 0.2)["fit"][:30], 400, out / "tok", 16)
     build_windows(out / "tok", docs, 16, 0, 0.2, 4, out / "w.npz")
-    tcfg = {"model": {"layers": 1, "heads": 2, "d_model": 16, "d_ff": 32, "dropout": 0.0, "positions": "rotary",
-                      "init_range": 0.1}, "steps": 8,
-            "finetune_steps": 4, "batch_size": 4, "lr": 1e-3, "finetune_lr": 1e-3, "weight_decay": 0.0, "warmup": 0.1,
-            "log_every": 2, "eval_every": 4, "checkpoint_every": 2}
-    return dict(mode="scratch", variant="exact", s=16, seed=0, tcfg=tcfg, seq_len=16, tokenizer_dir=out / "tok",
-                windows=out / "w.npz", data_seed=0, progress=False)
+    settings = Training(vocab="wordpiece", vocab_size=400,
+                        model=EncoderModel(layers=1, heads=2, d_model=16, d_ff=32, dropout=0.0, positions="rotary",
+                                           init_range=0.1), steps=8, finetune_steps=4, batch_size=4, lr=1e-3,
+                        finetune_lr=1e-3, weight_decay=0.0, warmup=0.1, log_every=2, eval_every=4, checkpoint_every=2,
+                        seq_len=16, data_seed=0)
+    return dict(mode="scratch", variant="exact", s=16, seed=0, settings=settings, tokenizer_dir=out / "tok",
+                windows=out / "w.npz", progress=False)
 
 
 def _checkpoint_run(kw, run_dir, content, caplog):

@@ -76,6 +76,7 @@ def test_select_visible_drops_masked_layers_from_the_dask_array():
 
 def test_eigen_and_reconstruction_skip_masked_layers(tmp_path, caplog):
     from eigenattn.spectra.stores import run_rows
+    from eigenattn.config.settings import Reconstruction
     from eigenattn.reconstruction.evaluate import evaluate_view
 
     n = 16
@@ -93,7 +94,7 @@ def test_eigen_and_reconstruction_skip_masked_layers(tmp_path, caplog):
     assert g.attrs["layers"] == [2, 6] and [x["layer"] for x in g.attrs["skipped_layers"]] == [4]
     assert g["raw/mean"].shape == (2, 2, n // 2)
     np.testing.assert_allclose(g["raw/mean"][1], scores[:6, 2][:, :, n // 2:, : n // 2].mean(axis=(0, 2)), rtol=1e-5)
-    df = evaluate_view(tmp_path / "rows.zarr", [stores["held"]], estimators=["mean"], strategies=["strided"],
-                       subset_sizes=[2], progress=False, ridge=1e-6, rank=0.5, seed=0,
-                       eval_rows=None)
+    settings = Reconstruction(estimators=("mean",), strategies=("strided",), subset_sizes=(2,), ridge=1e-6, rank=0.5,
+                              seed=0, eval_rows=None)
+    df = evaluate_view(tmp_path / "rows.zarr", [stores["held"]], settings, progress=False)
     assert sorted(df["layer"].unique()) == [2, 6]

@@ -6,6 +6,7 @@ import torch
 
 from eigenattn.spectra.rows import eigh_desc
 from eigenattn.spectra.stores import run_rows
+from eigenattn.config.settings import Reconstruction
 from eigenattn.errors import InputError
 from eigenattn.reconstruction.estimators import ESTIMATORS, STRATEGIES, apply, fit, linear_map, select_subset
 from eigenattn.reconstruction.metrics import Reference
@@ -233,11 +234,11 @@ def stores(tmp_path_factory):
 
 
 def test_evaluate_view_table(stores):
-    df = evaluate_view(stores["ma"]["prefix"], [stores["ma"]["held"]], fit_shards=[stores["ma"]["fit"]],
-                       estimators=list(ESTIMATORS), strategies=list(STRATEGIES), subset_sizes=[2, 6],
-                       transfer=["adjacent_layer", "farthest_layer", "other_model"], **EVAL,
-                       transfer_estimators=["conditional_gaussian"], other_stores={"mb": stores["mb"]["prefix"]},
-                       progress=False)
+    settings = Reconstruction(estimators=ESTIMATORS, strategies=STRATEGIES, subset_sizes=(2, 6), **EVAL,
+                              transfer=("adjacent_layer", "farthest_layer", "other_model"),
+                              transfer_estimators=("conditional_gaussian",), other_models=("mb",))
+    df = evaluate_view(stores["ma"]["prefix"], [stores["ma"]["held"]], settings, fit_shards=[stores["ma"]["fit"]],
+                       other_stores=dict(zip(settings.other_models, [stores["mb"]["prefix"]])), progress=False)
     assert list(df.columns) == ["model", "view", "split", "layer", "head", "estimator", "strategy", "subset_size",
                                 "basis_source", "k", "basis_condition", "solve_condition", "rel_error",
                                 "rel_error_centered", "tv", "kl", "top1"]
@@ -268,11 +269,13 @@ def test_evaluate_view_table(stores):
 
 def test_statistics_from_another_seq_len(stores):
     with pytest.raises(InputError, match="fitted at seq_len 16.*seq_len 20"):
-        evaluate_view(stores["ma"]["all"], [stores["held20"]], estimators=["mean"], strategies=["strided"],
-                      subset_sizes=[2], progress=False, **EVAL)
+        evaluate_view(stores["ma"]["all"], [stores["held20"]],
+                      Reconstruction(estimators=("mean",), strategies=("strided",), subset_sizes=(2,), **EVAL),
+                      progress=False)
     with pytest.raises(ValueError, match="s=9 is outside"):
-        evaluate_view(stores["ma"]["prefix"], [stores["ma"]["held"]], estimators=["mean"], strategies=["strided"],
-                      subset_sizes=[9], progress=False, **EVAL)
+        evaluate_view(stores["ma"]["prefix"], [stores["ma"]["held"]],
+                      Reconstruction(estimators=("mean",), strategies=("strided",), subset_sizes=(9,), **EVAL),
+                      progress=False)
 
 
 @pytest.mark.parametrize("view,causal", [("all", False), ("prefix", True)])

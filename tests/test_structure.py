@@ -211,3 +211,24 @@ def test_method_references_resolve():
         assert "METHOD.md" not in text, p
         cited |= set(re.findall(r"method\.md §(\d+)", text))
     assert cited and cited <= sections, cited - sections
+
+
+def test_settings_not_config_dicts_reach_the_library_and_scripts():
+    """Only the config layer reads the config dict: no workflow script reads ``snakemake.config`` (the
+    rules pass typed settings' params and Runtime), and no library function outside
+    ``eigenattn.config`` takes a config dict (a parameter named config, cfg or tcfg)."""
+    scripts = sorted((REPO / "workflow" / "scripts").rglob("*.py"))
+    assert scripts
+    reading = [f.name for f in scripts if "snakemake.config" in f.read_text()]
+    assert not reading, f"scripts reading snakemake.config: {reading}"
+    bad = []
+    for f in SRC.rglob("*.py"):
+        if (SRC / "config") in f.parents:
+            continue
+        for fn in ast.walk(ast.parse(f.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                a = fn.args
+                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if x]
+                bad += [f"{f.relative_to(SRC)}:{getattr(fn, 'name', 'lambda')}({n})" for n in names
+                        if n in ("config", "cfg", "tcfg")]
+    assert not bad, f"library functions taking a config dict: {bad}"

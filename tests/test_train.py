@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ import torch
 import yaml
 
 from conftest import REPO, SNAKEMAKE, make_workdir
+from eigenattn.config.settings import EncoderModel, Training
 from eigenattn.errors import InputError
 from eigenattn.reconstruction.partial import ATTR, LINFORMER_ATTR, PartialMap, attach, attention_modules, partial_attention_forward
 from eigenattn.training.data import build_windows, mask_batch, split_texts, train_wordpiece
@@ -21,12 +23,12 @@ from eigenattn.reconstruction.partial import Linformer
 from eigenattn.training.loop import run
 
 n, L, H, D = 16, 2, 2, 32
-TCFG = {"model": {"layers": L, "heads": H, "d_model": D, "d_ff": 64, "dropout": 0.1, "positions": "rotary",
-                  "init_range": 0.1}, "steps": 20,
-        "finetune_steps": 10, "batch_size": 4, "lr": 1e-3, "finetune_lr": 3e-4, "weight_decay": 0.01, "warmup": 0.1,
-        "log_every": 5, "eval_every": 10, "checkpoint_every": 10, "eval_sequences": 8,
-        "estimator": "conditional_gaussian", "strategy": "pivoted_qr", "ridge": 1e-6, "eigenspace_rank": 0.5}
-MAPS = {k: TCFG[k] for k in ("estimator", "strategy", "ridge")}
+MODEL = EncoderModel(layers=L, heads=H, d_model=D, d_ff=64, dropout=0.1, positions="rotary", init_range=0.1)
+TRAINING = Training(vocab="wordpiece", vocab_size=600, model=MODEL, steps=20, finetune_steps=10, batch_size=4, lr=1e-3,
+                    finetune_lr=3e-4, weight_decay=0.01, warmup=0.1, log_every=5, eval_every=10, checkpoint_every=10,
+                    seq_len=n, data_seed=0, estimator="conditional_gaussian", strategy="pivoted_qr", ridge=1e-6,
+                    eigenspace_rank=0.5)
+MAPS = {k: getattr(TRAINING, k) for k in ("estimator", "strategy", "ridge")}
 
 
 class Stats:
@@ -53,7 +55,7 @@ POSITIONS = ["rotary", "absolute"]
 
 def model(variant="exact", s=4, seed=0, positions="rotary"):
     torch.manual_seed(seed)
-    m = MLM(encoder_config({**TCFG, "model": {**TCFG["model"], "positions": positions}}, 50, n))
+    m = MLM(encoder_config(replace(MODEL, positions=positions), 50, n))
     attach_variant(m, variant, s, n, Stats() if variant in ("partial_fixed", "partial_learned", "subset_only")
                    else None, **MAPS, rank=0.5, seed=0)
     return m
@@ -186,8 +188,8 @@ def tokenizer(tmp_path_factory, resources):
 
 def test_same_seed_same_metrics(tokenizer, tmp_path):
     tok, windows = tokenizer
-    kw = dict(mode="scratch", variant="exact", s=32, seed=3, tcfg=TCFG, seq_len=32, tokenizer_dir=tok,
-              windows=windows, data_seed=0, progress=False)
+    kw = dict(mode="scratch", variant="exact", s=32, seed=3, settings=replace(TRAINING, seq_len=32, data_seed=0),
+              tokenizer_dir=tok, windows=windows, progress=False)
     a = run(tmp_path / "a", **kw)
     b = run(tmp_path / "b", **kw)
     ma, mb = pd.read_csv(tmp_path / "a" / "metrics.csv"), pd.read_csv(tmp_path / "b" / "metrics.csv")

@@ -1,5 +1,6 @@
 from eigenattn.storage import logs
 from eigenattn.claims.table import claims_table
+from eigenattn.config.settings import ClaimThresholds
 from eigenattn.storage.store import write_table
 
 log = logs.start(snakemake)
@@ -10,7 +11,7 @@ table = claims_table(
     list(i.recon),
     list(i.plugin),
     i.training,
-    snakemake.params.cfg,
+    ClaimThresholds.from_params(snakemake.params.settings),
     scaling=(list(i.scaling_fits), list(i.scaling_saturation), list(i.scaling_tables)),
 )
 write_table(table, snakemake.output[0])

@@ -1,23 +1,21 @@
 from eigenattn.storage import logs
-from eigenattn.config.validation import expected_scores
 from eigenattn.spectra.stores import run_full
 from eigenattn.spectra.scheduler import dask_scheduler
 
 log = logs.start(snakemake)
-p = snakemake.params.p
-dask_cfg = snakemake.config["eigen"]
-with dask_scheduler(dask_cfg["scheduler"], snakemake.threads, dask_cfg["slurm"]):
+p, runtime = snakemake.params, snakemake.params.runtime
+with dask_scheduler(runtime.scheduler, snakemake.threads, runtime.slurm):
     res = run_full(
         list(snakemake.input),
         snakemake.output[0],
-        p["view"],
-        p["variants"],
-        dask_cfg["gram_memory_mb"],
-        expect=expected_scores(snakemake.config, snakemake.wildcards, "fit"),
+        p.view,
+        p.variants,
+        runtime.memory_mb,
+        expect=p.expect,
         workers=snakemake.threads,
-        route=dask_cfg["full_route"],
-        rank=p["rank"],
-        seed=p["seed"],
+        route=runtime.route,
+        rank=p.rank,
+        seed=p.seed,
     )
 first = next(iter(res.values()))
 log.info(

@@ -60,25 +60,25 @@ PROBE_SEQUENCES = 2
 SUPPORTED_HINT = "see docs/models.md for the families tested and refused"
 
 
-def model_class(config, label: str):
-    """The transformers class to load ``config`` with for capture (base model, no head).
+def model_class(hf_config, label: str):
+    """The transformers class to load ``hf_config`` with for capture (base model, no head).
 
     Encoder–decoder models are refused unless the checkpoint is an encoder alone (its
     ``architectures`` names an ``…EncoderModel`` class such as ``T5EncoderModel``).
     """
-    arch = (getattr(config, "architectures", None) or [None])[0]
+    arch = (getattr(hf_config, "architectures", None) or [None])[0]
     if arch and arch.endswith("EncoderModel") and hasattr(transformers, arch):
         return getattr(transformers, arch)
-    if getattr(config, "is_encoder_decoder", False):
-        enc = f"{type(config).__name__.removesuffix('Config')}EncoderModel"
+    if getattr(hf_config, "is_encoder_decoder", False):
+        enc = f"{type(hf_config).__name__.removesuffix('Config')}EncoderModel"
         has_enc = hasattr(transformers, enc)
         raise UnsupportedModelError(
-            f"it is an encoder–decoder model ({arch or type(config).__name__}): its decoder has self- and "
+            f"it is an encoder–decoder model ({arch or type(hf_config).__name__}): its decoder has self- and "
             "cross-attention in every layer, which cannot be stored as one score matrix per layer",
             (f"save its encoder alone and point the model at that directory, e.g. "
              f"{enc}.from_pretrained(src).save_pretrained(dst)" if has_enc else
              "save its encoder alone as an encoder-only model, or use an encoder-only or decoder-only model"),
-            model=label, model_type=getattr(config, "model_type", None))
+            model=label, model_type=getattr(hf_config, "model_type", None))
     return transformers.AutoModel
 
 

@@ -3,6 +3,8 @@ reconstruction and plug-in evaluations) and models trained with approximate atte
 
 from __future__ import annotations
 
+from eigenattn.config.settings import ClaimThresholds
+
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
@@ -32,7 +34,7 @@ def paired_gain(best: pd.DataFrame, base: pd.DataFrame) -> tuple[float, float, f
     return float(np.nanmedian(rel)), float(np.mean(diff > 0)), p
 
 
-def c3_rows(recon, plugin, cfg: dict) -> list[dict]:
+def c3_rows(recon, plugin, thresholds: ClaimThresholds) -> list[dict]:
     """Best method (chosen on the fit split) against subset_only and mean, on held-out rows and in
     the plug-in evaluation."""
     out = []
@@ -40,7 +42,7 @@ def c3_rows(recon, plugin, cfg: dict) -> list[dict]:
     for p in recon:
         df = pd.read_csv(p)
         df = df[df.basis_source == "same"]
-        sz = nearest_measured(df.subset_size, cfg["s_report"])
+        sz = nearest_measured(df.subset_size, thresholds.s_report)
         df = df[df.subset_size == sz]
         ests = [e for e in df.estimator.unique() if e not in BASELINES]
         if not ests:
@@ -57,7 +59,7 @@ def c3_rows(recon, plugin, cfg: dict) -> list[dict]:
             bst = select_on_fit(df, [base_est])[1]
             base = held[(held.estimator == base_est) & (held.strategy == bst)]
             gain, improved, pval = paired_gain(best, base)
-            ok = pval < cfg["c3_alpha"] and gain >= cfg["c3_min_gain"]
+            ok = pval < thresholds.c3_alpha and gain >= thresholds.c3_min_gain
             out.append(make_row("C3", p, model=model, view=view, s=sz, method=f"{be}/{bs}",
                                 scope=f"held-out rows, vs {base_est} ({base_est}/{bst})",
                                 quantity="median TV over heads (method chosen on the fit split)", value=q50,
@@ -65,12 +67,12 @@ def c3_rows(recon, plugin, cfg: dict) -> list[dict]:
                                        f"{gain:.0%}, {improved:.0%} of heads better, Wilcoxon p={pval:.1g}",
                                 state="supported" if ok else "not supported",
                                 verdict=(f"computing s keys adds to {base_est}" if ok else
-                                         f"no clear gain over {base_est} (needs p < {cfg['c3_alpha']:g} and a median "
-                                         f"gain ≥ {cfg['c3_min_gain']:.0%})"),
+                                         f"no clear gain over {base_est} (needs p < {thresholds.c3_alpha:g} and a median "
+                                         f"gain ≥ {thresholds.c3_min_gain:.0%})"),
                                 caveat=f"s = {sz} of the view's keys computed per row"))
     for p in plugin:
         pl = pd.read_csv(p)
-        sz = nearest_measured(pl.subset_size, cfg["s_report"])
+        sz = nearest_measured(pl.subset_size, thresholds.s_report)
         x = pl[pl.subset_size == sz]
         model, metric = x.model.iloc[0], x.metric.iloc[0]
         pick = [key for key in chosen if key[0] == model and key[2] == sz]
@@ -88,7 +90,7 @@ def c3_rows(recon, plugin, cfg: dict) -> list[dict]:
                     continue
                 b = next(base.itertuples())
                 gain = 1.0 - damage(r) / damage(b) if damage(b) > 0 else 0.0
-                ok = gain >= cfg["c3_min_gain"]
+                ok = gain >= thresholds.c3_min_gain
                 value = float(r.ratio if metric == "perplexity" else r.value)
                 bval = float(b.ratio if metric == "perplexity" else b.value)
                 quantity = "perplexity / exact" if metric == "perplexity" else "embedding cosine to exact"
@@ -106,12 +108,12 @@ def c3_rows(recon, plugin, cfg: dict) -> list[dict]:
 # --------------------------------------------------------------------------------------------- C4
 
 
-def c4_rows(training, cfg: dict) -> list[dict]:
+def c4_rows(training, thresholds: ClaimThresholds) -> list[dict]:
     """Per mode: exact against the unigram baseline and its own shuffled-order accuracy (both must be
     beaten for any comparison to speak to C4), then every variant and s against exact."""
     s = pd.read_csv(training)
     out = []
-    keep = cfg["c4_min_kept_gain"]
+    keep = thresholds.c4_min_kept_gain
     n = int(s.heldout_tokens.iloc[0])
     u, H = float(s.unigram_acc.iloc[0]), float(s.unigram_entropy.iloc[0])
     for mode, g in s.groupby("mode", sort=False):

@@ -3,6 +3,8 @@ spectra and the scaling study), and how much heads share their subspaces (from t
 
 from __future__ import annotations
 
+from eigenattn.config.settings import ClaimThresholds
+
 import pandas as pd
 
 from eigenattn.claims.verdicts import iqr, CAVEAT_CROSS, caveat_rows, make_row, nearest_measured
@@ -27,13 +29,13 @@ def _level_state(q50: float, bounded: float, share: float, more: str = "", dim: 
     return "not supported", f"not low-dimensional: median k90 ≥ {share:g}·{dim}"
 
 
-def c1_rows(spectra, cfg: dict) -> list[dict]:
+def c1_rows(spectra, thresholds: ClaimThresholds) -> list[dict]:
     """k90 of score rows (share of d) and of whole view blocks at the main run's length, per model,
     view and variant. Whole blocks bounded by the sample count are a reference row naming the N
     they would need: at the main run's n their dimension D = d·(rows of the view) exceeds any N the
     corpus sample holds, and the sample sweep (:func:`c1_scaling_rows`) answers for whole blocks."""
     out = []
-    share = cfg["c1_max_k90_share"]
+    share = thresholds.c1_max_k90_share
     for p in spectra:
         sp = pd.read_csv(p)
         heads = sp[sp["head"] != "pooled"]
@@ -68,12 +70,12 @@ def c1_rows(spectra, cfg: dict) -> list[dict]:
     return out
 
 
-def c1_scaling_rows(fits, saturations, tables, cfg: dict) -> list[dict]:
+def c1_scaling_rows(fits, saturations, tables, thresholds: ClaimThresholds) -> list[dict]:
     """C1 from the scaling study: row k90/d at the longest length of the length sweep, the exponent
     of k90 against n, and the full-matrix k90 at the largest N of the sample sweep (saturated: a
     verdict on k90/D; still growing or bounded: inconclusive, naming the N to add)."""
     out = []
-    share = cfg["c1_max_k90_share"]
+    share = thresholds.c1_max_k90_share
     for fp, sp, tp in zip(fits, saturations, tables):
         fit, sat, table = pd.read_csv(fp), pd.read_csv(sp), pd.read_csv(tp)
         for r in fit[fit.scope == "medians"].itertuples():
@@ -182,10 +184,10 @@ def c1_headlines(rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------- C2
 
 
-def c2_rows(overlap_summary, cfg: dict) -> list[dict]:
+def c2_rows(overlap_summary, thresholds: ClaimThresholds) -> list[dict]:
     """Overlap and captured share across layers and across models, for both row variants."""
     s = pd.read_csv(overlap_summary)
-    k = nearest_measured(s.k, cfg["k_report"])
+    k = nearest_measured(s.k, thresholds.k_report)
     s = s[s.k == k]
     out = []
     ceilings = s[s.scope == "split_half"].set_index(["model_a", "view", "variant", "quantity"])
@@ -198,23 +200,23 @@ def c2_rows(overlap_summary, cfg: dict) -> list[dict]:
         caveats = [caveat_rows(r.variant, r.view, r.u1_constant_median)]
         if cross:
             caveats.append(CAVEAT_CROSS)
-        if min(ceil_ratio) < cfg["c2_min_ratio_random"] and r.quantity != "overlap":
+        if min(ceil_ratio) < thresholds.c2_min_ratio_random and r.quantity != "overlap":
             # captured_k of a head's other half in its own top-k subspace is at most that half's EV(k):
             # with a flat spectrum no N lifts it to the threshold, so the overlap row answers instead
             state = "reference"
             verdict = (f"cannot answer: even a head's own split-half captured share is only ×{min(ceil_ratio):.1f} "
                        f"random, and captured_k is bounded by the head's top-{k} variance share (a spectrum too flat "
                        f"at k = {k}), not by the sample count; the overlap_k row of this scope answers C2")
-        elif min(ceil_ratio) < cfg["c2_min_ratio_random"]:
+        elif min(ceil_ratio) < thresholds.c2_min_ratio_random:
             state = "inconclusive"
             verdict = (f"the split-half ceiling is only ×{min(ceil_ratio):.1f} random: the subspaces are not "
                        "estimated reliably; more fit sequences would answer it (the overlap ceiling grows with "
                        "sampling.n_sequences.fit: ×1.7–2.0 at 96, ×2.1–2.7 at 384 for prefix rows; "
                        "docs/performance.md)")
-        elif r.median_ratio_random >= cfg["c2_min_ratio_random"]:
-            state, verdict = "supported", f"shared subspace: ≥ {cfg['c2_min_ratio_random']:g}× random"
+        elif r.median_ratio_random >= thresholds.c2_min_ratio_random:
+            state, verdict = "supported", f"shared subspace: ≥ {thresholds.c2_min_ratio_random:g}× random"
         else:
-            state, verdict = "not supported", f"near random: < {cfg['c2_min_ratio_random']:g}× random"
+            state, verdict = "not supported", f"near random: < {thresholds.c2_min_ratio_random:g}× random"
         out.append(make_row("C2", overlap_summary, model=pair, view=r.view, variant=r.variant, k=k,
                             scope=f"{'across models' if cross else 'across layers'} ({r.n_pairs} pairs)",
                             quantity=f"median {what} (random {r.random:.3f})", value=float(r.median),

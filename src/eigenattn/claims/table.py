@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from eigenattn.config.settings import ClaimThresholds
 from eigenattn.claims.spectra import c1_headlines, c1_rows, c1_scaling_rows, c2_rows
 from eigenattn.claims.reconstruction import c3_rows, c4_rows
 from eigenattn.claims.verdicts import COLUMNS, DEFAULTS, STATES
@@ -23,12 +24,13 @@ __all__ = ["COLUMNS", "DEFAULTS", "STATES", "c1_rows", "c1_scaling_rows", "c2_ro
 
 
 
-def claims_table(spectra, overlap_summary, recon, plugin, training, cfg: dict | None = None,
+def claims_table(spectra, overlap_summary, recon, plugin, training, thresholds: ClaimThresholds | None = None,
                  scaling: tuple = ((), (), ())) -> pd.DataFrame:
-    """``scaling``: (fits, saturations, tables) of the scaling study, one of each per model and view."""
-    cfg = {**DEFAULTS, **(cfg or {})}
-    rows = (c1_headlines(c1_rows(spectra, cfg) + c1_scaling_rows(*scaling, cfg)) + c2_rows(overlap_summary, cfg)
-            + c3_rows(recon, plugin, cfg) + c4_rows(training, cfg))
+    """``scaling``: (fits, saturations, tables) of the scaling study, one of each per model and view;
+    ``thresholds``: the claims section (:data:`DEFAULTS` when not given)."""
+    t = ClaimThresholds.from_params(DEFAULTS) if thresholds is None else thresholds
+    rows = (c1_headlines(c1_rows(spectra, t) + c1_scaling_rows(*scaling, t)) + c2_rows(overlap_summary, t)
+            + c3_rows(recon, plugin, t) + c4_rows(training, t))
     df = pd.DataFrame.from_records(rows, columns=COLUMNS)
     for col in ("k", "s"):
         df[col] = df[col].astype("Int64")

@@ -31,18 +31,22 @@ class _Settings:
 
 @dataclass(frozen=True)
 class Runtime(_Settings):
-    """Where a job runs: not science, never a rerun trigger. ``key`` names the device's config key."""
+    """Where a job runs: not science, never a rerun trigger. ``key`` names the device's config key;
+    ``memory_mb`` and ``route``: how the full-matrix analysis may use the machine (``eigen.gram_memory_mb``,
+    ``eigen.full_route``: both change where it runs, not what it computes)."""
 
     device: str = "cpu"
     key: str = ""
     scheduler: str = "threads"
     slurm: dict | None = None
+    memory_mb: float | None = None
+    route: str = "auto"
 
     @classmethod
     def from_config(cls, config: dict, section: str) -> Runtime:
         s = config[section]
         return cls(device=s.get("device", "cpu"), key=f"{section}.device", scheduler=s.get("scheduler", "threads"),
-                   slurm=s.get("slurm"))
+                   slurm=s.get("slurm"), memory_mb=s.get("gram_memory_mb"), route=s.get("full_route", "auto"))
 
     def torch_device(self):
         from eigenattn.config.validation import resolve_device

@@ -17,6 +17,7 @@ from eigenattn.config import plan
 from eigenattn.errors import ConfigError
 from eigenattn.config.views import View
 from eigenattn.config.schema import SCHEMA_FILE, node
+from eigenattn.config.settings import ModelFacts
 
 
 def _key(path) -> str:
@@ -246,33 +247,22 @@ def _check_training(config: dict) -> None:
 # ------------------------------------------------------------------------- in the rules, with data
 
 
-def check_model_facts(config: dict, model: str, facts: dict) -> None:
+def check_model_facts(facts_cfg: ModelFacts, facts: dict) -> None:
     """After the equivalence probe, before any score is written (extraction rule): the model's
-    layers and causality agree with the config. (A seq_len beyond the model's positions is refused
-    at parse time when `max_positions` is set, and by extraction itself otherwise.)"""
-    spec = plan.model_spec(config, model)
-    layers = spec.get("layers", "all")
+    layers and causality agree with what the config says of it (``facts_cfg``, from
+    :meth:`Extraction.facts`). (A seq_len beyond the model's positions is refused at parse time
+    when `max_positions` is set, and by extraction itself otherwise.)"""
+    model, layers, causal = facts_cfg.model, facts_cfg.layers, facts_cfg.causal
     if layers != "all":
         bad = [x for x in layers if x >= facts["n_layers"]]
         if bad:
             raise ConfigError(f"models.{model}.layers", f"layer(s) {bad} out of range for a model with "
                               f"{facts['n_layers']} layers", f"use 'all' or indices in 0..{facts['n_layers'] - 1}")
-    if spec.get("causal") is not None and bool(spec["causal"]) != facts["causal"]:
-        raise ConfigError(f"models.{model}.causal", f"is {spec['causal']}, but the model's attention masks are "
+    if causal is not None and bool(causal) != facts["causal"]:
+        raise ConfigError(f"models.{model}.causal", f"is {causal}, but the model's attention masks are "
                           f"{facts['mask_kinds']}, so it is {'causal' if facts['causal'] else 'not causal'} "
                           "(every layer hiding the keys after each query)",
                           f"set causal: {str(facts['causal']).lower()}")
-
-
-def expected_scores(config: dict, wildcards, split: str) -> dict:
-    """What a score store read by a rule must have been written with (its attrs); a store left over
-    from another configuration is refused rather than analysed. ``dtype: auto`` is resolved per
-    model at extraction, so it is checked against the dtype the store was asked for
-    (``dtype_requested``), an explicit dtype against the dtype stored."""
-    n = int(wildcards["n"]) if "n" in wildcards.keys() else config["sampling"]["seq_len"]
-    dtype = config["extraction"]["dtype"]
-    return {"model": wildcards["model"], "split": split, "seq_len": n,
-            **({"dtype_requested": dtype} if dtype == "auto" else {"dtype": dtype}), "seed": config["seed"]}
 
 
 def resolve_device(value: str, key: str):

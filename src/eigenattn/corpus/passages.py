@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from eigenattn.config.settings import Sampling
 from eigenattn.storage.assets import materialise_corpus_file
 from eigenattn.errors import ConfigError, InputError
 from eigenattn.storage.store import write_table
@@ -186,28 +187,30 @@ def capacity_shortfall(n_words, seed: int, heldout_fraction: float, seq_len: int
     return {s: (cap[s], int(n_words[split == s].sum())) for s in SPLITS if n_sequences[s] > cap[s]}
 
 
-def check_corpus_capacity(config: dict, n_words, sampling: dict, key: str) -> None:
-    """Before sampling: the corpus can supply the passages asked for (sampling rules). ``sampling``:
-    the rule's seq_len, n_sequences and heldout_fraction; ``key``: the config section they come
-    from (``sampling``, or ``scaling`` for a grid point of the scaling study)."""
+def check_corpus_capacity(sampling: Sampling, n_words) -> None:
+    """Before sampling: the corpus can supply the passages asked for (sampling rules). A shortfall
+    names the config key the sizes come from (:meth:`Sampling.size_key`: ``sampling.n_sequences.<split>``,
+    or ``scaling.samples`` for a grid point of the scaling study)."""
     s = sampling
-    short = capacity_shortfall(n_words, config["seed"], s["heldout_fraction"], s["seq_len"], s["n_sequences"])
+    short = capacity_shortfall(n_words, s.seed, s.heldout_fraction, s.seq_len, s.n_sequences)
     for split, (available, words) in short.items():
-        raise ConfigError(f"sampling.n_sequences.{split}" if key == "sampling" else f"{key}.samples",
-                          f"corpus '{config['corpus']}' offers only {available} non-overlapping passages of "
-                          f"{s['seq_len']} words in the {split} split ({words} words), but "
-                          f"{s['n_sequences'][split]} were asked for",
+        raise ConfigError(s.size_key(split),
+                          f"corpus '{s.corpus}' offers only {available} non-overlapping passages of "
+                          f"{s.seq_len} words in the {split} split ({words} words), but "
+                          f"{s.n_sequences[split]} were asked for",
                           "lower sampling.n_sequences or sampling.seq_len, change sampling.heldout_fraction, "
                           "or use a larger corpus")
 
 
-def sample_passages(docs: pd.DataFrame, seed: int, seq_len: int, n_sequences: dict[str, int],
-                    heldout_fraction: float, corpus: str) -> pd.DataFrame:
-    """Deterministically sample passages of ``seq_len`` words, split by document.
+def sample_passages(docs: pd.DataFrame, sampling: Sampling) -> pd.DataFrame:
+    """Deterministically sample ``sampling.n_sequences`` passages of ``sampling.seq_len`` words,
+    split by document.
 
     Returns columns passage_id, split, doc_id, title, start_word, n_words, text; ``passage_id`` is
     unique over both splits and stable for a given (corpus, seed, sizes).
     """
+    seed, seq_len, n_sequences = sampling.seed, sampling.seq_len, sampling.n_sequences
+    heldout_fraction, corpus = sampling.heldout_fraction, sampling.corpus
     words = [t.split() for t in docs["text"]]
     n_words = word_counts(docs["text"])
     short = capacity_shortfall(n_words, seed, heldout_fraction, seq_len, n_sequences)

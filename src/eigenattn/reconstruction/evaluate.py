@@ -14,6 +14,7 @@ from eigenattn.reconstruction.estimators import check_method, fit_heads
 from eigenattn.reconstruction.metrics import METRICS, Reference
 from eigenattn.config.views import view_slices
 from eigenattn.config.schema import enum
+from eigenattn.config.settings import Reconstruction
 from eigenattn.storage.store import open_scores
 
 TRANSFERS = enum("reconstruction.transfer")
@@ -99,16 +100,19 @@ def _layer_reference(scores, li: int, qs: slice, ks: slice, allowed, causal: boo
     return Reference(X, full, ks, np.asarray(allowed)[q] if causal else None)
 
 
-def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_sizes, ridge: float, rank: float,
-                  seed: int, eval_rows: int | None, transfer=(), transfer_estimators=None, other_stores=None,
-                  fit_shards=None, expect: dict | None = None, progress=True) -> pd.DataFrame:
+def evaluate_view(rows_store, heldout_shards, settings: Reconstruction, *, fit_shards=None, other_stores=None,
+                  expect: dict | None = None, progress=True) -> pd.DataFrame:
     """The reconstruction table of one model and view: one row per split, layer, head, method, source.
 
-    Every method is fitted from the fit-split statistics in ``rows_store``. Its errors are measured on
-    the held-out shards and, when ``fit_shards`` are given, also on fit-split rows (``split`` = fit),
-    so that a best method can be chosen without looking at the held-out data it is reported on.
-    Transfer rows (another layer's or model's statistics) are measured on the held-out split only.
+    Every method of ``settings`` is fitted from the fit-split statistics in ``rows_store``. Its errors
+    are measured on the held-out shards and, when ``fit_shards`` are given, also on fit-split rows
+    (``split`` = fit), so that a best method can be chosen without looking at the held-out data it is
+    reported on. Transfer rows (another layer's or model's statistics; ``other_stores`` maps
+    ``settings.other_models`` to their rows stores) are measured on the held-out split only.
     """
+    estimators, strategies, subset_sizes = settings.estimators, settings.strategies, settings.subset_sizes
+    transfer, transfer_estimators = settings.transfer, settings.transfer_estimators
+    ridge, rank, seed, eval_rows = settings.ridge, settings.rank, settings.seed, settings.eval_rows
     stats = RowStats(rows_store)
     splits = {"heldout": _open_split(heldout_shards, stats, rows_store, "held-out",
                                      expect and {**expect, "split": "heldout"})[0]}
@@ -119,7 +123,7 @@ def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_
         for st in strategies:
             for s in subset_sizes:
                 check_method(e, st, s, d)
-    for e in transfer_estimators or ():
+    for e in transfer_estimators:
         check_method(e, "strided", 1, d)
     for t in transfer:
         if t not in TRANSFERS:
@@ -127,7 +131,6 @@ def evaluate_view(rows_store, heldout_shards, *, estimators, strategies, subset_
     others = {}
     if "other_model" in transfer and stats.view == "prefix":
         others = {name: RowStats(p) for name, p in (other_stores or {}).items()}
-    transfer_estimators = list(estimators if transfer_estimators is None else transfer_estimators)
 
     qs, ks = view_slices(stats.view, n, stats.causal)
     allowed = np.ones((qs.stop - qs.start, n), dtype=bool)

@@ -24,6 +24,7 @@ from eigenattn.errors import InputError
 from eigenattn.reconstruction.estimators import check_method
 from eigenattn.reconstruction.partial import attach, detach, maps_from_stats, register
 from eigenattn.capture.probe import model_class
+from eigenattn.config.settings import Plugin
 from eigenattn.storage.store import open_group
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,13 @@ def _outputs(model, ids: torch.Tensor, causal: bool, q0: int, batch_size: int):
     return torch.cat(pooled)
 
 
-def plugin_eval(model_dir, rows_store, heldout_shards, *, estimators, strategies, subset_sizes,
-                n_sequences: int, batch_size: int, ridge: float, rank: float, seed: int, device,
+def plugin_eval(model_dir, rows_store, heldout_shards, settings: Plugin, *, device,
                 progress: bool = True) -> pd.DataFrame:
+    """The plug-in table of one model: every method of ``settings`` inside the forward pass of
+    ``settings.n_sequences`` held-out passages, against the exact model."""
+    estimators, strategies, subset_sizes = settings.estimators, settings.strategies, settings.subset_sizes
+    n_sequences, batch_size = settings.n_sequences, settings.batch_size
+    ridge, rank, seed = settings.ridge, settings.rank, settings.seed
     stats = RowStats(rows_store)
     for e in estimators:
         for st in strategies:

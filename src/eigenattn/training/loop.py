@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from eigenattn import __version__
 from eigenattn.storage.assets import sha256_file
 from eigenattn.errors import InputError
+from eigenattn.config.settings import Training
 from eigenattn.training.data import heldout_batches, load_tokenizer, mask_batch, shuffle_windows, unigram_baseline
 from eigenattn.training.model import MLM, MODES, VARIANTS, attach_variant, attention_flops_per_seq, encoder_config
 from eigenattn.reconstruction.partial import detach_all
@@ -73,9 +74,9 @@ def _load_data(tokenizer_dir, windows, seq_len: int):
     return tok, tok_info, train_ids, held_ids
 
 
-def _build_model(mode, variant, s, seed, tcfg, seq_len, vocab_size, stats, init_dir) -> MLM:
+def _build_model(mode, variant, s, seed, settings: Training, vocab_size, stats, init_dir) -> MLM:
     torch.manual_seed(seed)
-    model = MLM(encoder_config(tcfg, vocab_size, seq_len))
+    model = MLM(encoder_config(settings.model, vocab_size, settings.seq_len))
     if mode == "finetune":
         if init_dir is None:
             raise InputError("finetune mode needs the trained exact model (init_dir)")
@@ -83,8 +84,8 @@ def _build_model(mode, variant, s, seed, tcfg, seq_len, vocab_size, stats, init_
         if missing or unexpected:
             raise InputError(f"{init_dir}: checkpoint does not match the model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
-    attach_variant(model, variant, s, seq_len, stats, **{k: tcfg.get(k) for k in ("estimator", "strategy", "ridge")},
-                   rank=tcfg.get("eigenspace_rank"), seed=seed)
+    attach_variant(model, variant, s, settings.seq_len, stats, estimator=settings.estimator,
+                   strategy=settings.strategy, ridge=settings.ridge, rank=settings.eigenspace_rank, seed=seed)
     return model
 
 
@@ -134,13 +135,14 @@ def _publish(out_dir: Path, model: MLM, tok, metrics: pd.DataFrame, final: dict)
         tmp.write_text(json.dumps(final, indent=2))
 
 
-def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_len: int, tokenizer_dir,
-        windows, data_seed: int, stats=None, init_dir=None, device="cpu", progress: bool = True) -> dict:
+def run(out_dir, *, mode: str, variant: str, s: int, seed: int, settings: Training, tokenizer_dir, windows,
+        stats=None, init_dir=None, device="cpu", progress: bool = True) -> dict:
     """One training run into ``out_dir``: metrics.csv, final.json, model/ (and checkpoint.pt while running).
 
-    ``windows``: the .npz of :func:`eigenattn.training.data.build_windows`; ``data_seed`` fixes the
-    held-out masks. ``tcfg``: the ``training`` config section (the keys this run uses).
+    ``windows``: the .npz of :func:`eigenattn.training.data.build_windows`; ``settings``: the run's
+    hyper-parameters (:class:`Training`; its ``data_seed`` fixes the held-out masks).
     """
+    seq_len, data_seed = settings.seq_len, settings.data_seed
     if variant not in VARIANTS or mode not in MODES:
         raise ValueError(f"unknown variant '{variant}' or mode '{mode}' (variants {VARIANTS}, modes {MODES})")
     if variant != "exact" and not 1 <= s <= seq_len:
@@ -154,17 +156,18 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
     tok, tok_info, train_ids, held_ids = _load_data(tokenizer_dir, windows, seq_len)
-    model = _build_model(mode, variant, s, seed, tcfg, seq_len, len(tok), stats, init_dir).to(device).train()
+    model = _build_model(mode, variant, s, seed, settings, len(tok), stats, init_dir).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"], betas=(0.9, 0.98))
-    bs = tcfg["batch_size"]
-    steps = tcfg["steps"] if mode == "scratch" else tcfg["finetune_steps"]
-    peak = tcfg["lr"] if mode == "scratch" else tcfg["finetune_lr"]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.98))
+    bs = settings.batch_size
+    steps = settings.steps if mode == "scratch" else settings.finetune_steps
+    peak = settings.lr if mode == "scratch" else settings.finetune_lr
 
     ckpt = out_dir / "checkpoint.pt"
     meta = {"mode": mode, "variant": variant, "s": s, "seed": seed, "steps": steps, "batch_size": bs,
-            "seq_len": seq_len, "n_params": n_params, "tcfg": json.loads(json.dumps(tcfg, sort_keys=True))}
+            "seq_len": seq_len, "n_params": n_params,
+            "tcfg": json.loads(json.dumps(settings.params(), sort_keys=True))}  # the key its readers know
     inputs = [tokenizer_dir, windows, *([stats.path] if stats is not None else []), *([init_dir] if init_dir else [])]
     digest = provenance({**meta, "data_seed": data_seed}, inputs)
     records, start = _resume(ckpt, digest, model, opt)
@@ -192,7 +195,7 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
         idx = [order(j) for j in range(step * bs, (step + 1) * bs)]
         x, pos, labels = mask_batch(train_ids[idx], tok_info, torch.Generator().manual_seed(seed * 1_000_003 + step))
         torch.manual_seed(seed * 1_000_003 + step)  # dropout draws
-        lr = learning_rate(step, steps, peak, tcfg["warmup"])
+        lr = learning_rate(step, steps, peak, settings.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         with amp():
@@ -210,17 +213,17 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
-        if done % tcfg["log_every"] == 0 or done == steps:
+        if done % settings.log_every == 0 or done == steps:
             rec = {"step": done, "train_loss": window_loss / window_n, "heldout_loss": float("nan"),
                    "heldout_mlm_acc": float("nan"), "lr": lr, "step_time_ms": 1000 * window_time / window_n}
-            if done % tcfg["eval_every"] == 0 or done == steps:
+            if done % settings.eval_every == 0 or done == steps:
                 ev = evaluate(model, held_ids, tok_info, data_seed, bs, device, amp)
                 rec["heldout_loss"], rec["heldout_mlm_acc"] = ev["loss"], ev["acc"]
                 log.info("step %d: train loss %.4f, heldout loss %.4f, acc %.4f, %.1f ms/step", done,
                          rec["train_loss"], rec["heldout_loss"], rec["heldout_mlm_acc"], rec["step_time_ms"])
             records.append(rec)
             window_loss, window_time, window_n = 0.0, 0.0, 0
-            if done % tcfg["checkpoint_every"] == 0 and done < steps:
+            if done % settings.checkpoint_every == 0 and done < steps:
                 with atomic_output(ckpt) as tmp:
                     torch.save({"provenance": digest, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "records": records, "step": done}, tmp)
@@ -233,14 +236,13 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, tcfg: dict, seq_
     timed = metrics[metrics.step > 0].step_time_ms.dropna()
     shuffled = evaluate(model, shuffle_windows(held_ids, tok_info["special_ids"], data_seed), tok_info, data_seed, bs,
                         device, amp)
-    m = tcfg["model"]
+    m = settings.model
     final = {"mode": mode, "variant": variant, "subset_size": s, "seed": seed, "steps": steps,
              "heldout_mlm_acc": float(last.heldout_mlm_acc), "heldout_loss": float(last.heldout_loss),
              "heldout_loss_sd": ev["loss_sd"], "heldout_mlm_acc_shuffled": shuffled["acc"],
              **unigram_baseline(train_ids, held_ids, tok_info, data_seed, bs),
              "params": n_params, "trainable_params": sum(p.numel() for p in params),
-             "attention_flops_per_seq": attention_flops_per_seq(variant, seq_len, s, m["layers"], m["heads"],
-                                                                m["d_model"] // m["heads"]),
+             "attention_flops_per_seq": attention_flops_per_seq(variant, seq_len, s, m.layers, m.heads, m.d_model // m.heads),
              "mean_step_time_ms": float(timed.mean()) if len(timed) else float("nan"),
              "device": str(device), "seq_len": seq_len, "vocab_size": len(tok),
              "tokenizer_sha256": sha256_file(Path(tokenizer_dir) / "tokenizer.json")}

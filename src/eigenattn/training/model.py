@@ -29,6 +29,7 @@ from transformers import AutoModel, BertConfig, ModernBertConfig
 from eigenattn.errors import InputError
 from eigenattn.reconstruction.partial import LINFORMER_ATTR, Linformer, attach, attention_modules, maps_from_stats, register
 from eigenattn.config.schema import enum
+from eigenattn.config.settings import EncoderModel
 
 VARIANTS = ("exact", *enum("training.variants"))
 MODES = enum("training.modes")
@@ -37,15 +38,15 @@ MODES = enum("training.modes")
 class MLM(nn.Module):
     """BertModel + an MLM head evaluated only at the masked positions (decoder tied to embeddings)."""
 
-    def __init__(self, config):
+    def __init__(self, hf_config):
         super().__init__()
-        config._attn_implementation = register()
-        kw = {"add_pooling_layer": False} if config.model_type == "bert" else {}
-        self.encoder = AutoModel.from_config(config, attn_implementation=config._attn_implementation, **kw)
-        h = config.hidden_size
-        eps = getattr(config, "layer_norm_eps", None) or config.norm_eps  # BERT's name, else ModernBERT's
+        hf_config._attn_implementation = register()
+        kw = {"add_pooling_layer": False} if hf_config.model_type == "bert" else {}
+        self.encoder = AutoModel.from_config(hf_config, attn_implementation=hf_config._attn_implementation, **kw)
+        h = hf_config.hidden_size
+        eps = getattr(hf_config, "layer_norm_eps", None) or hf_config.norm_eps  # BERT's name, else ModernBERT's
         self.transform = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=eps))
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.bias = nn.Parameter(torch.zeros(hf_config.vocab_size))
 
     def forward(self, input_ids, positions, labels=None):
         hidden = self.encoder(input_ids=input_ids).last_hidden_state
@@ -56,19 +57,19 @@ class MLM(nn.Module):
         return F.cross_entropy(logits.float(), labels), logits
 
 
-def encoder_config(tcfg: dict, vocab_size: int, seq_len: int):
+def encoder_config(model: EncoderModel, vocab_size: int, seq_len: int):
     """The encoder's transformers config from ``training.model`` (``positions``: rotary or absolute)."""
-    m = tcfg["model"]
-    common = {"vocab_size": vocab_size, "hidden_size": m["d_model"], "num_hidden_layers": m["layers"],
-              "num_attention_heads": m["heads"], "intermediate_size": m["d_ff"], "max_position_embeddings": seq_len,
-              "initializer_range": m["init_range"]}
-    if m["positions"] == "absolute":
-        return BertConfig(**common, hidden_dropout_prob=m["dropout"], attention_probs_dropout_prob=m["dropout"])
+    m = model
+    common = {"vocab_size": vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.layers,
+              "num_attention_heads": m.heads, "intermediate_size": m.d_ff, "max_position_embeddings": seq_len,
+              "initializer_range": m.init_range}
+    if m.positions == "absolute":
+        return BertConfig(**common, hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
     # every layer global (no sliding window); pad/bos/eos/cls/sep ids are unused by the MLM
-    return ModernBertConfig(**common, layer_types=["full_attention"] * m["layers"],
+    return ModernBertConfig(**common, layer_types=["full_attention"] * m.layers,
                             rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
-                            attention_dropout=m["dropout"], mlp_dropout=m["dropout"],
-                            embedding_dropout=m["dropout"], pad_token_id=0,
+                            attention_dropout=m.dropout, mlp_dropout=m.dropout,
+                            embedding_dropout=m.dropout, pad_token_id=0,
                             bos_token_id=None, eos_token_id=None, cls_token_id=None, sep_token_id=None)
 
 
