@@ -65,6 +65,8 @@ def log_start():
         f"eigenattn: models {', '.join(MODELS)}; corpus {CORPUS}; seq_len {SEQ_LEN}; "
         f"n_sequences {config['sampling']['n_sequences']}; seed {config['seed']}"
     )
+    for note in plan.notes(config):
+        print(f"eigenattn: {note}")
 
 
 # ------------------------------------------------------------------ models, corpus and scores
@@ -148,7 +150,7 @@ EXTRACTION_PARAMS = (
 
 
 def extraction_params(model, split, shard, n_shards, seq_len):
-    e = config["extraction"]
+    e = plan.extraction(config)
     spec = plan.model_spec(config, model)
     return {
         "model": model,
@@ -279,7 +281,7 @@ def transfer_inputs(wildcards):
 
 def reconstruct_params(wildcards):
     return {
-        **config["reconstruction"],
+        **plan.reconstruction(config),
         "seed": config["seed"],
         "other_models": plan.other_models(config, wildcards.model, wildcards.view),
     }
