@@ -117,3 +117,95 @@ def test_planning_is_a_function_of_the_config():
     runs = plan.training_runs(c)
     assert len(runs) == 2 * (2 + 4 * len(c["training"]["subset_sizes"]))
     assert plan.model_spec(c, c["training"]["analysis_model"])["run"] == plan.trained_run(c)
+
+
+# ------------------------------------------- defaults that adapt, explicit asks that are checked
+
+DEFAULT = [str(REPO / "config.yaml")]
+TINY = [str(REPO / "config.yaml"), str(REPO / "tests" / "config.yaml")]
+# a user's own single model: a new name for the same source as minilm
+MINE = {"models": {"mine": _config()["models"]["minilm"]}, "run_models": ["mine"]}
+
+
+def _dry_run(tmp_path, configs, override):
+    cfg = tmp_path / "override.yaml"
+    cfg.write_text(yaml.safe_dump(override))
+    proc = snakemake(tmp_path, "-n", configs=[*configs, str(cfg)], check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("configs,override,models", [
+    (TINY, {"run_models": ["minilm"]}, 1),
+    (TINY, {"run_models": ["smollm2"]}, 1),
+    (TINY, MINE, 1),
+    (DEFAULT, {"run_models": ["minilm"]}, 1),
+    (DEFAULT, {"sampling": {"n_sequences": {"fit": 8}}}, 2),  # the default chunk of 8 would leave no two halves
+])
+def test_defaults_adapt_to_the_run(tmp_path, configs, override, models):
+    """One model, or a small sample, plans with no other change: the transfer list drops other_model,
+    the scaling study follows the run's models and the chunk length leaves two halves."""
+    rc, out = _dry_run(tmp_path, configs, override)
+    assert rc == 0, out[-3000:]
+    for rule in ("extract_scores", "eigen_rows", "overlap_within", "reconstruct_view", "claims", "scaling_table"):
+        assert rule in out, rule
+    assert ("overlap_cross" in out) == (models == 2)
+
+
+@pytest.mark.parametrize("configs,override,needle", [
+    (DEFAULT, {"run_models": ["minilm"], "reconstruction": {"transfer": ["adjacent_layer", "other_model"]}},
+     "reconstruction.transfer': lists other_model, but fewer than two models are analysed"),
+    (TINY, {"run_models": ["smollm2"], "reconstruction": {"transfer": ["other_model"]}},
+     "reconstruction.transfer': lists other_model"),
+    (DEFAULT, {"sampling": {"n_sequences": {"fit": 8}}, "extraction": {"chunk_sequences": 8}},
+     "extraction.chunk_sequences': 8 covers all 8 fit passages"),
+    (DEFAULT, {"extraction": {"batch_size": 12, "chunk_sequences": 8}},
+     "extraction.batch_size': 12 is not a multiple of extraction.chunk_sequences = 8"),
+    (TINY, {"run_models": ["smollm2"], "scaling": {"models": ["minilm"]}},
+     "scaling.models[0]': 'minilm' is not in run_models"),
+])
+def test_explicit_asks_that_cannot_work_are_refused(tmp_path, configs, override, needle):
+    rc, out = _dry_run(tmp_path, configs, override)
+    assert rc != 0 and needle in out, out[-3000:]
+    assert "fix:" in out and "jobid" not in out
+
+
+def _with(c, **sections):
+    c = validate({**c, **sections})
+    check(c)
+    return c
+
+
+@pytest.mark.parametrize("fit,batch,chunk", [
+    (384, 8, 8), (16, 8, 8), (15, 8, 4), (8, 8, 4), (7, 8, 2), (4, 8, 2), (3, 8, 1), (2, 8, 1),
+    (384, 12, 6), (8, 6, 3), (384, 32, 8), (384, 7, 7), (12, 7, 1),
+])
+def test_chunk_sequences_auto_leaves_two_halves(fit, batch, chunk):
+    c = _with({"models": _config()["models"], "corpora": _config()["corpora"]},
+              sampling={"n_sequences": {"fit": fit, "heldout": 4}}, plugin={"n_sequences": 4},
+              extraction={"batch_size": batch})
+    assert c["extraction"]["chunk_sequences"] == "auto"
+    assert plan.chunk_sequences(c) == chunk == plan.extraction(c)["chunk_sequences"]
+
+
+def test_transfer_and_scaling_auto_follow_the_run_models():
+    both = _with(_config())
+    assert both["reconstruction"]["transfer"] == "auto"
+    assert plan.transfers(both) == ["adjacent_layer", "farthest_layer", "other_model"]
+    assert plan.other_models(both, "minilm", "prefix") == ["smollm2"] and plan.other_models(both, "minilm", "all") == []
+    assert plan.scaling_models(both) == ["minilm"] and plan.notes(both) == []  # tests/config.yaml: first
+    one = _with(_config(), run_models=["smollm2"])
+    assert plan.transfers(one) == plan.reconstruction(one)["transfer"] == ["adjacent_layer", "farthest_layer"]
+    assert plan.other_models(one, "smollm2", "prefix") == []
+    assert plan.scaling_models(one) == plan.sample_models(one) == ["smollm2"]
+    assert any(n.startswith("reconstruction.transfer: auto -> adjacent_layer, farthest_layer") for n in plan.notes(one))
+    # two bidirectional models analysed in the `all` view only: no prefix view to transfer across
+    minilm = _config()["models"]["minilm"]
+    no_prefix = _with(_config(), models={**_config()["models"], "m2": minilm}, run_models=["minilm", "m2"],
+                      eigen={"views": ["all"]}, overlap={"k": [2, 4, 8], "cross_pairs": []})
+    assert plan.transfers(no_prefix) == ["adjacent_layer", "farthest_layer"]
+    # scaling auto leaves out a model whose positions hold fewer than two lengths, and says so
+    short = {**minilm, "max_positions": 48}
+    left = _with(_config(), models={**_config()["models"], "short": short}, run_models=["short", "minilm"],
+                 scaling={**_config()["scaling"], "models": "auto", "lengths": [32, 64]})
+    assert plan.scaling_models(left) == ["minilm"]
+    assert any("leaves out short" in n for n in plan.notes(left))

@@ -412,3 +412,24 @@ def test_lint_and_format_clean():
     assert proc.returncode == 0 and "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     proc = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "."], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.workflow
+def test_single_model_run(workdir):
+    """`run_models=[minilm]` and nothing else: extraction, eigen, overlap, reconstruction, the scaling
+    study and the claims run for the one model; the transfer rows leave out other_model (and the
+    start says so), and no cross-model job runs."""
+    proc = snakemake(workdir, "-c2", "--max-threads", "1", "results/claims.csv", "--config", "run_models=[minilm]")
+    out = proc.stdout + proc.stderr
+    assert "eigenattn: reconstruction.transfer: auto -> adjacent_layer, farthest_layer" in out, out[-3000:]
+    res = workdir / "results"
+    for view in ("all", "prefix"):
+        sources = set(pd.read_csv(res / "reconstruction" / "minilm" / f"{view}.csv").basis_source)
+        assert "same" in sources and {s for s in sources if s.startswith("layer:")}
+        assert not {s for s in sources if s.startswith("model:")}
+    assert not (res / "overlap" / "cross").exists() and not (res / "scores" / "smollm2").exists()
+    assert set(pd.read_csv(res / "overlap" / "summary.csv").scope) >= {"all_layer_pairs"}
+    assert (res / "scaling" / "minilm" / "prefix.fits.csv").is_file()
+    claims = pd.read_csv(res / "claims.csv")
+    assert set(claims.claim) == {"C1", "C2", "C3", "C4"}
+    assert set(claims[claims.claim != "C4"].model) == {"minilm"}  # C4 rows name training variants

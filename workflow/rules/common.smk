@@ -67,6 +67,8 @@ def log_start():
         f"eigenattn: models {', '.join(MODELS)}; corpus {CORPUS}; seq_len {SEQ_LEN}; "
         f"n_sequences {config['sampling']['n_sequences']}; seed {config['seed']}"
     )
+    for note in plan.notes(config):
+        print(f"eigenattn: {note}")
 
 
 def path(pattern, **wildcards):

@@ -19,7 +19,7 @@ def scaling_passages(wildcards):
 def scaling_extraction_settings(wildcards):
     """A grid point's extraction: at most scaling.max_layers layers, and chunks small enough that
     even a small N has two halves (a batch is whole chunks)."""
-    e = config["extraction"]
+    e = plan.extraction(config)
     chunk = min(e["chunk_sequences"], max(1, int(wildcards.N) // 2))
     return settings.Extraction.from_config(
         config,

@@ -37,11 +37,54 @@ def cross_pairs(config: dict) -> list[tuple[str, str]]:
     return [tuple(p) for p in pairs]
 
 
+def prefix_models(config: dict) -> list[str]:
+    """The run models analysed in the prefix view (the view models are compared in)."""
+    return [m for m in config["run_models"] if "prefix" in model_views(config, m)]
+
+
+def transfers(config: dict) -> list[str]:
+    """The transfer rows of the reconstruction (``reconstruction.transfer``). auto: every transfer
+    the run can do: adjacent_layer and farthest_layer, and other_model when at least two run models
+    are analysed in the prefix view. An explicit list is kept as written (and checked)."""
+    t = config["reconstruction"]["transfer"]
+    if t != "auto":
+        return list(t)
+    two = len(prefix_models(config)) >= 2
+    return [k for k in enum("reconstruction.transfer") if k != "other_model" or two]
+
+
+def reconstruction(config: dict) -> dict:
+    """The ``reconstruction`` section with its auto values resolved (what the reconstruction rule
+    and script are given)."""
+    return {**config["reconstruction"], "transfer": transfers(config)}
+
+
 def other_models(config: dict, name: str, view: str) -> list[str]:
     """Models whose statistics a model's reconstruction transfers from (prefix view only)."""
-    if view != "prefix" or "other_model" not in config["reconstruction"]["transfer"]:
+    if view != "prefix" or "other_model" not in transfers(config):
         return []
-    return [m for m in config["run_models"] if m != name]
+    return [m for m in prefix_models(config) if m != name]
+
+
+CHUNK_MAX = 8  # sequences per chunk when nothing forces fewer (the eigen stage's unit of reading)
+
+
+def chunk_sequences(config: dict) -> int:
+    """Sequences per chunk of the score store (``extraction.chunk_sequences``). auto: the largest
+    c <= 8 that divides extraction.batch_size (a batch is whole chunks) and is at most half the fit
+    passages, so the split-half statistics have two halves of near-equal size: 8 at the default
+    batch_size 8 and fit >= 16, 4 for fit 8 to 15, 2 for fit 4 to 7, 1 for fit 2 or 3. An
+    explicit value is kept as written (and checked)."""
+    e = config["extraction"]
+    if e["chunk_sequences"] != "auto":
+        return int(e["chunk_sequences"])
+    limit = min(CHUNK_MAX, max(1, config["sampling"]["n_sequences"]["fit"] // 2))
+    return max(c for c in range(1, limit + 1) if e["batch_size"] % c == 0)
+
+
+def extraction(config: dict) -> dict:
+    """The ``extraction`` section with its auto values resolved (what the extraction rule is given)."""
+    return {**config["extraction"], "chunk_sequences": chunk_sequences(config)}
 
 
 def trained_run(config: dict) -> dict:
@@ -72,10 +115,21 @@ def training_runs(config: dict) -> list[dict]:
     return runs
 
 
+def scaling_lengths_within(config: dict, model: str) -> list[int]:
+    """The lengths of the length sweep within a model's positions."""
+    pos = model_spec(config, model).get("max_positions")
+    return [int(n) for n in config["scaling"]["lengths"] if not pos or int(n) <= pos]
+
+
 def scaling_models(config: dict) -> list[str]:
-    """The models of the length sweep (``scaling.models``; auto: every run model)."""
+    """The models of the length sweep (``scaling.models``). auto: every run model, first: the first
+    run model; either leaves out a model whose positions hold fewer than two of scaling.lengths (no
+    trend to fit; :func:`notes` says so). An explicit list is kept as written (and checked)."""
     m = config["scaling"]["models"]
-    return list(config["run_models"]) if m == "auto" else list(m)
+    if m not in ("auto", "first"):
+        return list(m)
+    fit = [x for x in config["run_models"] if len(scaling_lengths_within(config, x)) >= 2]
+    return fit[:1] if m == "first" else fit
 
 
 def sample_models(config: dict) -> list[str]:
@@ -114,3 +168,24 @@ def is_main_point(config: dict, model: str, n: int, N: int) -> bool:
     its outputs are reused."""
     return (int(n) == config["sampling"]["seq_len"] and int(N) == config["sampling"]["n_sequences"]["fit"]
             and scaling_layers(config, model) == model_spec(config, model).get("layers", "all"))
+
+
+def notes(config: dict) -> list[str]:
+    """One line for each default that adapted to this run (printed when the workflow starts)."""
+    out = []
+    if config["reconstruction"]["transfer"] == "auto" and "other_model" not in transfers(config):
+        out.append(f"reconstruction.transfer: auto -> {', '.join(transfers(config))} (other_model needs two run "
+                   f"models in the prefix view; this run has {', '.join(prefix_models(config)) or 'none'})")
+    chunk = chunk_sequences(config)
+    if config["extraction"]["chunk_sequences"] == "auto" and chunk != CHUNK_MAX:
+        out.append(f"extraction.chunk_sequences: auto -> {chunk} (at most half of the "
+                   f"{config['sampling']['n_sequences']['fit']} fit passages, dividing batch_size "
+                   f"{config['extraction']['batch_size']})")
+    if config["scaling"]["models"] in ("auto", "first"):
+        left = [m for m in config["run_models"] if len(scaling_lengths_within(config, m)) < 2]
+        if left:
+            out.append(f"scaling.models: {config['scaling']['models']} leaves out {', '.join(left)} (fewer than two "
+                       "of scaling.lengths within its max_positions)")
+        if not scaling_models(config):
+            out.append("scaling: no run model can be swept against the length; the scaling study is skipped")
+    return out

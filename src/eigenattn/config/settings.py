@@ -112,7 +112,7 @@ class Extraction(_Settings):
     def from_config(cls, config: dict, model: str, split: str, shard: int, n_shards: int, seq_len: int,
                     *, layers=None, chunk: int | None = None, batch: int | None = None) -> Extraction:
         """``layers``, ``chunk`` and ``batch`` override the config's (the scaling study's grid points)."""
-        e = config["extraction"]
+        e = plan.extraction(config)
         spec = plan.model_spec(config, model)
         chunk = e["chunk_sequences"] if chunk is None else chunk
         return cls(model, split, int(shard), int(n_shards), int(seq_len), e["dtype"], e["compression"],
@@ -157,7 +157,7 @@ class Reconstruction(_Settings):
     def from_config(cls, config: dict, model: str, view: str) -> Reconstruction:
         r = config["reconstruction"]
         return cls(tuple(r["estimators"]), tuple(r["strategies"]), tuple(r["subset_sizes"]), r["ridge"],
-                   r["eigenspace_rank"], config["seed"], r["eval_rows"], tuple(r["transfer"]),
+                   r["eigenspace_rank"], config["seed"], r["eval_rows"], tuple(plan.transfers(config)),
                    tuple(r["transfer_estimators"]), tuple(plan.other_models(config, model, view)))
 
 

@@ -126,10 +126,12 @@ def check(config: dict) -> None:
 
 def _check_extraction(config: dict) -> None:
     e, fit = config["extraction"], config["sampling"]["n_sequences"]["fit"]
-    shards, batch, chunk = e["shards"], e["batch_size"], e["chunk_sequences"]
+    shards, batch, chunk = e["shards"], e["batch_size"], plan.chunk_sequences(config)
+    # only an explicit chunk_sequences can fail the first and last check: auto divides batch_size and leaves two halves
     if batch % chunk:
         raise ConfigError("extraction.batch_size", f"{batch} is not a multiple of extraction.chunk_sequences = "
-                          f"{chunk} (a batch is one shard of whole chunks)", f"use a multiple of {chunk}")
+                          f"{chunk} (a batch is one shard of whole chunks)",
+                          f"use a multiple of {chunk}, or extraction.chunk_sequences: auto")
     for split, count in config["sampling"]["n_sequences"].items():
         if shards > count:
             raise ConfigError("extraction.shards", f"{shards} shards but only {count} {split} passages",
@@ -137,17 +139,18 @@ def _check_extraction(config: dict) -> None:
     if sum(-(-((i + 1) * fit // shards - i * fit // shards) // chunk) for i in range(shards)) < 2:
         raise ConfigError("extraction.chunk_sequences", f"{chunk} covers all {fit} fit passages of the shard in one "
                           "chunk, so there are no two halves for the split-half statistics",
-                          f"use chunk_sequences (and batch_size) of at most {max(1, fit // 2)}, or more shards")
+                          f"use chunk_sequences: auto (or at most {max(1, fit // 2)}), or more shards")
 
 
 def _check_scaling(config: dict) -> None:
     s, models = config["scaling"], plan.scaling_models(config)
     for key, within, name in (("models", config["run_models"], "run_models"),
                               ("sample_models", models, "scaling.models")):
-        for i, m in enumerate([] if s[key] == "auto" else s[key]):
+        for i, m in enumerate([] if s[key] in ("auto", "first") else s[key]):
             if m not in within:
                 raise ConfigError(f"scaling.{key}[{i}]", f"'{m}' is not in {name}",
-                                  f"use models from {name} ({', '.join(within)}), or auto")
+                                  f"use models from {name} ({', '.join(within)}), or auto"
+                                  + (" or first" if key == "models" else ""))
     for m in models:
         pos = config["models"][m].get("max_positions")
         if pos and m in plan.sample_models(config) and s["sample_length"] > pos:
@@ -211,12 +214,12 @@ def _check_reconstruction(config: dict) -> None:
                 if bad:
                     raise ConfigError(f"{section}.subset_sizes", f"s = {bad} exceeds the d = {d} keys of view "
                                       f"'{v}' (seq_len {n}) for model '{m}'", f"use subset sizes <= {d}")
-    r = config["reconstruction"]
-    prefix_models = [m for m in config["run_models"] if "prefix" in plan.model_views(config, m)]
-    if "other_model" in r["transfer"] and len(prefix_models) < 2:
+    prefix_models = plan.prefix_models(config)
+    if "other_model" in plan.transfers(config) and len(prefix_models) < 2:  # only an explicit list: auto adapts
         raise ConfigError("reconstruction.transfer", "lists other_model, but fewer than two models are analysed in "
                           f"the prefix view ({', '.join(prefix_models) or 'none'}), so there is no other model",
-                          "add a second model to run_models, or drop other_model from reconstruction.transfer")
+                          "add a second model to run_models, drop other_model from reconstruction.transfer, or use "
+                          "transfer: auto")
     held = config["sampling"]["n_sequences"]["heldout"]
     if config["plugin"]["n_sequences"] > held:
         raise ConfigError("plugin.n_sequences", f"{config['plugin']['n_sequences']} exceeds the {held} held-out "
