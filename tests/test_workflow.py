@@ -415,20 +415,28 @@ def test_lint_and_format_clean():
 
 
 @pytest.mark.workflow
-def test_single_model_run(workdir):
-    """`run_models=[minilm]` and nothing else: extraction, eigen, overlap, reconstruction, the scaling
-    study and the claims run for the one model; the transfer rows leave out other_model (and the
-    start says so), and no cross-model job runs."""
-    proc = snakemake(workdir, "-c2", "--max-threads", "1", "results/claims.csv", "--config", "run_models=[minilm]")
+def test_single_model_run(tiny_run, tmp_path):
+    """`run_models=[minilm]` and nothing else, on a copy of the finished tiny run: it plans and runs.
+    The transfer rows leave out other_model (and the start says so), no job of the other model
+    runs, and the jobs that re-run are the ones whose inputs or params the change touches."""
+    wd, _ = tiny_run
+    one = tmp_path / "one model"
+    shutil.copytree(wd, one, symlinks=True)
+    plan = snakemake(one, "-n", "results/claims.csv", "--config", "run_models=[minilm]")
+    assert "smollm2" not in re.sub(r"\n\s*(input|output|log|benchmark):[^\n]*", "", plan.stdout), plan.stdout[-3000:]
+    proc = snakemake(one, "-c2", "--max-threads", "1", "results/claims.csv", "--config", "run_models=[minilm]")
     out = proc.stdout + proc.stderr
     assert "eigenattn: reconstruction.transfer: auto -> adjacent_layer, farthest_layer" in out, out[-3000:]
-    res = workdir / "results"
+    ran = set(re.findall(r"^(?:local)?rule (\w+):", out, re.M))
+    assert {"reconstruct_view", "overlap_summary", "claims"} <= ran <= {
+        "reconstruct_view", "overlap_summary", "claims", "plugin_eval_model"}, ran
+    res = one / "results"
     for view in ("all", "prefix"):
         sources = set(pd.read_csv(res / "reconstruction" / "minilm" / f"{view}.csv").basis_source)
         assert "same" in sources and {s for s in sources if s.startswith("layer:")}
         assert not {s for s in sources if s.startswith("model:")}
-    assert not (res / "overlap" / "cross").exists() and not (res / "scores" / "smollm2").exists()
-    assert set(pd.read_csv(res / "overlap" / "summary.csv").scope) >= {"all_layer_pairs"}
+    summary = pd.read_csv(res / "overlap" / "summary.csv")
+    assert set(summary.scope) >= {"all_layer_pairs"} and "smollm2" not in {*summary.model_a, *summary.model_b}
     assert (res / "scaling" / "minilm" / "prefix.fits.csv").is_file()
     claims = pd.read_csv(res / "claims.csv")
     assert set(claims.claim) == {"C1", "C2", "C3", "C4"}
