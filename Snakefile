@@ -34,4 +34,7 @@ onsuccess:
 
 
 onerror:
-    print("eigenattn: a job failed; see the log file named above (logs/<rule>/...)")
+    print(
+        "eigenattn: a job failed; its log file is the `log:` path in the 'Error in rule' block above "
+        "(how logs/ is laid out: README.md, section Logs)"
+    )

@@ -208,7 +208,8 @@ def projection(laws: dict, gbps: float, budget: float, N=10_000, n=512, L=12, H=
             rows = sum(N - i * p.panel_rows for i in range(panels)) if p.route == "gram" else N
             read_gb = L * -(-H // p.group) * rows * H * D * 2 / 1e9
             print(f"  {view:>6} (D = {D:,}, route {p.route}, budget {mem:g} MB): compute ~{compute_h:,.1f} h "
-                  f"(fit, eigenproblems from the floor), reads {read_gb:,.0f} GB ~{read_gb / gbps / 3600:,.1f} h at {gbps:.2f} GB/s, "
+                  f"(fit, eigenproblems from the floor), reads {read_gb:,.0f} GB "
+                  f"~{read_gb / gbps / 3600:,.1f} h at {gbps:.2f} GB/s, "
                   f"peak ~{p.peak_mb() / 1024:,.1f} GB (planner), score store {N * L * H * n * n * 2 / 1e9:,.0f} GB")
 
 

@@ -1,6 +1,8 @@
 """Corpus parsing, document split and deterministic sampling."""
 
 import bz2
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -43,6 +45,28 @@ def test_fetched_corpus_is_real_english(resources):
     assert len(docs) > 100 and docs["n_words"].sum() > 400_000
     assert "Anarchism" in docs["title"].tolist()
     assert "[[" not in " ".join(docs["text"].head(20))
+
+
+def test_parquet_documents_are_read_without_datasets(tmp_path):
+    """The documents parquet (what sample_passages reads) and parquet `files` corpora are read with
+    pandas: `datasets`, ~2 s to import, is not loaded; text_field, id_field and a missing title
+    are handled as for the other file types."""
+    path = tmp_path / "a.parquet"
+    pd.DataFrame({"body": ["a b c", "d e"], "key": [7, 8]}).to_parquet(path)
+    docs = pd.DataFrame({"doc_id": ["x", "y"], "title": ["X", "Y"], "text": ["a b", "c"], "n_words": [2, 1]})
+    docs.to_parquet(tmp_path / "documents.parquet")
+    code = f"""if True:
+        import sys
+        from eigenattn.corpus.passages import load_documents
+        d = load_documents({{"source": "files", "paths": [{str(path)!r}], "text_field": "body", "id_field": "key"}}, "m")
+        assert list(d.columns) == ["doc_id", "title", "text"], d.columns
+        assert list(d.doc_id) == ["7", "8"] and list(d.text) == ["a b c", "d e"] and list(d.title) == ["", ""]
+        d = load_documents({{"source": "pypi"}}, "m", {str(tmp_path / "documents.parquet")!r})
+        assert d.to_dict("list") == {{"doc_id": ["x", "y"], "title": ["X", "Y"], "text": ["a b", "c"]}}
+        assert "datasets" not in sys.modules, "datasets was imported"
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _docs(sizes):

@@ -7,7 +7,8 @@ import torch
 import zarr
 from transformers import AutoModel, AutoTokenizer
 
-from eigenattn.capture.interface import ScoreCapture, capturing, is_causal_mask, register
+from eigenattn.capture.interface import ScoreCapture, capturing, register
+from eigenattn.capture.probe import mask_info
 from eigenattn.corpus.passages import tokenize_passages
 from eigenattn.capture.extract import extract_scores, resolve_layers, shard_passages
 
@@ -75,7 +76,8 @@ def test_capture_does_not_change_model_outputs(minilm_dir):
     torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-5)
     assert sorted(cap.scores) == [1, 4]
     assert cap.scores[1].shape == (1, 12, ids.shape[1], ids.shape[1])
-    assert not is_causal_mask(cap.mask)
+    # the mask the layers received, read as the probe reads it: not causal
+    assert mask_info(cap.mask, ids.shape[1])[0]["kind"] != "causal"
 
 
 def test_gqa_heads_are_per_query_head(smollm2_dir):
@@ -87,7 +89,7 @@ def test_gqa_heads_are_per_query_head(smollm2_dir):
         model(input_ids=ids)
     s = cap.scores[0]
     assert s.shape[1] == 9  # 9 query heads, though only 3 key heads
-    assert is_causal_mask(cap.mask)
+    assert mask_info(cap.mask, ids.shape[1])[0] == {"kind": "causal"}
     # Query heads sharing a key head still differ (they have their own queries).
     assert not torch.allclose(s[:, 0], s[:, 1])
 

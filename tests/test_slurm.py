@@ -1,12 +1,15 @@
 """A real single-node SLURM on localhost: the tiny workflow end to end through the SLURM executor
 profile, and Dask workers started by dask-jobqueue. `.ci/run` starts SLURM (tests/slurm/slurm-up.sh)
-before the tests; the fixture starts it too when run by hand as root."""
+before the tests and stops it afterwards; run by hand as root, the session fixture starts it when it
+is not up, and at the end of the session stops the daemons it started (and only those)."""
 
 import os
 import re
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,14 +33,113 @@ SLURM_FLAGS = [
 ]
 
 
+DAEMONS = ("munged", "slurmctld", "slurmd")
+
+
+def running_daemons() -> set[str]:
+    """The SLURM daemons alive now; a zombie (what a stopped daemon can leave) does not count."""
+    alive = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        name, state = text[text.find("(") + 1:text.rfind(")")], text[text.rfind(")") + 2:][:1]
+        if name in DAEMONS and state != "Z":
+            alive.add(name)
+    return alive
+
+
+def slurm_is_up() -> bool:
+    if not shutil.which("scontrol"):
+        return False
+    return "is UP" in subprocess.run(["scontrol", "ping"], capture_output=True, text=True).stdout
+
+
+@contextmanager
+def session_slurm(is_up, running, start, stop):
+    """SLURM for one test session. A SLURM that is already up (as .ci/run starts it) is used and left
+    running. Otherwise ``start()`` it, and at the end ``stop(names)`` the daemons that were not
+    running before it, also when starting fails half-way; daemons that were already running (a
+    system munged, say) are never stopped. Yields the set of daemons this session started."""
+    if is_up():
+        yield set()
+        return
+    before = running()
+    try:
+        start()
+    except BaseException:
+        if running() - before:
+            stop(sorted(running() - before))
+        raise
+    started = running() - before
+    try:
+        yield started
+    finally:
+        if started:
+            stop(sorted(started))
+
+
 @pytest.fixture(scope="session")
 def slurm():
     if os.environ.get("EIGENATTN_SLURM") == "0":
         pytest.skip("EIGENATTN_SLURM=0: SLURM tests explicitly disabled")
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True) if shutil.which("scontrol") else None
-    if ping is None or "is UP" not in ping.stdout:
-        subprocess.run(["bash", str(REPO / "tests" / "slurm" / "slurm-up.sh")], check=True)
-    return True
+    scripts = REPO / "tests" / "slurm"
+    with session_slurm(slurm_is_up, running_daemons,
+                       start=lambda: subprocess.run(["bash", str(scripts / "slurm-up.sh")], check=True),
+                       stop=lambda names: subprocess.run(["bash", str(scripts / "slurm-down.sh"), *names])) as started:
+        yield started
+
+
+class FakeHost:
+    """Stands in for the process table and the two scripts in the bookkeeping tests."""
+
+    def __init__(self, up=False, running=(), starts=DAEMONS, fail_after=None):
+        self.up, self.alive, self.starts, self.fail_after = up, set(running), starts, fail_after
+        self.calls = []
+
+    def start(self):
+        self.calls.append("start")
+        for i, name in enumerate(self.starts):
+            if i == self.fail_after:
+                raise subprocess.CalledProcessError(1, "slurm-up.sh")
+            self.alive.add(name)
+
+    def stop(self, names):
+        self.calls.append(("stop", tuple(names)))
+        self.alive -= set(names)
+
+    def session(self):
+        return session_slurm(lambda: self.up, lambda: set(self.alive), self.start, self.stop)
+
+
+def test_slurm_already_up_is_used_and_left_running():
+    host = FakeHost(up=True, running=DAEMONS)
+    with host.session() as started:
+        assert started == set()
+    assert host.calls == [] and host.alive == set(DAEMONS)
+
+
+def test_slurm_started_by_the_session_is_stopped_at_its_end():
+    host = FakeHost()
+    with pytest.raises(RuntimeError), host.session() as started:  # a failing test body stops it too
+        assert started == set(DAEMONS) and host.alive == set(DAEMONS)
+        raise RuntimeError
+    assert host.calls == ["start", ("stop", ("munged", "slurmctld", "slurmd"))] and host.alive == set()
+
+
+def test_only_the_daemons_the_session_started_are_stopped():
+    host = FakeHost(running={"munged"})  # a system munged, no SLURM
+    with host.session() as started:
+        assert started == {"slurmctld", "slurmd"}
+    assert host.calls == ["start", ("stop", ("slurmctld", "slurmd"))] and host.alive == {"munged"}
+
+
+def test_a_start_that_fails_half_way_stops_what_it_started():
+    host = FakeHost(fail_after=1)  # munged came up, slurmctld did not
+    with pytest.raises(subprocess.CalledProcessError), host.session():
+        pass
+    assert host.calls == ["start", ("stop", ("munged",))] and host.alive == set()
 
 
 def test_tiny_workflow_end_to_end_under_slurm(slurm, tmp_path, resources, tiny_run):

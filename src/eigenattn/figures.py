@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from eigenattn.claims.verdicts import iqr  # noqa: F401  (the notebooks read it from here)
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 METHOD_COLORS = {"conditional_gaussian": "C0", "eigenspace": "C1", "mean": "C2", "subset_only": "C3",
                  "exact": "k", "partial_fixed": "C0", "partial_learned": "C4", "linformer": "C1"}

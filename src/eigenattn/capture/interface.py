@@ -234,12 +234,3 @@ def capturing(capture: ScoreCapture):
     finally:
         _state.capture = prev
 
-
-def is_causal_mask(mask: torch.Tensor | None) -> bool:
-    """True if an additive mask blocks every key after the query (a causal mask)."""
-    if mask is None:
-        return False
-    m = mask[0, 0]
-    n = min(m.shape[-2], m.shape[-1])
-    upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=m.device), diagonal=1)
-    return bool((m[:n, :n][upper] < -1e4).all()) and bool((m[:n, :n][~upper] == 0).all())

@@ -131,8 +131,8 @@ def c1_scaling_rows(fits, saturations, tables, thresholds: ClaimThresholds) -> l
                     f"at N = {Nl}; in-sample {q50:.2f}·D ({grow})")
             else:
                 state, verdict = "inconclusive", (
-                    f"full-matrix k90 is still growing at N = {Nl} ({grow}) and its bracket {q50:.2f}–{upper:.2f}·D "
-                    f"(in-sample to held-out) straddles {share:g}·D")
+                    f"full-matrix k90 is still growing at N = {Nl} ({grow}) "
+                    f"and its bracket {q50:.2f}–{upper:.2f}·D (in-sample to held-out) straddles {share:g}·D")
             if state == "inconclusive":
                 verdict += f"; more sequences would answer it: add N = {2 * Nl} to scaling.samples"
             out.append(make_row("C1", sp, model=model, view=view, variant=variant, _analysis="full", _n=None,

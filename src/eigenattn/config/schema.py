@@ -8,7 +8,9 @@ from importlib import resources
 import yaml
 
 SCHEMA_FILE = resources.files("eigenattn.config") / "config.schema.yaml"
-SCHEMA: dict = yaml.safe_load(SCHEMA_FILE.read_text())
+# libyaml's loader where PyYAML has it: the same safe load, 0.03 s instead of 0.25 s, paid on every
+# parse of the Snakefile (each job parses it again)
+SCHEMA: dict = yaml.load(SCHEMA_FILE.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def node(path: str) -> dict:
@@ -30,10 +32,6 @@ def enum(path: str) -> tuple:
     if "enum" in n:
         return tuple(n["enum"])
     return tuple(v for alt in n.get("oneOf", []) for v in alt.get("items", alt).get("enum", ()))
-
-
-def default(path: str):
-    return node(path)["default"]
 
 
 def _rows(n: dict, prefix: str):

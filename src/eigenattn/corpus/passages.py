@@ -91,21 +91,22 @@ def parse_mediawiki_dump(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def load_documents(spec: dict, name: str, documents_path: str | Path | None = None):
-    """Load a corpus as a ``datasets.Dataset`` with columns doc_id, title, text.
+def load_documents(spec: dict, name: str, documents_path: str | Path | None = None) -> pd.DataFrame:
+    """Load a corpus as a table with columns doc_id, title, text.
 
-    ``pypi`` corpora are read from the documents parquet written by the fetch rule; ``hf_dataset``
-    and ``files`` corpora go through ``datasets.load_dataset``.
+    Parquet is read with pandas: the documents parquet written by the fetch rule (``pypi`` corpora)
+    and ``files`` corpora of .parquet files. ``hf_dataset`` corpora and the other ``files`` types go
+    through ``datasets.load_dataset``, which is imported only for them (~2 s).
     """
-    import datasets  # slow to import (~2 s); this module is imported when the Snakefile is parsed
-
     source = spec.get("source")
     key = f"corpora.{name}"
     if source == "pypi":
-        ds = datasets.Dataset.from_parquet(str(documents_path))
+        docs = pd.read_parquet(documents_path)
     elif source == "hf_dataset":
-        ds = datasets.load_dataset(spec["name"], spec.get("config"), split=spec.get("split", "train"),
-                                   revision=spec.get("revision"))
+        import datasets
+
+        docs = datasets.load_dataset(spec["name"], spec.get("config"), split=spec.get("split", "train"),
+                                     revision=spec.get("revision")).to_pandas()
     elif source == "files":
         paths = [str(p) for p in spec["paths"]]
         missing = [p for p in paths if not Path(p).exists()]
@@ -118,35 +119,43 @@ def load_documents(spec: dict, name: str, documents_path: str | Path | None = No
         builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffixes[0])
         if builder is None:
             raise InputError(f"{key}.paths: unsupported file type '{suffixes[0]}' (use .txt, .jsonl or .parquet)")
-        if builder != "parquet":
+        if builder == "parquet":
+            docs = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+        else:
             for p in paths:  # a clear error instead of a bare UnicodeDecodeError deep in datasets
                 try:
                     Path(p).read_text(encoding="utf-8")
                 except UnicodeDecodeError as e:
                     raise InputError(f"{key}.paths: {p} is not UTF-8 text (byte {e.start}: {e.reason}); "
                                      "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
-        kw = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=paths, split="train", **kw)
+            import datasets
+
+            kw = {"sample_by": "document"} if builder == "text" else {}
+            docs = datasets.load_dataset(builder, data_files=paths, split="train", **kw).to_pandas()
     else:
         raise ValueError(f"{key}.source: unknown source '{source}' (use pypi, hf_dataset or files)")
 
+    columns = list(docs.columns)
     text_field = spec.get("text_field", "text")
-    if text_field not in ds.column_names:
+    if text_field not in columns:
         raise InputError(f"{key}.text_field: column '{text_field}' is not in the documents (columns: "
-                         f"{ds.column_names})")
+                         f"{columns})")
     id_field = spec.get("id_field")
-    if id_field and id_field not in ds.column_names:  # silently ignored, documents could straddle the split
-        raise InputError(f"{key}.id_field: column '{id_field}' is not in the documents (columns: {ds.column_names}); "
+    if id_field and id_field not in columns:  # silently ignored, documents could straddle the split
+        raise InputError(f"{key}.id_field: column '{id_field}' is not in the documents (columns: {columns}); "
                          "name an existing column, or remove id_field to number documents by row")
     if text_field != "text":
-        ds = ds.rename_column(text_field, "text")
+        if "text" in columns:
+            raise InputError(f"{key}.text_field: the documents have a column 'text' besides '{text_field}'; "
+                             "set text_field: text, or rename one of them")
+        docs = docs.rename(columns={text_field: "text"})
     if id_field:
-        ds = ds.map(lambda r: {"doc_id": str(r[id_field])})
-    elif "doc_id" not in ds.column_names:
-        ds = ds.map(lambda r, i: {"doc_id": str(i)}, with_indices=True)
-    if "title" not in ds.column_names:
-        ds = ds.map(lambda r: {"title": ""})
-    return ds.select_columns(["doc_id", "title", "text"])
+        docs["doc_id"] = docs[id_field].map(str)
+    elif "doc_id" not in columns:
+        docs["doc_id"] = [str(i) for i in range(len(docs))]
+    if "title" not in columns:
+        docs["title"] = ""
+    return docs[["doc_id", "title", "text"]].reset_index(drop=True)
 
 
 def split_documents(n_words: np.ndarray, seed: int, heldout_fraction: float) -> np.ndarray:
@@ -261,9 +270,9 @@ def build_documents(name: str, spec: dict, out_path: str | Path, cache_dir: str 
             else:
                 as_files = {"source": "files", "paths": [str(member)],
                             "text_field": spec.get("text_field", "text"), "id_field": spec.get("id_field")}
-                docs = load_documents(as_files, name).to_pandas()
+                docs = load_documents(as_files, name)
     else:
-        docs = load_documents(spec, name).to_pandas()
+        docs = load_documents(spec, name)
     docs = docs[["doc_id", "title", "text"]].copy()
     docs["text"] = docs["text"].fillna("").map(lambda t: _WS.sub(" ", t).strip())
     docs = docs[docs["text"].str.len() > 0].reset_index(drop=True)

@@ -55,8 +55,6 @@ class Linformer(nn.Module):
         return f"s={self.E.shape[0]}, n={self.E.shape[1]}"
 
 
-
-
 class PartialMap(nn.Module):
     """(T, W, b) of every query head of one layer, for one view of sequences of length ``seq_len``.
 
@@ -225,7 +223,7 @@ def detach_all(model) -> None:
 
 def maps_from_stats(stats, estimator: str, strategy: str, s: int, *, ridge: float, rank: float, seed: int,
                     layers=None, trainable: bool = False) -> dict[int, PartialMap]:
-    """One PartialMap per analysed layer from a :class:`eigenattn.reconstruction.evaluate.RowStats`."""
+    """One PartialMap per analysed layer from a :class:`eigenattn.spectra.stores.RowStats`."""
     out = {}
     for layer in (stats.layers if layers is None else layers):
         mean, U, lam = stats.head_stats(layer)

@@ -111,13 +111,3 @@ def sample_saturation(table: pd.DataFrame, n: int) -> pd.DataFrame:
                                               and step[(layer, head)] <= noise[(layer, head)])})
     return pd.DataFrame.from_records(out, columns=SATURATION_COLUMNS)
 
-
-def unbounded_from(table: pd.DataFrame, n: int, p: float = 0.90) -> pd.DataFrame:
-    """Per (model, view, variant): the share of heads whose full-matrix k_p is measured at each N,
-    and the first N where it is most of them (NaN if none)."""
-    col = f"bounded_k{round(p * 100)}"
-    full = table[(table.analysis == "full") & (table.n == n)]
-    share = 1.0 - full.groupby(["model", "view", "variant", "N"])[col].mean()
-    out = share.rename("share_unbounded").reset_index()
-    first = out[out.share_unbounded > 0.5].groupby(["model", "view", "variant"]).N.min().rename("first_N_most")
-    return out.merge(first, on=["model", "view", "variant"], how="left")
