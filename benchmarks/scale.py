@@ -50,24 +50,21 @@ def make_store(path: Path, N: int, L: int, H: int, n: int, batch: int = 8) -> in
     """A float16 score store of low-rank-plus-noise blocks in the extraction stage's layout
     (eigenattn.storage.store.create_score_store: shards of ``batch`` sequences, default codecs), written
     batch by batch; returns its bytes."""
-    import zarr
+    from eigenattn.storage.store import create_score_store, new_store
 
-    from eigenattn.storage.store import create_score_store, finish_store
-
-    g = zarr.open_group(str(path), mode="w", zarr_format=3)
-    arr = create_score_store(g, ids=np.zeros((N, n), dtype=np.int32), passage_ids=np.arange(N), layers=range(L),
-                             heads=H, kv_heads=H, seq_len=n, dtype="float16", compression="none",
-                             chunk_sequences=batch, shard_sequences=batch)
-    rng = np.random.default_rng(0)
-    basis = rng.standard_normal((L, H, 8, n), dtype=np.float32)
-    for s in range(0, N, batch):
-        b = min(batch, N - s)
-        coef = rng.standard_normal((b, L, H, n, 8), dtype=np.float32)
-        arr[s:s + b] = (np.einsum("blhqr,lhrk->blhqk", coef, basis)
-                        + rng.standard_normal((b, L, H, n, n), dtype=np.float32)).astype(np.float16)
-    g.attrs.update({"model": "synthetic", "layers": list(range(L)), "heads": H, "seq_len": n, "causal": False,
-                    "dtype": "float16", "complete": True})
-    finish_store(path)
+    with new_store(path) as g:
+        arr = create_score_store(g, ids=np.zeros((N, n), dtype=np.int32), passage_ids=np.arange(N), layers=range(L),
+                                 heads=H, kv_heads=H, seq_len=n, dtype="float16", compression="none",
+                                 chunk_sequences=batch, shard_sequences=batch)
+        rng = np.random.default_rng(0)
+        basis = rng.standard_normal((L, H, 8, n), dtype=np.float32)
+        for s in range(0, N, batch):
+            b = min(batch, N - s)
+            coef = rng.standard_normal((b, L, H, n, 8), dtype=np.float32)
+            arr[s:s + b] = (np.einsum("blhqr,lhrk->blhqk", coef, basis)
+                            + rng.standard_normal((b, L, H, n, n), dtype=np.float32)).astype(np.float16)
+        g.attrs.update({"model": "synthetic", "layers": list(range(L)), "heads": H, "seq_len": n, "causal": False,
+                        "dtype": "float16"})
     return N * L * H * n * n * 2
 
 

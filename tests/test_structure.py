@@ -232,3 +232,90 @@ def test_settings_not_config_dicts_reach_the_library_and_scripts():
                 bad += [f"{f.relative_to(SRC)}:{getattr(fn, 'name', 'lambda')}({n})" for n in names
                         if n in ("config", "cfg", "tcfg")]
     assert not bad, f"library functions taking a config dict: {bad}"
+
+
+# The one store writer and the one store opener (eigenattn.storage.store).
+WRITER, OPENER = ("storage/store.py", "new_store"), ("storage/store.py", "open_store")
+ZARR_CREATORS = {"create_group", "group", "open", "create", "create_array", "open_array", "array", "open_consolidated"}
+
+
+def _is_complete(node) -> bool:
+    return isinstance(node, ast.Constant) and node.value == "complete"
+
+
+def store_violations(src) -> list[str]:
+    """Every place in the library, outside the one writer and the one opener, that creates or opens a
+    Zarr store by hand, writes the ``complete`` marker, or reads it."""
+    bad = []
+    for path in sorted(src.rglob("*.py")):
+        rel = path.relative_to(src).as_posix()
+
+        def visit(node, func):
+            where = (rel, func)
+            found = []  # (what, allowed places)
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) \
+                    and f.value.id == "zarr" else None
+                if name == "open_group":
+                    mode = next((k.value for k in node.keywords if k.arg == "mode"), None)
+                    writes = not (isinstance(mode, ast.Constant) and mode.value == "r")
+                    found.append(("zarr.open_group(mode=w)" if writes else "zarr.open_group(mode=r)",
+                                  {WRITER} if writes else {OPENER}))
+                elif name in ZARR_CREATORS:
+                    found.append((f"zarr.{name}(", {WRITER}))
+                if isinstance(f, ast.Attribute) and f.attr == "get" and node.args and _is_complete(node.args[0]):
+                    found.append(('.get("complete")', {OPENER}))
+                if any(k.arg == "complete" for k in node.keywords):
+                    found.append(("complete= keyword", {WRITER}))
+            elif isinstance(node, ast.Dict) and any(_is_complete(k) for k in node.keys):
+                found.append(('{"complete": ...}', {WRITER}))
+            elif isinstance(node, ast.Subscript) and _is_complete(node.slice):
+                writes = isinstance(node.ctx, (ast.Store, ast.Del))
+                found.append(('["complete"] =' if writes else '["complete"]', {WRITER} if writes else {OPENER}))
+            elif isinstance(node, ast.ImportFrom) and node.module == "zarr":
+                names = {a.name for a in node.names} & (ZARR_CREATORS | {"open_group"})
+                if names:
+                    found.append((f"from zarr import {sorted(names)}", set()))
+            bad.extend(f"{rel}:{node.lineno} ({func or 'module'}): {what}" for what, ok in found if where not in ok)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                func = node.name if func is None else f"{func}.{node.name}"
+            for child in ast.iter_child_nodes(node):
+                visit(child, func)
+
+        visit(ast.parse(path.read_text()), None)
+    return bad
+
+
+def test_one_store_writer_and_one_store_opener(tmp_path):
+    """Only eigenattn.storage.store.new_store creates a store and writes its ``complete`` marker,
+    and only open_store opens one and reads the marker; a planted second writer or check fails."""
+    import shutil
+
+    assert store_violations(SRC) == []
+    source = (SRC / "storage" / "store.py").read_text()
+    for what in ['zarr.open_group(zarr.storage.LocalStore(tmp), mode="w"', '"complete": True',
+                 'zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")', 'a.get("complete")']:
+        assert what in source, f"the writer/opener no longer contains {what}: update this test"
+    copy = tmp_path / "eigenattn"
+    shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert store_violations(copy) == []
+    planted = {
+        "spectra/overlap.py": ['def w(p):\n    return zarr.open_group(p, mode="w")',
+                               'def c(p):\n    return zarr.create_group(p)',
+                               'def m(g):\n    g.attrs.update({"model": "m", "complete": True})',
+                               'def k(g):\n    g.attrs["complete"] = True',
+                               'def r(g):\n    return g.attrs.get("complete")',
+                               'def s(g):\n    return g.attrs["complete"]',
+                               'def o(p):\n    return zarr.open_group(p, mode="r")'],
+        "storage/store.py": ['def another_writer(p):\n    return zarr.open_group(p, mode="a")'],
+    }
+    for rel, snippets in planted.items():
+        f = copy / rel
+        f.write_text(f.read_text() + "\n\n" + "\n\n\n".join(snippets) + "  # planted\n")
+    bad = store_violations(copy)
+    assert len(bad) == 8, bad
+    for needle in ["overlap.py:", "(w): zarr.open_group(mode=w)", "(c): zarr.create_group(", '(m): {"complete": ...}',
+                   '(k): ["complete"] =', '(r): .get("complete")', '(s): ["complete"]', "(o): zarr.open_group(mode=r)",
+                   "store.py:", "(another_writer): zarr.open_group(mode=w)"]:
+        assert any(needle in b for b in bad), (needle, bad)

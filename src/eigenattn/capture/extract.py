@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import zarr
 from tqdm.auto import tqdm
 
-from eigenattn import SCORE_DEFINITION, __version__
+from eigenattn import SCORE_DEFINITION
 from eigenattn.capture.interface import ScoreCapture, capturing
 from eigenattn.corpus.passages import tokenize_passages
 from eigenattn.errors import UnsupportedModelError
@@ -42,7 +41,7 @@ from eigenattn.capture.masks import describe
 from eigenattn.capture.probe import (PROBE_SEQUENCES, STORE_DTYPES, equivalence_probe, load_capture_model,
                                      mask_info, resolve_store_dtype)
 from eigenattn.storage.score_writer import ScoreWriter, reuse_freed_memory
-from eigenattn.storage.store import atomic_store, create_score_store, finish_store
+from eigenattn.storage.store import create_score_store, new_store
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +165,7 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
     out_path = Path(out_path)
     reuse_freed_memory()
     t0 = time.perf_counter()
-    with atomic_store(out_path) as tmp:
-        root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+    with new_store(out_path) as root:
         scores = create_score_store(root, ids=ids, passage_ids=passage_ids, layers=keep, heads=H,
                                     kv_heads=facts["kv_heads"], seq_len=seq_len, dtype=dtype, compression=compression,
                                     chunk_sequences=chunk_sequences, shard_sequences=batch_size)
@@ -237,10 +235,7 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
             "autocast": autocast if on_cuda else "none",
             "device": dev.type,
             "special_tokens": describe_special_tokens(tok, ids),
-            "eigenattn_version": __version__,
-            "complete": True,
         })
-        finish_store(tmp)
     total = time.perf_counter() - t0
     return {"n_sequences": n_seq, "dtype": dtype, "seconds": total, "loop_seconds": t_loop, "forward_seconds": t_fwd,
             "bytes_raw": int(n_seq * L * H * seq_len * seq_len * np.dtype(dtype).itemsize),

@@ -20,12 +20,11 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from eigenattn.spectra.stores import RowStats
-from eigenattn.errors import InputError
 from eigenattn.reconstruction.estimators import check_method
 from eigenattn.reconstruction.partial import attach, detach, maps_from_stats, register
 from eigenattn.capture.probe import model_class
 from eigenattn.config.settings import Plugin
-from eigenattn.storage.store import open_group
+from eigenattn.storage.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +35,7 @@ def heldout_ids(shards, n_sequences: int | None) -> np.ndarray:
     """Token ids (N, n) of the held-out shards, in passage order (the first n_sequences)."""
     ids = []
     for p in shards:
-        g = open_group(p)
-        if not g.attrs.get("complete"):
-            raise InputError(f"{p}: store is not marked complete; re-run extraction")
-        ids.append(g["input_ids"][:])
+        ids.append(open_store(p)["input_ids"][:])
     ids = np.concatenate(ids)
     return ids[:n_sequences] if n_sequences else ids
 

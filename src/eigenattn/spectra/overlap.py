@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import zarr
 
-from eigenattn import __version__
 from eigenattn.spectra.rows import constant_alignment
 from eigenattn.errors import InputError
-from eigenattn.storage.store import atomic_store, finish_store, open_group, write_arrays
+from eigenattn.storage.store import new_store, open_store, write_arrays
 
 
 def check_ks(ks, d: int) -> list[int]:
@@ -90,7 +88,7 @@ def flatten_heads(x: np.ndarray) -> np.ndarray:
 
 
 def _open(store, variant):
-    g = open_group(store)
+    g = open_store(store)
     if variant not in g:
         raise InputError(f"{store}: has no '{variant}' group; run the eigen stage with this variant")
     return g.attrs.asdict(), g[variant]
@@ -252,17 +250,15 @@ OVERLAP_DIMS = {"overlap": _PAIR, "captured": _PAIR, "half_overlap": _PAIR, "hal
 
 
 def write_overlap(path, arrays: dict, attrs: dict) -> None:
-    with atomic_store(path) as tmp:
-        root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
-        write_arrays(root, arrays, OVERLAP_DIMS, {**attrs, "eigenattn_version": __version__, "complete": True})
-        finish_store(tmp)
+    with new_store(path) as root:
+        write_arrays(root, arrays, OVERLAP_DIMS, attrs)
 
 
 def summarise(within_stores, cross_stores):
     """The summary table (docs/method.md §5) from the within- and cross-model overlap stores."""
     recs = []
     for p in [*within_stores, *cross_stores]:
-        g = open_group(p)
+        g = open_store(p)
         arrays = {k: g[k][:] for k in g.array_keys()}
         recs += summary_rows(arrays, g.attrs.asdict())
     return pd.DataFrame.from_records(recs, columns=SUMMARY_COLUMNS)

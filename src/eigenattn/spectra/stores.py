@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import zarr
 
-from eigenattn import __version__
 from eigenattn.spectra.rows import P_LEVELS, constant_alignment, explained_variance, heldout_ev_rows, is_bounded, k_at, row_spectrum
 from eigenattn.errors import InputError
 from eigenattn.spectra.full_spectra import full_spectra
@@ -15,7 +13,7 @@ from eigenattn.capture.masks import select_visible
 from eigenattn.spectra.moments import check_variant
 from eigenattn.config.views import view_slices
 from eigenattn.storage.score_source import open_score_source
-from eigenattn.storage.store import atomic_store, finish_store, open_group, open_scores, write_arrays
+from eigenattn.storage.store import new_store, open_scores, open_store, write_arrays
 
 
 def _store_attrs(attrs: dict, view: str, causal: bool, n_seq: int, extra: dict) -> dict:
@@ -26,8 +24,7 @@ def _store_attrs(attrs: dict, view: str, causal: bool, n_seq: int, extra: dict) 
             "seq_len": n, "query_range": [qs.start, qs.stop],
             "key_range": [ks.start, ks.stop], "d": ks.stop - ks.start, "n_sequences": n_seq,
             "corpus": attrs.get("corpus"), "seed": attrs.get("seed"), "split": "fit",
-            "scores_dtype": attrs.get("dtype"), "skipped_layers": attrs.get("skipped_layers", []),
-            "eigenattn_version": __version__, **extra}
+            "scores_dtype": attrs.get("dtype"), "skipped_layers": attrs.get("skipped_layers", []), **extra}
 
 
 def _open_fit(shards, view: str, variants, expect: dict | None, opener=open_scores):
@@ -71,8 +68,7 @@ def run_rows(shards, out_path, view: str, variants, split_every: int, halves_pat
     d = results[variants[0]]["heads"]["mean"].shape[-1]
     coords = _coords(attrs, d)
     if halves_path is not None:
-        with atomic_store(halves_path) as tmp:
-            root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+        with new_store(halves_path) as root:
             for v, res in results.items():
                 for half in ("a", "b"):
                     write_arrays(root.require_group(f"{v}/{half}"),
@@ -83,19 +79,14 @@ def run_rows(shards, out_path, view: str, variants, split_every: int, halves_pat
                 "analysis": "rows_halves", "variants": list(variants), "split_sequence": split,
                 "halves": {"a": [0, split], "b": [split, int(scores.shape[0])]},
                 "definition": "row spectra (as rows.zarr) of the first (a) and second (b) half of the fit "
-                              "sequences in passage_id order",
-                "complete": True}))
-            finish_store(tmp)
-    with atomic_store(out_path) as tmp:
-        root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+                              "sequences in passage_id order"}))
+    with new_store(out_path) as root:
         for v, res in results.items():
             write_arrays(root.require_group(v), {**res["heads"], "pooled": res["pooled"]}, ROW_DIMS, coords=coords)
         root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
             "analysis": "rows", "variants": list(variants),
             "definition": "covariance of score rows S[i, keys] over queries i in the view and fit sequences; "
-                          "eigenvalues descending, eigenvectors are columns; pooled/ merges the heads of a layer",
-            "complete": True}))
-        finish_store(tmp)
+                          "eigenvalues descending, eigenvectors are columns; pooled/ merges the heads of a layer"}))
     return results
 
 
@@ -107,8 +98,7 @@ def run_full(shards, out_path, view: str, variants, memory_mb: float, expect: di
     scores, attrs, causal = _open_fit(shards, view, variants, expect, opener=open_score_source)
     results = full_spectra(scores, view, variants, causal, memory_mb, workers=workers, route=route, rank=rank,
                            seed=seed)
-    with atomic_store(out_path) as tmp:
-        root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+    with new_store(out_path) as root:
         for v, res in results.items():
             g = root if v == "raw" else root.require_group(v)
             write_arrays(g, {k: res[k] for k in FULL_DIMS}, FULL_DIMS,
@@ -124,9 +114,7 @@ def run_full(shards, out_path, view: str, variants, memory_mb: float, expect: di
                           "of per-coordinate variances (exact); ev_heldout[k-1] = share of one half's variance "
                           "inside the other half's top-k principal directions, averaged over both directions "
                           "(halves split at split_sequence); half_eigenvalues: each half's own spectrum "
-                          "(half 0 = a, before split_sequence; 1 = b)",
-            "complete": True}))
-        finish_store(tmp)
+                          "(half 0 = a, before split_sequence; 1 = b)"}))
     return results
 
 
@@ -165,7 +153,7 @@ def spectrum_table(rows_store, halves_store, full_store, report_k):
                 rec["u1_constant"] = float(u1[li, hi]) if u1 is not None else np.nan
                 recs.append(rec)
 
-    rows, halves = open_group(rows_store), open_group(halves_store)
+    rows, halves = open_store(rows_store), open_store(halves_store)
     ra = rows.attrs.asdict()
     d = int(ra["d"])
     heads = list(range(int(ra["heads"])))
@@ -179,7 +167,7 @@ def spectrum_table(rows_store, halves_store, full_store, report_k):
             count = int(np.asarray(g["count"][:]).flat[0])
             add("rows", v, ra, eig, eig.sum(-1), count, labels, d, ev_cv,
                 constant_alignment(g["eigenvectors"][:])[sl])
-    full = open_group(full_store) if full_store is not None else None
+    full = open_store(full_store) if full_store is not None else None
     for v in full.attrs["variants"] if full is not None else ():
         g = full if v == "raw" else full[v]
         ga = g.attrs.asdict()
@@ -196,10 +184,8 @@ class RowStats:
     """The fit-split statistics of one rows.zarr (variant ``raw``): μ, U, Λ per layer and head."""
 
     def __init__(self, path, variant: str = "raw"):
-        g = open_group(path)
+        g = open_store(path)
         a = g.attrs.asdict()
-        if not a.get("complete"):
-            raise InputError(f"{path}: store is not marked complete; re-run the eigen stage")
         if variant not in g:
             raise InputError(f"{path}: has no '{variant}' group; the eigen stage must include variant '{variant}'")
         self.path = str(path)

@@ -1,4 +1,5 @@
-"""Zarr layout helpers shared by the stages: codecs, chunking and reading shards as Dask arrays."""
+"""Zarr layout helpers shared by the stages: the one store writer (:func:`new_store`) and opener
+(:func:`open_store`), codecs, chunking and reading shards as Dask arrays."""
 
 from __future__ import annotations
 
@@ -15,10 +16,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from eigenattn import __version__
 from eigenattn.errors import InputError
-
-MIN_CHUNK_BYTES = 1 << 20
-
 
 CODECS = {
     # Measured on float16 minilm scores (one core): lz4 ratio 1.03, ~1 GB/s encode, ~2 GB/s decode;
@@ -84,20 +83,6 @@ def create_score_store(root, *, ids, passage_ids, layers, heads: int, kv_heads: 
     return scores
 
 
-def finish_store(path) -> None:
-    """Consolidate a finished store's metadata (one read opens it, also on object stores)."""
-    with warnings.catch_warnings():  # zarr notes that consolidation is not in the v3 spec yet; xarray reads it
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(zarr.storage.LocalStore(path))
-
-
-def open_group(path: str | Path, mode: str = "r"):
-    path = Path(path)
-    if mode == "r" and not (path / "zarr.json").is_file():
-        raise InputError(f"{path}: not a Zarr v3 group (no zarr.json); was the stage that writes it run?")
-    return zarr.open_group(zarr.storage.LocalStore(path, read_only=(mode == "r")), mode=mode)
-
-
 def refetch_hint(path) -> str:
     return f"re-create it: snakemake --cores all --forcerun {path} (then run your target again)"
 
@@ -158,10 +143,8 @@ def _checked_arrays(shards: list[str | Path], expect: dict | None):
         raise InputError("no score shards given")
     arrays, attrs = [], None
     for p in shards:
-        g = open_group(p)
+        g = open_store(p)
         a = g.attrs.asdict()
-        if not a.get("complete"):
-            raise InputError(f"{p}: store is not marked complete.\n  fix: {refetch_hint(p)}")
         for key, want in (expect or {}).items():
             if a.get(key) != want:
                 raise InputError(f"{p}: written with {key} = {a.get(key)!r}, but this stage expects {want!r}: the "
@@ -224,8 +207,46 @@ def atomic_output(path: str | Path, directory: bool = False):
 
 
 def atomic_store(path: str | Path):
-    """:func:`atomic_output` for a directory (a Zarr store, a model folder)."""
+    """:func:`atomic_output` for a directory (a model folder, a tokenizer); a Zarr store goes through
+    :func:`new_store`, which adds its version, ``complete`` marker and consolidated metadata."""
     return atomic_output(path, directory=True)
+
+
+@contextlib.contextmanager
+def new_store(path: str | Path):
+    """The one writer of a Zarr v3 store: yield the empty root group of a temporary store next to
+    ``path`` for the caller to fill (arrays, attrs); once the block ends without an error, add the
+    ``eigenattn_version`` and the ``complete`` marker, consolidate the metadata (one read opens
+    it, also on object stores) and move the store into place. On an error the temporary store is
+    removed, so an interrupted writer never leaves a store that looks complete (a writer killed
+    outright leaves its temporary sibling, swept by the next writer: :func:`atomic_output`).
+    """
+    with atomic_store(path) as tmp:
+        root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+        yield root
+        root.attrs.update({"eigenattn_version": __version__, "complete": True})
+        with warnings.catch_warnings():  # zarr notes that consolidation is not in the v3 spec yet; xarray reads it
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            zarr.consolidate_metadata(zarr.storage.LocalStore(tmp))
+
+
+def open_store(path: str | Path):
+    """The one opener of a Zarr v3 store: its root group, read-only (through its consolidated
+    metadata where it has them), once it is checked to be a store marked complete by its writer
+    (:func:`new_store`), whose ``eigenattn_version``, where present, names a version. Otherwise an
+    :class:`InputError` names the store and the fix: re-run the rule that writes it."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise InputError(f"{path}: not a Zarr v3 group (no zarr.json); was the stage that writes it run?\n"
+                         f"  fix: {refetch_hint(path)}")
+    g = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+    a = g.attrs
+    if a.get("complete") is not True:
+        raise InputError(f"{path}: store is not marked complete.\n  fix: {refetch_hint(path)}")
+    if "eigenattn_version" in a and not (isinstance(a["eigenattn_version"], str) and a["eigenattn_version"]):
+        raise InputError(f"{path}: eigenattn_version is {a['eigenattn_version']!r}, not a version: the store was "
+                         f"not written by eigenattn.\n  fix: {refetch_hint(path)}")
+    return g
 
 
 def write_arrays(group, arrays: dict, dims: dict, attrs: dict | None = None, coords: dict | None = None):
