@@ -82,7 +82,7 @@ def test_too_small_corpus_names_the_key():
                                                        "n_sequences": {"fit": 50, "heldout": 1}}}
     with pytest.raises(ConfigError, match=r"sampling.n_sequences.fit.*offers only"):
         check_corpus_capacity(config, np.array([100, 100, 100]), config["sampling"], "sampling")
-    with pytest.raises(ValueError, match="cannot supply"):
+    with pytest.raises(ConfigError, match=r"'sampling.n_sequences': corpus 'toy' cannot supply"):
         sample_passages(pd.DataFrame({"doc_id": ["a", "b", "c"], "title": "t", "text": ["w " * 100] * 3}), seed=0,
                         seq_len=50, n_sequences={"fit": 50, "heldout": 1}, heldout_fraction=0.3, corpus="toy")
 

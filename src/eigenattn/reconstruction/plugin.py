@@ -37,7 +37,7 @@ def heldout_ids(shards, n_sequences: int | None) -> np.ndarray:
     for p in shards:
         g = open_group(p)
         if not g.attrs.get("complete"):
-            raise InputError(f"{p}: store is not marked complete; re-run extraction")
+            raise InputError(p, "store is not marked complete", "re-run extraction")
         ids.append(g["input_ids"][:])
     ids = np.concatenate(ids)
     return ids[:n_sequences] if n_sequences else ids
@@ -77,7 +77,7 @@ def plugin_eval(model_dir, rows_store, heldout_shards, *, estimators, strategies
     for e in estimators:
         for st in strategies:
             for s in subset_sizes:
-                check_method(e, st, s, stats.d)
+                check_method(e, st, s, stats.d, ("plugin.estimators", "plugin.strategies", "plugin.subset_sizes"))
     ids_np = heldout_ids(heldout_shards, n_sequences)
     stats.check_matches(ids_np.shape[1], f"held-out tokens {heldout_shards[0]}")
     device = torch.device(device)
