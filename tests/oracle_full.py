@@ -88,8 +88,8 @@ def heldout_explained_variance(g0: np.ndarray, split: int) -> np.ndarray:
     idx = (np.arange(split), np.arange(split, N))
     r = min(split, N - split) - 1
     if r < 1:
-        raise InputError(f"held-out explained variance needs at least 2 sequences per half, got {split} and "
-                         f"{N - split}")
+        raise InputError("scores", f"held-out explained variance needs at least 2 sequences per half, got {split} "
+                         f"and {N - split}")
     out = []
     for a, b in (idx, idx[::-1]):
         ha = np.eye(len(a)) - 1.0 / len(a)

@@ -108,7 +108,7 @@ def test_too_small_corpus_names_the_key():
     sampling = Sampling.from_config(config)
     with pytest.raises(ConfigError, match=r"sampling.n_sequences.fit.*offers only"):
         check_corpus_capacity(sampling, np.array([100, 100, 100]))
-    with pytest.raises(ValueError, match="cannot supply"):
+    with pytest.raises(ConfigError, match=r"'sampling.n_sequences': corpus 'toy' cannot supply"):
         sample_passages(pd.DataFrame({"doc_id": ["a", "b", "c"], "title": "t", "text": ["w " * 100] * 3}), sampling)
 
 

@@ -162,12 +162,12 @@ def test_stores_and_spectrum_csv(tmp_path, shards, data):
 
 
 def test_bad_inputs(tmp_path, data):
-    with pytest.raises(InputError, match="no score shards"):
+    with pytest.raises(InputError, match=r"input '\[\]': no score shards"):
         run_rows([], tmp_path / "r.zarr", "all", VARIANTS, 2)
     causal = [write_store(tmp_path / "c.zarr", data, causal=True)]
     with pytest.raises(ConfigError, match="'eigen.views': view 'all' is undefined for a causal model"):
         run_rows(causal, tmp_path / "r.zarr", "all", VARIANTS, 2)
-    with pytest.raises(ValueError, match="unknown variant 'centred'"):
+    with pytest.raises(ConfigError, match="'eigen.variants': unknown variant 'centred'"):
         run_full(causal, tmp_path / "f.zarr", "prefix", ["centred"], 64, rank=None, seed=0)
     assert not (tmp_path / "r.zarr").exists() and not (tmp_path / "f.zarr").exists()
 

@@ -11,6 +11,7 @@ from eigenattn.capture.interface import ScoreCapture, capturing, register
 from eigenattn.capture.probe import mask_info
 from eigenattn.corpus.passages import tokenize_passages
 from eigenattn.capture.extract import extract_scores, resolve_layers, shard_passages
+from eigenattn.errors import ConfigError
 
 SEQ_LEN = 24
 
@@ -112,14 +113,16 @@ def test_interrupted_extraction_leaves_no_store(minilm_dir, tmp_path, monkeypatc
 def test_resolve_layers_errors():
     assert resolve_layers("all", 3) == [0, 1, 2]
     assert resolve_layers([2, 0, 2], 3) == [0, 2]
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ConfigError, match=r"'models.<name>.layers': layer\(s\) \[5\] out of range"):
         resolve_layers([5], 3)
+    with pytest.raises(ConfigError, match=r"'models.minilm.layers': layer\(s\) \[5\] out of range"):
+        resolve_layers([5], 3, "models.minilm.layers")
     # the scaling study's thinning: at most k layers, evenly spread, first and last included
     assert resolve_layers({"of": "all", "at_most": 6}, 30) == [0, 6, 12, 17, 23, 29]
     assert resolve_layers({"of": "all", "at_most": 6}, 6) == [0, 1, 2, 3, 4, 5]
     assert resolve_layers({"of": [0, 1, 15, 29], "at_most": 2}, 30) == [0, 29]
-    with pytest.raises(ValueError, match="out of range"):
-        resolve_layers({"of": [40], "at_most": 2}, 30)
+    with pytest.raises(ConfigError, match=r"'models.big.layers': layer\(s\) \[40\] out of range"):
+        resolve_layers({"of": [40], "at_most": 2}, 30, "models.big.layers")
 
 
 def test_shards_partition_the_split(tmp_path):
@@ -128,7 +131,7 @@ def test_shards_partition_the_split(tmp_path):
     df.to_parquet(p)
     got = np.concatenate([shard_passages(p, "fit", i, 3)["passage_id"].to_numpy() for i in range(3)])
     np.testing.assert_array_equal(got, np.arange(7))
-    with pytest.raises(ValueError, match="shard 0 of 4 has no heldout passages"):
+    with pytest.raises(ConfigError, match="'extraction.shards': shard 0 of 4 has no heldout passages"):
         shard_passages(p, "heldout", 0, 4)
 
 

@@ -20,7 +20,7 @@ from conftest import CONFIGS, REPO, SNAKEMAKE, make_workdir, snakemake
 from eigenattn.storage import assets
 from eigenattn.corpus.passages import load_documents
 from eigenattn.spectra.stores import run_full, run_rows
-from eigenattn.errors import InputError
+from eigenattn.errors import ConfigError, InputError
 from eigenattn.spectra.scheduler import dask_scheduler
 from eigenattn.storage.store import all_finite, atomic_output, open_scores, score_codecs
 from synthetic import VARIANTS, low_rank_scores
@@ -219,18 +219,21 @@ def test_stale_temporary_siblings_are_swept(tmp_path):
 # ---------------------------------------------------------------------------- corpus sources
 
 
-@pytest.mark.parametrize("files,spec,needle", [
-    ({"a.jsonl": '{"text": "a b c", "id": 1}\n'}, {"id_field": "doc"}, r"id_field: column 'doc' is not in"),
-    ({"a.jsonl": '{"text": "a"}\n', "b.txt": "b"}, {}, r"mixed file types \['.jsonl', '.txt'\]"),
-    ({"a.txt": b"caf\xe9 latin-1"}, {}, r"a.txt is not UTF-8 text"),
-    ({"a.csv": "text\nx"}, {}, r"unsupported file type '.csv'"),
+@pytest.mark.parametrize("files,spec,error,needle", [
+    ({"a.jsonl": '{"text": "a b c", "id": 1}\n'}, {"id_field": "doc"}, ConfigError,
+     r"'corpora.mine.id_field': column 'doc' is not in"),
+    ({"a.jsonl": '{"text": "a"}\n', "b.txt": "b"}, {}, ConfigError,
+     r"'corpora.mine.paths': mixed file types \['.jsonl', '.txt'\]"),
+    ({"a.txt": b"caf\xe9 latin-1"}, {}, InputError, r"a.txt': \(listed in corpora.mine.paths\) is not UTF-8 text"),
+    ({"a.csv": "text\nx"}, {}, ConfigError, r"'corpora.mine.paths': unsupported file type '.csv'"),
 ])
-def test_bad_corpus_files_name_the_key(tmp_path, files, spec, needle):
+def test_bad_corpus_files_name_the_key(tmp_path, files, spec, error, needle):
     for name, content in files.items():
         (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     spec = {"source": "files", "paths": [str(tmp_path / n) for n in files], "text_field": "text", **spec}
-    with pytest.raises(InputError, match=needle):
+    with pytest.raises(error, match=needle) as err:
         load_documents(spec, "mine")
+    assert "\n  fix: " in str(err.value)
 
 
 # ------------------------------------------------------------------------------------ config

@@ -14,6 +14,7 @@ from eigenattn.spectra.full_spectra import full_spectra, full_spectrum
 from eigenattn.config.views import view_slices
 from eigenattn.storage.score_source import open_score_source
 from eigenattn.storage.store import open_scores
+from eigenattn.errors import ConfigError
 from synthetic import VARIANTS, low_rank_scores, write_store
 
 EXACT = {"rank": None, "seed": 0}  # exact spectra (eigen.full_rank: null)
@@ -103,7 +104,7 @@ def test_blas_parallel_equals_task_parallel(stores):
 def test_route_by_shape_and_bad_route():
     assert choose_route(3072, 1024) == "covariance" and choose_route(3072, 3072) == "covariance"
     assert choose_route(3072, 4096) == "gram" and choose_route(10, 10 ** 6, "covariance") == "covariance"
-    with pytest.raises(ValueError, match="unknown full-matrix route 'fast'"):
+    with pytest.raises(ConfigError, match="'eigen.full_route': unknown full-matrix route 'fast'"):
         choose_route(10, 10, "fast")
 
 

@@ -148,9 +148,9 @@ def test_independent_subspaces_read_as_random(tmp_path, same):
 
 def test_bad_inputs(analyses, tmp_path):
     d, out = analyses
-    with pytest.raises(ValueError, match="outside 1..d = 6"):
+    with pytest.raises(ConfigError, match=r"'overlap.k': k = \[8\] outside 1..d = 6"):
         within_model(*out["m1"], "raw", [8])
-    with pytest.raises(ValueError, match="outside 1..d = 6"):
+    with pytest.raises(ConfigError, match=r"'overlap.k': k = \[0\] outside 1..d = 6"):
         check_ks([0], 6)
     other = write_store(tmp_path / "o.zarr", low_rank_scores(8, 1, 1, 16), batch=4, model="o")
     run_rows([other], tmp_path / "o-rows.zarr", "prefix", VARIANTS, 2, halves_path=tmp_path / "o-halves.zarr")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from eigenattn.errors import InputError
+from eigenattn.errors import ConfigError, InputError
 from eigenattn.reconstruction.partial import PartialMap, attach, attention_modules, detach, register
 
 n = 24
@@ -88,12 +88,14 @@ def test_bad_maps(models):
     name, eager, partial, causal = models
     H = partial.config.num_attention_heads
     if causal:
-        with pytest.raises(ValueError, match="prefix view"):
+        with pytest.raises(ConfigError, match=r"'eigen.views': keys 0\.\.\d+ reach past the first query 0.*"
+                                              r"\n  fix: use the prefix view for causal models"):
             PartialMap(np.zeros((H, 2), int), np.zeros((H, n, 2)), np.zeros((H, n)), seq_len=n, query_range=(0, n),
                        key_range=(0, n), causal=True)
     attach(partial, maps(partial, causal))
     try:
-        with pytest.raises(InputError, match=f"fitted for seq_len {n}"), torch.inference_mode():
+        with pytest.raises(InputError, match=f"input 'partial attention input': the map was fitted for seq_len {n}"), \
+                torch.inference_mode():
             partial(input_ids=ids()[:, : n - 2])
     finally:
         detach(partial)

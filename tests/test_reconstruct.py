@@ -7,7 +7,7 @@ import torch
 from eigenattn.spectra.rows import eigh_desc
 from eigenattn.spectra.stores import run_rows
 from eigenattn.config.settings import Reconstruction
-from eigenattn.errors import InputError
+from eigenattn.errors import ConfigError, InputError
 from eigenattn.reconstruction.estimators import ESTIMATORS, STRATEGIES, apply, fit, linear_map, select_subset
 from eigenattn.reconstruction.metrics import Reference
 from eigenattn.reconstruction.partial import PartialMap, partial_scores
@@ -138,11 +138,11 @@ def test_strategies():
 
 def test_bad_method_inputs():
     mean, C, U, lam = gaussian()
-    with pytest.raises(ValueError, match=r"s=25 is outside 1..d=24"):
+    with pytest.raises(ConfigError, match=r"'reconstruction.subset_sizes': subset size s=25 is outside 1..d=24"):
         fit("eigenspace", "strided", d + 1, mean, U, lam, **KW)
-    with pytest.raises(ValueError, match=r"unknown estimator 'pca'"):
+    with pytest.raises(ConfigError, match=r"'reconstruction.estimators': unknown estimator 'pca'"):
         fit("pca", "strided", 4, mean, U, lam, **KW)
-    with pytest.raises(ValueError, match=r"unknown strategy 'greedy'"):
+    with pytest.raises(ConfigError, match=r"'reconstruction.strategies': unknown strategy 'greedy'"):
         fit("eigenspace", "greedy", 4, mean, U, lam, **KW)
 
 
@@ -272,7 +272,7 @@ def test_statistics_from_another_seq_len(stores):
         evaluate_view(stores["ma"]["all"], [stores["held20"]],
                       Reconstruction(estimators=("mean",), strategies=("strided",), subset_sizes=(2,), **EVAL),
                       progress=False)
-    with pytest.raises(ValueError, match="s=9 is outside"):
+    with pytest.raises(ConfigError, match="'reconstruction.subset_sizes': subset size s=9 is outside"):
         evaluate_view(stores["ma"]["prefix"], [stores["ma"]["held"]],
                       Reconstruction(estimators=("mean",), strategies=("strided",), subset_sizes=(9,), **EVAL),
                       progress=False)

@@ -142,6 +142,88 @@ def test_the_import_rule_fails_on_a_planted_import(tmp_path):
     assert "config/plan.py" in bad[1] and "eigenattn.spectra (spectra), a later stage" in bad[1]
 
 
+def _key_patterns() -> dict[str, re.Pattern]:
+    """Every config key of the schema, dotted (``eigen.variants``, ``models.<name>.layers``), as a pattern
+    that also finds it in the source of an f-string: ``<name>`` may be written ``{name}`` or a model's
+    key, and the part up to it may be one formatted value (``{key}.sha256``). A last part with an
+    underscore (``seq_len``, ``chunk_sequences``) is a key on its own too: no other word is spelt so."""
+    out = {}
+    for path, _ in schema._rows(schema.SCHEMA, ""):
+        leaf = path.split(".")[-1]
+        if "_" in leaf and leaf not in out:
+            out[leaf] = re.compile(r"(?<![\w.{])" + re.escape(leaf) + r"(?![\w}])")
+        if "." not in path and "_" not in path:  # seed, corpus, models: words a message uses plainly
+            continue
+        parts = [re.escape(p) for p in path.split(".")]
+        if "<name>" in path:
+            i = path.split(".").index("<name>")
+            name = r"(?:<name>|\{[^}]*\}|[\w-]+)"
+            head = r"(?:" + r"\.".join(parts[:i]) + r"\." + name + r"|\{[^}]*\})"
+            pattern = r"\.".join([head, *parts[i + 1:]])
+        else:
+            pattern = r"\.".join(parts)
+        out[path] = re.compile(r"(?<![\w.])" + pattern + r"(?![\w])")
+    return out
+
+
+def error_shape_violations(files) -> list[str]:
+    """A ValueError or RuntimeError whose message names a config key (raise ConfigError instead), and an
+    InputError not given a path and a problem (InputError(path, problem, fix))."""
+    keys = _key_patterns()
+    bad = []
+    for path in sorted(files):
+        tree = ast.parse(path.read_text())
+        for node in sorted((n for n in ast.walk(tree) if hasattr(n, "lineno")), key=lambda n: (n.lineno, n.col_offset)):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and \
+                    getattr(node.exc.func, "id", None) in ("ValueError", "RuntimeError"):
+                text = " ".join(ast.unparse(a) for a in node.exc.args)
+                named = [k for k, p in keys.items() if p.search(text)]
+                if named:
+                    bad.append(f"{path.name}:{node.lineno}: {node.exc.func.id} names config key(s) {named}; "
+                               "raise ConfigError(key, problem, fix)")
+            called = getattr(node.func, "id", getattr(node.func, "attr", None)) if isinstance(node, ast.Call) else None
+            if called == "InputError":
+                given = len(node.args) + sum(k.arg in ("path", "problem") for k in node.keywords)
+                if given < 2 or any(isinstance(a, ast.Starred) for a in node.args):
+                    bad.append(f"{path.name}:{node.lineno}: InputError needs a path and a problem")
+    return bad
+
+
+def _error_files(src):
+    return [*src.rglob("*.py"), *(REPO / "workflow" / "scripts").glob("*.py")]
+
+
+def test_one_error_shape():
+    """Errors a user fixes name what to change: a config value raises ConfigError with its key (never a
+    ValueError that spells the key in its text), and every InputError names its input and the problem."""
+    assert len(_key_patterns()) > 100
+    assert error_shape_violations(_error_files(SRC)) == []
+
+
+def test_the_error_shape_rule_fails_on_planted_errors(tmp_path):
+    """The rule is not vacuous: a copy of the library with a ValueError that names a config key, one that
+    names a model's key by a formatted value, and a message-only InputError fails it, naming each."""
+    import shutil
+
+    copy = tmp_path / "eigenattn"
+    shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert error_shape_violations(_error_files(copy)) == []
+    planted = copy / "spectra" / "overlap.py"
+    planted.write_text(planted.read_text() + textwrap.dedent('''
+        def planted(k, d, name, key):
+            if k > d:
+                raise ValueError(f"overlap.k = {k} exceeds d = {d}")
+            raise RuntimeError(f"layer out of range: fix models.{name}.layers or {key}.sha256")
+            raise InputError(f"{d}: no path given apart")
+        '''))
+    bad = error_shape_violations(_error_files(copy))
+    assert len(bad) == 3, bad
+    assert "overlap.py" in bad[0] and "ValueError names config key(s) ['overlap.k']" in bad[0]
+    assert "RuntimeError names config key(s) ['models.<name>.sha256', 'models.<name>.layers', " in bad[1]
+    assert "'corpora.<name>.sha256'" in bad[1]
+    assert "InputError needs a path and a problem" in bad[2]
+
+
 def test_scripts_use_the_installed_package():
     scripts = "\n".join(p.read_text() for p in (REPO / "workflow" / "scripts").glob("*.py"))
     assert "sys.path" not in scripts  # the package is installed

@@ -9,11 +9,14 @@ class ConfigError(EigenattnError):
     """A config value is wrong. The message names the key and the fix."""
 
     def __init__(self, key: str, problem: str, fix: str | None = None):
-        self.key = key
+        self.key, self.problem, self.fix = key, problem, fix
         msg = f"config key '{key}': {problem}"
         if fix:
             msg += f"\n  fix: {fix}"
         super().__init__(msg)
+
+    def __reduce__(self):  # pickled across Dask processes with its fields, not the formatted message
+        return type(self), (self.key, self.problem, self.fix)
 
 
 class SourceError(EigenattnError):
@@ -21,7 +24,21 @@ class SourceError(EigenattnError):
 
 
 class InputError(EigenattnError):
-    """An input file or store is missing or malformed. The message names the path."""
+    """An input file or store is missing or malformed. The message names the path and the fix.
+
+    ``path``: the file or store (or, for an input that is no file, what it is: "passages",
+    "partial attention input"); ``problem``: what is wrong with it; ``fix``: what to do.
+    """
+
+    def __init__(self, path, problem: str, fix: str | None = None):
+        self.path, self.problem, self.fix = str(path), problem, fix
+        msg = f"input '{self.path}': {problem}"
+        if fix:
+            msg += f"\n  fix: {fix}"
+        super().__init__(msg)
+
+    def __reduce__(self):
+        return type(self), (self.path, self.problem, self.fix)
 
 
 class UnsupportedModelError(EigenattnError):

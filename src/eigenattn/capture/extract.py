@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from eigenattn import SCORE_DEFINITION
 from eigenattn.capture.interface import ScoreCapture, capturing
 from eigenattn.corpus.passages import tokenize_passages
-from eigenattn.errors import UnsupportedModelError
+from eigenattn.errors import ConfigError, UnsupportedModelError
 from eigenattn.capture.masks import describe
 from eigenattn.capture.probe import (PROBE_SEQUENCES, STORE_DTYPES, equivalence_probe, load_capture_model,
                                      mask_info, resolve_store_dtype)
@@ -102,11 +102,11 @@ def check_batch(cap: ScoreCapture, keep: list[int], probe, label: str) -> None:
                                f"({probe.masks[l]})")
 
 
-def resolve_layers(layers, n_layers: int) -> list[int]:
+def resolve_layers(layers, n_layers: int, key: str = "models.<name>.layers") -> list[int]:
     """The kept layer indices: ``all``, a list, or ``{"of": layers, "at_most": k}`` (k of those,
-    evenly spread with the first and last included)."""
+    evenly spread with the first and last included). ``key``: the config key ``layers`` came from."""
     if isinstance(layers, dict):
-        base = resolve_layers(layers["of"], n_layers)
+        base = resolve_layers(layers["of"], n_layers, key)
         k = min(int(layers["at_most"]), len(base))
         return [base[i] for i in sorted(set(np.round(np.linspace(0, len(base) - 1, k)).astype(int)))]
     if layers in (None, "all"):
@@ -114,7 +114,8 @@ def resolve_layers(layers, n_layers: int) -> list[int]:
     out = sorted(set(int(x) for x in layers))
     bad = [x for x in out if x < 0 or x >= n_layers]
     if bad:
-        raise ValueError(f"layer(s) {bad} out of range for a model with {n_layers} layers")
+        raise ConfigError(key, f"layer(s) {bad} out of range for a model with {n_layers} layers",
+                          f"list layers between 0 and {n_layers - 1}, or write all")
     return out
 
 
@@ -130,19 +131,21 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
     (:func:`eigenattn.capture.probe.resolve_store_dtype` decides ``auto`` from the probe).
     """
     if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}' (use auto, float16 or float32)")
+        raise ConfigError("extraction.dtype", f"unknown dtype '{dtype}'", "use auto, float16 or float32")
     if batch_size % chunk_sequences:
-        raise ValueError(f"batch_size {batch_size} is not a multiple of chunk_sequences {chunk_sequences}")
+        raise ConfigError("extraction.batch_size", f"{batch_size} is not a multiple of extraction.chunk_sequences "
+                          f"= {chunk_sequences}", "make extraction.batch_size a multiple of extraction.chunk_sequences")
     if autocast not in AUTOCAST:
-        raise ValueError(f"unknown autocast '{autocast}' (use {', '.join(AUTOCAST)})")
+        raise ConfigError("extraction.autocast", f"unknown autocast '{autocast}'", f"use {', '.join(AUTOCAST)}")
     dev = torch.device(device)
     name = (attrs or {}).get("model")
     label = f"'{name}' at {model_dir}" if name else str(model_dir)
     tok, model = load_model(model_dir, device=dev, label=label)
     facts = model_facts(model)
     if facts["max_positions"] and seq_len > facts["max_positions"]:
-        raise ValueError(f"seq_len {seq_len} exceeds the {facts['max_positions']} positions of the model at "
-                         f"{model_dir}")
+        raise ConfigError("sampling.seq_len", f"seq_len {seq_len} exceeds the {facts['max_positions']} positions of "
+                          f"the model at {model_dir}", f"use a seq_len of at most {facts['max_positions']} "
+                          "(scaling.lengths and scaling.sample_length in the scaling study)")
     ids = tokenize_passages(tok, texts, seq_len)
     # Refuse before any store exists: the probe compares the capture with the model's eager attention.
     probe = equivalence_probe(model, torch.from_numpy(ids[:PROBE_SEQUENCES].astype(np.int64)).to(dev), label)
@@ -153,7 +156,7 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
     if check_facts is not None:
         check_facts({"n_layers": probe.n_layers, "causal": probe.causal(wanted),
                      "mask_kinds": ", ".join(sorted({describe(probe.masks[l]) for l in wanted}))})
-    keep = resolve_layers(layers, facts["n_layers"])
+    keep = resolve_layers(layers, facts["n_layers"], f"models.{name}.layers" if name else "models.<name>.layers")
     # before any store exists: float16 is stored only where its cast reproduces the probabilities
     requested, dtype = dtype, resolve_store_dtype(probe, dtype, label, keep)  # the dtype stored, from here on
     facts.update(probe_facts(probe, keep, label, facts["model_type"]))
@@ -261,5 +264,6 @@ def shard_passages(passages_path, split: str, shard: int, n_shards: int):
     df = df[df["split"] == split].sort_values("passage_id").reset_index(drop=True)
     lo, hi = shard * len(df) // n_shards, (shard + 1) * len(df) // n_shards
     if hi <= lo:
-        raise ValueError(f"shard {shard} of {n_shards} has no {split} passages ({len(df)} in total)")
+        raise ConfigError("extraction.shards", f"shard {shard} of {n_shards} has no {split} passages ({len(df)} in "
+                          "total)", f"use at most {len(df)} shards, or sample more {split} passages")
     return df.iloc[lo:hi]

@@ -133,9 +133,9 @@ def select_visible(scores, score_attrs: dict, view: str):
     """
     kept, skipped = visible_layers(score_attrs, view)
     if not kept:
-        raise InputError(f"model {score_attrs.get('model', '?')}: every captured layer's mask hides part of view "
-                         f"'{view}' ({skipped[0]['reason']}), so the view has nothing to analyse.\n  fix: use a "
-                         "seq_len the windows cover, or leave this view (eigen.views) or model (run_models) out")
+        raise InputError(f"scores of model {score_attrs.get('model', '?')}", f"every captured layer's mask hides "
+                         f"part of view '{view}' ({skipped[0]['reason']}), so the view has nothing to analyse",
+                         "use a seq_len the windows cover, or leave this view (eigen.views) or model (run_models) out")
     if not skipped:
         return scores, {**score_attrs, "skipped_layers": []}
     layers = [int(x) for x in score_attrs["layers"]]

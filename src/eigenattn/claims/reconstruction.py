@@ -9,17 +9,19 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from eigenattn.errors import InputError
 from eigenattn.training.stats import accuracy_difference, learned_margins, order_gain
 from eigenattn.claims.verdicts import iqr, BASELINES, make_row, nearest_measured
 
 # --------------------------------------------------------------------------------------------- C3
 
 
-def select_on_fit(df: pd.DataFrame, estimators) -> tuple[str, str]:
-    """The (estimator, strategy) with the lowest median TV over heads on the fit split."""
+def select_on_fit(df: pd.DataFrame, estimators, path="reconstruction table") -> tuple[str, str]:
+    """The (estimator, strategy) with the lowest median TV over heads on the fit split (``path``: the table's)."""
     fit = df[(df.split == "fit") & df.estimator.isin(estimators)]
     if not len(fit):
-        raise ValueError("no fit-split rows to select a method on (the reconstruction stage writes them)")
+        raise InputError(path, "no fit-split rows to select a method on",
+                         "re-run the reconstruction stage (it writes them)")
     med = fit.groupby(["estimator", "strategy"]).tv.median()
     return med.idxmin()
 
@@ -48,7 +50,7 @@ def c3_rows(recon, plugin, thresholds: ClaimThresholds) -> list[dict]:
         if not ests:
             continue
         model, view = df.model.iloc[0], df.view.iloc[0]
-        be, bs = select_on_fit(df, ests)
+        be, bs = select_on_fit(df, ests, p)
         chosen[(model, view, sz)] = (be, bs)
         held = df[df.split == "heldout"]
         best = held[(held.estimator == be) & (held.strategy == bs)]
@@ -56,7 +58,7 @@ def c3_rows(recon, plugin, thresholds: ClaimThresholds) -> list[dict]:
         for base_est in BASELINES:
             if base_est not in set(df.estimator):
                 continue
-            bst = select_on_fit(df, [base_est])[1]
+            bst = select_on_fit(df, [base_est], p)[1]
             base = held[(held.estimator == base_est) & (held.strategy == bst)]
             gain, improved, pval = paired_gain(best, base)
             ok = pval < thresholds.c3_alpha and gain >= thresholds.c3_min_gain

@@ -85,7 +85,8 @@ def parse_mediawiki_dump(path: str | Path) -> pd.DataFrame:
                 page = {}
                 elem.clear()
     if not rows:
-        raise InputError(f"{path}: no main-namespace articles found in the dump")
+        raise InputError(path, "no main-namespace articles found in the dump",
+                         "use a MediaWiki XML dump with articles (namespace 0), or set the corpus format")
     df = pd.DataFrame(rows)
     df["n_words"] = df["text"].str.split().str.len().astype("int64")
     return df
@@ -111,14 +112,14 @@ def load_documents(spec: dict, name: str, documents_path: str | Path | None = No
         paths = [str(p) for p in spec["paths"]]
         missing = [p for p in paths if not Path(p).exists()]
         if missing:
-            raise InputError(f"{key}.paths: file(s) not found: {missing}")
+            raise ConfigError(f"{key}.paths", f"file(s) not found: {missing}", "list existing files")
         suffixes = sorted({Path(p).suffix.lower() for p in paths})
         if len(suffixes) > 1:
-            raise InputError(f"{key}.paths: mixed file types {suffixes}; list files of one type per corpus "
-                             "(define one corpus per type)")
+            raise ConfigError(f"{key}.paths", f"mixed file types {suffixes}",
+                              "list files of one type per corpus (define one corpus per type)")
         builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffixes[0])
         if builder is None:
-            raise InputError(f"{key}.paths: unsupported file type '{suffixes[0]}' (use .txt, .jsonl or .parquet)")
+            raise ConfigError(f"{key}.paths", f"unsupported file type '{suffixes[0]}'", "use .txt, .jsonl or .parquet")
         if builder == "parquet":
             docs = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
         else:
@@ -126,24 +127,25 @@ def load_documents(spec: dict, name: str, documents_path: str | Path | None = No
                 try:
                     Path(p).read_text(encoding="utf-8")
                 except UnicodeDecodeError as e:
-                    raise InputError(f"{key}.paths: {p} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                    raise InputError(p, f"(listed in {key}.paths) is not UTF-8 text (byte {e.start}: {e.reason})",
                                      "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
             import datasets
 
             kw = {"sample_by": "document"} if builder == "text" else {}
             docs = datasets.load_dataset(builder, data_files=paths, split="train", **kw).to_pandas()
     else:
-        raise ValueError(f"{key}.source: unknown source '{source}' (use pypi, hf_dataset or files)")
+        raise ConfigError(f"{key}.source", f"unknown source '{source}'", "use pypi, hf_dataset or files")
 
     columns = list(docs.columns)
     text_field = spec.get("text_field", "text")
     if text_field not in columns:
-        raise InputError(f"{key}.text_field: column '{text_field}' is not in the documents (columns: "
-                         f"{columns})")
+        raise ConfigError(f"{key}.text_field", f"column '{text_field}' is not in the documents (columns: "
+                          f"{columns})", "name the column that holds the document text")
     id_field = spec.get("id_field")
     if id_field and id_field not in columns:  # silently ignored, documents could straddle the split
-        raise InputError(f"{key}.id_field: column '{id_field}' is not in the documents (columns: {columns}); "
-                         "name an existing column, or remove id_field to number documents by row")
+        raise ConfigError(f"{key}.id_field", f"column '{id_field}' is not in the documents (columns: "
+                          f"{columns})",
+                          "name an existing column, or remove id_field to number documents by row")
     if text_field != "text":
         if "text" in columns:
             raise InputError(f"{key}.text_field: the documents have a column 'text' besides '{text_field}'; "
@@ -166,7 +168,8 @@ def split_documents(n_words: np.ndarray, seed: int, heldout_fraction: float) -> 
     """
     n_words = np.asarray(n_words, dtype=np.int64)
     if len(n_words) < 2:
-        raise InputError("the corpus has fewer than 2 documents, so it cannot be split by document")
+        raise InputError("documents", "the corpus has fewer than 2 documents, so it cannot be split by document",
+                         "use a corpus of at least 2 documents")
     order = np.random.default_rng([seed, 0]).permutation(len(n_words))
     cum = np.cumsum(n_words[order])
     n_held = int(np.searchsorted(cum, heldout_fraction * cum[-1]) + 1)
@@ -224,8 +227,9 @@ def sample_passages(docs: pd.DataFrame, sampling: Sampling) -> pd.DataFrame:
     n_words = word_counts(docs["text"])
     short = capacity_shortfall(n_words, seed, heldout_fraction, seq_len, n_sequences)
     if short:
-        raise ValueError(f"corpus '{corpus}' cannot supply {n_sequences} passages of {seq_len} words "
-                         f"(available, words per split: {short})")
+        raise ConfigError("sampling.n_sequences", f"corpus '{corpus}' cannot supply {n_sequences} passages of "
+                          f"{seq_len} words (available, words per split: {short})",
+                          "lower sampling.n_sequences or sampling.seq_len, or use a larger corpus")
     split = split_documents(n_words, seed, heldout_fraction)
     out = []
     for si, s in enumerate(SPLITS):
@@ -254,8 +258,9 @@ def tokenize_passages(tokenizer, texts: list[str], seq_len: int) -> np.ndarray:
     ids = enc["input_ids"]
     short = [i for i, x in enumerate(ids) if len(x) != seq_len]
     if short:
-        raise InputError(f"{len(short)} passage(s) tokenised to fewer than seq_len={seq_len} tokens "
-                         f"(first: index {short[0]}, {len(ids[short[0]])} tokens)")
+        raise InputError("passages", f"{len(short)} passage(s) tokenised to fewer than seq_len={seq_len} tokens "
+                         f"(first: index {short[0]}, {len(ids[short[0]])} tokens)",
+                         "sample passages of at least seq_len words (the sample_passages rule does)")
     return np.asarray(ids, dtype=np.int32)
 
 
@@ -278,6 +283,6 @@ def build_documents(name: str, spec: dict, out_path: str | Path, cache_dir: str 
     docs = docs[docs["text"].str.len() > 0].reset_index(drop=True)
     docs["n_words"] = docs["text"].str.split().str.len().astype("int64")
     if docs["doc_id"].duplicated().any():
-        raise InputError(f"corpora.{name}: duplicate document ids; set id_field to a unique column")
+        raise ConfigError(f"corpora.{name}.id_field", "duplicate document ids", "set id_field to a unique column")
     write_table(docs, out_path)
     return docs

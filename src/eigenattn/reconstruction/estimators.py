@@ -34,18 +34,22 @@ import numpy as np
 import scipy.linalg
 
 from eigenattn.config.schema import enum
+from eigenattn.errors import ConfigError
 
 ESTIMATORS = enum("reconstruction.estimators")
 STRATEGIES = enum("reconstruction.strategies")
+METHOD_KEYS = ("reconstruction.estimators", "reconstruction.strategies", "reconstruction.subset_sizes")
 
 
-def check_method(estimator: str, strategy: str, s: int, d: int) -> None:
+def check_method(estimator: str, strategy: str, s: int, d: int, keys: tuple[str, str, str] = METHOD_KEYS) -> None:
+    """``keys``: the config keys that the estimator, the strategy and s come from."""
     if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator '{estimator}' (use one of {', '.join(ESTIMATORS)})")
+        raise ConfigError(keys[0], f"unknown estimator '{estimator}'", f"use one of {', '.join(ESTIMATORS)}")
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy '{strategy}' (use one of {', '.join(STRATEGIES)})")
+        raise ConfigError(keys[1], f"unknown strategy '{strategy}'", f"use one of {', '.join(STRATEGIES)}")
     if not 1 <= int(s) <= int(d):
-        raise ValueError(f"subset size s={s} is outside 1..d={d} (the keys of the view)")
+        raise ConfigError(keys[2], f"subset size s={s} is outside 1..d={d} (the keys of the view)",
+                          f"use subset sizes between 1 and {d}")
 
 
 def select_subset(strategy: str, d: int, s: int, U: np.ndarray | None = None, *, seed: int,

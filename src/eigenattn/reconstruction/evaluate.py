@@ -9,8 +9,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from eigenattn.spectra.stores import RowStats
-from eigenattn.errors import InputError
-from eigenattn.reconstruction.estimators import check_method, fit_heads
+from eigenattn.errors import ConfigError, InputError
+from eigenattn.reconstruction.estimators import METHOD_KEYS, check_method, fit_heads
 from eigenattn.reconstruction.metrics import METRICS, Reference
 from eigenattn.config.views import view_slices
 from eigenattn.config.schema import enum
@@ -41,9 +41,9 @@ def transfer_sources(stats: RowStats, layer: int, kinds, others: dict[str, RowSt
         depth = layer / max(stats.n_layers_total - 1, 1)
         for name, o in others.items():
             if o.d != stats.d or o.seq_len != stats.seq_len:
-                raise InputError(f"{o.path}: model '{name}' has d={o.d}, seq_len {o.seq_len} in view '{o.view}' "
-                                 f"but '{stats.model}' has d={stats.d}, seq_len {stats.seq_len}; "
-                                 "cross-model transfer needs the same seq_len")
+                raise InputError(o.path, f"model '{name}' has d={o.d}, seq_len {o.seq_len} in view '{o.view}' "
+                                 f"but '{stats.model}' has d={stats.d}, seq_len {stats.seq_len}",
+                                 "cross-model transfer needs the same seq_len: analyse both at one sampling.seq_len")
             tot = o.n_layers_total
             j = min(o.layers, key=lambda x: (abs(x / max(tot - 1, 1) - depth), x))
 
@@ -70,8 +70,8 @@ def _open_split(shards, stats: RowStats, rows_store, what: str, expect: dict | N
     held = [int(x) for x in attrs["layers"]]
     skipped = {int(x["layer"]) for x in stats.attrs.get("skipped_layers", [])}  # masked views (eigenattn.capture.masks)
     if [x for x in held if x not in skipped] != stats.layers:
-        raise InputError(f"{shards[0]}: layers {attrs['layers']} differ from the fitted statistics "
-                         f"{stats.layers} in {rows_store}; re-run extraction and eigen with the same layers")
+        raise InputError(shards[0], f"layers {attrs['layers']} differ from the fitted statistics "
+                         f"{stats.layers} in {rows_store}", "re-run extraction and eigen with the same layers")
     if skipped:  # the statistics' layers only, in their order
         scores = scores[:, [held.index(x) for x in stats.layers]]
     return scores, attrs
@@ -124,10 +124,11 @@ def evaluate_view(rows_store, heldout_shards, settings: Reconstruction, *, fit_s
             for s in subset_sizes:
                 check_method(e, st, s, d)
     for e in transfer_estimators:
-        check_method(e, "strided", 1, d)
+        check_method(e, "strided", 1, d, ("reconstruction.transfer_estimators", *METHOD_KEYS[1:]))
     for t in transfer:
         if t not in TRANSFERS:
-            raise ValueError(f"unknown transfer '{t}' (use one of {', '.join(TRANSFERS)})")
+            raise ConfigError("reconstruction.transfer", f"unknown transfer '{t}'",
+                              f"use one of {', '.join(TRANSFERS)}")
     others = {}
     if "other_model" in transfer and stats.view == "prefix":
         others = {name: RowStats(p) for name, p in (other_stores or {}).items()}

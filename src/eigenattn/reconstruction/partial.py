@@ -29,7 +29,7 @@ from torch import nn
 
 from eigenattn.capture.attention import expand_heads, finish_attention
 from eigenattn.capture.interface import IGNORED_KWARGS, check_kwargs, register_backend
-from eigenattn.errors import InputError
+from eigenattn.errors import ConfigError, InputError
 from eigenattn.reconstruction.estimators import fit_heads
 
 PARTIAL_IMPL = "partial"
@@ -73,13 +73,16 @@ class PartialMap(nn.Module):
         k0, k1 = map(int, key_range)
         d = k1 - k0
         if T.ndim != 2 or W.shape != (T.shape[0], d, T.shape[1]) or b.shape != (T.shape[0], d):
-            raise InputError(f"partial map shapes T {tuple(T.shape)}, W {tuple(W.shape)}, b {tuple(b.shape)} do not "
-                             f"match H heads, d={d} keys of the view and s subset keys")
+            raise InputError("partial map (T, W, b)", f"shapes T {tuple(T.shape)}, W {tuple(W.shape)}, b "
+                             f"{tuple(b.shape)} do not match H heads, d={d} keys of the view and s subset keys",
+                             "fit the map from the view's statistics (maps_from_stats)")
         if T.numel() and (int(T.min()) < 0 or int(T.max()) >= d):
-            raise InputError(f"partial map: subset positions must lie in 0..{d - 1} (the view's keys)")
+            raise InputError("partial map (T, W, b)", f"subset positions must lie in 0..{d - 1} (the view's keys)",
+                             "fit the map from the view's statistics (maps_from_stats)")
         if causal and k1 > q0 + 1:
-            raise ValueError(f"keys {k0}..{k1 - 1} reach past the first query {q0} of the view; on a causal "
-                             "model a reconstruction would read future keys (use the prefix view for causal models)")
+            raise ConfigError("eigen.views", f"keys {k0}..{k1 - 1} reach past the first query {q0} of the view; on a "
+                              "causal model a reconstruction would read future keys",
+                              "use the prefix view for causal models")
         self.seq_len = int(seq_len)
         self.qs, self.ks = slice(q0, q1), slice(k0, k1)
         self.register_buffer("T", T, persistent=True)
@@ -114,11 +117,12 @@ def partial_scores(query: torch.Tensor, key: torch.Tensor, pm: PartialMap, scali
     """Scores (B, H, n, n) with the view block reconstructed from the keys at T, the rest exact."""
     B, H, n, dh = query.shape
     if n != pm.seq_len or key.shape[-2] != pm.seq_len:
-        raise InputError(f"partial attention: the map was fitted for seq_len {pm.seq_len}, but the input has "
-                         f"{n} queries and {key.shape[-2]} keys; use inputs of exactly {pm.seq_len} tokens "
+        raise InputError("partial attention input", f"the map was fitted for seq_len {pm.seq_len}, but the input "
+                         f"has {n} queries and {key.shape[-2]} keys", f"use inputs of exactly {pm.seq_len} tokens "
                          "(no KV cache) or refit the statistics at this length")
     if pm.heads != H:
-        raise InputError(f"partial attention: the map has {pm.heads} heads, the layer has {H}")
+        raise InputError("partial attention input", f"the map has {pm.heads} heads, the layer has {H}",
+                         "fit the map from statistics of this model")
     qs, ks = pm.qs, pm.ks
     q_view = query[:, :, qs]
     k_view = key[:, :, ks]
@@ -152,10 +156,11 @@ def partial_attention_forward(module, query, key, value, attention_mask, scaling
     mask = attention_mask
     if lf is not None:  # Linformer: keys and values projected along the sequence (no key mask possible)
         if mask is not None and bool((mask < 0).any()):
-            raise InputError("linformer attention cannot apply a padding or causal mask; use unpadded inputs "
-                             "of a bidirectional model")
+            raise InputError("linformer attention input", "linformer attention cannot apply a padding or causal mask",
+                             "use unpadded inputs of a bidirectional model")
         if key.shape[-2] != lf.E.shape[1]:
-            raise InputError(f"linformer projections are for {lf.E.shape[1]} tokens, the input has {key.shape[-2]}")
+            raise InputError("linformer attention input", f"linformer projections are for {lf.E.shape[1]} tokens, "
+                             f"the input has {key.shape[-2]}", f"use inputs of exactly {lf.E.shape[1]} tokens")
         key = torch.matmul(lf.E.to(key.dtype), key)
         value = torch.matmul(lf.F.to(value.dtype), value)
         scores, mask = torch.matmul(query, key.transpose(2, 3)) * scaling, None
@@ -163,8 +168,8 @@ def partial_attention_forward(module, query, key, value, attention_mask, scaling
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     elif pm.sparse:  # subset_only: attend to the keys at T only
         if query.shape[-2] != pm.seq_len:
-            raise InputError(f"partial attention: the map was fitted for seq_len {pm.seq_len}, the input has "
-                             f"{query.shape[-2]} tokens")
+            raise InputError("partial attention input", f"the map was fitted for seq_len {pm.seq_len}, the input "
+                             f"has {query.shape[-2]} tokens", f"use inputs of exactly {pm.seq_len} tokens")
         idx = pm.T[None, :, :, None].expand(query.shape[0], -1, -1, query.shape[-1])
         key, value = torch.gather(key, 2, idx), torch.gather(value, 2, idx)
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling
@@ -191,7 +196,8 @@ def attention_modules(model) -> dict[int, nn.Module]:
         if idx is not None and any(hasattr(mod, a) for a in ("q_proj", "query", "Wqkv")):
             out[int(idx)] = mod
     if not out:
-        raise InputError(f"{type(model).__name__}: found no attention modules with a layer_idx")
+        raise InputError(type(model).__name__, "found no attention modules with a layer_idx",
+                         "use a transformers model whose attention modules carry layer_idx")
     return out
 
 
@@ -200,7 +206,8 @@ def attach(model, maps: dict[int, PartialMap]) -> list[int]:
     mods = attention_modules(model)
     bad = sorted(set(maps) - set(mods))
     if bad:
-        raise InputError(f"layers {bad} are not attention layers of this model (it has {sorted(mods)})")
+        raise InputError("partial maps", f"layers {bad} are not attention layers of this model (it has "
+                         f"{sorted(mods)})", "attach maps fitted on this model's statistics")
     for i, pm in maps.items():
         setattr(mods[i], ATTR, pm)
     return sorted(maps)

@@ -78,7 +78,7 @@ def plugin_eval(model_dir, rows_store, heldout_shards, settings: Plugin, *, devi
     for e in estimators:
         for st in strategies:
             for s in subset_sizes:
-                check_method(e, st, s, stats.d)
+                check_method(e, st, s, stats.d, ("plugin.estimators", "plugin.strategies", "plugin.subset_sizes"))
     ids_np = heldout_ids(heldout_shards, n_sequences)
     stats.check_matches(ids_np.shape[1], f"held-out tokens {heldout_shards[0]}")
     device = torch.device(device)

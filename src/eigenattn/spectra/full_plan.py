@@ -9,6 +9,7 @@ from pathlib import Path
 
 from eigenattn.config.views import view_slices
 from eigenattn.config.schema import enum
+from eigenattn.errors import ConfigError
 
 ROUTES = enum("eigen.full_route")
 BASE_MB = 450  # interpreter, numpy/scipy/zarr/dask and the job set-up: measured 220–350 MB
@@ -18,7 +19,7 @@ _F8 = 8
 def choose_route(N: int, D: int, route: str = "auto") -> str:
     """The cheaper exact route by shape: the D × D covariance when D ≤ N, else the N × N Gram."""
     if route not in ROUTES:
-        raise ValueError(f"unknown full-matrix route '{route}' (use one of {', '.join(ROUTES)})")
+        raise ConfigError("eigen.full_route", f"unknown full-matrix route '{route}'", f"use one of {', '.join(ROUTES)}")
     if route != "auto":
         return route
     return "covariance" if D <= N else "gram"

@@ -38,7 +38,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from eigenattn.spectra.rows import eigh_desc
-from eigenattn.errors import InputError
+from eigenattn.errors import ConfigError, InputError
 from eigenattn.spectra.full_plan import FullPlan, plan_full
 from eigenattn.spectra.full_randomized import randomized_task
 from eigenattn.spectra.full_vectors import cv_share, empty_outputs, head_reader, pad, ranges, raw_reader, view_dims
@@ -217,9 +217,12 @@ def full_spectra(scores, view: str, variants, causal: bool, memory_mb: float, *,
     N, L, H = shape[:3]
     split = int(np.sum(chunks[:half_block_index(chunks)]))
     if min(split, N - split) < 2:
-        raise InputError(f"full-matrix spectra need at least 2 sequences per half, got {split} and {N - split}")
+        raise InputError("score stores", f"full-matrix spectra need at least 2 sequences per half, got {split} and "
+                         f"{N - split}", "analyse at least 4 sequences, in at least 2 chunks of "
+                         "extraction.chunk_sequences")
     if rank is not None and rank < 1:
-        raise InputError(f"eigen.full_rank must be a positive number of components, got {rank}")
+        raise ConfigError("eigen.full_rank", f"must be a positive number of components, got {rank}",
+                          "write an integer >= 1, or null for exact spectra")
     plans = {v: plan_full(N, D, L, H, split, max(chunks), memory_mb, workers, route, rank=rank,
                           D_eff=view_dims(qs, ks, v)[1]) for v in variants}
     groups = {v: [slice(h, min(h + p.group, H)) for h in range(0, H, p.group)] for v, p in plans.items()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 
-from eigenattn.errors import InputError
+from eigenattn.errors import ConfigError, InputError
 from eigenattn.config.schema import enum
 from eigenattn.config.views import VIEWS, view_slices  # noqa: F401  (VIEWS: the test of enums)
 
@@ -23,7 +23,7 @@ VARIANTS = enum("eigen.variants")
 
 def check_variant(variant: str) -> None:
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant '{variant}' (use one of {', '.join(VARIANTS)})")
+        raise ConfigError("eigen.variants", f"unknown variant '{variant}'", f"use one of {', '.join(VARIANTS)}")
 
 
 def view_rows(block: np.ndarray, qs: slice, ks: slice, variant: str) -> np.ndarray:
@@ -135,13 +135,14 @@ def half_block_index(chunks_n) -> int:
     edges = np.cumsum(chunks_n)
     nb = len(chunks_n)
     if nb < 2:
-        raise InputError(f"split-half statistics need at least 2 sequence chunks, got {nb}; "
-                         "use a smaller extraction.batch_size or more passages")
+        raise ConfigError("extraction.chunk_sequences", f"split-half statistics need at least 2 sequence chunks, "
+                          f"got {nb}", "use a smaller extraction.chunk_sequences or more passages")
     i = int(np.argmin(np.abs(edges - edges[-1] / 2))) + 1
     return min(max(i, 1), nb - 1)
 
 
 def moments_to_covariance(count, m2):
     if np.any(count < 2):
-        raise InputError("fewer than 2 samples for a covariance")
+        raise InputError("score rows", "fewer than 2 samples for a covariance",
+                         "analyse at least 2 sequences (sampling.n_sequences.fit)")
     return m2 / (count[..., None, None] - 1.0)

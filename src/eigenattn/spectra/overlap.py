@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from eigenattn.spectra.rows import constant_alignment
-from eigenattn.errors import InputError
+from eigenattn.errors import ConfigError, InputError
 from eigenattn.storage.store import new_store, open_store, write_arrays
 
 
@@ -28,7 +28,8 @@ def check_ks(ks, d: int) -> list[int]:
     ks = [int(k) for k in ks]
     bad = [k for k in ks if k < 1 or k > d]
     if bad:
-        raise ValueError(f"k = {bad} outside 1..d = {d} (d is the row dimension of the view)")
+        raise ConfigError("overlap.k", f"k = {bad} outside 1..d = {d} (d is the row dimension of the view)",
+                          f"list subspace sizes between 1 and {d}")
     return ks
 
 
@@ -90,7 +91,8 @@ def flatten_heads(x: np.ndarray) -> np.ndarray:
 def _open(store, variant):
     g = open_store(store)
     if variant not in g:
-        raise InputError(f"{store}: has no '{variant}' group; run the eigen stage with this variant")
+        raise InputError(store, f"has no '{variant}' group",
+                         f"add '{variant}' to eigen.variants and re-run the eigen stage")
     return g.attrs.asdict(), g[variant]
 
 
@@ -154,9 +156,9 @@ def cross_model(rows_a, halves_a, rows_b, halves_b, variant: str, ks) -> tuple[d
     side_b = _side(rows_b, halves_b, variant)
     aa, ab = side_a[0], side_b[0]
     if int(aa["d"]) != int(ab["d"]):
-        raise InputError(f"{rows_a}, {rows_b}: models '{aa['model']}' (d={aa['d']}) and '{ab['model']}' "
-                         f"(d={ab['d']}) have different row dimensions in view '{aa['view']}'; compare models "
-                         "analysed with the same seq_len")
+        raise InputError(f"{rows_a}, {rows_b}", f"models '{aa['model']}' (d={aa['d']}) and '{ab['model']}' "
+                         f"(d={ab['d']}) have different row dimensions in view '{aa['view']}'",
+                         "compare models analysed with the same seq_len")
     d = int(aa["d"])
     ks = check_ks(ks, d)
     arrays = _comparison(side_a, side_b, ks)

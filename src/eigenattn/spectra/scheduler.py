@@ -16,6 +16,7 @@ import dask
 from threadpoolctl import threadpool_limits
 
 from eigenattn.config.schema import enum
+from eigenattn.errors import ConfigError
 
 SCHEDULERS = enum("eigen.scheduler")
 log = logging.getLogger(__name__)
@@ -66,4 +67,4 @@ def dask_scheduler(kind: str, workers: int, slurm: dict | None = None):
             log.info("dask SLURMCluster with %d job(s): %s", jobs, cluster.job_script().splitlines()[:3])
             yield client
     else:
-        raise ValueError(f"unknown scheduler '{kind}' (use one of {', '.join(SCHEDULERS)})")
+        raise ConfigError("eigen.scheduler", f"unknown scheduler '{kind}'", f"use one of {', '.join(SCHEDULERS)}")

@@ -187,7 +187,8 @@ class RowStats:
         g = open_store(path)
         a = g.attrs.asdict()
         if variant not in g:
-            raise InputError(f"{path}: has no '{variant}' group; the eigen stage must include variant '{variant}'")
+            raise InputError(path, f"has no '{variant}' group",
+                             f"add '{variant}' to eigen.variants and re-run the eigen stage")
         self.path = str(path)
         self.attrs = a
         self.model = a["model"]
@@ -206,12 +207,12 @@ class RowStats:
 
     def check_matches(self, seq_len: int, what: str) -> None:
         if int(seq_len) != self.seq_len:
-            raise InputError(f"{self.path}: statistics were fitted at seq_len {self.seq_len}, but {what} has "
-                             f"seq_len {seq_len}; re-run the eigen stage with the same sampling.seq_len")
+            raise InputError(self.path, f"statistics were fitted at seq_len {self.seq_len}, but {what} has "
+                             f"seq_len {seq_len}", "re-run the eigen stage with the same sampling.seq_len")
 
     def layer_pos(self, layer: int) -> int:
         if layer not in self.layers:
-            raise InputError(f"{self.path}: layer {layer} was not analysed (analysed: {self.layers}); "
+            raise InputError(self.path, f"layer {layer} was not analysed (analysed: {self.layers})",
                              f"add it to models.{self.model}.layers")
         return self.layers.index(layer)
 

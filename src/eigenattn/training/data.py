@@ -51,7 +51,8 @@ def train_wordpiece(texts, vocab_size: int, out_dir, seq_len: int):
 def load_tokenizer(path):
     tok = AutoTokenizer.from_pretrained(path)
     if tok.mask_token_id is None or tok.cls_token_id is None or tok.sep_token_id is None:
-        raise InputError(f"{path}: the tokenizer needs [CLS], [SEP] and [MASK] tokens for MLM training")
+        raise InputError(path, "the tokenizer needs [CLS], [SEP] and [MASK] tokens for MLM training",
+                         "use a BERT-style tokenizer (training.vocab: wordpiece builds one)")
     return tok
 
 
@@ -75,7 +76,8 @@ def chunk_documents(tok, texts, seq_len: int) -> np.ndarray:
         for i in range(0, len(ids) - body + 1, body):
             out.append([tok.cls_token_id, *ids[i:i + body], tok.sep_token_id])
     if not out:
-        raise InputError(f"no document is longer than seq_len − 2 = {body} tokens")
+        raise InputError("documents", f"no document is longer than seq_len − 2 = {body} tokens",
+                         "use a corpus with longer documents, or a smaller sampling.seq_len")
     return np.asarray(out, dtype=np.int64)
 
 

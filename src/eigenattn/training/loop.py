@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from eigenattn import __version__
 from eigenattn.storage.assets import sha256_file
-from eigenattn.errors import InputError
 from eigenattn.config.settings import Training
+from eigenattn.errors import ConfigError, InputError
 from eigenattn.training.data import heldout_batches, load_tokenizer, mask_batch, shuffle_windows, unigram_baseline
 from eigenattn.training.model import MLM, MODES, VARIANTS, attach_variant, attention_flops_per_seq, encoder_config
 from eigenattn.reconstruction.partial import detach_all
@@ -67,7 +67,7 @@ def _load_data(tokenizer_dir, windows, seq_len: int):
         train_ids = torch.from_numpy(w["fit"].astype(np.int64))
         held_ids = torch.from_numpy(w["heldout"].astype(np.int64))
     if train_ids.shape[1] != seq_len:
-        raise InputError(f"{windows}: windows of {train_ids.shape[1]} tokens, expected seq_len {seq_len}; "
+        raise InputError(windows, f"windows of {train_ids.shape[1]} tokens, expected seq_len {seq_len}",
                          "re-run train_data")
     log.info("%d training windows, %d held-out windows of %d tokens; vocabulary %d", len(train_ids), len(held_ids),
              seq_len, len(tok))
@@ -79,11 +79,12 @@ def _build_model(mode, variant, s, seed, settings: Training, vocab_size, stats, 
     model = MLM(encoder_config(settings.model, vocab_size, settings.seq_len))
     if mode == "finetune":
         if init_dir is None:
-            raise InputError("finetune mode needs the trained exact model (init_dir)")
+            raise InputError("init_dir", "finetune mode needs the trained exact model (init_dir)",
+                             "pass the directory of the trained exact scratch model")
         missing, unexpected = model.load_state_dict(load_file(str(Path(init_dir) / "mlm.safetensors")), strict=False)
         if missing or unexpected:
-            raise InputError(f"{init_dir}: checkpoint does not match the model (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+            raise InputError(init_dir, f"checkpoint does not match the model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})", "re-run the exact scratch run with this training.model")
     attach_variant(model, variant, s, settings.seq_len, stats, estimator=settings.estimator,
                    strategy=settings.strategy, ridge=settings.ridge, rank=settings.eigenspace_rank, seed=seed)
     return model
@@ -143,10 +144,13 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, settings: Traini
     hyper-parameters (:class:`Training`; its ``data_seed`` fixes the held-out masks).
     """
     seq_len, data_seed = settings.seq_len, settings.data_seed
-    if variant not in VARIANTS or mode not in MODES:
-        raise ValueError(f"unknown variant '{variant}' or mode '{mode}' (variants {VARIANTS}, modes {MODES})")
+    if variant not in VARIANTS:
+        raise ConfigError("training.variants", f"unknown variant '{variant}'", f"use one of {', '.join(VARIANTS)}")
+    if mode not in MODES:
+        raise ConfigError("training.modes", f"unknown mode '{mode}'", f"use one of {', '.join(MODES)}")
     if variant != "exact" and not 1 <= s <= seq_len:
-        raise ValueError(f"subset size s={s} is outside 1..{seq_len}")
+        raise ConfigError("training.subset_sizes", f"subset size s={s} is outside 1..{seq_len}",
+                          f"use subset sizes between 1 and sampling.seq_len = {seq_len}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from transformers import AutoModel, BertConfig, ModernBertConfig
 
 from eigenattn.errors import InputError
+from eigenattn.reconstruction.estimators import check_method
 from eigenattn.reconstruction.partial import LINFORMER_ATTR, Linformer, attach, attention_modules, maps_from_stats, register
 from eigenattn.config.schema import enum
 from eigenattn.config.settings import EncoderModel
@@ -85,13 +86,16 @@ def attach_variant(model: MLM, variant: str, s: int, seq_len: int, stats=None, *
             setattr(mod, LINFORMER_ATTR, Linformer(seq_len, s))
         return
     if stats is None:
-        raise InputError(f"variant '{variant}' needs the eigen statistics of the trained exact model")
+        raise InputError("stats", f"variant '{variant}' needs the eigen statistics of the trained exact model",
+                         "pass the trained exact model's rows.zarr (the eigen stage writes it)")
     if stats.seq_len != seq_len or stats.view != "all":
-        raise InputError(f"{stats.path}: statistics of view '{stats.view}' at seq_len {stats.seq_len}; training needs "
-                         f"the 'all' view at seq_len {seq_len}")
+        raise InputError(stats.path, f"statistics of view '{stats.view}' at seq_len {stats.seq_len}; training needs "
+                         f"the 'all' view at seq_len {seq_len}", "re-run the eigen stage on the trained exact model")
     if sorted(stats.layers) != sorted(mods):
-        raise InputError(f"{stats.path}: analysed layers {stats.layers} differ from the encoder's {sorted(mods)}")
+        raise InputError(stats.path, f"analysed layers {stats.layers} differ from the encoder's {sorted(mods)}",
+                         "re-run the eigen stage on the trained exact model, all layers")
     est = "subset_only" if variant == "subset_only" else estimator
+    check_method(est, strategy, s, stats.d, ("training.estimator", "training.strategy", "training.subset_sizes"))
     maps = maps_from_stats(stats, est, strategy, s, ridge=ridge, rank=rank, seed=seed,
                            trainable=variant == "partial_learned")
     attach(model.encoder, maps)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from eigenattn.errors import InputError
+from eigenattn.errors import ConfigError, InputError
 from eigenattn.config.schema import enum
 from eigenattn.training.stats import accuracy_difference, learned_margins, order_gain
 
@@ -41,8 +41,9 @@ def summarise(final_paths) -> "pd.DataFrame":
         df["heldout_mlm_acc_step0"] = np.nan
     for key in ("unigram_entropy", "unigram_acc", "heldout_tokens", "tokenizer_sha256"):
         if df[key].nunique() != 1:
-            raise InputError(f"training runs were scored on different held-out data ({key} differs: "
-                             f"{sorted(df[key].unique())}); re-run the training stage")
+            raise InputError(f"{len(final_paths)} training final.json files", f"training runs were scored on "
+                             f"different held-out data ({key} differs: {sorted(df[key].unique())})",
+                             "re-run the training stage")
     n_tokens = int(df.heldout_tokens.iloc[0])
     u = float(df.unigram_acc.iloc[0])
     for col in SUMMARY_COLUMNS:
@@ -53,7 +54,8 @@ def summarise(final_paths) -> "pd.DataFrame":
     for mode, g in df.groupby("mode"):
         ex = g[g.variant == "exact"]
         if len(ex) < 2:
-            raise InputError(f"mode '{mode}': {len(ex)} exact run(s); seed noise needs at least two exact seeds")
+            raise ConfigError("training.exact_seeds", f"mode '{mode}': {len(ex)} exact run(s); seed noise needs at "
+                              "least two exact seeds", "list two or more seeds in training.exact_seeds")
         m = learned_margins(ex.heldout_mlm_acc, ex.heldout_loss, ex.heldout_loss_sd, n_tokens, u,
                             float(ex.unigram_entropy.iloc[0]))
         gain = m["acc_gap"]
