@@ -38,18 +38,37 @@ def make_store(path: Path, N: int, batch: int = 8, seed: int = 0):
     from eigenattn.storage.store import create_score_store
 
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
-    a = create_score_store(g, ids=np.zeros((N, n), dtype=np.int32), passage_ids=np.arange(N), layers=range(L),
-                           heads=H, kv_heads=H, seq_len=n, dtype="float16", compression="none",
-                           chunk_sequences=batch, shard_sequences=batch)
+    a = create_score_store(
+        g,
+        ids=np.zeros((N, n), dtype=np.int32),
+        passage_ids=np.arange(N),
+        layers=range(L),
+        heads=H,
+        kv_heads=H,
+        seq_len=n,
+        dtype="float16",
+        compression="none",
+        chunk_sequences=batch,
+        shard_sequences=batch,
+    )
     rng = np.random.default_rng(seed)
     basis = rng.standard_normal((L, H, 16, n)).astype(np.float32)
     for s in range(0, N, batch):
         b = min(batch, N - s)
         coef = rng.standard_normal((b, L, H, n, 16), dtype=np.float32)
         block = np.einsum("blhqr,lhrk->blhqk", coef, basis) + rng.standard_normal((b, L, H, n, n), dtype=np.float32)
-        a[s:s + b] = block.astype(np.float16)
-    g.attrs.update({"model": "bench", "layers": list(range(L)), "heads": H, "seq_len": n, "causal": False,
-                    "dtype": "float16", "complete": True})
+        a[s : s + b] = block.astype(np.float16)
+    g.attrs.update(
+        {
+            "model": "bench",
+            "layers": list(range(L)),
+            "heads": H,
+            "seq_len": n,
+            "causal": False,
+            "dtype": "float16",
+            "complete": True,
+        }
+    )
 
 
 def peak_rss_mb() -> float:
@@ -73,8 +92,10 @@ def child(method: str, store: str, threads: int, N: int):
         out["eigenvalues"] = res["heads"]["eigenvalues"][:, :, :8].tolist()
     elif method == "a":
         arr = zarr.open_group(store, mode="r")["scores"]
-        X = [np.ascontiguousarray(arr[:N, l].astype(np.float64).transpose(1, 0, 2, 3).reshape(H, -1, n))
-             for l in range(L)]  # rows per head, all in memory
+        X = [
+            np.ascontiguousarray(arr[:N, l].astype(np.float64).transpose(1, 0, 2, 3).reshape(H, -1, n))
+            for l in range(L)
+        ]  # rows per head, all in memory
         t = time.perf_counter()
         eig = []
         for l in range(L):
@@ -94,7 +115,7 @@ def child(method: str, store: str, threads: int, N: int):
         ipcas = [[IncrementalPCA(n_components=n) for _ in range(H)] for _ in range(L)]
         for s in range(0, N, batch):
             for l in range(L):
-                block = arr[s:s + batch, l].astype(np.float64)  # (b, H, n, n)
+                block = arr[s : s + batch, l].astype(np.float64)  # (b, H, n, n)
                 for h in range(H):
                     ipcas[l][h].partial_fit(block[:, h].reshape(-1, n))
         out["seconds"] = time.perf_counter() - t
@@ -104,10 +125,18 @@ def child(method: str, store: str, threads: int, N: int):
 
 
 def run_child(method, store, threads, N):
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads)}
-    p = subprocess.run([sys.executable, __file__, "--child", method, "--store", store, "--threads", str(threads),
-                        "--n-seq", str(N)], capture_output=True, text=True, env=env)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "OPENBLAS_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    }
+    p = subprocess.run(
+        [sys.executable, __file__, "--child", method, "--store", store, "--threads", str(threads), "--n-seq", str(N)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if p.returncode:
         raise RuntimeError(p.stderr[-3000:])
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -132,22 +161,31 @@ def main(argv=None):
     try:
         t = time.perf_counter()
         make_store(store, N)
-        print(f"synthetic store: N={N}, L={L}, H={H}, n={n}, float16, {data_mb:.0f} MB uncompressed "
-              f"(built in {time.perf_counter() - t:.0f} s); rows per head {N * n}, d={n}")
+        print(
+            f"synthetic store: N={N}, L={L}, H={H}, n={n}, float16, {data_mb:.0f} MB uncompressed "
+            f"(built in {time.perf_counter() - t:.0f} s); rows per head {N * n}, d={n}"
+        )
         res = {m: run_child(m, str(store), a.threads, N) for m in ("a", "b", "c")}
         small = run_child("b", str(store), a.threads, N // 4)
     finally:
         if a.workdir is None:
             shutil.rmtree(tmp, ignore_errors=True)
     ea, eb, ec = (np.array(res[m]["eigenvalues"]) for m in "abc")
-    for m, label in (("a", "numpy X^T X in memory (floor)"), ("b", "eigenattn row stage (streaming)"),
-                     ("c", "sklearn IncrementalPCA")):
+    for m, label in (
+        ("a", "numpy X^T X in memory (floor)"),
+        ("b", "eigenattn row stage (streaming)"),
+        ("c", "sklearn IncrementalPCA"),
+    ):
         r = res[m]
         print(f"({m}) {label:34s} {r['seconds']:8.1f} s   peak RSS {r['peak_rss_mb']:7.0f} MB")
-    print(f"(b) on N/4={N // 4} sequences: {small['seconds']:.1f} s, peak RSS {small['peak_rss_mb']:.0f} MB "
-          f"(vs {res['b']['peak_rss_mb']:.0f} MB at N={N})")
-    print(f"max relative eigenvalue difference: b vs a {np.abs(eb - ea).max() / ea.max():.1e}, "
-          f"c vs a {np.abs(ec - ea).max() / ea.max():.1e}")
+    print(
+        f"(b) on N/4={N // 4} sequences: {small['seconds']:.1f} s, peak RSS {small['peak_rss_mb']:.0f} MB "
+        f"(vs {res['b']['peak_rss_mb']:.0f} MB at N={N})"
+    )
+    print(
+        f"max relative eigenvalue difference: b vs a {np.abs(eb - ea).max() / ea.max():.1e}, "
+        f"c vs a {np.abs(ec - ea).max() / ea.max():.1e}"
+    )
     ba = res["b"]["seconds"] / res["a"]["seconds"]
     cb = res["c"]["seconds"] / res["b"]["seconds"]
     rss = res["b"]["peak_rss_mb"] / data_mb

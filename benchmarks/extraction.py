@@ -26,14 +26,14 @@ import torch
 import zarr
 from transformers import AutoModel, AutoTokenizer
 
+from eigenattn.capture.extract import dir_size, extract_scores
 from eigenattn.config.settings import Sampling
 from eigenattn.corpus.passages import sample_passages, tokenize_passages
-from eigenattn.capture.extract import dir_size, extract_scores
 
 
 def _batches(ids, bs):
     for i in range(0, len(ids), bs):
-        yield torch.from_numpy(ids[i:i + bs].astype(np.int64))
+        yield torch.from_numpy(ids[i : i + bs].astype(np.int64))
 
 
 def time_sdpa(model_dir, ids, bs):
@@ -62,7 +62,7 @@ def time_write(shape, N, bs, out_dir) -> float:
     block = np.random.default_rng(0).standard_normal((bs, *shape)).astype(np.float16)
     t = time.perf_counter()
     for i in range(0, N, bs):
-        block[:min(bs, N - i)].tofile(out_dir / f"batch-{i}.bin")
+        block[: min(bs, N - i)].tofile(out_dir / f"batch-{i}.bin")
     return N / (time.perf_counter() - t)
 
 
@@ -91,7 +91,7 @@ def main(argv=None):
         tmp = Path(tempfile.mkdtemp(prefix="eigenattn-bench-"))
         sa, sb, sc, sd = [], [], [], []
         try:
-            time_sdpa(a.model_dir, ids[:a.batch_size], a.batch_size)  # warm-up
+            time_sdpa(a.model_dir, ids[: a.batch_size], a.batch_size)  # warm-up
             for r in range(a.rounds):  # interleaved, so machine noise hits all four alike
                 sa.append(time_sdpa(a.model_dir, ids, a.batch_size))
                 naive_dir = tmp / f"naive-{r}"
@@ -99,10 +99,21 @@ def main(argv=None):
                 sb.append(time_naive(a.model_dir, ids, a.batch_size, naive_dir))
                 naive_bytes = dir_size(naive_dir)
                 shutil.rmtree(naive_dir)
-                st = extract_scores(a.model_dir, texts, np.arange(N), tmp / f"s-{r}.zarr", seq_len=n,
-                                    dtype="float16", batch_size=a.batch_size, chunk_sequences=a.chunk_sequences,
-                                    device=a.device, progress=False, autocast="none", layers="all",
-                                    compression=a.compression)
+                st = extract_scores(
+                    a.model_dir,
+                    texts,
+                    np.arange(N),
+                    tmp / f"s-{r}.zarr",
+                    seq_len=n,
+                    dtype="float16",
+                    batch_size=a.batch_size,
+                    chunk_sequences=a.chunk_sequences,
+                    device=a.device,
+                    progress=False,
+                    autocast="none",
+                    layers="all",
+                    compression=a.compression,
+                )
                 sc.append(N / st["loop_seconds"])
                 shape = zarr.open_group(tmp / f"s-{r}.zarr", mode="r")["scores"].shape[1:]
                 shutil.rmtree(tmp / f"s-{r}.zarr")
@@ -113,19 +124,32 @@ def main(argv=None):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         sa, sb, sc, sd = (float(np.median(x)) for x in (sa, sb, sc, sd))
-        rows.append({"n": n, "N": N, "a_sdpa_seq_s": sa, "b_naive_seq_s": sb, "c_pipeline_seq_s": sc,
-                     "d_write_seq_s": sd, "c/a": sc / sa, "c/b": sc / sb, "c/serial_floor": sc * (1 / sa + 1 / sd),
-                     "bytes_per_seq": st["bytes_stored"] / N,
-                     "naive_bytes_per_seq": naive_bytes / N,
-                     "compression_ratio": st["bytes_raw"] / st["bytes_stored"]})
+        rows.append(
+            {
+                "n": n,
+                "N": N,
+                "a_sdpa_seq_s": sa,
+                "b_naive_seq_s": sb,
+                "c_pipeline_seq_s": sc,
+                "d_write_seq_s": sd,
+                "c/a": sc / sa,
+                "c/b": sc / sb,
+                "c/serial_floor": sc * (1 / sa + 1 / sd),
+                "bytes_per_seq": st["bytes_stored"] / N,
+                "naive_bytes_per_seq": naive_bytes / N,
+                "compression_ratio": st["bytes_raw"] / st["bytes_stored"],
+            }
+        )
     df = pd.DataFrame(rows)
     pd.set_option("display.width", 200)
     print(f"model {a.model_dir}, {a.threads} threads, batch {a.batch_size}, device {a.device}")
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     for r in rows:
         ok = "OK" if r["c/a"] >= 0.85 and r["c/b"] >= 1 else "MISSED"
-        print(f"n={r['n']}: c/a = {r['c/a']:.2f} (target >= 0.85), c/b = {r['c/b']:.2f} (target >= 1): {ok}; "
-              f"against the serial floor (forward + plain writes) {r['c/serial_floor']:.2f}")
+        print(
+            f"n={r['n']}: c/a = {r['c/a']:.2f} (target >= 0.85), c/b = {r['c/b']:.2f} (target >= 1): {ok}; "
+            f"against the serial floor (forward + plain writes) {r['c/serial_floor']:.2f}"
+        )
     return df
 
 

@@ -66,8 +66,10 @@ def main() -> None:
 
     bare = median_time([python, "-c", "import snakemake.api"], args.repeat)
     parse = median_time([snakemake, "--list-rules", "--quiet"], args.repeat)
-    print(f"snakefile parse (snakemake --list-rules): {parse:.2f} s; bare `import snakemake.api` "
-          f"{bare:.2f} s; workflow's share {parse - bare:.2f} s")
+    print(
+        f"snakefile parse (snakemake --list-rules): {parse:.2f} s; bare `import snakemake.api` "
+        f"{bare:.2f} s; workflow's share {parse - bare:.2f} s"
+    )
     code = snakefile_imports()
     print(f"  heavy libraries imported by the Snakefile's library imports: {heavy_modules(code) or 'none'}")
 

@@ -63,11 +63,15 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dh, H = 64, args.heads
-    scale = dh ** -0.5
-    print(f"one attention layer, batch 1, {H} heads, d_head {dh}, float32, {args.threads} threads, "
-          f"median of {args.rounds} interleaved rounds")
-    head = (f"{'n':>5} {'s':>3} | {'eager ms':>9} {'sdpa ms':>8} {'partial ms':>10} | "
-            f"{'scores p/e':>10} {'FLOP':>6} | {'layer p/e':>9} {'FLOP':>6} | {'layer p/sdpa':>12}")
+    scale = dh**-0.5
+    print(
+        f"one attention layer, batch 1, {H} heads, d_head {dh}, float32, {args.threads} threads, "
+        f"median of {args.rounds} interleaved rounds"
+    )
+    head = (
+        f"{'n':>5} {'s':>3} | {'eager ms':>9} {'sdpa ms':>8} {'partial ms':>10} | "
+        f"{'scores p/e':>10} {'FLOP':>6} | {'layer p/e':>9} {'FLOP':>6} | {'layer p/sdpa':>12}"
+    )
     print(head)
     print("-" * len(head))
     rng = np.random.default_rng(0)
@@ -77,8 +81,14 @@ def main():
             reps = max(1, int(2048 / n) ** 2)
             for s in args.subsets:
                 T = np.stack([np.sort(rng.choice(n, s, replace=False)) for _ in range(H)])
-                pm = PartialMap(T, 0.1 * rng.standard_normal((H, n, s)), rng.standard_normal((H, n)), seq_len=n,
-                                query_range=(0, n), key_range=(0, n))
+                pm = PartialMap(
+                    T,
+                    0.1 * rng.standard_normal((H, n, s)),
+                    rng.standard_normal((H, n)),
+                    seq_len=n,
+                    query_range=(0, n),
+                    key_range=(0, n),
+                )
                 fns = {
                     "eager": lambda: eager_layer(q, k, v, scale),
                     "sdpa": lambda: sdpa_layer(q, k, v, scale),
@@ -95,9 +105,11 @@ def main():
                 t = {name: statistics.median(x) for name, x in times.items()}
                 flop_scores = (s * dh + s * n) / (n * dh)
                 flop_layer = (n * s * dh + n * s * n + n * n * dh) / (2 * n * n * dh)
-                print(f"{n:>5} {s:>3} | {t['eager'] * 1e3:>9.2f} {t['sdpa'] * 1e3:>8.2f} {t['partial'] * 1e3:>10.2f} | "
-                      f"{t['partial_scores'] / t['eager_scores']:>10.2f} {flop_scores:>6.2f} | "
-                      f"{t['partial'] / t['eager']:>9.2f} {flop_layer:>6.2f} | {t['partial'] / t['sdpa']:>12.2f}")
+                print(
+                    f"{n:>5} {s:>3} | {t['eager'] * 1e3:>9.2f} {t['sdpa'] * 1e3:>8.2f} {t['partial'] * 1e3:>10.2f} | "
+                    f"{t['partial_scores'] / t['eager_scores']:>10.2f} {flop_scores:>6.2f} | "
+                    f"{t['partial'] / t['eager']:>9.2f} {flop_layer:>6.2f} | {t['partial'] / t['sdpa']:>12.2f}"
+                )
 
 
 if __name__ == "__main__":

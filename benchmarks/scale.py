@@ -53,18 +53,37 @@ def make_store(path: Path, N: int, L: int, H: int, n: int, batch: int = 8) -> in
     from eigenattn.storage.store import create_score_store, new_store
 
     with new_store(path) as g:
-        arr = create_score_store(g, ids=np.zeros((N, n), dtype=np.int32), passage_ids=np.arange(N), layers=range(L),
-                                 heads=H, kv_heads=H, seq_len=n, dtype="float16", compression="none",
-                                 chunk_sequences=batch, shard_sequences=batch)
+        arr = create_score_store(
+            g,
+            ids=np.zeros((N, n), dtype=np.int32),
+            passage_ids=np.arange(N),
+            layers=range(L),
+            heads=H,
+            kv_heads=H,
+            seq_len=n,
+            dtype="float16",
+            compression="none",
+            chunk_sequences=batch,
+            shard_sequences=batch,
+        )
         rng = np.random.default_rng(0)
         basis = rng.standard_normal((L, H, 8, n), dtype=np.float32)
         for s in range(0, N, batch):
             b = min(batch, N - s)
             coef = rng.standard_normal((b, L, H, n, 8), dtype=np.float32)
-            arr[s:s + b] = (np.einsum("blhqr,lhrk->blhqk", coef, basis)
-                            + rng.standard_normal((b, L, H, n, n), dtype=np.float32)).astype(np.float16)
-        g.attrs.update({"model": "synthetic", "layers": list(range(L)), "heads": H, "seq_len": n, "causal": False,
-                        "dtype": "float16"})
+            arr[s : s + b] = (
+                np.einsum("blhqr,lhrk->blhqk", coef, basis) + rng.standard_normal((b, L, H, n, n), dtype=np.float32)
+            ).astype(np.float16)
+        g.attrs.update(
+            {
+                "model": "synthetic",
+                "layers": list(range(L)),
+                "heads": H,
+                "seq_len": n,
+                "causal": False,
+                "dtype": "float16",
+            }
+        )
     return N * L * H * n * n * 2
 
 
@@ -80,8 +99,9 @@ def measure(tmp: Path, N: int, L: int, H: int, n: int, view: str, budget: float,
     if not store.exists():
         make_store(store, N, L, H, n)
     with tempfile.TemporaryDirectory(dir=tmp) as out:
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(store), out, view, str(budget), route],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, str(store), out, view, str(budget), route], capture_output=True, text=True
+        )
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -105,7 +125,7 @@ def fit_law(recs, route: str) -> tuple[float, float, float]:
     from scipy.optimize import nnls
 
     def terms(N, D):
-        return [N * D * D, D ** 3, 1.0] if route == "covariance" else [N * N * D, N ** 3, 1.0]
+        return [N * D * D, D**3, 1.0] if route == "covariance" else [N * N * D, N**3, 1.0]
 
     A = np.array([terms(float(r["N"]), float(r["D"])) for r in recs])
     y = np.array([r["seconds"] / (r["L"] * r["H"]) for r in recs])
@@ -116,19 +136,23 @@ def fit_law(recs, route: str) -> tuple[float, float, float]:
 
 def law_seconds(law, route: str, N: float, D: float) -> float:
     a, b, c = law
-    return a * N * D * D + b * D ** 3 + c if route == "covariance" else a * N * N * D + b * N ** 3 + c
+    return a * N * D * D + b * D**3 + c if route == "covariance" else a * N * N * D + b * N**3 + c
 
 
 def table(title: str, recs, key: str):
     print(f"\n{title}")
     print(f"{'N':>6} {'D':>6} {'heads':>7} {'time s':>8} {'cpu s':>7} {'peak MB':>8} {'plan MB':>8}")
     for r in recs:
-        print(f"{r['N']:>6} {r['D']:>6} {r['L']}x{r['H']:<5} {r['seconds']:>8.1f} {r['cpu']:>7.1f} "
-              f"{r['peak_mb']:>8.0f} {r['plan_peak_mb']:>8.0f}")
+        print(
+            f"{r['N']:>6} {r['D']:>6} {r['L']}x{r['H']:<5} {r['seconds']:>8.1f} {r['cpu']:>7.1f} "
+            f"{r['peak_mb']:>8.0f} {r['plan_peak_mb']:>8.0f}"
+        )
     xs = [r["L"] * r["H"] if key == "L·H" else r[key] for r in recs]
     if len(set(xs)) > 1:
-        print(f"growth against {key}: time ~ {key}^{slope(xs, [r['seconds'] for r in recs]):.2f}, "
-              f"peak RSS ~ {key}^{slope(xs, [r['peak_mb'] for r in recs]):.2f}")
+        print(
+            f"growth against {key}: time ~ {key}^{slope(xs, [r['seconds'] for r in recs]):.2f}, "
+            f"peak RSS ~ {key}^{slope(xs, [r['peak_mb'] for r in recs]):.2f}"
+        )
 
 
 def read_throughput(tmp: Path) -> float:
@@ -156,8 +180,10 @@ def eigen_floor(heads: int = 72, variants: int = 2):
     rng = np.random.default_rng(0)
     floor = {}
     print(f"\nLAPACK floor per job ({heads} heads x {variants} variants, 2 threads):")
-    for name, big, half, halves_vectors in (("covariance, D = 1024", 1024, 1024, True),
-                                             ("Gram, N = 3072", 3072, 1536, True)):
+    for name, big, half, halves_vectors in (
+        ("covariance, D = 1024", 1024, 1024, True),
+        ("Gram, N = 3072", 3072, 1536, True),
+    ):
         mats = [(lambda m: m @ m.T)(rng.standard_normal((big, big))) for _ in range(2)]
         hm = [(lambda m: m @ m.T)(rng.standard_normal((half, half))) for _ in range(4)]
 
@@ -170,9 +196,11 @@ def eigen_floor(heads: int = 72, variants: int = 2):
             t = time.perf_counter()
             list(ex.map(one_head, range(4)))
             per_head = (time.perf_counter() - t) / 4 * 2  # two heads in flight
-        print(f"  {name}: eigvalsh({big}) + 2 x eigh({half}) = {per_head:.2f} s per head per thread -> "
-              f"{per_head * heads * variants / 2:.0f} s per job")
-        floor[name.split(",")[0]] = per_head / 2 / big ** 3  # seconds per (size³), 2 heads in flight
+        print(
+            f"  {name}: eigvalsh({big}) + 2 x eigh({half}) = {per_head:.2f} s per head per thread -> "
+            f"{per_head * heads * variants / 2:.0f} s per job"
+        )
+        floor[name.split(",")[0]] = per_head / 2 / big**3  # seconds per (size³), 2 heads in flight
     return floor
 
 
@@ -204,17 +232,23 @@ def projection(laws: dict, gbps: float, budget: float, N=10_000, n=512, L=12, H=
             panels = -(-N // p.panel_rows)
             rows = sum(N - i * p.panel_rows for i in range(panels)) if p.route == "gram" else N
             read_gb = L * -(-H // p.group) * rows * H * D * 2 / 1e9
-            print(f"  {view:>6} (D = {D:,}, route {p.route}, budget {mem:g} MB): compute ~{compute_h:,.1f} h "
-                  f"(fit, eigenproblems from the floor), reads {read_gb:,.0f} GB "
-                  f"~{read_gb / gbps / 3600:,.1f} h at {gbps:.2f} GB/s, "
-                  f"peak ~{p.peak_mb() / 1024:,.1f} GB (planner), score store {N * L * H * n * n * 2 / 1e9:,.0f} GB")
+            print(
+                f"  {view:>6} (D = {D:,}, route {p.route}, budget {mem:g} MB): compute ~{compute_h:,.1f} h "
+                f"(fit, eigenproblems from the floor), reads {read_gb:,.0f} GB "
+                f"~{read_gb / gbps / 3600:,.1f} h at {gbps:.2f} GB/s, "
+                f"peak ~{p.peak_mb() / 1024:,.1f} GB (planner), score store {N * L * H * n * n * 2 / 1e9:,.0f} GB"
+            )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=1024, help="eigen.gram_memory_mb")
-    ap.add_argument("--heads-budget", type=float, default=128,
-                    help="budget of the peak-against-heads check (small enough that 2 x 4 heads fill it)")
+    ap.add_argument(
+        "--heads-budget",
+        type=float,
+        default=128,
+        help="budget of the peak-against-heads check (small enough that 2 x 4 heads fill it)",
+    )
     ap.add_argument("--quick", action="store_true", help="smaller grids")
     ap.add_argument("--heads-only", action="store_true")
     ap.add_argument("--keep", type=Path, help="keep the synthetic stores in this folder (reused next time)")
@@ -242,22 +276,26 @@ def main():
         table(f"peak RSS against heads (Gram route, N = 768, D = 1024, budget {hb / 4:g} MB)", gheads, "L·H")
         for name, recs in (("covariance", heads), ("gram", gheads)):
             base = recs[0]["peak_mb"]
-            print(f"{name}: peak RSS 6x12 / 2x4 = {recs[1]['peak_mb'] / base:.2f}, "
-                  f"12x12 / 2x4 = {recs[2]['peak_mb'] / base:.2f} (target within 1.2)")
+            print(
+                f"{name}: peak RSS 6x12 / 2x4 = {recs[1]['peak_mb'] / base:.2f}, "
+                f"12x12 / 2x4 = {recs[2]['peak_mb'] / base:.2f} (target within 1.2)"
+            )
         if a.heads_only:
             return
-        cov_N = [measure(tmp, N, 6, 12, 32, "prefix", a.budget) for N in ([512, 1024, 2048] if q else
-                                                                           [768, 1536, 3072])]
+        cov_N = [
+            measure(tmp, N, 6, 12, 32, "prefix", a.budget) for N in ([512, 1024, 2048] if q else [768, 1536, 3072])
+        ]
         table("covariance route against N (D = 256, 6 x 12 heads)", cov_N, "N")
         cov_D = [measure(tmp, 1024, 6, 12, n, "all", a.budget) for n in ([16, 24] if q else [16, 24, 32])]
         table("covariance route against D (N = 1024, 6 x 12 heads)", cov_D, "D")
-        gram_N = [measure(tmp, N, 6, 12, 64, "prefix", a.budget) for N in ([128, 256, 512] if q else
-                                                                            [256, 512, 1024])]
+        gram_N = [measure(tmp, N, 6, 12, 64, "prefix", a.budget) for N in ([128, 256, 512] if q else [256, 512, 1024])]
         table("Gram route against N (D = 1024, 6 x 12 heads)", gram_N, "N")
         gram_D = [measure(tmp, 256, 6, 12, n, "all", a.budget) for n in ([24, 32] if q else [24, 32, 48, 64])]
         table("Gram route against D (N = 256, 6 x 12 heads)", gram_D, "D")
-        laws = {"covariance": fit_law(cov_N + cov_D + heads, "covariance"), "gram": fit_law(gram_N + gram_D + gheads,
-                                                                                           "gram")}
+        laws = {
+            "covariance": fit_law(cov_N + cov_D + heads, "covariance"),
+            "gram": fit_law(gram_N + gram_D + gheads, "gram"),
+        }
         a_, b_, c_ = laws["covariance"]
         print(f"fit, covariance route: time per head ~ {a_:.3g}·N·D² + {b_:.3g}·D³ + {c_:.3g} s")
         a_, b_, c_ = laws["gram"]
@@ -272,8 +310,10 @@ def main():
         print(f"read throughput (ScoreSource, one core): {gbps:.2f} GB/s")
         floor = eigen_floor()  # after every measurement: its matrices would count in the children's peaks
         # the eigenproblem term from the largest size measured (the floor), not extrapolated from the grids
-        laws = {"covariance": (laws["covariance"][0], floor["covariance"], laws["covariance"][2]),
-                "gram": (laws["gram"][0], floor["Gram"], laws["gram"][2])}
+        laws = {
+            "covariance": (laws["covariance"][0], floor["covariance"], laws["covariance"][2]),
+            "gram": (laws["gram"][0], floor["Gram"], laws["gram"][2]),
+        }
         projection(laws, gbps, a.budget)
     finally:
         if tmp_ctx:

@@ -30,8 +30,10 @@ def snakemake(workdir, *args, configs=CONFIGS, check=True, timeout=1800):
     cmd = [*SNAKEMAKE, "-s", str(snakefile), "-d", str(workdir), "--configfile", *configs, *args]
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}): {' '.join(cmd)}\n"
-                             f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"snakemake failed ({proc.returncode}): {' '.join(cmd)}\n"
+            f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -39,8 +41,13 @@ def snakemake(workdir, *args, configs=CONFIGS, check=True, timeout=1800):
 def resources():
     """The cache working directory with both models and the corpus fetched by the pipeline."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    snakemake(CACHE, "-c2", "resources/models/minilm", "resources/models/smollm2",
-              "resources/corpora/enwiki-sample/documents.parquet")
+    snakemake(
+        CACHE,
+        "-c2",
+        "resources/models/minilm",
+        "resources/models/smollm2",
+        "resources/corpora/enwiki-sample/documents.parquet",
+    )
     return CACHE / "resources"
 
 
@@ -73,8 +80,9 @@ def copy_checkout(dest: Path) -> Path:
     """This checkout's files (tracked, and untracked but not ignored) copied into ``dest``, as a
     user's clone would be: the Snakefile, workflow/, notebooks/, configs. The library is the
     installed one."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.splitlines()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     for f in files:
         src = REPO / f
         if src.is_symlink():

@@ -8,10 +8,10 @@ from __future__ import annotations
 import dask
 import numpy as np
 
-from eigenattn.spectra.rows import eigh_desc
+from eigenattn.config.views import view_slices
 from eigenattn.errors import InputError
 from eigenattn.spectra.moments import check_variant, half_block_index, whole_heads
-from eigenattn.config.views import view_slices
+from eigenattn.spectra.rows import eigh_desc
 
 
 def _view_vectors(block, qs, ks, variant, shift=None):
@@ -44,12 +44,13 @@ def full_gram(scores, view: str, variant: str, causal: bool, memory_mb: float) -
     nb = len(edges) - 1
     shift = _view_vectors(scores[:1].compute(), qs, ks, variant)[0]  # (L, H, D): small
     block_bytes = max(scores.chunks[0]) * H * D * 8
-    panel = int(max(1, (memory_mb * 2 ** 20 / 2) // block_bytes))
+    panel = int(max(1, (memory_mb * 2**20 / 2) // block_bytes))
 
     def vectors(layer: int, i: int) -> np.ndarray:  # (H, b, D) of sequence block i
-        block = scores[edges[i]:edges[i + 1], layer:layer + 1].compute(scheduler="sync")
-        return np.ascontiguousarray(_view_vectors(block, qs, ks, variant, shift[layer:layer + 1])[:, 0]
-                                    .transpose(1, 0, 2))
+        block = scores[edges[i] : edges[i + 1], layer : layer + 1].compute(scheduler="sync")
+        return np.ascontiguousarray(
+            _view_vectors(block, qs, ks, variant, shift[layer : layer + 1])[:, 0].transpose(1, 0, 2)
+        )
 
     def layer_gram(layer: int) -> np.ndarray:
         G = np.empty((H, N, N))
@@ -60,8 +61,8 @@ def full_gram(scores, view: str, variant: str, causal: bool, memory_mb: float) -
                 for i, vi in held.items():
                     if i <= j:
                         g = np.matmul(vi, np.swapaxes(vj, -1, -2))
-                        G[:, edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = g
-                        G[:, edges[j]:edges[j + 1], edges[i]:edges[i + 1]] = np.swapaxes(g, -1, -2)
+                        G[:, edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = g
+                        G[:, edges[j] : edges[j + 1], edges[i] : edges[i + 1]] = np.swapaxes(g, -1, -2)
         return G
 
     grams = dask.compute(*[dask.delayed(layer_gram)(layer) for layer in range(L)])
@@ -88,8 +89,9 @@ def heldout_explained_variance(g0: np.ndarray, split: int) -> np.ndarray:
     idx = (np.arange(split), np.arange(split, N))
     r = min(split, N - split) - 1
     if r < 1:
-        raise InputError("scores", f"held-out explained variance needs at least 2 sequences per half, got {split} "
-                         f"and {N - split}")
+        raise InputError(
+            "scores", f"held-out explained variance needs at least 2 sequences per half, got {split} and {N - split}"
+        )
     out = []
     for a, b in (idx, idx[::-1]):
         ha = np.eye(len(a)) - 1.0 / len(a)
@@ -130,8 +132,15 @@ def full_spectrum(scores, view: str, variant: str, causal: bool, memory_mb: floa
     w = np.linalg.eigvalsh(g)[..., ::-1] / (N - 1)
     total = np.trace(g, axis1=-2, axis2=-1) / (N - 1)
     r = min(N - 1, D)
-    split = int(np.sum(scores.chunks[0][:half_block_index(scores.chunks[0])]))
+    split = int(np.sum(scores.chunks[0][: half_block_index(scores.chunks[0])]))
     half_w, half_t = half_spectra(g0, split)
-    return {"eigenvalues": np.clip(w[..., :r], 0.0, None), "total_variance": total, "n_samples": N, "dim": D,
-            "ev_heldout": heldout_explained_variance(g0, split), "half_eigenvalues": half_w,
-            "half_total_variance": half_t, "split_sequence": split}
+    return {
+        "eigenvalues": np.clip(w[..., :r], 0.0, None),
+        "total_variance": total,
+        "n_samples": N,
+        "dim": D,
+        "ev_heldout": heldout_explained_variance(g0, split),
+        "half_eigenvalues": half_w,
+        "half_total_variance": half_t,
+        "split_sequence": split,
+    }

@@ -25,7 +25,17 @@ def write_store(path, scores, causal=False, batch=4, model="synthetic", layers=N
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
     g.create_array("scores", data=scores, chunks=score_chunks(batch, H, n))
     g.create_array("passage_id", data=np.arange(N, dtype=np.int64))
-    g.attrs.update({"model": model, "layers": layers or list(range(L)), "heads": H, "seq_len": n,
-                    "causal": causal, "dtype": str(scores.dtype), "corpus": "synthetic", "seed": 0,
-                    "complete": True})
+    g.attrs.update(
+        {
+            "model": model,
+            "layers": layers or list(range(L)),
+            "heads": H,
+            "seq_len": n,
+            "causal": causal,
+            "dtype": str(scores.dtype),
+            "corpus": "synthetic",
+            "seed": 0,
+            "complete": True,
+        }
+    )
     return str(path)

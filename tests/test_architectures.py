@@ -16,11 +16,18 @@ import pytest
 import torch
 import zarr
 
-from eigenattn.capture.interface import CAPTURE_IMPL, ScoreCapture, capture_attention_forward, capturing, check_kwargs, register
+from eigenattn.capture.extract import extract_scores
+from eigenattn.capture.interface import (
+    CAPTURE_IMPL,
+    ScoreCapture,
+    capture_attention_forward,
+    capturing,
+    check_kwargs,
+    register,
+)
 from eigenattn.capture.probe import STORE_DTYPES, STORED_PROB_TOL
 from eigenattn.config.schema import default, enum
 from eigenattn.errors import ConfigError, UnsupportedModelError
-from eigenattn.capture.extract import extract_scores
 from tiny_models import FAMILIES, build, build_wide_t5, eager_attentions, store_probabilities, texts
 
 SEQ_LEN = 16
@@ -50,8 +57,18 @@ def test_family_passes_the_oracle_or_is_refused(name, models, tmp_path):
     what, _, refusal = FAMILIES[name]
     model_dir = models(name)
     out = tmp_path / "scores" / name / "fit" / "shard-0.zarr"
-    run = dict(seq_len=SEQ_LEN, dtype="float32", batch_size=2, chunk_sequences=1, device="cpu", progress=False,
-               autocast="none", layers="all", compression="lz4", attrs={"model": name})
+    run = dict(
+        seq_len=SEQ_LEN,
+        dtype="float32",
+        batch_size=2,
+        chunk_sequences=1,
+        device="cpu",
+        progress=False,
+        autocast="none",
+        layers="all",
+        compression="lz4",
+        attrs={"model": name},
+    )
     if refusal:
         with pytest.raises(UnsupportedModelError) as err:
             extract_scores(model_dir, texts(3), np.arange(3), out, **run)
@@ -69,8 +86,10 @@ def test_family_passes_the_oracle_or_is_refused(name, models, tmp_path):
     ref = eager_attentions(model_dir, g["input_ids"][:], a["layers"])
     err = float(np.abs(store_probabilities(out) - ref).max())
     ERRORS[name] = err
-    print(f"{name} ({what}): max |softmax([S + mask, sink]) - eager output_attentions| = {err:.2e}; "
-          f"masks {a['layer_masks']}")
+    print(
+        f"{name} ({what}): max |softmax([S + mask, sink]) - eager output_attentions| = {err:.2e}; "
+        f"masks {a['layer_masks']}"
+    )
     assert err <= TOL
     probe = a["equivalence_probe"]
     assert probe["max_prob_error"] <= TOL
@@ -91,17 +110,27 @@ def test_family_passes_the_oracle_or_is_refused(name, models, tmp_path):
 
 def _wrong(drop: str):
     """A capture backend that forgets one thing the model asks for."""
+
     def backend(module, query, key, value, attention_mask, scaling=None, **kwargs):
         if drop == "scale":
             scaling = 1.0
         else:
             kwargs.pop(drop, None)
         return capture_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
     return backend
 
 
-@pytest.mark.parametrize("name,drop", [("llama", "scale"), ("bert", "scale"), ("gemma2", "softcap"),
-                                       ("gpt_oss", "s_aux"), ("t5_encoder", "position_bias")])
+@pytest.mark.parametrize(
+    "name,drop",
+    [
+        ("llama", "scale"),
+        ("bert", "scale"),
+        ("gemma2", "softcap"),
+        ("gpt_oss", "s_aux"),
+        ("t5_encoder", "position_bias"),
+    ],
+)
 def test_probe_refuses_a_wrong_backend(name, drop, models, tmp_path, monkeypatch):
     from transformers import AttentionInterface
 
@@ -109,9 +138,22 @@ def test_probe_refuses_a_wrong_backend(name, drop, models, tmp_path, monkeypatch
     monkeypatch.setitem(AttentionInterface._global_mapping, CAPTURE_IMPL, _wrong(drop))
     out = tmp_path / "s" / "shard-0.zarr"
     with pytest.raises(UnsupportedModelError, match="does not reproduce its eager attention") as err:
-        extract_scores(models(name), texts(2), np.arange(2), out, seq_len=SEQ_LEN, dtype="float32", batch_size=2,
-                       chunk_sequences=2, device="cpu", progress=False, attrs={"model": name}, autocast="none",
-                       layers="all", compression="lz4")
+        extract_scores(
+            models(name),
+            texts(2),
+            np.arange(2),
+            out,
+            seq_len=SEQ_LEN,
+            dtype="float32",
+            batch_size=2,
+            chunk_sequences=2,
+            device="cpu",
+            progress=False,
+            attrs={"model": name},
+            autocast="none",
+            layers="all",
+            compression="lz4",
+        )
     print(f"{name} without {drop}: {str(err.value).splitlines()[0]}")
     assert not (tmp_path / "s").exists()
 
@@ -122,9 +164,22 @@ def wide_t5(tmp_path_factory):
 
 
 def _extract(model_dir, out, dtype, name):
-    extract_scores(model_dir, texts(3), np.arange(3), out, seq_len=SEQ_LEN, dtype=dtype, batch_size=2,
-                   chunk_sequences=1, device="cpu", progress=False, autocast="none", layers="all",
-                   compression="none", attrs={"model": name})
+    extract_scores(
+        model_dir,
+        texts(3),
+        np.arange(3),
+        out,
+        seq_len=SEQ_LEN,
+        dtype=dtype,
+        batch_size=2,
+        chunk_sequences=1,
+        device="cpu",
+        progress=False,
+        autocast="none",
+        layers="all",
+        compression="none",
+        attrs={"model": name},
+    )
     return zarr.open_group(out, mode="r")
 
 
@@ -143,16 +198,21 @@ def test_auto_dtype_stores_float32_where_float16_fails(wide_t5, tmp_path, caplog
     assert e16 > 1.5 * STORED_PROB_TOL  # measured ~1e-2
     assert probe["max_prob_error_stored"] == probe["stored_prob_errors"]["float32"] <= TOL
     err = float(np.abs(store_probabilities(out) - eager_attentions(wide_t5, g["input_ids"][:], a["layers"])).max())
-    print(f"wide-logit T5: float16 would reproduce P to {e16:.2e}; stored float32 {err:.2e} "
-          f"(probe: {probe['max_prob_error_stored']:.2e})")
+    print(
+        f"wide-logit T5: float16 would reproduce P to {e16:.2e}; stored float32 {err:.2e} "
+        f"(probe: {probe['max_prob_error_stored']:.2e})"
+    )
     assert err <= TOL
     line = next(r.getMessage() for r in caplog.records if "extraction.dtype auto" in r.getMessage())
     assert "float32" in line and f"{e16:.2e}" in line and f"{STORED_PROB_TOL:.0e}" in line
 
 
 def test_explicit_float16_is_refused_where_it_fails(wide_t5, tmp_path):
-    with pytest.raises(ConfigError, match=r"'extraction\.dtype'.*float16.*\d\.\d\de-0\d, over the tolerance "
-                                          r"5e-03") as err:
+    with pytest.raises(
+        ConfigError,
+        match=r"'extraction\.dtype'.*float16.*\d\.\d\de-0\d, over the tolerance "
+        r"5e-03",
+    ) as err:
         _extract(wide_t5, tmp_path / "t5" / "shard-0.zarr", "float16", "t5_wide")
     assert err.value.key == "extraction.dtype" and "fix: use dtype: auto" in str(err.value)
     print(str(err.value))
@@ -171,8 +231,7 @@ def test_auto_dtype_keeps_float16_for_ordinary_models(name, models, tmp_path):
     probe = a["equivalence_probe"]
     assert a["dtype"] == "float16" and g["scores"].dtype == np.float16 and a["dtype_requested"] == "auto"
     assert probe["max_prob_error_stored"] == probe["stored_prob_errors"]["float16"] <= STORED_PROB_TOL
-    err = float(np.abs(store_probabilities(out) - eager_attentions(models(name), g["input_ids"][:],
-                                                                   a["layers"])).max())
+    err = float(np.abs(store_probabilities(out) - eager_attentions(models(name), g["input_ids"][:], a["layers"])).max())
     print(f"{name}: float16 stored error {err:.2e} (probe {probe['max_prob_error_stored']:.2e})")
     assert err <= STORED_PROB_TOL
 
@@ -186,11 +245,27 @@ def test_unknown_keyword_is_refused_by_name(models, tmp_path, monkeypatch):
 
     register()
     monkeypatch.setitem(AttentionInterface._global_mapping, CAPTURE_IMPL, extra_arg)
-    with pytest.raises(UnsupportedModelError, match=r"LlamaAttention passes alibi_slopes=Tensor .* does not "
-                                                    r"implement") as err:
-        extract_scores(models("llama"), texts(2), np.arange(2), tmp_path / "s.zarr", seq_len=SEQ_LEN,
-                       device="cpu", progress=False, attrs={"model": "llama"}, dtype="float16", batch_size=8,
-                       chunk_sequences=4, autocast="none", layers="all", compression="lz4")
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"LlamaAttention passes alibi_slopes=Tensor .* does not "
+        r"implement",
+    ) as err:
+        extract_scores(
+            models("llama"),
+            texts(2),
+            np.arange(2),
+            tmp_path / "s.zarr",
+            seq_len=SEQ_LEN,
+            device="cpu",
+            progress=False,
+            attrs={"model": "llama"},
+            dtype="float16",
+            batch_size=8,
+            chunk_sequences=4,
+            autocast="none",
+            layers="all",
+            compression="lz4",
+        )
     assert "model_type 'llama'" in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -208,8 +283,7 @@ def test_shared_layer_index_never_overwrites(models):
 
     model = BartModel.from_pretrained(models("bart"), attn_implementation=register()).eval()
     ids = torch.randint(4, 70, (1, 8))
-    with torch.no_grad(), capturing(ScoreCapture()), pytest.raises(UnsupportedModelError,
-                                                                    match="share layer index 0"):
+    with torch.no_grad(), capturing(ScoreCapture()), pytest.raises(UnsupportedModelError, match="share layer index 0"):
         model(input_ids=ids, decoder_input_ids=ids)
 
 
@@ -233,8 +307,9 @@ def test_matrix_summary():
     assert max(ERRORS.values()) <= TOL
 
 
-@pytest.mark.parametrize("name,arg", [("gemma2", "softcap=float"), ("gpt_oss", "s_aux=Parameter"),
-                                      ("t5_encoder", "position_bias=Tensor")])
+@pytest.mark.parametrize(
+    "name,arg", [("gemma2", "softcap=float"), ("gpt_oss", "s_aux=Parameter"), ("t5_encoder", "position_bias=Tensor")]
+)
 def test_partial_backend_refuses_what_it_does_not_implement(name, arg, models):
     """The plug-in (partial) backend would drop these modifiers: it refuses them by name instead."""
     from eigenattn.reconstruction.plugin import load

@@ -7,14 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eigenattn.claims.table import DEFAULTS, STATES, c1_rows, c1_scaling_rows, c2_rows, c3_rows, c4_rows, claims_table
 from eigenattn.claims.spectra import c1_headlines
-from eigenattn.spectra.scaling import length_fits, sample_saturation
+from eigenattn.claims.table import DEFAULTS, STATES, c1_rows, c1_scaling_rows, c2_rows, c3_rows, c4_rows, claims_table
 from eigenattn.claims.verdicts import make_row
 from eigenattn.config.settings import ClaimThresholds, Reconstruction
-from eigenattn.spectra.stores import run_full, run_rows, spectrum_table
-from eigenattn.spectra.overlap import summarise, within_model, write_overlap
 from eigenattn.reconstruction.evaluate import evaluate_view
+from eigenattn.spectra.overlap import summarise, within_model, write_overlap
+from eigenattn.spectra.scaling import length_fits, sample_saturation
+from eigenattn.spectra.stores import run_full, run_rows, spectrum_table
 from eigenattn.training.summary import summarise as training_summary
 from synthetic import VARIANTS, low_rank_scores, write_store
 
@@ -41,8 +41,10 @@ def _analyse(root, name, data, views=("all",)):
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory):
     root = tmp_path_factory.mktemp("claims")
-    return root, {"low": _analyse(root, "low", low_rank_scores(24, 2, 2, 16, rank=2, seed=0)),
-                  "iso": _analyse(root, "iso", isotropic_scores(24, 2, 2, 16, seed=1))}
+    return root, {
+        "low": _analyse(root, "low", low_rank_scores(24, 2, 2, 16, rank=2, seed=0)),
+        "iso": _analyse(root, "iso", isotropic_scores(24, 2, 2, 16, seed=1)),
+    }
 
 
 def _states(rows, **where):
@@ -60,8 +62,7 @@ def test_c1_low_rank_supported_isotropic_not(analysed):
     # reference row that names the N it would need (not a judged "inconclusive")
     full = [r for r in iso if r["scope"].startswith("full")]
     assert full and {r["state"] for r in full} == {"reference"}
-    assert all("bounded by the sample count" in r["verdict"] and "needs N well above 256" in r["verdict"]
-               for r in full)
+    assert all("bounded by the sample count" in r["verdict"] and "needs N well above 256" in r["verdict"] for r in full)
 
 
 def _scaling_csvs(root, share_last, k_prev, k_last, D=256, n_max=512, bounded=False, heads=8, k_cv=None):
@@ -73,15 +74,42 @@ def _scaling_csvs(root, share_last, k_prev, k_last, D=256, n_max=512, bounded=Fa
         for head in range(heads // 2):
             for n in (32, 128, n_max):
                 share = 0.6 + (share_last - 0.6) * np.log(n / 32) / np.log(n_max / 32)
-                recs.append({"model": "m", "view": "all", "analysis": "rows", "variant": "row_centered", "n": n,
-                             "N": 48, "layer": layer, "head": head, "d": n, "bounded_k90": False,
-                             "k90": max(1, round(share * n * np.exp(rng.normal(0, 0.02))))})
+                recs.append(
+                    {
+                        "model": "m",
+                        "view": "all",
+                        "analysis": "rows",
+                        "variant": "row_centered",
+                        "n": n,
+                        "N": 48,
+                        "layer": layer,
+                        "head": head,
+                        "d": n,
+                        "bounded_k90": False,
+                        "k90": max(1, round(share * n * np.exp(rng.normal(0, 0.02)))),
+                    }
+                )
             for N, k in ((1024, k_prev), (2048, k_last)):
-                rec = {"model": "m", "view": "all", "analysis": "full", "variant": "row_centered", "n": 32, "N": N,
-                       "layer": layer, "head": head, "d": D}
+                rec = {
+                    "model": "m",
+                    "view": "all",
+                    "analysis": "full",
+                    "variant": "row_centered",
+                    "n": 32,
+                    "N": N,
+                    "layer": layer,
+                    "head": head,
+                    "d": D,
+                }
                 for lev in ("k90", "k95", "k99"):
-                    rec.update({lev: k, f"bounded_{lev}": bounded, f"{lev}_split_spread": 2,
-                                f"{lev}_cv": k if k_cv is None else k_cv})
+                    rec.update(
+                        {
+                            lev: k,
+                            f"bounded_{lev}": bounded,
+                            f"{lev}_split_spread": 2,
+                            f"{lev}_cv": k if k_cv is None else k_cv,
+                        }
+                    )
                 recs.append(rec)
     table = pd.DataFrame(recs)
     paths = [root / f"{x}.csv" for x in ("fits", "sat", "table")]
@@ -91,16 +119,21 @@ def _scaling_csvs(root, share_last, k_prev, k_last, D=256, n_max=512, bounded=Fa
     return [[p] for p in paths]
 
 
-@pytest.mark.parametrize("k_prev,k_last,k_cv,bounded,state,words", [
-    (205, 206, None, False, "not supported", "saturates at 206 of D = 256"),  # saturated, 0.80·D
-    (51, 52, None, False, "supported", "saturates at 52 of D = 256"),         # saturated, 0.20·D
-    (100, 200, 230, False, "not supported", "only grows with N"),             # growing, already 0.78·D
-    (60, 100, 110, False, "supported", "even the held-out k90"),              # growing, bracket 0.39–0.43·D
-    (60, 100, 150, False, "inconclusive", "straddles 0.5·D"),                 # growing, bracket 0.39–0.59·D
-    (60, 100, np.inf, False, "inconclusive", "straddles 0.5·D"),              # held-out EV never reaches 0.9
-    (1023, 2047, None, True, "inconclusive", "bounded by N")])
-def test_c1_sample_sweep_verdict_comes_from_the_saturated_or_bracketed_k90(tmp_path, k_prev, k_last, k_cv, bounded,
-                                                                          state, words):
+@pytest.mark.parametrize(
+    "k_prev,k_last,k_cv,bounded,state,words",
+    [
+        (205, 206, None, False, "not supported", "saturates at 206 of D = 256"),  # saturated, 0.80·D
+        (51, 52, None, False, "supported", "saturates at 52 of D = 256"),  # saturated, 0.20·D
+        (100, 200, 230, False, "not supported", "only grows with N"),  # growing, already 0.78·D
+        (60, 100, 110, False, "supported", "even the held-out k90"),  # growing, bracket 0.39–0.43·D
+        (60, 100, 150, False, "inconclusive", "straddles 0.5·D"),  # growing, bracket 0.39–0.59·D
+        (60, 100, np.inf, False, "inconclusive", "straddles 0.5·D"),  # held-out EV never reaches 0.9
+        (1023, 2047, None, True, "inconclusive", "bounded by N"),
+    ],
+)
+def test_c1_sample_sweep_verdict_comes_from_the_saturated_or_bracketed_k90(
+    tmp_path, k_prev, k_last, k_cv, bounded, state, words
+):
     """Saturated: k90/D decides. Growing: the in-sample k90 (low in expectation) and the held-out
     k90 (high) bracket it; a bracket on one side of the threshold decides, one across it does not."""
     rows = c1_scaling_rows(*_scaling_csvs(tmp_path, 0.3, k_prev, k_last, bounded=bounded, k_cv=k_cv), CFG)
@@ -116,9 +149,23 @@ def test_c1_headline_and_supporting_rows_never_disagree_silently(tmp_path, share
     whose state differs (here the fixed-length row at n = 128, judged on its own) says so."""
     rows = c1_scaling_rows(*_scaling_csvs(tmp_path, share_last, 51, 52), CFG)
     fixed_state = "not supported" if state == "supported" else "supported"
-    rows.append(make_row("C1", "spectrum.csv", model="m", view="all", variant="row_centered", _analysis="rows", _n=128,
-                         scope="rows (d=128, 8 heads)", quantity="median k90/d over heads", value=0.6,
-                         state=fixed_state, verdict="judged alone", caveat=""))
+    rows.append(
+        make_row(
+            "C1",
+            "spectrum.csv",
+            model="m",
+            view="all",
+            variant="row_centered",
+            _analysis="rows",
+            _n=128,
+            scope="rows (d=128, 8 heads)",
+            quantity="median k90/d over heads",
+            value=0.6,
+            state=fixed_state,
+            verdict="judged alone",
+            caveat="",
+        )
+    )
     rows = c1_headlines(rows)
     heads = [r for r in rows if r["role"] == "headline"]
     assert len(heads) == 1 and heads[0]["_n"] == 512 and heads[0]["state"] == state
@@ -171,9 +218,15 @@ def _recon_csv(root, name, data):
     fit = write_store(root / f"{name}-fit.zarr", data[:24], batch=4, model=name)
     held = write_store(root / f"{name}-held.zarr", data[24:], batch=4, model=name)
     run_rows([fit], root / f"{name}-rows.zarr", "all", ("raw",), 2)
-    settings = Reconstruction(estimators=("eigenspace", "conditional_gaussian", "mean", "subset_only"),
-                              strategies=("strided", "random"), subset_sizes=(4,), ridge=1e-6, rank=0.5, seed=0,
-                              eval_rows=None)
+    settings = Reconstruction(
+        estimators=("eigenspace", "conditional_gaussian", "mean", "subset_only"),
+        strategies=("strided", "random"),
+        subset_sizes=(4,),
+        ridge=1e-6,
+        rank=0.5,
+        seed=0,
+        eval_rows=None,
+    )
     df = evaluate_view(root / f"{name}-rows.zarr", [held], settings, fit_shards=[fit], progress=False)
     p = root / f"{name}-recon.csv"
     df.to_csv(p, index=False)
@@ -188,8 +241,9 @@ def test_c3_no_structure_beyond_the_mean_is_not_supported(tmp_path):
     mean = rng.standard_normal((1, 2, 3, 1, 16)) * 3
     noise = isotropic_scores(32, 2, 3, 16, seed=4) * 0.5
     rows = c3_rows([_recon_csv(tmp_path, "flat", (mean + noise).astype(np.float32))], [], CFG)
-    assert _states(rows, scope="held-out rows, vs mean (mean/strided)") | \
-        _states(rows, scope="held-out rows, vs mean (mean/random)") == {"not supported"}
+    assert _states(rows, scope="held-out rows, vs mean (mean/strided)") | _states(
+        rows, scope="held-out rows, vs mean (mean/random)"
+    ) == {"not supported"}
     low = c3_rows([_recon_csv(tmp_path, "low", low_rank_scores(32, 2, 3, 16, rank=2, seed=5))], [], CFG)
     assert {r["state"] for r in low} == {"supported"}
     assert all(r["method"].split("/")[0] in ("eigenspace", "conditional_gaussian") for r in low)
@@ -200,13 +254,25 @@ def _finals(root, accs, losses, unigram_acc=0.05, entropy=7.0, tokens=5000, mode
     for (variant, s, seed), acc in accs.items():
         d = root / f"{mode}-{variant}-{s}-{seed}"
         d.mkdir(parents=True)
-        final = {"mode": mode, "variant": variant, "subset_size": s, "seed": seed, "steps": 100,
-                 "heldout_mlm_acc": acc, "heldout_loss": losses[(variant, s, seed)], "heldout_loss_sd": 2.0,
-                 "heldout_mlm_acc_shuffled": shuffled[(variant, s, seed)] if isinstance(shuffled, dict) else shuffled,
-                 "heldout_tokens": tokens, "unigram_acc": unigram_acc, "unigram_entropy": entropy,
-                 "unigram_top_token": 5, "tokenizer_sha256": "0" * 64, "params": 1,
-                 "attention_flops_per_seq": 100 if variant == "exact" else 50,
-                 "mean_step_time_ms": 1.0}
+        final = {
+            "mode": mode,
+            "variant": variant,
+            "subset_size": s,
+            "seed": seed,
+            "steps": 100,
+            "heldout_mlm_acc": acc,
+            "heldout_loss": losses[(variant, s, seed)],
+            "heldout_loss_sd": 2.0,
+            "heldout_mlm_acc_shuffled": shuffled[(variant, s, seed)] if isinstance(shuffled, dict) else shuffled,
+            "heldout_tokens": tokens,
+            "unigram_acc": unigram_acc,
+            "unigram_entropy": entropy,
+            "unigram_top_token": 5,
+            "tokenizer_sha256": "0" * 64,
+            "params": 1,
+            "attention_flops_per_seq": 100 if variant == "exact" else 50,
+            "mean_step_time_ms": 1.0,
+        }
         (d / "final.json").write_text(json.dumps(final))
         paths.append(d / "final.json")
     p = root / "summary.csv"
@@ -239,12 +305,21 @@ def test_c4_one_order_blind_seed_gates_the_comparison(tmp_path):
     """Rotary exact models at a small initialiser range learned order in some seeds and not others
     (0.162 vs 0.079 shuffled, and 0.116 vs 0.115). Three seeds where two use order and one does not:
     the mean gain clears its interval, but the order-blind seed still gates every variant row."""
-    accs = {("exact", 128, 0): 0.162, ("exact", 128, 1): 0.160, ("exact", 128, 2): 0.150,
-            ("partial_fixed", 16, 0): 0.158}
-    shuffled = {("exact", 128, 0): 0.079, ("exact", 128, 1): 0.080, ("exact", 128, 2): 0.149,
-                ("partial_fixed", 16, 0): 0.08}
+    accs = {
+        ("exact", 128, 0): 0.162,
+        ("exact", 128, 1): 0.160,
+        ("exact", 128, 2): 0.150,
+        ("partial_fixed", 16, 0): 0.158,
+    }
+    shuffled = {
+        ("exact", 128, 0): 0.079,
+        ("exact", 128, 1): 0.080,
+        ("exact", 128, 2): 0.149,
+        ("partial_fixed", 16, 0): 0.08,
+    }
     p = _finals(tmp_path, accs, {k: 6.0 for k in accs}, tokens=20000, shuffled=shuffled)
     from eigenattn.training.stats import order_gain
+
     ex = pd.read_csv(p).query("variant == 'exact'")
     o = order_gain(ex.heldout_mlm_acc, ex.heldout_mlm_acc_shuffled, 20000)
     assert o["gain_low"] > 0 and not o["uses_order"]  # the mean alone would have passed
@@ -253,8 +328,10 @@ def test_c4_one_order_blind_seed_gates_the_comparison(tmp_path):
     assert rows["partial_fixed"]["state"] == "inconclusive"
 
 
-@pytest.mark.parametrize("variant_acc,tokens,state", [(0.148, 20000, "supported"), (0.06, 20000, "not supported"),
-                                                      (0.10, 300, "inconclusive")])
+@pytest.mark.parametrize(
+    "variant_acc,tokens,state",
+    [(0.148, 20000, "supported"), (0.06, 20000, "not supported"), (0.10, 300, "inconclusive")],
+)
 def test_c4_states(tmp_path, variant_acc, tokens, state):
     rows = _c4(tmp_path, (0.150, 0.152), variant_acc, tokens=tokens)
     assert rows["exact"]["state"] == "reference"

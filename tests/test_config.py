@@ -12,8 +12,7 @@ from eigenattn.errors import ConfigError
 
 def _config():
     c = yaml.safe_load((REPO / "config.yaml").read_text())
-    c.update({k: v for k, v in yaml.safe_load((REPO / "tests" / "config.yaml").read_text()).items()
-              if k != "models"})
+    c.update({k: v for k, v in yaml.safe_load((REPO / "tests" / "config.yaml").read_text()).items() if k != "models"})
     return c
 
 
@@ -30,24 +29,37 @@ def _assert_nothing_written(workdir):
     assert not results.exists() or not [p for p in results.rglob("*") if p.is_file()]
 
 
-@pytest.mark.parametrize("override,needle", [
-    ({"run_models": ["minilm", "nosuchmodel"]}, "run_models[1]': unknown model 'nosuchmodel'"),
-    ({"sampling": {"seq_len": 1024}}, "sampling.seq_len': 1024 exceeds the 512 positions of model 'minilm'"),
-    ({"sampling": {"seq_lne": 64}}, "unknown key 'sampling.seq_lne' (misspelt?)"),
-    ({"extraction": {"dtype": "float8"}}, "extraction.dtype'"),
-    ({"models": {"hubmodel": {"source": "hub", "repo_id": "org/x", "revision": "main"}},
-      "run_models": ["hubmodel"]}, "models.hubmodel.causal': is not set"),
-    ({"eigen": {"views": ["all", "prefix"]}}, "eigen.views': view 'all' is undefined for the causal model 'smollm2'"),
-    ({"eigen": {"variants": ["centred"]}}, "eigen.variants.0'"),
-    ({"eigen": {"scheduler": "mpi"}}, "eigen.scheduler'"),
-    ({"reconstruction": {"subset_sizes": [4, 100]}},
-     "reconstruction.subset_sizes': s = [100] exceeds the d = 64 keys of view 'prefix'"),
-    ({"reconstruction": {"estimators": ["pca"]}}, "reconstruction.estimators.0'"),
-    ({"plugin": {"strategies": ["greedy"]}}, "plugin.strategies.0'"),
-    ({"plugin": {"n_sequences": 500}}, "plugin.n_sequences': 500 exceeds the 32 held-out passages"),
-    ({"eigen": {"variants": ["row_centered"]}}, "eigen.variants': reconstruction fits on the 'raw' row spectra"),
-    ({"run_models": ["minilm", "minilm"]}, "run_models': ['minilm', 'minilm'] has non-unique elements"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ({"run_models": ["minilm", "nosuchmodel"]}, "run_models[1]': unknown model 'nosuchmodel'"),
+        ({"sampling": {"seq_len": 1024}}, "sampling.seq_len': 1024 exceeds the 512 positions of model 'minilm'"),
+        ({"sampling": {"seq_lne": 64}}, "unknown key 'sampling.seq_lne' (misspelt?)"),
+        ({"extraction": {"dtype": "float8"}}, "extraction.dtype'"),
+        (
+            {
+                "models": {"hubmodel": {"source": "hub", "repo_id": "org/x", "revision": "main"}},
+                "run_models": ["hubmodel"],
+            },
+            "models.hubmodel.causal': is not set",
+        ),
+        (
+            {"eigen": {"views": ["all", "prefix"]}},
+            "eigen.views': view 'all' is undefined for the causal model 'smollm2'",
+        ),
+        ({"eigen": {"variants": ["centred"]}}, "eigen.variants.0'"),
+        ({"eigen": {"scheduler": "mpi"}}, "eigen.scheduler'"),
+        (
+            {"reconstruction": {"subset_sizes": [4, 100]}},
+            "reconstruction.subset_sizes': s = [100] exceeds the d = 64 keys of view 'prefix'",
+        ),
+        ({"reconstruction": {"estimators": ["pca"]}}, "reconstruction.estimators.0'"),
+        ({"plugin": {"strategies": ["greedy"]}}, "plugin.strategies.0'"),
+        ({"plugin": {"n_sequences": 500}}, "plugin.n_sequences': 500 exceeds the 32 held-out passages"),
+        ({"eigen": {"variants": ["row_centered"]}}, "eigen.variants': reconstruction fits on the 'raw' row spectra"),
+        ({"run_models": ["minilm", "minilm"]}, "run_models': ['minilm', 'minilm'] has non-unique elements"),
+    ],
+)
 def test_bad_config_fails_before_any_job(workdir, override, needle):
     out = _run_bad(workdir, override)
     assert needle in out, out[-3000:]
@@ -56,13 +68,26 @@ def test_bad_config_fails_before_any_job(workdir, override, needle):
     _assert_nothing_written(workdir)
 
 
-@pytest.mark.parametrize("override,target,needle", [
-    ({"sampling": {"n_sequences": {"fit": 100000}}}, "corpus",
-     "sampling.n_sequences.fit': corpus 'enwiki-sample' offers only"),
-    ({"models": {"hubmodel": {"source": "hub", "repo_id": "org/x", "revision": "main", "causal": False}},
-      "run_models": ["hubmodel"], "reconstruction": {"transfer": ["adjacent_layer"]}, "scaling": {"models": []}},
-     "resources/models/hubmodel", "models.hubmodel.source is 'hub', but the Hugging"),
-])
+@pytest.mark.parametrize(
+    "override,target,needle",
+    [
+        (
+            {"sampling": {"n_sequences": {"fit": 100000}}},
+            "corpus",
+            "sampling.n_sequences.fit': corpus 'enwiki-sample' offers only",
+        ),
+        (
+            {
+                "models": {"hubmodel": {"source": "hub", "repo_id": "org/x", "revision": "main", "causal": False}},
+                "run_models": ["hubmodel"],
+                "reconstruction": {"transfer": ["adjacent_layer"]},
+                "scaling": {"models": []},
+            },
+            "resources/models/hubmodel",
+            "models.hubmodel.source is 'hub', but the Hugging",
+        ),
+    ],
+)
 def test_config_errors_that_need_data_fail_in_their_rule(workdir, monkeypatch, override, target, needle):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = _run_bad(workdir, override, target)
@@ -76,8 +101,12 @@ def test_wrong_sha256_names_key_and_leaves_nothing(tmp_path, resources):
     # Own working directory (no cached models), but reuse the downloaded wheels.
     (tmp_path / "resources").mkdir()
     (tmp_path / "resources" / "wheels").symlink_to(resources / "wheels", target_is_directory=True)
-    bad = {"models": {"minilm": {"sha256": {"config.json": "0" * 64}}}, "run_models": ["minilm"],
-           "reconstruction": {"transfer": ["adjacent_layer"]}, "scaling": {"models": []}}
+    bad = {
+        "models": {"minilm": {"sha256": {"config.json": "0" * 64}}},
+        "run_models": ["minilm"],
+        "reconstruction": {"transfer": ["adjacent_layer"]},
+        "scaling": {"models": []},
+    }
     out = _run_bad(tmp_path, bad, "resources/models/minilm")
     assert "models.minilm.sha256['config.json']: checksum mismatch" in out, out[-3000:]
     models = tmp_path / "resources" / "models"
@@ -134,13 +163,16 @@ def _dry_run(tmp_path, configs, override):
     return proc.returncode, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("configs,override,models", [
-    (TINY, {"run_models": ["minilm"]}, 1),
-    (TINY, {"run_models": ["smollm2"]}, 1),
-    (TINY, MINE, 1),
-    (DEFAULT, {"run_models": ["minilm"]}, 1),
-    (DEFAULT, {"sampling": {"n_sequences": {"fit": 8}}}, 2),  # the default chunk of 8 would leave no two halves
-])
+@pytest.mark.parametrize(
+    "configs,override,models",
+    [
+        (TINY, {"run_models": ["minilm"]}, 1),
+        (TINY, {"run_models": ["smollm2"]}, 1),
+        (TINY, MINE, 1),
+        (DEFAULT, {"run_models": ["minilm"]}, 1),
+        (DEFAULT, {"sampling": {"n_sequences": {"fit": 8}}}, 2),  # the default chunk of 8 would leave no two halves
+    ],
+)
 def test_defaults_adapt_to_the_run(tmp_path, configs, override, models):
     """One model, or a small sample, plans with no other change: the transfer list drops other_model,
     the scaling study follows the run's models and the chunk length leaves two halves."""
@@ -151,18 +183,36 @@ def test_defaults_adapt_to_the_run(tmp_path, configs, override, models):
     assert ("overlap_cross" in out) == (models == 2)
 
 
-@pytest.mark.parametrize("configs,override,needle", [
-    (DEFAULT, {"run_models": ["minilm"], "reconstruction": {"transfer": ["adjacent_layer", "other_model"]}},
-     "reconstruction.transfer': lists other_model, but fewer than two models are analysed"),
-    (TINY, {"run_models": ["smollm2"], "reconstruction": {"transfer": ["other_model"]}},
-     "reconstruction.transfer': lists other_model"),
-    (DEFAULT, {"sampling": {"n_sequences": {"fit": 8}}, "extraction": {"chunk_sequences": 8}},
-     "extraction.chunk_sequences': 8 covers all 8 fit passages"),
-    (DEFAULT, {"extraction": {"batch_size": 12, "chunk_sequences": 8}},
-     "extraction.batch_size': 12 is not a multiple of extraction.chunk_sequences = 8"),
-    (TINY, {"run_models": ["smollm2"], "scaling": {"models": ["minilm"]}},
-     "scaling.models[0]': 'minilm' is not in run_models"),
-])
+@pytest.mark.parametrize(
+    "configs,override,needle",
+    [
+        (
+            DEFAULT,
+            {"run_models": ["minilm"], "reconstruction": {"transfer": ["adjacent_layer", "other_model"]}},
+            "reconstruction.transfer': lists other_model, but fewer than two models are analysed",
+        ),
+        (
+            TINY,
+            {"run_models": ["smollm2"], "reconstruction": {"transfer": ["other_model"]}},
+            "reconstruction.transfer': lists other_model",
+        ),
+        (
+            DEFAULT,
+            {"sampling": {"n_sequences": {"fit": 8}}, "extraction": {"chunk_sequences": 8}},
+            "extraction.chunk_sequences': 8 covers all 8 fit passages",
+        ),
+        (
+            DEFAULT,
+            {"extraction": {"batch_size": 12, "chunk_sequences": 8}},
+            "extraction.batch_size': 12 is not a multiple of extraction.chunk_sequences = 8",
+        ),
+        (
+            TINY,
+            {"run_models": ["smollm2"], "scaling": {"models": ["minilm"]}},
+            "scaling.models[0]': 'minilm' is not in run_models",
+        ),
+    ],
+)
 def test_explicit_asks_that_cannot_work_are_refused(tmp_path, configs, override, needle):
     rc, out = _dry_run(tmp_path, configs, override)
     assert rc != 0 and needle in out, out[-3000:]
@@ -175,14 +225,31 @@ def _with(c, **sections):
     return c
 
 
-@pytest.mark.parametrize("fit,batch,chunk", [
-    (384, 8, 8), (16, 8, 8), (15, 8, 4), (8, 8, 4), (7, 8, 2), (4, 8, 2), (3, 8, 1), (2, 8, 1),
-    (384, 12, 6), (8, 6, 3), (384, 32, 8), (384, 7, 7), (12, 7, 1),
-])
+@pytest.mark.parametrize(
+    "fit,batch,chunk",
+    [
+        (384, 8, 8),
+        (16, 8, 8),
+        (15, 8, 4),
+        (8, 8, 4),
+        (7, 8, 2),
+        (4, 8, 2),
+        (3, 8, 1),
+        (2, 8, 1),
+        (384, 12, 6),
+        (8, 6, 3),
+        (384, 32, 8),
+        (384, 7, 7),
+        (12, 7, 1),
+    ],
+)
 def test_chunk_sequences_auto_leaves_two_halves(fit, batch, chunk):
-    c = _with({"models": _config()["models"], "corpora": _config()["corpora"]},
-              sampling={"n_sequences": {"fit": fit, "heldout": 4}}, plugin={"n_sequences": 4},
-              extraction={"batch_size": batch})
+    c = _with(
+        {"models": _config()["models"], "corpora": _config()["corpora"]},
+        sampling={"n_sequences": {"fit": fit, "heldout": 4}},
+        plugin={"n_sequences": 4},
+        extraction={"batch_size": batch},
+    )
     assert c["extraction"]["chunk_sequences"] == "auto"
     assert plan.chunk_sequences(c) == chunk == plan.extraction(c)["chunk_sequences"]
 
@@ -200,12 +267,21 @@ def test_transfer_and_scaling_auto_follow_the_run_models():
     assert any(n.startswith("reconstruction.transfer: auto -> adjacent_layer, farthest_layer") for n in plan.notes(one))
     # two bidirectional models analysed in the `all` view only: no prefix view to transfer across
     minilm = _config()["models"]["minilm"]
-    no_prefix = _with(_config(), models={**_config()["models"], "m2": minilm}, run_models=["minilm", "m2"],
-                      eigen={"views": ["all"]}, overlap={"k": [2, 4, 8], "cross_pairs": []})
+    no_prefix = _with(
+        _config(),
+        models={**_config()["models"], "m2": minilm},
+        run_models=["minilm", "m2"],
+        eigen={"views": ["all"]},
+        overlap={"k": [2, 4, 8], "cross_pairs": []},
+    )
     assert plan.transfers(no_prefix) == ["adjacent_layer", "farthest_layer"]
     # scaling auto leaves out a model whose positions hold fewer than two lengths, and says so
     short = {**minilm, "max_positions": 48}
-    left = _with(_config(), models={**_config()["models"], "short": short}, run_models=["short", "minilm"],
-                 scaling={**_config()["scaling"], "models": "auto", "lengths": [32, 64]})
+    left = _with(
+        _config(),
+        models={**_config()["models"], "short": short},
+        run_models=["short", "minilm"],
+        scaling={**_config()["scaling"], "models": "auto", "lengths": [32, 64]},
+    )
     assert plan.scaling_models(left) == ["minilm"]
     assert any("leaves out short" in n for n in plan.notes(left))

@@ -9,8 +9,15 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from eigenattn.corpus.passages import check_corpus_capacity, parse_mediawiki_dump, sample_passages, split_documents, strip_wikitext, tokenize_passages
 from eigenattn.config.settings import Sampling
+from eigenattn.corpus.passages import (
+    check_corpus_capacity,
+    parse_mediawiki_dump,
+    sample_passages,
+    split_documents,
+    strip_wikitext,
+    tokenize_passages,
+)
 from eigenattn.errors import ConfigError, InputError
 
 DUMP = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">
@@ -70,8 +77,13 @@ def test_parquet_documents_are_read_without_datasets(tmp_path):
 
 
 def _docs(sizes):
-    return pd.DataFrame({"doc_id": [str(i) for i in range(len(sizes))], "title": [f"t{i}" for i in range(len(sizes))],
-                         "text": [" ".join(f"w{i}_{j}" for j in range(n)) for i, n in enumerate(sizes)]})
+    return pd.DataFrame(
+        {
+            "doc_id": [str(i) for i in range(len(sizes))],
+            "title": [f"t{i}" for i in range(len(sizes))],
+            "text": [" ".join(f"w{i}_{j}" for j in range(n)) for i, n in enumerate(sizes)],
+        }
+    )
 
 
 def test_split_is_by_document_and_deterministic():
@@ -103,8 +115,11 @@ def test_sampling_is_deterministic_and_disjoint():
 
 
 def test_too_small_corpus_names_the_key():
-    config = {"seed": 0, "corpus": "toy", "sampling": {"heldout_fraction": 0.3, "seq_len": 50,
-                                                       "n_sequences": {"fit": 50, "heldout": 1}}}
+    config = {
+        "seed": 0,
+        "corpus": "toy",
+        "sampling": {"heldout_fraction": 0.3, "seq_len": 50, "n_sequences": {"fit": 50, "heldout": 1}},
+    }
     sampling = Sampling.from_config(config)
     with pytest.raises(ConfigError, match=r"sampling.n_sequences.fit.*offers only"):
         check_corpus_capacity(sampling, np.array([100, 100, 100]))
@@ -116,9 +131,17 @@ def test_too_small_corpus_names_the_key():
 def test_tokenize_exact_length_and_repeatable(resources, name):
     tok = AutoTokenizer.from_pretrained(resources / "models" / name)
     docs = pd.read_parquet(resources / "corpora" / "enwiki-sample" / "documents.parquet")
-    passages = sample_passages(docs, Sampling(corpus="enwiki-sample", seed=0, seq_len=64,
-                                              n_sequences={"fit": 6, "heldout": 3}, heldout_fraction=0.2,
-                                              key="sampling"))
+    passages = sample_passages(
+        docs,
+        Sampling(
+            corpus="enwiki-sample",
+            seed=0,
+            seq_len=64,
+            n_sequences={"fit": 6, "heldout": 3},
+            heldout_fraction=0.2,
+            key="sampling",
+        ),
+    )
     a = tokenize_passages(tok, passages["text"].tolist(), 64)
     b = tokenize_passages(tok, passages["text"].tolist(), 64)
     assert a.shape == (9, 64) and a.dtype == np.int32

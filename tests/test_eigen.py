@@ -5,13 +5,13 @@ import pandas as pd
 import pytest
 from sklearn.decomposition import PCA
 
-from eigenattn.spectra.rows import eigh_desc, explained_variance, k_at, row_spectrum
-from eigenattn.spectra.full_spectra import full_spectrum
-from eigenattn.spectra.stores import run_full, run_rows, spectrum_table
-from eigenattn.errors import ConfigError, InputError
-from eigenattn.spectra.moments import merge_packed, pack, sample_moments, unpack
 from eigenattn.config.views import view_slices
+from eigenattn.errors import ConfigError, InputError
+from eigenattn.spectra.full_spectra import full_spectrum
+from eigenattn.spectra.moments import merge_packed, pack, sample_moments, unpack
+from eigenattn.spectra.rows import eigh_desc, explained_variance, k_at, row_spectrum
 from eigenattn.spectra.scheduler import dask_scheduler
+from eigenattn.spectra.stores import run_full, run_rows, spectrum_table
 from eigenattn.storage.store import open_scores
 from synthetic import VARIANTS, low_rank_scores, write_store
 
@@ -138,9 +138,33 @@ def test_stores_and_spectrum_csv(tmp_path, shards, data):
     run_rows(shards, tmp_path / "rows.zarr", "all", VARIANTS, 2, halves_path=tmp_path / "halves.zarr")
     run_full(shards, tmp_path / "full.zarr", "all", VARIANTS, 64, rank=None, seed=0)
     df = spectrum_table(tmp_path / "rows.zarr", tmp_path / "halves.zarr", tmp_path / "full.zarr", [1, 2, 4])
-    cols = ["model", "view", "analysis", "variant", "layer", "head", "d", "n_samples", "total_variance",
-            "k90", "k90_cv", "k95", "k95_cv", "k99", "k99_cv", "ev_at_1", "ev_at_2", "ev_at_4", "bounded_k90",
-            "bounded_k95", "bounded_k99", "k90_split_spread", "k95_split_spread", "k99_split_spread", "u1_constant"]
+    cols = [
+        "model",
+        "view",
+        "analysis",
+        "variant",
+        "layer",
+        "head",
+        "d",
+        "n_samples",
+        "total_variance",
+        "k90",
+        "k90_cv",
+        "k95",
+        "k95_cv",
+        "k99",
+        "k99_cv",
+        "ev_at_1",
+        "ev_at_2",
+        "ev_at_4",
+        "bounded_k90",
+        "bounded_k95",
+        "bounded_k99",
+        "k90_split_spread",
+        "k95_split_spread",
+        "k99_split_spread",
+        "u1_constant",
+    ]
     assert list(df.columns) == cols
     # rows: L*H heads + L pooled, per variant; full: L*H per variant
     assert len(df) == 2 * (L * H + L) + 2 * L * H
@@ -176,7 +200,7 @@ def _half_pca_share(Xa, Xb, k):
     """Brute force: share of Xb's variance (about its own mean) inside Xa's top-k principal axes."""
     _, _, vt = np.linalg.svd(Xa - Xa.mean(0), full_matrices=False)
     Pb = (Xb - Xb.mean(0)) @ vt[:k].T
-    return (Pb ** 2).sum() / ((Xb - Xb.mean(0)) ** 2).sum()
+    return (Pb**2).sum() / ((Xb - Xb.mean(0)) ** 2).sum()
 
 
 @pytest.mark.parametrize("route", ["covariance", "gram"])
@@ -184,8 +208,10 @@ def test_heldout_explained_variance_matches_brute_force(tmp_path, route):
     rng = np.random.default_rng(4)
     N, nn, split = 14, 6, 6  # D = 36 > N: half a has 6 sequences, b 8
     X = rng.standard_normal((N, 5)) @ rng.standard_normal((5, nn * nn)) * 3 + rng.standard_normal((N, nn * nn)) + 7
-    s = [write_store(tmp_path / "a.zarr", X.reshape(N, 1, 1, nn, nn).astype(np.float32)[:split], batch=split),
-         write_store(tmp_path / "b.zarr", X.reshape(N, 1, 1, nn, nn).astype(np.float32)[split:], batch=N - split)]
+    s = [
+        write_store(tmp_path / "a.zarr", X.reshape(N, 1, 1, nn, nn).astype(np.float32)[:split], batch=split),
+        write_store(tmp_path / "b.zarr", X.reshape(N, 1, 1, nn, nn).astype(np.float32)[split:], batch=N - split),
+    ]
     X = X.astype(np.float32).astype(np.float64)
     res = full_spectrum(open_scores(s)[0], "all", "raw", False, 64, route=route, rank=None, seed=0)
     assert res["split_sequence"] == split
@@ -208,8 +234,10 @@ def test_heldout_ev_rows_matches_covariances():
     ev = heldout_ev_rows(Ua, wa, Ub, wb)
     Ca, Cb = np.cov(Xa.T), np.cov(Xb.T)
     for k in range(1, d + 1):
-        want = 0.5 * (np.trace(Ua[:, :k].T @ Cb @ Ua[:, :k]) / np.trace(Cb)
-                      + np.trace(Ub[:, :k].T @ Ca @ Ub[:, :k]) / np.trace(Ca))
+        want = 0.5 * (
+            np.trace(Ua[:, :k].T @ Cb @ Ua[:, :k]) / np.trace(Cb)
+            + np.trace(Ub[:, :k].T @ Ca @ Ub[:, :k]) / np.trace(Ca)
+        )
         assert abs(ev[k - 1] - want) <= 1e-12
     assert abs(ev[-1] - 1.0) <= 1e-12
 
@@ -228,8 +256,9 @@ def test_bounded_per_level_low_rank_vs_isotropic(tmp_path):
         s = [write_store(tmp_path / f"{name}.zarr", data, batch=5)]
         run_rows(s, tmp_path / f"{name}-rows.zarr", "all", VARIANTS, 2, halves_path=tmp_path / f"{name}-halves.zarr")
         run_full(s, tmp_path / f"{name}-full.zarr", "all", VARIANTS, 64, rank=None, seed=0)
-        df = spectrum_table(tmp_path / f"{name}-rows.zarr", tmp_path / f"{name}-halves.zarr",
-                            tmp_path / f"{name}-full.zarr", [1])
+        df = spectrum_table(
+            tmp_path / f"{name}-rows.zarr", tmp_path / f"{name}-halves.zarr", tmp_path / f"{name}-full.zarr", [1]
+        )
         f = df[(df.analysis == "full") & (df.variant == "raw")].iloc[0]
         assert [f.bounded_k90, f.bounded_k95, f.bounded_k99] == [want_bounded] * 3, f
         if not want_bounded:

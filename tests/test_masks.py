@@ -6,13 +6,19 @@ import numpy as np
 import pytest
 import zarr
 
-from eigenattn.errors import InputError
 from eigenattn.capture.masks import classify_visibility, select_visible, visibility, visible_layers
+from eigenattn.errors import InputError
 from synthetic import low_rank_scores, write_store
 
-KINDS = [{"kind": "bidirectional"}, {"kind": "causal"}, {"kind": "sliding_window", "window": 3},
-         {"kind": "sliding_window", "window": 1}, {"kind": "chunked", "chunk": 3}, {"kind": "chunked", "chunk": 4},
-         {"kind": "bidirectional_sliding_window", "window": 2}]
+KINDS = [
+    {"kind": "bidirectional"},
+    {"kind": "causal"},
+    {"kind": "sliding_window", "window": 3},
+    {"kind": "sliding_window", "window": 1},
+    {"kind": "chunked", "chunk": 3},
+    {"kind": "chunked", "chunk": 4},
+    {"kind": "bidirectional_sliding_window", "window": 2},
+]
 
 
 @pytest.mark.parametrize("info", KINDS)
@@ -23,8 +29,9 @@ def test_classify_round_trip(info):
 def test_windows_that_cover_the_sequence_are_plain_kinds():
     assert classify_visibility(visibility({"kind": "sliding_window", "window": 10}, 8)) == {"kind": "causal"}
     assert classify_visibility(visibility({"kind": "chunked", "chunk": 8}, 8)) == {"kind": "causal"}
-    assert classify_visibility(visibility({"kind": "bidirectional_sliding_window", "window": 7}, 8)) == \
-        {"kind": "bidirectional"}
+    assert classify_visibility(visibility({"kind": "bidirectional_sliding_window", "window": 7}, 8)) == {
+        "kind": "bidirectional"
+    }
 
 
 def test_unknown_pattern_is_not_classified():
@@ -35,13 +42,22 @@ def test_unknown_pattern_is_not_classified():
 
 
 def _attrs(masks, n=16, causal=None):
-    return {"model": "m", "layers": list(range(len(masks))), "seq_len": n, "layer_masks": masks,
-            "causal": causal if causal is not None else all(m["kind"] != "bidirectional" for m in masks)}
+    return {
+        "model": "m",
+        "layers": list(range(len(masks))),
+        "seq_len": n,
+        "layer_masks": masks,
+        "causal": causal if causal is not None else all(m["kind"] != "bidirectional" for m in masks),
+    }
 
 
 def test_visible_layers_prefix_and_all(caplog):
-    masks = [{"kind": "causal"}, {"kind": "sliding_window", "window": 4}, {"kind": "chunked", "chunk": 4},
-             {"kind": "sliding_window", "window": 16}]
+    masks = [
+        {"kind": "causal"},
+        {"kind": "sliding_window", "window": 4},
+        {"kind": "chunked", "chunk": 4},
+        {"kind": "sliding_window", "window": 16},
+    ]
     with caplog.at_level(logging.WARNING):
         kept, skipped = visible_layers(_attrs(masks), "prefix")
     assert kept == [0, 3] and [s["layer"] for s in skipped] == [1, 2]
@@ -75,9 +91,9 @@ def test_select_visible_drops_masked_layers_from_the_dask_array():
 
 
 def test_eigen_and_reconstruction_skip_masked_layers(tmp_path, caplog):
-    from eigenattn.spectra.stores import run_rows
     from eigenattn.config.settings import Reconstruction
     from eigenattn.reconstruction.evaluate import evaluate_view
+    from eigenattn.spectra.stores import run_rows
 
     n = 16
     scores = low_rank_scores(8, 3, 2, n)
@@ -93,8 +109,9 @@ def test_eigen_and_reconstruction_skip_masked_layers(tmp_path, caplog):
     g = zarr.open_group(tmp_path / "rows.zarr", mode="r")
     assert g.attrs["layers"] == [2, 6] and [x["layer"] for x in g.attrs["skipped_layers"]] == [4]
     assert g["raw/mean"].shape == (2, 2, n // 2)
-    np.testing.assert_allclose(g["raw/mean"][1], scores[:6, 2][:, :, n // 2:, : n // 2].mean(axis=(0, 2)), rtol=1e-5)
-    settings = Reconstruction(estimators=("mean",), strategies=("strided",), subset_sizes=(2,), ridge=1e-6, rank=0.5,
-                              seed=0, eval_rows=None)
+    np.testing.assert_allclose(g["raw/mean"][1], scores[:6, 2][:, :, n // 2 :, : n // 2].mean(axis=(0, 2)), rtol=1e-5)
+    settings = Reconstruction(
+        estimators=("mean",), strategies=("strided",), subset_sizes=(2,), ridge=1e-6, rank=0.5, seed=0, eval_rows=None
+    )
     df = evaluate_view(tmp_path / "rows.zarr", [stores["held"]], settings, progress=False)
     assert sorted(df["layer"].unique()) == [2, 6]

@@ -8,11 +8,18 @@ import zarr
 
 from conftest import REPO
 from eigenattn.config.validation import check, validate
+from eigenattn.errors import ConfigError, InputError
+from eigenattn.spectra.overlap import (
+    check_ks,
+    cross_model,
+    overlap_and_captured,
+    scope_masks,
+    summarise,
+    within_model,
+    write_overlap,
+)
 from eigenattn.spectra.rows import explained_variance
 from eigenattn.spectra.stores import run_rows
-from eigenattn.errors import ConfigError, InputError
-from eigenattn.spectra.overlap import (check_ks, cross_model, overlap_and_captured, scope_masks, summarise,
-                               within_model, write_overlap)
 from synthetic import VARIANTS, low_rank_scores, write_store
 
 
@@ -101,8 +108,13 @@ def test_within_and_cross_stores_and_summary(analyses):
     assert carr["overlap"].shape == (2, 6, 6) and carr["pooled"]["captured"].shape == (2, 3, 2)
     write_overlap(d / "c.zarr", carr, cattrs)
     df = summarise([d / "w1.zarr", d / "w2.zarr"], [d / "c.zarr"])
-    assert set(df.scope) == {"same_layer_other_heads", "adjacent_layers", "all_layer_pairs", "split_half",
-                             "cross_model"}
+    assert set(df.scope) == {
+        "same_layer_other_heads",
+        "adjacent_layers",
+        "all_layer_pairs",
+        "split_half",
+        "cross_model",
+    }
     assert set(df.quantity) == {"overlap", "captured"}
     x = df[(df.model_a == "m1") & (df.quantity == "overlap") & (df.scope == "all_layer_pairs") & (df.k == 2)].iloc[0]
     upper = np.triu(np.ones((6, 6), bool), 1) & (np.repeat(np.arange(3), 2)[:, None] != np.repeat(np.arange(3), 2))
@@ -125,7 +137,7 @@ def _independent_subspace_analyses(root, same: bool):
             B = shared if same else np.linalg.qr(rng.standard_normal((n // 2, 3)))[0]
             coef = rng.standard_normal((N, n, 3)) * np.array([3.0, 2.0, 1.5])
             data[:, l, h, :, : n // 2] = coef @ B.T + 0.05 * rng.standard_normal((N, n, n // 2))
-            data[:, l, h, :, n // 2:] = rng.standard_normal((N, n, n // 2))
+            data[:, l, h, :, n // 2 :] = rng.standard_normal((N, n, n // 2))
     s = write_store(root / "ind.zarr", data, batch=4)
     run_rows([s], root / "rows.zarr", "prefix", VARIANTS, 2, halves_path=root / "halves.zarr")
     write_overlap(root / "w.zarr", *within_model(root / "rows.zarr", root / "halves.zarr", "raw", [3]))

@@ -74,10 +74,10 @@ def test_reconstruction_changes_outputs_and_respects_the_causal_mask(models):
         if causal:
             i = n - 4
             y = x.clone()
-            y[:, i + 1:] = torch.flip(y[:, i + 1:], dims=[1]) + 7
+            y[:, i + 1 :] = torch.flip(y[:, i + 1 :], dims=[1]) + 7
             got2 = partial(input_ids=y).last_hidden_state
             assert (got2[:, : i + 1] - got[:, : i + 1]).abs().max().item() <= 1e-5
-            assert (got2[:, i + 1:] - got[:, i + 1:]).abs().max().item() > 1e-3
+            assert (got2[:, i + 1 :] - got[:, i + 1 :]).abs().max().item() > 1e-3
             # the first half of the queries is outside the prefix view: exact
             assert (got[:, : n // 2] - want[:, : n // 2]).abs().max().item() <= 1e-5
     finally:
@@ -88,14 +88,26 @@ def test_bad_maps(models):
     name, eager, partial, causal = models
     H = partial.config.num_attention_heads
     if causal:
-        with pytest.raises(ConfigError, match=r"'eigen.views': keys 0\.\.\d+ reach past the first query 0.*"
-                                              r"\n  fix: use the prefix view for causal models"):
-            PartialMap(np.zeros((H, 2), int), np.zeros((H, n, 2)), np.zeros((H, n)), seq_len=n, query_range=(0, n),
-                       key_range=(0, n), causal=True)
+        with pytest.raises(
+            ConfigError,
+            match=r"'eigen.views': keys 0\.\.\d+ reach past the first query 0.*"
+            r"\n  fix: use the prefix view for causal models",
+        ):
+            PartialMap(
+                np.zeros((H, 2), int),
+                np.zeros((H, n, 2)),
+                np.zeros((H, n)),
+                seq_len=n,
+                query_range=(0, n),
+                key_range=(0, n),
+                causal=True,
+            )
     attach(partial, maps(partial, causal))
     try:
-        with pytest.raises(InputError, match=f"input 'partial attention input': the map was fitted for seq_len {n}"), \
-                torch.inference_mode():
+        with (
+            pytest.raises(InputError, match=f"input 'partial attention input': the map was fitted for seq_len {n}"),
+            torch.inference_mode(),
+        ):
             partial(input_ids=ids()[:, : n - 2])
     finally:
         detach(partial)

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from eigenattn.spectra.rows import eigh_desc
-from eigenattn.spectra.stores import run_rows
 from eigenattn.config.settings import Reconstruction
 from eigenattn.errors import ConfigError, InputError
 from eigenattn.reconstruction.estimators import ESTIMATORS, STRATEGIES, apply, fit, linear_map, select_subset
+from eigenattn.reconstruction.evaluate import evaluate_view
 from eigenattn.reconstruction.metrics import Reference
 from eigenattn.reconstruction.partial import PartialMap, partial_scores
-from eigenattn.reconstruction.evaluate import evaluate_view
+from eigenattn.spectra.rows import eigh_desc
+from eigenattn.spectra.stores import run_rows
 from synthetic import low_rank_scores, write_store
 
 d = 24
@@ -95,7 +95,7 @@ def test_exact_on_low_rank_rows(rank, s):
 
 def _pinv_eigenspace(T, mean, U):
     """The unregularised estimator with k = s: U_s (U_s[T])⁺, the old default (for comparison)."""
-    Us = U[:, :len(T)]
+    Us = U[:, : len(T)]
     W = Us @ np.linalg.pinv(Us[T])
     return W, mean - W @ mean[T]
 
@@ -114,7 +114,7 @@ def test_regularised_eigenspace_error_falls_with_s(strategy):
         reg.append(mse(m.W, m.b, m.T, mean, C))
         old.append(mse(*_pinv_eigenspace(m.T, mean, U), m.T, mean, C))
         # the weighted ridge bounds the system's conditioning by the eigenvalue range over σ²
-        sigma2 = lam[m.k:].sum() / (D - m.k)
+        sigma2 = lam[m.k :].sum() / (D - m.k)
         assert m.solve_condition <= (lam[0] * s + sigma2) / sigma2
     assert all(b <= a * (1 + 1e-9) for a, b in zip(reg, reg[1:])), reg
     assert all(o > r for o, r in zip(old, reg)), (old, reg)
@@ -151,8 +151,9 @@ def brute_metrics(S, S_hat, full=None, ks=None, allowed=None):
     H = S.shape[0]
     out = {k: [] for k in ("rel_error", "tv", "kl", "top1")}
     for h in range(H):
-        out["rel_error"].append(np.linalg.norm(S_hat[h] - S[h]) / np.linalg.norm(S[h]) if np.isfinite(S_hat).all()
-                                else np.nan)
+        out["rel_error"].append(
+            np.linalg.norm(S_hat[h] - S[h]) / np.linalg.norm(S[h]) if np.isfinite(S_hat).all() else np.nan
+        )
         tv, kl, top = [], [], []
         for i in range(S.shape[1]):
             e = S[h, i].copy() if full is None else full[h, i].copy()
@@ -234,14 +235,42 @@ def stores(tmp_path_factory):
 
 
 def test_evaluate_view_table(stores):
-    settings = Reconstruction(estimators=ESTIMATORS, strategies=STRATEGIES, subset_sizes=(2, 6), **EVAL,
-                              transfer=("adjacent_layer", "farthest_layer", "other_model"),
-                              transfer_estimators=("conditional_gaussian",), other_models=("mb",))
-    df = evaluate_view(stores["ma"]["prefix"], [stores["ma"]["held"]], settings, fit_shards=[stores["ma"]["fit"]],
-                       other_stores=dict(zip(settings.other_models, [stores["mb"]["prefix"]])), progress=False)
-    assert list(df.columns) == ["model", "view", "split", "layer", "head", "estimator", "strategy", "subset_size",
-                                "basis_source", "k", "basis_condition", "solve_condition", "rel_error",
-                                "rel_error_centered", "tv", "kl", "top1"]
+    settings = Reconstruction(
+        estimators=ESTIMATORS,
+        strategies=STRATEGIES,
+        subset_sizes=(2, 6),
+        **EVAL,
+        transfer=("adjacent_layer", "farthest_layer", "other_model"),
+        transfer_estimators=("conditional_gaussian",),
+        other_models=("mb",),
+    )
+    df = evaluate_view(
+        stores["ma"]["prefix"],
+        [stores["ma"]["held"]],
+        settings,
+        fit_shards=[stores["ma"]["fit"]],
+        other_stores=dict(zip(settings.other_models, [stores["mb"]["prefix"]])),
+        progress=False,
+    )
+    assert list(df.columns) == [
+        "model",
+        "view",
+        "split",
+        "layer",
+        "head",
+        "estimator",
+        "strategy",
+        "subset_size",
+        "basis_source",
+        "k",
+        "basis_condition",
+        "solve_condition",
+        "rel_error",
+        "rel_error_centered",
+        "tv",
+        "kl",
+        "top1",
+    ]
     assert set(df[df.basis_source != "same"].split) == {"heldout"}
     fitted = df[df.split == "fit"]
     assert len(fitted) == 3 * 2 * len(ESTIMATORS) * len(STRATEGIES) * 2
@@ -269,13 +298,19 @@ def test_evaluate_view_table(stores):
 
 def test_statistics_from_another_seq_len(stores):
     with pytest.raises(InputError, match="fitted at seq_len 16.*seq_len 20"):
-        evaluate_view(stores["ma"]["all"], [stores["held20"]],
-                      Reconstruction(estimators=("mean",), strategies=("strided",), subset_sizes=(2,), **EVAL),
-                      progress=False)
+        evaluate_view(
+            stores["ma"]["all"],
+            [stores["held20"]],
+            Reconstruction(estimators=("mean",), strategies=("strided",), subset_sizes=(2,), **EVAL),
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="'reconstruction.subset_sizes': subset size s=9 is outside"):
-        evaluate_view(stores["ma"]["prefix"], [stores["ma"]["held"]],
-                      Reconstruction(estimators=("mean",), strategies=("strided",), subset_sizes=(9,), **EVAL),
-                      progress=False)
+        evaluate_view(
+            stores["ma"]["prefix"],
+            [stores["ma"]["held"]],
+            Reconstruction(estimators=("mean",), strategies=("strided",), subset_sizes=(9,), **EVAL),
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize("view,causal", [("all", False), ("prefix", True)])

@@ -6,7 +6,7 @@ import time
 
 import yaml
 
-from conftest import REPO, CONFIGS, snakemake
+from conftest import CONFIGS, REPO, snakemake
 
 
 def _jobs(proc) -> dict[str, int]:
@@ -63,8 +63,11 @@ def test_training_parameter_reruns_only_training_and_its_notebooks(tiny_run, tmp
 def test_subset_sizes_do_not_retrain_exact(tiny_run, tmp_path):
     wd, _ = tiny_run
     t = yaml.safe_load((REPO / "tests" / "config.yaml").read_text())["training"]
-    jobs = _jobs(snakemake(wd, "-n", "train", configs=_override(tmp_path, {"training": {
-        "subset_sizes": t["subset_sizes"] + [2]}})))
+    jobs = _jobs(
+        snakemake(
+            wd, "-n", "train", configs=_override(tmp_path, {"training": {"subset_sizes": t["subset_sizes"] + [2]}})
+        )
+    )
     n_new = 2 * 4  # both modes × the four non-exact variants, at the new size only
     assert jobs == {"train_run": n_new, "train_summary": 1, "train": 1}, jobs
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from conftest import CONFIGS, snakemake
-from eigenattn.spectra.stores import run_full, run_rows, spectrum_table
 from eigenattn.spectra.scaling import collect, length_fits, sample_saturation
+from eigenattn.spectra.stores import run_full, run_rows, spectrum_table
 from synthetic import VARIANTS, write_store
 
 
@@ -23,9 +23,22 @@ def test_fit_recovers_a_planted_power_law(alpha):
         for head in range(8):
             c = rng.uniform(0.5, 2.0)  # heads differ in scale, share the exponent
             for n in ns:
-                k = c * n ** alpha * np.exp(rng.normal(0, 0.05))
-                recs.append({"model": "m", "view": "all", "analysis": "rows", "variant": "raw", "n": n, "N": 96,
-                             "layer": layer, "head": head, "k90": k, "d": n, "bounded_k90": False})
+                k = c * n**alpha * np.exp(rng.normal(0, 0.05))
+                recs.append(
+                    {
+                        "model": "m",
+                        "view": "all",
+                        "analysis": "rows",
+                        "variant": "raw",
+                        "n": n,
+                        "N": 96,
+                        "layer": layer,
+                        "head": head,
+                        "k90": k,
+                        "d": n,
+                        "bounded_k90": False,
+                    }
+                )
     fits = length_fits(pd.DataFrame(recs), N=96, bootstrap=300, seed=0)
     med = fits[fits.scope == "medians"].iloc[0]
     assert abs(med.alpha - alpha) <= 0.05 and med.alpha_low <= alpha <= med.alpha_high
@@ -69,8 +82,12 @@ def test_adding_a_length_schedules_only_its_jobs(tiny_run, tmp_path):
     point_jobs = [b for b in jobs if not b.startswith("scaling_table")]
     assert point_jobs and all("n=24" in b for b in point_jobs), out[-3000:]
     names = {b.split(":")[0] for b in point_jobs}
-    assert names == {"scaling_sample_passages", "scaling_extract_scores", "scaling_eigen_rows",
-                     "scaling_eigen_spectrum"}  # a length point needs no full-matrix analysis
+    assert names == {
+        "scaling_sample_passages",
+        "scaling_extract_scores",
+        "scaling_eigen_rows",
+        "scaling_eigen_spectrum",
+    }  # a length point needs no full-matrix analysis
     assert "rule extract_scores:" not in out and "rule eigen_rows:" not in out
 
 

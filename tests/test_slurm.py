@@ -19,17 +19,42 @@ import yaml
 from conftest import CONFIGS, REPO, make_workdir, snakemake
 
 SLURM_FLAGS = [
-    "--workflow-profile", str(REPO / "profiles" / "slurm"),
+    "--workflow-profile",
+    str(REPO / "profiles" / "slurm"),
     # This test cluster has no accounting storage, so no sacct: query job status with squeue.
-    "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2", "--slurm-no-account",
+    "--slurm-status-command",
+    "squeue",
+    "--slurm-init-seconds-before-status-checks",
+    "2",
+    "--slurm-no-account",
     # It is one node with 2 CPUs: shrink the profile's requests to fit it.
-    "--default-resources", "mem_mb=2000", "runtime=30", "cpus_per_task=1", "gpu=0",
-    "--set-resources", *[f"{r}:cpus_per_task=1" for r in ("fetch_model", "extract_scores", "eigen_rows",
-                                                           "eigen_full", "overlap_within", "overlap_cross",
-                                                           "plugin_eval_model", "train_run")],
+    "--default-resources",
+    "mem_mb=2000",
+    "runtime=30",
+    "cpus_per_task=1",
+    "gpu=0",
+    "--set-resources",
+    *[
+        f"{r}:cpus_per_task=1"
+        for r in (
+            "fetch_model",
+            "extract_scores",
+            "eigen_rows",
+            "eigen_full",
+            "overlap_within",
+            "overlap_cross",
+            "plugin_eval_model",
+            "train_run",
+        )
+    ],
     *[f"{r}:mem_mb=3000" for r in ("fetch_model", "extract_scores", "eigen_rows", "eigen_full")],
-    "--set-threads", "extract_scores=1", "eigen_rows=1", "eigen_full=1", "plugin_eval_model=1",
-    "-j", "4",
+    "--set-threads",
+    "extract_scores=1",
+    "eigen_rows=1",
+    "eigen_full=1",
+    "plugin_eval_model=1",
+    "-j",
+    "4",
 ]
 
 
@@ -44,7 +69,7 @@ def running_daemons() -> set[str]:
             text = stat.read_text()
         except OSError:  # the process ended while we looked
             continue
-        name, state = text[text.find("(") + 1:text.rfind(")")], text[text.rfind(")") + 2:][:1]
+        name, state = text[text.find("(") + 1 : text.rfind(")")], text[text.rfind(")") + 2 :][:1]
         if name in DAEMONS and state != "Z":
             alive.add(name)
     return alive
@@ -85,9 +110,12 @@ def slurm():
     if os.environ.get("EIGENATTN_SLURM") == "0":
         pytest.skip("EIGENATTN_SLURM=0: SLURM tests explicitly disabled")
     scripts = REPO / "tests" / "slurm"
-    with session_slurm(slurm_is_up, running_daemons,
-                       start=lambda: subprocess.run(["bash", str(scripts / "slurm-up.sh")], check=True),
-                       stop=lambda names: subprocess.run(["bash", str(scripts / "slurm-down.sh"), *names])) as started:
+    with session_slurm(
+        slurm_is_up,
+        running_daemons,
+        start=lambda: subprocess.run(["bash", str(scripts / "slurm-up.sh")], check=True),
+        stop=lambda names: subprocess.run(["bash", str(scripts / "slurm-down.sh"), *names]),
+    ) as started:
         yield started
 
 
@@ -153,13 +181,28 @@ def test_tiny_workflow_end_to_end_under_slurm(slurm, tmp_path, resources, tiny_r
     broken = dict(yaml.safe_load((REPO / "config.yaml").read_text())["models"]["minilm"])
     broken["sha256"] = {**broken["sha256"], "config.json": "0" * 64}
     small = tmp_path / "slurm.yaml"
-    small.write_text(yaml.safe_dump({"training": {"modes": ["scratch"], "variants": []},
-                                     "eigen": {"variants": ["raw"], "views": ["prefix"]},
-                                     "models": {"broken": broken}}))
+    small.write_text(
+        yaml.safe_dump(
+            {
+                "training": {"modes": ["scratch"], "variants": []},
+                "eigen": {"variants": ["raw"], "views": ["prefix"]},
+                "models": {"broken": broken},
+            }
+        )
+    )
     t = time.perf_counter()
     targets = ["eigen", "overlap", "reconstruct", "plugin_eval", "train", "resources/models/broken"]
-    proc = snakemake(tmp_path, *SLURM_FLAGS, "--keep-going", "--retries", "0", *targets, timeout=1500,
-                     configs=[*CONFIGS, str(small)], check=False)
+    proc = snakemake(
+        tmp_path,
+        *SLURM_FLAGS,
+        "--keep-going",
+        "--retries",
+        "0",
+        *targets,
+        timeout=1500,
+        configs=[*CONFIGS, str(small)],
+        check=False,
+    )
     elapsed = time.perf_counter() - t
     out = proc.stdout + proc.stderr
     # the failing job ends the run with an error that names it, and leaves no output behind
@@ -172,15 +215,27 @@ def test_tiny_workflow_end_to_end_under_slurm(slurm, tmp_path, resources, tiny_r
     own = re.sub(r"^={40,}\n.*?^={40,}\n", "", out, flags=re.M | re.S)
     remote = re.findall(r"^rule (\w+):", own, flags=re.M)
     assert len(submitted) == len(remote) >= 20, out[-3000:]
-    assert {"extract_scores", "eigen_rows", "eigen_full", "overlap_within", "overlap_cross", "reconstruct_view",
-            "plugin_eval_model", "train_run"} <= set(remote), sorted(set(remote))
+    assert {
+        "extract_scores",
+        "eigen_rows",
+        "eigen_full",
+        "overlap_within",
+        "overlap_cross",
+        "reconstruct_view",
+        "plugin_eval_model",
+        "train_run",
+    } <= set(remote), sorted(set(remote))
     print(f"tiny workflow under SLURM: {elapsed:.0f} s")
 
     # Same results as the local run.
     wd, _ = tiny_run
     # (the plug-in ran on 1 thread here and 2 locally: float32 sums may differ in the last bits)
-    for rel, rtol in (("results/eigen/minilm/prefix/spectrum.csv", 1e-9), ("results/overlap/summary.csv", 1e-9),
-                      ("results/reconstruction/smollm2/prefix.csv", 1e-6), ("results/plugin/smollm2.csv", 1e-4)):
+    for rel, rtol in (
+        ("results/eigen/minilm/prefix/spectrum.csv", 1e-9),
+        ("results/overlap/summary.csv", 1e-9),
+        ("results/reconstruction/smollm2/prefix.csv", 1e-6),
+        ("results/plugin/smollm2.csv", 1e-4),
+    ):
         a, b = pd.read_csv(wd / rel), pd.read_csv(tmp_path / rel)
         if "variant" in a:  # the local run also has the row_centered variant
             a = a[a["variant"] == "raw"].reset_index(drop=True)
@@ -199,8 +254,15 @@ def test_dask_on_slurm_equals_threads(slurm, tmp_path):
     shards = [write_store(tmp_path / "s.zarr", low_rank_scores(24, 2, 3, 16, seed=5), batch=4)]
     with dask_scheduler("threads", 2):
         a = row_spectrum(open_scores(shards)[0], "all", "raw", False, 8)
-    opts = {"cores": 1, "memory": "1GB", "jobs": 1, "interface": "lo", "walltime": "00:10:00",
-            "log_directory": str(tmp_path / "dask-logs"), "local_directory": str(tmp_path)}
+    opts = {
+        "cores": 1,
+        "memory": "1GB",
+        "jobs": 1,
+        "interface": "lo",
+        "walltime": "00:10:00",
+        "log_directory": str(tmp_path / "dask-logs"),
+        "local_directory": str(tmp_path),
+    }
     t = time.perf_counter()
     with dask_scheduler("slurm", 1, opts):
         b = row_spectrum(open_scores(shards)[0], "all", "raw", False, 8)

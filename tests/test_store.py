@@ -26,7 +26,7 @@ def test_round_trip_adds_version_complete_and_consolidated_metadata(tmp_path):
     assert g.attrs.asdict() == {"model": "m", "layers": [0, 1], "eigenattn_version": __version__, "complete": True}
     np.testing.assert_array_equal(g["x"][:], np.arange(6).reshape(2, 3))
     np.testing.assert_array_equal(g["sub/y"][:], np.ones(4))
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="read-only|read only"):
         g.attrs["model"] = "changed"  # read-only
     with new_store(out) as root:  # a second write replaces the store
         root.attrs["model"] = "n"

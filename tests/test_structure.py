@@ -11,17 +11,27 @@ import textwrap
 import yaml
 
 from conftest import CONFIGS, REPO, SNAKEMAKE
-from eigenattn.reconstruction import estimators
-from eigenattn.training import model as mlm_model
-from eigenattn.spectra import moments
-from eigenattn.reconstruction import evaluate as reconstruct
 from eigenattn.config import schema
+from eigenattn.reconstruction import estimators
+from eigenattn.reconstruction import evaluate as reconstruct
+from eigenattn.spectra import moments
+from eigenattn.training import model as mlm_model
 
 SRC = REPO / "src" / "eigenattn"
 # The library's packages in pipeline order. Rank 0 is shared: any stage may import it, and it imports no
 # stage. A stage may import shared packages and earlier stages, never a later one.
-STAGES = {"errors": 0, "config": 0, "storage": 0, "corpus": 1, "capture": 2, "spectra": 3, "reconstruction": 4,
-          "training": 5, "claims": 6, "figures": 7}
+STAGES = {
+    "errors": 0,
+    "config": 0,
+    "storage": 0,
+    "corpus": 1,
+    "capture": 2,
+    "spectra": 3,
+    "reconstruction": 4,
+    "training": 5,
+    "claims": 6,
+    "figures": 7,
+}
 
 
 def test_library_enums_come_from_the_schema():
@@ -44,6 +54,7 @@ def _enum_groups():
         elif isinstance(node, list):
             for v in node:
                 yield from walk(v)
+
     return [g for g in walk(schema.SCHEMA) if all(isinstance(x, str) for x in g)]
 
 
@@ -55,13 +66,26 @@ def test_no_enum_or_default_written_twice():
         pattern = r"\s*,\s*".join(f"[\"']{re.escape(v)}[\"']" for v in group)
         for f in files:
             assert not re.search(pattern, f.read_text()), f"{f.name} spells out the enum {group}"
-    science = {"ridge", "rank", "split_every", "compression", "codec", "batch_size", "dtype", "autocast", "seed",
-               "variants", "eval_rows", "n_sequences"}
+    science = {
+        "ridge",
+        "rank",
+        "split_every",
+        "compression",
+        "codec",
+        "batch_size",
+        "dtype",
+        "autocast",
+        "seed",
+        "variants",
+        "eval_rows",
+        "n_sequences",
+    }
     for f in SRC.rglob("*.py"):
         for fn in ast.walk(ast.parse(f.read_text())):
             if isinstance(fn, ast.FunctionDef):
-                args = fn.args.args[len(fn.args.args) - len(fn.args.defaults):] + \
-                    [a for a, d in zip(fn.args.kwonlyargs, fn.args.kw_defaults) if d is not None]
+                args = fn.args.args[len(fn.args.args) - len(fn.args.defaults) :] + [
+                    a for a, d in zip(fn.args.kwonlyargs, fn.args.kw_defaults) if d is not None
+                ]
                 bad = [a.arg for a in args if a.arg in science]
                 assert not bad, f"{f.name}:{fn.name} has defaults for {bad}"
 
@@ -159,7 +183,7 @@ def _key_patterns() -> dict[str, re.Pattern]:
             i = path.split(".").index("<name>")
             name = r"(?:<name>|\{[^}]*\}|[\w-]+)"
             head = r"(?:" + r"\.".join(parts[:i]) + r"\." + name + r"|\{[^}]*\})"
-            pattern = r"\.".join([head, *parts[i + 1:]])
+            pattern = r"\.".join([head, *parts[i + 1 :]])
         else:
             pattern = r"\.".join(parts)
         out[path] = re.compile(r"(?<![\w.])" + pattern + r"(?![\w])")
@@ -174,13 +198,18 @@ def error_shape_violations(files) -> list[str]:
     for path in sorted(files):
         tree = ast.parse(path.read_text())
         for node in sorted((n for n in ast.walk(tree) if hasattr(n, "lineno")), key=lambda n: (n.lineno, n.col_offset)):
-            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and \
-                    getattr(node.exc.func, "id", None) in ("ValueError", "RuntimeError"):
+            if (
+                isinstance(node, ast.Raise)
+                and isinstance(node.exc, ast.Call)
+                and getattr(node.exc.func, "id", None) in ("ValueError", "RuntimeError")
+            ):
                 text = " ".join(ast.unparse(a) for a in node.exc.args)
                 named = [k for k, p in keys.items() if p.search(text)]
                 if named:
-                    bad.append(f"{path.name}:{node.lineno}: {node.exc.func.id} names config key(s) {named}; "
-                               "raise ConfigError(key, problem, fix)")
+                    bad.append(
+                        f"{path.name}:{node.lineno}: {node.exc.func.id} names config key(s) {named}; "
+                        "raise ConfigError(key, problem, fix)"
+                    )
             called = getattr(node.func, "id", getattr(node.func, "attr", None)) if isinstance(node, ast.Call) else None
             if called == "InputError":
                 given = len(node.args) + sum(k.arg in ("path", "problem") for k in node.keywords)
@@ -209,13 +238,16 @@ def test_the_error_shape_rule_fails_on_planted_errors(tmp_path):
     shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
     assert error_shape_violations(_error_files(copy)) == []
     planted = copy / "spectra" / "overlap.py"
-    planted.write_text(planted.read_text() + textwrap.dedent('''
+    planted.write_text(
+        planted.read_text()
+        + textwrap.dedent("""
         def planted(k, d, name, key):
             if k > d:
                 raise ValueError(f"overlap.k = {k} exceeds d = {d}")
             raise RuntimeError(f"layer out of range: fix models.{name}.layers or {key}.sha256")
             raise InputError(f"{d}: no path given apart")
-        '''))
+        """)
+    )
     bad = error_shape_violations(_error_files(copy))
     assert len(bad) == 3, bad
     assert "overlap.py" in bad[0] and "ValueError names config key(s) ['overlap.k']" in bad[0]
@@ -253,13 +285,31 @@ def test_parsing_reads_no_data_and_opens_no_socket(tiny_run):
     config and the schema, never a model, corpus or result, and never reach the network (no
     connection or name lookup; Snakemake's own imports bind a loopback probe, which is not ours)."""
     wd, _ = tiny_run
-    proc = subprocess.run([sys.executable, "-c", AUDIT, "-s", str(REPO / "Snakefile"), "-d", str(wd),
-                           "--configfile", *CONFIGS, "--list-rules"], cwd=wd, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            AUDIT,
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(wd),
+            "--configfile",
+            *CONFIGS,
+            "--list-rules",
+        ],
+        cwd=wd,
+        capture_output=True,
+        text=True,
+    )
     assert "extract_scores" in proc.stdout, proc.stderr[-3000:]
     opened = eval(proc.stdout.split("OPENED ", 1)[1].splitlines()[0])
     sockets = eval(proc.stdout.split("SOCKETS ", 1)[1].splitlines()[0])
-    data = [p for p in opened if p.startswith((str(wd / "resources"), str(wd / "results")))
-            or p.startswith(str((wd / "resources").resolve()))]
+    data = [
+        p
+        for p in opened
+        if p.startswith((str(wd / "resources"), str(wd / "results"))) or p.startswith(str((wd / "resources").resolve()))
+    ]
     assert not data, data
     assert not sockets, sockets
 
@@ -270,7 +320,8 @@ def test_usable_as_a_snakemake_module(tmp_path):
     (tmp_path / "Snakefile").write_text(
         'configfile: "config.yaml"\n'
         f'module eigenattn:\n    snakefile: "{REPO / "Snakefile"}"\n    config: config\n'
-        "use rule * from eigenattn as eigenattn_*\n")
+        "use rule * from eigenattn as eigenattn_*\n"
+    )
     proc = subprocess.run([*SNAKEMAKE, "-n", "eigenattn_all"], cwd=tmp_path, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -278,8 +329,9 @@ def test_usable_as_a_snakemake_module(tmp_path):
 
 
 def test_config_reference_is_generated_from_the_schema():
-    assert (REPO / "docs" / "config.md").read_text() == schema.reference(), \
+    assert (REPO / "docs" / "config.md").read_text() == schema.reference(), (
         "docs/config.md is stale: run `python -m eigenattn.config.schema > docs/config.md`"
+    )
 
 
 def test_method_references_resolve():
@@ -287,8 +339,14 @@ def test_method_references_resolve():
     method = (REPO / "docs" / "method.md").read_text()
     sections = set(re.findall(r"^## §(\d+)", method, re.M))
     cited = set()
-    for p in [*REPO.glob("*.md"), *REPO.glob("docs/*.md"), *SRC.rglob("*.py"), *SRC.rglob("*.yaml"),
-              *(REPO / "workflow").rglob("*.smk"), REPO / "config.yaml"]:
+    for p in [
+        *REPO.glob("*.md"),
+        *REPO.glob("docs/*.md"),
+        *SRC.rglob("*.py"),
+        *SRC.rglob("*.yaml"),
+        *(REPO / "workflow").rglob("*.smk"),
+        REPO / "config.yaml",
+    ]:
         text = p.read_text()
         assert "METHOD.md" not in text, p
         cited |= set(re.findall(r"method\.md §(\d+)", text))
@@ -311,8 +369,11 @@ def test_settings_not_config_dicts_reach_the_library_and_scripts():
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
                 a = fn.args
                 names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if x]
-                bad += [f"{f.relative_to(SRC)}:{getattr(fn, 'name', 'lambda')}({n})" for n in names
-                        if n in ("config", "cfg", "tcfg")]
+                bad += [
+                    f"{f.relative_to(SRC)}:{getattr(fn, 'name', 'lambda')}({n})"
+                    for n in names
+                    if n in ("config", "cfg", "tcfg")
+                ]
     assert not bad, f"library functions taking a config dict: {bad}"
 
 
@@ -337,13 +398,20 @@ def store_violations(src) -> list[str]:
             found = []  # (what, allowed places)
             if isinstance(node, ast.Call):
                 f = node.func
-                name = f.attr if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) \
-                    and f.value.id == "zarr" else None
+                name = (
+                    f.attr
+                    if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "zarr"
+                    else None
+                )
                 if name == "open_group":
                     mode = next((k.value for k in node.keywords if k.arg == "mode"), None)
                     writes = not (isinstance(mode, ast.Constant) and mode.value == "r")
-                    found.append(("zarr.open_group(mode=w)" if writes else "zarr.open_group(mode=r)",
-                                  {WRITER} if writes else {OPENER}))
+                    found.append(
+                        (
+                            "zarr.open_group(mode=w)" if writes else "zarr.open_group(mode=r)",
+                            {WRITER} if writes else {OPENER},
+                        )
+                    )
                 elif name in ZARR_CREATORS:
                     found.append((f"zarr.{name}(", {WRITER}))
                 if isinstance(f, ast.Attribute) and f.attr == "get" and node.args and _is_complete(node.args[0]):
@@ -376,20 +444,26 @@ def test_one_store_writer_and_one_store_opener(tmp_path):
 
     assert store_violations(SRC) == []
     source = (SRC / "storage" / "store.py").read_text()
-    for what in ['zarr.open_group(zarr.storage.LocalStore(tmp), mode="w"', '"complete": True',
-                 'zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")', 'a.get("complete")']:
+    for what in [
+        'zarr.open_group(zarr.storage.LocalStore(tmp), mode="w"',
+        '"complete": True',
+        'zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")',
+        'a.get("complete")',
+    ]:
         assert what in source, f"the writer/opener no longer contains {what}: update this test"
     copy = tmp_path / "eigenattn"
     shutil.copytree(SRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
     assert store_violations(copy) == []
     planted = {
-        "spectra/overlap.py": ['def w(p):\n    return zarr.open_group(p, mode="w")',
-                               'def c(p):\n    return zarr.create_group(p)',
-                               'def m(g):\n    g.attrs.update({"model": "m", "complete": True})',
-                               'def k(g):\n    g.attrs["complete"] = True',
-                               'def r(g):\n    return g.attrs.get("complete")',
-                               'def s(g):\n    return g.attrs["complete"]',
-                               'def o(p):\n    return zarr.open_group(p, mode="r")'],
+        "spectra/overlap.py": [
+            'def w(p):\n    return zarr.open_group(p, mode="w")',
+            "def c(p):\n    return zarr.create_group(p)",
+            'def m(g):\n    g.attrs.update({"model": "m", "complete": True})',
+            'def k(g):\n    g.attrs["complete"] = True',
+            'def r(g):\n    return g.attrs.get("complete")',
+            'def s(g):\n    return g.attrs["complete"]',
+            'def o(p):\n    return zarr.open_group(p, mode="r")',
+        ],
         "storage/store.py": ['def another_writer(p):\n    return zarr.open_group(p, mode="a")'],
     }
     for rel, snippets in planted.items():
@@ -397,7 +471,16 @@ def test_one_store_writer_and_one_store_opener(tmp_path):
         f.write_text(f.read_text() + "\n\n" + "\n\n\n".join(snippets) + "  # planted\n")
     bad = store_violations(copy)
     assert len(bad) == 8, bad
-    for needle in ["overlap.py:", "(w): zarr.open_group(mode=w)", "(c): zarr.create_group(", '(m): {"complete": ...}',
-                   '(k): ["complete"] =', '(r): .get("complete")', '(s): ["complete"]', "(o): zarr.open_group(mode=r)",
-                   "store.py:", "(another_writer): zarr.open_group(mode=w)"]:
+    for needle in [
+        "overlap.py:",
+        "(w): zarr.open_group(mode=w)",
+        "(c): zarr.create_group(",
+        '(m): {"complete": ...}',
+        '(k): ["complete"] =',
+        '(r): .get("complete")',
+        '(s): ["complete"]',
+        "(o): zarr.open_group(mode=r)",
+        "store.py:",
+        "(another_writer): zarr.open_group(mode=w)",
+    ]:
         assert any(needle in b for b in bad), (needle, bad)

@@ -16,18 +16,42 @@ import yaml
 from conftest import REPO, SNAKEMAKE, make_workdir
 from eigenattn.config.settings import EncoderModel, Training
 from eigenattn.errors import InputError
-from eigenattn.reconstruction.partial import ATTR, LINFORMER_ATTR, PartialMap, attach, attention_modules, partial_attention_forward
+from eigenattn.reconstruction.partial import (
+    ATTR,
+    LINFORMER_ATTR,
+    Linformer,
+    PartialMap,
+    attach,
+    attention_modules,
+    partial_attention_forward,
+)
 from eigenattn.training.data import build_windows, mask_batch, split_texts, train_wordpiece
-from eigenattn.training.model import MLM, attach_variant, encoder_config
-from eigenattn.reconstruction.partial import Linformer
 from eigenattn.training.loop import run
+from eigenattn.training.model import MLM, attach_variant, encoder_config
 
 n, L, H, D = 16, 2, 2, 32
 MODEL = EncoderModel(layers=L, heads=H, d_model=D, d_ff=64, dropout=0.1, positions="rotary", init_range=0.1)
-TRAINING = Training(vocab="wordpiece", vocab_size=600, model=MODEL, steps=20, finetune_steps=10, batch_size=4, lr=1e-3,
-                    finetune_lr=3e-4, weight_decay=0.01, warmup=0.1, log_every=5, eval_every=10, checkpoint_every=10,
-                    seq_len=n, data_seed=0, estimator="conditional_gaussian", strategy="pivoted_qr", ridge=1e-6,
-                    eigenspace_rank=0.5)
+TRAINING = Training(
+    vocab="wordpiece",
+    vocab_size=600,
+    model=MODEL,
+    steps=20,
+    finetune_steps=10,
+    batch_size=4,
+    lr=1e-3,
+    finetune_lr=3e-4,
+    weight_decay=0.01,
+    warmup=0.1,
+    log_every=5,
+    eval_every=10,
+    checkpoint_every=10,
+    seq_len=n,
+    data_seed=0,
+    estimator="conditional_gaussian",
+    strategy="pivoted_qr",
+    ridge=1e-6,
+    eigenspace_rank=0.5,
+)
 MAPS = {k: getattr(TRAINING, k) for k in ("estimator", "strategy", "ridge")}
 
 
@@ -56,8 +80,16 @@ POSITIONS = ["rotary", "absolute"]
 def model(variant="exact", s=4, seed=0, positions="rotary"):
     torch.manual_seed(seed)
     m = MLM(encoder_config(replace(MODEL, positions=positions), 50, n))
-    attach_variant(m, variant, s, n, Stats() if variant in ("partial_fixed", "partial_learned", "subset_only")
-                   else None, **MAPS, rank=0.5, seed=0)
+    attach_variant(
+        m,
+        variant,
+        s,
+        n,
+        Stats() if variant in ("partial_fixed", "partial_learned", "subset_only") else None,
+        **MAPS,
+        rank=0.5,
+        seed=0,
+    )
     return m
 
 
@@ -137,16 +169,26 @@ def test_partial_fixed_with_all_keys_equals_exact(positions):
     exact = model("exact", positions=positions).eval()
     ids = batch()
     want = exact.encoder(input_ids=ids).last_hidden_state
-    maps = {i: PartialMap(np.tile(np.arange(n), (H, 1)), np.broadcast_to(np.eye(n), (H, n, n)), np.zeros((H, n)),
-                          seq_len=n, query_range=(0, n), key_range=(0, n)) for i in range(L)}
+    maps = {
+        i: PartialMap(
+            np.tile(np.arange(n), (H, 1)),
+            np.broadcast_to(np.eye(n), (H, n, n)),
+            np.zeros((H, n)),
+            seq_len=n,
+            query_range=(0, n),
+            key_range=(0, n),
+        )
+        for i in range(L)
+    }
     attach(exact.encoder, maps)
     got = exact.encoder(input_ids=ids).last_hidden_state
     assert (got - want).abs().max() <= 1e-5
     # and the full pipeline at s = n: conditional Gaussian with T = all keys is the identity
     m = model("partial_fixed", s=n, positions=positions).eval()
     ref = model("exact", positions=positions).eval()
-    assert (m.encoder(input_ids=ids).last_hidden_state - ref.encoder(input_ids=ids).last_hidden_state).abs().max() \
-        <= 1e-4
+    assert (
+        m.encoder(input_ids=ids).last_hidden_state - ref.encoder(input_ids=ids).last_hidden_state
+    ).abs().max() <= 1e-4
 
 
 @torch.no_grad()
@@ -188,8 +230,16 @@ def tokenizer(tmp_path_factory, resources):
 
 def test_same_seed_same_metrics(tokenizer, tmp_path):
     tok, windows = tokenizer
-    kw = dict(mode="scratch", variant="exact", s=32, seed=3, settings=replace(TRAINING, seq_len=32, data_seed=0),
-              tokenizer_dir=tok, windows=windows, progress=False)
+    kw = dict(
+        mode="scratch",
+        variant="exact",
+        s=32,
+        seed=3,
+        settings=replace(TRAINING, seq_len=32, data_seed=0),
+        tokenizer_dir=tok,
+        windows=windows,
+        progress=False,
+    )
     a = run(tmp_path / "a", **kw)
     b = run(tmp_path / "b", **kw)
     ma, mb = pd.read_csv(tmp_path / "a" / "metrics.csv"), pd.read_csv(tmp_path / "b" / "metrics.csv")
@@ -206,11 +256,23 @@ def test_sigkill_resumes_from_checkpoint(tmp_path, resources):
     """A training job killed with SIGKILL resumes from its last checkpoint when the target is re-run."""
     wd = make_workdir(tmp_path, resources)
     cfg = tmp_path / "kill.yaml"
-    cfg.write_text(yaml.safe_dump({"training": {"steps": 250, "log_every": 10, "checkpoint_every": 10,
-                                                "eval_every": 250}}))
+    cfg.write_text(
+        yaml.safe_dump({"training": {"steps": 250, "log_every": 10, "checkpoint_every": 10, "eval_every": 250}})
+    )
     target = "results/training/scratch/exact/s32/seed0/final.json"
-    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(wd), "-c1", target, "--configfile",
-           str(REPO / "config.yaml"), str(REPO / "tests" / "config.yaml"), str(cfg)]
+    cmd = [
+        *SNAKEMAKE,
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(wd),
+        "-c1",
+        target,
+        "--configfile",
+        str(REPO / "config.yaml"),
+        str(REPO / "tests" / "config.yaml"),
+        str(cfg),
+    ]
     proc = subprocess.Popen(cmd, cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt = wd / "results/training/scratch/exact/s32/seed0/checkpoint.pt"
     deadline = time.time() + 300
@@ -236,8 +298,10 @@ def test_sigkill_resumes_from_checkpoint(tmp_path, resources):
 def test_wordpiece_is_identical_across_processes(resources, tmp_path):
     """The tokenizers library numbers the trained pieces differently in each process; after the
     canonical renumbering two processes write the same vocabulary file."""
-    code = ("import sys; from eigenattn.training.data import split_texts, train_wordpiece; "
-            "t = split_texts(sys.argv[1], 0, 0.2)['fit'][:40]; train_wordpiece(t, 600, sys.argv[2], 32)")
+    code = (
+        "import sys; from eigenattn.training.data import split_texts, train_wordpiece; "
+        "t = split_texts(sys.argv[1], 0, 0.2)['fit'][:40]; train_wordpiece(t, 600, sys.argv[2], 32)"
+    )
     docs = resources / "corpora" / "enwiki-sample" / "documents.parquet"
     for i in (1, 2):
         subprocess.run([sys.executable, "-c", code, str(docs), str(tmp_path / f"t{i}")], check=True)

@@ -17,9 +17,8 @@ import zarr
 from sklearn.decomposition import PCA
 from transformers import AutoModelForCausalLM
 
-from eigenattn.config.views import view_slices
-
 from conftest import REPO, make_workdir, snakemake
+from eigenattn.config.views import view_slices
 
 TINY = yaml.safe_load((REPO / "tests" / "config.yaml").read_text())
 
@@ -35,13 +34,12 @@ def test_full_matrix_routes_match_former_implementation_on_the_tiny_run(tiny_run
     give the same eigenvalues, total variances, half spectra and held-out EV (relative 1e-9), and
     so the same bounded flags."""
     import oracle_full
-    from test_full_spectra import assert_same
-
-    from eigenattn.spectra.rows import explained_variance, is_bounded
-    from eigenattn.spectra.full_spectra import full_spectrum
     from eigenattn.capture.masks import select_visible
+    from eigenattn.spectra.full_spectra import full_spectrum
+    from eigenattn.spectra.rows import explained_variance, is_bounded
     from eigenattn.storage.score_source import open_score_source
     from eigenattn.storage.store import open_scores
+    from test_full_spectra import assert_same
 
     wd, _ = tiny_run
     for model, view in (("minilm", "all"), ("minilm", "prefix"), ("smollm2", "prefix")):
@@ -52,22 +50,27 @@ def test_full_matrix_routes_match_former_implementation_on_the_tiny_run(tiny_run
             dask_scores, attrs = open_scores(shards)
             old = oracle_full.full_spectrum(select_visible(dask_scores, attrs, view)[0], view, variant, causal, 64)
             g = stored if variant == "raw" else stored[variant]
-            assert_same(old, {k: g[k][:] for k in ("eigenvalues", "total_variance", "ev_heldout", "half_eigenvalues",
-                                                    "half_total_variance")})
+            assert_same(
+                old,
+                {
+                    k: g[k][:]
+                    for k in ("eigenvalues", "total_variance", "ev_heldout", "half_eigenvalues", "half_total_variance")
+                },
+            )
             src, attrs = open_score_source(shards)
             src = select_visible(src, attrs, view)[0]
             # the covariance route at D = 1,024 (minilm `all`) would be 144 eigenproblems of 1,024 x 1,024 for
             # N = 12 sequences; both routes are compared at that D on synthetic stores (test_full_spectra)
             for route in ("covariance", "gram") if view == "prefix" else ("gram",):
-                new = full_spectrum(src, view, variant, causal, 64, route=route, workers=2, rank=None,
-                                    seed=0)
+                new = full_spectrum(src, view, variant, causal, 64, route=route, workers=2, rank=None, seed=0)
                 assert_same(old, new)
                 for p in (0.9, 0.95, 0.99):
                     ev_old = explained_variance(old["eigenvalues"], old["total_variance"])
                     ev_new = explained_variance(new["eigenvalues"], new["total_variance"])
                     np.testing.assert_array_equal(
                         is_bounded(old["ev_heldout"], p, old["n_samples"], old["dim"], ev_old),
-                        is_bounded(new["ev_heldout"], p, new["n_samples"], new["dim"], ev_new))
+                        is_bounded(new["ev_heldout"], p, new["n_samples"], new["dim"], ev_new),
+                    )
 
 
 def test_extract_stage_layout(tiny_run):
@@ -115,8 +118,11 @@ def test_eigen_stage_outputs(tiny_run):
     wd, _ = tiny_run
     n = TINY["sampling"]["seq_len"]
     N = TINY["sampling"]["n_sequences"]["fit"]
-    expect = {("minilm", "all"): (6, 12, n), ("minilm", "prefix"): (6, 12, n // 2),
-              ("smollm2", "prefix"): (4, 9, n // 2)}
+    expect = {
+        ("minilm", "all"): (6, 12, n),
+        ("minilm", "prefix"): (6, 12, n // 2),
+        ("smollm2", "prefix"): (4, 9, n // 2),
+    }
     assert sorted(p.name for p in (wd / "results" / "eigen" / "smollm2").iterdir()) == ["prefix"]
     for (model, view), (L, H, d) in expect.items():
         base = wd / "results" / "eigen" / model / view
@@ -138,8 +144,12 @@ def test_eigen_stage_outputs(tiny_run):
         assert {f"ev_at_{k}" for k in TINY["eigen"]["report_k"]} <= set(df.columns)
         assert (df.k90 <= df.k95).all() and (df.k95 <= df.k99).all() and (df.k99 <= df.d).all()
         # independent values from the stored scores: numpy variances and sklearn's PCA
-        scores = np.concatenate([zarr.open_group(p, mode="r")["scores"][:] for p in
-                                 sorted((wd / "results" / "scores" / model / "fit").iterdir())]).astype(np.float64)
+        scores = np.concatenate(
+            [
+                zarr.open_group(p, mode="r")["scores"][:]
+                for p in sorted((wd / "results" / "scores" / model / "fit").iterdir())
+            ]
+        ).astype(np.float64)
         qs, ks = view_slices(view, n, model == "smollm2")
         l, h = L - 1, H - 1
         X = scores[:, l, h, qs, ks].reshape(-1, d)
@@ -159,8 +169,22 @@ def test_eigen_stage_outputs(tiny_run):
 
 
 # every dimension name the stores use (docs/data-contract.md); an unnamed or misspelt one fails
-DIMS = {"sequence", "layer", "head", "query", "key", "position", "component", "half", "half_component", "k",
-        "a", "b", "layer_a", "layer_b"}
+DIMS = {
+    "sequence",
+    "layer",
+    "head",
+    "query",
+    "key",
+    "position",
+    "component",
+    "half",
+    "half_component",
+    "k",
+    "a",
+    "b",
+    "layer_a",
+    "layer_b",
+}
 
 
 def _groups(g, prefix=""):
@@ -201,8 +225,25 @@ def test_reconstruction_and_plugin_outputs(tiny_run):
     wd, _ = tiny_run
     n = TINY["sampling"]["seq_len"]
     sizes = TINY["reconstruction"]["subset_sizes"]
-    cols = ["model", "view", "split", "layer", "head", "estimator", "strategy", "subset_size", "basis_source", "k",
-            "basis_condition", "solve_condition", "rel_error", "rel_error_centered", "tv", "kl", "top1"]
+    cols = [
+        "model",
+        "view",
+        "split",
+        "layer",
+        "head",
+        "estimator",
+        "strategy",
+        "subset_size",
+        "basis_source",
+        "k",
+        "basis_condition",
+        "solve_condition",
+        "rel_error",
+        "rel_error_centered",
+        "tv",
+        "kl",
+        "top1",
+    ]
     for model, view, L, H in [("minilm", "all", 6, 12), ("minilm", "prefix", 6, 12), ("smollm2", "prefix", 4, 9)]:
         df = pd.read_csv(wd / "results" / "reconstruction" / model / f"{view}.csv")
         assert list(df.columns) == cols
@@ -225,20 +266,33 @@ def test_reconstruction_and_plugin_outputs(tiny_run):
         assert (wd / "benchmarks" / "out" / "reconstruct" / model / f"{view}.tsv").is_file()
     for model, metric in [("minilm", "embedding_cosine"), ("smollm2", "perplexity")]:
         df = pd.read_csv(wd / "results" / "plugin" / f"{model}.csv")
-        assert list(df.columns) == ["model", "estimator", "strategy", "subset_size", "metric", "value",
-                                    "exact_value", "ratio"]
+        assert list(df.columns) == [
+            "model",
+            "estimator",
+            "strategy",
+            "subset_size",
+            "metric",
+            "value",
+            "exact_value",
+            "ratio",
+        ]
         assert set(df.metric) == {metric}
         assert len(df) == 4 * 1 * len(TINY["plugin"]["subset_sizes"])
     # the exact perplexity, recomputed here by transformers' own eager model on the same tokens
     df = pd.read_csv(wd / "results" / "plugin" / "smollm2.csv")
-    ids = np.concatenate([zarr.open_group(p, mode="r")["input_ids"][:] for p in
-                          sorted((wd / "results" / "scores" / "smollm2" / "heldout").iterdir())])
-    ids = torch.from_numpy(ids[:TINY["plugin"]["n_sequences"]].astype(np.int64))
-    lm = AutoModelForCausalLM.from_pretrained(wd / "resources" / "models" / "smollm2", attn_implementation="eager",
-                                              dtype=torch.float32).eval()
+    ids = np.concatenate(
+        [
+            zarr.open_group(p, mode="r")["input_ids"][:]
+            for p in sorted((wd / "results" / "scores" / "smollm2" / "heldout").iterdir())
+        ]
+    )
+    ids = torch.from_numpy(ids[: TINY["plugin"]["n_sequences"]].astype(np.int64))
+    lm = AutoModelForCausalLM.from_pretrained(
+        wd / "resources" / "models" / "smollm2", attn_implementation="eager", dtype=torch.float32
+    ).eval()
     with torch.no_grad():
-        logp = torch.log_softmax(lm(input_ids=ids).logits[:, n // 2:-1].double(), -1)
-    nll = -logp.gather(-1, ids[:, n // 2 + 1:, None]).mean()
+        logp = torch.log_softmax(lm(input_ids=ids).logits[:, n // 2 : -1].double(), -1)
+    nll = -logp.gather(-1, ids[:, n // 2 + 1 :, None]).mean()
     assert df.exact_value.iloc[0] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
 
 
@@ -246,13 +300,26 @@ def test_training_outputs(tiny_run):
     wd, _ = tiny_run
     t = TINY["training"]
     s = pd.read_csv(wd / "results" / "training" / "summary.csv")
-    for c in ["mode", "variant", "subset_size", "seed", "steps", "heldout_mlm_acc", "heldout_loss", "params",
-              "attention_flops_per_seq", "mean_step_time_ms"]:
+    for c in [
+        "mode",
+        "variant",
+        "subset_size",
+        "seed",
+        "steps",
+        "heldout_mlm_acc",
+        "heldout_loss",
+        "params",
+        "attention_flops_per_seq",
+        "mean_step_time_ms",
+    ]:
         assert c in s.columns
     n = TINY["sampling"]["seq_len"]
     expect = {(m, "exact", n) for m in ("scratch", "finetune")} | {
-        (m, v, sz) for m in ("scratch", "finetune") for v in ("partial_fixed", "partial_learned", "subset_only",
-                                                            "linformer") for sz in t["subset_sizes"]}
+        (m, v, sz)
+        for m in ("scratch", "finetune")
+        for v in ("partial_fixed", "partial_learned", "subset_only", "linformer")
+        for sz in t["subset_sizes"]
+    }
     assert set(zip(s["mode"], s.variant, s.subset_size)) == expect
     assert (s[s.variant == "exact"].groupby("mode").seed.nunique() == 2).all()
     assert (s.steps == np.where(s["mode"] == "scratch", t["steps"], t["finetune_steps"])).all()
@@ -269,8 +336,18 @@ def test_training_outputs(tiny_run):
     np.testing.assert_allclose(s.flops_ratio, s.attention_flops_per_seq / ex.attention_flops_per_seq.iloc[0])
     run = wd / "results" / "training" / "finetune" / "partial_fixed" / f"s{t['subset_sizes'][0]}" / "seed0"
     m = pd.read_csv(run / "metrics.csv")
-    assert list(m.columns) == ["mode", "variant", "subset_size", "seed", "step", "train_loss", "heldout_loss",
-                               "heldout_mlm_acc", "lr", "step_time_ms"]
+    assert list(m.columns) == [
+        "mode",
+        "variant",
+        "subset_size",
+        "seed",
+        "step",
+        "train_loss",
+        "heldout_loss",
+        "heldout_mlm_acc",
+        "lr",
+        "step_time_ms",
+    ]
     assert m.step.iloc[0] == 0 and np.isfinite(m.heldout_mlm_acc.iloc[0])  # evaluated before fine-tuning
     assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "config.json").is_file()
     final = json.loads((run / "final.json").read_text())
@@ -334,22 +411,41 @@ def test_claims_table_equals_its_sources(tiny_run):
             x = src[(src.level == "k90") & (src.variant == r.variant)]
             want = float((x.k_last / x.d).median())
         elif r.claim == "C1":
-            x = src[(src.analysis == ("rows" if scope.startswith("rows") else "full")) & (src.variant == r.variant)
-                    & (src["head"] != "pooled")]
+            x = src[
+                (src.analysis == ("rows" if scope.startswith("rows") else "full"))
+                & (src.variant == r.variant)
+                & (src["head"] != "pooled")
+            ]
             want = float(np.median(x.k90 / x.d)) if scope.startswith("rows") else float(x.k90.median())
         elif r.claim == "C2":
             a, b = (r.model.split("×") + [r.model])[:2]
-            x = src[(src.variant == r.variant) & (src.k == r.k) & (src.quantity == r.method) & (src.model_a == a)
-                    & (src.model_b == b) & (src.view == r.view) & (src.scope != "split_half")
-                    & (src.scope == ("cross_model" if "models" in r.scope else "all_layer_pairs"))]
+            x = src[
+                (src.variant == r.variant)
+                & (src.k == r.k)
+                & (src.quantity == r.method)
+                & (src.model_a == a)
+                & (src.model_b == b)
+                & (src.view == r.view)
+                & (src.scope != "split_half")
+                & (src.scope == ("cross_model" if "models" in r.scope else "all_layer_pairs"))
+            ]
             want = float(x["median"].iloc[0])
         elif r.claim == "C3" and r.view != "plug-in":
             est, strat = r.method.split("/")
-            fit = src[(src.basis_source == "same") & (src.subset_size == r.s) & (src.split == "fit")
-                      & ~src.estimator.isin(["mean", "subset_only"])]
+            fit = src[
+                (src.basis_source == "same")
+                & (src.subset_size == r.s)
+                & (src.split == "fit")
+                & ~src.estimator.isin(["mean", "subset_only"])
+            ]
             assert fit.groupby(["estimator", "strategy"]).tv.median().idxmin() == (est, strat)  # chosen on fit
-            x = src[(src.basis_source == "same") & (src.subset_size == r.s) & (src.estimator == est)
-                    & (src.strategy == strat) & (src.split == "heldout")]
+            x = src[
+                (src.basis_source == "same")
+                & (src.subset_size == r.s)
+                & (src.estimator == est)
+                & (src.strategy == strat)
+                & (src.split == "heldout")
+            ]
             want = float(x.tv.median())
         elif r.claim == "C3":
             est, strat = r.method.split("/")
@@ -428,8 +524,11 @@ def test_single_model_run(tiny_run, tmp_path):
     out = proc.stdout + proc.stderr
     assert "eigenattn: reconstruction.transfer: auto -> adjacent_layer, farthest_layer" in out, out[-3000:]
     ran = set(re.findall(r"^(?:local)?rule (\w+):", out, re.M))
-    assert {"reconstruct_view", "overlap_summary", "claims"} <= ran <= {
-        "reconstruct_view", "overlap_summary", "claims", "plugin_eval_model"}, ran
+    assert (
+        {"reconstruct_view", "overlap_summary", "claims"}
+        <= ran
+        <= {"reconstruct_view", "overlap_summary", "claims", "plugin_eval_model"}
+    ), ran
     res = one / "results"
     for view in ("all", "prefix"):
         sources = set(pd.read_csv(res / "reconstruction" / "minilm" / f"{view}.csv").basis_source)

@@ -23,8 +23,16 @@ from tiny_models import FAMILIES, build, eager_attentions, store_probabilities
 SEQ_LEN = 16
 DEFAULT = ["mistral", "bloom"]
 NAMES = list(FAMILIES) if os.environ.get("EIGENATTN_ALL_FAMILIES") == "1" else DEFAULT
-CAUSAL = {"bert": False, "albert": False, "distilbert": False, "modernbert": False, "t5_encoder": False,
-          "deberta_v2": False, "t5": False, "bart": False}
+CAUSAL = {
+    "bert": False,
+    "albert": False,
+    "distilbert": False,
+    "modernbert": False,
+    "t5_encoder": False,
+    "deberta_v2": False,
+    "t5": False,
+    "bart": False,
+}
 
 
 def test_extract_refuses_or_reproduces_each_family(tmp_path, resources):
@@ -33,11 +41,16 @@ def test_extract_refuses_or_reproduces_each_family(tmp_path, resources):
     for name in NAMES:
         src = build(name, tmp_path / "src" / name)
         models[f"tiny_{name}"] = {"source": "path", "path": str(src), "causal": CAUSAL.get(name, True)}
-    overlay = {"run_models": list(models), "models": models,
-               "sampling": {"seq_len": SEQ_LEN, "n_sequences": {"fit": 4, "heldout": 2}},
-               "extraction": {"batch_size": 2, "chunk_sequences": 2, "shards": 1, "dtype": "float32"},
-               "plugin": {"n_sequences": 2}, "eigen": {"report_k": [2, 4, 8]}, "scaling": {"models": []},
-               "reconstruction": {"transfer": ["adjacent_layer"]}}
+    overlay = {
+        "run_models": list(models),
+        "models": models,
+        "sampling": {"seq_len": SEQ_LEN, "n_sequences": {"fit": 4, "heldout": 2}},
+        "extraction": {"batch_size": 2, "chunk_sequences": 2, "shards": 1, "dtype": "float32"},
+        "plugin": {"n_sequences": 2},
+        "eigen": {"report_k": [2, 4, 8]},
+        "scaling": {"models": []},
+        "reconstruction": {"transfer": ["adjacent_layer"]},
+    }
     cfg = tmp_path / "families.yaml"
     cfg.write_text(yaml.safe_dump(overlay))
     from conftest import CONFIGS
@@ -55,7 +68,9 @@ def test_extract_refuses_or_reproduces_each_family(tmp_path, resources):
                 leftovers = list(store.parent.glob("*")) if store.parent.exists() else []
                 assert leftovers == [], f"{key}: a refused model left {leftovers}"
                 first = next(line for line in log.splitlines() if "is refused" in line)
-                assert re.search(refusal, log, re.S) and f"model '{key}' at resources/models/{key}" in first, log[-3000:]
+                assert re.search(refusal, log, re.S) and f"model '{key}' at resources/models/{key}" in first, log[
+                    -3000:
+                ]
                 assert "fix: " in log
                 results[key] = "refused: " + first.split("is refused: ", 1)[1]
             else:
@@ -75,12 +90,16 @@ def test_eigen_skips_sliding_window_layers(tmp_path, resources, view, expect):
     """Gemma 2 alternates sliding-window (layer 0) and global layers: the eigen stage keeps layer 1 only."""
     wd = make_workdir(tmp_path / "wd", resources)
     src = build("gemma2", tmp_path / "src" / "gemma2")
-    overlay = {"run_models": ["tiny_gemma2"],
-               "models": {"tiny_gemma2": {"source": "path", "path": str(src), "causal": True}},
-               "sampling": {"seq_len": SEQ_LEN, "n_sequences": {"fit": 4, "heldout": 2}},
-               "extraction": {"batch_size": 2, "chunk_sequences": 2, "shards": 1}, "plugin": {"n_sequences": 2},
-               "eigen": {"report_k": [2, 4, 8]}, "scaling": {"models": []},
-               "reconstruction": {"transfer": ["adjacent_layer"]}}
+    overlay = {
+        "run_models": ["tiny_gemma2"],
+        "models": {"tiny_gemma2": {"source": "path", "path": str(src), "causal": True}},
+        "sampling": {"seq_len": SEQ_LEN, "n_sequences": {"fit": 4, "heldout": 2}},
+        "extraction": {"batch_size": 2, "chunk_sequences": 2, "shards": 1},
+        "plugin": {"n_sequences": 2},
+        "eigen": {"report_k": [2, 4, 8]},
+        "scaling": {"models": []},
+        "reconstruction": {"transfer": ["adjacent_layer"]},
+    }
     cfg = tmp_path / "gemma2.yaml"
     cfg.write_text(yaml.safe_dump(overlay))
     from conftest import CONFIGS
@@ -91,4 +110,6 @@ def test_eigen_skips_sliding_window_layers(tmp_path, resources, view, expect):
     assert g.attrs["layers"] == expect
     assert [s["layer"] for s in g.attrs["skipped_layers"]] == [0]
     assert "sliding window of 4" in g.attrs["skipped_layers"][0]["reason"]
-    assert "layer 0 skipped in view 'prefix'" in (wd / "logs" / "eigen_rows" / "tiny_gemma2" / f"{view}.log").read_text()
+    assert (
+        "layer 0 skipped in view 'prefix'" in (wd / "logs" / "eigen_rows" / "tiny_gemma2" / f"{view}.log").read_text()
+    )

@@ -35,8 +35,9 @@ def tokenizer():
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
 
 
 def texts(k: int, words: int = 24, seed: int = 0) -> list[str]:
@@ -47,8 +48,16 @@ def texts(k: int, words: int = 24, seed: int = 0) -> list[str]:
 
 
 def _small(**extra):
-    return dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
-                vocab_size=VOCAB, max_position_embeddings=128, **SPECIAL, **extra)
+    return dict(
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        **SPECIAL,
+        **extra,
+    )
 
 
 def _configs():
@@ -56,73 +65,179 @@ def _configs():
 
     return {
         "bert": ("encoder, absolute positions", lambda: T.BertConfig(**_small())),
-        "albert": ("encoder, one layer shared by all layers (no layer_idx)",
-                   lambda: T.AlbertConfig(**_small(embedding_size=16))),
-        "distilbert": ("encoder", lambda: T.DistilBertConfig(dim=32, n_heads=4, n_layers=2, hidden_dim=64,
-                                                             vocab_size=VOCAB, pad_token_id=0)),
-        "modernbert": ("encoder, RoPE, bidirectional sliding-window (local) layers",
-                       lambda: T.ModernBertConfig(**_small(global_attn_every_n_layers=2, local_attention=2 * WINDOW,
-                                                           cls_token_id=2, sep_token_id=3))),
-        "t5_encoder": ("encoder, relative position bias (T5EncoderModel)",
-                       lambda: T.T5Config(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, vocab_size=VOCAB,
-                                          pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)),
-        "gpt2": ("causal, absolute positions", lambda: T.GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=VOCAB,
-                                                                     n_positions=128, bos_token_id=2, eos_token_id=3)),
-        "opt": ("causal, learned positions", lambda: T.OPTConfig(hidden_size=32, num_attention_heads=4,
-                                                                  num_hidden_layers=2, ffn_dim=64,
-                                                                  word_embed_proj_dim=32, vocab_size=VOCAB,
-                                                                  max_position_embeddings=128, **SPECIAL)),
+        "albert": (
+            "encoder, one layer shared by all layers (no layer_idx)",
+            lambda: T.AlbertConfig(**_small(embedding_size=16)),
+        ),
+        "distilbert": (
+            "encoder",
+            lambda: T.DistilBertConfig(dim=32, n_heads=4, n_layers=2, hidden_dim=64, vocab_size=VOCAB, pad_token_id=0),
+        ),
+        "modernbert": (
+            "encoder, RoPE, bidirectional sliding-window (local) layers",
+            lambda: T.ModernBertConfig(
+                **_small(global_attn_every_n_layers=2, local_attention=2 * WINDOW, cls_token_id=2, sep_token_id=3)
+            ),
+        ),
+        "t5_encoder": (
+            "encoder, relative position bias (T5EncoderModel)",
+            lambda: T.T5Config(
+                d_model=32,
+                d_kv=8,
+                num_heads=4,
+                d_ff=64,
+                num_layers=2,
+                vocab_size=VOCAB,
+                pad_token_id=0,
+                eos_token_id=3,
+                decoder_start_token_id=0,
+            ),
+        ),
+        "gpt2": (
+            "causal, absolute positions",
+            lambda: T.GPT2Config(
+                n_embd=32, n_head=4, n_layer=2, vocab_size=VOCAB, n_positions=128, bos_token_id=2, eos_token_id=3
+            ),
+        ),
+        "opt": (
+            "causal, learned positions",
+            lambda: T.OPTConfig(
+                hidden_size=32,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                ffn_dim=64,
+                word_embed_proj_dim=32,
+                vocab_size=VOCAB,
+                max_position_embeddings=128,
+                **SPECIAL,
+            ),
+        ),
         "llama": ("causal, RoPE", lambda: T.LlamaConfig(**_small(num_key_value_heads=4))),
         "qwen2": ("causal, RoPE, grouped-query attention", lambda: T.Qwen2Config(**_small(num_key_value_heads=2))),
-        "qwen3": ("causal, RoPE, GQA, per-head q/k norms",
-                  lambda: T.Qwen3Config(**_small(num_key_value_heads=2, head_dim=8))),
+        "qwen3": (
+            "causal, RoPE, GQA, per-head q/k norms",
+            lambda: T.Qwen3Config(**_small(num_key_value_heads=2, head_dim=8)),
+        ),
         "gpt_neox": ("causal, partial RoPE, fused QKV", lambda: T.GPTNeoXConfig(**_small())),
-        "mistral": ("causal, sliding window shorter than the sequence",
-                    lambda: T.MistralConfig(**_small(num_key_value_heads=2, sliding_window=WINDOW))),
-        "gemma2": ("causal, logit softcapping, alternating sliding-window layers",
-                   lambda: T.Gemma2Config(**_small(num_key_value_heads=2, head_dim=8, sliding_window=WINDOW,
-                                                   attn_logit_softcapping=20.0))),
-        "gemma3": ("causal, q/k norms, alternating sliding-window layers",
-                   lambda: T.Gemma3TextConfig(**_small(num_key_value_heads=2, head_dim=8, sliding_window=WINDOW,
-                                                       layer_types=["sliding_attention", "full_attention"]))),
-        "gpt_oss": ("causal, attention sinks (s_aux), sliding-window layers, MoE",
-                    lambda: T.GptOssConfig(**_small(num_key_value_heads=2, head_dim=8, num_local_experts=2,
-                                                    num_experts_per_tok=1, sliding_window=WINDOW))),
-        "llama4": ("causal, chunked attention layers and NoPE layers",
-                   lambda: T.Llama4TextConfig(**_small(num_key_value_heads=2, head_dim=8, attention_chunk_size=WINDOW,
-                                                       num_local_experts=2, intermediate_size_mlp=64,
-                                                       interleave_moe_layer_step=2, no_rope_layers=[1, 0],
-                                                       use_qk_norm=False))),
+        "mistral": (
+            "causal, sliding window shorter than the sequence",
+            lambda: T.MistralConfig(**_small(num_key_value_heads=2, sliding_window=WINDOW)),
+        ),
+        "gemma2": (
+            "causal, logit softcapping, alternating sliding-window layers",
+            lambda: T.Gemma2Config(
+                **_small(num_key_value_heads=2, head_dim=8, sliding_window=WINDOW, attn_logit_softcapping=20.0)
+            ),
+        ),
+        "gemma3": (
+            "causal, q/k norms, alternating sliding-window layers",
+            lambda: T.Gemma3TextConfig(
+                **_small(
+                    num_key_value_heads=2,
+                    head_dim=8,
+                    sliding_window=WINDOW,
+                    layer_types=["sliding_attention", "full_attention"],
+                )
+            ),
+        ),
+        "gpt_oss": (
+            "causal, attention sinks (s_aux), sliding-window layers, MoE",
+            lambda: T.GptOssConfig(
+                **_small(
+                    num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=WINDOW
+                )
+            ),
+        ),
+        "llama4": (
+            "causal, chunked attention layers and NoPE layers",
+            lambda: T.Llama4TextConfig(
+                **_small(
+                    num_key_value_heads=2,
+                    head_dim=8,
+                    attention_chunk_size=WINDOW,
+                    num_local_experts=2,
+                    intermediate_size_mlp=64,
+                    interleave_moe_layer_step=2,
+                    no_rope_layers=[1, 0],
+                    use_qk_norm=False,
+                )
+            ),
+        ),
         # refused
-        "bloom": ("ALiBi in its own attention code", lambda: T.BloomConfig(hidden_size=32, n_head=4, n_layer=2,
-                                                                          vocab_size=VOCAB, **SPECIAL)),
-        "mpt": ("ALiBi in its own attention code", lambda: T.MptConfig(d_model=32, n_heads=4, n_layers=2,
-                                                                      vocab_size=VOCAB, max_seq_len=128)),
-        "falcon": ("its own attention classes (no AttentionInterface)",
-                   lambda: T.FalconConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
-                                          vocab_size=VOCAB, **SPECIAL)),
+        "bloom": (
+            "ALiBi in its own attention code",
+            lambda: T.BloomConfig(hidden_size=32, n_head=4, n_layer=2, vocab_size=VOCAB, **SPECIAL),
+        ),
+        "mpt": (
+            "ALiBi in its own attention code",
+            lambda: T.MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=128),
+        ),
+        "falcon": (
+            "its own attention classes (no AttentionInterface)",
+            lambda: T.FalconConfig(
+                hidden_size=32, num_attention_heads=4, num_hidden_layers=2, vocab_size=VOCAB, **SPECIAL
+            ),
+        ),
         "deberta_v2": ("disentangled attention in its own code", lambda: T.DebertaV2Config(**_small())),
-        "t5": ("encoder-decoder (T5Model)", lambda: T.T5Config(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
-                                                              vocab_size=VOCAB, pad_token_id=0, eos_token_id=3,
-                                                              decoder_start_token_id=0)),
-        "bart": ("encoder-decoder (BartModel)",
-                 lambda: T.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                                      vocab_size=VOCAB, max_position_embeddings=128, **SPECIAL)),
-        "deepseek_v3": ("multi-latent attention (Q·K head size 16, V head size 8)",
-                        lambda: T.DeepseekV3Config(**_small(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16,
-                                                            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-                                                            n_routed_experts=2, num_experts_per_tok=1,
-                                                            first_k_dense_replace=2, n_group=1, topk_group=1,
-                                                            moe_intermediate_size=16))),
+        "t5": (
+            "encoder-decoder (T5Model)",
+            lambda: T.T5Config(
+                d_model=32,
+                d_kv=8,
+                num_heads=4,
+                d_ff=64,
+                num_layers=2,
+                vocab_size=VOCAB,
+                pad_token_id=0,
+                eos_token_id=3,
+                decoder_start_token_id=0,
+            ),
+        ),
+        "bart": (
+            "encoder-decoder (BartModel)",
+            lambda: T.BartConfig(
+                d_model=32,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+                vocab_size=VOCAB,
+                max_position_embeddings=128,
+                **SPECIAL,
+            ),
+        ),
+        "deepseek_v3": (
+            "multi-latent attention (Q·K head size 16, V head size 8)",
+            lambda: T.DeepseekV3Config(
+                **_small(
+                    num_key_value_heads=4,
+                    kv_lora_rank=16,
+                    q_lora_rank=16,
+                    qk_rope_head_dim=8,
+                    qk_nope_head_dim=8,
+                    v_head_dim=8,
+                    n_routed_experts=2,
+                    num_experts_per_tok=1,
+                    first_k_dense_replace=2,
+                    n_group=1,
+                    topk_group=1,
+                    moe_intermediate_size=16,
+                )
+            ),
+        ),
     }
 
 
 NOT_ROUTED = r"no scores captured: its attention never reaches transformers' AttentionInterface"
 EXPECTED = {
-    "bloom": NOT_ROUTED, "mpt": NOT_ROUTED, "deberta_v2": NOT_ROUTED,
+    "bloom": NOT_ROUTED,
+    "mpt": NOT_ROUTED,
+    "deberta_v2": NOT_ROUTED,
     "falcon": r"does not go through transformers' AttentionInterface",
-    "t5": r"encoder–decoder model .*T5EncoderModel", "bart": r"encoder–decoder model",
+    "t5": r"encoder–decoder model .*T5EncoderModel",
+    "bart": r"encoder–decoder model",
     "deepseek_v3": r"multi-latent attention: the Q·K head size \(16\) differs from the V head size \(8\)",
 }
 FAMILIES = {name: (what, build, EXPECTED.get(name)) for name, (what, build) in _configs().items()}
@@ -157,11 +272,11 @@ def _scale_qk(model, f: float) -> None:
                     mod.bias.mul_(f)
             elif leaf == "c_attn":  # GPT-2 Conv1D: columns [q | k | v]
                 e = mod.weight.shape[1] // 3
-                mod.weight[:, :2 * e].mul_(f)
-                mod.bias[:2 * e].mul_(f)
+                mod.weight[:, : 2 * e].mul_(f)
+                mod.bias[: 2 * e].mul_(f)
             elif leaf == "Wqkv":  # ModernBERT: rows [q | k | v]
                 e = mod.weight.shape[0] // 3
-                mod.weight[:2 * e].mul_(f)
+                mod.weight[: 2 * e].mul_(f)
             elif leaf == "query_key_value" and cls == "Linear" and "neox" in type(model).__name__.lower():
                 h = model.config.num_attention_heads  # GPT-NeoX: rows per head [q | k | v]
                 w = mod.weight.view(h, 3, -1, mod.weight.shape[1])
@@ -235,15 +350,18 @@ def build_wide_t5(dest: Path, target_std: float = 50.0, bias_scale: float = 200.
 
 # The oracle: the store's probabilities by the docs/models.md formula against the model's own eager attention.
 
+
 def _visible(info: dict, n: int) -> np.ndarray:
     """docs/models.md: the keys each mask kind lets query i see."""
     i, j = np.indices((n, n))
     kind = info["kind"]
-    return {"bidirectional": np.ones((n, n), bool),
-            "causal": j <= i,
-            "sliding_window": (j <= i) & (i - j < info.get("window", 0)),
-            "chunked": (j <= i) & (i // info.get("chunk", 1) == j // info.get("chunk", 1)),
-            "bidirectional_sliding_window": np.abs(i - j) <= info.get("window", 0)}[kind]
+    return {
+        "bidirectional": np.ones((n, n), bool),
+        "causal": j <= i,
+        "sliding_window": (j <= i) & (i - j < info.get("window", 0)),
+        "chunked": (j <= i) & (i // info.get("chunk", 1) == j // info.get("chunk", 1)),
+        "bidirectional_sliding_window": np.abs(i - j) <= info.get("window", 0),
+    }[kind]
 
 
 def store_probabilities(store) -> np.ndarray:
@@ -268,8 +386,9 @@ def eager_attentions(model_dir, ids: np.ndarray, layers) -> np.ndarray:
     from eigenattn.capture.probe import model_class
 
     cfg = transformers.AutoConfig.from_pretrained(model_dir)
-    model = model_class(cfg, "oracle").from_pretrained(model_dir, attn_implementation="eager",
-                                                       dtype=torch.float32).eval()
+    model = (
+        model_class(cfg, "oracle").from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    )
     x = torch.from_numpy(ids.astype(np.int64))
     with torch.no_grad():
         out = model(input_ids=x, attention_mask=torch.ones_like(x), output_attentions=True)

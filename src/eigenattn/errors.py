@@ -48,8 +48,9 @@ class UnsupportedModelError(EigenattnError):
     ``model`` may be filled in by the caller that knows the config key (the attention backend does not).
     """
 
-    def __init__(self, problem: str, fix: str | None = None, *, model: str | None = None,
-                 model_type: str | None = None):
+    def __init__(
+        self, problem: str, fix: str | None = None, *, model: str | None = None, model_type: str | None = None
+    ):
         self.problem, self.fix, self.model, self.model_type = problem, fix, model, model_type
         super().__init__(problem)
 

@@ -6,15 +6,21 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from eigenattn.claims.verdicts import iqr  # noqa: F401  (the notebooks read it from here)
 
 if TYPE_CHECKING:
     import pandas as pd
 
-METHOD_COLORS = {"conditional_gaussian": "C0", "eigenspace": "C1", "mean": "C2", "subset_only": "C3",
-                 "exact": "k", "partial_fixed": "C0", "partial_learned": "C4", "linformer": "C1"}
+METHOD_COLORS = {
+    "conditional_gaussian": "C0",
+    "eigenspace": "C1",
+    "mean": "C2",
+    "subset_only": "C3",
+    "exact": "k",
+    "partial_fixed": "C0",
+    "partial_learned": "C4",
+    "linformer": "C1",
+}
 
 
 def setup():
@@ -23,8 +29,16 @@ def setup():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 130, "axes.grid": True, "grid.alpha": 0.3,
-                         "svg.hashsalt": "eigenattn", "font.size": 9})
+    plt.rcParams.update(
+        {
+            "figure.dpi": 110,
+            "savefig.dpi": 130,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "svg.hashsalt": "eigenattn",
+            "font.size": 9,
+        }
+    )
     return plt
 
 
@@ -63,8 +77,12 @@ def claim_grid(table) -> "pd.DataFrame":
 
     t = table.copy()
     t["row_label"] = [f"{r.claim} {r.mode}".strip() if r.claim == "C4" else r.claim for r in t.itertuples()]
-    t["subject"] = [f"{r.model} s={r.s}" if r.claim == "C4" and str(r.s) not in ("", "<NA>", "nan")
-                    else (r.model if r.claim == "C4" else f"{r.model} / {r.view}") for r in t.itertuples()]
+    t["subject"] = [
+        f"{r.model} s={r.s}"
+        if r.claim == "C4" and str(r.s) not in ("", "<NA>", "nan")
+        else (r.model if r.claim == "C4" else f"{r.model} / {r.view}")
+        for r in t.itertuples()
+    ]
     out = []
     for (label, subject), g in t.groupby(["row_label", "subject"], sort=False):
         judged = g[g.state != "reference"]
@@ -78,7 +96,15 @@ def claim_grid(table) -> "pd.DataFrame":
             pick = order.iloc[0]
             state = judged.state.iloc[0] if judged.state.nunique() == 1 else "mixed"
         counts = judged.state.value_counts()
-        out.append({"row": label, "subject": subject, "state": state, "value": float(pick.value),
-                    "quantity": pick.quantity, "rows": len(g),
-                    "tally": ", ".join(f"{n} {s}" for s, n in counts.items())})
+        out.append(
+            {
+                "row": label,
+                "subject": subject,
+                "state": state,
+                "value": float(pick.value),
+                "quantity": pick.quantity,
+                "rows": len(g),
+                "tally": ", ".join(f"{n} {s}" for s, n in counts.items()),
+            }
+        )
     return pd.DataFrame(out)

@@ -1,6 +1,6 @@
-from eigenattn.storage import logs
 from eigenattn.claims.table import claims_table
 from eigenattn.config.settings import ClaimThresholds
+from eigenattn.storage import logs
 from eigenattn.storage.store import write_table
 
 log = logs.start(snakemake)

@@ -1,6 +1,6 @@
-from eigenattn.storage import logs
-from eigenattn.spectra.stores import run_full
 from eigenattn.spectra.scheduler import dask_scheduler
+from eigenattn.spectra.stores import run_full
+from eigenattn.storage import logs
 
 log = logs.start(snakemake)
 p, runtime = snakemake.params, snakemake.params.runtime

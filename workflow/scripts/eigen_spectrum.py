@@ -1,5 +1,5 @@
-from eigenattn.storage import logs
 from eigenattn.spectra.stores import spectrum_table
+from eigenattn.storage import logs
 from eigenattn.storage.store import write_table
 
 log = logs.start(snakemake)

@@ -1,7 +1,7 @@
-from eigenattn.storage import logs
+from eigenattn.capture.extract import extract_scores, shard_passages
 from eigenattn.config.settings import Extraction
 from eigenattn.config.validation import check_model_facts
-from eigenattn.capture.extract import extract_scores, shard_passages
+from eigenattn.storage import logs
 
 log = logs.start(snakemake)
 e = Extraction.from_params(snakemake.params.settings)

@@ -1,5 +1,5 @@
-from eigenattn.storage import logs
 from eigenattn.corpus.passages import build_documents
+from eigenattn.storage import logs
 
 log = logs.start(snakemake)
 docs = build_documents(

@@ -1,5 +1,5 @@
-from eigenattn.storage import logs
 from eigenattn.spectra.overlap import cross_model, write_overlap
+from eigenattn.storage import logs
 
 log = logs.start(snakemake)
 p = snakemake.params.p

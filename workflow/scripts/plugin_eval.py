@@ -1,6 +1,6 @@
-from eigenattn.storage import logs
 from eigenattn.config.settings import Plugin
 from eigenattn.reconstruction.plugin import plugin_eval
+from eigenattn.storage import logs
 from eigenattn.storage.store import write_table
 
 log = logs.start(snakemake)

@@ -1,6 +1,6 @@
-from eigenattn.storage import logs
 from eigenattn.config.settings import Reconstruction
 from eigenattn.reconstruction.evaluate import evaluate_view
+from eigenattn.storage import logs
 from eigenattn.storage.store import write_table
 
 log = logs.start(snakemake)
@@ -15,6 +15,8 @@ df = evaluate_view(
 )
 write_table(df, snakemake.output[0])
 same = df[(df.basis_source == "same") & (df.split == "heldout")]
-log.info("median over heads:\n%s", same.groupby(["estimator", "strategy", "subset_size"])[
-    ["rel_error", "tv", "top1"]].median().to_string())
+log.info(
+    "median over heads:\n%s",
+    same.groupby(["estimator", "strategy", "subset_size"])[["rel_error", "tv", "top1"]].median().to_string(),
+)
 log.info("wrote %s (%d rows)", snakemake.output[0], len(df))

@@ -1,5 +1,5 @@
-from eigenattn.storage import logs
 from eigenattn.spectra.scaling import collect, length_fits, sample_saturation
+from eigenattn.storage import logs
 from eigenattn.storage.store import write_table
 
 log = logs.start(snakemake)

@@ -3,6 +3,13 @@ from eigenattn.training.data import build_windows
 
 log = logs.start(snakemake)
 p = snakemake.params
-counts = build_windows(snakemake.input.tokenizer, snakemake.input.documents, p.seq_len, p.seed,
-                       p.heldout_fraction, p.eval_sequences, snakemake.output[0])
+counts = build_windows(
+    snakemake.input.tokenizer,
+    snakemake.input.documents,
+    p.seq_len,
+    p.seed,
+    p.heldout_fraction,
+    p.eval_sequences,
+    snakemake.output[0],
+)
 log.info("windows of %d tokens: %s", p.seq_len, counts)

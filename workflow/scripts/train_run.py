@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from eigenattn.storage import logs
 from eigenattn.config.settings import Training
 from eigenattn.spectra.stores import RowStats
+from eigenattn.storage import logs
 from eigenattn.training.loop import run
 
 log = logs.start(snakemake)

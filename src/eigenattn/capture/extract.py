@@ -35,11 +35,17 @@ from tqdm.auto import tqdm
 
 from eigenattn import SCORE_DEFINITION
 from eigenattn.capture.interface import ScoreCapture, capturing
+from eigenattn.capture.masks import describe
+from eigenattn.capture.probe import (
+    PROBE_SEQUENCES,
+    STORE_DTYPES,
+    equivalence_probe,
+    load_capture_model,
+    mask_info,
+    resolve_store_dtype,
+)
 from eigenattn.corpus.passages import tokenize_passages
 from eigenattn.errors import ConfigError, UnsupportedModelError
-from eigenattn.capture.masks import describe
-from eigenattn.capture.probe import (PROBE_SEQUENCES, STORE_DTYPES, equivalence_probe, load_capture_model,
-                                     mask_info, resolve_store_dtype)
 from eigenattn.storage.score_writer import ScoreWriter, reuse_freed_memory
 from eigenattn.storage.store import create_score_store, new_store
 
@@ -49,8 +55,9 @@ DTYPES = STORE_DTYPES  # extraction.dtype, besides auto
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_model(model_dir: str | os.PathLike, attn_implementation: str | None = None, device="cpu",
-               label: str | None = None):
+def load_model(
+    model_dir: str | os.PathLike, attn_implementation: str | None = None, device="cpu", label: str | None = None
+):
     """Load tokenizer and base model (no LM head) from a Hugging Face-format directory.
 
     The class comes from ``config.architectures`` (an encoder such as ``T5EncoderModel`` loads as
@@ -78,10 +85,13 @@ def probe_facts(probe, keep: list[int], label: str, model_type: str) -> dict:
     """Head counts of the kept layers, from what the probe saw (one score array needs one H)."""
     shapes = {k: {probe.shapes[l][k] for l in keep} for k in ("heads", "kv_heads", "head_dim")}
     if len(shapes["heads"]) != 1:
-        raise UnsupportedModelError(f"layers {keep} have different numbers of query heads ({sorted(shapes['heads'])}),"
-                                    " which one score array (sequence, layer, head, query, key) cannot hold",
-                                    "extract only layers with equal head counts (models.<name>.layers)",
-                                    model=label, model_type=model_type)
+        raise UnsupportedModelError(
+            f"layers {keep} have different numbers of query heads ({sorted(shapes['heads'])}),"
+            " which one score array (sequence, layer, head, query, key) cannot hold",
+            "extract only layers with equal head counts (models.<name>.layers)",
+            model=label,
+            model_type=model_type,
+        )
     return {k: (next(iter(v)) if len(v) == 1 else sorted(v)) for k, v in shapes.items()}
 
 
@@ -89,8 +99,10 @@ def check_batch(cap: ScoreCapture, keep: list[int], probe, label: str) -> None:
     """Every kept layer was captured, with the mask the probe recorded."""
     missing = [l for l in keep if l not in cap.scores]
     if missing:
-        raise RuntimeError(f"{label}: no scores captured for layers {missing}: the model does not "
-                           "route attention through AttentionInterface")
+        raise RuntimeError(
+            f"{label}: no scores captured for layers {missing}: the model does not "
+            "route attention through AttentionInterface"
+        )
     seen = {}  # layers usually share one mask tensor
     for l in keep:
         m = cap.masks.get(l)
@@ -98,8 +110,9 @@ def check_batch(cap: ScoreCapture, keep: list[int], probe, label: str) -> None:
             seen[id(m)] = mask_info(m, probe.seq_len)[0]
         info = seen[id(m)]
         if info != probe.masks[l]:
-            raise RuntimeError(f"{label}: layer {l} received a mask ({info}) that differs from the probe's "
-                               f"({probe.masks[l]})")
+            raise RuntimeError(
+                f"{label}: layer {l} received a mask ({info}) that differs from the probe's ({probe.masks[l]})"
+            )
 
 
 def resolve_layers(layers, n_layers: int, key: str = "models.<name>.layers") -> list[int]:
@@ -114,14 +127,32 @@ def resolve_layers(layers, n_layers: int, key: str = "models.<name>.layers") -> 
     out = sorted(set(int(x) for x in layers))
     bad = [x for x in out if x < 0 or x >= n_layers]
     if bad:
-        raise ConfigError(key, f"layer(s) {bad} out of range for a model with {n_layers} layers",
-                          f"list layers between 0 and {n_layers - 1}, or write all")
+        raise ConfigError(
+            key,
+            f"layer(s) {bad} out of range for a model with {n_layers} layers",
+            f"list layers between 0 and {n_layers - 1}, or write all",
+        )
     return out
 
 
-def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dtype: str, batch_size: int,
-                   chunk_sequences: int, device: torch.device, autocast: str, layers, compression: str,
-                   attrs: dict | None = None, progress: bool = True, check_facts=None) -> dict:
+def extract_scores(
+    model_dir,
+    texts,
+    passage_ids,
+    out_path,
+    *,
+    seq_len: int,
+    dtype: str,
+    batch_size: int,
+    chunk_sequences: int,
+    device: torch.device,
+    autocast: str,
+    layers,
+    compression: str,
+    attrs: dict | None = None,
+    progress: bool = True,
+    check_facts=None,
+) -> dict:
     """Extract the scores of every passage into a new Zarr store at ``out_path``.
 
     Returns a dict of timings and sizes. ``attrs`` are merged into the group attributes.
@@ -133,8 +164,11 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError("extraction.dtype", f"unknown dtype '{dtype}'", "use auto, float16 or float32")
     if batch_size % chunk_sequences:
-        raise ConfigError("extraction.batch_size", f"{batch_size} is not a multiple of extraction.chunk_sequences "
-                          f"= {chunk_sequences}", "make extraction.batch_size a multiple of extraction.chunk_sequences")
+        raise ConfigError(
+            "extraction.batch_size",
+            f"{batch_size} is not a multiple of extraction.chunk_sequences = {chunk_sequences}",
+            "make extraction.batch_size a multiple of extraction.chunk_sequences",
+        )
     if autocast not in AUTOCAST:
         raise ConfigError("extraction.autocast", f"unknown autocast '{autocast}'", f"use {', '.join(AUTOCAST)}")
     dev = torch.device(device)
@@ -143,19 +177,30 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
     tok, model = load_model(model_dir, device=dev, label=label)
     facts = model_facts(model)
     if facts["max_positions"] and seq_len > facts["max_positions"]:
-        raise ConfigError("sampling.seq_len", f"seq_len {seq_len} exceeds the {facts['max_positions']} positions of "
-                          f"the model at {model_dir}", f"use a seq_len of at most {facts['max_positions']} "
-                          "(scaling.lengths and scaling.sample_length in the scaling study)")
+        raise ConfigError(
+            "sampling.seq_len",
+            f"seq_len {seq_len} exceeds the {facts['max_positions']} positions of the model at {model_dir}",
+            f"use a seq_len of at most {facts['max_positions']} "
+            "(scaling.lengths and scaling.sample_length in the scaling study)",
+        )
     ids = tokenize_passages(tok, texts, seq_len)
     # Refuse before any store exists: the probe compares the capture with the model's eager attention.
     probe = equivalence_probe(model, torch.from_numpy(ids[:PROBE_SEQUENCES].astype(np.int64)).to(dev), label)
     facts["n_layers"] = probe.n_layers
     configured = layers["of"] if isinstance(layers, dict) else layers  # before any thinning to at_most
-    wanted = list(range(probe.n_layers)) if configured in (None, "all") else \
-        sorted({int(x) for x in configured if 0 <= int(x) < probe.n_layers})
+    wanted = (
+        list(range(probe.n_layers))
+        if configured in (None, "all")
+        else sorted({int(x) for x in configured if 0 <= int(x) < probe.n_layers})
+    )
     if check_facts is not None:
-        check_facts({"n_layers": probe.n_layers, "causal": probe.causal(wanted),
-                     "mask_kinds": ", ".join(sorted({describe(probe.masks[l]) for l in wanted}))})
+        check_facts(
+            {
+                "n_layers": probe.n_layers,
+                "causal": probe.causal(wanted),
+                "mask_kinds": ", ".join(sorted({describe(probe.masks[l]) for l in wanted})),
+            }
+        )
     keep = resolve_layers(layers, facts["n_layers"], f"models.{name}.layers" if name else "models.<name>.layers")
     # before any store exists: float16 is stored only where its cast reproduces the probabilities
     requested, dtype = dtype, resolve_store_dtype(probe, dtype, label, keep)  # the dtype stored, from here on
@@ -169,9 +214,19 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
     reuse_freed_memory()
     t0 = time.perf_counter()
     with new_store(out_path) as root:
-        scores = create_score_store(root, ids=ids, passage_ids=passage_ids, layers=keep, heads=H,
-                                    kv_heads=facts["kv_heads"], seq_len=seq_len, dtype=dtype, compression=compression,
-                                    chunk_sequences=chunk_sequences, shard_sequences=batch_size)
+        scores = create_score_store(
+            root,
+            ids=ids,
+            passage_ids=passage_ids,
+            layers=keep,
+            heads=H,
+            kv_heads=facts["kv_heads"],
+            seq_len=seq_len,
+            dtype=dtype,
+            compression=compression,
+            chunk_sequences=chunk_sequences,
+            shard_sequences=batch_size,
+        )
         if sinks:
             # -inf (no sink) for kept layers without one: softmax then ignores the sink column.
             table = np.full((L, H), -np.inf, dtype=np.float32)
@@ -179,8 +234,13 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
                 if l in probe.sinks:
                     table[i] = probe.sinks[l]
             arr = root.create_array("sinks", data=table, dimension_names=["layer", "head"])
-            arr.attrs.update({"definition": "per-head sink logit: an extra softmax column that is no token; "
-                              "P = softmax([S + mask, sink])[..., :n]", "layers": keep})
+            arr.attrs.update(
+                {
+                    "definition": "per-head sink logit: an extra softmax column that is no token; "
+                    "P = softmax([S + mask, sink])[..., :n]",
+                    "layers": keep,
+                }
+            )
 
         on_cuda = dev.type == "cuda"
         amp = AUTOCAST[autocast]
@@ -190,12 +250,17 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
         writer = ScoreWriter(scores, block_shape, store_dtype, pin=on_cuda)
         t_loop = time.perf_counter()
         t_fwd = 0.0
-        bar = tqdm(total=n_seq, desc=f"extract {out_path.parent.parent.name}/{out_path.parent.name}",
-                   unit="seq", disable=not progress, mininterval=1.0)
+        bar = tqdm(
+            total=n_seq,
+            desc=f"extract {out_path.parent.parent.name}/{out_path.parent.name}",
+            unit="seq",
+            disable=not progress,
+            mininterval=1.0,
+        )
         try:
             with torch.inference_mode():
                 for start in range(0, n_seq, batch_size):
-                    batch = torch.from_numpy(ids[start:start + batch_size].astype(np.int64))
+                    batch = torch.from_numpy(ids[start : start + batch_size].astype(np.int64))
                     if on_cuda:
                         batch = batch.pin_memory().to(dev, non_blocking=True)
                     count = batch.shape[0]
@@ -220,38 +285,49 @@ def extract_scores(model_dir, texts, passage_ids, out_path, *, seq_len: int, dty
             writer.close()
         t_loop = time.perf_counter() - t_loop
 
-        root.attrs.update({
-            **(attrs or {}),
-            **{k: facts[k] for k in ("architecture", "model_type", "heads", "kv_heads", "head_dim")},
-            "layers": keep,
-            "n_layers_total": facts["n_layers"],
-            "seq_len": seq_len,
-            "causal": bool(causal),
-            "layer_masks": [probe.masks[l] for l in keep],
-            "layer_modifiers": [{k: probe.modifiers[l][k] for k in ("softcap", "position_bias", "sinks")}
-                                for l in keep],
-            "equivalence_probe": probe.summary(dtype, keep),
-            "score_definition": SCORE_DEFINITION,
-            "dtype": dtype,
-            "dtype_requested": requested,
-            "compression": compression,
-            "autocast": autocast if on_cuda else "none",
-            "device": dev.type,
-            "special_tokens": describe_special_tokens(tok, ids),
-        })
+        root.attrs.update(
+            {
+                **(attrs or {}),
+                **{k: facts[k] for k in ("architecture", "model_type", "heads", "kv_heads", "head_dim")},
+                "layers": keep,
+                "n_layers_total": facts["n_layers"],
+                "seq_len": seq_len,
+                "causal": bool(causal),
+                "layer_masks": [probe.masks[l] for l in keep],
+                "layer_modifiers": [
+                    {k: probe.modifiers[l][k] for k in ("softcap", "position_bias", "sinks")} for l in keep
+                ],
+                "equivalence_probe": probe.summary(dtype, keep),
+                "score_definition": SCORE_DEFINITION,
+                "dtype": dtype,
+                "dtype_requested": requested,
+                "compression": compression,
+                "autocast": autocast if on_cuda else "none",
+                "device": dev.type,
+                "special_tokens": describe_special_tokens(tok, ids),
+            }
+        )
     total = time.perf_counter() - t0
-    return {"n_sequences": n_seq, "dtype": dtype, "seconds": total, "loop_seconds": t_loop, "forward_seconds": t_fwd,
-            "bytes_raw": int(n_seq * L * H * seq_len * seq_len * np.dtype(dtype).itemsize),
-            "bytes_stored": dir_size(out_path)}
+    return {
+        "n_sequences": n_seq,
+        "dtype": dtype,
+        "seconds": total,
+        "loop_seconds": t_loop,
+        "forward_seconds": t_fwd,
+        "bytes_raw": int(n_seq * L * H * seq_len * seq_len * np.dtype(dtype).itemsize),
+        "bytes_stored": dir_size(out_path),
+    }
 
 
 def describe_special_tokens(tok, ids: np.ndarray) -> str:
     first = tok.convert_ids_to_tokens(int(ids[0, 0])) if ids.size else ""
     last = tok.convert_ids_to_tokens(int(ids[0, -1])) if ids.size else ""
     specials = set(tok.all_special_ids)
-    return (f"tokenizer default special tokens, truncated to seq_len; first token '{first}'"
-            f"{' (special)' if ids.size and int(ids[0, 0]) in specials else ''}, last token '{last}'"
-            f"{' (special)' if ids.size and int(ids[0, -1]) in specials else ''}")
+    return (
+        f"tokenizer default special tokens, truncated to seq_len; first token '{first}'"
+        f"{' (special)' if ids.size and int(ids[0, 0]) in specials else ''}, last token '{last}'"
+        f"{' (special)' if ids.size and int(ids[0, -1]) in specials else ''}"
+    )
 
 
 def dir_size(path) -> int:
@@ -264,6 +340,9 @@ def shard_passages(passages_path, split: str, shard: int, n_shards: int):
     df = df[df["split"] == split].sort_values("passage_id").reset_index(drop=True)
     lo, hi = shard * len(df) // n_shards, (shard + 1) * len(df) // n_shards
     if hi <= lo:
-        raise ConfigError("extraction.shards", f"shard {shard} of {n_shards} has no {split} passages ({len(df)} in "
-                          "total)", f"use at most {len(df)} shards, or sample more {split} passages")
+        raise ConfigError(
+            "extraction.shards",
+            f"shard {shard} of {n_shards} has no {split} passages ({len(df)} in total)",
+            f"use at most {len(df)} shards, or sample more {split} passages",
+        )
     return df.iloc[lo:hi]

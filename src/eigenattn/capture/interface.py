@@ -32,7 +32,13 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
-from eigenattn.capture.attention import expand_heads, finish_attention, scaled_scores, sdpa_attention, streamed_attention
+from eigenattn.capture.attention import (
+    expand_heads,
+    finish_attention,
+    scaled_scores,
+    sdpa_attention,
+    streamed_attention,
+)
 from eigenattn.errors import UnsupportedModelError
 
 CAPTURE_IMPL = "eigenattn_capture"
@@ -79,8 +85,11 @@ class ScoreCapture:
     def store_part(self, layer_idx: int, b: int, batch: int, scores: torch.Tensor) -> None:
         """Store the scores of sequence ``b`` of a batch of ``batch`` (``scores``: heads, n, m)."""
         if b == 0:
-            self.scores[layer_idx] = (scores.new_empty((batch, *scores.shape), dtype=self.store_dtype)
-                                      if self.out is None else self.out[:, self.slot[layer_idx]])
+            self.scores[layer_idx] = (
+                scores.new_empty((batch, *scores.shape), dtype=self.store_dtype)
+                if self.out is None
+                else self.out[:, self.slot[layer_idx]]
+            )
         self.scores[layer_idx][b].copy_(scores.detach())
 
     def store(self, layer_idx: int, scores: torch.Tensor) -> None:
@@ -104,7 +113,9 @@ class ScoreCapture:
                 "scores would overwrite each other. Encoder–decoder models (self- and cross-attention per "
                 "layer) and modules reused under one layer_idx cannot be stored as one score matrix per layer",
                 "use an encoder-only or decoder-only model (for an encoder–decoder model, save its encoder "
-                "alone, e.g. T5EncoderModel)", model_type=model_type_of(module))
+                "alone, e.g. T5EncoderModel)",
+                model_type=model_type_of(module),
+            )
         self.owners[layer_idx] = module
         return layer_idx
 
@@ -114,11 +125,23 @@ class ScoreCapture:
 # were already applied to Q and K (RoPE) or only steer fused kernels (flash attention's
 # determinism flag). ``is_causal`` and ``sliding_window`` are honoured by the mask the layer
 # receives, which eager attention applies; the probe checks that mask against ``sliding_window``.
-IGNORED_KWARGS = frozenset({
-    "position_ids", "cache_position", "position_embeddings", "output_attentions", "output_hidden_states",
-    "return_dict", "use_cache", "cache", "past_key_values", "past_key_value", "deterministic",
-    "is_causal", "sliding_window",
-})
+IGNORED_KWARGS = frozenset(
+    {
+        "position_ids",
+        "cache_position",
+        "position_embeddings",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "use_cache",
+        "cache",
+        "past_key_values",
+        "past_key_value",
+        "deterministic",
+        "is_causal",
+        "sliding_window",
+    }
+)
 # Applied by the capture backend to the scores or the softmax.
 APPLIED_KWARGS = frozenset({"softcap", "position_bias", "s_aux"})
 
@@ -136,10 +159,12 @@ def check_kwargs(module, kwargs: dict, understood, backend: str) -> None:
         raise UnsupportedModelError(
             f"its attention module {type(module).__name__} passes {shown} to the attention function, which "
             f"the '{backend}' backend does not implement; ignoring it would give scores that are not the "
-            "model's", "use a model whose attention takes only the arguments listed in docs/models.md "
+            "model's",
+            "use a model whose attention takes only the arguments listed in docs/models.md "
             "(Keyword arguments), or add this argument to the "
             "backend (eigenattn/capture.py) with a test against eager output_attentions",
-            model_type=model_type_of(module))
+            model_type=model_type_of(module),
+        )
 
 
 def capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -149,18 +174,24 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
         raise UnsupportedModelError(
             f"multi-latent attention: the Q·K head size ({query.shape[-1]}) differs from the V head size "
             f"({value.shape[-1]}), so heads are not standard scaled dot products of one head dimension",
-            "use a model with standard multi-head or grouped-query attention", model_type=model_type_of(module))
+            "use a model with standard multi-head or grouped-query attention",
+            model_type=model_type_of(module),
+        )
     if query.shape[1] % key.shape[1]:
         raise UnsupportedModelError(
             f"{query.shape[1]} query heads cannot share {key.shape[1]} key heads evenly",
-            "use a model with standard multi-head or grouped-query attention", model_type=model_type_of(module))
+            "use a model with standard multi-head or grouped-query attention",
+            model_type=model_type_of(module),
+        )
     softcap = kwargs.get("softcap")
     bias = kwargs.get("position_bias")
     sinks = kwargs.get("s_aux")
     if softcap is not None and bias is not None:
         raise UnsupportedModelError(
-            "it passes both a logit softcap and a position bias; their order is not defined by the attention "
-            "interface", "use a model with at most one of them", model_type=model_type_of(module))
+            "it passes both a logit softcap and a position bias; their order is not defined by the attention interface",
+            "use a model with at most one of them",
+            model_type=model_type_of(module),
+        )
     kv_heads = int(key.shape[1])
     key, value, scaling = expand_heads(query, key, value, scaling)
     cap: ScoreCapture | None = getattr(_state, "capture", None)
@@ -173,8 +204,13 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
     # scores and takes its output from SDPA. The equivalence probe checks each against eager
     # attention (last hidden state included).
     plain = softcap is None and bias is None and sinks is None and not (module.training and dropout > 0)
-    streamed = wanted and plain and query.device.type == "cpu" and query.dtype == torch.float32 and (
-        attention_mask is None or attention_mask.is_floating_point())
+    streamed = (
+        wanted
+        and plain
+        and query.device.type == "cpu"
+        and query.dtype == torch.float32
+        and (attention_mask is None or attention_mask.is_floating_point())
+    )
     scores = None
     if (wanted or not plain) and not streamed:
         scores = scaled_scores(query, key, scaling)
@@ -189,15 +225,24 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
         cap.masks[layer_idx] = None if attention_mask is None else attention_mask.detach()
         if sinks is not None:
             cap.sinks[layer_idx] = sinks.detach().float().reshape(-1)
-        cap.modifiers[layer_idx] = {"softcap": None if softcap is None else float(softcap),
-                                    "position_bias": bias is not None, "sinks": sinks is not None,
-                                    "sliding_window": kwargs.get("sliding_window")}
-        cap.shapes[layer_idx] = {"heads": int(query.shape[1]), "kv_heads": kv_heads, "head_dim": int(query.shape[-1]),
-                                 "queries": int(query.shape[-2]), "keys": int(key.shape[-2])}
+        cap.modifiers[layer_idx] = {
+            "softcap": None if softcap is None else float(softcap),
+            "position_bias": bias is not None,
+            "sinks": sinks is not None,
+            "sliding_window": kwargs.get("sliding_window"),
+        }
+        cap.shapes[layer_idx] = {
+            "heads": int(query.shape[1]),
+            "kv_heads": kv_heads,
+            "head_dim": int(query.shape[-1]),
+            "queries": int(query.shape[-2]),
+            "keys": int(key.shape[-2]),
+        }
         if cap.mask is None and attention_mask is not None:
             cap.mask = attention_mask.detach()
 
     if streamed:
+
         def store(b, S):
             cap.store_part(layer_idx, b, query.shape[0], S)
 
@@ -233,4 +278,3 @@ def capturing(capture: ScoreCapture):
         yield capture
     finally:
         _state.capture = prev
-

@@ -24,8 +24,8 @@ import logging
 
 import numpy as np
 
-from eigenattn.errors import InputError
 from eigenattn.config.views import view_slices
+from eigenattn.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,11 @@ def visible_layers(score_attrs: dict, view: str, n: int | None = None) -> tuple[
         if block.all():
             kept.append(int(layer))
             continue
-        reason = (f"its mask ({describe(info)}) hides {int((~block).sum())} of the {block.size} "
-                  f"entries of view '{view}' (queries {qs.start}..{qs.stop - 1}, keys {ks.start}..{ks.stop - 1}, "
-                  f"seq_len {n})")
+        reason = (
+            f"its mask ({describe(info)}) hides {int((~block).sum())} of the {block.size} "
+            f"entries of view '{view}' (queries {qs.start}..{qs.stop - 1}, keys {ks.start}..{ks.stop - 1}, "
+            f"seq_len {n})"
+        )
         skipped.append({"layer": int(layer), "mask": dict(info), "reason": reason})
         log.warning("model %s: layer %d skipped in view '%s': %s", score_attrs.get("model", "?"), layer, view, reason)
     return kept, skipped
@@ -133,13 +135,20 @@ def select_visible(scores, score_attrs: dict, view: str):
     """
     kept, skipped = visible_layers(score_attrs, view)
     if not kept:
-        raise InputError(f"scores of model {score_attrs.get('model', '?')}", f"every captured layer's mask hides "
-                         f"part of view '{view}' ({skipped[0]['reason']}), so the view has nothing to analyse",
-                         "use a seq_len the windows cover, or leave this view (eigen.views) or model (run_models) out")
+        raise InputError(
+            f"scores of model {score_attrs.get('model', '?')}",
+            f"every captured layer's mask hides "
+            f"part of view '{view}' ({skipped[0]['reason']}), so the view has nothing to analyse",
+            "use a seq_len the windows cover, or leave this view (eigen.views) or model (run_models) out",
+        )
     if not skipped:
         return scores, {**score_attrs, "skipped_layers": []}
     layers = [int(x) for x in score_attrs["layers"]]
     idx = [layers.index(l) for l in kept]
     masks = layer_masks(score_attrs)
-    return scores[:, idx], {**score_attrs, "layers": kept, "layer_masks": [masks[i] for i in idx],
-                            "skipped_layers": skipped}
+    return scores[:, idx], {
+        **score_attrs,
+        "layers": kept,
+        "layer_masks": [masks[i] for i in idx],
+        "skipped_layers": skipped,
+    }

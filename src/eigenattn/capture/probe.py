@@ -38,8 +38,8 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer
 
 from eigenattn.capture.interface import ScoreCapture, capturing, register
-from eigenattn.errors import ConfigError, UnsupportedModelError
 from eigenattn.capture.masks import classify_visibility, describe, hides_future, visibility
+from eigenattn.errors import ConfigError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,15 @@ def model_class(hf_config, label: str):
         raise UnsupportedModelError(
             f"it is an encoder–decoder model ({arch or type(hf_config).__name__}): its decoder has self- and "
             "cross-attention in every layer, which cannot be stored as one score matrix per layer",
-            (f"save its encoder alone and point the model at that directory, e.g. "
-             f"{enc}.from_pretrained(src).save_pretrained(dst)" if has_enc else
-             "save its encoder alone as an encoder-only model, or use an encoder-only or decoder-only model"),
-            model=label, model_type=getattr(hf_config, "model_type", None))
+            (
+                f"save its encoder alone and point the model at that directory, e.g. "
+                f"{enc}.from_pretrained(src).save_pretrained(dst)"
+                if has_enc
+                else "save its encoder alone as an encoder-only model, or use an encoder-only or decoder-only model"
+            ),
+            model=label,
+            model_type=getattr(hf_config, "model_type", None),
+        )
     return transformers.AutoModel
 
 
@@ -97,7 +102,9 @@ def load_capture_model(model_dir, label: str, device="cpu", attn_implementation:
             f"its attention does not go through transformers' AttentionInterface: loading it with the "
             f"'{impl}' attention implementation fails ({type(e).__name__}: {str(e)[:200]})",
             f"use a model whose attention goes through AttentionInterface; {SUPPORTED_HINT}",
-            model=label, model_type=config.model_type) from e
+            model=label,
+            model_type=config.model_type,
+        ) from e
     model.eval().to(device)
     return tok, model
 
@@ -132,17 +139,27 @@ class ProbeResult:
     def summary(self, dtype: str, layers=None) -> dict:
         """The probe's findings for the store's attrs; ``dtype``: the store's (resolved) dtype,
         ``layers``: the stored layers (the stored errors are over those; None = all)."""
-        out = {"sequences": self.sequences, "max_prob_error": self.prob_error, "prob_tolerance": PROB_TOL,
-               "max_hidden_error": self.hidden_error, "hidden_tolerance": HIDDEN_TOL,
-               "hidden_error_definition": "max |capture - eager| of the last hidden state / max(1, max |eager|)",
-               "reference": "the same model with attn_implementation='eager', output_attentions=True, float32"}
+        out = {
+            "sequences": self.sequences,
+            "max_prob_error": self.prob_error,
+            "prob_tolerance": PROB_TOL,
+            "max_hidden_error": self.hidden_error,
+            "hidden_tolerance": HIDDEN_TOL,
+            "hidden_error_definition": "max |capture - eager| of the last hidden state / max(1, max |eager|)",
+            "reference": "the same model with attn_implementation='eager', output_attentions=True, float32",
+        }
         if self.stored_errors:
-            out.update({"max_prob_error_stored": _finite_or_none(self.stored_error(dtype, layers)),
-                        "stored_prob_errors": {k: _finite_or_none(self.stored_error(k, layers))
-                                               for k in self.stored_errors},
-                        "stored_prob_tolerance": STORED_PROB_TOL,
-                        "stored_error_definition": "max |softmax([S cast to the storage dtype + mask, sink]) - "
-                                                   "eager output_attentions|; null where the cast overflows"})
+            out.update(
+                {
+                    "max_prob_error_stored": _finite_or_none(self.stored_error(dtype, layers)),
+                    "stored_prob_errors": {
+                        k: _finite_or_none(self.stored_error(k, layers)) for k in self.stored_errors
+                    },
+                    "stored_prob_tolerance": STORED_PROB_TOL,
+                    "stored_error_definition": "max |softmax([S cast to the storage dtype + mask, sink]) - "
+                    "eager output_attentions|; null where the cast overflows",
+                }
+            )
         return out
 
 
@@ -164,20 +181,32 @@ def resolve_store_dtype(probe: ProbeResult, requested: str, label: str, layers=N
     if requested == "auto":
         e16 = err["float16"]
         if e16 <= STORED_PROB_TOL:
-            log.info("extraction.dtype auto for %s: float16 (its float16 scores reproduce the eager "
-                     "probabilities to %.2e, within the tolerance %.0e)", label, e16, STORED_PROB_TOL)
+            log.info(
+                "extraction.dtype auto for %s: float16 (its float16 scores reproduce the eager "
+                "probabilities to %.2e, within the tolerance %.0e)",
+                label,
+                e16,
+                STORED_PROB_TOL,
+            )
             return "float16"
-        log.warning("extraction.dtype auto for %s: float32, because its float16 scores reproduce the eager "
-                    "probabilities only to %.2e, over the tolerance %.0e (float32: %.2e)",
-                    label, e16, STORED_PROB_TOL, err["float32"])
+        log.warning(
+            "extraction.dtype auto for %s: float32, because its float16 scores reproduce the eager "
+            "probabilities only to %.2e, over the tolerance %.0e (float32: %.2e)",
+            label,
+            e16,
+            STORED_PROB_TOL,
+            err["float32"],
+        )
         return "float32"
     e = err[requested]
     if not e <= STORED_PROB_TOL:
-        raise ConfigError("extraction.dtype",
-                          f"is {requested}, but {requested} scores of model {label} reproduce its eager attention "
-                          f"probabilities only to max |softmax(S + mask, sink) - eager| = {e:.2e}, over the "
-                          f"tolerance {STORED_PROB_TOL:.0e} (float32: {err['float32']:.2e}); no score was written",
-                          "use dtype: auto (float16 where it is exact enough, float32 where not) or float32")
+        raise ConfigError(
+            "extraction.dtype",
+            f"is {requested}, but {requested} scores of model {label} reproduce its eager attention "
+            f"probabilities only to max |softmax(S + mask, sink) - eager| = {e:.2e}, over the "
+            f"tolerance {STORED_PROB_TOL:.0e} (float32: {err['float32']:.2e}); no score was written",
+            "use dtype: auto (float16 where it is exact enough, float32 where not) or float32",
+        )
     return requested
 
 
@@ -200,8 +229,10 @@ def mask_info(mask: torch.Tensor | None, n: int) -> tuple[dict | None, str]:
         visible = m == 0
         hidden = m <= torch.finfo(torch.float32).min / 2  # eager masks use dtype-min (or -inf)
         if not bool((visible | hidden).all()):
-            return None, ("its mask carries additive values other than 0 and -inf (a bias inside the mask), "
-                          "which the store's mask kinds cannot express")
+            return None, (
+                "its mask carries additive values other than 0 and -inf (a bias inside the mask), "
+                "which the store's mask kinds cannot express"
+            )
     if not bool((visible == visible[:1]).all()):
         return None, "its mask differs between sequences or heads of an unpadded batch"
     info = classify_visibility(visible[0].cpu().numpy())
@@ -229,10 +260,12 @@ def equivalence_probe(model, ids: torch.Tensor, label: str) -> ProbeResult:
         e.model, e.model_type = label, e.model_type or model_type
         raise
     if not cap.scores:
-        refuse("no scores captured: its attention never reaches transformers' AttentionInterface (it computes "
-               "attention in its own code, as BLOOM, MPT and Falcon do for ALiBi and DeBERTa for its "
-               "disentangled attention)",
-               f"use a model whose attention goes through AttentionInterface; {SUPPORTED_HINT}")
+        refuse(
+            "no scores captured: its attention never reaches transformers' AttentionInterface (it computes "
+            "attention in its own code, as BLOOM, MPT and Falcon do for ALiBi and DeBERTa for its "
+            "disentangled attention)",
+            f"use a model whose attention goes through AttentionInterface; {SUPPORTED_HINT}",
+        )
 
     sentinel = ScoreCapture()
     model.set_attn_implementation("eager")
@@ -248,8 +281,10 @@ def equivalence_probe(model, ids: torch.Tensor, label: str) -> ProbeResult:
         refuse("its eager attention returns no output_attentions, so the captured scores cannot be checked")
     layers = sorted(cap.scores)
     if layers != list(range(len(att))):
-        refuse(f"{len(att)} attention layers run under eager attention, but the capture backend saw layers "
-               f"{layers}: some attention is computed outside AttentionInterface")
+        refuse(
+            f"{len(att)} attention layers run under eager attention, but the capture backend saw layers "
+            f"{layers}: some attention is computed outside AttentionInterface"
+        )
     h_ref = _first_tensor(out).float()
     if h_ref.shape != h_cap.shape:
         refuse(f"its outputs have shape {tuple(h_cap.shape)} under capture and {tuple(h_ref.shape)} under eager")
@@ -266,8 +301,10 @@ def equivalence_probe(model, ids: torch.Tensor, label: str) -> ProbeResult:
         if isinstance(w, int) and w < n:
             i, j = np.indices((n, n))
             if (visibility(info, n) & (np.abs(i - j) > w)).any():
-                refuse(f"layer {l} passes sliding_window={w}, but the mask it receives ({describe(info)}) "
-                       "shows keys outside that window, so eager and fused attention would disagree")
+                refuse(
+                    f"layer {l} passes sliding_window={w}, but the mask it receives ({describe(info)}) "
+                    "shows keys outside that window, so eager and fused attention would disagree"
+                )
         masks[l] = info
         s = cap.scores[l]
         vis = torch.from_numpy(visibility(info, n)).to(s.device)
@@ -279,30 +316,56 @@ def equivalence_probe(model, ids: torch.Tensor, label: str) -> ProbeResult:
         probs = _probabilities(s, vis, sink)
         ref = att[l].double()
         if ref.shape != probs.shape:
-            refuse(f"layer {l}: eager output_attentions have shape {tuple(ref.shape)}, the captured scores "
-                   f"{tuple(probs.shape)}")
+            refuse(
+                f"layer {l}: eager output_attentions have shape {tuple(ref.shape)}, the captured scores "
+                f"{tuple(probs.shape)}"
+            )
         errors[l] = float((probs - ref).abs().max())
         for name, dt in STORE_DTYPES.items():  # the scores as the store would hold them
             cast = s.to(dt)
-            e = float((_probabilities(cast, vis, sink) - ref).abs().max()) if bool(torch.isfinite(cast).all()) \
-                else float("inf")  # an overflow (a stored inf also fails the readers' finiteness check)
+            e = (
+                float((_probabilities(cast, vis, sink) - ref).abs().max())
+                if bool(torch.isfinite(cast).all())
+                else float("inf")
+            )  # an overflow (a stored inf also fails the readers' finiteness check)
             stored.setdefault(name, {})[l] = e if e == e else float("inf")
     prob_error = max(errors.values())
-    log.info("equivalence probe for %s (%s): %d layers, masks %s, max |P - P_eager| %.2e (tol %.0e), "
-             "max hidden-state difference %.2e (tol %.0e); as stored: %s (tol %.0e)", label, model_type, len(layers),
-             sorted({describe(m) for m in masks.values()}), prob_error, PROB_TOL, hidden_error, HIDDEN_TOL,
-             ", ".join(f"{k} {max(v.values()):.2e}" for k, v in stored.items()), STORED_PROB_TOL)
+    log.info(
+        "equivalence probe for %s (%s): %d layers, masks %s, max |P - P_eager| %.2e (tol %.0e), "
+        "max hidden-state difference %.2e (tol %.0e); as stored: %s (tol %.0e)",
+        label,
+        model_type,
+        len(layers),
+        sorted({describe(m) for m in masks.values()}),
+        prob_error,
+        PROB_TOL,
+        hidden_error,
+        HIDDEN_TOL,
+        ", ".join(f"{k} {max(v.values()):.2e}" for k, v in stored.items()),
+        STORED_PROB_TOL,
+    )
     if not prob_error <= PROB_TOL or not hidden_error <= HIDDEN_TOL:
         worst = max(errors, key=errors.get)
-        refuse(f"the capture backend does not reproduce its eager attention: max |softmax(S + mask, sink) - "
-               f"eager output_attentions| = {prob_error:.2e} (tolerance {PROB_TOL:.0e}, worst in layer {worst}), "
-               f"max last-hidden-state difference {hidden_error:.2e} (tolerance {HIDDEN_TOL:.0e}); some modifier of "
-               "its scores or mask is not captured",
-               f"use a supported family; {SUPPORTED_HINT}")
-    return ProbeResult(n_layers=len(layers), seq_len=n, masks=masks, modifiers={l: cap.modifiers[l] for l in layers},
-                       sinks={l: cap.sinks[l].cpu().numpy() for l in cap.sinks}, shapes=dict(cap.shapes),
-                       prob_error=prob_error, hidden_error=hidden_error, sequences=int(ids.shape[0]),
-                       layer_errors=errors, stored_errors=stored)
+        refuse(
+            f"the capture backend does not reproduce its eager attention: max |softmax(S + mask, sink) - "
+            f"eager output_attentions| = {prob_error:.2e} (tolerance {PROB_TOL:.0e}, worst in layer {worst}), "
+            f"max last-hidden-state difference {hidden_error:.2e} (tolerance {HIDDEN_TOL:.0e}); some modifier of "
+            "its scores or mask is not captured",
+            f"use a supported family; {SUPPORTED_HINT}",
+        )
+    return ProbeResult(
+        n_layers=len(layers),
+        seq_len=n,
+        masks=masks,
+        modifiers={l: cap.modifiers[l] for l in layers},
+        sinks={l: cap.sinks[l].cpu().numpy() for l in cap.sinks},
+        shapes=dict(cap.shapes),
+        prob_error=prob_error,
+        hidden_error=hidden_error,
+        sequences=int(ids.shape[0]),
+        layer_errors=errors,
+        stored_errors=stored,
+    )
 
 
 def _probabilities(s: torch.Tensor, vis: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:

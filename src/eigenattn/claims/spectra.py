@@ -3,11 +3,10 @@ spectra and the scaling study), and how much heads share their subspaces (from t
 
 from __future__ import annotations
 
-from eigenattn.config.settings import ClaimThresholds
-
 import pandas as pd
 
-from eigenattn.claims.verdicts import iqr, CAVEAT_CROSS, caveat_rows, make_row, nearest_measured
+from eigenattn.claims.verdicts import CAVEAT_CROSS, caveat_rows, iqr, make_row, nearest_measured
+from eigenattn.config.settings import ClaimThresholds
 
 # --------------------------------------------------------------------------------------------- C1
 #
@@ -43,27 +42,49 @@ def c1_rows(spectra, thresholds: ClaimThresholds) -> list[dict]:
             model, view, d, N = x.model.iloc[0], x.view.iloc[0], int(x.d.iloc[0]), int(x.n_samples.iloc[0])
             bounded = float(x.bounded_k90.mean())
             q25, q50, q75 = iqr(x.k90 / x.d)
-            base = dict(model=model, view=view, variant=v, source=p, _analysis=analysis,
-                        caveat=caveat_rows(v, view, float(x.u1_constant.median()) if analysis == "rows" else None))
+            base = dict(
+                model=model,
+                view=view,
+                variant=v,
+                source=p,
+                _analysis=analysis,
+                caveat=caveat_rows(v, view, float(x.u1_constant.median()) if analysis == "rows" else None),
+            )
             if analysis == "rows":
                 n = d if view == "all" else 2 * d  # the sequence length (docs/method.md §3: views)
-                state, verdict = _level_state(q50, bounded, share,
-                                              "more fit sequences are needed (raise sampling.n_sequences.fit)")
-                out.append(make_row("C1", **base, _n=n, scope=f"rows (d={d}, {len(x)} heads)",
-                                    quantity="median k90/d over heads", value=q50, spread=f"IQR {q25:.2f}–{q75:.2f}",
-                                    state=state, verdict=verdict))
+                state, verdict = _level_state(
+                    q50, bounded, share, "more fit sequences are needed (raise sampling.n_sequences.fit)"
+                )
+                out.append(
+                    make_row(
+                        "C1",
+                        **base,
+                        _n=n,
+                        scope=f"rows (d={d}, {len(x)} heads)",
+                        quantity="median k90/d over heads",
+                        value=q50,
+                        spread=f"IQR {q25:.2f}–{q75:.2f}",
+                        state=state,
+                        verdict=verdict,
+                    )
+                )
                 continue
             k = float(x.k90.median())
-            row = dict(scope=f"full matrices (dim {d}, N={N}, {len(x)} heads)",
-                       quantity=f"median k90 over heads (rank at most N−1 = {N - 1})", value=k,
-                       spread=f"IQR {x.k90.quantile(0.25):.0f}–{x.k90.quantile(0.75):.0f}; "
-                              f"{bounded:.0%} of heads bounded by N")
+            row = dict(
+                scope=f"full matrices (dim {d}, N={N}, {len(x)} heads)",
+                quantity=f"median k90 over heads (rank at most N−1 = {N - 1})",
+                value=k,
+                spread=f"IQR {x.k90.quantile(0.25):.0f}–{x.k90.quantile(0.75):.0f}; "
+                f"{bounded:.0%} of heads bounded by N",
+            )
             if bounded > 0.5:
                 state = "reference"
-                verdict = (f"bounded by the sample count: N = {N} sequences span at most {N - 1} of the {d} "
-                           f"dimensions, so k90 ≥ {k:.0f} is only a lower bound. Measuring it at this length needs "
-                           f"N well above {d} sequences (a larger corpus and config/gpu-scaling.yaml); the sample sweep "
-                           "(scaling.samples at scaling.sample_length) answers C1 for whole blocks")
+                verdict = (
+                    f"bounded by the sample count: N = {N} sequences span at most {N - 1} of the {d} "
+                    f"dimensions, so k90 ≥ {k:.0f} is only a lower bound. Measuring it at this length needs "
+                    f"N well above {d} sequences (a larger corpus and config/gpu-scaling.yaml); the sample sweep "
+                    "(scaling.samples at scaling.sample_length) answers C1 for whole blocks"
+                )
             else:
                 state, verdict = _level_state(q50, bounded, share, dim="D")
             out.append(make_row("C1", **base, **row, state=state, verdict=verdict))
@@ -80,33 +101,66 @@ def c1_scaling_rows(fits, saturations, tables, thresholds: ClaimThresholds) -> l
         fit, sat, table = pd.read_csv(fp), pd.read_csv(sp), pd.read_csv(tp)
         for r in fit[fit.scope == "medians"].itertuples():
             rows = table[(table.analysis == "rows") & (table.variant == r.variant) & (table.N == r.N)]
-            base = dict(model=r.model, view=r.view, variant=r.variant, caveat=caveat_rows(r.variant, r.view),
-                        _analysis="rows")
-            state, verdict = _level_state(r.median_k_share_last, r.bounded_share_last, share,
-                                          f"more sequences are needed (scaling.length_sequences > {r.N})")
-            out.append(make_row("C1", fp, **base, _n=int(r.n_max),
-                                scope=f"rows at n = {r.n_max} (d={int(r.d_last)}, {int(r.heads)} heads, N={r.N})",
-                                quantity="median k90/d over heads", value=float(r.median_k_share_last),
-                                spread=f"k90/d {r.median_k_share_first:.2f} at n={r.n_min} → "
-                                       f"{r.median_k_share_last:.2f} at n={r.n_max}",
-                                state=state, verdict=verdict))
+            base = dict(
+                model=r.model, view=r.view, variant=r.variant, caveat=caveat_rows(r.variant, r.view), _analysis="rows"
+            )
+            state, verdict = _level_state(
+                r.median_k_share_last,
+                r.bounded_share_last,
+                share,
+                f"more sequences are needed (scaling.length_sequences > {r.N})",
+            )
+            out.append(
+                make_row(
+                    "C1",
+                    fp,
+                    **base,
+                    _n=int(r.n_max),
+                    scope=f"rows at n = {r.n_max} (d={int(r.d_last)}, {int(r.heads)} heads, N={r.N})",
+                    quantity="median k90/d over heads",
+                    value=float(r.median_k_share_last),
+                    spread=f"k90/d {r.median_k_share_first:.2f} at n={r.n_min} → "
+                    f"{r.median_k_share_last:.2f} at n={r.n_max}",
+                    state=state,
+                    verdict=verdict,
+                )
+            )
             if rows.bounded_k90.mean() > 0.5:
-                state, verdict = "inconclusive", ("row k90 is bounded by the sample count at some lengths; more "
-                                                  f"sequences are needed (scaling.length_sequences > {r.N})")
+                state, verdict = (
+                    "inconclusive",
+                    (
+                        "row k90 is bounded by the sample count at some lengths; more "
+                        f"sequences are needed (scaling.length_sequences > {r.N})"
+                    ),
+                )
             elif r.alpha_high < 1:
                 state, verdict = "supported", f"k90/d falls as n grows: k90 grows as n^{r.alpha:.2f}"
             elif r.alpha_low >= 1:
                 state, verdict = "not supported", f"k90 grows at least as fast as n (n^{r.alpha:.2f})"
             else:
-                state, verdict = "inconclusive", ("the interval for α includes 1: k90/d may not fall with n; longer "
-                                                  "or more lengths (scaling.lengths) would narrow it")
-            out.append(make_row("C1", fp, **base, _n=None,
-                                scope=f"rows against n = {r.n_min}…{r.n_max} ({int(r.heads)} heads, N={r.N})",
-                                quantity="α of median k90 ≈ c·n^α", value=float(r.alpha),
-                                spread=f"95% {r.alpha_low:.2f}–{r.alpha_high:.2f} (bootstrap over heads); k90/d "
-                                       f"{r.median_k_share_first:.2f} at n={r.n_min}, {r.median_k_share_last:.2f} at "
-                                       f"n={r.n_max}",
-                                state=state, verdict=verdict))
+                state, verdict = (
+                    "inconclusive",
+                    (
+                        "the interval for α includes 1: k90/d may not fall with n; longer "
+                        "or more lengths (scaling.lengths) would narrow it"
+                    ),
+                )
+            out.append(
+                make_row(
+                    "C1",
+                    fp,
+                    **base,
+                    _n=None,
+                    scope=f"rows against n = {r.n_min}…{r.n_max} ({int(r.heads)} heads, N={r.N})",
+                    quantity="α of median k90 ≈ c·n^α",
+                    value=float(r.alpha),
+                    spread=f"95% {r.alpha_low:.2f}–{r.alpha_high:.2f} (bootstrap over heads); k90/d "
+                    f"{r.median_k_share_first:.2f} at n={r.n_min}, {r.median_k_share_last:.2f} at "
+                    f"n={r.n_max}",
+                    state=state,
+                    verdict=verdict,
+                )
+            )
         k90 = sat[sat.level == "k90"]
         for (model, view, variant), g in k90.groupby(["model", "view", "variant"], sort=False):
             saturated, bounded = float(g.saturated.mean()), float(g.bounded.mean())
@@ -122,25 +176,50 @@ def c1_scaling_rows(fits, saturations, tables, thresholds: ClaimThresholds) -> l
                 state = "inconclusive"
                 verdict = f"full-matrix k90 is bounded by N at N = {Nl} (k90 ≥ {med:.0f} of D = {D})"
             elif q50 >= share:
-                state, verdict = "not supported", (
-                    f"not low-dimensional: median k90 = {q50:.2f}·D ≥ {share:g}·D at N = {Nl} ({grow}), and the "
-                    "in-sample k90 only grows with N (it is low in expectation; docs/method.md §10)")
+                state, verdict = (
+                    "not supported",
+                    (
+                        f"not low-dimensional: median k90 = {q50:.2f}·D ≥ {share:g}·D at N = {Nl} ({grow}), and the "
+                        "in-sample k90 only grows with N (it is low in expectation; docs/method.md §10)"
+                    ),
+                )
             elif upper < share:
-                state, verdict = "supported", (
-                    f"low-dimensional: even the held-out k90 (high in expectation) is {upper:.2f}·D < {share:g}·D "
-                    f"at N = {Nl}; in-sample {q50:.2f}·D ({grow})")
+                state, verdict = (
+                    "supported",
+                    (
+                        f"low-dimensional: even the held-out k90 (high in expectation) is {upper:.2f}·D < {share:g}·D "
+                        f"at N = {Nl}; in-sample {q50:.2f}·D ({grow})"
+                    ),
+                )
             else:
-                state, verdict = "inconclusive", (
-                    f"full-matrix k90 is still growing at N = {Nl} ({grow}) "
-                    f"and its bracket {q50:.2f}–{upper:.2f}·D (in-sample to held-out) straddles {share:g}·D")
+                state, verdict = (
+                    "inconclusive",
+                    (
+                        f"full-matrix k90 is still growing at N = {Nl} ({grow}) "
+                        f"and its bracket {q50:.2f}–{upper:.2f}·D (in-sample to held-out) straddles {share:g}·D"
+                    ),
+                )
             if state == "inconclusive":
                 verdict += f"; more sequences would answer it: add N = {2 * Nl} to scaling.samples"
-            out.append(make_row("C1", sp, model=model, view=view, variant=variant, _analysis="full", _n=None,
-                                scope=f"full matrices against N = …{Np}, {Nl} (n={n}, D={D})",
-                                quantity=f"median k90/D at N = {Nl}", value=q50,
-                                spread=f"median k90 {med:.0f} (held-out {float(g.k_cv_last.median()):.0f}); "
-                                       f"{saturated:.0%} of heads saturated; {bounded:.0%} bounded by N",
-                                state=state, verdict=verdict, caveat=""))
+            out.append(
+                make_row(
+                    "C1",
+                    sp,
+                    model=model,
+                    view=view,
+                    variant=variant,
+                    _analysis="full",
+                    _n=None,
+                    scope=f"full matrices against N = …{Np}, {Nl} (n={n}, D={D})",
+                    quantity=f"median k90/D at N = {Nl}",
+                    value=q50,
+                    spread=f"median k90 {med:.0f} (held-out {float(g.k_cv_last.median()):.0f}); "
+                    f"{saturated:.0%} of heads saturated; {bounded:.0%} bounded by N",
+                    state=state,
+                    verdict=verdict,
+                    caveat="",
+                )
+            )
     return out
 
 
@@ -194,8 +273,9 @@ def c2_rows(overlap_summary, thresholds: ClaimThresholds) -> list[dict]:
     for r in s[s.scope.isin(["all_layer_pairs", "cross_model"])].itertuples():
         cross = r.scope == "cross_model"
         pair = f"{r.model_a}×{r.model_b}" if cross else r.model_a
-        ceil_ratio = [float(ceilings.loc[(m, r.view, r.variant, r.quantity)].median_ratio_random)
-                      for m in {r.model_a, r.model_b}]
+        ceil_ratio = [
+            float(ceilings.loc[(m, r.view, r.variant, r.quantity)].median_ratio_random) for m in {r.model_a, r.model_b}
+        ]
         what = "overlap_k" if r.quantity == "overlap" else "captured_k (share of b's variance in a's subspace)"
         caveats = [caveat_rows(r.variant, r.view, r.u1_constant_median)]
         if cross:
@@ -204,24 +284,40 @@ def c2_rows(overlap_summary, thresholds: ClaimThresholds) -> list[dict]:
             # captured_k of a head's other half in its own top-k subspace is at most that half's EV(k):
             # with a flat spectrum no N lifts it to the threshold, so the overlap row answers instead
             state = "reference"
-            verdict = (f"cannot answer: even a head's own split-half captured share is only ×{min(ceil_ratio):.1f} "
-                       f"random, and captured_k is bounded by the head's top-{k} variance share (a spectrum too flat "
-                       f"at k = {k}), not by the sample count; the overlap_k row of this scope answers C2")
+            verdict = (
+                f"cannot answer: even a head's own split-half captured share is only ×{min(ceil_ratio):.1f} "
+                f"random, and captured_k is bounded by the head's top-{k} variance share (a spectrum too flat "
+                f"at k = {k}), not by the sample count; the overlap_k row of this scope answers C2"
+            )
         elif min(ceil_ratio) < thresholds.c2_min_ratio_random:
             state = "inconclusive"
-            verdict = (f"the split-half ceiling is only ×{min(ceil_ratio):.1f} random: the subspaces are not "
-                       "estimated reliably; more fit sequences would answer it (the overlap ceiling grows with "
-                       "sampling.n_sequences.fit: ×1.7–2.0 at 96, ×2.1–2.7 at 384 for prefix rows; "
-                       "docs/performance.md)")
+            verdict = (
+                f"the split-half ceiling is only ×{min(ceil_ratio):.1f} random: the subspaces are not "
+                "estimated reliably; more fit sequences would answer it (the overlap ceiling grows with "
+                "sampling.n_sequences.fit: ×1.7–2.0 at 96, ×2.1–2.7 at 384 for prefix rows; "
+                "docs/performance.md)"
+            )
         elif r.median_ratio_random >= thresholds.c2_min_ratio_random:
             state, verdict = "supported", f"shared subspace: ≥ {thresholds.c2_min_ratio_random:g}× random"
         else:
             state, verdict = "not supported", f"near random: < {thresholds.c2_min_ratio_random:g}× random"
-        out.append(make_row("C2", overlap_summary, model=pair, view=r.view, variant=r.variant, k=k,
-                            scope=f"{'across models' if cross else 'across layers'} ({r.n_pairs} pairs)",
-                            quantity=f"median {what} (random {r.random:.3f})", value=float(r.median),
-                            spread=f"p10–p90 {r.p10:.2f}–{r.p90:.2f}; ×{r.median_ratio_random:.1f} random; "
-                                   f"half-sample pairs at {r.median_ratio_ceiling:.2f} of the split-half ceiling",
-                            state=state, verdict=verdict, caveat="; ".join(c for c in caveats if c),
-                            method=r.quantity))
+        out.append(
+            make_row(
+                "C2",
+                overlap_summary,
+                model=pair,
+                view=r.view,
+                variant=r.variant,
+                k=k,
+                scope=f"{'across models' if cross else 'across layers'} ({r.n_pairs} pairs)",
+                quantity=f"median {what} (random {r.random:.3f})",
+                value=float(r.median),
+                spread=f"p10–p90 {r.p10:.2f}–{r.p90:.2f}; ×{r.median_ratio_random:.1f} random; "
+                f"half-sample pairs at {r.median_ratio_ceiling:.2f} of the split-half ceiling",
+                state=state,
+                verdict=verdict,
+                caveat="; ".join(c for c in caveats if c),
+                method=r.quantity,
+            )
+        )
     return out

@@ -14,23 +14,42 @@ from pathlib import Path
 
 import pandas as pd
 
-from eigenattn.config.settings import ClaimThresholds
-from eigenattn.claims.spectra import c1_headlines, c1_rows, c1_scaling_rows, c2_rows
 from eigenattn.claims.reconstruction import c3_rows, c4_rows
+from eigenattn.claims.spectra import c1_headlines, c1_rows, c1_scaling_rows, c2_rows
 from eigenattn.claims.verdicts import COLUMNS, DEFAULTS, STATES
+from eigenattn.config.settings import ClaimThresholds
 
-__all__ = ["COLUMNS", "DEFAULTS", "STATES", "c1_rows", "c1_scaling_rows", "c2_rows", "c3_rows", "c4_rows",
-           "claims_table"]
+__all__ = [
+    "COLUMNS",
+    "DEFAULTS",
+    "STATES",
+    "c1_rows",
+    "c1_scaling_rows",
+    "c2_rows",
+    "c3_rows",
+    "c4_rows",
+    "claims_table",
+]
 
 
-
-def claims_table(spectra, overlap_summary, recon, plugin, training, thresholds: ClaimThresholds | None = None,
-                 scaling: tuple = ((), (), ())) -> pd.DataFrame:
+def claims_table(
+    spectra,
+    overlap_summary,
+    recon,
+    plugin,
+    training,
+    thresholds: ClaimThresholds | None = None,
+    scaling: tuple = ((), (), ()),
+) -> pd.DataFrame:
     """``scaling``: (fits, saturations, tables) of the scaling study, one of each per model and view;
     ``thresholds``: the claims section (:data:`DEFAULTS` when not given)."""
     t = ClaimThresholds.from_params(DEFAULTS) if thresholds is None else thresholds
-    rows = (c1_headlines(c1_rows(spectra, t) + c1_scaling_rows(*scaling, t)) + c2_rows(overlap_summary, t)
-            + c3_rows(recon, plugin, t) + c4_rows(training, t))
+    rows = (
+        c1_headlines(c1_rows(spectra, t) + c1_scaling_rows(*scaling, t))
+        + c2_rows(overlap_summary, t)
+        + c3_rows(recon, plugin, t)
+        + c4_rows(training, t)
+    )
     df = pd.DataFrame.from_records(rows, columns=COLUMNS)
     for col in ("k", "s"):
         df[col] = df[col].astype("Int64")

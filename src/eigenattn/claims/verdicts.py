@@ -5,19 +5,49 @@ from __future__ import annotations
 
 import numpy as np
 
-COLUMNS = ["claim", "model", "view", "variant", "k", "s", "mode", "method", "scope", "quantity", "value", "spread",
-           "state", "role", "verdict", "caveat", "source"]
+COLUMNS = [
+    "claim",
+    "model",
+    "view",
+    "variant",
+    "k",
+    "s",
+    "mode",
+    "method",
+    "scope",
+    "quantity",
+    "value",
+    "spread",
+    "state",
+    "role",
+    "verdict",
+    "caveat",
+    "source",
+]
 STATES = ("supported", "not supported", "inconclusive", "reference")
-DEFAULTS = {"k_report": 16, "s_report": 16, "c1_max_k90_share": 0.5, "c2_min_ratio_random": 2.0,
-            "c3_min_gain": 0.05, "c3_alpha": 0.05, "c4_min_kept_gain": 0.5}
+DEFAULTS = {
+    "k_report": 16,
+    "s_report": 16,
+    "c1_max_k90_share": 0.5,
+    "c2_min_ratio_random": 2.0,
+    "c3_min_gain": 0.05,
+    "c3_alpha": 0.05,
+    "c4_min_kept_gain": 0.5,
+}
 BASELINES = ("mean", "subset_only")
 
-CAVEAT_RAW = ("raw rows keep each row's own offset, which softmax ignores; its constant direction can dominate "
-              "(median |<u1, 1/sqrt(d)>| = {u1:.2f}); see row_centered")
-CAVEAT_PREFIX_CENTERED = ("prefix view: rows also have keys outside the view, so row centring removes a "
-                          "softmax-invariant offset only approximately")
-CAVEAT_CROSS = ("keys are compared by position, but the two models tokenise the same passages differently, "
-                "so key j is not the same token in both")
+CAVEAT_RAW = (
+    "raw rows keep each row's own offset, which softmax ignores; its constant direction can dominate "
+    "(median |<u1, 1/sqrt(d)>| = {u1:.2f}); see row_centered"
+)
+CAVEAT_PREFIX_CENTERED = (
+    "prefix view: rows also have keys outside the view, so row centring removes a "
+    "softmax-invariant offset only approximately"
+)
+CAVEAT_CROSS = (
+    "keys are compared by position, but the two models tokenise the same passages differently, "
+    "so key j is not the same token in both"
+)
 
 
 ROLES = ("headline", "supporting", "")

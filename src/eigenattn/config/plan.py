@@ -33,7 +33,7 @@ def cross_pairs(config: dict) -> list[tuple[str, str]]:
     pairs = config["overlap"]["cross_pairs"]
     if pairs == "auto":
         ms = config["run_models"]
-        return [(a, b) for i, a in enumerate(ms) for b in ms[i + 1:]]
+        return [(a, b) for i, a in enumerate(ms) for b in ms[i + 1 :]]
     return [tuple(p) for p in pairs]
 
 
@@ -89,16 +89,25 @@ def extraction(config: dict) -> dict:
 
 def trained_run(config: dict) -> dict:
     """The training run whose encoder is analysed and fine-tuned: the first exact seed, scratch."""
-    return {"mode": "scratch", "tvariant": "exact", "s": config["sampling"]["seq_len"],
-            "seed": config["training"]["exact_seeds"][0]}
+    return {
+        "mode": "scratch",
+        "tvariant": "exact",
+        "s": config["sampling"]["seq_len"],
+        "seed": config["training"]["exact_seeds"][0],
+    }
 
 
 def model_spec(config: dict, name: str) -> dict:
     """A model's entry; the trained encoder (``training.analysis_model``) is a bidirectional model
     made by the training stage."""
     if name == config["training"]["analysis_model"]:
-        return {"source": "training", "run": trained_run(config), "causal": False,
-                "max_positions": config["sampling"]["seq_len"], "layers": "all"}
+        return {
+            "source": "training",
+            "run": trained_run(config),
+            "causal": False,
+            "max_positions": config["sampling"]["seq_len"],
+            "layers": "all",
+        }
     return config["models"][name]
 
 
@@ -110,8 +119,12 @@ def training_runs(config: dict) -> list[dict]:
     runs = []
     for mode in t["modes"]:
         runs += [{"mode": mode, "tvariant": "exact", "s": n, "seed": seed} for seed in t["exact_seeds"]]
-        runs += [{"mode": mode, "tvariant": v, "s": s, "seed": seed}
-                 for v in t["variants"] for s in t["subset_sizes"] for seed in t["seeds"]]
+        runs += [
+            {"mode": mode, "tvariant": v, "s": s, "seed": seed}
+            for v in t["variants"]
+            for s in t["subset_sizes"]
+            for seed in t["seeds"]
+        ]
     return runs
 
 
@@ -166,26 +179,35 @@ def scaling_layers(config: dict, model: str):
 def is_main_point(config: dict, model: str, n: int, N: int) -> bool:
     """Whether a grid point is the main run (same length and fit sequences, and every layer kept):
     its outputs are reused."""
-    return (int(n) == config["sampling"]["seq_len"] and int(N) == config["sampling"]["n_sequences"]["fit"]
-            and scaling_layers(config, model) == model_spec(config, model).get("layers", "all"))
+    return (
+        int(n) == config["sampling"]["seq_len"]
+        and int(N) == config["sampling"]["n_sequences"]["fit"]
+        and scaling_layers(config, model) == model_spec(config, model).get("layers", "all")
+    )
 
 
 def notes(config: dict) -> list[str]:
     """One line for each default that adapted to this run (printed when the workflow starts)."""
     out = []
     if config["reconstruction"]["transfer"] == "auto" and "other_model" not in transfers(config):
-        out.append(f"reconstruction.transfer: auto -> {', '.join(transfers(config))} (other_model needs two run "
-                   f"models in the prefix view; this run has {', '.join(prefix_models(config)) or 'none'})")
+        out.append(
+            f"reconstruction.transfer: auto -> {', '.join(transfers(config))} (other_model needs two run "
+            f"models in the prefix view; this run has {', '.join(prefix_models(config)) or 'none'})"
+        )
     chunk = chunk_sequences(config)
     if config["extraction"]["chunk_sequences"] == "auto" and chunk != CHUNK_MAX:
-        out.append(f"extraction.chunk_sequences: auto -> {chunk} (at most half of the "
-                   f"{config['sampling']['n_sequences']['fit']} fit passages, dividing batch_size "
-                   f"{config['extraction']['batch_size']})")
+        out.append(
+            f"extraction.chunk_sequences: auto -> {chunk} (at most half of the "
+            f"{config['sampling']['n_sequences']['fit']} fit passages, dividing batch_size "
+            f"{config['extraction']['batch_size']})"
+        )
     if config["scaling"]["models"] in ("auto", "first"):
         left = [m for m in config["run_models"] if len(scaling_lengths_within(config, m)) < 2]
         if left:
-            out.append(f"scaling.models: {config['scaling']['models']} leaves out {', '.join(left)} (fewer than two "
-                       "of scaling.lengths within its max_positions)")
+            out.append(
+                f"scaling.models: {config['scaling']['models']} leaves out {', '.join(left)} (fewer than two "
+                "of scaling.lengths within its max_positions)"
+            )
         if not scaling_models(config):
             out.append("scaling: no run model can be swept against the length; the scaling study is skipped")
     return out

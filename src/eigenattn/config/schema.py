@@ -53,17 +53,26 @@ def _rows(n: dict, prefix: str):
 
 def reference() -> str:
     """docs/config.md: every config key with its type, default and description, from the schema."""
+
     def cell(x):
         return str(x).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["# Configuration reference", "",
-             "Generated from `src/eigenattn/config.schema.yaml` by `python -m eigenattn.config.schema > docs/config.md`;",
-             "a test keeps the two in step. `config.yaml` holds science parameters only; threads, memory and",
-             "GPUs belong in `profiles/` and the rules' `resources:`.", "",
-             "| key | type | default | description |", "|---|---|---|---|"]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `src/eigenattn/config.schema.yaml` by `python -m eigenattn.config.schema > docs/config.md`;",
+        "a test keeps the two in step. `config.yaml` holds science parameters only; threads, memory and",
+        "GPUs belong in `profiles/` and the rules' `resources:`.",
+        "",
+        "| key | type | default | description |",
+        "|---|---|---|---|",
+    ]
     for path, n in _rows(SCHEMA, ""):
-        kind = n.get("type") or ("one of " + ", ".join(map(str, n["enum"])) if "enum" in n else
-                                  " or ".join(str(a.get("const", a.get("type"))) for a in n.get("oneOf", [])))
+        kind = n.get("type") or (
+            "one of " + ", ".join(map(str, n["enum"]))
+            if "enum" in n
+            else " or ".join(str(a.get("const", a.get("type"))) for a in n.get("oneOf", []))
+        )
         if "enum" in n.get("items", {}):
             kind = "list of " + ", ".join(n["items"]["enum"])
         elif n.get("type") == "array":

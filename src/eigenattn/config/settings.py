@@ -45,8 +45,14 @@ class Runtime(_Settings):
     @classmethod
     def from_config(cls, config: dict, section: str) -> Runtime:
         s = config[section]
-        return cls(device=s.get("device", "cpu"), key=f"{section}.device", scheduler=s.get("scheduler", "threads"),
-                   slurm=s.get("slurm"), memory_mb=s.get("gram_memory_mb"), route=s.get("full_route", "auto"))
+        return cls(
+            device=s.get("device", "cpu"),
+            key=f"{section}.device",
+            scheduler=s.get("scheduler", "threads"),
+            slurm=s.get("slurm"),
+            memory_mb=s.get("gram_memory_mb"),
+            route=s.get("full_route", "auto"),
+        )
 
     def torch_device(self):
         from eigenattn.config.validation import resolve_device
@@ -68,13 +74,20 @@ class Sampling(_Settings):
     @classmethod
     def from_config(cls, config: dict) -> Sampling:
         s = config["sampling"]
-        return cls(config["corpus"], config["seed"], s["seq_len"], dict(s["n_sequences"]), s["heldout_fraction"],
-                   "sampling")
+        return cls(
+            config["corpus"], config["seed"], s["seq_len"], dict(s["n_sequences"]), s["heldout_fraction"], "sampling"
+        )
 
     @classmethod
     def scaling_point(cls, config: dict, n: int, N: int) -> Sampling:
-        return cls(config["corpus"], config["seed"], int(n), {"fit": int(N), "heldout": 1},
-                   config["sampling"]["heldout_fraction"], "scaling")
+        return cls(
+            config["corpus"],
+            config["seed"],
+            int(n),
+            {"fit": int(N), "heldout": 1},
+            config["sampling"]["heldout_fraction"],
+            "scaling",
+        )
 
     def size_key(self, split: str) -> str:
         return f"sampling.n_sequences.{split}" if self.key == "sampling" else "scaling.samples"
@@ -109,23 +122,54 @@ class Extraction(_Settings):
     seed: int
 
     @classmethod
-    def from_config(cls, config: dict, model: str, split: str, shard: int, n_shards: int, seq_len: int,
-                    *, layers=None, chunk: int | None = None, batch: int | None = None) -> Extraction:
+    def from_config(
+        cls,
+        config: dict,
+        model: str,
+        split: str,
+        shard: int,
+        n_shards: int,
+        seq_len: int,
+        *,
+        layers=None,
+        chunk: int | None = None,
+        batch: int | None = None,
+    ) -> Extraction:
         """``layers``, ``chunk`` and ``batch`` override the config's (the scaling study's grid points)."""
         e = plan.extraction(config)
         spec = plan.model_spec(config, model)
         chunk = e["chunk_sequences"] if chunk is None else chunk
-        return cls(model, split, int(shard), int(n_shards), int(seq_len), e["dtype"], e["compression"],
-                   e["batch_size"] if batch is None else batch, chunk, e["autocast"],
-                   spec.get("layers", "all") if layers is None else layers, spec, config["corpus"], config["seed"])
+        return cls(
+            model,
+            split,
+            int(shard),
+            int(n_shards),
+            int(seq_len),
+            e["dtype"],
+            e["compression"],
+            e["batch_size"] if batch is None else batch,
+            chunk,
+            e["autocast"],
+            spec.get("layers", "all") if layers is None else layers,
+            spec,
+            config["corpus"],
+            config["seed"],
+        )
 
     def facts(self) -> ModelFacts:
         return ModelFacts(self.model, self.source.get("layers", "all"), self.source.get("causal"))
 
     def attrs(self) -> dict:
         """The store attrs that say where its scores come from."""
-        return {"model": self.model, "source": self.source, "corpus": self.corpus, "split": self.split,
-                "seed": self.seed, "shard": self.shard, "n_shards": self.n_shards}
+        return {
+            "model": self.model,
+            "source": self.source,
+            "corpus": self.corpus,
+            "split": self.split,
+            "seed": self.seed,
+            "shard": self.shard,
+            "n_shards": self.n_shards,
+        }
 
 
 def expected_scores(config: dict, model: str, split: str, n: int | None = None) -> dict:
@@ -134,8 +178,13 @@ def expected_scores(config: dict, model: str, split: str, n: int | None = None) 
     model at extraction, so it is checked against the dtype the store was asked for
     (``dtype_requested``), an explicit dtype against the dtype stored."""
     dtype = config["extraction"]["dtype"]
-    return {"model": model, "split": split, "seq_len": int(n or config["sampling"]["seq_len"]),
-            **({"dtype_requested": dtype} if dtype == "auto" else {"dtype": dtype}), "seed": config["seed"]}
+    return {
+        "model": model,
+        "split": split,
+        "seq_len": int(n or config["sampling"]["seq_len"]),
+        **({"dtype_requested": dtype} if dtype == "auto" else {"dtype": dtype}),
+        "seed": config["seed"],
+    }
 
 
 @dataclass(frozen=True)
@@ -156,9 +205,18 @@ class Reconstruction(_Settings):
     @classmethod
     def from_config(cls, config: dict, model: str, view: str) -> Reconstruction:
         r = config["reconstruction"]
-        return cls(tuple(r["estimators"]), tuple(r["strategies"]), tuple(r["subset_sizes"]), r["ridge"],
-                   r["eigenspace_rank"], config["seed"], r["eval_rows"], tuple(plan.transfers(config)),
-                   tuple(r["transfer_estimators"]), tuple(plan.other_models(config, model, view)))
+        return cls(
+            tuple(r["estimators"]),
+            tuple(r["strategies"]),
+            tuple(r["subset_sizes"]),
+            r["ridge"],
+            r["eigenspace_rank"],
+            config["seed"],
+            r["eval_rows"],
+            tuple(plan.transfers(config)),
+            tuple(r["transfer_estimators"]),
+            tuple(plan.other_models(config, model, view)),
+        )
 
 
 @dataclass(frozen=True)
@@ -177,8 +235,16 @@ class Plugin(_Settings):
     @classmethod
     def from_config(cls, config: dict) -> Plugin:
         p, r = config["plugin"], config["reconstruction"]
-        return cls(tuple(p["estimators"]), tuple(p["strategies"]), tuple(p["subset_sizes"]), p["n_sequences"],
-                   p["batch_size"], r["ridge"], r["eigenspace_rank"], config["seed"])
+        return cls(
+            tuple(p["estimators"]),
+            tuple(p["strategies"]),
+            tuple(p["subset_sizes"]),
+            p["n_sequences"],
+            p["batch_size"],
+            r["ridge"],
+            r["eigenspace_rank"],
+            config["seed"],
+        )
 
 
 @dataclass(frozen=True)
@@ -195,8 +261,20 @@ class EncoderModel(_Settings):
 
 
 # The training keys a run's result depends on; the maps' keys only for the variants that use them.
-RUN_KEYS = ("vocab", "vocab_size", "steps", "finetune_steps", "batch_size", "lr", "finetune_lr", "weight_decay",
-            "warmup", "log_every", "eval_every", "checkpoint_every")
+RUN_KEYS = (
+    "vocab",
+    "vocab_size",
+    "steps",
+    "finetune_steps",
+    "batch_size",
+    "lr",
+    "finetune_lr",
+    "weight_decay",
+    "warmup",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+)
 MAP_KEYS = ("estimator", "strategy", "ridge", "eigenspace_rank")
 USES_MAPS = ("partial_fixed", "partial_learned", "subset_only")
 
@@ -230,8 +308,13 @@ class Training(_Settings):
     def from_config(cls, config: dict, variant: str = "exact") -> Training:
         t = config["training"]
         maps = {k: t[k] for k in MAP_KEYS} if variant in USES_MAPS else {}
-        return cls(**{k: t[k] for k in RUN_KEYS}, model=EncoderModel(**t["model"]),
-                   seq_len=config["sampling"]["seq_len"], data_seed=config["seed"], **maps)
+        return cls(
+            **{k: t[k] for k in RUN_KEYS},
+            model=EncoderModel(**t["model"]),
+            seq_len=config["sampling"]["seq_len"],
+            data_seed=config["seed"],
+            **maps,
+        )
 
     @classmethod
     def from_params(cls, params: dict) -> Training:

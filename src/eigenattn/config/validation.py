@@ -14,10 +14,10 @@ from __future__ import annotations
 import jsonschema
 
 from eigenattn.config import plan
-from eigenattn.errors import ConfigError
-from eigenattn.config.views import View
 from eigenattn.config.schema import SCHEMA_FILE, node
 from eigenattn.config.settings import ModelFacts
+from eigenattn.config.views import View
+from eigenattn.errors import ConfigError
 
 
 def _key(path) -> str:
@@ -31,11 +31,18 @@ def _description(path) -> str | None:
         return None
 
 
-FIXES = {"minimum": "use a value of at least {v}", "exclusiveMinimum": "use a value above {v}",
-         "maximum": "use a value of at most {v}", "exclusiveMaximum": "use a value below {v}",
-         "minItems": "list at least {v} value(s)", "maxItems": "list at most {v} value(s)",
-         "uniqueItems": "list each value once", "minProperties": "give at least {v} entr(y/ies)",
-         "pattern": "write it to match the pattern {v}", "const": "write {v}"}
+FIXES = {
+    "minimum": "use a value of at least {v}",
+    "exclusiveMinimum": "use a value above {v}",
+    "maximum": "use a value of at most {v}",
+    "exclusiveMaximum": "use a value below {v}",
+    "minItems": "list at least {v} value(s)",
+    "maxItems": "list at most {v} value(s)",
+    "uniqueItems": "list each value once",
+    "minProperties": "give at least {v} entr(y/ies)",
+    "pattern": "write it to match the pattern {v}",
+    "const": "write {v}",
+}
 
 
 def explain(error: jsonschema.ValidationError) -> ConfigError:
@@ -46,19 +53,27 @@ def explain(error: jsonschema.ValidationError) -> ConfigError:
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
         where = f"{key}.{extra[0]}" if error.absolute_path else extra[0]
-        return ConfigError(where, f"unknown key '{where}' (misspelt?)",
-                           f"use one of the keys allowed here: {', '.join(allowed)}" if allowed else None)
+        return ConfigError(
+            where,
+            f"unknown key '{where}' (misspelt?)",
+            f"use one of the keys allowed here: {', '.join(allowed)}" if allowed else None,
+        )
     if error.validator == "propertyNames" or "propertyNames" in list(error.absolute_schema_path):
-        return ConfigError(key, f"the name {error.instance!r} is not allowed ({error.message})",
-                           "use a name of letters, digits, '_' and '-' that starts with a letter or digit (it "
-                           "becomes a folder name and a wildcard value)")
+        return ConfigError(
+            key,
+            f"the name {error.instance!r} is not allowed ({error.message})",
+            "use a name of letters, digits, '_' and '-' that starts with a letter or digit (it "
+            "becomes a folder name and a wildcard value)",
+        )
     if error.validator == "enum":
         return ConfigError(key, error.message, f"use one of: {', '.join(map(str, error.validator_value))}")
     if error.validator == "required":
         return ConfigError(key, error.message, "add the missing key" + (f" ({desc})" if desc else ""))
     if error.validator == "type":
         kinds = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-        return ConfigError(key, error.message, f"write a value of type {' or '.join(kinds)}" + (f": {desc}" if desc else ""))
+        return ConfigError(
+            key, error.message, f"write a value of type {' or '.join(kinds)}" + (f": {desc}" if desc else "")
+        )
     if error.validator in FIXES:
         return ConfigError(key, error.message, FIXES[error.validator].format(v=error.validator_value))
     return ConfigError(key, error.message, f"write a value that fits: {desc}" if desc else "see docs/config.md")
@@ -96,25 +111,40 @@ def check(config: dict) -> None:
     models, corpora = config["models"], config["corpora"]
     for i, m in enumerate(config["run_models"]):
         if m not in models:
-            raise ConfigError(f"run_models[{i}]", f"unknown model '{m}'",
-                              f"define it under `models:` or use one of: {', '.join(sorted(models))}")
+            raise ConfigError(
+                f"run_models[{i}]",
+                f"unknown model '{m}'",
+                f"define it under `models:` or use one of: {', '.join(sorted(models))}",
+            )
     if config["corpus"] not in corpora:
-        raise ConfigError("corpus", f"unknown corpus '{config['corpus']}'",
-                          f"define it under `corpora:` or use one of: {', '.join(sorted(corpora))}")
+        raise ConfigError(
+            "corpus",
+            f"unknown corpus '{config['corpus']}'",
+            f"define it under `corpora:` or use one of: {', '.join(sorted(corpora))}",
+        )
     trained = config["training"]["analysis_model"]
     if trained in models:
-        raise ConfigError("training.analysis_model", f"'{trained}' is already a model under `models:`",
-                          "choose another key for the trained model")
+        raise ConfigError(
+            "training.analysis_model",
+            f"'{trained}' is already a model under `models:`",
+            "choose another key for the trained model",
+        )
     n = config["sampling"]["seq_len"]
     for m in config["run_models"]:
         if models[m].get("causal") is None:
-            raise ConfigError(f"models.{m}.causal", "is not set; the views of a model are planned before it is "
-                              "fetched", "set causal: true for a decoder (causal LM), false for an encoder "
-                              "(extraction checks it against the model's masks)")
+            raise ConfigError(
+                f"models.{m}.causal",
+                "is not set; the views of a model are planned before it is fetched",
+                "set causal: true for a decoder (causal LM), false for an encoder "
+                "(extraction checks it against the model's masks)",
+            )
         pos = models[m].get("max_positions")
         if pos and n > pos:
-            raise ConfigError("sampling.seq_len", f"{n} exceeds the {pos} positions of model '{m}'",
-                              f"use seq_len <= {pos}, or drop '{m}' from run_models")
+            raise ConfigError(
+                "sampling.seq_len",
+                f"{n} exceeds the {pos} positions of model '{m}'",
+                f"use seq_len <= {pos}, or drop '{m}' from run_models",
+            )
         plan.model_views(config, m)  # raises for an undefined view
     _check_extraction(config)
     _check_views(config)
@@ -129,36 +159,53 @@ def _check_extraction(config: dict) -> None:
     shards, batch, chunk = e["shards"], e["batch_size"], plan.chunk_sequences(config)
     # only an explicit chunk_sequences can fail the first and last check: auto divides batch_size and leaves two halves
     if batch % chunk:
-        raise ConfigError("extraction.batch_size", f"{batch} is not a multiple of extraction.chunk_sequences = "
-                          f"{chunk} (a batch is one shard of whole chunks)",
-                          f"use a multiple of {chunk}, or extraction.chunk_sequences: auto")
+        raise ConfigError(
+            "extraction.batch_size",
+            f"{batch} is not a multiple of extraction.chunk_sequences = {chunk} (a batch is one shard of whole chunks)",
+            f"use a multiple of {chunk}, or extraction.chunk_sequences: auto",
+        )
     for split, count in config["sampling"]["n_sequences"].items():
         if shards > count:
-            raise ConfigError("extraction.shards", f"{shards} shards but only {count} {split} passages",
-                              f"use at most {count} shards")
+            raise ConfigError(
+                "extraction.shards", f"{shards} shards but only {count} {split} passages", f"use at most {count} shards"
+            )
     if sum(-(-((i + 1) * fit // shards - i * fit // shards) // chunk) for i in range(shards)) < 2:
-        raise ConfigError("extraction.chunk_sequences", f"{chunk} covers all {fit} fit passages of the shard in one "
-                          "chunk, so there are no two halves for the split-half statistics",
-                          f"use chunk_sequences: auto (or at most {max(1, fit // 2)}), or more shards")
+        raise ConfigError(
+            "extraction.chunk_sequences",
+            f"{chunk} covers all {fit} fit passages of the shard in one "
+            "chunk, so there are no two halves for the split-half statistics",
+            f"use chunk_sequences: auto (or at most {max(1, fit // 2)}), or more shards",
+        )
 
 
 def _check_scaling(config: dict) -> None:
     s, models = config["scaling"], plan.scaling_models(config)
-    for key, within, name in (("models", config["run_models"], "run_models"),
-                              ("sample_models", models, "scaling.models")):
+    for key, within, name in (
+        ("models", config["run_models"], "run_models"),
+        ("sample_models", models, "scaling.models"),
+    ):
         for i, m in enumerate([] if s[key] in ("auto", "first") else s[key]):
             if m not in within:
-                raise ConfigError(f"scaling.{key}[{i}]", f"'{m}' is not in {name}",
-                                  f"use models from {name} ({', '.join(within)}), or auto"
-                                  + (" or first" if key == "models" else ""))
+                raise ConfigError(
+                    f"scaling.{key}[{i}]",
+                    f"'{m}' is not in {name}",
+                    f"use models from {name} ({', '.join(within)}), or auto" + (" or first" if key == "models" else ""),
+                )
     for m in models:
         pos = config["models"][m].get("max_positions")
         if pos and m in plan.sample_models(config) and s["sample_length"] > pos:
-            raise ConfigError("scaling.sample_length", f"{s['sample_length']} exceeds the {pos} positions of "
-                              f"model '{m}'", f"use sample_length <= {pos}")
+            raise ConfigError(
+                "scaling.sample_length",
+                f"{s['sample_length']} exceeds the {pos} positions of model '{m}'",
+                f"use sample_length <= {pos}",
+            )
         if pos and len([n for n in s["lengths"] if n <= pos]) < 2:
-            raise ConfigError("scaling.lengths", f"fewer than two lengths are within the {pos} positions of model "
-                              f"'{m}', so no trend against n can be fitted", f"add lengths <= {pos}")
+            raise ConfigError(
+                "scaling.lengths",
+                f"fewer than two lengths are within the {pos} positions of model "
+                f"'{m}', so no trend against n can be fitted",
+                f"add lengths <= {pos}",
+            )
 
 
 def _check_views(config: dict) -> None:
@@ -167,8 +214,11 @@ def _check_views(config: dict) -> None:
         return
     for m in config["run_models"]:
         if not all(View(v, 2).allowed(config["models"][m]["causal"]) for v in views):
-            raise ConfigError("eigen.views", f"view 'all' is undefined for the causal model '{m}' (keys after "
-                              "each query are masked)", "use views: auto, or [prefix]")
+            raise ConfigError(
+                "eigen.views",
+                f"view 'all' is undefined for the causal model '{m}' (keys after each query are masked)",
+                "use views: auto, or [prefix]",
+            )
 
 
 def _check_overlap(config: dict) -> None:
@@ -178,23 +228,35 @@ def _check_overlap(config: dict) -> None:
             d = plan.view_dim(v, n)
             bad = [k for k in config["overlap"]["k"] if k > d]
             if bad:
-                raise ConfigError("overlap.k", f"k = {bad} exceeds the row dimension d = {d} of view '{v}' "
-                                  f"(seq_len {n}) for model '{m}'", f"use k <= {d}")
+                raise ConfigError(
+                    "overlap.k",
+                    f"k = {bad} exceeds the row dimension d = {d} of view '{v}' (seq_len {n}) for model '{m}'",
+                    f"use k <= {d}",
+                )
     ks = config["eigen"]["report_k"]
     d_min = min(plan.view_dim(v, n) for m in config["run_models"] for v in plan.model_views(config, m))
     if max(ks) > d_min:
-        raise ConfigError("eigen.report_k", f"k = {[k for k in ks if k > d_min]} exceeds the d = {d_min} keys of "
-                          f"the smallest view (seq_len {n}); EV(k) would be clamped to EV(d)",
-                          f"use k <= {d_min}")
+        raise ConfigError(
+            "eigen.report_k",
+            f"k = {[k for k in ks if k > d_min]} exceeds the d = {d_min} keys of "
+            f"the smallest view (seq_len {n}); EV(k) would be clamped to EV(d)",
+            f"use k <= {d_min}",
+        )
     pairs = config["overlap"]["cross_pairs"]
     for i, (a, b) in enumerate(plan.cross_pairs(config)):
         for j, m in enumerate((a, b)):
             if m not in config["run_models"]:
-                raise ConfigError(f"overlap.cross_pairs[{i}][{j}]", f"unknown model '{m}'",
-                                  f"use models from run_models: {', '.join(config['run_models'])}")
+                raise ConfigError(
+                    f"overlap.cross_pairs[{i}][{j}]",
+                    f"unknown model '{m}'",
+                    f"use models from run_models: {', '.join(config['run_models'])}",
+                )
         if a == b:
-            raise ConfigError(f"overlap.cross_pairs[{i}]", f"pairs a model with itself ('{a}')",
-                              "within-model overlap is always computed; list two different models")
+            raise ConfigError(
+                f"overlap.cross_pairs[{i}]",
+                f"pairs a model with itself ('{a}')",
+                "within-model overlap is always computed; list two different models",
+            )
     if pairs != "auto" and len({tuple(p) for p in pairs}) != len(pairs):
         raise ConfigError("overlap.cross_pairs", "lists a pair twice", "list each pair once")
 
@@ -202,8 +264,11 @@ def _check_overlap(config: dict) -> None:
 def _check_reconstruction(config: dict) -> None:
     n = config["sampling"]["seq_len"]
     if "raw" not in config["eigen"]["variants"]:
-        raise ConfigError("eigen.variants", "reconstruction fits on the 'raw' row spectra, which are not computed",
-                          "add raw to eigen.variants")
+        raise ConfigError(
+            "eigen.variants",
+            "reconstruction fits on the 'raw' row spectra, which are not computed",
+            "add raw to eigen.variants",
+        )
     for section in ("reconstruction", "plugin"):
         sizes = config[section]["subset_sizes"]
         for m in config["run_models"]:
@@ -212,39 +277,60 @@ def _check_reconstruction(config: dict) -> None:
                 d = plan.view_dim(v, n)
                 bad = [s for s in sizes if s > d]
                 if bad:
-                    raise ConfigError(f"{section}.subset_sizes", f"s = {bad} exceeds the d = {d} keys of view "
-                                      f"'{v}' (seq_len {n}) for model '{m}'", f"use subset sizes <= {d}")
+                    raise ConfigError(
+                        f"{section}.subset_sizes",
+                        f"s = {bad} exceeds the d = {d} keys of view '{v}' (seq_len {n}) for model '{m}'",
+                        f"use subset sizes <= {d}",
+                    )
     prefix_models = plan.prefix_models(config)
     if "other_model" in plan.transfers(config) and len(prefix_models) < 2:  # only an explicit list: auto adapts
-        raise ConfigError("reconstruction.transfer", "lists other_model, but fewer than two models are analysed in "
-                          f"the prefix view ({', '.join(prefix_models) or 'none'}), so there is no other model",
-                          "add a second model to run_models, drop other_model from reconstruction.transfer, or use "
-                          "transfer: auto")
+        raise ConfigError(
+            "reconstruction.transfer",
+            "lists other_model, but fewer than two models are analysed in "
+            f"the prefix view ({', '.join(prefix_models) or 'none'}), so there is no other model",
+            "add a second model to run_models, drop other_model from reconstruction.transfer, or use transfer: auto",
+        )
     held = config["sampling"]["n_sequences"]["heldout"]
     if config["plugin"]["n_sequences"] > held:
-        raise ConfigError("plugin.n_sequences", f"{config['plugin']['n_sequences']} exceeds the {held} held-out "
-                          "passages", f"use at most {held}, or raise sampling.n_sequences.heldout")
+        raise ConfigError(
+            "plugin.n_sequences",
+            f"{config['plugin']['n_sequences']} exceeds the {held} held-out passages",
+            f"use at most {held}, or raise sampling.n_sequences.heldout",
+        )
 
 
 def _check_training(config: dict) -> None:
     t, n = config["training"], config["sampling"]["seq_len"]
     bad = [s for s in t["subset_sizes"] if s > n]
     if bad:
-        raise ConfigError("training.subset_sizes", f"s = {bad} exceeds the {n} tokens of a sequence (sampling.seq_len)",
-                          f"use subset sizes <= {n}")
+        raise ConfigError(
+            "training.subset_sizes",
+            f"s = {bad} exceeds the {n} tokens of a sequence (sampling.seq_len)",
+            f"use subset sizes <= {n}",
+        )
     if (m := t["model"])["d_model"] % m["heads"]:
-        raise ConfigError("training.model.d_model", f"{m['d_model']} is not divisible by heads = {m['heads']}",
-                          "use a d_model that is a multiple of heads")
+        raise ConfigError(
+            "training.model.d_model",
+            f"{m['d_model']} is not divisible by heads = {m['heads']}",
+            "use a d_model that is a multiple of heads",
+        )
     for key in ("eval_every", "checkpoint_every"):
         if t[key] % t["log_every"]:
-            raise ConfigError(f"training.{key}", f"{t[key]} is not a multiple of log_every = {t['log_every']}",
-                              f"use a multiple of {t['log_every']}")
+            raise ConfigError(
+                f"training.{key}",
+                f"{t[key]} is not a multiple of log_every = {t['log_every']}",
+                f"use a multiple of {t['log_every']}",
+            )
     if t["vocab"] == "minilm" and "minilm" not in config["models"]:
-        raise ConfigError("training.vocab", "'minilm' needs the minilm model defined under `models:`",
-                          "use vocab: wordpiece, or define models.minilm")
+        raise ConfigError(
+            "training.vocab",
+            "'minilm' needs the minilm model defined under `models:`",
+            "use vocab: wordpiece, or define models.minilm",
+        )
     if len(set(t["exact_seeds"])) < 2:
-        raise ConfigError("training.exact_seeds", "needs two different seeds to measure seed noise",
-                          "e.g. exact_seeds: [0, 1]")
+        raise ConfigError(
+            "training.exact_seeds", "needs two different seeds to measure seed noise", "e.g. exact_seeds: [0, 1]"
+        )
 
 
 # ------------------------------------------------------------------------- in the rules, with data
@@ -259,13 +345,19 @@ def check_model_facts(facts_cfg: ModelFacts, facts: dict) -> None:
     if layers != "all":
         bad = [x for x in layers if x >= facts["n_layers"]]
         if bad:
-            raise ConfigError(f"models.{model}.layers", f"layer(s) {bad} out of range for a model with "
-                              f"{facts['n_layers']} layers", f"use 'all' or indices in 0..{facts['n_layers'] - 1}")
+            raise ConfigError(
+                f"models.{model}.layers",
+                f"layer(s) {bad} out of range for a model with {facts['n_layers']} layers",
+                f"use 'all' or indices in 0..{facts['n_layers'] - 1}",
+            )
     if causal is not None and bool(causal) != facts["causal"]:
-        raise ConfigError(f"models.{model}.causal", f"is {causal}, but the model's attention masks are "
-                          f"{facts['mask_kinds']}, so it is {'causal' if facts['causal'] else 'not causal'} "
-                          "(every layer hiding the keys after each query)",
-                          f"set causal: {str(facts['causal']).lower()}")
+        raise ConfigError(
+            f"models.{model}.causal",
+            f"is {causal}, but the model's attention masks are "
+            f"{facts['mask_kinds']}, so it is {'causal' if facts['causal'] else 'not causal'} "
+            "(every layer hiding the keys after each query)",
+            f"set causal: {str(facts['causal']).lower()}",
+        )
 
 
 def resolve_device(value: str, key: str):
@@ -277,4 +369,3 @@ def resolve_device(value: str, key: str):
     if value.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(key, f"'{value}' requested but CUDA is not available", "use device: auto or cpu")
     return torch.device(value)
-

@@ -46,8 +46,11 @@ class View:
     def slices(self, causal: bool) -> tuple[slice, slice]:
         """(query slice, key slice); refused for a view the model's mask does not allow."""
         if not self.allowed(causal):
-            raise ConfigError("eigen.views", "view 'all' is undefined for a causal model (keys after each "
-                              "query are masked)", "use views: auto, or [prefix]")
+            raise ConfigError(
+                "eigen.views",
+                "view 'all' is undefined for a causal model (keys after each query are masked)",
+                "use views: auto, or [prefix]",
+            )
         return self.queries, self.keys
 
 

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from eigenattn.config.settings import Sampling
-from eigenattn.storage.assets import materialise_corpus_file
 from eigenattn.errors import ConfigError, InputError
+from eigenattn.storage.assets import materialise_corpus_file
 from eigenattn.storage.store import write_table
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,17 @@ def parse_mediawiki_dump(path: str | Path) -> pd.DataFrame:
                 if page.get("ns", "0") == "0" and not page.get("redirect"):
                     text = strip_wikitext(page.get("text", ""))
                     if text:
-                        rows.append({"doc_id": str(page.get("id", len(rows))),
-                                     "title": page.get("title", ""), "text": text})
+                        rows.append(
+                            {"doc_id": str(page.get("id", len(rows))), "title": page.get("title", ""), "text": text}
+                        )
                 page = {}
                 elem.clear()
     if not rows:
-        raise InputError(path, "no main-namespace articles found in the dump",
-                         "use a MediaWiki XML dump with articles (namespace 0), or set the corpus format")
+        raise InputError(
+            path,
+            "no main-namespace articles found in the dump",
+            "use a MediaWiki XML dump with articles (namespace 0), or set the corpus format",
+        )
     df = pd.DataFrame(rows)
     df["n_words"] = df["text"].str.split().str.len().astype("int64")
     return df
@@ -106,8 +110,9 @@ def load_documents(spec: dict, name: str, documents_path: str | Path | None = No
     elif source == "hf_dataset":
         import datasets
 
-        docs = datasets.load_dataset(spec["name"], spec.get("config"), split=spec.get("split", "train"),
-                                     revision=spec.get("revision")).to_pandas()
+        docs = datasets.load_dataset(
+            spec["name"], spec.get("config"), split=spec.get("split", "train"), revision=spec.get("revision")
+        ).to_pandas()
     elif source == "files":
         paths = [str(p) for p in spec["paths"]]
         missing = [p for p in paths if not Path(p).exists()]
@@ -115,8 +120,11 @@ def load_documents(spec: dict, name: str, documents_path: str | Path | None = No
             raise ConfigError(f"{key}.paths", f"file(s) not found: {missing}", "list existing files")
         suffixes = sorted({Path(p).suffix.lower() for p in paths})
         if len(suffixes) > 1:
-            raise ConfigError(f"{key}.paths", f"mixed file types {suffixes}",
-                              "list files of one type per corpus (define one corpus per type)")
+            raise ConfigError(
+                f"{key}.paths",
+                f"mixed file types {suffixes}",
+                "list files of one type per corpus (define one corpus per type)",
+            )
         builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffixes[0])
         if builder is None:
             raise ConfigError(f"{key}.paths", f"unsupported file type '{suffixes[0]}'", "use .txt, .jsonl or .parquet")
@@ -127,8 +135,11 @@ def load_documents(spec: dict, name: str, documents_path: str | Path | None = No
                 try:
                     Path(p).read_text(encoding="utf-8")
                 except UnicodeDecodeError as e:
-                    raise InputError(p, f"(listed in {key}.paths) is not UTF-8 text (byte {e.start}: {e.reason})",
-                                     "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+                    raise InputError(
+                        p,
+                        f"(listed in {key}.paths) is not UTF-8 text (byte {e.start}: {e.reason})",
+                        "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8",
+                    ) from None
             import datasets
 
             kw = {"sample_by": "document"} if builder == "text" else {}
@@ -139,17 +150,24 @@ def load_documents(spec: dict, name: str, documents_path: str | Path | None = No
     columns = list(docs.columns)
     text_field = spec.get("text_field", "text")
     if text_field not in columns:
-        raise ConfigError(f"{key}.text_field", f"column '{text_field}' is not in the documents (columns: "
-                          f"{columns})", "name the column that holds the document text")
+        raise ConfigError(
+            f"{key}.text_field",
+            f"column '{text_field}' is not in the documents (columns: {columns})",
+            "name the column that holds the document text",
+        )
     id_field = spec.get("id_field")
     if id_field and id_field not in columns:  # silently ignored, documents could straddle the split
-        raise ConfigError(f"{key}.id_field", f"column '{id_field}' is not in the documents (columns: "
-                          f"{columns})",
-                          "name an existing column, or remove id_field to number documents by row")
+        raise ConfigError(
+            f"{key}.id_field",
+            f"column '{id_field}' is not in the documents (columns: {columns})",
+            "name an existing column, or remove id_field to number documents by row",
+        )
     if text_field != "text":
         if "text" in columns:
-            raise InputError(f"{key}.text_field: the documents have a column 'text' besides '{text_field}'; "
-                             "set text_field: text, or rename one of them")
+            raise InputError(
+                f"{key}.text_field: the documents have a column 'text' besides '{text_field}'; "
+                "set text_field: text, or rename one of them"
+            )
         docs = docs.rename(columns={text_field: "text"})
     if id_field:
         docs["doc_id"] = docs[id_field].map(str)
@@ -168,8 +186,11 @@ def split_documents(n_words: np.ndarray, seed: int, heldout_fraction: float) -> 
     """
     n_words = np.asarray(n_words, dtype=np.int64)
     if len(n_words) < 2:
-        raise InputError("documents", "the corpus has fewer than 2 documents, so it cannot be split by document",
-                         "use a corpus of at least 2 documents")
+        raise InputError(
+            "documents",
+            "the corpus has fewer than 2 documents, so it cannot be split by document",
+            "use a corpus of at least 2 documents",
+        )
     order = np.random.default_rng([seed, 0]).permutation(len(n_words))
     cum = np.cumsum(n_words[order])
     n_held = int(np.searchsorted(cum, heldout_fraction * cum[-1]) + 1)
@@ -190,8 +211,9 @@ def word_counts(texts) -> np.ndarray:
     return np.array([len(t.split()) for t in texts], dtype=np.int64)
 
 
-def capacity_shortfall(n_words, seed: int, heldout_fraction: float, seq_len: int,
-                       n_sequences: dict[str, int]) -> dict[str, tuple[int, int]]:
+def capacity_shortfall(
+    n_words, seed: int, heldout_fraction: float, seq_len: int, n_sequences: dict[str, int]
+) -> dict[str, tuple[int, int]]:
     """{split: (passages available, words)} for every split that cannot supply ``n_sequences``."""
     n_words = np.asarray(n_words, dtype=np.int64)
     split = split_documents(n_words, seed, heldout_fraction)
@@ -206,12 +228,13 @@ def check_corpus_capacity(sampling: Sampling, n_words) -> None:
     s = sampling
     short = capacity_shortfall(n_words, s.seed, s.heldout_fraction, s.seq_len, s.n_sequences)
     for split, (available, words) in short.items():
-        raise ConfigError(s.size_key(split),
-                          f"corpus '{s.corpus}' offers only {available} non-overlapping passages of "
-                          f"{s.seq_len} words in the {split} split ({words} words), but "
-                          f"{s.n_sequences[split]} were asked for",
-                          "lower sampling.n_sequences or sampling.seq_len, change sampling.heldout_fraction, "
-                          "or use a larger corpus")
+        raise ConfigError(
+            s.size_key(split),
+            f"corpus '{s.corpus}' offers only {available} non-overlapping passages of "
+            f"{s.seq_len} words in the {split} split ({words} words), but "
+            f"{s.n_sequences[split]} were asked for",
+            "lower sampling.n_sequences or sampling.seq_len, change sampling.heldout_fraction, or use a larger corpus",
+        )
 
 
 def sample_passages(docs: pd.DataFrame, sampling: Sampling) -> pd.DataFrame:
@@ -227,9 +250,12 @@ def sample_passages(docs: pd.DataFrame, sampling: Sampling) -> pd.DataFrame:
     n_words = word_counts(docs["text"])
     short = capacity_shortfall(n_words, seed, heldout_fraction, seq_len, n_sequences)
     if short:
-        raise ConfigError("sampling.n_sequences", f"corpus '{corpus}' cannot supply {n_sequences} passages of "
-                          f"{seq_len} words (available, words per split: {short})",
-                          "lower sampling.n_sequences or sampling.seq_len, or use a larger corpus")
+        raise ConfigError(
+            "sampling.n_sequences",
+            f"corpus '{corpus}' cannot supply {n_sequences} passages of "
+            f"{seq_len} words (available, words per split: {short})",
+            "lower sampling.n_sequences or sampling.seq_len, or use a larger corpus",
+        )
     split = split_documents(n_words, seed, heldout_fraction)
     out = []
     for si, s in enumerate(SPLITS):
@@ -238,9 +264,16 @@ def sample_passages(docs: pd.DataFrame, sampling: Sampling) -> pd.DataFrame:
         pick = np.sort(rng.choice(len(cand), size=n_sequences[s], replace=False))
         for j in pick:
             d, start = cand[j]
-            out.append({"split": s, "doc_id": str(docs["doc_id"].iloc[d]), "title": docs["title"].iloc[d],
-                        "start_word": int(start), "n_words": seq_len,
-                        "text": " ".join(words[d][start:start + seq_len])})
+            out.append(
+                {
+                    "split": s,
+                    "doc_id": str(docs["doc_id"].iloc[d]),
+                    "title": docs["title"].iloc[d],
+                    "start_word": int(start),
+                    "n_words": seq_len,
+                    "text": " ".join(words[d][start : start + seq_len]),
+                }
+            )
     df = pd.DataFrame(out)
     df.insert(0, "passage_id", np.arange(len(df), dtype=np.int64))
     return df
@@ -253,14 +286,23 @@ def tokenize_passages(tokenizer, texts: list[str], seq_len: int) -> np.ndarray:
     prepends BOS does so) and the passage is truncated from the right to ``seq_len`` tokens. No
     padding is ever used; a passage that is too short is an error.
     """
-    enc = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=seq_len,
-                    padding=False, return_attention_mask=False)
+    enc = tokenizer(
+        list(texts),
+        add_special_tokens=True,
+        truncation=True,
+        max_length=seq_len,
+        padding=False,
+        return_attention_mask=False,
+    )
     ids = enc["input_ids"]
     short = [i for i, x in enumerate(ids) if len(x) != seq_len]
     if short:
-        raise InputError("passages", f"{len(short)} passage(s) tokenised to fewer than seq_len={seq_len} tokens "
-                         f"(first: index {short[0]}, {len(ids[short[0]])} tokens)",
-                         "sample passages of at least seq_len words (the sample_passages rule does)")
+        raise InputError(
+            "passages",
+            f"{len(short)} passage(s) tokenised to fewer than seq_len={seq_len} tokens "
+            f"(first: index {short[0]}, {len(ids[short[0]])} tokens)",
+            "sample passages of at least seq_len words (the sample_passages rule does)",
+        )
     return np.asarray(ids, dtype=np.int32)
 
 
@@ -273,8 +315,12 @@ def build_documents(name: str, spec: dict, out_path: str | Path, cache_dir: str 
             if fmt == "mediawiki":
                 docs = parse_mediawiki_dump(member)
             else:
-                as_files = {"source": "files", "paths": [str(member)],
-                            "text_field": spec.get("text_field", "text"), "id_field": spec.get("id_field")}
+                as_files = {
+                    "source": "files",
+                    "paths": [str(member)],
+                    "text_field": spec.get("text_field", "text"),
+                    "id_field": spec.get("id_field"),
+                }
                 docs = load_documents(as_files, name)
     else:
         docs = load_documents(spec, name)

@@ -48,12 +48,16 @@ def check_method(estimator: str, strategy: str, s: int, d: int, keys: tuple[str,
     if strategy not in STRATEGIES:
         raise ConfigError(keys[1], f"unknown strategy '{strategy}'", f"use one of {', '.join(STRATEGIES)}")
     if not 1 <= int(s) <= int(d):
-        raise ConfigError(keys[2], f"subset size s={s} is outside 1..d={d} (the keys of the view)",
-                          f"use subset sizes between 1 and {d}")
+        raise ConfigError(
+            keys[2],
+            f"subset size s={s} is outside 1..d={d} (the keys of the view)",
+            f"use subset sizes between 1 and {d}",
+        )
 
 
-def select_subset(strategy: str, d: int, s: int, U: np.ndarray | None = None, *, seed: int,
-                  key: tuple = ()) -> np.ndarray:
+def select_subset(
+    strategy: str, d: int, s: int, U: np.ndarray | None = None, *, seed: int, key: tuple = ()
+) -> np.ndarray:
     """The s computed key positions (sorted, within the view's d keys)."""
     check_method("mean", strategy, s, d)
     if strategy == "strided":
@@ -89,8 +93,9 @@ def eigenspace_rank(s: int, d: int, rank: float) -> int:
     return int(min(max(1, int(np.floor(rank * s))), max(s - 1, 1), d))
 
 
-def linear_map(estimator: str, T: np.ndarray, mean: np.ndarray, U: np.ndarray, lam: np.ndarray, *,
-               ridge: float, rank: float) -> Method:
+def linear_map(
+    estimator: str, T: np.ndarray, mean: np.ndarray, U: np.ndarray, lam: np.ndarray, *, ridge: float, rank: float
+) -> Method:
     """The map of an estimator for the subset T: â = W a_T + b, W is d×s."""
     d, s = mean.shape[0], len(T)
     check_method(estimator, "strided", s, d)
@@ -103,9 +108,9 @@ def linear_map(estimator: str, T: np.ndarray, mean: np.ndarray, U: np.ndarray, l
         k = eigenspace_rank(s, d, rank)
         Uk, lk = U[:, :k], lam[:k]
         sigma2 = max(float(lam[k:].sum()) / max(d - k, 1), floor)
-        A = Uk[T]                                         # s × k
-        system = (A * lk) @ A.T + sigma2 * np.eye(s)      # = Cov(a_T) under the rank-k model
-        W = np.linalg.solve(system, A * lk).T             # Λ_k A^T system^-1, (k × s)
+        A = Uk[T]  # s × k
+        system = (A * lk) @ A.T + sigma2 * np.eye(s)  # = Cov(a_T) under the rank-k model
+        W = np.linalg.solve(system, A * lk).T  # Λ_k A^T system^-1, (k × s)
         W = Uk @ W
         W[T] = np.eye(s)
         return Method(T, W, mean - W @ mean[T], k, float(np.linalg.cond(A)), float(np.linalg.cond(system)))
@@ -128,8 +133,19 @@ def linear_map(estimator: str, T: np.ndarray, mean: np.ndarray, U: np.ndarray, l
     return Method(T, eye, b)
 
 
-def fit(estimator: str, strategy: str, s: int, mean: np.ndarray, U: np.ndarray, lam: np.ndarray, *,
-        ridge: float, rank: float, seed: int, key: tuple = ()) -> Method:
+def fit(
+    estimator: str,
+    strategy: str,
+    s: int,
+    mean: np.ndarray,
+    U: np.ndarray,
+    lam: np.ndarray,
+    *,
+    ridge: float,
+    rank: float,
+    seed: int,
+    key: tuple = (),
+) -> Method:
     """The method for one head: the subset from ``strategy``, the map from ``estimator``."""
     d = mean.shape[0]
     check_method(estimator, strategy, s, d)
@@ -139,8 +155,10 @@ def fit(estimator: str, strategy: str, s: int, mean: np.ndarray, U: np.ndarray, 
 
 def fit_heads(estimator, strategy, s, mean, U, lam, *, ridge: float, rank: float, seed: int, key=()) -> Method:
     """Methods of every head stacked along a leading head axis: T (H, s), W (H, d, s), b (H, d), …"""
-    out = [fit(estimator, strategy, s, mean[h], U[h], lam[h], ridge=ridge, rank=rank, seed=seed, key=(*key, h))
-           for h in range(mean.shape[0])]
+    out = [
+        fit(estimator, strategy, s, mean[h], U[h], lam[h], ridge=ridge, rank=rank, seed=seed, key=(*key, h))
+        for h in range(mean.shape[0])
+    ]
     return Method(*(np.stack(x) for x in zip(*out)))
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from eigenattn.spectra.stores import RowStats
+from eigenattn.config.schema import enum
+from eigenattn.config.settings import Reconstruction
+from eigenattn.config.views import view_slices
 from eigenattn.errors import ConfigError, InputError
 from eigenattn.reconstruction.estimators import METHOD_KEYS, check_method, fit_heads
 from eigenattn.reconstruction.metrics import METRICS, Reference
-from eigenattn.config.views import view_slices
-from eigenattn.config.schema import enum
-from eigenattn.config.settings import Reconstruction
+from eigenattn.spectra.stores import RowStats
 from eigenattn.storage.store import open_scores
 
 TRANSFERS = enum("reconstruction.transfer")
@@ -41,16 +41,23 @@ def transfer_sources(stats: RowStats, layer: int, kinds, others: dict[str, RowSt
         depth = layer / max(stats.n_layers_total - 1, 1)
         for name, o in others.items():
             if o.d != stats.d or o.seq_len != stats.seq_len:
-                raise InputError(o.path, f"model '{name}' has d={o.d}, seq_len {o.seq_len} in view '{o.view}' "
-                                 f"but '{stats.model}' has d={stats.d}, seq_len {stats.seq_len}",
-                                 "cross-model transfer needs the same seq_len: analyse both at one sampling.seq_len")
+                raise InputError(
+                    o.path,
+                    f"model '{name}' has d={o.d}, seq_len {o.seq_len} in view '{o.view}' "
+                    f"but '{stats.model}' has d={stats.d}, seq_len {stats.seq_len}",
+                    "cross-model transfer needs the same seq_len: analyse both at one sampling.seq_len",
+                )
             tot = o.n_layers_total
             j = min(o.layers, key=lambda x: (abs(x / max(tot - 1, 1) - depth), x))
 
             def pooled(o=o, j=j):
                 m, U, lam = o.pooled_stats(j)
-                return (np.broadcast_to(m, (H, *m.shape)), np.broadcast_to(U, (H, *U.shape)),
-                        np.broadcast_to(lam, (H, *lam.shape)))
+                return (
+                    np.broadcast_to(m, (H, *m.shape)),
+                    np.broadcast_to(U, (H, *U.shape)),
+                    np.broadcast_to(lam, (H, *lam.shape)),
+                )
+
             out.append((f"model:{name}", pooled))
     return out
 
@@ -60,8 +67,21 @@ def eval_row_index(m: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, m - 1, k).round().astype(np.int64))
 
 
-COLUMNS = ["model", "view", "split", "layer", "head", "estimator", "strategy", "subset_size", "basis_source", "k",
-           "basis_condition", "solve_condition", *METRICS]
+COLUMNS = [
+    "model",
+    "view",
+    "split",
+    "layer",
+    "head",
+    "estimator",
+    "strategy",
+    "subset_size",
+    "basis_source",
+    "k",
+    "basis_condition",
+    "solve_condition",
+    *METRICS,
+]
 
 
 def _open_split(shards, stats: RowStats, rows_store, what: str, expect: dict | None):
@@ -70,8 +90,11 @@ def _open_split(shards, stats: RowStats, rows_store, what: str, expect: dict | N
     held = [int(x) for x in attrs["layers"]]
     skipped = {int(x["layer"]) for x in stats.attrs.get("skipped_layers", [])}  # masked views (eigenattn.capture.masks)
     if [x for x in held if x not in skipped] != stats.layers:
-        raise InputError(shards[0], f"layers {attrs['layers']} differ from the fitted statistics "
-                         f"{stats.layers} in {rows_store}", "re-run extraction and eigen with the same layers")
+        raise InputError(
+            shards[0],
+            f"layers {attrs['layers']} differ from the fitted statistics {stats.layers} in {rows_store}",
+            "re-run extraction and eigen with the same layers",
+        )
     if skipped:  # the statistics' layers only, in their order
         scores = scores[:, [held.index(x) for x in stats.layers]]
     return scores, attrs
@@ -100,8 +123,16 @@ def _layer_reference(scores, li: int, qs: slice, ks: slice, allowed, causal: boo
     return Reference(X, full, ks, np.asarray(allowed)[q] if causal else None)
 
 
-def evaluate_view(rows_store, heldout_shards, settings: Reconstruction, *, fit_shards=None, other_stores=None,
-                  expect: dict | None = None, progress=True) -> pd.DataFrame:
+def evaluate_view(
+    rows_store,
+    heldout_shards,
+    settings: Reconstruction,
+    *,
+    fit_shards=None,
+    other_stores=None,
+    expect: dict | None = None,
+    progress=True,
+) -> pd.DataFrame:
     """The reconstruction table of one model and view: one row per split, layer, head, method, source.
 
     Every method of ``settings`` is fitted from the fit-split statistics in ``rows_store``. Its errors
@@ -114,8 +145,11 @@ def evaluate_view(rows_store, heldout_shards, settings: Reconstruction, *, fit_s
     transfer, transfer_estimators = settings.transfer, settings.transfer_estimators
     ridge, rank, seed, eval_rows = settings.ridge, settings.rank, settings.seed, settings.eval_rows
     stats = RowStats(rows_store)
-    splits = {"heldout": _open_split(heldout_shards, stats, rows_store, "held-out",
-                                     expect and {**expect, "split": "heldout"})[0]}
+    splits = {
+        "heldout": _open_split(
+            heldout_shards, stats, rows_store, "held-out", expect and {**expect, "split": "heldout"}
+        )[0]
+    }
     if fit_shards:
         splits["fit"] = _open_split(fit_shards, stats, rows_store, "fit", expect and {**expect, "split": "fit"})[0]
     n, d = stats.seq_len, stats.d
@@ -127,8 +161,9 @@ def evaluate_view(rows_store, heldout_shards, settings: Reconstruction, *, fit_s
         check_method(e, "strided", 1, d, ("reconstruction.transfer_estimators", *METHOD_KEYS[1:]))
     for t in transfer:
         if t not in TRANSFERS:
-            raise ConfigError("reconstruction.transfer", f"unknown transfer '{t}'",
-                              f"use one of {', '.join(TRANSFERS)}")
+            raise ConfigError(
+                "reconstruction.transfer", f"unknown transfer '{t}'", f"use one of {', '.join(TRANSFERS)}"
+            )
     others = {}
     if "other_model" in transfer and stats.view == "prefix":
         others = {name: RowStats(p) for name, p in (other_stores or {}).items()}
@@ -141,8 +176,9 @@ def evaluate_view(rows_store, heldout_shards, settings: Reconstruction, *, fit_s
     records = []
     bar = tqdm(total=len(stats.layers), desc=f"reconstruct {stats.model}/{stats.view}", disable=not progress)
     for li, layer in enumerate(stats.layers):
-        refs = {split: _layer_reference(sc, li, qs, ks, allowed, stats.causal, eval_rows)
-                for split, sc in splits.items()}
+        refs = {
+            split: _layer_reference(sc, li, qs, ks, allowed, stats.causal, eval_rows) for split, sc in splits.items()
+        }
         sources = [("same", lambda layer=layer: stats.head_stats(layer))]
         if transfer:
             sources += transfer_sources(stats, layer, transfer, others)
@@ -157,12 +193,23 @@ def evaluate_view(rows_store, heldout_shards, settings: Reconstruction, *, fit_s
                         for split, ref in on.items():
                             met = ref.metrics(ref.reconstruct(m.T, m.W, m.b))
                             for h in range(len(m.T)):
-                                records.append({"model": stats.model, "view": stats.view, "split": split,
-                                                "layer": layer, "head": h, "estimator": est, "strategy": st,
-                                                "subset_size": s, "basis_source": label, "k": int(m.k[h]),
-                                                "basis_condition": float(m.basis_condition[h]),
-                                                "solve_condition": float(m.solve_condition[h]),
-                                                **{k: float(met[k][h]) for k in METRICS}})
+                                records.append(
+                                    {
+                                        "model": stats.model,
+                                        "view": stats.view,
+                                        "split": split,
+                                        "layer": layer,
+                                        "head": h,
+                                        "estimator": est,
+                                        "strategy": st,
+                                        "subset_size": s,
+                                        "basis_source": label,
+                                        "k": int(m.k[h]),
+                                        "basis_condition": float(m.basis_condition[h]),
+                                        "solve_condition": float(m.solve_condition[h]),
+                                        **{k: float(met[k][h]) for k in METRICS},
+                                    }
+                                )
         bar.update(1)
     bar.close()
     return pd.DataFrame.from_records(records, columns=COLUMNS)

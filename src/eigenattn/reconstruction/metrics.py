@@ -19,8 +19,13 @@ class Reference:
     need no more); the float32 score errors resolve relative errors down to about 1e-7.
     """
 
-    def __init__(self, X: np.ndarray, full_rows: np.ndarray | None = None, key_slice: slice | None = None,
-                 allowed: np.ndarray | None = None):
+    def __init__(
+        self,
+        X: np.ndarray,
+        full_rows: np.ndarray | None = None,
+        key_slice: slice | None = None,
+        allowed: np.ndarray | None = None,
+    ):
         self.X = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
         self.key_slice = key_slice
         self.full = self.X if full_rows is None else torch.from_numpy(np.ascontiguousarray(full_rows, dtype=np.float32))
@@ -30,8 +35,8 @@ class Reference:
         self.p = self.logp.exp()
         self.top = exact.argmax(dim=-1)
         xc = self.X - self.X.mean(dim=-1, keepdim=True)
-        self.norm = (self.X ** 2).sum(dim=(-2, -1)).sqrt()
-        self.norm_c = (xc ** 2).sum(dim=(-2, -1)).sqrt()
+        self.norm = (self.X**2).sum(dim=(-2, -1)).sqrt()
+        self.norm_c = (xc**2).sum(dim=(-2, -1)).sqrt()
 
     def _masked(self, rows):
         return rows if self.masked is None else rows.masked_fill(self.masked, float("-inf"))
@@ -50,9 +55,9 @@ class Reference:
         S = S.float()
         if bool(torch.isfinite(S).all()):
             err = S - self.X
-            rel = (err ** 2).sum(dim=(-2, -1)).sqrt() / self.norm
+            rel = (err**2).sum(dim=(-2, -1)).sqrt() / self.norm
             err -= err.mean(dim=-1, keepdim=True)
-            rel_c = (err ** 2).sum(dim=(-2, -1)).sqrt() / self.norm_c
+            rel_c = (err**2).sum(dim=(-2, -1)).sqrt() / self.norm_c
             rel, rel_c = rel.double().numpy(), rel_c.double().numpy()
         else:  # subset_only: no score estimate
             rel = rel_c = np.full(S.shape[:-2], np.nan)
@@ -66,5 +71,10 @@ class Reference:
         tv = 0.5 * (self.p - logq.exp()).abs().sum(dim=-1)
         kl = torch.where(self.p > 0, self.p * (self.logp - logq), torch.zeros(())).sum(dim=-1)
         top1 = (approx.argmax(dim=-1) == self.top).double()
-        return {"rel_error": rel, "rel_error_centered": rel_c, "tv": tv.double().mean(dim=-1).numpy(),
-                "kl": kl.double().mean(dim=-1).numpy(), "top1": top1.mean(dim=-1).numpy()}
+        return {
+            "rel_error": rel,
+            "rel_error_centered": rel_c,
+            "tv": tv.double().mean(dim=-1).numpy(),
+            "kl": kl.double().mean(dim=-1).numpy(),
+            "top1": top1.mean(dim=-1).numpy(),
+        }

@@ -63,8 +63,7 @@ class PartialMap(nn.Module):
     ``subset_only``, are kept as a fixed buffer mask).
     """
 
-    def __init__(self, T, W, b, *, seq_len: int, query_range, key_range, causal: bool = False,
-                 trainable: bool = False):
+    def __init__(self, T, W, b, *, seq_len: int, query_range, key_range, causal: bool = False, trainable: bool = False):
         super().__init__()
         T = torch.as_tensor(np.asarray(T), dtype=torch.long)
         W = torch.tensor(np.asarray(W), dtype=torch.float32)
@@ -73,16 +72,25 @@ class PartialMap(nn.Module):
         k0, k1 = map(int, key_range)
         d = k1 - k0
         if T.ndim != 2 or W.shape != (T.shape[0], d, T.shape[1]) or b.shape != (T.shape[0], d):
-            raise InputError("partial map (T, W, b)", f"shapes T {tuple(T.shape)}, W {tuple(W.shape)}, b "
-                             f"{tuple(b.shape)} do not match H heads, d={d} keys of the view and s subset keys",
-                             "fit the map from the view's statistics (maps_from_stats)")
+            raise InputError(
+                "partial map (T, W, b)",
+                f"shapes T {tuple(T.shape)}, W {tuple(W.shape)}, b "
+                f"{tuple(b.shape)} do not match H heads, d={d} keys of the view and s subset keys",
+                "fit the map from the view's statistics (maps_from_stats)",
+            )
         if T.numel() and (int(T.min()) < 0 or int(T.max()) >= d):
-            raise InputError("partial map (T, W, b)", f"subset positions must lie in 0..{d - 1} (the view's keys)",
-                             "fit the map from the view's statistics (maps_from_stats)")
+            raise InputError(
+                "partial map (T, W, b)",
+                f"subset positions must lie in 0..{d - 1} (the view's keys)",
+                "fit the map from the view's statistics (maps_from_stats)",
+            )
         if causal and k1 > q0 + 1:
-            raise ConfigError("eigen.views", f"keys {k0}..{k1 - 1} reach past the first query {q0} of the view; on a "
-                              "causal model a reconstruction would read future keys",
-                              "use the prefix view for causal models")
+            raise ConfigError(
+                "eigen.views",
+                f"keys {k0}..{k1 - 1} reach past the first query {q0} of the view; on a "
+                "causal model a reconstruction would read future keys",
+                "use the prefix view for causal models",
+            )
         self.seq_len = int(seq_len)
         self.qs, self.ks = slice(q0, q1), slice(k0, k1)
         self.register_buffer("T", T, persistent=True)
@@ -94,8 +102,12 @@ class PartialMap(nn.Module):
         eye = torch.zeros_like(W)
         if T.numel():
             eye.scatter_(1, T[:, None, :], 1.0)
-        self.sparse = bool(not trainable and int(neg.sum()) == T.shape[0] * (d - T.shape[1]) and torch.equal(W, eye)
-                           and (q0, q1, k0, k1) == (0, seq_len, 0, seq_len))
+        self.sparse = bool(
+            not trainable
+            and int(neg.sum()) == T.shape[0] * (d - T.shape[1])
+            and torch.equal(W, eye)
+            and (q0, q1, k0, k1) == (0, seq_len, 0, seq_len)
+        )
 
     @property
     def heads(self) -> int:
@@ -109,26 +121,33 @@ class PartialMap(nn.Module):
         return self.b.masked_fill(self.neg_inf, float("-inf"))
 
     def extra_repr(self) -> str:
-        return (f"heads={self.heads}, s={self.subset_size}, d={self.ks.stop - self.ks.start}, seq_len={self.seq_len}, "
-                f"queries={self.qs.start}..{self.qs.stop - 1}, keys={self.ks.start}..{self.ks.stop - 1}")
+        return (
+            f"heads={self.heads}, s={self.subset_size}, d={self.ks.stop - self.ks.start}, seq_len={self.seq_len}, "
+            f"queries={self.qs.start}..{self.qs.stop - 1}, keys={self.ks.start}..{self.ks.stop - 1}"
+        )
 
 
 def partial_scores(query: torch.Tensor, key: torch.Tensor, pm: PartialMap, scaling: float) -> torch.Tensor:
     """Scores (B, H, n, n) with the view block reconstructed from the keys at T, the rest exact."""
     B, H, n, dh = query.shape
     if n != pm.seq_len or key.shape[-2] != pm.seq_len:
-        raise InputError("partial attention input", f"the map was fitted for seq_len {pm.seq_len}, but the input "
-                         f"has {n} queries and {key.shape[-2]} keys", f"use inputs of exactly {pm.seq_len} tokens "
-                         "(no KV cache) or refit the statistics at this length")
+        raise InputError(
+            "partial attention input",
+            f"the map was fitted for seq_len {pm.seq_len}, but the input has {n} queries and {key.shape[-2]} keys",
+            f"use inputs of exactly {pm.seq_len} tokens (no KV cache) or refit the statistics at this length",
+        )
     if pm.heads != H:
-        raise InputError("partial attention input", f"the map has {pm.heads} heads, the layer has {H}",
-                         "fit the map from statistics of this model")
+        raise InputError(
+            "partial attention input",
+            f"the map has {pm.heads} heads, the layer has {H}",
+            "fit the map from statistics of this model",
+        )
     qs, ks = pm.qs, pm.ks
     q_view = query[:, :, qs]
     k_view = key[:, :, ks]
     idx = pm.T[None, :, :, None].expand(B, -1, -1, dh)
-    k_sub = torch.gather(k_view, 2, idx)                                     # (B, H, s, dh)
-    a_sub = torch.matmul(q_view, k_sub.transpose(-1, -2)) * scaling          # n·s·dh
+    k_sub = torch.gather(k_view, 2, idx)  # (B, H, s, dh)
+    a_sub = torch.matmul(q_view, k_sub.transpose(-1, -2)) * scaling  # n·s·dh
     W = pm.W.to(query.dtype)
     a_hat = torch.matmul(a_sub, W.transpose(-1, -2)) + pm.bias().to(query.dtype)[None, :, None, :]  # n·s·d
     cols = []
@@ -136,13 +155,13 @@ def partial_scores(query: torch.Tensor, key: torch.Tensor, pm: PartialMap, scali
         cols.append(torch.matmul(q_view, key[:, :, : ks.start].transpose(-1, -2)) * scaling)
     cols.append(a_hat)
     if ks.stop < n:
-        cols.append(torch.matmul(q_view, key[:, :, ks.stop:].transpose(-1, -2)) * scaling)
+        cols.append(torch.matmul(q_view, key[:, :, ks.stop :].transpose(-1, -2)) * scaling)
     rows = []
     if qs.start > 0:
         rows.append(torch.matmul(query[:, :, : qs.start], key.transpose(-1, -2)) * scaling)
     rows.append(torch.cat(cols, dim=-1) if len(cols) > 1 else a_hat)
     if qs.stop < n:
-        rows.append(torch.matmul(query[:, :, qs.stop:], key.transpose(-1, -2)) * scaling)
+        rows.append(torch.matmul(query[:, :, qs.stop :], key.transpose(-1, -2)) * scaling)
     return torch.cat(rows, dim=-2) if len(rows) > 1 else rows[0]
 
 
@@ -156,11 +175,17 @@ def partial_attention_forward(module, query, key, value, attention_mask, scaling
     mask = attention_mask
     if lf is not None:  # Linformer: keys and values projected along the sequence (no key mask possible)
         if mask is not None and bool((mask < 0).any()):
-            raise InputError("linformer attention input", "linformer attention cannot apply a padding or causal mask",
-                             "use unpadded inputs of a bidirectional model")
+            raise InputError(
+                "linformer attention input",
+                "linformer attention cannot apply a padding or causal mask",
+                "use unpadded inputs of a bidirectional model",
+            )
         if key.shape[-2] != lf.E.shape[1]:
-            raise InputError("linformer attention input", f"linformer projections are for {lf.E.shape[1]} tokens, "
-                             f"the input has {key.shape[-2]}", f"use inputs of exactly {lf.E.shape[1]} tokens")
+            raise InputError(
+                "linformer attention input",
+                f"linformer projections are for {lf.E.shape[1]} tokens, the input has {key.shape[-2]}",
+                f"use inputs of exactly {lf.E.shape[1]} tokens",
+            )
         key = torch.matmul(lf.E.to(key.dtype), key)
         value = torch.matmul(lf.F.to(value.dtype), value)
         scores, mask = torch.matmul(query, key.transpose(2, 3)) * scaling, None
@@ -168,14 +193,20 @@ def partial_attention_forward(module, query, key, value, attention_mask, scaling
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     elif pm.sparse:  # subset_only: attend to the keys at T only
         if query.shape[-2] != pm.seq_len:
-            raise InputError("partial attention input", f"the map was fitted for seq_len {pm.seq_len}, the input "
-                             f"has {query.shape[-2]} tokens", f"use inputs of exactly {pm.seq_len} tokens")
+            raise InputError(
+                "partial attention input",
+                f"the map was fitted for seq_len {pm.seq_len}, the input has {query.shape[-2]} tokens",
+                f"use inputs of exactly {pm.seq_len} tokens",
+            )
         idx = pm.T[None, :, :, None].expand(query.shape[0], -1, -1, query.shape[-1])
         key, value = torch.gather(key, 2, idx), torch.gather(value, 2, idx)
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling
         if mask is not None:
-            mask = torch.gather(mask.expand(query.shape[0], pm.heads, -1, -1), 3,
-                                pm.T[None, :, None, :].expand(query.shape[0], -1, mask.shape[-2], -1))
+            mask = torch.gather(
+                mask.expand(query.shape[0], pm.heads, -1, -1),
+                3,
+                pm.T[None, :, None, :].expand(query.shape[0], -1, mask.shape[-2], -1),
+            )
     else:
         scores = partial_scores(query, key, pm, scaling)
     if mask is not None:
@@ -196,8 +227,11 @@ def attention_modules(model) -> dict[int, nn.Module]:
         if idx is not None and any(hasattr(mod, a) for a in ("q_proj", "query", "Wqkv")):
             out[int(idx)] = mod
     if not out:
-        raise InputError(type(model).__name__, "found no attention modules with a layer_idx",
-                         "use a transformers model whose attention modules carry layer_idx")
+        raise InputError(
+            type(model).__name__,
+            "found no attention modules with a layer_idx",
+            "use a transformers model whose attention modules carry layer_idx",
+        )
     return out
 
 
@@ -206,8 +240,11 @@ def attach(model, maps: dict[int, PartialMap]) -> list[int]:
     mods = attention_modules(model)
     bad = sorted(set(maps) - set(mods))
     if bad:
-        raise InputError("partial maps", f"layers {bad} are not attention layers of this model (it has "
-                         f"{sorted(mods)})", "attach maps fitted on this model's statistics")
+        raise InputError(
+            "partial maps",
+            f"layers {bad} are not attention layers of this model (it has {sorted(mods)})",
+            "attach maps fitted on this model's statistics",
+        )
     for i, pm in maps.items():
         setattr(mods[i], ATTR, pm)
     return sorted(maps)
@@ -228,13 +265,31 @@ def detach_all(model) -> None:
             delattr(mod, LINFORMER_ATTR)
 
 
-def maps_from_stats(stats, estimator: str, strategy: str, s: int, *, ridge: float, rank: float, seed: int,
-                    layers=None, trainable: bool = False) -> dict[int, PartialMap]:
+def maps_from_stats(
+    stats,
+    estimator: str,
+    strategy: str,
+    s: int,
+    *,
+    ridge: float,
+    rank: float,
+    seed: int,
+    layers=None,
+    trainable: bool = False,
+) -> dict[int, PartialMap]:
     """One PartialMap per analysed layer from a :class:`eigenattn.spectra.stores.RowStats`."""
     out = {}
-    for layer in (stats.layers if layers is None else layers):
+    for layer in stats.layers if layers is None else layers:
         mean, U, lam = stats.head_stats(layer)
         m = fit_heads(estimator, strategy, s, mean, U, lam, ridge=ridge, rank=rank, seed=seed, key=(layer,))
-        out[layer] = PartialMap(m.T, m.W, m.b, seq_len=stats.seq_len, query_range=stats.query_range,
-                                key_range=stats.key_range, causal=stats.causal, trainable=trainable)
+        out[layer] = PartialMap(
+            m.T,
+            m.W,
+            m.b,
+            seq_len=stats.seq_len,
+            query_range=stats.query_range,
+            key_range=stats.key_range,
+            causal=stats.causal,
+            trainable=trainable,
+        )
     return out

@@ -19,11 +19,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from eigenattn.spectra.stores import RowStats
-from eigenattn.reconstruction.estimators import check_method
-from eigenattn.reconstruction.partial import attach, detach, maps_from_stats, register
 from eigenattn.capture.probe import model_class
 from eigenattn.config.settings import Plugin
+from eigenattn.reconstruction.estimators import check_method
+from eigenattn.reconstruction.partial import attach, detach, maps_from_stats, register
+from eigenattn.spectra.stores import RowStats
 from eigenattn.storage.store import open_store
 
 log = logging.getLogger(__name__)
@@ -54,21 +54,22 @@ def _outputs(model, ids: torch.Tensor, causal: bool, q0: int, batch_size: int):
     if causal:
         nll, count = 0.0, 0
         for i in range(0, len(ids), batch_size):
-            x = ids[i:i + batch_size]
+            x = ids[i : i + batch_size]
             logits = model(input_ids=x).logits[:, q0:-1].float()
             lp = torch.log_softmax(logits, dim=-1)
-            nll += float(-lp.gather(-1, x[:, q0 + 1:, None]).sum())
+            nll += float(-lp.gather(-1, x[:, q0 + 1 :, None]).sum())
             count += lp.shape[0] * lp.shape[1]
         return nll, count
     pooled = []
     for i in range(0, len(ids), batch_size):
-        h = model(input_ids=ids[i:i + batch_size]).last_hidden_state
+        h = model(input_ids=ids[i : i + batch_size]).last_hidden_state
         pooled.append(h.float().mean(dim=1))
     return torch.cat(pooled)
 
 
-def plugin_eval(model_dir, rows_store, heldout_shards, settings: Plugin, *, device,
-                progress: bool = True) -> pd.DataFrame:
+def plugin_eval(
+    model_dir, rows_store, heldout_shards, settings: Plugin, *, device, progress: bool = True
+) -> pd.DataFrame:
     """The plug-in table of one model: every method of ``settings`` inside the forward pass of
     ``settings.n_sequences`` held-out passages, against the exact model."""
     estimators, strategies, subset_sizes = settings.estimators, settings.strategies, settings.subset_sizes
@@ -86,8 +87,7 @@ def plugin_eval(model_dir, rows_store, heldout_shards, settings: Plugin, *, devi
     model = load(model_dir, stats.causal, device)
     n_layers = model.config.num_hidden_layers
     if len(stats.layers) < n_layers:
-        log.warning("statistics cover layers %s of %d: the other layers keep exact attention",
-                    stats.layers, n_layers)
+        log.warning("statistics cover layers %s of %d: the other layers keep exact attention", stats.layers, n_layers)
     q0 = stats.query_range[0]
     t0 = time.perf_counter()
     exact = _outputs(model, ids, stats.causal, q0, batch_size)
@@ -98,8 +98,10 @@ def plugin_eval(model_dir, rows_store, heldout_shards, settings: Plugin, *, devi
     records = []
     grid = [(e, st, s) for s in subset_sizes for st in strategies for e in estimators]
     for est, st, s in tqdm(grid, desc=f"plug-in {stats.model}", disable=not progress):
-        attach(model, {k: v.to(device) for k, v in
-                       maps_from_stats(stats, est, st, s, ridge=ridge, rank=rank, seed=seed).items()})
+        attach(
+            model,
+            {k: v.to(device) for k, v in maps_from_stats(stats, est, st, s, ridge=ridge, rank=rank, seed=seed).items()},
+        )
         out = _outputs(model, ids, stats.causal, q0, batch_size)
         detach(model)
         if stats.causal:
@@ -108,7 +110,8 @@ def plugin_eval(model_dir, rows_store, heldout_shards, settings: Plugin, *, devi
         else:
             value = float(torch.nn.functional.cosine_similarity(out, exact, dim=-1).mean())
             rec = ("embedding_cosine", value, 1.0, value)
-        records.append({"model": stats.model, "estimator": est, "strategy": st, "subset_size": s,
-                        **dict(zip(COLUMNS[4:], rec))})
+        records.append(
+            {"model": stats.model, "estimator": est, "strategy": st, "subset_size": s, **dict(zip(COLUMNS[4:], rec))}
+        )
         log.info("%s %s s=%d: %s %.4f (ratio %.4f)", est, st, s, rec[0], rec[1], rec[3])
     return pd.DataFrame.from_records(records, columns=COLUMNS)

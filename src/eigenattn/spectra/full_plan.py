@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from eigenattn.config.views import view_slices
 from eigenattn.config.schema import enum
+from eigenattn.config.views import view_slices
 from eigenattn.errors import ConfigError
 
 ROUTES = enum("eigen.full_route")
@@ -82,11 +82,23 @@ class FullPlan:
         return self.group * self.state_bytes() + held + self.work_bytes()
 
     def peak_mb(self) -> int:
-        return int(BASE_MB + self.workers * self.task_bytes() / 2 ** 20)
+        return int(BASE_MB + self.workers * self.task_bytes() / 2**20)
 
 
-def plan_full(N: int, D: int, L: int, H: int, split: int, chunk: int, memory_mb: float, workers: int = 1,
-              route: str = "auto", *, rank: int | None, D_eff: int | None = None) -> FullPlan:
+def plan_full(
+    N: int,
+    D: int,
+    L: int,
+    H: int,
+    split: int,
+    chunk: int,
+    memory_mb: float,
+    workers: int = 1,
+    route: str = "auto",
+    *,
+    rank: int | None,
+    D_eff: int | None = None,
+) -> FullPlan:
     """Cut the work into (layer, head group) tasks that fit ``memory_mb`` with ``workers`` in flight.
 
     Each task gets memory_mb / workers: up to half of it for its heads' accumulators (at least one
@@ -98,7 +110,7 @@ def plan_full(N: int, D: int, L: int, H: int, split: int, chunk: int, memory_mb:
     if rank is not None:
         return FullPlan("randomized", N, D, L, H, split, chunk, 1, chunk, chunk, workers, int(rank), d)
     route = choose_route(N, d, route)
-    budget = memory_mb * 2 ** 20 / workers
+    budget = memory_mb * 2**20 / workers
     per_head = 2 * d * d * _F8 if route == "covariance" else N * N * _F8
     group = int(min(max(budget / 2 // per_head, 1), H))
     left = max(budget - group * per_head, 0)
@@ -116,8 +128,9 @@ def plan_full(N: int, D: int, L: int, H: int, split: int, chunk: int, memory_mb:
     return FullPlan(route, N, D, L, H, split, chunk, group, min(rows(0.5), quarter), rows(0.5), workers, None, d)
 
 
-def full_memory_mb(shape, view: str, causal: bool, chunk: int, memory_mb: float, workers: int,
-                   route: str = "auto", *, rank: int | None) -> int:
+def full_memory_mb(
+    shape, view: str, causal: bool, chunk: int, memory_mb: float, workers: int, route: str = "auto", *, rank: int | None
+) -> int:
     """Peak RSS (MB) of the full-matrix analysis of a score store of ``shape`` (N, L, H, n, n):
     what the rule asks the scheduler for."""
     N, L, H, n = int(shape[0]), int(shape[1]), int(shape[2]), int(shape[3])
@@ -140,9 +153,19 @@ def store_layout(path) -> tuple[tuple[int, ...], int] | None:
     return tuple(int(x) for x in m["shape"]), int(chunk[0])
 
 
-def stores_memory_mb(paths, view: str, causal: bool, memory_mb: float, workers: int, route: str = "auto", *,
-                     rank: int | None, guess_n_sequences: int = 1536, guess_seq_len: int = 128,
-                     guess_heads: int = 32) -> int:
+def stores_memory_mb(
+    paths,
+    view: str,
+    causal: bool,
+    memory_mb: float,
+    workers: int,
+    route: str = "auto",
+    *,
+    rank: int | None,
+    guess_n_sequences: int = 1536,
+    guess_seq_len: int = 128,
+    guess_heads: int = 32,
+) -> int:
     """:func:`full_memory_mb` of the concatenated shard stores at ``paths``; before they exist, of a
     generous guess (``guess_*``), so a job is never planned with too little."""
     layouts = [store_layout(p) for p in paths]

@@ -14,11 +14,17 @@ from eigenattn.spectra.full_vectors import centred_basis, cv_share, empty_output
 
 def _head_matrix(scores, layer: int, head: int, qs, ks, variant: str):
     """Dask array (N, D) of one head's vectorised view blocks, chunked like the store."""
-    x = scores[:, layer, head:head + 1]
+    x = scores[:, layer, head : head + 1]
     D = view_dims(qs, ks, variant)[1]
     basis = centred_basis(ks.stop - ks.start) if variant == "row_centered" else None
-    return da.map_blocks(lambda b: view_vectors(b, qs, ks, variant, basis)[0], x, dtype=np.float64, drop_axis=[2, 3],
-                         chunks=(x.chunks[0], (D,)), meta=np.empty((0, 0)))
+    return da.map_blocks(
+        lambda b: view_vectors(b, qs, ks, variant, basis)[0],
+        x,
+        dtype=np.float64,
+        drop_axis=[2, 3],
+        chunks=(x.chunks[0], (D,)),
+        meta=np.empty((0, 0)),
+    )
 
 
 def randomized_task(scores, layer, heads, qs, ks, variant, plan: FullPlan, seed: int):
@@ -31,10 +37,11 @@ def randomized_task(scores, layer, heads, qs, ks, variant, plan: FullPlan, seed:
         svd = {}
         for k, v in cen.items():
             r = min(plan.r if k == "t" else plan.r_half, plan.d)
-            _, sv, vt = da.linalg.svd_compressed(v, r, n_power_iter=4, seed=seed + 7919 * layer + 104729 * head,
-                                                 compute=False)
+            _, sv, vt = da.linalg.svd_compressed(
+                v, r, n_power_iter=4, seed=seed + 7919 * layer + 104729 * head, compute=False
+            )
             svd[k] = (sv, vt)
-        tots = {k: (v ** 2).sum() for k, v in cen.items()}
+        tots = {k: (v**2).sum() for k, v in cen.items()}
         proj = {"a": ((cen["b"] @ svd["a"][1].T) ** 2).sum(axis=0), "b": ((cen["a"] @ svd["b"][1].T) ** 2).sum(axis=0)}
         (svd, tots, proj) = dask.compute(svd, tots, proj, scheduler="sync")
         counts = {"a": s, "b": N - s}

@@ -37,13 +37,13 @@ import dask
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from eigenattn.spectra.rows import eigh_desc
+from eigenattn.config.views import view_slices
 from eigenattn.errors import ConfigError, InputError
 from eigenattn.spectra.full_plan import FullPlan, plan_full
 from eigenattn.spectra.full_randomized import randomized_task
 from eigenattn.spectra.full_vectors import cv_share, empty_outputs, head_reader, pad, ranges, raw_reader, view_dims
 from eigenattn.spectra.moments import check_variant, half_block_index
-from eigenattn.config.views import view_slices
+from eigenattn.spectra.rows import eigh_desc
 
 PARALLEL = ("tasks", "blas")
 
@@ -52,11 +52,13 @@ PARALLEL = ("tasks", "blas")
 # not: with scipy, two heads' eigenproblems in two threads ran no faster than one after the other
 # (measured 0.24 s against 0.21 s per 1,024 x 1,024 eigh), with numpy 1.9x faster.
 
+
 def _eigvals_desc(m: np.ndarray) -> np.ndarray:
     return np.clip(np.linalg.eigvalsh(m)[::-1], 0.0, None)
 
 
 # ------------------------------------------------------------------------------- covariance route
+
 
 def _scatter(read, ranges, g: int, D: int):
     """count, mean (g, D) and symmetric scatter matrices (g × D × D) of the vectors in ``ranges``, by
@@ -105,16 +107,16 @@ def _cov_task(scores, layer, heads, qs, ks, variant, plan: FullPlan):
         tot = a + b
         tot += (na * nb / N) * np.multiply.outer(delta, delta)
         out["total_variance"][h] = np.trace(tot) / (N - 1)
-        out["eigenvalues"][h] = pad(_eigvals_desc(tot)[:plan.r], plan.r) / (N - 1)
+        out["eigenvalues"][h] = pad(_eigvals_desc(tot)[: plan.r], plan.r) / (N - 1)
         del tot
         halves = (a, b)  # b's variance along a's direction e is eᵀ·M_b·e (and back)
-        _halves_out(out, h, plan, halves, (na, nb),
-                    lambda i, e, mu: np.einsum("ij,ij->j", halves[1 - i] @ e, e))
+        _halves_out(out, h, plan, halves, (na, nb), lambda i, e, mu: np.einsum("ij,ij->j", halves[1 - i] @ e, e))
         ma[h] = mb[h] = None
     return out
 
 
 # ------------------------------------------------------------------------------------- Gram route
+
 
 def _centre(m: np.ndarray) -> np.ndarray:
     """m - row means - column means + grand mean, in place: H_r m H_c in O(rows·cols)."""
@@ -150,12 +152,18 @@ def _gram_task(scores, layer, heads, qs, ks, variant, plan: FullPlan):
         gba = _centre(g0[s:, :s].copy())
         # a's direction e_j = Xaᶜᵀ u_j / √μ_j, so b's variance along it is ‖G_baᶜ u_j‖² / μ_j (and back)
         cross = (gba, gba.T)
-        _halves_out(out, h, plan, (gaa, gbb), (s, N - s),
-                    lambda i, u, mu: ((cross[i] @ u) ** 2).sum(axis=0) / np.where(mu > 0, mu, 1.0))
+        _halves_out(
+            out,
+            h,
+            plan,
+            (gaa, gbb),
+            (s, N - s),
+            lambda i, u, mu: ((cross[i] @ u) ** 2).sum(axis=0) / np.where(mu > 0, mu, 1.0),
+        )
         gaa = gbb = gba = None  # free them before the whole sample's eigenproblem
         gt = _centre(g0)  # this head's Gram is not needed uncentred any more
         out["total_variance"][h] = np.trace(gt) / (N - 1)
-        out["eigenvalues"][h] = _eigvals_desc(gt)[:plan.r] / (N - 1)
+        out["eigenvalues"][h] = _eigvals_desc(gt)[: plan.r] / (N - 1)
     return out
 
 
@@ -179,6 +187,7 @@ def _halves_out(out, h, plan, mats, counts, other_variance):
 
 # ------------------------------------------------------------------------------------------ entry
 
+
 def _task(kind, blas_threads, *args):
     limit = threadpool_limits(blas_threads) if blas_threads else contextlib.nullcontext()
     with limit:
@@ -194,8 +203,19 @@ def full_spectrum(scores, view: str, variant: str, causal: bool, memory_mb: floa
     return full_spectra(scores, view, [variant], causal, memory_mb, **kw)[variant]
 
 
-def full_spectra(scores, view: str, variants, causal: bool, memory_mb: float, *, rank: int | None, seed: int,
-                 workers: int = 1, route: str = "auto", parallel: str = "tasks") -> dict:
+def full_spectra(
+    scores,
+    view: str,
+    variants,
+    causal: bool,
+    memory_mb: float,
+    *,
+    rank: int | None,
+    seed: int,
+    workers: int = 1,
+    route: str = "auto",
+    parallel: str = "tasks",
+) -> dict:
     """Per variant: eigenvalues of the sample covariance of vectorised view blocks (one sample per
     sequence), the exact total variance, each half's own spectrum and the held-out explained
     variance of half-sample subspaces (docs/method.md §4), per layer and head.
@@ -215,16 +235,25 @@ def full_spectra(scores, view: str, variants, causal: bool, memory_mb: float, *,
     qs, ks = view_slices(view, n, causal)
     D = (qs.stop - qs.start) * (ks.stop - ks.start)
     N, L, H = shape[:3]
-    split = int(np.sum(chunks[:half_block_index(chunks)]))
+    split = int(np.sum(chunks[: half_block_index(chunks)]))
     if min(split, N - split) < 2:
-        raise InputError("score stores", f"full-matrix spectra need at least 2 sequences per half, got {split} and "
-                         f"{N - split}", "analyse at least 4 sequences, in at least 2 chunks of "
-                         "extraction.chunk_sequences")
+        raise InputError(
+            "score stores",
+            f"full-matrix spectra need at least 2 sequences per half, got {split} and {N - split}",
+            "analyse at least 4 sequences, in at least 2 chunks of extraction.chunk_sequences",
+        )
     if rank is not None and rank < 1:
-        raise ConfigError("eigen.full_rank", f"must be a positive number of components, got {rank}",
-                          "write an integer >= 1, or null for exact spectra")
-    plans = {v: plan_full(N, D, L, H, split, max(chunks), memory_mb, workers, route, rank=rank,
-                          D_eff=view_dims(qs, ks, v)[1]) for v in variants}
+        raise ConfigError(
+            "eigen.full_rank",
+            f"must be a positive number of components, got {rank}",
+            "write an integer >= 1, or null for exact spectra",
+        )
+    plans = {
+        v: plan_full(
+            N, D, L, H, split, max(chunks), memory_mb, workers, route, rank=rank, D_eff=view_dims(qs, ks, v)[1]
+        )
+        for v in variants
+    }
     groups = {v: [slice(h, min(h + p.group, H)) for h in range(0, H, p.group)] for v, p in plans.items()}
     blas = workers if parallel == "blas" else None
     randomized = rank is not None
@@ -245,10 +274,17 @@ def full_spectra(scores, view: str, variants, causal: bool, memory_mb: float, *,
     out = {}
     for v in variants:
         plan, res = plans[v], {}
-        for key, axis in (("eigenvalues", 0), ("total_variance", 0), ("ev_heldout", 0), ("half_eigenvalues", 1),
-                          ("half_total_variance", 1)):
-            per_layer = [np.concatenate([got[v, layer, gi][key] for gi in range(len(groups[v]))], axis=axis)
-                         for layer in range(L)]
+        for key, axis in (
+            ("eigenvalues", 0),
+            ("total_variance", 0),
+            ("ev_heldout", 0),
+            ("half_eigenvalues", 1),
+            ("half_total_variance", 1),
+        ):
+            per_layer = [
+                np.concatenate([got[v, layer, gi][key] for gi in range(len(groups[v]))], axis=axis)
+                for layer in range(L)
+            ]
             res[key] = np.stack(per_layer, axis=axis)
         out[v] = {**res, "n_samples": N, "dim": D, "split_sequence": split, "route": plan.route, "rank": plan.rank}
     return out

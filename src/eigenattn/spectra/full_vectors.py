@@ -14,7 +14,7 @@ def centred_basis(k: int) -> np.ndarray:
     """An orthonormal basis (k, k − 1) of the vectors orthogonal to the constant one. A row minus
     its mean is x − x̄1 = B Bᵀ x, so ``x @ B`` holds a row_centered row exactly, inner products
     included, in one dimension fewer: the spectra are the same and their eigenproblems smaller."""
-    q, _ = np.linalg.qr(np.eye(k)[:, :k - 1] - 1.0 / k)
+    q, _ = np.linalg.qr(np.eye(k)[:, : k - 1] - 1.0 / k)
     return np.ascontiguousarray(q)
 
 
@@ -41,8 +41,12 @@ def raw_reader(scores):
     if isinstance(scores, ScoreSource):
         return scores.shape, scores.seq_chunks, scores.read, scores.dask
     scores = whole_heads(scores)
-    return (scores.shape, scores.chunks[0],
-            lambda s0, s1, layer, heads: scores[s0:s1, layer, heads].compute(scheduler="sync"), lambda: scores)
+    return (
+        scores.shape,
+        scores.chunks[0],
+        lambda s0, s1, layer, heads: scores[s0:s1, layer, heads].compute(scheduler="sync"),
+        lambda: scores,
+    )
 
 
 def head_reader(raw, layer: int, heads: slice, qs: slice, ks: slice, variant: str):
@@ -50,6 +54,7 @@ def head_reader(raw, layer: int, heads: slice, qs: slice, ks: slice, variant: st
 
     def read(s0: int, s1: int) -> np.ndarray:
         return view_vectors(raw(s0, s1, layer, heads), qs, ks, variant, basis)
+
     return read
 
 
@@ -67,11 +72,15 @@ def cv_share(var: np.ndarray, mu: np.ndarray, total: float) -> np.ndarray:
 def pad(x: np.ndarray, size: int, edge: bool = False) -> np.ndarray:
     """x to ``size`` entries: zeros past its end (a spectrum), or its last value (a cumulative curve)."""
     out = np.full(size, x[-1] if edge and x.size else 0.0)
-    out[:min(size, x.size)] = x[:size]
+    out[: min(size, x.size)] = x[:size]
     return out
 
 
 def empty_outputs(g: int, plan: FullPlan) -> dict:
-    return {"eigenvalues": np.zeros((g, plan.r)), "total_variance": np.zeros(g),
-            "ev_heldout": np.zeros((g, plan.r_half)), "half_eigenvalues": np.zeros((2, g, plan.r_half)),
-            "half_total_variance": np.zeros((2, g))}
+    return {
+        "eigenvalues": np.zeros((g, plan.r)),
+        "total_variance": np.zeros(g),
+        "ev_heldout": np.zeros((g, plan.r_half)),
+        "half_eigenvalues": np.zeros((2, g, plan.r_half)),
+        "half_total_variance": np.zeros((2, g)),
+    }

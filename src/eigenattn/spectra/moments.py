@@ -14,9 +14,9 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 
-from eigenattn.errors import ConfigError, InputError
 from eigenattn.config.schema import enum
 from eigenattn.config.views import VIEWS, view_slices  # noqa: F401  (VIEWS: the test of enums)
+from eigenattn.errors import ConfigError, InputError
 
 VARIANTS = enum("eigen.variants")
 
@@ -118,16 +118,31 @@ def block_moments(scores, view: str, variant: str, causal: bool):
     d = ks.stop - ks.start
     scores = whole_heads(scores)
     return da.map_blocks(
-        block_row_moments, scores, qs, ks, variant, dtype=np.float64,
+        block_row_moments,
+        scores,
+        qs,
+        ks,
+        variant,
+        dtype=np.float64,
         chunks=((1,) * scores.numblocks[0], scores.chunks[1], (scores.shape[2],), (d + 2,), (d,)),
-        meta=np.empty((0, 0, 0, 0, 0), dtype=np.float64))
+        meta=np.empty((0, 0, 0, 0, 0), dtype=np.float64),
+    )
 
 
 def reduce_moments(per_block, split_every: int):
     """Tree-merge packed block moments along axis 0 -> (L, H, d+2, d)."""
-    return da.reduction(per_block, _merge_chunk, _merge_aggregate, combine=_merge_combine, axis=0,
-                        keepdims=False, dtype=np.float64, split_every=split_every, concatenate=True,
-                        meta=np.empty((0, 0, 0, 0), dtype=np.float64))
+    return da.reduction(
+        per_block,
+        _merge_chunk,
+        _merge_aggregate,
+        combine=_merge_combine,
+        axis=0,
+        keepdims=False,
+        dtype=np.float64,
+        split_every=split_every,
+        concatenate=True,
+        meta=np.empty((0, 0, 0, 0), dtype=np.float64),
+    )
 
 
 def half_block_index(chunks_n) -> int:
@@ -135,14 +150,20 @@ def half_block_index(chunks_n) -> int:
     edges = np.cumsum(chunks_n)
     nb = len(chunks_n)
     if nb < 2:
-        raise ConfigError("extraction.chunk_sequences", f"split-half statistics need at least 2 sequence chunks, "
-                          f"got {nb}", "use a smaller extraction.chunk_sequences or more passages")
+        raise ConfigError(
+            "extraction.chunk_sequences",
+            f"split-half statistics need at least 2 sequence chunks, got {nb}",
+            "use a smaller extraction.chunk_sequences or more passages",
+        )
     i = int(np.argmin(np.abs(edges - edges[-1] / 2))) + 1
     return min(max(i, 1), nb - 1)
 
 
 def moments_to_covariance(count, m2):
     if np.any(count < 2):
-        raise InputError("score rows", "fewer than 2 samples for a covariance",
-                         "analyse at least 2 sequences (sampling.n_sequences.fit)")
+        raise InputError(
+            "score rows",
+            "fewer than 2 samples for a covariance",
+            "analyse at least 2 sequences (sampling.n_sequences.fit)",
+        )
     return m2 / (count[..., None, None] - 1.0)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from eigenattn.spectra.rows import constant_alignment
 from eigenattn.errors import ConfigError, InputError
+from eigenattn.spectra.rows import constant_alignment
 from eigenattn.storage.store import new_store, open_store, write_arrays
 
 
@@ -28,8 +28,11 @@ def check_ks(ks, d: int) -> list[int]:
     ks = [int(k) for k in ks]
     bad = [k for k in ks if k < 1 or k > d]
     if bad:
-        raise ConfigError("overlap.k", f"k = {bad} outside 1..d = {d} (d is the row dimension of the view)",
-                          f"list subspace sizes between 1 and {d}")
+        raise ConfigError(
+            "overlap.k",
+            f"k = {bad} outside 1..d = {d} (d is the row dimension of the view)",
+            f"list subspace sizes between 1 and {d}",
+        )
     return ks
 
 
@@ -59,12 +62,12 @@ def overlap_and_captured(Ua: np.ndarray, Vb: np.ndarray, lam_b: np.ndarray, ks, 
     ov = np.empty((len(ks), A, B))
     cap = np.empty((len(ks), A, B))
     for s in range(0, A, block):
-        Uk = Ua[s:s + block, :, :kmax]  # (a, d, kmax)
+        Uk = Ua[s : s + block, :, :kmax]  # (a, d, kmax)
         # G[a, b, i, j] = u_ai . v_bj for the top-kmax columns of a and all d columns of b
         G2 = np.einsum("adi,bdj->abij", Uk, Vb, optimize=True) ** 2
         for ki, k in enumerate(ks):
-            ov[ki, s:s + block] = G2[:, :, :k, :k].sum(axis=(2, 3)) / k
-            cap[ki, s:s + block] = (G2[:, :, :k, :] * lam_b[None, :, None, :]).sum(axis=(2, 3)) / tot_b[None]
+            ov[ki, s : s + block] = G2[:, :, :k, :k].sum(axis=(2, 3)) / k
+            cap[ki, s : s + block] = (G2[:, :, :k, :] * lam_b[None, :, None, :]).sum(axis=(2, 3)) / tot_b[None]
     return np.clip(ov, 0.0, 1.0), np.clip(cap, 0.0, 1.0)
 
 
@@ -91,16 +94,19 @@ def flatten_heads(x: np.ndarray) -> np.ndarray:
 def _open(store, variant):
     g = open_store(store)
     if variant not in g:
-        raise InputError(store, f"has no '{variant}' group",
-                         f"add '{variant}' to eigen.variants and re-run the eigen stage")
+        raise InputError(
+            store, f"has no '{variant}' group", f"add '{variant}' to eigen.variants and re-run the eigen stage"
+        )
     return g.attrs.asdict(), g[variant]
 
 
 def _heads(group, prefix=""):
     """(U, lam) of every head (flattened, layer-major) and of every layer's pooled analysis."""
     g = group[prefix] if prefix else group
-    return ((flatten_heads(g["eigenvectors"][:]), flatten_heads(g["eigenvalues"][:])),
-            (g["pooled/eigenvectors"][:], g["pooled/eigenvalues"][:]))
+    return (
+        (flatten_heads(g["eigenvectors"][:]), flatten_heads(g["eigenvalues"][:])),
+        (g["pooled/eigenvectors"][:], g["pooled/eigenvalues"][:]),
+    )
 
 
 def _side(rows_store, halves_store, variant):
@@ -119,8 +125,13 @@ def _comparison(side_a, side_b, ks):
     hov, hcap = half_pairs(halves_a, halves_b, ks)
     pov, pcap = overlap_and_captured(pooled_a[0], pooled_b[0], pooled_b[1], ks)
     phov, phcap = half_pairs(phalves_a, phalves_b, ks)
-    return {"overlap": ov, "captured": cap, "half_overlap": hov, "half_captured": hcap,
-            "pooled": {"overlap": pov, "captured": pcap, "half_overlap": phov, "half_captured": phcap}}
+    return {
+        "overlap": ov,
+        "captured": cap,
+        "half_overlap": hov,
+        "half_captured": hcap,
+        "pooled": {"overlap": pov, "captured": pcap, "half_overlap": phov, "half_captured": phcap},
+    }
 
 
 def _ceiling(side, ks):
@@ -143,11 +154,27 @@ def within_model(rows_store, halves_store, variant: str, ks) -> tuple[dict, dict
     ks = check_ks(ks, d)
     arrays = _comparison(side, side, ks)
     sh, shc, psh, pshc = _ceiling(side, ks)
-    arrays.update({"split_half": sh, "split_half_captured": shc, "random_baseline": random_baseline(ks, d, variant),
-                   "k": np.array(ks, dtype=np.int64), "u1_constant": constant_alignment(side[1][0])})
+    arrays.update(
+        {
+            "split_half": sh,
+            "split_half_captured": shc,
+            "random_baseline": random_baseline(ks, d, variant),
+            "k": np.array(ks, dtype=np.int64),
+            "u1_constant": constant_alignment(side[1][0]),
+        }
+    )
     arrays["pooled"].update({"split_half": psh, "split_half_captured": pshc})
-    attrs = {"model": a["model"], "view": a["view"], "variant": variant, "d": d, "layers": a["layers"],
-             "heads": a["heads"], "k": ks, "n_sequences": a.get("n_sequences"), "axes": AXES}
+    attrs = {
+        "model": a["model"],
+        "view": a["view"],
+        "variant": variant,
+        "d": d,
+        "layers": a["layers"],
+        "heads": a["heads"],
+        "k": ks,
+        "n_sequences": a.get("n_sequences"),
+        "axes": AXES,
+    }
     return arrays, attrs
 
 
@@ -156,23 +183,44 @@ def cross_model(rows_a, halves_a, rows_b, halves_b, variant: str, ks) -> tuple[d
     side_b = _side(rows_b, halves_b, variant)
     aa, ab = side_a[0], side_b[0]
     if int(aa["d"]) != int(ab["d"]):
-        raise InputError(f"{rows_a}, {rows_b}", f"models '{aa['model']}' (d={aa['d']}) and '{ab['model']}' "
-                         f"(d={ab['d']}) have different row dimensions in view '{aa['view']}'",
-                         "compare models analysed with the same seq_len")
+        raise InputError(
+            f"{rows_a}, {rows_b}",
+            f"models '{aa['model']}' (d={aa['d']}) and '{ab['model']}' "
+            f"(d={ab['d']}) have different row dimensions in view '{aa['view']}'",
+            "compare models analysed with the same seq_len",
+        )
     d = int(aa["d"])
     ks = check_ks(ks, d)
     arrays = _comparison(side_a, side_b, ks)
     sha, shca, _, _ = _ceiling(side_a, ks)
     shb, shcb, _, _ = _ceiling(side_b, ks)
-    arrays.update({"split_half_a": sha, "split_half_b": shb, "split_half_captured_a": shca,
-                   "split_half_captured_b": shcb, "random_baseline": random_baseline(ks, d, variant),
-                   "k": np.array(ks, dtype=np.int64), "u1_constant_a": constant_alignment(side_a[1][0]),
-                   "u1_constant_b": constant_alignment(side_b[1][0])})
-    attrs = {"model_a": aa["model"], "model_b": ab["model"], "view": aa["view"], "variant": variant,
-             "d": d, "layers_a": aa["layers"], "layers_b": ab["layers"], "heads_a": aa["heads"],
-             "heads_b": ab["heads"], "k": ks, "axes": AXES,
-             "caveat": "keys are compared by position: the two models tokenise the same passages differently, "
-                       "so key j is not the same token in both"}
+    arrays.update(
+        {
+            "split_half_a": sha,
+            "split_half_b": shb,
+            "split_half_captured_a": shca,
+            "split_half_captured_b": shcb,
+            "random_baseline": random_baseline(ks, d, variant),
+            "k": np.array(ks, dtype=np.int64),
+            "u1_constant_a": constant_alignment(side_a[1][0]),
+            "u1_constant_b": constant_alignment(side_b[1][0]),
+        }
+    )
+    attrs = {
+        "model_a": aa["model"],
+        "model_b": ab["model"],
+        "view": aa["view"],
+        "variant": variant,
+        "d": d,
+        "layers_a": aa["layers"],
+        "layers_b": ab["layers"],
+        "heads_a": aa["heads"],
+        "heads_b": ab["heads"],
+        "k": ks,
+        "axes": AXES,
+        "caveat": "keys are compared by position: the two models tokenise the same passages differently, "
+        "so key j is not the same token in both",
+    }
     return arrays, attrs
 
 
@@ -184,24 +232,56 @@ def scope_masks(L: int, H: int) -> dict[str, np.ndarray]:
     layer = np.repeat(np.arange(L), H)
     dl = np.abs(layer[:, None] - layer[None, :])
     upper = np.triu(np.ones((L * H, L * H), dtype=bool), k=1)
-    return {"same_layer_other_heads": upper & (dl == 0), "adjacent_layers": upper & (dl == 1),
-            "all_layer_pairs": upper & (dl > 0)}
+    return {
+        "same_layer_other_heads": upper & (dl == 0),
+        "adjacent_layers": upper & (dl == 1),
+        "all_layer_pairs": upper & (dl > 0),
+    }
 
 
-SUMMARY_COLUMNS = ["model_a", "model_b", "view", "variant", "d", "k", "quantity", "scope", "n_pairs", "mean",
-                   "median", "p10", "p90", "random", "median_ratio_random", "half_median", "ceiling_median",
-                   "median_ratio_ceiling", "u1_constant_median"]
+SUMMARY_COLUMNS = [
+    "model_a",
+    "model_b",
+    "view",
+    "variant",
+    "d",
+    "k",
+    "quantity",
+    "scope",
+    "n_pairs",
+    "mean",
+    "median",
+    "p10",
+    "p90",
+    "random",
+    "median_ratio_random",
+    "half_median",
+    "ceiling_median",
+    "median_ratio_ceiling",
+    "u1_constant_median",
+]
 
 
 def _stats(values, random: float, half=None, ceiling=None) -> dict:
     v = np.asarray(values, dtype=np.float64)
-    out = {"n_pairs": int(v.size), "mean": float(v.mean()), "median": float(np.median(v)),
-           "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90)), "random": random,
-           "median_ratio_random": float(np.median(v)) / random}
+    out = {
+        "n_pairs": int(v.size),
+        "mean": float(v.mean()),
+        "median": float(np.median(v)),
+        "p10": float(np.percentile(v, 10)),
+        "p90": float(np.percentile(v, 90)),
+        "random": random,
+        "median_ratio_random": float(np.median(v)) / random,
+    }
     if half is not None:
         c = np.asarray(ceiling, dtype=np.float64)
-        out.update({"half_median": float(np.median(half)), "ceiling_median": float(np.median(c)),
-                    "median_ratio_ceiling": float(np.nanmedian(np.asarray(half) / np.where(c > 0, c, np.nan)))})
+        out.update(
+            {
+                "half_median": float(np.median(half)),
+                "ceiling_median": float(np.median(c)),
+                "median_ratio_ceiling": float(np.nanmedian(np.asarray(half) / np.where(c > 0, c, np.nan))),
+            }
+        )
     return out
 
 
@@ -214,8 +294,13 @@ def summary_rows(arrays: dict, attrs: dict) -> list[dict]:
     """
     recs = []
     cross = "model_b" in attrs
-    base = {"model_a": attrs.get("model_a", attrs.get("model")), "model_b": attrs.get("model_b", attrs.get("model")),
-            "view": attrs["view"], "variant": attrs["variant"], "d": int(attrs["d"])}
+    base = {
+        "model_a": attrs.get("model_a", attrs.get("model")),
+        "model_b": attrs.get("model_b", attrs.get("model")),
+        "view": attrs["view"],
+        "variant": attrs["variant"],
+        "d": int(attrs["d"]),
+    }
     if cross:
         u1 = np.concatenate([arrays["u1_constant_a"], arrays["u1_constant_b"]])
         masks = {"cross_model": np.ones(arrays["overlap"].shape[1:], dtype=bool)}
@@ -241,14 +326,31 @@ def summary_rows(arrays: dict, attrs: dict) -> list[dict]:
 
 
 _PAIR = ["k", "a", "b"]
-OVERLAP_DIMS = {"overlap": _PAIR, "captured": _PAIR, "half_overlap": _PAIR, "half_captured": _PAIR,
-                "split_half": ["k", "a"], "split_half_captured": ["k", "a"], "split_half_a": ["k", "a"],
-                "split_half_b": ["k", "b"], "split_half_captured_a": ["k", "a"], "split_half_captured_b": ["k", "b"],
-                "random_baseline": ["k"], "k": ["k"], "u1_constant": ["a"], "u1_constant_a": ["a"],
-                "u1_constant_b": ["b"],
-                "pooled": {"overlap": ["k", "layer_a", "layer_b"], "captured": ["k", "layer_a", "layer_b"],
-                           "half_overlap": ["k", "layer_a", "layer_b"], "half_captured": ["k", "layer_a", "layer_b"],
-                           "split_half": ["k", "layer_a"], "split_half_captured": ["k", "layer_a"]}}
+OVERLAP_DIMS = {
+    "overlap": _PAIR,
+    "captured": _PAIR,
+    "half_overlap": _PAIR,
+    "half_captured": _PAIR,
+    "split_half": ["k", "a"],
+    "split_half_captured": ["k", "a"],
+    "split_half_a": ["k", "a"],
+    "split_half_b": ["k", "b"],
+    "split_half_captured_a": ["k", "a"],
+    "split_half_captured_b": ["k", "b"],
+    "random_baseline": ["k"],
+    "k": ["k"],
+    "u1_constant": ["a"],
+    "u1_constant_a": ["a"],
+    "u1_constant_b": ["b"],
+    "pooled": {
+        "overlap": ["k", "layer_a", "layer_b"],
+        "captured": ["k", "layer_a", "layer_b"],
+        "half_overlap": ["k", "layer_a", "layer_b"],
+        "half_captured": ["k", "layer_a", "layer_b"],
+        "split_half": ["k", "layer_a"],
+        "split_half_captured": ["k", "layer_a"],
+    },
+}
 
 
 def write_overlap(path, arrays: dict, attrs: dict) -> None:

@@ -7,7 +7,14 @@ from __future__ import annotations
 import dask
 import numpy as np
 
-from eigenattn.spectra.moments import block_moments, half_block_index, merge_packed, moments_to_covariance, reduce_moments, unpack
+from eigenattn.spectra.moments import (
+    block_moments,
+    half_block_index,
+    merge_packed,
+    moments_to_covariance,
+    reduce_moments,
+    unpack,
+)
 
 P_LEVELS = (0.90, 0.95, 0.99)
 
@@ -77,8 +84,10 @@ def heldout_ev_rows(Ua: np.ndarray, lam_a: np.ndarray, Ub: np.ndarray, lam_b: np
     g2 = np.matmul(np.swapaxes(Ua, -1, -2), Ub) ** 2  # [i, j] = (u_a,i · u_b,j)^2
     tot_a, tot_b = lam_a.sum(-1), lam_b.sum(-1)
     a_to_b = np.cumsum(np.matmul(g2, lam_b[..., None])[..., 0], -1) / np.where(tot_b > 0, tot_b, 1)[..., None]
-    b_to_a = np.cumsum(np.matmul(np.swapaxes(g2, -1, -2), lam_a[..., None])[..., 0], -1) / \
-        np.where(tot_a > 0, tot_a, 1)[..., None]
+    b_to_a = (
+        np.cumsum(np.matmul(np.swapaxes(g2, -1, -2), lam_a[..., None])[..., 0], -1)
+        / np.where(tot_a > 0, tot_a, 1)[..., None]
+    )
     return np.clip(0.5 * (a_to_b + b_to_a), 0.0, 1.0)
 
 

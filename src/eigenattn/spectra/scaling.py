@@ -61,8 +61,16 @@ def length_fits(table: pd.DataFrame, N: int, bootstrap: int, seed: int, p: float
         ns = np.asarray(wide.columns, float)
         if len(ns) < 2:
             continue
-        base = {"model": model, "view": view, "variant": variant, "level": col, "N": N,
-                "n_min": int(ns.min()), "n_max": int(ns.max()), "points": len(ns)}
+        base = {
+            "model": model,
+            "view": view,
+            "variant": variant,
+            "level": col,
+            "N": N,
+            "n_min": int(ns.min()),
+            "n_max": int(ns.max()),
+            "points": len(ns),
+        }
         for (layer, head), k in wide.iterrows():
             a, c = power_law(ns, k.to_numpy())
             out.append({**base, "scope": "head", "layer": layer, "head": head, "alpha": a, "c": c})
@@ -72,17 +80,45 @@ def length_fits(table: pd.DataFrame, N: int, bootstrap: int, seed: int, p: float
         rng = np.random.default_rng(seed)
         boot = [power_law(ns, np.median(K[rng.integers(0, len(K), len(K))], axis=0))[0] for _ in range(bootstrap)]
         lo, hi = np.percentile(boot, [2.5, 97.5])
-        out.append({**base, "scope": "medians", "layer": -1, "head": -1, "alpha": a, "c": c,
-                    "alpha_low": float(lo), "alpha_high": float(hi), "heads": len(K),
-                    "d_first": int(d[0]), "d_last": int(d[-1]),
-                    "median_k_share_first": float(np.median(K[:, 0] / d[0])),
-                    "median_k_share_last": float(np.median(K[:, -1] / d[-1])),
-                    "bounded_share_last": float(g[g.n == ns[-1]][f"bounded_{col}"].astype(bool).mean())})
+        out.append(
+            {
+                **base,
+                "scope": "medians",
+                "layer": -1,
+                "head": -1,
+                "alpha": a,
+                "c": c,
+                "alpha_low": float(lo),
+                "alpha_high": float(hi),
+                "heads": len(K),
+                "d_first": int(d[0]),
+                "d_last": int(d[-1]),
+                "median_k_share_first": float(np.median(K[:, 0] / d[0])),
+                "median_k_share_last": float(np.median(K[:, -1] / d[-1])),
+                "bounded_share_last": float(g[g.n == ns[-1]][f"bounded_{col}"].astype(bool).mean()),
+            }
+        )
     return pd.DataFrame.from_records(out)
 
 
-SATURATION_COLUMNS = ["model", "view", "variant", "level", "n", "N_last", "N_prev", "layer", "head", "d", "k_last",
-                      "k_prev", "k_cv_last", "noise", "bounded", "saturated"]
+SATURATION_COLUMNS = [
+    "model",
+    "view",
+    "variant",
+    "level",
+    "n",
+    "N_last",
+    "N_prev",
+    "layer",
+    "head",
+    "d",
+    "k_last",
+    "k_prev",
+    "k_cv_last",
+    "noise",
+    "bounded",
+    "saturated",
+]
 
 
 def sample_saturation(table: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -101,13 +137,24 @@ def sample_saturation(table: pd.DataFrame, n: int) -> pd.DataFrame:
             noise = np.maximum(last[f"{col}_split_spread"].astype(float), 1.0)
             step = (last[col] - prev[col]).abs()
             for (layer, head), r in last.iterrows():
-                out.append({"model": model, "view": view, "variant": variant, "level": col, "n": n,
-                            "N_last": Ns[-1], "N_prev": Ns[-2], "layer": layer, "head": head, "d": int(r["d"]),
-                            "k_last": int(r[col]), "k_cv_last": float(r[f"{col}_cv"]) if pd.notna(r[f"{col}_cv"])
-                            else np.inf,
-                            "k_prev": int(prev.loc[(layer, head), col]), "noise": float(noise[(layer, head)]),
-                            "bounded": bool(bounded[(layer, head)]),
-                            "saturated": bool(not bounded[(layer, head)]
-                                              and step[(layer, head)] <= noise[(layer, head)])})
+                out.append(
+                    {
+                        "model": model,
+                        "view": view,
+                        "variant": variant,
+                        "level": col,
+                        "n": n,
+                        "N_last": Ns[-1],
+                        "N_prev": Ns[-2],
+                        "layer": layer,
+                        "head": head,
+                        "d": int(r["d"]),
+                        "k_last": int(r[col]),
+                        "k_cv_last": float(r[f"{col}_cv"]) if pd.notna(r[f"{col}_cv"]) else np.inf,
+                        "k_prev": int(prev.loc[(layer, head), col]),
+                        "noise": float(noise[(layer, head)]),
+                        "bounded": bool(bounded[(layer, head)]),
+                        "saturated": bool(not bounded[(layer, head)] and step[(layer, head)] <= noise[(layer, head)]),
+                    }
+                )
     return pd.DataFrame.from_records(out, columns=SATURATION_COLUMNS)
-

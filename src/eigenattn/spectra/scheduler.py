@@ -1,9 +1,9 @@
 """Dask scheduler selection. Every scheduler runs the same graphs; only where they run differs.
 
-    threads      the local threaded scheduler (default)
-    processes    the local multiprocessing scheduler
-    distributed  a LocalCluster bound to loopback
-    slurm        Dask workers started as SLURM jobs by dask-jobqueue's SLURMCluster
+threads      the local threaded scheduler (default)
+processes    the local multiprocessing scheduler
+distributed  a LocalCluster bound to loopback
+slurm        Dask workers started as SLURM jobs by dask-jobqueue's SLURMCluster
 """
 
 from __future__ import annotations
@@ -42,9 +42,19 @@ def dask_scheduler(kind: str, workers: int, slurm: dict | None = None):
         from distributed.security import Security
 
         security = Security.temporary()  # TLS with throw-away credentials: no unauthenticated peer gets in
-        with LocalCluster(n_workers=1, threads_per_worker=workers + 1, processes=True, host="127.0.0.1",
-                          dashboard_address=None, silence_logs=logging.WARNING, security=security,
-                          protocol="tls://") as cluster, Client(cluster, security=security) as client:
+        with (
+            LocalCluster(
+                n_workers=1,
+                threads_per_worker=workers + 1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                silence_logs=logging.WARNING,
+                security=security,
+                protocol="tls://",
+            ) as cluster,
+            Client(cluster, security=security) as client,
+        ):
             log.info("dask distributed LocalCluster at %s", cluster.scheduler_address)
             yield client
     elif kind == "slurm":
@@ -60,8 +70,10 @@ def dask_scheduler(kind: str, workers: int, slurm: dict | None = None):
         opts.setdefault("shared_temp_directory", os.path.abspath(".dask-security"))
         os.makedirs(opts["shared_temp_directory"], mode=0o700, exist_ok=True)  # dask_jobqueue does not create it
         security = Security.temporary()
-        with SLURMCluster(**opts, security=security, protocol="tls://") as cluster, \
-                Client(cluster, security=security) as client:
+        with (
+            SLURMCluster(**opts, security=security, protocol="tls://") as cluster,
+            Client(cluster, security=security) as client,
+        ):
             cluster.scale(jobs=jobs)
             client.wait_for_workers(jobs, timeout=opts.get("death_timeout", 300))
             log.info("dask SLURMCluster with %d job(s): %s", jobs, cluster.job_script().splitlines()[:3])

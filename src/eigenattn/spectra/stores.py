@@ -6,12 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from eigenattn.spectra.rows import P_LEVELS, constant_alignment, explained_variance, heldout_ev_rows, is_bounded, k_at, row_spectrum
+from eigenattn.capture.masks import select_visible
+from eigenattn.config.views import view_slices
 from eigenattn.errors import InputError
 from eigenattn.spectra.full_spectra import full_spectra
-from eigenattn.capture.masks import select_visible
 from eigenattn.spectra.moments import check_variant
-from eigenattn.config.views import view_slices
+from eigenattn.spectra.rows import (
+    P_LEVELS,
+    constant_alignment,
+    explained_variance,
+    heldout_ev_rows,
+    is_bounded,
+    k_at,
+    row_spectrum,
+)
 from eigenattn.storage.score_source import open_score_source
 from eigenattn.storage.store import new_store, open_scores, open_store, write_arrays
 
@@ -19,12 +27,25 @@ from eigenattn.storage.store import new_store, open_scores, open_store, write_ar
 def _store_attrs(attrs: dict, view: str, causal: bool, n_seq: int, extra: dict) -> dict:
     n = attrs["seq_len"]
     qs, ks = view_slices(view, n, causal)
-    return {"model": attrs["model"], "view": view, "causal": causal, "layers": attrs["layers"],
-            "heads": attrs["heads"], "n_layers_total": attrs.get("n_layers_total"),
-            "seq_len": n, "query_range": [qs.start, qs.stop],
-            "key_range": [ks.start, ks.stop], "d": ks.stop - ks.start, "n_sequences": n_seq,
-            "corpus": attrs.get("corpus"), "seed": attrs.get("seed"), "split": "fit",
-            "scores_dtype": attrs.get("dtype"), "skipped_layers": attrs.get("skipped_layers", []), **extra}
+    return {
+        "model": attrs["model"],
+        "view": view,
+        "causal": causal,
+        "layers": attrs["layers"],
+        "heads": attrs["heads"],
+        "n_layers_total": attrs.get("n_layers_total"),
+        "seq_len": n,
+        "query_range": [qs.start, qs.stop],
+        "key_range": [ks.start, ks.stop],
+        "d": ks.stop - ks.start,
+        "n_sequences": n_seq,
+        "corpus": attrs.get("corpus"),
+        "seed": attrs.get("seed"),
+        "split": "fit",
+        "scores_dtype": attrs.get("dtype"),
+        "skipped_layers": attrs.get("skipped_layers", []),
+        **extra,
+    }
 
 
 def _open_fit(shards, view: str, variants, expect: dict | None, opener=open_scores):
@@ -38,83 +59,151 @@ def _open_fit(shards, view: str, variants, expect: dict | None, opener=open_scor
     return scores, attrs, causal
 
 
-HEAD_DIMS = {"mean": ["layer", "head", "key"], "eigenvalues": ["layer", "head", "component"],
-             "eigenvectors": ["layer", "head", "key", "component"], "count": ["layer", "head"]}
+HEAD_DIMS = {
+    "mean": ["layer", "head", "key"],
+    "eigenvalues": ["layer", "head", "component"],
+    "eigenvectors": ["layer", "head", "key", "component"],
+    "count": ["layer", "head"],
+}
 ROW_DIMS = {**HEAD_DIMS, "pooled": {k: [d for d in v if d != "head"] for k, v in HEAD_DIMS.items()}}
-FULL_DIMS = {"eigenvalues": ["layer", "head", "component"], "total_variance": ["layer", "head"],
-             "ev_heldout": ["layer", "head", "k"], "half_eigenvalues": ["half", "layer", "head", "half_component"],
-             "half_total_variance": ["half", "layer", "head"]}
+FULL_DIMS = {
+    "eigenvalues": ["layer", "head", "component"],
+    "total_variance": ["layer", "head"],
+    "ev_heldout": ["layer", "head", "k"],
+    "half_eigenvalues": ["half", "layer", "head", "half_component"],
+    "half_total_variance": ["half", "layer", "head"],
+}
 
 
 def _coords(attrs: dict, d: int | None = None) -> dict:
     """Coordinate arrays of the eigen stores: the model's layer indices, heads and key positions."""
-    out = {"layer": (np.asarray(attrs["layers"], dtype=np.int64), "layer"),
-           "head": (np.arange(int(attrs["heads"]), dtype=np.int64), "head")}
+    out = {
+        "layer": (np.asarray(attrs["layers"], dtype=np.int64), "layer"),
+        "head": (np.arange(int(attrs["heads"]), dtype=np.int64), "head"),
+    }
     if d is not None:
         out["key"] = (np.arange(d, dtype=np.int64), "key")
     return out
 
 
-def run_rows(shards, out_path, view: str, variants, split_every: int, halves_path=None,
-             expect: dict | None = None) -> dict:
+def run_rows(
+    shards, out_path, view: str, variants, split_every: int, halves_path=None, expect: dict | None = None
+) -> dict:
     """Row analysis of all fit shards into rows.zarr (groups per variant, with pooled/ subgroups).
 
     With ``halves_path``, the spectra of the two halves of the fit sequences go to a second store
     (groups {variant}/{a,b}/ shaped like rows.zarr's), read by the overlap stage.
     """
     scores, attrs, causal = _open_fit(shards, view, variants, expect)
-    results = {v: row_spectrum(scores, view, v, causal, split_every, halves=halves_path is not None)
-               for v in variants}
+    results = {v: row_spectrum(scores, view, v, causal, split_every, halves=halves_path is not None) for v in variants}
     d = results[variants[0]]["heads"]["mean"].shape[-1]
     coords = _coords(attrs, d)
     if halves_path is not None:
         with new_store(halves_path) as root:
             for v, res in results.items():
                 for half in ("a", "b"):
-                    write_arrays(root.require_group(f"{v}/{half}"),
-                                 {**res["halves"][half]["heads"], "pooled": res["halves"][half]["pooled"]}, ROW_DIMS,
-                                 coords=coords)
+                    write_arrays(
+                        root.require_group(f"{v}/{half}"),
+                        {**res["halves"][half]["heads"], "pooled": res["halves"][half]["pooled"]},
+                        ROW_DIMS,
+                        coords=coords,
+                    )
             split = results[variants[0]]["halves"]["split_sequence"]
-            root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
-                "analysis": "rows_halves", "variants": list(variants), "split_sequence": split,
-                "halves": {"a": [0, split], "b": [split, int(scores.shape[0])]},
-                "definition": "row spectra (as rows.zarr) of the first (a) and second (b) half of the fit "
-                              "sequences in passage_id order"}))
+            root.attrs.update(
+                _store_attrs(
+                    attrs,
+                    view,
+                    causal,
+                    scores.shape[0],
+                    {
+                        "analysis": "rows_halves",
+                        "variants": list(variants),
+                        "split_sequence": split,
+                        "halves": {"a": [0, split], "b": [split, int(scores.shape[0])]},
+                        "definition": "row spectra (as rows.zarr) of the first (a) and second (b) half of the fit "
+                        "sequences in passage_id order",
+                    },
+                )
+            )
     with new_store(out_path) as root:
         for v, res in results.items():
             write_arrays(root.require_group(v), {**res["heads"], "pooled": res["pooled"]}, ROW_DIMS, coords=coords)
-        root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
-            "analysis": "rows", "variants": list(variants),
-            "definition": "covariance of score rows S[i, keys] over queries i in the view and fit sequences; "
-                          "eigenvalues descending, eigenvectors are columns; pooled/ merges the heads of a layer"}))
+        root.attrs.update(
+            _store_attrs(
+                attrs,
+                view,
+                causal,
+                scores.shape[0],
+                {
+                    "analysis": "rows",
+                    "variants": list(variants),
+                    "definition": "covariance of score rows S[i, keys] over queries i in the view and fit sequences; "
+                    "eigenvalues descending, eigenvectors are columns; pooled/ merges the heads of a layer",
+                },
+            )
+        )
     return results
 
 
-def run_full(shards, out_path, view: str, variants, memory_mb: float, expect: dict | None = None, *,
-             rank: int | None, seed: int, workers: int = 1, route: str = "auto") -> dict:
+def run_full(
+    shards,
+    out_path,
+    view: str,
+    variants,
+    memory_mb: float,
+    expect: dict | None = None,
+    *,
+    rank: int | None,
+    seed: int,
+    workers: int = 1,
+    route: str = "auto",
+) -> dict:
     """Full-matrix analysis into full.zarr: the `raw` variant at the root, others in subgroups.
     ``memory_mb`` bounds what the tasks hold, ``workers`` tasks run at once, ``route`` and ``rank``
     choose how (see eigenattn.spectra.full_spectra)."""
     scores, attrs, causal = _open_fit(shards, view, variants, expect, opener=open_score_source)
-    results = full_spectra(scores, view, variants, causal, memory_mb, workers=workers, route=route, rank=rank,
-                           seed=seed)
+    results = full_spectra(
+        scores, view, variants, causal, memory_mb, workers=workers, route=route, rank=rank, seed=seed
+    )
     with new_store(out_path) as root:
         for v, res in results.items():
             g = root if v == "raw" else root.require_group(v)
-            write_arrays(g, {k: res[k] for k in FULL_DIMS}, FULL_DIMS,
-                         {"n_samples": res["n_samples"], "dim": res["dim"], "variant": v,
-                          "split_sequence": res["split_sequence"], "route": res["route"], "rank": res["rank"]},
-                         coords=_coords(attrs))
+            write_arrays(
+                g,
+                {k: res[k] for k in FULL_DIMS},
+                FULL_DIMS,
+                {
+                    "n_samples": res["n_samples"],
+                    "dim": res["dim"],
+                    "variant": v,
+                    "split_sequence": res["split_sequence"],
+                    "route": res["route"],
+                    "rank": res["rank"],
+                },
+                coords=_coords(attrs),
+            )
         first = results[variants[0]]
-        root.attrs.update(_store_attrs(attrs, view, causal, scores.shape[0], {
-            "analysis": "full", "variants": list(variants), "route": first["route"], "rank": first["rank"],
-            "definition": "eigenvalues of the covariance of vectorised view blocks (one sample per sequence), "
-                          "from the D x D scatter (route covariance) or the centred N x N Gram (route gram), or "
-                          "the top `rank` components by randomised SVD (route randomized); total_variance = sum "
-                          "of per-coordinate variances (exact); ev_heldout[k-1] = share of one half's variance "
-                          "inside the other half's top-k principal directions, averaged over both directions "
-                          "(halves split at split_sequence); half_eigenvalues: each half's own spectrum "
-                          "(half 0 = a, before split_sequence; 1 = b)"}))
+        root.attrs.update(
+            _store_attrs(
+                attrs,
+                view,
+                causal,
+                scores.shape[0],
+                {
+                    "analysis": "full",
+                    "variants": list(variants),
+                    "route": first["route"],
+                    "rank": first["rank"],
+                    "definition": "eigenvalues of the covariance of vectorised view blocks (one sample per sequence), "
+                    "from the D x D scatter (route covariance) or the centred N x N Gram (route gram), or "
+                    "the top `rank` components by randomised SVD (route randomized); total_variance = sum "
+                    "of per-coordinate variances (exact); ev_heldout[k-1] = share of one half's variance "
+                    "inside the other half's top-k principal directions, averaged over both directions "
+                    "(halves split at split_sequence); half_eigenvalues: each half's own spectrum "
+                    "(half 0 = a, before split_sequence; 1 = b)",
+                },
+            )
+        )
     return results
 
 
@@ -131,15 +220,26 @@ def spectrum_table(rows_store, halves_store, full_store, report_k):
         halves: (eigenvalues (2, L, H, r), totals (2, L, H)) of each half's own spectrum."""
         ev = explained_variance(eig, total)
         ks = {p: k_at(ev, p) for p in P_LEVELS}
-        spread = None if halves is None else \
-            {p: np.abs(np.subtract(*k_at(explained_variance(*halves), p))) for p in P_LEVELS}
+        spread = (
+            None
+            if halves is None
+            else {p: np.abs(np.subtract(*k_at(explained_variance(*halves), p))) for p in P_LEVELS}
+        )
         cv = {p: np.where(ev_cv[..., -1] >= p - 1e-12, k_at(ev_cv, p), -1) for p in P_LEVELS}
         bounded = {p: is_bounded(ev_cv, p, n_samples, dim, ev) for p in P_LEVELS}
         for li, layer in enumerate(attrs["layers"]):
             for hi, head in enumerate(head_labels):
-                rec = {"model": attrs["model"], "view": attrs["view"], "analysis": analysis, "variant": variant,
-                       "layer": layer, "head": head, "d": dim, "n_samples": n_samples,
-                       "total_variance": float(total[li, hi])}
+                rec = {
+                    "model": attrs["model"],
+                    "view": attrs["view"],
+                    "analysis": analysis,
+                    "variant": variant,
+                    "layer": layer,
+                    "head": head,
+                    "d": dim,
+                    "n_samples": n_samples,
+                    "total_variance": float(total[li, hi]),
+                }
                 for p in P_LEVELS:
                     name = f"k{round(p * 100)}"
                     rec[name] = int(ks[p][li, hi])
@@ -162,17 +262,27 @@ def spectrum_table(rows_store, halves_store, full_store, report_k):
             g = rows[f"{v}/{scope}" if scope else v]
             ha, hb = halves[f"{v}/a/{scope}" if scope else f"{v}/a"], halves[f"{v}/b/{scope}" if scope else f"{v}/b"]
             eig = g["eigenvalues"][:][sl]
-            ev_cv = heldout_ev_rows(ha["eigenvectors"][:], ha["eigenvalues"][:], hb["eigenvectors"][:],
-                                    hb["eigenvalues"][:])[sl]
+            ev_cv = heldout_ev_rows(
+                ha["eigenvectors"][:], ha["eigenvalues"][:], hb["eigenvectors"][:], hb["eigenvalues"][:]
+            )[sl]
             count = int(np.asarray(g["count"][:]).flat[0])
-            add("rows", v, ra, eig, eig.sum(-1), count, labels, d, ev_cv,
-                constant_alignment(g["eigenvectors"][:])[sl])
+            add("rows", v, ra, eig, eig.sum(-1), count, labels, d, ev_cv, constant_alignment(g["eigenvectors"][:])[sl])
     full = open_store(full_store) if full_store is not None else None
     for v in full.attrs["variants"] if full is not None else ():
         g = full if v == "raw" else full[v]
         ga = g.attrs.asdict()
-        add("full", v, full.attrs.asdict(), g["eigenvalues"][:], g["total_variance"][:], int(ga["n_samples"]), heads,
-            int(ga["dim"]), g["ev_heldout"][:], halves=(g["half_eigenvalues"][:], g["half_total_variance"][:]))
+        add(
+            "full",
+            v,
+            full.attrs.asdict(),
+            g["eigenvalues"][:],
+            g["total_variance"][:],
+            int(ga["n_samples"]),
+            heads,
+            int(ga["dim"]),
+            g["ev_heldout"][:],
+            halves=(g["half_eigenvalues"][:], g["half_total_variance"][:]),
+        )
     df = pd.DataFrame.from_records(recs)
     for p in P_LEVELS:
         for col in (f"k{round(p * 100)}_cv", f"k{round(p * 100)}_split_spread"):
@@ -187,8 +297,9 @@ class RowStats:
         g = open_store(path)
         a = g.attrs.asdict()
         if variant not in g:
-            raise InputError(path, f"has no '{variant}' group",
-                             f"add '{variant}' to eigen.variants and re-run the eigen stage")
+            raise InputError(
+                path, f"has no '{variant}' group", f"add '{variant}' to eigen.variants and re-run the eigen stage"
+            )
         self.path = str(path)
         self.attrs = a
         self.model = a["model"]
@@ -207,13 +318,19 @@ class RowStats:
 
     def check_matches(self, seq_len: int, what: str) -> None:
         if int(seq_len) != self.seq_len:
-            raise InputError(self.path, f"statistics were fitted at seq_len {self.seq_len}, but {what} has "
-                             f"seq_len {seq_len}", "re-run the eigen stage with the same sampling.seq_len")
+            raise InputError(
+                self.path,
+                f"statistics were fitted at seq_len {self.seq_len}, but {what} has seq_len {seq_len}",
+                "re-run the eigen stage with the same sampling.seq_len",
+            )
 
     def layer_pos(self, layer: int) -> int:
         if layer not in self.layers:
-            raise InputError(self.path, f"layer {layer} was not analysed (analysed: {self.layers})",
-                             f"add it to models.{self.model}.layers")
+            raise InputError(
+                self.path,
+                f"layer {layer} was not analysed (analysed: {self.layers})",
+                f"add it to models.{self.model}.layers",
+            )
         return self.layers.index(layer)
 
     def head_stats(self, layer: int):

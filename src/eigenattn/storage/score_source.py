@@ -34,7 +34,7 @@ class ScoreSource:
             a, b = max(s0, lo), min(s1, hi)
             if a < b:
                 try:
-                    parts.append(c[a - lo:b - lo, self.layers[layer], heads])
+                    parts.append(c[a - lo : b - lo, self.layers[layer], heads])
                 except InputError:
                     self._locate(c, a - lo, b - lo, self.layers[layer])
                     raise
@@ -45,8 +45,10 @@ class ScoreSource:
         """Re-read a failed range chunk by chunk, so the error names the damaged chunk itself."""
         step = c.arr.chunks[0]
         for c0 in range(a // step * step, b, step):
-            c[(slice(c0, min(c0 + step, c.shape[0])), slice(layer, layer + 1)) +
-              tuple(slice(0, size) for size in c.shape[2:])]
+            c[
+                (slice(c0, min(c0 + step, c.shape[0])), slice(layer, layer + 1))
+                + tuple(slice(0, size) for size in c.shape[2:])
+            ]
 
     def __getitem__(self, key):
         """``source[:, idx]``: the same shards exposing only the layers at positions ``idx``."""

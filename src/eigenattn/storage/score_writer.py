@@ -38,7 +38,7 @@ class ScoreWriter:
                 if self.error is None:
                     if ready is not None:
                         ready.synchronize()
-                    self.array[start:start + count] = self.bufs[slot][:count].numpy()
+                    self.array[start : start + count] = self.bufs[slot][:count].numpy()
             except BaseException as e:  # re-raised in the model loop
                 self.error = e
             finally:
@@ -74,4 +74,3 @@ def reuse_freed_memory(limit_mb: int = 32) -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, limit_mb << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
-

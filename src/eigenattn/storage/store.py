@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from glob import escape as glob_escape
 import shutil
 import tempfile
 import warnings
+from glob import escape as glob_escape
 from pathlib import Path
 
 import dask.array as da
@@ -51,8 +51,20 @@ def score_chunks(batch: int, heads: int, n: int) -> tuple[int, ...]:
 SCORE_DIMS = ["sequence", "layer", "head", "query", "key"]
 
 
-def create_score_store(root, *, ids, passage_ids, layers, heads: int, kv_heads: int, seq_len: int, dtype: str,
-                       compression: str, chunk_sequences: int, shard_sequences: int):
+def create_score_store(
+    root,
+    *,
+    ids,
+    passage_ids,
+    layers,
+    heads: int,
+    kv_heads: int,
+    seq_len: int,
+    dtype: str,
+    compression: str,
+    chunk_sequences: int,
+    shard_sequences: int,
+):
     """The arrays of a score store (docs/data-contract.md), with named dimensions and coordinates,
     so that ``xarray.open_zarr`` gives a labelled dataset.
 
@@ -62,22 +74,31 @@ def create_score_store(root, *, ids, passage_ids, layers, heads: int, kv_heads: 
     """
     n_seq, L = len(ids), len(layers)
     scores = root.create_array(
-        "scores", shape=(n_seq, L, heads, seq_len, seq_len), dtype=dtype,
-        chunks=score_chunks(chunk_sequences, heads, seq_len), shards=(shard_sequences, L, heads, seq_len, seq_len),
-        compressors=score_codecs(dtype, compression), fill_value=np.nan, dimension_names=SCORE_DIMS,
-        config={"write_empty_chunks": True})
+        "scores",
+        shape=(n_seq, L, heads, seq_len, seq_len),
+        dtype=dtype,
+        chunks=score_chunks(chunk_sequences, heads, seq_len),
+        shards=(shard_sequences, L, heads, seq_len, seq_len),
+        compressors=score_codecs(dtype, compression),
+        fill_value=np.nan,
+        dimension_names=SCORE_DIMS,
+        config={"write_empty_chunks": True},
+    )
     scores.attrs["coordinates"] = "passage_id kv_head"
     whole = (max(n_seq, 1), seq_len)
     root.create_array("input_ids", data=ids, chunks=whole, dimension_names=["sequence", "position"])
-    root.create_array("attention_mask", data=np.ones_like(ids, dtype=np.int8), chunks=whole,
-                      dimension_names=["sequence", "position"])
-    coords = {"passage_id": (np.asarray(passage_ids, dtype=np.int64), "sequence"),
-              "layer": (np.asarray(layers, dtype=np.int64), "layer"),
-              "head": (np.arange(heads, dtype=np.int64), "head"),
-              "kv_head": (np.arange(heads, dtype=np.int64) // max(heads // kv_heads, 1), "head"),
-              "query": (np.arange(seq_len, dtype=np.int64), "query"),
-              "key": (np.arange(seq_len, dtype=np.int64), "key"),
-              "position": (np.arange(seq_len, dtype=np.int64), "position")}
+    root.create_array(
+        "attention_mask", data=np.ones_like(ids, dtype=np.int8), chunks=whole, dimension_names=["sequence", "position"]
+    )
+    coords = {
+        "passage_id": (np.asarray(passage_ids, dtype=np.int64), "sequence"),
+        "layer": (np.asarray(layers, dtype=np.int64), "layer"),
+        "head": (np.arange(heads, dtype=np.int64), "head"),
+        "kv_head": (np.arange(heads, dtype=np.int64) // max(heads // kv_heads, 1), "head"),
+        "query": (np.arange(seq_len, dtype=np.int64), "query"),
+        "key": (np.arange(seq_len, dtype=np.int64), "key"),
+        "position": (np.arange(seq_len, dtype=np.int64), "position"),
+    }
     for name, (values, dim) in coords.items():
         root.create_array(name, data=values, dimension_names=[dim])
     return scores
@@ -87,8 +108,11 @@ def refetch_hint(path) -> str:
     return f"re-create it: snakemake --cores all --forcerun {path} (then run your target again)"
 
 
-_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000),
-             np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+_EXPONENT = {
+    np.dtype(np.float16): (np.uint16, 0x7C00),
+    np.dtype(np.float32): (np.uint32, 0x7F800000),
+    np.dtype(np.float64): (np.uint64, 0x7FF0000000000000),
+}
 
 
 def all_finite(x: np.ndarray) -> bool:
@@ -119,11 +143,18 @@ class CheckedScores:
         try:
             x = self.arr[key]
         except Exception as e:  # noqa: BLE001 - codec and checksum errors have many types
-            raise InputError(self.path, f"{self._where(key)} cannot be read ({type(e).__name__}: {e}); the store "
-                             "is damaged", refetch_hint(self.path)) from e
+            raise InputError(
+                self.path,
+                f"{self._where(key)} cannot be read ({type(e).__name__}: {e}); the store is damaged",
+                refetch_hint(self.path),
+            ) from e
         if not all_finite(x):
-            raise InputError(self.path, f"{self._where(key)} holds {int((~np.isfinite(x)).sum())} non-finite "
-                             "scores (a missing or damaged chunk reads as NaN)", refetch_hint(self.path))
+            raise InputError(
+                self.path,
+                f"{self._where(key)} holds {int((~np.isfinite(x)).sum())} non-finite "
+                "scores (a missing or damaged chunk reads as NaN)",
+                refetch_hint(self.path),
+            )
         return x
 
 
@@ -132,8 +163,9 @@ def missing_objects(path, arr) -> list[tuple[int, ...]]:
     step = arr.shards or arr.chunks
     grid = [-(-s // c) for s, c in zip(arr.shape, step)]
     root = Path(path) / "c"
-    present = {tuple(int(x) for x in Path(d, f).relative_to(root).parts)
-               for d, _, files in os.walk(root) for f in files}
+    present = {
+        tuple(int(x) for x in Path(d, f).relative_to(root).parts) for d, _, files in os.walk(root) for f in files
+    }
     return [k for k in np.ndindex(*grid) if k not in present]
 
 
@@ -147,18 +179,25 @@ def _checked_arrays(shards: list[str | Path], expect: dict | None):
         a = g.attrs.asdict()
         for key, want in (expect or {}).items():
             if a.get(key) != want:
-                raise InputError(p, f"written with {key} = {a.get(key)!r}, but this stage expects {want!r}: the "
-                                 "store is stale", refetch_hint(p))
+                raise InputError(
+                    p,
+                    f"written with {key} = {a.get(key)!r}, but this stage expects {want!r}: the store is stale",
+                    refetch_hint(p),
+                )
         if attrs is None:
             attrs = a
         elif (a["layers"], a["heads"], a["seq_len"]) != (attrs["layers"], attrs["heads"], attrs["seq_len"]):
-            raise InputError(p, f"layers/heads/seq_len differ from {shards[0]}",
-                             "pass shards of one extraction (same model, layers and seq_len), or re-run it")
+            raise InputError(
+                p,
+                f"layers/heads/seq_len differ from {shards[0]}",
+                "pass shards of one extraction (same model, layers and seq_len), or re-run it",
+            )
         arr = g["scores"]
         missing = missing_objects(Path(p) / "scores", arr)
         if missing:
-            raise InputError(p, f"{len(missing)} chunk file(s) of scores are missing (first: {missing[0]})",
-                             refetch_hint(p))
+            raise InputError(
+                p, f"{len(missing)} chunk file(s) of scores are missing (first: {missing[0]})", refetch_hint(p)
+            )
         arrays.append(CheckedScores(p, arr))
     return arrays, attrs
 
@@ -177,8 +216,19 @@ def open_scores(shards: list[str | Path], expect: dict | None = None):
 
 
 def _as_dask(arrays):
-    return da.concatenate([da.from_array(c, chunks=c.arr.chunks, asarray=False, name=f"scores-{Path(c.path).resolve()}",
-                                         meta=np.empty((0,) * c.ndim, c.dtype)) for c in arrays], axis=0)
+    return da.concatenate(
+        [
+            da.from_array(
+                c,
+                chunks=c.arr.chunks,
+                asarray=False,
+                name=f"scores-{Path(c.path).resolve()}",
+                meta=np.empty((0,) * c.ndim, c.dtype),
+            )
+            for c in arrays
+        ],
+        axis=0,
+    )
 
 
 @contextlib.contextmanager
@@ -238,15 +288,19 @@ def open_store(path: str | Path):
     :class:`InputError` names the store and the fix: re-run the rule that writes it."""
     path = Path(path)
     if not (path / "zarr.json").is_file():
-        raise InputError(f"{path}: not a Zarr v3 group (no zarr.json); was the stage that writes it run?\n"
-                         f"  fix: {refetch_hint(path)}")
+        raise InputError(
+            f"{path}: not a Zarr v3 group (no zarr.json); was the stage that writes it run?\n"
+            f"  fix: {refetch_hint(path)}"
+        )
     g = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
     a = g.attrs
     if a.get("complete") is not True:
         raise InputError(f"{path}: store is not marked complete.\n  fix: {refetch_hint(path)}")
     if "eigenattn_version" in a and not (isinstance(a["eigenattn_version"], str) and a["eigenattn_version"]):
-        raise InputError(f"{path}: eigenattn_version is {a['eigenattn_version']!r}, not a version: the store was "
-                         f"not written by eigenattn.\n  fix: {refetch_hint(path)}")
+        raise InputError(
+            f"{path}: eigenattn_version is {a['eigenattn_version']!r}, not a version: the store was "
+            f"not written by eigenattn.\n  fix: {refetch_hint(path)}"
+        )
     return g
 
 
@@ -267,8 +321,13 @@ def write_arrays(group, arrays: dict, dims: dict, attrs: dict | None = None, coo
             raise ValueError(f"{name}: {value.ndim} dimensions but {len(dims[name])} names {dims[name]}")
         # whole arrays up to 16 MB; bigger ones chunk along their first (layer) axis
         chunks = value.shape if value.nbytes <= 16 << 20 else (1, *value.shape[1:])
-        group.create_array(name, data=value, chunks=chunks, compressors=compressor(value.dtype.str, ANALYSIS_CODEC),
-                           dimension_names=dims[name])
+        group.create_array(
+            name,
+            data=value,
+            chunks=chunks,
+            compressors=compressor(value.dtype.str, ANALYSIS_CODEC),
+            dimension_names=dims[name],
+        )
         used |= set(dims[name])
     for name, (values, dim) in (coords or {}).items():
         if dim in used and name not in group:

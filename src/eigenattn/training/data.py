@@ -34,16 +34,25 @@ def train_wordpiece(texts, vocab_size: int, out_dir, seq_len: int):
     the vocabulary file identical across runs.
     """
     tok = _bert_wordpiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=2,
-                                        show_progress=False)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=2, show_progress=False
+    )
     tok.train_from_iterator(list(texts), trainer=trainer)
     pieces = SPECIALS + sorted(t for t in tok.get_vocab() if t not in SPECIALS)
     tok = _bert_wordpiece({t: i for i, t in enumerate(pieces)})
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=seq_len)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=seq_len,
+    )
     fast.save_pretrained(out_dir)
     return fast
 
@@ -51,8 +60,11 @@ def train_wordpiece(texts, vocab_size: int, out_dir, seq_len: int):
 def load_tokenizer(path):
     tok = AutoTokenizer.from_pretrained(path)
     if tok.mask_token_id is None or tok.cls_token_id is None or tok.sep_token_id is None:
-        raise InputError(path, "the tokenizer needs [CLS], [SEP] and [MASK] tokens for MLM training",
-                         "use a BERT-style tokenizer (training.vocab: wordpiece builds one)")
+        raise InputError(
+            path,
+            "the tokenizer needs [CLS], [SEP] and [MASK] tokens for MLM training",
+            "use a BERT-style tokenizer (training.vocab: wordpiece builds one)",
+        )
     return tok
 
 
@@ -74,15 +86,19 @@ def chunk_documents(tok, texts, seq_len: int) -> np.ndarray:
         tok.model_max_length = limit
     for ids in enc:
         for i in range(0, len(ids) - body + 1, body):
-            out.append([tok.cls_token_id, *ids[i:i + body], tok.sep_token_id])
+            out.append([tok.cls_token_id, *ids[i : i + body], tok.sep_token_id])
     if not out:
-        raise InputError("documents", f"no document is longer than seq_len − 2 = {body} tokens",
-                         "use a corpus with longer documents, or a smaller sampling.seq_len")
+        raise InputError(
+            "documents",
+            f"no document is longer than seq_len − 2 = {body} tokens",
+            "use a corpus with longer documents, or a smaller sampling.seq_len",
+        )
     return np.asarray(out, dtype=np.int64)
 
 
-def build_windows(tokenizer_dir, documents, seq_len: int, seed: int, heldout_fraction: float, eval_sequences: int,
-                  out_path) -> dict:
+def build_windows(
+    tokenizer_dir, documents, seq_len: int, seed: int, heldout_fraction: float, eval_sequences: int, out_path
+) -> dict:
     """Tokenise the corpus once for every run: fit windows, and the evenly spread held-out windows.
 
     Writes an .npz with int32 arrays ``fit`` (N, n) and ``heldout`` (M, n), atomically.
@@ -143,11 +159,12 @@ def heldout_batches(ids: torch.Tensor, tok_info: dict, seed: int, batch_size: in
     """
     g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
     for i in range(0, len(ids), batch_size):
-        yield mask_batch(ids[i:i + batch_size], tok_info, g)
+        yield mask_batch(ids[i : i + batch_size], tok_info, g)
 
 
-def unigram_baseline(fit_ids: torch.Tensor, heldout_ids: torch.Tensor, tok_info: dict, seed: int,
-                     batch_size: int) -> dict:
+def unigram_baseline(
+    fit_ids: torch.Tensor, heldout_ids: torch.Tensor, tok_info: dict, seed: int, batch_size: int
+) -> dict:
     """What predicting without context achieves: the fit split's unigram entropy (nats, over
     non-special tokens), its most frequent token, and that token's accuracy on the held-out
     positions every run is scored on."""
@@ -160,5 +177,9 @@ def unigram_baseline(fit_ids: torch.Tensor, heldout_ids: torch.Tensor, tok_info:
     for _, _, labels in heldout_batches(heldout_ids, tok_info, seed, batch_size):
         hits += int((labels == top).sum())
         total += len(labels)
-    return {"unigram_entropy": float(-(nz * nz.log()).sum()), "unigram_top_token": top,
-            "unigram_acc": hits / total, "heldout_tokens": total}
+    return {
+        "unigram_entropy": float(-(nz * nz.log()).sum()),
+        "unigram_top_token": top,
+        "unigram_acc": hits / total,
+        "heldout_tokens": total,
+    }

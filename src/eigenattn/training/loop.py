@@ -23,13 +23,13 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from eigenattn import __version__
-from eigenattn.storage.assets import sha256_file
 from eigenattn.config.settings import Training
 from eigenattn.errors import ConfigError, InputError
+from eigenattn.reconstruction.partial import detach_all
+from eigenattn.storage.assets import sha256_file
+from eigenattn.storage.store import atomic_output, write_table
 from eigenattn.training.data import heldout_batches, load_tokenizer, mask_batch, shuffle_windows, unigram_baseline
 from eigenattn.training.model import MLM, MODES, VARIANTS, attach_variant, attention_flops_per_seq, encoder_config
-from eigenattn.reconstruction.partial import detach_all
-from eigenattn.storage.store import atomic_output, write_table
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,16 @@ def _load_data(tokenizer_dir, windows, seq_len: int):
         train_ids = torch.from_numpy(w["fit"].astype(np.int64))
         held_ids = torch.from_numpy(w["heldout"].astype(np.int64))
     if train_ids.shape[1] != seq_len:
-        raise InputError(windows, f"windows of {train_ids.shape[1]} tokens, expected seq_len {seq_len}",
-                         "re-run train_data")
-    log.info("%d training windows, %d held-out windows of %d tokens; vocabulary %d", len(train_ids), len(held_ids),
-             seq_len, len(tok))
+        raise InputError(
+            windows, f"windows of {train_ids.shape[1]} tokens, expected seq_len {seq_len}", "re-run train_data"
+        )
+    log.info(
+        "%d training windows, %d held-out windows of %d tokens; vocabulary %d",
+        len(train_ids),
+        len(held_ids),
+        seq_len,
+        len(tok),
+    )
     return tok, tok_info, train_ids, held_ids
 
 
@@ -79,14 +85,30 @@ def _build_model(mode, variant, s, seed, settings: Training, vocab_size, stats, 
     model = MLM(encoder_config(settings.model, vocab_size, settings.seq_len))
     if mode == "finetune":
         if init_dir is None:
-            raise InputError("init_dir", "finetune mode needs the trained exact model (init_dir)",
-                             "pass the directory of the trained exact scratch model")
+            raise InputError(
+                "init_dir",
+                "finetune mode needs the trained exact model (init_dir)",
+                "pass the directory of the trained exact scratch model",
+            )
         missing, unexpected = model.load_state_dict(load_file(str(Path(init_dir) / "mlm.safetensors")), strict=False)
         if missing or unexpected:
-            raise InputError(init_dir, f"checkpoint does not match the model (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})", "re-run the exact scratch run with this training.model")
-    attach_variant(model, variant, s, settings.seq_len, stats, estimator=settings.estimator,
-                   strategy=settings.strategy, ridge=settings.ridge, rank=settings.eigenspace_rank, seed=seed)
+            raise InputError(
+                init_dir,
+                f"checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})",
+                "re-run the exact scratch run with this training.model",
+            )
+    attach_variant(
+        model,
+        variant,
+        s,
+        settings.seq_len,
+        stats,
+        estimator=settings.estimator,
+        strategy=settings.strategy,
+        ridge=settings.ridge,
+        rank=settings.eigenspace_rank,
+        seed=seed,
+    )
     return model
 
 
@@ -136,8 +158,21 @@ def _publish(out_dir: Path, model: MLM, tok, metrics: pd.DataFrame, final: dict)
         tmp.write_text(json.dumps(final, indent=2))
 
 
-def run(out_dir, *, mode: str, variant: str, s: int, seed: int, settings: Training, tokenizer_dir, windows,
-        stats=None, init_dir=None, device="cpu", progress: bool = True) -> dict:
+def run(
+    out_dir,
+    *,
+    mode: str,
+    variant: str,
+    s: int,
+    seed: int,
+    settings: Training,
+    tokenizer_dir,
+    windows,
+    stats=None,
+    init_dir=None,
+    device="cpu",
+    progress: bool = True,
+) -> dict:
     """One training run into ``out_dir``: metrics.csv, final.json, model/ (and checkpoint.pt while running).
 
     ``windows``: the .npz of :func:`eigenattn.training.data.build_windows`; ``settings``: the run's
@@ -149,8 +184,11 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, settings: Traini
     if mode not in MODES:
         raise ConfigError("training.modes", f"unknown mode '{mode}'", f"use one of {', '.join(MODES)}")
     if variant != "exact" and not 1 <= s <= seq_len:
-        raise ConfigError("training.subset_sizes", f"subset size s={s} is outside 1..{seq_len}",
-                          f"use subset sizes between 1 and sampling.seq_len = {seq_len}")
+        raise ConfigError(
+            "training.subset_sizes",
+            f"subset size s={s} is outside 1..{seq_len}",
+            f"use subset sizes between 1 and sampling.seq_len = {seq_len}",
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -169,16 +207,32 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, settings: Traini
     peak = settings.lr if mode == "scratch" else settings.finetune_lr
 
     ckpt = out_dir / "checkpoint.pt"
-    meta = {"mode": mode, "variant": variant, "s": s, "seed": seed, "steps": steps, "batch_size": bs,
-            "seq_len": seq_len, "n_params": n_params,
-            "tcfg": json.loads(json.dumps(settings.params(), sort_keys=True))}  # the key its readers know
+    meta = {
+        "mode": mode,
+        "variant": variant,
+        "s": s,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": bs,
+        "seq_len": seq_len,
+        "n_params": n_params,
+        "tcfg": json.loads(json.dumps(settings.params(), sort_keys=True)),
+    }  # the key its readers know
     inputs = [tokenizer_dir, windows, *([stats.path] if stats is not None else []), *([init_dir] if init_dir else [])]
     digest = provenance({**meta, "data_seed": data_seed}, inputs)
     records, start = _resume(ckpt, digest, model, opt)
     if start == 0 and mode == "finetune":
         ev = evaluate(model, held_ids, tok_info, data_seed, bs, device, amp)
-        records.append({"step": 0, "train_loss": float("nan"), "heldout_loss": ev["loss"],
-                        "heldout_mlm_acc": ev["acc"], "lr": 0.0, "step_time_ms": float("nan")})
+        records.append(
+            {
+                "step": 0,
+                "train_loss": float("nan"),
+                "heldout_loss": ev["loss"],
+                "heldout_mlm_acc": ev["acc"],
+                "lr": 0.0,
+                "step_time_ms": float("nan"),
+            }
+        )
         log.info("step 0 (before fine-tuning): heldout loss %.4f acc %.4f", ev["loss"], ev["acc"])
 
     n_train = len(train_ids)
@@ -192,8 +246,9 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, settings: Traini
 
     ev: dict = {}
     window_loss, window_time, window_n = 0.0, 0.0, 0
-    bar = tqdm(total=steps, initial=start, desc=f"{mode}/{variant}/s{s}/seed{seed}", disable=not progress,
-               mininterval=5.0)
+    bar = tqdm(
+        total=steps, initial=start, desc=f"{mode}/{variant}/s{s}/seed{seed}", disable=not progress, mininterval=5.0
+    )
     for step in range(start, steps):
         t0 = time.perf_counter()
         idx = [order(j) for j in range(step * bs, (step + 1) * bs)]
@@ -218,19 +273,39 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, settings: Traini
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
         if done % settings.log_every == 0 or done == steps:
-            rec = {"step": done, "train_loss": window_loss / window_n, "heldout_loss": float("nan"),
-                   "heldout_mlm_acc": float("nan"), "lr": lr, "step_time_ms": 1000 * window_time / window_n}
+            rec = {
+                "step": done,
+                "train_loss": window_loss / window_n,
+                "heldout_loss": float("nan"),
+                "heldout_mlm_acc": float("nan"),
+                "lr": lr,
+                "step_time_ms": 1000 * window_time / window_n,
+            }
             if done % settings.eval_every == 0 or done == steps:
                 ev = evaluate(model, held_ids, tok_info, data_seed, bs, device, amp)
                 rec["heldout_loss"], rec["heldout_mlm_acc"] = ev["loss"], ev["acc"]
-                log.info("step %d: train loss %.4f, heldout loss %.4f, acc %.4f, %.1f ms/step", done,
-                         rec["train_loss"], rec["heldout_loss"], rec["heldout_mlm_acc"], rec["step_time_ms"])
+                log.info(
+                    "step %d: train loss %.4f, heldout loss %.4f, acc %.4f, %.1f ms/step",
+                    done,
+                    rec["train_loss"],
+                    rec["heldout_loss"],
+                    rec["heldout_mlm_acc"],
+                    rec["step_time_ms"],
+                )
             records.append(rec)
             window_loss, window_time, window_n = 0.0, 0.0, 0
             if done % settings.checkpoint_every == 0 and done < steps:
                 with atomic_output(ckpt) as tmp:
-                    torch.save({"provenance": digest, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "records": records, "step": done}, tmp)
+                    torch.save(
+                        {
+                            "provenance": digest,
+                            "model": model.state_dict(),
+                            "optimizer": opt.state_dict(),
+                            "records": records,
+                            "step": done,
+                        },
+                        tmp,
+                    )
     bar.close()
 
     metrics = pd.DataFrame.from_records(records, columns=METRIC_COLUMNS)
@@ -238,18 +313,32 @@ def run(out_dir, *, mode: str, variant: str, s: int, seed: int, settings: Traini
         metrics.insert(i, key, value)  # each file names its own run
     last = metrics.dropna(subset=["heldout_mlm_acc"]).iloc[-1]
     timed = metrics[metrics.step > 0].step_time_ms.dropna()
-    shuffled = evaluate(model, shuffle_windows(held_ids, tok_info["special_ids"], data_seed), tok_info, data_seed, bs,
-                        device, amp)
+    shuffled = evaluate(
+        model, shuffle_windows(held_ids, tok_info["special_ids"], data_seed), tok_info, data_seed, bs, device, amp
+    )
     m = settings.model
-    final = {"mode": mode, "variant": variant, "subset_size": s, "seed": seed, "steps": steps,
-             "heldout_mlm_acc": float(last.heldout_mlm_acc), "heldout_loss": float(last.heldout_loss),
-             "heldout_loss_sd": ev["loss_sd"], "heldout_mlm_acc_shuffled": shuffled["acc"],
-             **unigram_baseline(train_ids, held_ids, tok_info, data_seed, bs),
-             "params": n_params, "trainable_params": sum(p.numel() for p in params),
-             "attention_flops_per_seq": attention_flops_per_seq(variant, seq_len, s, m.layers, m.heads, m.d_model // m.heads),
-             "mean_step_time_ms": float(timed.mean()) if len(timed) else float("nan"),
-             "device": str(device), "seq_len": seq_len, "vocab_size": len(tok),
-             "tokenizer_sha256": sha256_file(Path(tokenizer_dir) / "tokenizer.json")}
+    final = {
+        "mode": mode,
+        "variant": variant,
+        "subset_size": s,
+        "seed": seed,
+        "steps": steps,
+        "heldout_mlm_acc": float(last.heldout_mlm_acc),
+        "heldout_loss": float(last.heldout_loss),
+        "heldout_loss_sd": ev["loss_sd"],
+        "heldout_mlm_acc_shuffled": shuffled["acc"],
+        **unigram_baseline(train_ids, held_ids, tok_info, data_seed, bs),
+        "params": n_params,
+        "trainable_params": sum(p.numel() for p in params),
+        "attention_flops_per_seq": attention_flops_per_seq(
+            variant, seq_len, s, m.layers, m.heads, m.d_model // m.heads
+        ),
+        "mean_step_time_ms": float(timed.mean()) if len(timed) else float("nan"),
+        "device": str(device),
+        "seq_len": seq_len,
+        "vocab_size": len(tok),
+        "tokenizer_sha256": sha256_file(Path(tokenizer_dir) / "tokenizer.json"),
+    }
     if mode == "finetune":
         final["heldout_mlm_acc_step0"] = float(metrics.iloc[0].heldout_mlm_acc)
     _publish(out_dir, model, tok, metrics, final)

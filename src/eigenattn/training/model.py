@@ -26,11 +26,18 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModel, BertConfig, ModernBertConfig
 
-from eigenattn.errors import InputError
-from eigenattn.reconstruction.estimators import check_method
-from eigenattn.reconstruction.partial import LINFORMER_ATTR, Linformer, attach, attention_modules, maps_from_stats, register
 from eigenattn.config.schema import enum
 from eigenattn.config.settings import EncoderModel
+from eigenattn.errors import InputError
+from eigenattn.reconstruction.estimators import check_method
+from eigenattn.reconstruction.partial import (
+    LINFORMER_ATTR,
+    Linformer,
+    attach,
+    attention_modules,
+    maps_from_stats,
+    register,
+)
 
 VARIANTS = ("exact", *enum("training.variants"))
 MODES = enum("training.modes")
@@ -61,21 +68,46 @@ class MLM(nn.Module):
 def encoder_config(model: EncoderModel, vocab_size: int, seq_len: int):
     """The encoder's transformers config from ``training.model`` (``positions``: rotary or absolute)."""
     m = model
-    common = {"vocab_size": vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.layers,
-              "num_attention_heads": m.heads, "intermediate_size": m.d_ff, "max_position_embeddings": seq_len,
-              "initializer_range": m.init_range}
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": m.d_model,
+        "num_hidden_layers": m.layers,
+        "num_attention_heads": m.heads,
+        "intermediate_size": m.d_ff,
+        "max_position_embeddings": seq_len,
+        "initializer_range": m.init_range,
+    }
     if m.positions == "absolute":
         return BertConfig(**common, hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
     # every layer global (no sliding window); pad/bos/eos/cls/sep ids are unused by the MLM
-    return ModernBertConfig(**common, layer_types=["full_attention"] * m.layers,
-                            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
-                            attention_dropout=m.dropout, mlp_dropout=m.dropout,
-                            embedding_dropout=m.dropout, pad_token_id=0,
-                            bos_token_id=None, eos_token_id=None, cls_token_id=None, sep_token_id=None)
+    return ModernBertConfig(
+        **common,
+        layer_types=["full_attention"] * m.layers,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+        attention_dropout=m.dropout,
+        mlp_dropout=m.dropout,
+        embedding_dropout=m.dropout,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+        cls_token_id=None,
+        sep_token_id=None,
+    )
 
 
-def attach_variant(model: MLM, variant: str, s: int, seq_len: int, stats=None, *, estimator: str, strategy: str,
-                   ridge: float, rank: float, seed: int) -> None:
+def attach_variant(
+    model: MLM,
+    variant: str,
+    s: int,
+    seq_len: int,
+    stats=None,
+    *,
+    estimator: str,
+    strategy: str,
+    ridge: float,
+    rank: float,
+    seed: int,
+) -> None:
     """Give every attention layer of the encoder the variant's attention (``stats``: a RowStats of the
     trained exact model's ``all`` view, for the variants that fit T, W, b on it)."""
     mods = attention_modules(model.encoder)
@@ -86,18 +118,29 @@ def attach_variant(model: MLM, variant: str, s: int, seq_len: int, stats=None, *
             setattr(mod, LINFORMER_ATTR, Linformer(seq_len, s))
         return
     if stats is None:
-        raise InputError("stats", f"variant '{variant}' needs the eigen statistics of the trained exact model",
-                         "pass the trained exact model's rows.zarr (the eigen stage writes it)")
+        raise InputError(
+            "stats",
+            f"variant '{variant}' needs the eigen statistics of the trained exact model",
+            "pass the trained exact model's rows.zarr (the eigen stage writes it)",
+        )
     if stats.seq_len != seq_len or stats.view != "all":
-        raise InputError(stats.path, f"statistics of view '{stats.view}' at seq_len {stats.seq_len}; training needs "
-                         f"the 'all' view at seq_len {seq_len}", "re-run the eigen stage on the trained exact model")
+        raise InputError(
+            stats.path,
+            f"statistics of view '{stats.view}' at seq_len {stats.seq_len}; training needs "
+            f"the 'all' view at seq_len {seq_len}",
+            "re-run the eigen stage on the trained exact model",
+        )
     if sorted(stats.layers) != sorted(mods):
-        raise InputError(stats.path, f"analysed layers {stats.layers} differ from the encoder's {sorted(mods)}",
-                         "re-run the eigen stage on the trained exact model, all layers")
+        raise InputError(
+            stats.path,
+            f"analysed layers {stats.layers} differ from the encoder's {sorted(mods)}",
+            "re-run the eigen stage on the trained exact model, all layers",
+        )
     est = "subset_only" if variant == "subset_only" else estimator
     check_method(est, strategy, s, stats.d, ("training.estimator", "training.strategy", "training.subset_sizes"))
-    maps = maps_from_stats(stats, est, strategy, s, ridge=ridge, rank=rank, seed=seed,
-                           trainable=variant == "partial_learned")
+    maps = maps_from_stats(
+        stats, est, strategy, s, ridge=ridge, rank=rank, seed=seed, trainable=variant == "partial_learned"
+    )
     attach(model.encoder, maps)
 
 

@@ -44,8 +44,9 @@ def accuracy_difference(acc_variant, acc_exact, n_tokens: int, z: float = Z95) -
     return delta, delta - z * se, delta + z * se
 
 
-def learned_margins(acc_exact, loss_exact, loss_token_sd, n_tokens: int, unigram_acc: float,
-                    unigram_entropy: float, z: float = Z95) -> dict:
+def learned_margins(
+    acc_exact, loss_exact, loss_token_sd, n_tokens: int, unigram_acc: float, unigram_entropy: float, z: float = Z95
+) -> dict:
     """How far exact's accuracy and loss beat the unigram baseline, with the lower ends of their
     95% intervals. ``loss_token_sd``: per-token standard deviation of exact's held-out loss (per seed).
 
@@ -60,9 +61,13 @@ def learned_margins(acc_exact, loss_exact, loss_token_sd, n_tokens: int, unigram
     loss_gap = float(unigram_entropy) - float(loss_exact.mean())
     tok_var = float(np.mean(np.square(loss_token_sd)))
     loss_se = np.sqrt(seed_variance(loss_exact) / loss_exact.size + tok_var / n_tokens)
-    return {"acc_gap": acc_gap, "acc_gap_low": acc_gap - z * acc_se, "loss_gap": loss_gap,
-            "loss_gap_low": loss_gap - z * loss_se,
-            "learned": bool(acc_gap - z * acc_se > 0 and loss_gap - z * loss_se > 0)}
+    return {
+        "acc_gap": acc_gap,
+        "acc_gap_low": acc_gap - z * acc_se,
+        "loss_gap": loss_gap,
+        "loss_gap_low": loss_gap - z * loss_se,
+        "learned": bool(acc_gap - z * acc_se > 0 and loss_gap - z * loss_se > 0),
+    }
 
 
 def order_gain(acc, acc_shuffled, n_tokens: int, z: float = Z95) -> dict:
@@ -76,10 +81,17 @@ def order_gain(acc, acc_shuffled, n_tokens: int, z: float = Z95) -> dict:
     """
     acc, acc_shuffled = np.asarray(acc, dtype=np.float64), np.asarray(acc_shuffled, dtype=np.float64)
     gain = float(acc.mean() - acc_shuffled.mean())
-    se = np.sqrt(mean_accuracy_variance(acc, n_tokens, seed_variance(acc))
-                 + mean_accuracy_variance(acc_shuffled, n_tokens, seed_variance(acc_shuffled)))
+    se = np.sqrt(
+        mean_accuracy_variance(acc, n_tokens, seed_variance(acc))
+        + mean_accuracy_variance(acc_shuffled, n_tokens, seed_variance(acc_shuffled))
+    )
     run_se = np.sqrt((acc * (1 - acc) + acc_shuffled * (1 - acc_shuffled)) / n_tokens)
     run_gain = acc - acc_shuffled
     run_low = float(np.min(run_gain - z * run_se))
-    return {"gain": gain, "gain_low": gain - z * se, "run_gain_min": float(run_gain.min()), "run_gain_low": run_low,
-            "uses_order": bool(gain - z * se > 0 and run_low > 0)}
+    return {
+        "gain": gain,
+        "gain_low": gain - z * se,
+        "run_gain_min": float(run_gain.min()),
+        "run_gain_low": run_low,
+        "uses_order": bool(gain - z * se > 0 and run_low > 0),
+    }

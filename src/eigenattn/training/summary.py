@@ -9,17 +9,46 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from eigenattn.errors import ConfigError, InputError
 from eigenattn.config.schema import enum
+from eigenattn.errors import ConfigError, InputError
 from eigenattn.training.stats import accuracy_difference, learned_margins, order_gain
 
-SUMMARY_COLUMNS = ["mode", "variant", "subset_size", "seed", "steps", "heldout_mlm_acc", "heldout_loss",
-                   "heldout_loss_sd", "heldout_tokens", "heldout_mlm_acc_step0", "params", "attention_flops_per_seq",
-                   "flops_ratio", "mean_step_time_ms", "unigram_entropy", "unigram_acc", "exact_mean_acc",
-                   "exact_seed_sd", "exact_acc_gap", "exact_acc_gap_low", "exact_loss_gap", "exact_loss_gap_low",
-                   "exact_learned", "heldout_mlm_acc_shuffled", "exact_order_gain", "exact_order_gain_low",
-                   "exact_uses_order", "delta_vs_exact", "delta_ci_low", "delta_ci_high", "kept_gain",
-                   "kept_gain_ci_low", "kept_gain_ci_high", "tokenizer_sha256"]
+SUMMARY_COLUMNS = [
+    "mode",
+    "variant",
+    "subset_size",
+    "seed",
+    "steps",
+    "heldout_mlm_acc",
+    "heldout_loss",
+    "heldout_loss_sd",
+    "heldout_tokens",
+    "heldout_mlm_acc_step0",
+    "params",
+    "attention_flops_per_seq",
+    "flops_ratio",
+    "mean_step_time_ms",
+    "unigram_entropy",
+    "unigram_acc",
+    "exact_mean_acc",
+    "exact_seed_sd",
+    "exact_acc_gap",
+    "exact_acc_gap_low",
+    "exact_loss_gap",
+    "exact_loss_gap_low",
+    "exact_learned",
+    "heldout_mlm_acc_shuffled",
+    "exact_order_gain",
+    "exact_order_gain_low",
+    "exact_uses_order",
+    "delta_vs_exact",
+    "delta_ci_low",
+    "delta_ci_high",
+    "kept_gain",
+    "kept_gain_ci_low",
+    "kept_gain_ci_high",
+    "tokenizer_sha256",
+]
 
 
 def summarise(final_paths) -> "pd.DataFrame":
@@ -41,9 +70,11 @@ def summarise(final_paths) -> "pd.DataFrame":
         df["heldout_mlm_acc_step0"] = np.nan
     for key in ("unigram_entropy", "unigram_acc", "heldout_tokens", "tokenizer_sha256"):
         if df[key].nunique() != 1:
-            raise InputError(f"{len(final_paths)} training final.json files", f"training runs were scored on "
-                             f"different held-out data ({key} differs: {sorted(df[key].unique())})",
-                             "re-run the training stage")
+            raise InputError(
+                f"{len(final_paths)} training final.json files",
+                f"training runs were scored on different held-out data ({key} differs: {sorted(df[key].unique())})",
+                "re-run the training stage",
+            )
     n_tokens = int(df.heldout_tokens.iloc[0])
     u = float(df.unigram_acc.iloc[0])
     for col in SUMMARY_COLUMNS:
@@ -54,14 +85,22 @@ def summarise(final_paths) -> "pd.DataFrame":
     for mode, g in df.groupby("mode"):
         ex = g[g.variant == "exact"]
         if len(ex) < 2:
-            raise ConfigError("training.exact_seeds", f"mode '{mode}': {len(ex)} exact run(s); seed noise needs at "
-                              "least two exact seeds", "list two or more seeds in training.exact_seeds")
-        m = learned_margins(ex.heldout_mlm_acc, ex.heldout_loss, ex.heldout_loss_sd, n_tokens, u,
-                            float(ex.unigram_entropy.iloc[0]))
+            raise ConfigError(
+                "training.exact_seeds",
+                f"mode '{mode}': {len(ex)} exact run(s); seed noise needs at least two exact seeds",
+                "list two or more seeds in training.exact_seeds",
+            )
+        m = learned_margins(
+            ex.heldout_mlm_acc, ex.heldout_loss, ex.heldout_loss_sd, n_tokens, u, float(ex.unigram_entropy.iloc[0])
+        )
         gain = m["acc_gap"]
         df.loc[g.index, ["exact_mean_acc", "exact_seed_sd"]] = [ex.heldout_mlm_acc.mean(), ex.heldout_mlm_acc.std()]
         df.loc[g.index, ["exact_acc_gap", "exact_acc_gap_low", "exact_loss_gap", "exact_loss_gap_low"]] = [
-            m["acc_gap"], m["acc_gap_low"], m["loss_gap"], m["loss_gap_low"]]
+            m["acc_gap"],
+            m["acc_gap_low"],
+            m["loss_gap"],
+            m["loss_gap_low"],
+        ]
         df.loc[g.index, "exact_learned"] = m["learned"]
         o = order_gain(ex.heldout_mlm_acc, ex.heldout_mlm_acc_shuffled, n_tokens)
         df.loc[g.index, ["exact_order_gain", "exact_order_gain_low"]] = [o["gain"], o["gain_low"]]
@@ -72,8 +111,15 @@ def summarise(final_paths) -> "pd.DataFrame":
             df.loc[i, ["delta_vs_exact", "delta_ci_low", "delta_ci_high"]] = [delta, lo, hi]
             if gain > 0:
                 df.loc[i, ["kept_gain", "kept_gain_ci_low", "kept_gain_ci_high"]] = [
-                    (gain + delta) / gain, (gain + lo) / gain, (gain + hi) / gain]
+                    (gain + delta) / gain,
+                    (gain + lo) / gain,
+                    (gain + hi) / gain,
+                ]
     order = {v: i for i, v in enumerate(("exact", *enum("training.variants")))}
-    df = df.sort_values(["mode", "variant", "subset_size", "seed"], key=lambda c: c.map(order) if c.name == "variant"
-                        else (c.map({"scratch": 0, "finetune": 1}) if c.name == "mode" else c))
+    df = df.sort_values(
+        ["mode", "variant", "subset_size", "seed"],
+        key=lambda c: (
+            c.map(order) if c.name == "variant" else (c.map({"scratch": 0, "finetune": 1}) if c.name == "mode" else c)
+        ),
+    )
     return df[SUMMARY_COLUMNS].reset_index(drop=True)
