@@ -1,31 +1,7 @@
 # Stage 1: models and the corpus fetched, and the passages sampled.
 
 
-def model_spec(wildcards):
-    return plan.model_spec(config, wildcards.model)
-
-
-def trained_model_dir():
-    return path(rules.train_run.output.model, **plan.trained_run(config))
-
-
-def model_dir(wildcards):
-    """A fetched model's folder, or the trained encoder straight from its training run."""
-    if wildcards.model == TRAINED:
-        return trained_model_dir()
-    return path(rules.fetch_model.output[0], model=wildcards.model)
-
-
-def corpus_documents():
-    return path(rules.fetch_corpus.output[0], corpus=CORPUS)
-
-
-def passages():
-    return path(rules.sample_passages.output[0], corpus=CORPUS)
-
-
-def sampling_settings(wildcards):
-    return settings.Sampling.from_config(config).params()
+include: "inputs/assets.smk"
 
 
 rule fetch_model:

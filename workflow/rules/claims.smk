@@ -1,17 +1,7 @@
 # Stage 7: the claims table, every C1-C4 value with its state, from the stages' CSVs.
 
 
-def claims_inputs(wildcards):
-    return {
-        "spectra": eigen_outputs(),
-        "overlap_summary": rules.overlap_summary.output[0],
-        "recon": reconstruct_outputs(),
-        "plugin": plugin_outputs(),
-        "training": rules.train_summary.output[0],
-        "scaling_fits": scaling_files("fits"),
-        "scaling_saturation": scaling_files("saturation"),
-        "scaling_tables": scaling_files("table"),
-    }
+include: "inputs/claims.smk"
 
 
 rule claims:

@@ -1,6 +1,7 @@
 # Validation, shared constants, wildcard constraints and the final targets. Each stage's input,
-# param and target functions sit in its own .smk file, above its rules (the include order in the
-# Snakefile follows the stages, and a function may use an earlier stage's).
+# param and target functions sit in inputs/<stage>.smk, which the stage's rule file includes above
+# its rules (Snakemake's linter wants functions and rules in separate files). The include order in
+# the Snakefile follows the stages, and a function may use an earlier stage's.
 #
 # Paths: each output pattern is written once, in its rule; everything else refers to it as
 # rules.<rule>.output and fills it with `path(...)`. Planning comes from eigenattn.config.plan and

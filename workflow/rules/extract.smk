@@ -1,33 +1,7 @@
 # Stage 2: attention scores, one store per model, split and shard.
 
 
-def score_shards(model, split):
-    return expand(
-        rules.extract_scores.output[0], model=model, split=split, shard=SHARDS
-    )
-
-
-def fit_shards(wildcards):
-    return score_shards(wildcards.model, "fit")
-
-
-def heldout_shards(wildcards):
-    return score_shards(wildcards.model, "heldout")
-
-
-def extraction_settings(wildcards):
-    return settings.Extraction.from_config(
-        config,
-        wildcards.model,
-        wildcards.split,
-        int(wildcards.shard),
-        len(SHARDS),
-        SEQ_LEN,
-    ).params()
-
-
-def extract_outputs():
-    return [p for m in MODELS for s in SPLITS for p in score_shards(m, s)]
+include: "inputs/extract.smk"
 
 
 rule extract_scores:

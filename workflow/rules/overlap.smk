@@ -1,41 +1,7 @@
 # Stage 4: subspace overlap within each model and across model pairs.
 
 
-def overlap_within_outputs():
-    return [
-        path(rules.overlap_within.output[0], model=m, view=v, variant=variant)
-        for m, v in model_view_pairs()
-        for variant in config["eigen"]["variants"]
-    ]
-
-
-def overlap_cross_outputs():
-    pairs = plan.cross_pairs(config)
-    variants = config["eigen"]["variants"]
-    return [
-        path(rules.overlap_cross.output[0], model_a=a, model_b=b, variant=v)
-        for a, b in pairs
-        for v in variants
-    ]
-
-
-def cross_inputs(wildcards):
-    rows, halves = rules.eigen_rows.output.rows, rules.eigen_rows.output.halves
-    return {
-        f"{side}{suffix}": path(
-            pattern, model=getattr(wildcards, f"model_{side}"), view="prefix"
-        )
-        for side in ("a", "b")
-        for suffix, pattern in (("", rows), ("_halves", halves))
-    }
-
-
-def overlap_params(wildcards):
-    return {"k": config["overlap"]["k"], "variant": wildcards.variant}
-
-
-def overlap_summary_inputs(wildcards):
-    return {"within": overlap_within_outputs(), "cross": overlap_cross_outputs()}
+include: "inputs/overlap.smk"
 
 
 rule overlap_within:

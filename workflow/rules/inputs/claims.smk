@@ -1,0 +1,14 @@
+# The claims stage's input, param and target functions (its rules: ../claims.smk).
+
+
+def claims_inputs(wildcards):
+    return {
+        "spectra": eigen_outputs(),
+        "overlap_summary": rules.overlap_summary.output[0],
+        "recon": reconstruct_outputs(),
+        "plugin": plugin_outputs(),
+        "training": rules.train_summary.output[0],
+        "scaling_fits": scaling_files("fits"),
+        "scaling_saturation": scaling_files("saturation"),
+        "scaling_tables": scaling_files("table"),
+    }

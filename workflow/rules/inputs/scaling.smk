@@ -1,0 +1,92 @@
+# The scaling stage's input, param and target functions (its rules: ../scaling.smk).
+
+
+def scaling_sampling_settings(wildcards):
+    return settings.Sampling.scaling_point(config, wildcards.n, wildcards.N).params()
+
+
+def scaling_passages(wildcards):
+    return path(
+        rules.scaling_sample_passages.output[0],
+        corpus=CORPUS,
+        n=wildcards.n,
+        N=wildcards.N,
+    )
+
+
+def scaling_extraction_settings(wildcards):
+    """A grid point's extraction: at most scaling.max_layers layers, and chunks small enough that
+    even a small N has two halves (a batch is whole chunks)."""
+    e = plan.extraction(config)
+    chunk = min(e["chunk_sequences"], max(1, int(wildcards.N) // 2))
+    return settings.Extraction.from_config(
+        config,
+        wildcards.model,
+        "fit",
+        0,
+        1,
+        int(wildcards.n),
+        layers=plan.scaling_layers(config, wildcards.model),
+        chunk=chunk,
+        batch=e["batch_size"] if chunk == e["chunk_sequences"] else chunk,
+    ).params()
+
+
+def scaling_point_path(pattern, wildcards, n, N):
+    return path(pattern, model=wildcards.model, view=wildcards.view, n=n, N=N)
+
+
+def scaling_spectrum_inputs(wildcards):
+    point = (int(wildcards.n), int(wildcards.N))
+    out = rules.scaling_eigen_rows.output
+    ins = {
+        k: scaling_point_path(getattr(out, k), wildcards, *point)
+        for k in ("rows", "halves")
+    }
+    if point in plan.scaling_points(config, wildcards.model)["full"]:
+        ins["full"] = scaling_point_path(
+            rules.scaling_eigen_full.output[0], wildcards, *point
+        )
+    return ins
+
+
+def scaling_spectrum(model, view, n, N):
+    """A grid point's spectrum.csv: the main run's where the point coincides with it."""
+    if plan.is_main_point(config, model, n, N):
+        return path(rules.eigen_spectrum.output[0], model=model, view=view)
+    return path(
+        rules.scaling_eigen_spectrum.output[0], model=model, view=view, n=n, N=N
+    )
+
+
+def scaling_spectra(wildcards):
+    return [
+        scaling_spectrum(wildcards.model, wildcards.view, n, N)
+        for n, N in plan.scaling_points(config, wildcards.model)["all"]
+    ]
+
+
+def scaling_table_params(wildcards):
+    s = config["scaling"]
+    points = plan.scaling_points(config, wildcards.model)["all"]
+    return {
+        "n": [n for n, _ in points],
+        "N": [N for _, N in points],
+        "length_N": plan.length_sequences(config),
+        "sample_length": s["sample_length"],
+        "bootstrap": s["bootstrap"],
+        "seed": config["seed"],
+    }
+
+
+def scaling_files(name):
+    """One output of the scaling table rule (`table`, `fits`, `saturation`) per model and view."""
+    return [
+        path(getattr(rules.scaling_table.output, name), model=m, view=v)
+        for m in plan.scaling_models(config)
+        for v in plan.model_views(config, m)
+    ]
+
+
+def scaling_outputs():
+    return [p for name in ("table", "fits", "saturation") for p in scaling_files(name)]
