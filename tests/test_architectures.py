@@ -26,7 +26,7 @@ from eigenattn.capture.interface import (
     register,
 )
 from eigenattn.capture.probe import STORE_DTYPES, STORED_PROB_TOL
-from eigenattn.config.schema import default, enum
+from eigenattn.config.schema import enum, node
 from eigenattn.errors import ConfigError, UnsupportedModelError
 from tiny_models import FAMILIES, build, build_wide_t5, eager_attentions, store_probabilities, texts
 
@@ -186,10 +186,10 @@ def _extract(model_dir, out, dtype, name):
 def test_auto_dtype_stores_float32_where_float16_fails(wide_t5, tmp_path, caplog):
     """A T5 encoder with |S| ~ 200 (unscaled logits, large position bias): float16 scores move P by
     ~1e-2, so the default dtype (auto) stores float32, says why, and the store reproduces P."""
-    assert default("extraction.dtype") == "auto"
+    assert node("extraction.dtype")["default"] == "auto"
     out = tmp_path / "t5" / "shard-0.zarr"
     with caplog.at_level("INFO", logger="eigenattn.capture.probe"):
-        g = _extract(wide_t5, out, default("extraction.dtype"), "t5_wide")
+        g = _extract(wide_t5, out, node("extraction.dtype")["default"], "t5_wide")
     a = g.attrs.asdict()
     probe = a["equivalence_probe"]
     assert 150 <= np.abs(g["scores"][:]).max() <= 400
