@@ -36,8 +36,13 @@ def test_eigen_parameter_does_not_reextract(tiny_run, tmp_path):
 
 
 def test_scheduler_change_reruns_nothing(tiny_run, tmp_path):
+    """Where jobs run (the Dask scheduler, the full-matrix memory budget, the devices) is passed as
+    an unrecorded Runtime, so changing it re-runs nothing."""
     wd, _ = tiny_run
-    override = {"eigen": {"scheduler": "distributed", "slurm": {"jobs": 4}}}
+    override = {
+        "eigen": {"scheduler": "distributed", "slurm": {"jobs": 4}, "gram_memory_mb": 2048},
+        **{section: {"device": "cpu"} for section in ("extraction", "plugin", "training")},
+    }
     assert _jobs(snakemake(wd, "-n", configs=_override(tmp_path, override))) == {}
 
 

@@ -61,9 +61,9 @@ def test_opener_refuses_an_incomplete_store_naming_it_and_the_fix(tmp_path, attr
 
 
 def test_opener_refuses_a_missing_store_and_a_malformed_version(tmp_path):
-    with pytest.raises(InputError, match=r"missing.zarr: not a Zarr v3 group \(no zarr.json\).*\n  fix: re-create it"):
+    with pytest.raises(InputError, match=r"missing.zarr': not a Zarr v3 group \(no zarr.json\).*\n  fix: re-create it"):
         open_store(tmp_path / "missing.zarr")
     out = tmp_path / "v.zarr"
     zarr.open_group(str(out), mode="w", zarr_format=3).attrs.update({"complete": True, "eigenattn_version": 3})
-    with pytest.raises(InputError, match=r"v.zarr: eigenattn_version is 3, not a version"):
+    with pytest.raises(InputError, match=r"v.zarr': eigenattn_version is 3, not a version"):
         open_store(out)

@@ -164,9 +164,10 @@ def load_documents(spec: dict, name: str, documents_path: str | Path | None = No
         )
     if text_field != "text":
         if "text" in columns:
-            raise InputError(
-                f"{key}.text_field: the documents have a column 'text' besides '{text_field}'; "
-                "set text_field: text, or rename one of them"
+            raise ConfigError(
+                f"{key}.text_field",
+                f"the documents have a column 'text' besides '{text_field}'",
+                "set text_field: text, or rename one of them",
             )
         docs = docs.rename(columns={text_field: "text"})
     if id_field:

@@ -289,17 +289,17 @@ def open_store(path: str | Path):
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise InputError(
-            f"{path}: not a Zarr v3 group (no zarr.json); was the stage that writes it run?\n"
-            f"  fix: {refetch_hint(path)}"
+            path, "not a Zarr v3 group (no zarr.json); was the stage that writes it run?", refetch_hint(path)
         )
     g = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
     a = g.attrs
     if a.get("complete") is not True:
-        raise InputError(f"{path}: store is not marked complete.\n  fix: {refetch_hint(path)}")
+        raise InputError(path, "store is not marked complete", refetch_hint(path))
     if "eigenattn_version" in a and not (isinstance(a["eigenattn_version"], str) and a["eigenattn_version"]):
         raise InputError(
-            f"{path}: eigenattn_version is {a['eigenattn_version']!r}, not a version: the store was "
-            f"not written by eigenattn.\n  fix: {refetch_hint(path)}"
+            path,
+            f"eigenattn_version is {a['eigenattn_version']!r}, not a version: the store was not written by eigenattn",
+            refetch_hint(path),
         )
     return g
 
