@@ -11,7 +11,6 @@ import warnings
 from glob import escape as glob_escape
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
@@ -216,6 +215,9 @@ def open_scores(shards: list[str | Path], expect: dict | None = None):
 
 
 def _as_dask(arrays):
+    import dask.array as da  # here, not at module level: ~0.8 s (it brings pandas and xarray) that jobs
+    # without Dask (fetching, sampling, tables) need not pay
+
     return da.concatenate(
         [
             da.from_array(
