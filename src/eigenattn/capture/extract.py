@@ -24,7 +24,6 @@ array and attribute is written, so an interrupted run never leaves a store that 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -53,17 +52,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = STORE_DTYPES  # extraction.dtype, besides auto
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def load_model(
-    model_dir: str | os.PathLike, attn_implementation: str | None = None, device="cpu", label: str | None = None
-):
-    """Load tokenizer and base model (no LM head) from a Hugging Face-format directory.
-
-    The class comes from ``config.architectures`` (an encoder such as ``T5EncoderModel`` loads as
-    itself); an encoder–decoder model is refused (:func:`eigenattn.capture.probe.model_class`).
-    """
-    return load_capture_model(model_dir, label or str(model_dir), device, attn_implementation)
 
 
 def model_facts(model) -> dict:
@@ -174,7 +162,7 @@ def extract_scores(
     dev = torch.device(device)
     name = (attrs or {}).get("model")
     label = f"'{name}' at {model_dir}" if name else str(model_dir)
-    tok, model = load_model(model_dir, device=dev, label=label)
+    tok, model = load_capture_model(model_dir, label, dev, None)
     facts = model_facts(model)
     if facts["max_positions"] and seq_len > facts["max_positions"]:
         raise ConfigError(
