@@ -20,7 +20,7 @@ def low_rank_scores(N, L, H, n, rank=3, noise=0.05, seed=0):
     return s.astype(np.float32)
 
 
-def write_store(path, scores, causal=False, batch=4, model="synthetic", layers=None):
+def write_store(path, scores, causal=False, batch=4, model="synthetic", layers=None, head_dim=8, modifiers=None):
     N, L, H, n, _ = scores.shape
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
     g.create_array("scores", data=scores, chunks=score_chunks(batch, H, n))
@@ -30,12 +30,14 @@ def write_store(path, scores, causal=False, batch=4, model="synthetic", layers=N
             "model": model,
             "layers": layers or list(range(L)),
             "heads": H,
+            "head_dim": head_dim,
             "seq_len": n,
             "causal": causal,
             "dtype": str(scores.dtype),
             "corpus": "synthetic",
             "seed": 0,
             "complete": True,
+            **({"layer_modifiers": modifiers} if modifiers is not None else {}),
         }
     )
     return str(path)

@@ -270,6 +270,9 @@ def test_evaluate_view_table(stores):
         "tv",
         "kl",
         "top1",
+        "family",
+        "attn_macs",
+        "cost_share",
     ]
     assert set(df[df.basis_source != "same"].split) == {"heldout"}
     fitted = df[df.split == "fit"]
@@ -328,7 +331,7 @@ def test_layer_reference_reads_only_the_chosen_rows(view, causal):
     allowed = np.arange(n)[None, :] <= np.arange(qs.start, qs.stop)[:, None]
     nq = qs.stop - qs.start
     for eval_rows in (None, 5, N * nq - 1):
-        ref = _layer_reference(da.from_array(S, chunks=(3, 1, H, n, n)), 1, qs, ks, allowed, causal, eval_rows)
+        ref, _ = _layer_reference(da.from_array(S, chunks=(3, 1, H, n, n)), 1, qs, ks, allowed, causal, eval_rows)
         whole = S[:, 1, :, qs, :].transpose(1, 0, 2, 3).reshape(H, N * nq, n).astype(np.float64)
         pick = eval_row_index(N * nq, eval_rows) if eval_rows else np.arange(N * nq)
         np.testing.assert_array_equal(ref.X.numpy(), whole[:, pick][..., ks].astype(np.float32))

@@ -53,6 +53,15 @@ def transfers(config: dict) -> list[str]:
     return [k for k in enum("reconstruction.transfer") if k != "other_model" or two]
 
 
+def peers(config: dict, section: str) -> tuple[list[str], bool]:
+    """The peers of ``reconstruction`` or ``plugin`` (``<section>.peers``) and whether the list was
+    written out (an explicit nystrom is refused where it cannot work; auto skips it there)."""
+    p = config[section].get("peers", "auto")
+    if p == "auto":
+        return list(enum("reconstruction.peers")), False
+    return list(p), True
+
+
 def reconstruction(config: dict) -> dict:
     """The ``reconstruction`` section with its auto values resolved (what the reconstruction rule
     and script are given)."""

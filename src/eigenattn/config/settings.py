@@ -201,10 +201,16 @@ class Reconstruction(_Settings):
     transfer: tuple = ()
     transfer_estimators: tuple = ()
     other_models: tuple = ()
+    peers: tuple = ()
+    peers_explicit: bool = False
+    q_last: int = 16
+    sinks: int = 4
+    pinv: str = "exact"
 
     @classmethod
     def from_config(cls, config: dict, model: str, view: str) -> Reconstruction:
         r = config["reconstruction"]
+        peers, explicit = plan.peers(config, "reconstruction")
         return cls(
             tuple(r["estimators"]),
             tuple(r["strategies"]),
@@ -216,7 +222,28 @@ class Reconstruction(_Settings):
             tuple(plan.transfers(config)),
             tuple(r["transfer_estimators"]),
             tuple(plan.other_models(config, model, view)),
+            tuple(peers),
+            explicit,
+            r["peer_q_last"],
+            r["peer_sinks"],
+            r["nystrom_pinv"],
         )
+
+    @property
+    def peer_settings(self) -> PeerSettings:
+        return PeerSettings(self.peers, self.peers_explicit, self.q_last, self.sinks, self.pinv, "reconstruction.peers")
+
+
+@dataclass(frozen=True)
+class PeerSettings(_Settings):
+    """The peers of one evaluation (``key``: the config key that lists them)."""
+
+    methods: tuple
+    explicit: bool
+    q_last: int
+    sinks: int
+    pinv: str
+    key: str
 
 
 @dataclass(frozen=True)
@@ -231,10 +258,16 @@ class Plugin(_Settings):
     ridge: float
     rank: float
     seed: int
+    peers: tuple = ()
+    peers_explicit: bool = False
+    q_last: int = 16
+    sinks: int = 4
+    pinv: str = "exact"
 
     @classmethod
     def from_config(cls, config: dict) -> Plugin:
         p, r = config["plugin"], config["reconstruction"]
+        peers, explicit = plan.peers(config, "plugin")
         return cls(
             tuple(p["estimators"]),
             tuple(p["strategies"]),
@@ -244,7 +277,16 @@ class Plugin(_Settings):
             r["ridge"],
             r["eigenspace_rank"],
             config["seed"],
+            tuple(peers),
+            explicit,
+            r["peer_q_last"],
+            r["peer_sinks"],
+            r["nystrom_pinv"],
         )
+
+    @property
+    def peer_settings(self) -> PeerSettings:
+        return PeerSettings(self.peers, self.peers_explicit, self.q_last, self.sinks, self.pinv, "plugin.peers")
 
 
 @dataclass(frozen=True)
@@ -303,11 +345,14 @@ class Training(_Settings):
     strategy: str | None = None
     ridge: float | None = None
     eigenspace_rank: float | None = None
+    pinv: str | None = None
 
     @classmethod
     def from_config(cls, config: dict, variant: str = "exact") -> Training:
         t = config["training"]
         maps = {k: t[k] for k in MAP_KEYS} if variant in USES_MAPS else {}
+        if variant == "nystrom":  # the only variant that reads it, so the others do not re-run
+            maps["pinv"] = config["reconstruction"]["nystrom_pinv"]
         return cls(
             **{k: t[k] for k in RUN_KEYS},
             model=EncoderModel(**t["model"]),

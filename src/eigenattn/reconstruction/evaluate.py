@@ -4,20 +4,26 @@ table chooses a method), plus the transfer of a map to another layer or model.""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from eigenattn.config.schema import enum
 from eigenattn.config.settings import Reconstruction
 from eigenattn.config.views import view_slices
 from eigenattn.errors import ConfigError, InputError
+from eigenattn.reconstruction import peers as peer_methods
+from eigenattn.reconstruction.cost import cost_share, family, view_macs
 from eigenattn.reconstruction.estimators import METHOD_KEYS, check_method, fit_heads
 from eigenattn.reconstruction.metrics import METRICS, Reference
 from eigenattn.spectra.stores import RowStats
 from eigenattn.storage.store import open_scores
 
 TRANSFERS = enum("reconstruction.transfer")
+log = logging.getLogger(__name__)
 
 
 def transfer_sources(stats: RowStats, layer: int, kinds, others: dict[str, RowStats]):
@@ -81,6 +87,9 @@ COLUMNS = [
     "basis_condition",
     "solve_condition",
     *METRICS,
+    "family",
+    "attn_macs",
+    "cost_share",
 ]
 
 
@@ -100,27 +109,52 @@ def _open_split(shards, stats: RowStats, rows_store, what: str, expect: dict | N
     return scores, attrs
 
 
-def _layer_reference(scores, li: int, qs: slice, ks: slice, allowed, causal: bool, eval_rows) -> Reference:
-    """The exact side of the metrics for one layer, from ``eval_rows`` rows spread over the split.
+def _layer_reference(scores, li: int, qs: slice, ks: slice, allowed, causal: bool, eval_rows, peers=None):
+    """The exact side of the metrics for one layer, from ``eval_rows`` rows spread over the split,
+    and the estimates of ``peers`` for the same rows.
 
     Rows are chosen first and read one stored chunk of sequences at a time, so memory holds one
-    chunk and the chosen rows, not the whole layer (N·H·|Q|·n scores)."""
+    chunk and the chosen rows, not the whole layer (N·H·|Q|·n scores). ``peers``: a function of one
+    chunk's view blocks (float64 torch, (c, H, |Q|, d)) returning {name: estimate}
+    (:func:`eigenattn.reconstruction.peers.estimate`), called on the sequences that hold chosen
+    rows: the peers need whole sequences (nystrom's landmarks, vertical_slash's last queries)."""
     N, _, H, _, n = scores.shape
     nq = len(range(n)[qs])
     pick = eval_row_index(N * nq, eval_rows) if eval_rows and eval_rows < N * nq else np.arange(N * nq)
     seq, q = np.divmod(pick, nq)  # row r of the layer is query r % nq of sequence r // nq
     edges = np.cumsum((0, *scores.chunks[0]))
-    parts = []
+    parts, peer_parts = [], []
     for s0, s1 in zip(edges[:-1], edges[1:]):
         sel = (seq >= s0) & (seq < s1)
         if sel.any():
             block = scores[s0:s1, li, :, qs, :].compute()  # (chunk, H, |Q|, n) in the stored dtype
             parts.append(block[seq[sel] - s0, :, q[sel]])  # (rows, H, n)
+            if peers is not None:
+                used, at = np.unique(seq[sel] - s0, return_inverse=True)
+                X = torch.from_numpy(np.ascontiguousarray(block[used][..., ks], dtype=np.float64))
+                rows = {}
+                for name, est in peers(X).items():  # each (c', H, |Q|, d) [, (c', H, |Q|)]
+                    ia, iq = torch.from_numpy(at), torch.from_numpy(q[sel])
+                    rows[name] = (est[0], *(e[ia, :, iq].float() for e in est[1:]))
+                peer_parts.append(rows)
     full = np.concatenate(parts).transpose(1, 0, 2).astype(np.float64)  # only the chosen rows are widened
     X = np.ascontiguousarray(full[..., ks])
+    estimates = {}
+    for name in peer_parts[0] if peer_parts else ():
+        kind = peer_parts[0][name][0]
+        pieces = zip(*(pp[name][1:] for pp in peer_parts))
+        estimates[name] = (kind, *(torch.cat(p).transpose(0, 1).contiguous() for p in pieces))  # (H, rows, …)
     if qs == slice(0, n) and ks == slice(0, n):
-        return Reference(X)
-    return Reference(X, full, ks, np.asarray(allowed)[q] if causal else None)
+        return Reference(X), estimates
+    return Reference(X, full, ks, np.asarray(allowed)[q] if causal else None), estimates
+
+
+def _bilinear_layers(attrs: dict, layers) -> dict[int, bool]:
+    """Per layer: are the stored scores exactly scale·QKᵀ (no position bias, softcap or sink)?"""
+    held = [int(x) for x in attrs["layers"]]
+    mods = attrs.get("layer_modifiers") or [{}] * len(held)
+    plain = {layer: not any(bool(v) for v in m.values()) for layer, m in zip(held, mods)}
+    return {layer: plain.get(layer, False) for layer in layers}
 
 
 def evaluate_view(
@@ -145,11 +179,10 @@ def evaluate_view(
     transfer, transfer_estimators = settings.transfer, settings.transfer_estimators
     ridge, rank, seed, eval_rows = settings.ridge, settings.rank, settings.seed, settings.eval_rows
     stats = RowStats(rows_store)
-    splits = {
-        "heldout": _open_split(
-            heldout_shards, stats, rows_store, "held-out", expect and {**expect, "split": "heldout"}
-        )[0]
-    }
+    held, held_attrs = _open_split(
+        heldout_shards, stats, rows_store, "held-out", expect and {**expect, "split": "heldout"}
+    )
+    splits = {"heldout": held}
     if fit_shards:
         splits["fit"] = _open_split(fit_shards, stats, rows_store, "fit", expect and {**expect, "split": "fit"})[0]
     n, d = stats.seq_len, stats.d
@@ -172,16 +205,70 @@ def evaluate_view(
     allowed = np.ones((qs.stop - qs.start, n), dtype=bool)
     if stats.causal:
         allowed = np.arange(n)[None, :] <= np.arange(qs.start, qs.stop)[:, None]
+    nq = qs.stop - qs.start
+    d_head = int(held_attrs.get("head_dim") or 0)
+    if not d_head:
+        raise InputError(heldout_shards[0], "the score store has no head_dim attribute", "re-run extraction")
+    geometry = peer_methods.Geometry(np.arange(qs.start, qs.stop), np.arange(ks.start, ks.stop), allowed[:, ks])
+    ps = settings.peer_settings
+    peers = list(ps.methods)
+    for m in peers:
+        for s in subset_sizes:
+            peer_methods.check_peer(m, s, geometry, ps.key)
+    bilinear = _bilinear_layers(held_attrs, stats.layers)
+
+    def cost(method: str, s: int, k: int = 0) -> dict:
+        kw = {"nq": nq, "d": d, "d_head": d_head, "s": s, "k": k, "q_last": min(ps.q_last, nq)}
+        return {"family": family(method), "attn_macs": view_macs(method, **kw), "cost_share": cost_share(method, **kw)}
 
     records = []
     bar = tqdm(total=len(stats.layers), desc=f"reconstruct {stats.model}/{stats.view}", disable=not progress)
     for li, layer in enumerate(stats.layers):
-        refs = {
-            split: _layer_reference(sc, li, qs, ks, allowed, stats.causal, eval_rows) for split, sc in splits.items()
-        }
+        layer_peers = [m for m in peers if m != "nystrom" or bilinear[layer]]
+        if len(layer_peers) < len(peers):
+            if ps.explicit:
+                raise ConfigError(
+                    ps.key,
+                    f"nystrom needs scores that are exactly scale·QKᵀ, but layer {layer} of '{stats.model}' adds "
+                    "a position bias, a softcap or a sink",
+                    f"leave nystrom out of {ps.key} for this model (auto does)",
+                )
+            log.info("layer %d: nystrom skipped (its scores carry a position bias, softcap or sink)", layer)
+
+        def run_peers(X, layer_peers=layer_peers):
+            return {
+                (m, s): peer_methods.estimate(m, X, s, geometry, q_last=ps.q_last, sinks=ps.sinks, pinv=ps.pinv)
+                for m in layer_peers
+                for s in subset_sizes
+            }
+
+        refs, estimates = {}, {}
+        for split, sc in splits.items():
+            refs[split], estimates[split] = _layer_reference(
+                sc, li, qs, ks, allowed, stats.causal, eval_rows, run_peers if layer_peers else None
+            )
         sources = [("same", lambda layer=layer: stats.head_stats(layer))]
         if transfer:
             sources += transfer_sources(stats, layer, transfer, others)
+
+        def record(split, est, st, s, label, met, h, k=0, bc=np.nan, sc=np.nan):
+            return {
+                "model": stats.model,
+                "view": stats.view,
+                "split": split,
+                "layer": layer,
+                "head": h,
+                "estimator": est,
+                "strategy": st,
+                "subset_size": s,
+                "basis_source": label,
+                "k": int(k),
+                "basis_condition": float(bc),
+                "solve_condition": float(sc),
+                **{key: float(met[key][h]) for key in METRICS},
+                **cost(est, s, int(k)),
+            }
+
         for label, get in sources:
             mean, U, lam = get()
             ests = estimators if label == "same" else transfer_estimators
@@ -194,22 +281,24 @@ def evaluate_view(
                             met = ref.metrics(ref.reconstruct(m.T, m.W, m.b))
                             for h in range(len(m.T)):
                                 records.append(
-                                    {
-                                        "model": stats.model,
-                                        "view": stats.view,
-                                        "split": split,
-                                        "layer": layer,
-                                        "head": h,
-                                        "estimator": est,
-                                        "strategy": st,
-                                        "subset_size": s,
-                                        "basis_source": label,
-                                        "k": int(m.k[h]),
-                                        "basis_condition": float(m.basis_condition[h]),
-                                        "solve_condition": float(m.solve_condition[h]),
-                                        **{k: float(met[k][h]) for k in METRICS},
-                                    }
+                                    record(
+                                        split,
+                                        est,
+                                        st,
+                                        s,
+                                        label,
+                                        met,
+                                        h,
+                                        m.k[h],
+                                        m.basis_condition[h],
+                                        m.solve_condition[h],
+                                    )
                                 )
+        for split, ref in refs.items():
+            for (name, s), e in estimates[split].items():
+                met = ref.metrics(e[1]) if e[0] == "logits" else ref.metrics_probs(e[1], e[2])
+                for h in range(ref.X.shape[0]):
+                    records.append(record(split, name, "-", s, "same", met, h))
         bar.update(1)
     bar.close()
     return pd.DataFrame.from_records(records, columns=COLUMNS)

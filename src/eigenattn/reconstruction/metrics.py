@@ -78,3 +78,33 @@ class Reference:
             "kl": kl.double().mean(dim=-1).numpy(),
             "top1": top1.mean(dim=-1).numpy(),
         }
+
+    def metrics_probs(self, P_view, log_z) -> dict:
+        """The metrics of a method that estimates the view block's probabilities directly (nystrom):
+        ``P_view`` (H, m, d), rows normalised within the view, and ``log_z`` (H, m) its estimate of
+        the view's log partition function. Keys outside the view stay exact: the row is
+        ``[α̂·P̂_view, (1−α̂)·p_out]`` with ``α̂ = Ẑ / (Ẑ + Z_out)``. No scores are estimated (score
+        errors NaN); entries of P̂ can be negative, so KL is infinite wherever P̂ ≤ 0 under p > 0."""
+        P_view = torch.as_tensor(P_view).float()
+        if self.key_slice is None:
+            q = P_view
+        else:
+            out = self._masked(self.full.clone())
+            out[..., self.key_slice] = float("-inf")
+            lse_out = torch.logsumexp(out, dim=-1)
+            alpha = torch.sigmoid(torch.as_tensor(log_z).float() - lse_out)  # Ẑ/(Ẑ+Z_out); 1 if nothing is outside
+            q = torch.softmax(out, dim=-1).nan_to_num(0.0) * (1 - alpha)[..., None]
+            q[..., self.key_slice] = P_view * alpha[..., None]
+        tv = 0.5 * (self.p - q).abs().sum(dim=-1)
+        bad = ((self.p > 0) & (q <= 0)).any(dim=-1)
+        kl = torch.where(self.p > 0, self.p * (self.logp - q.clamp_min(1e-38).log()), torch.zeros(())).sum(dim=-1)
+        kl = kl.masked_fill(bad, float("inf"))
+        top1 = (q.argmax(dim=-1) == self.top).double()
+        nan = np.full(q.shape[:-2], np.nan)
+        return {
+            "rel_error": nan,
+            "rel_error_centered": nan.copy(),
+            "tv": tv.double().mean(dim=-1).numpy(),
+            "kl": kl.double().mean(dim=-1).numpy(),
+            "top1": top1.mean(dim=-1).numpy(),
+        }

@@ -1,0 +1,269 @@
+"""The peers (nystrom, topk_oracle, vertical_slash, sink_window) and the cost model, against brute
+force on small cases, on stored scores and inside a model."""
+
+import numpy as np
+import pytest
+import torch
+
+from eigenattn.config.settings import Reconstruction
+from eigenattn.errors import ConfigError
+from eigenattn.reconstruction import cost
+from eigenattn.reconstruction.evaluate import evaluate_view
+from eigenattn.reconstruction.metrics import Reference
+from eigenattn.reconstruction.peers import (
+    Geometry,
+    estimate,
+    iterative_pinv,
+    nystrom_from_qk,
+    nystrom_from_scores,
+    segments,
+    sink_window_keys,
+    topk_keys,
+    vertical_slash_keys,
+)
+from eigenattn.spectra.stores import run_rows
+from synthetic import low_rank_scores, write_store
+
+EVAL = {"ridge": 1e-6, "rank": 0.5, "seed": 0, "eval_rows": None}
+
+
+def qk(B=2, H=3, nq=12, d=12, dh=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.randn(B, H, nq, dh, generator=g, dtype=torch.float64)
+    K = torch.randn(B, H, d, dh, generator=g, dtype=torch.float64)
+    return Q, K, dh**-0.5
+
+
+def brute_nystrom(Q, K, m, scale):
+    """Nyströmformer written out with numpy loops: landmarks as explicit segment means."""
+    Q, K = Q.numpy(), K.numpy()
+    out = np.empty(Q.shape[:-1] + (K.shape[-2],))
+    qe = np.linspace(0, Q.shape[-2], m + 1).round().astype(int)
+    ke = np.linspace(0, K.shape[-2], m + 1).round().astype(int)
+
+    def sm(x):
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    for idx in np.ndindex(Q.shape[:-2]):
+        q, k = Q[idx], K[idx]
+        ql = np.stack([q[qe[i] : qe[i + 1]].mean(0) for i in range(m)])
+        kl = np.stack([k[ke[i] : ke[i + 1]].mean(0) for i in range(m)])
+        out[idx] = sm(scale * q @ kl.T) @ np.linalg.pinv(sm(scale * ql @ kl.T)) @ sm(scale * ql @ k.T)
+    return out
+
+
+@pytest.mark.parametrize("nq,d,m", [(12, 12, 4), (12, 12, 5), (8, 10, 3), (6, 6, 6)])
+def test_nystrom_from_stored_scores_equals_nystrom_from_q_and_k(nq, d, m):
+    Q, K, scale = qk(nq=nq, d=d)
+    S = scale * Q @ K.transpose(-1, -2)  # a model without bias: S is exactly scale·QKᵀ
+    P_s, z_s = nystrom_from_scores(S, m)
+    P_q, z_q = nystrom_from_qk(Q, K, m, scale)
+    np.testing.assert_allclose(P_s.numpy(), P_q.numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(z_s.numpy(), z_q.numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(P_q.numpy(), brute_nystrom(Q, K, m, scale), atol=1e-8)
+
+
+def test_nystrom_with_m_equal_n_is_exact_attention():
+    Q, K, scale = qk(nq=10, d=10)
+    S = scale * Q @ K.transpose(-1, -2)
+    P, log_z = nystrom_from_scores(S, 10)
+    np.testing.assert_allclose(P.numpy(), torch.softmax(S, -1).numpy(), atol=1e-10)
+    np.testing.assert_allclose(log_z.numpy(), torch.logsumexp(S, -1).numpy(), atol=1e-12)
+    P, _ = nystrom_from_qk(Q, K, 10, scale)
+    np.testing.assert_allclose(P.numpy(), torch.softmax(S, -1).numpy(), atol=1e-10)
+
+
+def test_nystrom_from_scores_is_not_nystrom_once_a_bias_is_added():
+    """Why a position bias is refused: segment means of biased scores are not landmark kernels."""
+    Q, K, scale = qk(nq=12, d=12)
+    S = scale * Q @ K.transpose(-1, -2)
+    bias = -0.5 * (torch.arange(12)[:, None] - torch.arange(12)[None, :]).abs().double()  # ALiBi-like
+    P_s, _ = nystrom_from_scores(S + bias, 4)
+    assert (P_s - nystrom_from_qk(Q, K, 4, scale)[0]).abs().max() > 1e-2
+
+
+def test_iterative_pinv_converges_to_the_exact_one():
+    A = torch.softmax(torch.randn(4, 6, 6, dtype=torch.float64), -1)
+    np.testing.assert_allclose(iterative_pinv(A, 40).numpy(), torch.linalg.pinv(A).numpy(), atol=1e-6)
+
+
+def test_segments_are_contiguous_means():
+    A = segments(10, 3)
+    np.testing.assert_allclose(A.sum(axis=1), 1.0)
+    assert ((A > 0).sum(axis=0) == 1).all()  # every position in exactly one segment
+    assert [int((r > 0).sum()) for r in A] == [3, 4, 3]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("s", [1, 3, 6])
+def test_topk_oracle_tv_is_at_most_every_s_key_method(seed, s):
+    """Property: keeping each row's s largest scores is the best s-key sparse attention (in TV)."""
+    rng = np.random.default_rng(seed)
+    nq, d = 10, 12
+    X = torch.from_numpy(rng.standard_normal((2, nq, d)) * rng.uniform(0.5, 4))
+    ref = Reference(X.numpy())
+    g = Geometry(np.arange(nq), np.arange(d))
+    kw = {"q_last": 4, "sinks": 2, "pinv": "exact"}
+    tv = {m: ref.metrics(estimate(m, X, s, g, **kw)[1])["tv"] for m in ("topk_oracle", "vertical_slash", "sink_window")}
+    for _ in range(20):  # random s-key subsets, per row
+        keep = torch.zeros(X.shape, dtype=torch.bool)
+        keep.scatter_(-1, torch.from_numpy(rng.permuted(np.tile(np.arange(d), (2, nq, 1)), axis=-1)[..., :s]), True)
+        tv[f"random{_}"] = ref.metrics(X.masked_fill(~keep, float("-inf")))["tv"]
+    # per row as well, not only on the mean
+    oracle_rows = 0.5 * (torch.softmax(X, -1) - torch.softmax(estimate("topk_oracle", X, s, g, **kw)[1], -1)).abs().sum(
+        -1
+    )
+    for name, v in tv.items():
+        assert (tv["topk_oracle"] <= v + 1e-7).all(), name
+    vs = estimate("vertical_slash", X, s, g, **kw)[1]
+    vs_rows = 0.5 * (torch.softmax(X, -1) - torch.softmax(vs, -1)).abs().sum(-1)
+    assert (oracle_rows <= vs_rows + 1e-6).all()
+
+
+@pytest.mark.parametrize("nq,d,s,q_last", [(16, 16, 5, 4), (8, 8, 8, 8), (8, 16, 3, 2), (32, 32, 12, 6)])
+def test_vertical_slash_attends_to_exactly_s_keys_and_costs_its_formula(nq, d, s, q_last):
+    rng = np.random.default_rng(0)
+    X = torch.from_numpy(rng.standard_normal((3, 2, nq, d)))
+    q_pos = np.arange(d, d + nq) if nq != d else np.arange(nq)  # a prefix view, or the whole matrix
+    keep = vertical_slash_keys(X, q_pos, np.arange(d), s, q_last)
+    assert (keep.sum(-1) == s).all()
+    # the ⌈s/2⌉ verticals chosen from the last q_last softmax rows are kept in every row
+    p = torch.softmax(X[..., nq - q_last :, :], -1).sum(-2)
+    top = p.topk(-(-s // 2), dim=-1).indices
+    assert torch.gather(keep, -1, top[..., None, :].expand(-1, -1, nq, -1)).all()
+    dh = 7
+    assert cost.view_macs("vertical_slash", nq=nq, d=d, d_head=dh, s=s, q_last=q_last) == (
+        q_last * d * dh + nq * s * dh + nq * s * dh
+    )
+    # input-dependent: another input gives another pattern
+    X2 = torch.from_numpy(rng.standard_normal((3, 2, nq, d)))
+    if s < d:
+        assert not torch.equal(keep, vertical_slash_keys(X2, q_pos, np.arange(d), s, q_last))
+
+
+def test_vertical_slash_finds_a_diagonal_and_a_column():
+    """Scores with a strong sink column and a strong local diagonal: both patterns are found."""
+    n = 24
+    X = torch.full((1, n, n), -4.0, dtype=torch.float64)
+    X[..., 0] = 5.0
+    X[0, torch.arange(1, n), torch.arange(0, n - 1)] = 5.0  # offset 1
+    keep = vertical_slash_keys(X, np.arange(n), np.arange(n), 2, 6)
+    assert keep[0, :, 0].all()
+    assert all(bool(keep[0, i, i - 1]) for i in range(2, n))
+
+
+def test_sink_window_keeps_the_same_keys_for_every_input():
+    g = Geometry(np.arange(16, 32), np.arange(16))  # a prefix view
+    rng = np.random.default_rng(0)
+    masks = []
+    for seed in range(3):
+        X = torch.from_numpy(rng.standard_normal((2, 16, 16)) * (seed + 1))
+        L = estimate("sink_window", X, 6, g, q_last=4, sinks=4, pinv="exact")[1]
+        masks.append(torch.isfinite(L))
+    assert all(torch.equal(masks[0], m) for m in masks[1:])
+    assert (masks[0].sum(-1) == 6).all()
+    # sinks (at most s/2 = 3) and the keys nearest the queries: the end of the prefix
+    expect = np.zeros(16, dtype=bool)
+    expect[[0, 1, 2, 13, 14, 15]] = True
+    assert (masks[0].numpy() == expect).all()
+    # the whole matrix: a window around each query
+    w = sink_window_keys(np.arange(10), np.arange(10), 5, 1).numpy()
+    assert (w.sum(1) == 5).all() and w[:, 0].all() and w[9, [6, 7, 8, 9]].all() and w[5, [3, 4, 5, 6]].all()
+
+
+def test_topk_keys_respects_ties_and_counts():
+    X = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert topk_keys(X, 2).tolist() == [[False, True, True, False]]
+
+
+def test_cost_model():
+    n, dh = 128, 32
+    ex = cost.exact_macs(n, n, dh)
+    assert ex == 2 * n * n * dh
+    # the issue's figure: dense partial at s = 32 costs ×1.125 exact
+    assert cost.cost_share("conditional_gaussian", nq=n, d=n, d_head=dh, s=32) == pytest.approx(1.125)
+    # the factored eigenspace map (k = 16): n·s·dh + n·s·k + n·k·n + P·V
+    assert (
+        cost.view_macs("eigenspace", nq=n, d=n, d_head=dh, s=32, k=16)
+        == n * 32 * dh + n * 32 * 16 + n * 16 * n + n * n * dh
+    )
+    assert cost.view_macs("subset_only", nq=n, d=n, d_head=dh, s=16) == 2 * n * 16 * dh
+    assert cost.view_macs("topk_oracle", nq=n, d=n, d_head=dh, s=16) == cost.view_macs(
+        "sink_window", nq=n, d=n, d_head=dh, s=16
+    )
+    # nystrom with m = n is dearer than exact; with m ≪ n far cheaper
+    assert cost.cost_share("nystrom", nq=n, d=n, d_head=dh, s=n) > 1
+    assert cost.cost_share("nystrom", nq=n, d=n, d_head=dh, s=8) < 0.15
+    assert cost.family("topk_oracle") == "oracle" and cost.family("nystrom") == "peer"
+    assert cost.attention_flops_per_seq("linformer", n, 16, 2, 2, dh) == 4 * n * 16 * dh * 4
+
+
+@pytest.fixture(scope="module")
+def peer_stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peers")
+    data = low_rank_scores(30, 2, 2, 16, seed=3)
+    fit = write_store(root / "fit.zarr", data[:24])
+    held = write_store(root / "held.zarr", data[24:])
+    out = {"fit": fit, "held": held}
+    for view in ("all", "prefix"):
+        run_rows([fit], root / f"{view}-rows.zarr", view, ("raw",), 2)
+        out[view] = str(root / f"{view}-rows.zarr")
+    mods = [{"softcap": None, "position_bias": True, "sinks": False}] * 2
+    out["held_bias"] = write_store(root / "held-bias.zarr", data[24:], modifiers=mods)
+    return out
+
+
+@pytest.mark.parametrize("view", ["all", "prefix"])
+def test_peers_in_the_reconstruction_table(peer_stores, view):
+    settings = Reconstruction(
+        estimators=("conditional_gaussian", "subset_only"),
+        strategies=("strided",),
+        subset_sizes=(2, 6, 8),
+        **EVAL,
+        peers=("nystrom", "topk_oracle", "vertical_slash", "sink_window"),
+    )
+    df = evaluate_view(
+        peer_stores[view], [peer_stores["held"]], settings, fit_shards=[peer_stores["fit"]], progress=False
+    )
+    peers = df[df.family.isin(["peer", "oracle"])]
+    assert set(peers.estimator) == {"nystrom", "topk_oracle", "vertical_slash", "sink_window"}
+    assert set(peers.split) == {"fit", "heldout"} and set(peers.strategy) == {"-"}
+    assert len(peers) == 2 * 2 * 2 * 4 * 3  # splits × layers × heads × peers × s
+    assert set(df[df.estimator == "topk_oracle"].family) == {"oracle"}
+    sparse = peers[peers.estimator != "nystrom"]
+    nq = 16 if view == "all" else 8
+    assert sparse.tv.between(0, 1).all() and np.isinf(sparse.kl).any()
+    assert peers[peers.subset_size < nq].rel_error.isna().all()  # s = d keeps every score: exact
+    # nystrom's P̂ is no distribution (entries can be negative), so its TV is not bounded by 1
+    assert (peers[peers.estimator == "nystrom"].tv >= 0).all()
+    for r in df.drop_duplicates(["estimator", "subset_size"]).itertuples():
+        k = r.k if r.estimator == "eigenspace" else 0
+        assert r.attn_macs == cost.view_macs(
+            r.estimator, nq=nq, d=nq, d_head=8, s=r.subset_size, k=k, q_last=min(16, nq)
+        )
+    held = df[df.split == "heldout"].groupby(["estimator", "subset_size", "layer", "head"]).tv.first()
+    for s in (2, 6, 8):
+        for m in ("vertical_slash", "sink_window", "subset_only"):
+            name = (m, s) if m != "subset_only" else ("subset_only", s)
+            assert (held.loc["topk_oracle", s] <= held.loc[name] + 1e-6).all(), (m, s)
+    # nystrom at m = d is exact attention: TV ≈ 0
+    full = df[(df.estimator == "nystrom") & (df.subset_size == 8) & (df.split == "heldout")]
+    if view == "prefix":
+        assert full.tv.max() < 1e-5 and (full.top1 == 1).all()
+
+
+def test_nystrom_is_refused_or_skipped_on_biased_scores(peer_stores):
+    kw = {"estimators": ("mean",), "strategies": ("strided",), "subset_sizes": (2,), **EVAL}
+    explicit = Reconstruction(**kw, peers=("nystrom", "sink_window"), peers_explicit=True)
+    with pytest.raises(ConfigError, match="reconstruction.peers.*position bias"):
+        evaluate_view(peer_stores["all"], [peer_stores["held_bias"]], explicit, progress=False)
+    auto = Reconstruction(**kw, peers=("nystrom", "sink_window"), peers_explicit=False)
+    df = evaluate_view(peer_stores["all"], [peer_stores["held_bias"]], auto, progress=False)
+    assert "nystrom" not in set(df.estimator) and "sink_window" in set(df.estimator)
+
+
+def test_a_peer_larger_than_the_view_is_refused(peer_stores):
+    bad = Reconstruction(estimators=("mean",), strategies=("strided",), subset_sizes=(9,), **EVAL, peers=("nystrom",))
+    with pytest.raises(ConfigError, match="subset"):
+        evaluate_view(peer_stores["prefix"], [peer_stores["held"]], bad, progress=False)
