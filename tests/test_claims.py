@@ -214,18 +214,19 @@ def test_c2_independent_subspaces_not_supported(tmp_path, same, state):
     assert {r["state"] for r in rows} == {state}
 
 
-def _recon_csv(root, name, data):
+def _recon_csv(root, name, data, peers=(), subset_sizes=(4,)):
     fit = write_store(root / f"{name}-fit.zarr", data[:24], batch=4, model=name)
     held = write_store(root / f"{name}-held.zarr", data[24:], batch=4, model=name)
     run_rows([fit], root / f"{name}-rows.zarr", "all", ("raw",), 2)
     settings = Reconstruction(
         estimators=("eigenspace", "conditional_gaussian", "mean", "subset_only"),
         strategies=("strided", "random"),
-        subset_sizes=(4,),
+        subset_sizes=subset_sizes,
         ridge=1e-6,
         rank=0.5,
         seed=0,
         eval_rows=None,
+        peers=peers,
     )
     df = evaluate_view(root / f"{name}-rows.zarr", [held], settings, fit_shards=[fit], progress=False)
     p = root / f"{name}-recon.csv"
@@ -247,6 +248,114 @@ def test_c3_no_structure_beyond_the_mean_is_not_supported(tmp_path):
     low = c3_rows([_recon_csv(tmp_path, "low", low_rank_scores(32, 2, 3, 16, rank=2, seed=5))], [], CFG)
     assert {r["state"] for r in low} == {"supported"}
     assert all(r["method"].split("/")[0] in ("eigenspace", "conditional_gaussian") for r in low)
+
+
+PEERS = ("nystrom", "topk_oracle", "vertical_slash", "sink_window")
+
+
+def _peer_rows(rows):
+    return [r for r in rows if "best peer" in r["scope"]], [r for r in rows if "oracle" in r["scope"]]
+
+
+def test_c3_a_local_pattern_makes_the_paper_method_lose_to_a_peer(tmp_path):
+    """Each query attends to its neighbours with an input-dependent strength: one linear map per
+    head cannot know where a row's peak is, a local window can. The row must say "not supported"."""
+    rng = np.random.default_rng(7)
+    n = 16
+    near = (np.abs(np.arange(n)[:, None] - np.arange(n)[None, :]) <= 1).astype(np.float32)
+    height = rng.uniform(4, 8, size=(32, 2, 3, n, 1)).astype(np.float32)
+    data = 0.3 * rng.standard_normal((32, 2, 3, n, n)).astype(np.float32) + height * near
+    rows = c3_rows([_recon_csv(tmp_path, "local", data, PEERS, (4, 6))], [], CFG)
+    vs_peer, oracle = _peer_rows(rows)
+    assert len(vs_peer) == 1 and vs_peer[0]["state"] == "not supported", vs_peer
+    assert "at ≤ its cost" in vs_peer[0]["scope"] and vs_peer[0]["s"] == 4
+    assert len(oracle) == 1 and oracle[0]["state"] == "reference" and oracle[0]["value"] > 0
+
+
+def test_c3_low_rank_rows_make_the_paper_method_beat_the_peers(tmp_path):
+    rows = c3_rows([_recon_csv(tmp_path, "low", low_rank_scores(32, 2, 3, 16, rank=2, seed=5), PEERS, (4, 6))], [], CFG)
+    vs_peer, _ = _peer_rows(rows)
+    assert len(vs_peer) == 1 and vs_peer[0]["state"] == "supported", vs_peer
+
+
+def test_c3_versus_peer_rows_judge_the_plugin_too(tmp_path):
+    """Plug-in rows: a peer with less damage at lower cost makes the paper's row "not supported"."""
+    common = {"model": "m", "strategy": "-", "metric": "perplexity", "exact_value": 10.0}
+    recs = [
+        {
+            **common,
+            "estimator": "conditional_gaussian",
+            "strategy": "pivoted_qr",
+            "subset_size": 16,
+            "value": 13.0,
+            "ratio": 1.3,
+            "family": "paper",
+            "attn_macs": 900,
+            "cost_share": 0.9,
+        },
+        {
+            **common,
+            "estimator": "subset_only",
+            "strategy": "pivoted_qr",
+            "subset_size": 16,
+            "value": 20.0,
+            "ratio": 2.0,
+            "family": "baseline",
+            "attn_macs": 300,
+            "cost_share": 0.3,
+        },
+        {
+            **common,
+            "estimator": "mean",
+            "strategy": "pivoted_qr",
+            "subset_size": 16,
+            "value": 15.0,
+            "ratio": 1.5,
+            "family": "baseline",
+            "attn_macs": 600,
+            "cost_share": 0.6,
+        },
+        {
+            **common,
+            "estimator": "sink_window",
+            "subset_size": 32,
+            "value": 11.0,
+            "ratio": 1.1,
+            "family": "peer",
+            "attn_macs": 600,
+            "cost_share": 0.6,
+        },
+        {
+            **common,
+            "estimator": "topk_oracle",
+            "subset_size": 16,
+            "value": 10.5,
+            "ratio": 1.05,
+            "family": "oracle",
+            "attn_macs": 300,
+            "cost_share": 0.3,
+        },
+        {
+            **common,
+            "estimator": "nystrom",
+            "subset_size": 64,
+            "value": 10.2,
+            "ratio": 1.02,
+            "family": "peer",
+            "attn_macs": 1200,
+            "cost_share": 1.2,
+        },
+    ]
+    p = tmp_path / "plugin.csv"
+    pd.DataFrame(recs).to_csv(p, index=False)
+    rows = c3_rows([], [p], CFG)
+    vs_peer = [r for r in rows if "best peer" in r["scope"]]
+    assert len(vs_peer) == 1 and vs_peer[0]["state"] == "not supported"
+    assert "sink_window s=32" in vs_peer[0]["scope"]  # nystrom is better but dearer: not a candidate
+    assert [r["state"] for r in rows if "oracle" in r["scope"]] == ["reference"]
+    # the same peer with more damage than the method: supported
+    pd.DataFrame([{**r, "ratio": 1.6} if r["estimator"] == "sink_window" else r for r in recs]).to_csv(p, index=False)
+    assert [r["state"] for r in c3_rows([], [p], CFG) if "best peer" in r["scope"]] == ["supported"]
 
 
 def _finals(root, accs, losses, unigram_acc=0.05, entropy=7.0, tokens=5000, mode="scratch", shuffled=0.06):

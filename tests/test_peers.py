@@ -267,3 +267,79 @@ def test_a_peer_larger_than_the_view_is_refused(peer_stores):
     bad = Reconstruction(estimators=("mean",), strategies=("strided",), subset_sizes=(9,), **EVAL, peers=("nystrom",))
     with pytest.raises(ConfigError, match="subset"):
         evaluate_view(peer_stores["prefix"], [peer_stores["held"]], bad, progress=False)
+
+
+# ------------------------------------------------------------------ inside the pretrained models
+
+N_TOK = 24
+
+
+@pytest.fixture(scope="module", params=["minilm", "smollm2"])
+def real_models(request, resources):
+    from transformers import AutoModel
+
+    from eigenattn.reconstruction.partial import register
+
+    path = resources / "models" / request.param
+    eager = AutoModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(path, attn_implementation=register(), dtype=torch.float32).eval()
+    return request.param, eager, model, request.param == "smollm2"
+
+
+def specs(model, causal, method, s):
+    from eigenattn.reconstruction.partial import attention_modules
+    from eigenattn.reconstruction.peer_attention import PeerSpec
+
+    n = N_TOK
+    qr, kr = ((n // 2, n), (0, n // 2)) if causal else ((0, n), (0, n))
+    kw = {"seq_len": n, "query_range": qr, "key_range": kr, "causal": causal, "q_last": 4, "sinks": 2, "pinv": "exact"}
+    return {layer: PeerSpec(method, s, **kw) for layer in attention_modules(model)}
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("method", ["nystrom", "topk_oracle", "vertical_slash", "sink_window"])
+def test_every_peer_with_all_keys_is_exact_attention_inside_the_model(real_models, method):
+    from eigenattn.reconstruction.partial import attach_peers, detach
+
+    name, eager, model, causal = real_models
+    x = torch.from_numpy(np.random.default_rng(0).integers(100, 1000, size=(2, N_TOK)))
+    want = eager(input_ids=x).last_hidden_state
+    d = N_TOK // 2 if causal else N_TOK
+    attach_peers(model, specs(model, causal, method, d))
+    try:
+        got = model(input_ids=x).last_hidden_state
+    finally:
+        detach(model)
+    assert (got - want).abs().max().item() <= 1e-4, name
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("method", ["nystrom", "topk_oracle", "vertical_slash", "sink_window"])
+def test_peers_inside_the_model_change_only_the_view(real_models, method):
+    from eigenattn.reconstruction.partial import attach_peers, detach
+
+    name, eager, model, causal = real_models
+    x = torch.from_numpy(np.random.default_rng(1).integers(100, 1000, size=(2, N_TOK)))
+    want = eager(input_ids=x, output_attentions=True).attentions
+    s = 4
+    attach_peers(model, specs(model, causal, method, s))
+    try:
+        out = model(input_ids=x, output_attentions=True)
+    finally:
+        detach(model)
+    n = N_TOK
+    q0, k1 = (n // 2, n // 2) if causal else (0, n)
+    for w_peer, w_exact in zip(out.attentions, want):
+        assert torch.isfinite(w_peer).all()
+        np.testing.assert_allclose(w_peer[:, :, :q0].numpy(), w_exact[:, :, :q0].numpy(), atol=1e-5)
+        # nystrom's rows sum to 1 only up to its float32 pseudo-inverse
+        np.testing.assert_allclose(w_peer.sum(-1).numpy(), 1.0, atol=1e-2 if method == "nystrom" else 1e-5)
+        block = w_peer[:, :, q0:, :k1]
+        if method != "nystrom":
+            kept = (block > 0).sum(-1)  # a kept key's weight can underflow to 0 in float32
+            assert (kept <= s).all() and (kept == s).float().mean() > 0.9, (name, method)
+            if causal:  # the keys after the view stay exact up to the view's weight
+                rest_p, rest_e = w_peer[:, :, q0:, k1:], w_exact[:, :, q0:, k1:]
+                ratio = rest_p.sum(-1) / rest_e.sum(-1)
+                np.testing.assert_allclose((rest_p / ratio[..., None]).numpy(), rest_e.numpy(), atol=1e-5)
+    assert (out.last_hidden_state - eager(input_ids=x).last_hidden_state).abs().max() > 1e-3

@@ -89,6 +89,7 @@ def model(variant="exact", s=4, seed=0, positions="rotary"):
         **MAPS,
         rank=0.5,
         seed=0,
+        pinv="exact",
     )
     return m
 
@@ -101,7 +102,7 @@ def batch(seed=0):
 
 
 TOK = {"special_ids": [0, 1, 2, 3, 4], "vocab_size": 50, "mask_id": 4}
-VARIANTS = ["exact", "partial_fixed", "partial_learned", "subset_only", "linformer"]
+VARIANTS = ["exact", "partial_fixed", "partial_learned", "subset_only", "linformer", "nystrom"]
 
 
 def _qk_grads(mod):
@@ -148,6 +149,10 @@ def test_attention_mask_is_honoured(variant, positions):
     mask[:, :, :, 5] = torch.finfo(torch.float32).min  # key 5 masked
     if variant == "linformer":
         with pytest.raises(InputError, match="cannot apply a padding or causal mask"):
+            partial_attention_forward(mod, q, k, v, mask)
+        return
+    if variant == "nystrom":  # its landmarks mix every key: a hidden key is refused, not dropped
+        with pytest.raises(InputError, match="mask hides keys of the view"):
             partial_attention_forward(mod, q, k, v, mask)
         return
     out, w = partial_attention_forward(mod, q, k, v, mask)
@@ -250,6 +255,44 @@ def test_same_seed_same_metrics(tokenizer, tmp_path):
     assert (tmp_path / "a" / "model" / "config.json").is_file()
     c = run(tmp_path / "c", **{**kw, "seed": 4})
     assert c["heldout_loss"] != a["heldout_loss"]
+
+
+def test_nystrom_trains_and_resumes_from_a_checkpoint(tokenizer, tmp_path, monkeypatch):
+    """The Nyström variant learns, and a run that dies after its step-10 checkpoint resumes from it
+    to the same metrics as an uninterrupted run."""
+    import eigenattn.training.loop as loop
+
+    tok, windows = tokenizer
+    kw = dict(
+        mode="scratch",
+        variant="nystrom",
+        s=8,
+        seed=3,
+        settings=replace(TRAINING, seq_len=32, data_seed=0, steps=30, pinv="exact"),
+        tokenizer_dir=tok,
+        windows=windows,
+        progress=False,
+    )
+    a = run(tmp_path / "a", **kw)
+    ma = pd.read_csv(tmp_path / "a" / "metrics.csv")
+    assert ma.train_loss.iloc[-1] < ma.train_loss.iloc[0] - 0.1 and np.isfinite(a["heldout_loss"])
+    real, calls = loop.evaluate, []
+
+    def dies_at_the_second_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", dies_at_the_second_evaluation)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path / "b", **kw)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 10
+    monkeypatch.setattr(loop, "evaluate", real)
+    b = run(tmp_path / "b", **kw)
+    mb = pd.read_csv(tmp_path / "b" / "metrics.csv")
+    pd.testing.assert_frame_equal(ma.drop(columns="step_time_ms"), mb.drop(columns="step_time_ms"), atol=1e-5)
+    assert b["heldout_mlm_acc"] == pytest.approx(a["heldout_mlm_acc"], abs=1e-6)
 
 
 def test_sigkill_resumes_from_checkpoint(tmp_path, resources):

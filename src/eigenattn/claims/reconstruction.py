@@ -10,6 +10,7 @@ from scipy import stats as sps
 from eigenattn.claims.verdicts import BASELINES, iqr, make_row, nearest_measured
 from eigenattn.config.settings import ClaimThresholds
 from eigenattn.errors import InputError
+from eigenattn.reconstruction.cost import ORACLES, PAPER, PEERS
 from eigenattn.training.stats import accuracy_difference, learned_margins, order_gain
 
 # --------------------------------------------------------------------------------------------- C3
@@ -39,17 +40,108 @@ def paired_gain(best: pd.DataFrame, base: pd.DataFrame) -> tuple[float, float, f
     return float(np.nanmedian(rel)), float(np.mean(diff > 0)), p
 
 
+def _judge(better: tuple, worse: tuple, t: ClaimThresholds) -> bool:
+    """One side wins when its per-head gain passes the C3 rule (Wilcoxon p < c3_alpha, median gain ≥ c3_min_gain)."""
+    gain, _, p = better
+    return p < t.c3_alpha and gain >= t.c3_min_gain
+
+
+def peer_rows(df: pd.DataFrame, path, model, view, sz, be, bs, t: ClaimThresholds) -> list[dict]:
+    """The fit-chosen paper method at s = sz against the best non-oracle peer whose cost is at most
+    its own (the peer chosen on the fit split too), per head on held-out rows; and how far the method
+    is from the top-k oracle at the same s (a reference row)."""
+    if "attn_macs" not in df.columns or not df.estimator.isin(PEERS).any():
+        return []
+    out = []
+    mine = df[(df.estimator == be) & (df.strategy == bs) & (df.subset_size == sz)]
+    budget = float(mine.attn_macs.iloc[0])
+    exact_share = float(mine.cost_share.iloc[0])
+    held = df[df.split == "heldout"]
+    best = held.loc[mine.index.intersection(held.index)]
+    peers = df[df.estimator.isin(PEERS) & ~df.estimator.isin(ORACLES) & (df.attn_macs <= budget)]
+    scope = f"held-out rows, vs the best peer at ≤ its cost ({exact_share:.2f} of exact)"
+    common = {"model": model, "view": view, "s": sz, "method": f"{be}/{bs}"}
+    quantity = "median TV over heads, paper method vs best peer at equal or lower cost"
+    fit = peers[peers.split == "fit"]
+    if not len(fit):
+        out.append(
+            make_row(
+                "C3",
+                path,
+                **common,
+                scope=scope,
+                quantity=quantity,
+                value=float(best.tv.median()),
+                spread="no peer was measured at or below this cost",
+                state="inconclusive",
+                verdict="no peer costs as little as this method, so none can be compared at equal cost",
+                caveat="",
+            )
+        )
+    else:
+        pe, ps = fit.groupby(["estimator", "subset_size"]).tv.median().idxmin()
+        peer = held[(held.estimator == pe) & (held.subset_size == ps)]
+        pshare = float(peer.cost_share.iloc[0])
+        mine_wins, peer_wins = paired_gain(best, peer), paired_gain(peer, best)
+        if _judge(mine_wins, peer_wins, t):
+            state, verdict = "supported", f"beats {pe} at equal or lower cost"
+        elif _judge(peer_wins, mine_wins, t):
+            state, verdict = "not supported", f"{pe} (s={ps}) is better at equal or lower cost"
+        else:
+            state, verdict = (
+                "inconclusive",
+                f"neither is clearly better (needs p < {t.c3_alpha:g} and a median gain ≥ {t.c3_min_gain:.0%})",
+            )
+        q25, q50, q75 = iqr(best.tv)
+        out.append(
+            make_row(
+                "C3",
+                path,
+                **common,
+                scope=f"{scope}: {pe} s={ps} ({pshare:.2f} of exact)",
+                quantity=quantity,
+                value=q50,
+                spread=f"IQR {q25:.3f}–{q75:.3f}; {pe} s={ps} {peer.tv.median():.3f}; method's median gain "
+                f"{mine_wins[0]:+.0%} ({mine_wins[1]:.0%} of heads better, p={mine_wins[2]:.1g}), peer's "
+                f"{peer_wins[0]:+.0%} (p={peer_wins[2]:.1g})",
+                state=state,
+                verdict=verdict,
+                caveat="costs in multiply-adds of the view block (docs/method.md, Peers at equal cost); the peer "
+                "is the one with the lowest fit-split TV among those at or below the method's cost",
+            )
+        )
+    oracle = held[(held.estimator.isin(ORACLES)) & (held.subset_size == sz)]
+    if len(oracle):
+        j = best.set_index(["layer", "head"]).tv.sub(oracle.set_index(["layer", "head"]).tv).dropna()
+        q25, q50, q75 = iqr(j)
+        out.append(
+            make_row(
+                "C3",
+                path,
+                **common,
+                scope=f"held-out rows, distance to the top-{sz} oracle (a bound, not a method)",
+                quantity="median over heads of TV(method) − TV(topk_oracle)",
+                value=q50,
+                spread=f"IQR {q25:.3f}–{q75:.3f}; oracle's median TV {oracle.tv.median():.3f}",
+                state="reference",
+                verdict="how much of the best s-key sparse attention's accuracy the method reaches",
+                caveat="the oracle keeps each row's s largest scores, which needs every score",
+            )
+        )
+    return out
+
+
 def c3_rows(recon, plugin, thresholds: ClaimThresholds) -> list[dict]:
-    """Best method (chosen on the fit split) against subset_only and mean, on held-out rows and in
-    the plug-in evaluation."""
+    """Best method (chosen on the fit split) against subset_only and mean, and against the best
+    peer at equal or lower cost, on held-out rows and in the plug-in evaluation."""
     out = []
     chosen = {}
     for p in recon:
-        df = pd.read_csv(p)
-        df = df[df.basis_source == "same"]
-        sz = nearest_measured(df.subset_size, thresholds.s_report)
-        df = df[df.subset_size == sz]
-        ests = [e for e in df.estimator.unique() if e not in BASELINES]
+        whole = pd.read_csv(p)
+        whole = whole[whole.basis_source == "same"]
+        sz = nearest_measured(whole.subset_size, thresholds.s_report)
+        df = whole[whole.subset_size == sz]
+        ests = [e for e in df.estimator.unique() if e in PAPER]
         if not ests:
             continue
         model, view = df.model.iloc[0], df.view.iloc[0]
@@ -88,13 +180,14 @@ def c3_rows(recon, plugin, thresholds: ClaimThresholds) -> list[dict]:
                     caveat=f"s = {sz} of the view's keys computed per row",
                 )
             )
+        out += peer_rows(whole, p, model, view, sz, be, bs, thresholds)
     for p in plugin:
         pl = pd.read_csv(p)
         sz = nearest_measured(pl.subset_size, thresholds.s_report)
         x = pl[pl.subset_size == sz]
         model, metric = x.model.iloc[0], x.metric.iloc[0]
         pick = [key for key in chosen if key[0] == model and key[2] == sz]
-        cands = x[~x.estimator.isin(BASELINES)]
+        cands = x[x.estimator.isin(PAPER)]
         if pick:
             be, bs = chosen[pick[0]]
             sel = cands[(cands.estimator == be) & (cands.strategy == bs)]
@@ -131,6 +224,72 @@ def c3_rows(recon, plugin, thresholds: ClaimThresholds) -> list[dict]:
                         else "one evaluation set, no interval; no fit-split choice for this view",
                     )
                 )
+            out += plugin_peer_rows(pl, p, r, sz, damage, thresholds)
+    return out
+
+
+def plugin_peer_rows(pl: pd.DataFrame, path, r, sz, damage, t: ClaimThresholds) -> list[dict]:
+    """A paper method inside the model (plug-in row ``r``) against the best non-oracle peer at equal
+    or lower cost, and against the top-k oracle at the same s (reference)."""
+    if "attn_macs" not in pl.columns or not pl.estimator.isin(PEERS).any():
+        return []
+    metric = pl.metric.iloc[0]
+    show = (lambda x: float(x.ratio)) if metric == "perplexity" else (lambda x: float(x.value))
+    quantity = "perplexity / exact" if metric == "perplexity" else "embedding cosine to exact"
+    common = {"model": r.model, "view": "plug-in", "s": sz, "method": f"{r.estimator}/{r.strategy}"}
+    peers = pl[pl.estimator.isin(PEERS) & ~pl.estimator.isin(ORACLES) & (pl.attn_macs <= r.attn_macs)]
+    out = []
+    if not len(peers):
+        state, verdict, spread, scope = (
+            "inconclusive",
+            "no peer costs as little as this method, so none can be compared at equal cost",
+            "no peer was measured at or below this cost",
+            f"plug-in, vs the best peer at ≤ its cost ({r.cost_share:.2f} of exact)",
+        )
+    else:
+        b = min(peers.itertuples(), key=damage)
+        dm, dp = damage(r), damage(b)
+        if dp > 0 and 1 - dm / dp >= t.c3_min_gain:
+            state, verdict = "supported", f"less damage than {b.estimator} at equal or lower cost"
+        elif dm > 0 and 1 - dp / dm >= t.c3_min_gain:
+            state = "not supported"
+            verdict = f"{b.estimator} (s={b.subset_size}) does less damage at equal or lower cost"
+        else:
+            state, verdict = "inconclusive", f"within {t.c3_min_gain:.0%} of each other's damage"
+        spread = f"{b.estimator} s={b.subset_size}: {show(b):.3f} ({b.cost_share:.2f} of exact)"
+        scope = (
+            f"plug-in, vs the best peer at ≤ its cost ({r.cost_share:.2f} of exact): {b.estimator} s={b.subset_size}"
+        )
+    out.append(
+        make_row(
+            "C3",
+            path,
+            **common,
+            scope=scope,
+            quantity=quantity,
+            value=show(r),
+            spread=spread,
+            state=state,
+            verdict=verdict,
+            caveat="one evaluation set, no interval; the peer is the best on this same set, which favours the peer",
+        )
+    )
+    oracle = pl[pl.estimator.isin(ORACLES) & (pl.subset_size == sz)]
+    for o in oracle.itertuples():
+        out.append(
+            make_row(
+                "C3",
+                path,
+                **common,
+                scope=f"plug-in, the top-{sz} oracle (a bound, not a method)",
+                quantity=quantity,
+                value=show(o),
+                spread=f"method {show(r):.3f}",
+                state="reference",
+                verdict="the best s-key sparse attention inside the model",
+                caveat="the oracle keeps each row's s largest scores, which needs every score",
+            )
+        )
     return out
 
 

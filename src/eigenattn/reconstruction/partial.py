@@ -31,6 +31,7 @@ from eigenattn.capture.attention import expand_heads, finish_attention
 from eigenattn.capture.interface import IGNORED_KWARGS, check_kwargs, register_backend
 from eigenattn.errors import ConfigError, InputError
 from eigenattn.reconstruction.estimators import fit_heads
+from eigenattn.reconstruction.peer_attention import PEER_ATTR, PeerSpec, peer_attention
 
 PARTIAL_IMPL = "partial"
 ATTR = "eigenattn_partial"
@@ -170,6 +171,9 @@ def partial_attention_forward(module, query, key, value, attention_mask, scaling
     # Softcapping, position biases and sinks are not implemented here: refuse them, never drop them.
     check_kwargs(module, kwargs, IGNORED_KWARGS, PARTIAL_IMPL)
     key, value, scaling = expand_heads(query, key, value, scaling)
+    peer = getattr(module, PEER_ATTR, None)
+    if peer is not None:
+        return peer_attention(module, query, key, value, attention_mask, scaling, dropout, peer)
     pm = getattr(module, ATTR, None)
     lf = getattr(module, LINFORMER_ATTR, None)
     mask = attention_mask
@@ -251,10 +255,26 @@ def attach(model, maps: dict[int, PartialMap]) -> list[int]:
 
 
 def detach(model) -> None:
-    """Remove every map: the model runs exact attention again."""
+    """Remove every map and peer: the model runs exact attention again."""
     for mod in attention_modules(model).values():
-        if hasattr(mod, ATTR):
-            delattr(mod, ATTR)
+        for attr in (ATTR, PEER_ATTR):
+            if hasattr(mod, attr):
+                delattr(mod, attr)
+
+
+def attach_peers(model, specs: dict[int, PeerSpec]) -> list[int]:
+    """Run the view of each layer in ``specs`` with its peer (replacing any map); others stay as they are."""
+    mods = attention_modules(model)
+    bad = sorted(set(specs) - set(mods))
+    if bad:
+        raise InputError(
+            "peers",
+            f"layers {bad} are not attention layers of this model (it has {sorted(mods)})",
+            "attach peers to this model's analysed layers",
+        )
+    for i, spec in specs.items():
+        setattr(mods[i], PEER_ATTR, spec)
+    return sorted(specs)
 
 
 def detach_all(model) -> None:

@@ -21,14 +21,28 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from eigenattn.capture.probe import model_class
 from eigenattn.config.settings import Plugin
-from eigenattn.reconstruction.estimators import check_method
-from eigenattn.reconstruction.partial import attach, detach, maps_from_stats, register
+from eigenattn.reconstruction.cost import cost_share, family, view_macs
+from eigenattn.reconstruction.estimators import check_method, eigenspace_rank
+from eigenattn.reconstruction.partial import attach, attach_peers, detach, maps_from_stats, register
+from eigenattn.reconstruction.peer_attention import PeerSpec
 from eigenattn.spectra.stores import RowStats
 from eigenattn.storage.store import open_store
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["model", "estimator", "strategy", "subset_size", "metric", "value", "exact_value", "ratio"]
+COLUMNS = [
+    "model",
+    "estimator",
+    "strategy",
+    "subset_size",
+    "metric",
+    "value",
+    "exact_value",
+    "ratio",
+    "family",
+    "attn_macs",
+    "cost_share",
+]
 
 
 def heldout_ids(shards, n_sequences: int | None) -> np.ndarray:
@@ -95,13 +109,31 @@ def plugin_eval(
     if stats.causal:
         exact_ppl = float(np.exp(exact[0] / exact[1]))
         log.info("exact perplexity (targets from queries %d..): %.3f", q0, exact_ppl)
+    ps = settings.peer_settings
+    nq, d = stats.query_range[1] - stats.query_range[0], stats.d
+    d_head = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+
+    def peer_specs(method, s):
+        kw = {"seq_len": stats.seq_len, "query_range": stats.query_range, "key_range": stats.key_range}
+        return {
+            layer: PeerSpec(
+                method, s, **kw, causal=stats.causal, q_last=ps.q_last, sinks=ps.sinks, pinv=ps.pinv, key=ps.key
+            )
+            for layer in stats.layers
+        }
+
+    for m in ps.methods:
+        for s in subset_sizes:
+            peer_specs(m, s)  # refuses a peer that cannot run on this view before any forward pass
     records = []
     grid = [(e, st, s) for s in subset_sizes for st in strategies for e in estimators]
+    grid += [(m, "-", s) for s in subset_sizes for m in ps.methods]
     for est, st, s in tqdm(grid, desc=f"plug-in {stats.model}", disable=not progress):
-        attach(
-            model,
-            {k: v.to(device) for k, v in maps_from_stats(stats, est, st, s, ridge=ridge, rank=rank, seed=seed).items()},
-        )
+        if st == "-":
+            attach_peers(model, peer_specs(est, s))
+        else:
+            maps = maps_from_stats(stats, est, st, s, ridge=ridge, rank=rank, seed=seed)
+            attach(model, {k: v.to(device) for k, v in maps.items()})
         out = _outputs(model, ids, stats.causal, q0, batch_size)
         detach(model)
         if stats.causal:
@@ -110,8 +142,19 @@ def plugin_eval(
         else:
             value = float(torch.nn.functional.cosine_similarity(out, exact, dim=-1).mean())
             rec = ("embedding_cosine", value, 1.0, value)
+        k = eigenspace_rank(s, d, rank) if est == "eigenspace" else 0
+        kw = {"nq": nq, "d": d, "d_head": int(d_head), "s": s, "k": k, "q_last": min(ps.q_last, nq)}
         records.append(
-            {"model": stats.model, "estimator": est, "strategy": st, "subset_size": s, **dict(zip(COLUMNS[4:], rec))}
+            {
+                "model": stats.model,
+                "estimator": est,
+                "strategy": st,
+                "subset_size": s,
+                **dict(zip(COLUMNS[4:8], rec)),
+                "family": family(est),
+                "attn_macs": view_macs(est, **kw),
+                "cost_share": cost_share(est, **kw),
+            }
         )
         log.info("%s %s s=%d: %s %.4f (ratio %.4f)", est, st, s, rec[0], rec[1], rec[3])
     return pd.DataFrame.from_records(records, columns=COLUMNS)

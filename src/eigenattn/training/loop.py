@@ -108,6 +108,7 @@ def _build_model(mode, variant, s, seed, settings: Training, vocab_size, stats, 
         ridge=settings.ridge,
         rank=settings.eigenspace_rank,
         seed=seed,
+        pinv=settings.pinv,
     )
     return model
 

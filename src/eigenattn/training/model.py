@@ -16,7 +16,11 @@ Variants differ only in attention:
   analysis of the trained ``exact`` model, frozen;
 - ``partial_learned``: the same, with ``W`` and ``b`` trained (initialised as in ``partial_fixed``);
 - ``subset_only``: attention restricted to ``T`` (sparse attention, the control);
-- ``linformer``: keys and values projected along the sequence to ``s`` rows by learned ``E, F``.
+- ``linformer``: keys and values projected along the sequence to ``s`` rows by learned ``E, F``;
+- ``nystrom``: Nyströmformer's attention with ``s`` landmarks (segment means of Q and K), no
+  parameters of its own (``reconstruction.nystrom_pinv`` chooses the pseudo-inverse).
+
+Their cost is :func:`eigenattn.reconstruction.cost.attention_flops_per_seq`.
 """
 
 from __future__ import annotations
@@ -29,15 +33,20 @@ from transformers import AutoModel, BertConfig, ModernBertConfig
 from eigenattn.config.schema import enum
 from eigenattn.config.settings import EncoderModel
 from eigenattn.errors import InputError
+from eigenattn.reconstruction.cost import attention_flops_per_seq
 from eigenattn.reconstruction.estimators import check_method
 from eigenattn.reconstruction.partial import (
     LINFORMER_ATTR,
     Linformer,
     attach,
+    attach_peers,
     attention_modules,
     maps_from_stats,
     register,
 )
+from eigenattn.reconstruction.peer_attention import PeerSpec
+
+__all__ = ["MLM", "MODES", "VARIANTS", "attach_variant", "attention_flops_per_seq", "encoder_config"]
 
 VARIANTS = ("exact", *enum("training.variants"))
 MODES = enum("training.modes")
@@ -107,6 +116,7 @@ def attach_variant(
     ridge: float,
     rank: float,
     seed: int,
+    pinv: str | None = None,
 ) -> None:
     """Give every attention layer of the encoder the variant's attention (``stats``: a RowStats of the
     trained exact model's ``all`` view, for the variants that fit T, W, b on it)."""
@@ -116,6 +126,11 @@ def attach_variant(
     if variant == "linformer":
         for mod in mods.values():
             setattr(mod, LINFORMER_ATTR, Linformer(seq_len, s))
+        return
+    if variant == "nystrom":
+        kw = {"seq_len": seq_len, "query_range": (0, seq_len), "key_range": (0, seq_len), "causal": False}
+        spec = PeerSpec("nystrom", s, **kw, q_last=1, sinks=0, pinv=pinv, key="training.subset_sizes")
+        attach_peers(model.encoder, {layer: spec for layer in mods})
         return
     if stats is None:
         raise InputError(
@@ -142,16 +157,3 @@ def attach_variant(
         stats, est, strategy, s, ridge=ridge, rank=rank, seed=seed, trainable=variant == "partial_learned"
     )
     attach(model.encoder, maps)
-
-
-def attention_flops_per_seq(variant: str, n: int, s: int, layers: int, heads: int, d_head: int) -> int:
-    """Multiply-adds of scores and P·V per sequence, summed over layers (as the method defines them)."""
-    if variant == "exact":
-        per = 2 * n * n * d_head
-    elif variant == "partial_fixed" or variant == "partial_learned":
-        per = n * s * d_head + n * s * n + n * n * d_head
-    elif variant == "subset_only":
-        per = 2 * n * s * d_head
-    else:  # linformer: E K, F V, Q K'ᵀ, P V'
-        per = 4 * n * s * d_head
-    return int(per * heads * layers)
