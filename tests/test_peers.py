@@ -310,7 +310,8 @@ def test_every_peer_with_all_keys_is_exact_attention_inside_the_model(real_model
         got = model(input_ids=x).last_hidden_state
     finally:
         detach(model)
-    assert (got - want).abs().max().item() <= 1e-4, name
+    # relative to the hidden states' scale (smollm2's reach ~1e2); nystrom at m = d is A·pinv(A)·A in float32
+    assert (got - want).abs().max().item() <= 1e-4 + 1e-5 * want.abs().max().item(), name
 
 
 @torch.inference_mode()

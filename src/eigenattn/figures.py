@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from eigenattn.claims.verdicts import iqr  # noqa: F401  (the notebooks read it from here)
+from eigenattn.reconstruction.cost import family
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -20,7 +21,33 @@ METHOD_COLORS = {
     "partial_fixed": "C0",
     "partial_learned": "C4",
     "linformer": "C1",
+    "nystrom": "C5",
+    "vertical_slash": "C6",
+    "sink_window": "C8",
+    "topk_oracle": "0.45",
 }
+STRATEGY_STYLES = {"pivoted_qr": "-", "strided": "--", "random": ":", "-": "-"}
+
+
+def pareto_front(cost, error) -> list[int]:
+    """Indices of the points no other point beats on both cost and error (lower is better), by cost."""
+    order = sorted(range(len(cost)), key=lambda i: (cost[i], error[i]))
+    front, best = [], float("inf")
+    for i in order:
+        if error[i] < best:
+            front.append(i)
+            best = error[i]
+    return front
+
+
+def frontier_table(df: "pd.DataFrame", value: str) -> "pd.DataFrame":
+    """Median ``value`` over heads (or the single plug-in value) per method and s, with its cost
+    share and family: the points of a frontier figure."""
+    keys = [c for c in ("model", "view", "estimator", "strategy", "subset_size") if c in df.columns]
+    out = df.groupby(keys, dropna=False).agg(value=(value, "median"), cost_share=("cost_share", "first"))
+    out = out.reset_index()
+    out["family"] = [family(e) for e in out.estimator]
+    return out
 
 
 def setup():

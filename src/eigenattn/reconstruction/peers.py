@@ -61,7 +61,7 @@ def iterative_pinv(A: torch.Tensor, iterations: int = 6) -> torch.Tensor:
 
 
 def _pinv(A: torch.Tensor, pinv: str) -> torch.Tensor:
-    if pinv == "exact":
+    if pinv == "exact":  # cut-off eps·m of A's own dtype, so the product stays consistent in it
         return torch.linalg.pinv(A)
     if pinv == "iterative":
         return iterative_pinv(A)
