@@ -127,42 +127,52 @@ def sink_window_keys(q_pos: np.ndarray, k_pos: np.ndarray, s: int, sinks: int) -
     return torch.from_numpy(mask)
 
 
-def vertical_slash_keys(
-    X: torch.Tensor, q_pos: np.ndarray, k_pos: np.ndarray, s: int, q_last: int, visible=None
-) -> torch.Tensor:
-    """Mask (…, nq, d) of s keys per row chosen from the view's last ``q_last`` query rows of X
-    (…, nq, d); ``visible``: (nq, d) bool, False where the model's mask hides a key."""
-    nq, d = X.shape[-2:]
-    if not 1 <= s <= d:
-        raise ValueError(f"s={s} keys of {d}")
+def vertical_slash_pattern(X: torch.Tensor, q_pos: np.ndarray, k_pos: np.ndarray, q_last: int, visible=None):
+    """(vertical (…, d), slash (…, offsets)) mass from the view's last ``q_last`` softmax rows of X
+    (…, nq, d), and the index of each (query, key)'s diagonal (nq, d)."""
+    nq = X.shape[-2]
     q_last = min(int(q_last), nq)
     last = X[..., nq - q_last :, :]
     if visible is not None:
         last = last.masked_fill(~torch.as_tensor(visible[nq - q_last :], device=X.device), float("-inf"))
     p = torch.softmax(last, dim=-1)  # (…, q_last, d)
-    vertical = p.sum(dim=-2)  # (…, d)
-    q_pos, k_pos = np.asarray(q_pos), np.asarray(k_pos)
-    offsets = q_pos[:, None] - k_pos[None, :]  # (nq, d)
-    o0 = int(offsets.min())
-    width = int(offsets.max()) - o0 + 1
-    off_idx = torch.from_numpy(offsets - o0).to(X.device)
-    last_idx = off_idx[nq - q_last :].reshape(-1).expand(*p.shape[:-2], -1)
+    offsets = np.asarray(q_pos)[:, None] - np.asarray(k_pos)[None, :]  # (nq, d)
+    off_idx = torch.from_numpy(offsets - offsets.min()).to(X.device)
+    width = int(off_idx.max()) + 1
+    flat = off_idx[nq - q_last :].reshape(-1).expand(*p.shape[:-2], -1)
     slash = torch.zeros((*p.shape[:-2], width), dtype=p.dtype, device=X.device)
-    slash.scatter_add_(-1, last_idx, p.reshape(*p.shape[:-2], -1))  # mass of each diagonal
+    slash.scatter_add_(-1, flat, p.reshape(*p.shape[:-2], -1))  # the mass of each diagonal
+    return p.sum(dim=-2), slash, off_idx
+
+
+def vertical_slash_select(vertical, slash, off_rows, s: int, visible_rows=None) -> torch.Tensor:
+    """Mask (…, r, d) of exactly s keys for rows whose diagonal indices are ``off_rows`` (r, d)
+    (or (…, r, d)): the ⌈s/2⌉ strongest columns, then the keys on the strongest diagonals, ties by
+    column mass. ``vertical`` (…, d) and ``slash`` (…, width) broadcast over the rows."""
     n_vert = math.ceil(s / 2)
-    top_v = torch.zeros(vertical.shape, dtype=torch.bool, device=X.device).scatter_(
-        -1, vertical.topk(n_vert, dim=-1).indices, True
-    )
-    # priority of every key of every row: chosen verticals first, then by the mass of its diagonal,
-    # ties by its vertical mass; the s highest per row are kept (exactly s distinct keys)
-    s_norm = slash / slash.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(slash.dtype).tiny)
-    v_norm = vertical / vertical.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(vertical.dtype).tiny)
-    diag = torch.gather(s_norm, -1, off_idx.reshape(-1).expand(*slash.shape[:-1], -1)).reshape(*p.shape[:-2], nq, d)
+    top_v = torch.zeros(vertical.shape, dtype=torch.bool, device=vertical.device)
+    top_v.scatter_(-1, vertical.topk(n_vert, dim=-1).indices, True)
+    tiny = torch.finfo(slash.dtype).tiny
+    s_norm = slash / slash.amax(dim=-1, keepdim=True).clamp_min(tiny)
+    v_norm = vertical / vertical.amax(dim=-1, keepdim=True).clamp_min(tiny)
+    shape = torch.broadcast_shapes(s_norm.shape[:-1] + (1, 1), off_rows.shape)
+    diag = torch.gather(s_norm[..., None, :].expand(*shape[:-1], -1), -1, off_rows.expand(shape))
     prio = 0.99 * diag + 1e-3 * v_norm[..., None, :] + 3.0 * top_v[..., None, :]
-    if visible is not None:
-        prio = prio.masked_fill(~torch.as_tensor(visible, device=X.device), float("-inf"))
+    if visible_rows is not None:
+        prio = prio.masked_fill(~torch.as_tensor(visible_rows, device=prio.device), float("-inf"))
     idx = prio.topk(s, dim=-1).indices
-    return torch.zeros(prio.shape, dtype=torch.bool, device=X.device).scatter_(-1, idx, True)
+    return torch.zeros(prio.shape, dtype=torch.bool, device=prio.device).scatter_(-1, idx, True)
+
+
+def vertical_slash_keys(
+    X: torch.Tensor, q_pos: np.ndarray, k_pos: np.ndarray, s: int, q_last: int, visible=None
+) -> torch.Tensor:
+    """Mask (…, nq, d) of s keys per row chosen from the view's last ``q_last`` query rows of X
+    (…, nq, d); ``visible``: (nq, d) bool, False where the model's mask hides a key."""
+    if not 1 <= s <= X.shape[-1]:
+        raise ValueError(f"s={s} keys of {X.shape[-1]}")
+    vertical, slash, off_idx = vertical_slash_pattern(X, q_pos, k_pos, q_last, visible)
+    return vertical_slash_select(vertical, slash, off_idx, s, visible)
 
 
 def masked_logits(X: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -205,6 +215,39 @@ def check_peer(method: str, s: int, geometry: Geometry, key: str) -> None:
             "nystrom needs every key of the view visible to every query of it (its kernels mix rows)",
             "use the prefix view for causal models, or leave nystrom out",
         )
+
+
+def estimate_rows(
+    method: str, X: torch.Tensor, s: int, geometry: Geometry, seq, q, *, q_last: int, sinks: int, pinv: str
+):
+    """A peer on view blocks X (c, H, nq, d) of whole sequences, returned for rows (seq[i], q[i])
+    only, as (r, H, d) [and (r, H)]: ``("logits", L)`` with −inf at keys a sparse method skips, or
+    ``("probs", P̂, log Ẑ)`` for nystrom (from scores: X must be scale·QKᵀ). The per-sequence parts
+    (nystrom's landmark kernels, vertical_slash's pattern) use every row of the sequence."""
+    seq, q = torch.as_tensor(seq), torch.as_tensor(q)
+    Xr = X[seq, :, q]  # (r, H, d)
+    vis = None if geometry.visible is None else torch.from_numpy(geometry.visible)[q][:, None, :]  # (r, 1, d)
+    if method == "nystrom":
+        nq, d = X.shape[-2:]
+        Aq = torch.from_numpy(segments(nq, s)).to(X)
+        Ak = torch.from_numpy(segments(d, s)).to(X)
+        K3 = Aq @ X  # (c, H, m, d)
+        right = _pinv(torch.softmax(K3 @ Ak.T, dim=-1), pinv) @ torch.softmax(K3, dim=-1)  # (c, H, m, d)
+        K1 = Xr @ Ak.T  # (r, H, m)
+        P = (torch.softmax(K1, dim=-1)[..., None, :] @ right[seq]).squeeze(-2)
+        counts = torch.from_numpy(1.0 / segments(d, s).max(axis=1)).to(X)
+        return ("probs", P, torch.logsumexp(K1 + torch.log(counts), dim=-1))
+    if method == "topk_oracle":
+        keep = topk_keys(Xr if vis is None else Xr.masked_fill(~vis, float("-inf")), s)
+    elif method == "sink_window":
+        keep = sink_window_keys(geometry.q_pos, geometry.k_pos, s, sinks).to(X.device)[q][:, None, :].expand(Xr.shape)
+    elif method == "vertical_slash":
+        vertical, slash, off_idx = vertical_slash_pattern(X, geometry.q_pos, geometry.k_pos, q_last, geometry.visible)
+        rows_vis = None if vis is None else vis[:, :, None, :]  # each picked row is its own (r, H, 1, d) batch
+        keep = vertical_slash_select(vertical[seq], slash[seq], off_idx[q][:, None, None, :], s, rows_vis).squeeze(-2)
+    else:
+        raise ValueError(f"unknown peer '{method}'")
+    return ("logits", masked_logits(Xr, keep))
 
 
 def estimate(method: str, X: torch.Tensor, s: int, geometry: Geometry, *, q_last: int, sinks: int, pinv: str):
