@@ -1,11 +1,14 @@
 """The per-input spectrum of attention probabilities (docs/method.md §12) against brute force: numpy's
-softmax and SVD of every input's view block, the whole row's mask and sinks."""
+softmax and SVD of every input's view block, the whole row's mask and sinks, and its claims row."""
 
 import numpy as np
 import pytest
 import zarr
 
+from eigenattn.claims.spectra import c1_per_input_rows
+from eigenattn.claims.verdicts import make_row
 from eigenattn.config.views import view_slices
+from eigenattn.figures import head_grid, layer_curves
 from eigenattn.spectra.per_input import (
     CURVE_COLUMNS,
     SUMMARY_COLUMNS,
@@ -163,3 +166,40 @@ def test_layers_whose_mask_hides_the_view_are_left_out(tmp_path):
 
 def test_quarter_index_is_the_ceiling_of_d_over_4():
     assert [quarter_index(d) for d in (1, 3, 4, 6, 16, 64, 128)] == [1, 1, 1, 2, 4, 16, 32]
+
+
+def test_figure_helpers_reduce_over_heads(tmp_path):
+    scores = low_rank_scores(6, 2, 3, 16, rank=3, noise=0.5, seed=7)
+    curves, summary = per_input_tables(per_input_spectrum([_store(tmp_path, scores, False)], "all"))
+    lc = layer_curves(curves)
+    assert len(lc) == 2 * 16 and list(lc.columns) == ["layer", "index", "q25", "median", "q75"]
+    x = curves[(curves.layer == 1) & (curves["index"] == 4)].cumulative
+    assert lc[(lc.layer == 1) & (lc["index"] == 4)]["median"].iloc[0] == pytest.approx(x.median())
+    layers, grid = head_grid(summary)
+    assert layers == [0, 1] and grid.shape == (2, 3)
+    assert grid[1, 2] == summary[(summary.layer == 1) & (summary["head"] == 2)].value_at_quarter.iloc[0]
+
+
+def test_claims_reference_row_has_the_median_and_range_over_heads(tmp_path):
+    scores = low_rank_scores(6, 2, 3, 16, rank=3, noise=0.5, seed=8)
+    res = per_input_spectrum([_store(tmp_path, scores, False)], "all")
+    _, summary = per_input_tables(res)
+    path = tmp_path / "per_input_summary.csv"
+    summary.to_csv(path, index=False)
+    headline = make_row(
+        "C1", "spectrum.csv", model="synthetic", view="all", variant="row_centered", value=0.31, state="supported"
+    )
+    headline.update(role="headline", _n=16)
+    (row,) = c1_per_input_rows([path], [headline])
+    v = summary.value_at_quarter
+    assert row["claim"] == "C1" and row["state"] == "reference" and row["role"] == ""
+    assert (row["model"], row["view"], row["source"]) == ("synthetic", "all", str(path))
+    assert row["value"] == pytest.approx(float(np.median(v)), abs=1e-12)
+    assert f"range {v.min():.2f}–{v.max():.2f}" in row["spread"]
+    q25, q75 = np.percentile(v, [25, 75])
+    assert f"IQR {q25:.2f}–{q75:.2f}" in row["spread"]
+    assert "index d/4" in row["quantity"] and "not the paper's claim" in row["verdict"]
+    assert "k90/d = 0.31" in row["verdict"] and "(row_centered rows at n = 16: supported)" in row["verdict"]
+    # without a headline of its model and view, it says so
+    (alone,) = c1_per_input_rows([path], [])
+    assert "no C1 headline" in alone["verdict"]
