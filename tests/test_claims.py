@@ -13,6 +13,7 @@ from eigenattn.claims.verdicts import make_row
 from eigenattn.config.settings import ClaimThresholds, Reconstruction
 from eigenattn.reconstruction.evaluate import evaluate_view
 from eigenattn.spectra.overlap import summarise, within_model, write_overlap
+from eigenattn.spectra.per_input import per_input_spectrum, per_input_tables
 from eigenattn.spectra.scaling import length_fits, sample_saturation
 from eigenattn.spectra.stores import run_full, run_rows, spectrum_table
 from eigenattn.training.summary import summarise as training_summary
@@ -475,3 +476,18 @@ def test_claims_table_columns_and_states(analysed, tmp_path):
     t = claims_table([v["spectrum"]], ov, [recon], [], train, CFG)
     assert set(t.claim) == {"C1", "C2", "C3", "C4"} and set(t.state) <= set(STATES)
     assert t.verdict.str.len().gt(0).all()
+    # the per-input spectrum (Linformer's analysis) adds one C1 reference row per model and view,
+    # beside the headline, and changes no other row
+    _, summary = per_input_tables(per_input_spectrum(a["low"][0], "all"))
+    path = tmp_path / "per_input_summary.csv"
+    summary.to_csv(path, index=False)
+    with_pi = claims_table([v["spectrum"]], ov, [recon], [], train, CFG, per_input=[path])
+    extra = with_pi[with_pi.source == str(path)]
+    assert len(extra) == 1 and len(with_pi) == len(t) + 1
+    r = extra.iloc[0]
+    assert (r.claim, r.model, r.view, r.state, r.role) == ("C1", "low", "all", "reference", "")
+    assert r.value == pytest.approx(float(summary.value_at_quarter.median()), abs=1e-12)
+    assert f"range {summary.value_at_quarter.min():.2f}–{summary.value_at_quarter.max():.2f}" in r.spread
+    head = t[(t.role == "headline") & (t.model == "low")].iloc[0]
+    assert f"k90/d = {head.value:.2f}" in r.verdict
+    pd.testing.assert_frame_equal(with_pi[with_pi.source != str(path)].reset_index(drop=True), t)

@@ -168,6 +168,45 @@ def test_eigen_stage_outputs(tiny_run):
     assert (wd / "benchmarks" / "out" / "eigen_rows" / "minilm" / "all.tsv").is_file()
 
 
+def test_per_input_spectrum_outputs(tiny_run):
+    """per_input.csv and per_input_summary.csv of every model and view (docs/data-contract.md), from
+    the held-out split, and one head's curve recomputed by numpy from the stored scores: the softmax
+    of the whole (causal) row, the view block, numpy.linalg.svd, the mean over inputs."""
+    wd, _ = tiny_run
+    n = TINY["sampling"]["seq_len"]
+    N = TINY["sampling"]["n_sequences"]["heldout"]
+    expect = {
+        ("minilm", "all"): (6, 12, n),
+        ("minilm", "prefix"): (6, 12, n // 2),
+        ("smollm2", "prefix"): (4, 9, n // 2),
+    }
+    for (model, view), (L, H, d) in expect.items():
+        base = wd / "results" / "eigen" / model / view
+        curves, summary = pd.read_csv(base / "per_input.csv"), pd.read_csv(base / "per_input_summary.csv")
+        assert len(curves) == L * H * d and len(summary) == L * H
+        assert set(summary.split) == {"heldout"} and (summary.n_inputs == N).all() and (summary.d == d).all()
+        assert (summary.quarter_index == -(-d // 4)).all()
+        assert np.allclose(curves[curves["index"] == d].cumulative, 1.0, atol=1e-12)
+        assert (curves.groupby(["layer", "head"]).cumulative.diff().dropna() >= -1e-12).all()
+        assert (curves.cumulative_energy >= curves.cumulative - 1e-12).all()
+        assert summary.value_at_quarter.between(0.25 - 1e-9, 1.0 + 1e-9).all()  # σ descending: at least j/d
+        shards = sorted((wd / "results" / "scores" / model / "heldout").iterdir())
+        layers = zarr.open_group(shards[0], mode="r").attrs["layers"]
+        li, h = len(layers) - 1, H - 1
+        S = np.concatenate([zarr.open_group(p, mode="r")["scores"][:, li, h] for p in shards]).astype(np.float64)
+        causal = model == "smollm2"
+        if causal:
+            S = np.where(np.tril(np.ones((n, n), dtype=bool)), S, -np.inf)
+        P = np.exp(S - S.max(axis=-1, keepdims=True))
+        P /= P.sum(axis=-1, keepdims=True)
+        qs, ks = view_slices(view, n, causal)
+        sv = np.linalg.svd(P[:, qs, ks], compute_uv=False)
+        want = (np.cumsum(sv, axis=-1) / sv.sum(axis=-1, keepdims=True)).mean(axis=0)
+        got = curves[(curves.layer == layers[li]) & (curves["head"] == h)].sort_values("index").cumulative
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+    assert (wd / "benchmarks" / "out" / "eigen_per_input" / "minilm" / "all.tsv").is_file()
+
+
 # every dimension name the stores use (docs/data-contract.md); an unnamed or misspelt one fails
 DIMS = {
     "sequence",
@@ -400,7 +439,9 @@ def test_claims_table_equals_its_sources(tiny_run):
     c1 = table[table.claim == "C1"]
     heads = c1[c1.role == "headline"]
     assert len(heads) == len(c1[["model", "view"]].drop_duplicates()) and set(heads.variant) == {"row_centered"}
-    assert set(c1[c1.role != "headline"].role) == {"supporting"}
+    per_input = c1.source.str.endswith("per_input_summary.csv")  # Linformer's analysis beside C1 (§12)
+    assert len(c1[per_input]) == 3 and set(c1[per_input].state) == {"reference"} and c1[per_input].role.isna().all()
+    assert set(c1[~per_input & (c1.role != "headline")].role) == {"supporting"}
     for r in table.itertuples():
         src = pd.read_csv(wd / r.source)
         scope = r.scope.removeprefix("headline: ")
@@ -410,6 +451,8 @@ def test_claims_table_equals_its_sources(tiny_run):
         elif r.claim == "C1" and r.source.endswith(".saturation.csv"):  # scaling: k90/D at the largest N
             x = src[(src.level == "k90") & (src.variant == r.variant)]
             want = float((x.k_last / x.d).median())
+        elif r.claim == "C1" and r.source.endswith("per_input_summary.csv"):  # median over heads at d/4
+            want = float(src.value_at_quarter.median())
         elif r.claim == "C1":
             x = src[
                 (src.analysis == ("rows" if scope.startswith("rows") else "full"))

@@ -135,3 +135,19 @@ def claim_grid(table) -> "pd.DataFrame":
             }
         )
     return pd.DataFrame(out)
+
+
+def layer_curves(curves: "pd.DataFrame", column: str = "cumulative") -> "pd.DataFrame":
+    """The per-input spectrum of one model and view (per_input.csv) per layer: for each layer and
+    index j, the median over the layer's heads of ``column`` and its quartiles (``q25``, ``q75``)."""
+    g = curves.groupby(["layer", "index"], sort=True)[column]
+    out = g.quantile([0.25, 0.5, 0.75]).unstack()
+    out.columns = ["q25", "median", "q75"]
+    return out.reset_index()
+
+
+def head_grid(summary: "pd.DataFrame", column: str = "value_at_quarter"):
+    """(layers, grid) of one model and view's per_input_summary.csv: ``grid[i, h]`` is ``column`` of
+    the i-th layer (in ``layers``, ascending) and head h."""
+    wide = summary.pivot(index="layer", columns="head", values=column).sort_index()
+    return list(wide.index), wide.to_numpy(dtype=float)

@@ -115,6 +115,7 @@ def all_outputs(wildcards):
     outputs = (
         extract_outputs()
         + eigen_outputs()
+        + per_input_outputs()
         + [rules.overlap_summary.output[0]]
         + reconstruct_outputs()
         + plugin_outputs()

@@ -1,5 +1,6 @@
-# Stage 3: row and full-matrix spectra of every model and view. The Dask scheduler is part of
-# `runtime`, not a recorded param: where a computation runs must not trigger a re-run.
+# Stage 3: row and full-matrix spectra of every model and view, and the per-input spectrum of
+# attention probabilities (docs/method.md §12). The Dask scheduler is part of `runtime`, not a
+# recorded param: where a computation runs must not trigger a re-run.
 
 
 include: "inputs/eigen.smk"
@@ -72,6 +73,30 @@ rule eigen_spectrum:
         "../scripts/eigen_spectrum.py"
 
 
+rule eigen_per_input:
+    input:
+        per_input_shards,
+    output:
+        curves="results/eigen/{model}/{view}/per_input.csv",
+        summary="results/eigen/{model}/{view}/per_input_summary.csv",
+    log:
+        "logs/eigen_per_input/{model}/{view}.log",
+    benchmark:
+        "benchmarks/out/eigen_per_input/{model}/{view}.tsv"
+    conda:
+        "../../envs/eigenattn.yaml"
+    threads: 1
+    resources:
+        mem_mb=mem_mb(2000),
+    params:
+        view=lambda wildcards: wildcards.view,
+        settings=settings.PerInput.from_config(config).params(),
+        expect=expected_per_input_scores,
+    script:
+        "../scripts/eigen_per_input.py"
+
+
 rule eigen:
     input:
         eigen_outputs(),
+        per_input_outputs(),

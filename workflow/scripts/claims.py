@@ -13,6 +13,7 @@ table = claims_table(
     i.training,
     ClaimThresholds.from_params(snakemake.params.settings),
     scaling=(list(i.scaling_fits), list(i.scaling_saturation), list(i.scaling_tables)),
+    per_input=list(i.per_input),
 )
 write_table(table, snakemake.output[0])
 log.info("%d claim rows -> %s\n%s", len(table), snakemake.output[0], table.to_string())

@@ -3,6 +3,7 @@ spectra and the scaling study), and how much heads share their subspaces (from t
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from eigenattn.claims.verdicts import CAVEAT_CROSS, caveat_rows, iqr, make_row, nearest_measured
@@ -258,6 +259,56 @@ def c1_headlines(rows: list[dict]) -> list[dict]:
             else:
                 r["verdict"] += f" — supporting row; agrees with the headline: {tag}"
     return rows
+
+
+CAVEAT_PER_INPUT = "singular values of softmax probabilities (the whole row's softmax), restricted to the view's block"
+CAVEAT_PER_INPUT_PREFIX = "; prefix view: keys outside the view hold the rest of each row's probability"
+
+
+def c1_per_input_rows(summaries, c1: list[dict]) -> list[dict]:
+    """Linformer's analysis beside C1 (docs/method.md §12): per model and view, the median over heads
+    of the input-averaged normalised cumulative singular value of the probability block at index
+    ⌈d/4⌉, a reference row. It says whether each input's matrix is close to low-rank, which is not
+    C1; the verdict names the C1 headline of the same model and view (``c1``: the C1 rows after
+    :func:`c1_headlines`) beside it."""
+    heads = {(r["model"], r["view"]): r for r in c1 if r.get("role") == "headline"}
+    out = []
+    for p in summaries:
+        sm = pd.read_csv(p)
+        for (model, view), x in sm.groupby(["model", "view"], sort=False):
+            v = x.value_at_quarter.to_numpy(dtype=float)
+            q25, q50, q75 = iqr(v)
+            d, q = int(x.d.iloc[0]), int(x.quarter_index.iloc[0])
+            inputs = int(x.n_inputs.max())
+            head = heads.get((model, view))
+            beside = (
+                f"beside it, C1's headline (variance across inputs) reads median k90/d = {head['value']:.2f} "
+                f"({head['variant']} rows at n = {head['_n']}: {head['state']})"
+                if head is not None
+                else "this model and view has no C1 headline row to set beside it"
+            )
+            out.append(
+                make_row(
+                    "C1",
+                    p,
+                    model=model,
+                    view=view,
+                    variant="",
+                    scope=f"per input: P blocks (d={d}, {len(x)} heads, {inputs} {x.split.iloc[0]} inputs)",
+                    quantity="per-input P: normalised cumulative singular value at index d/4 (Linformer Fig. 1), "
+                    "median over heads",
+                    value=q50,
+                    spread=f"range {np.min(v):.2f}–{np.max(v):.2f}; IQR {q25:.2f}–{q75:.2f} over heads",
+                    state="reference",
+                    verdict=f"on average over inputs, the top {q} of {d} singular values of a head's probability "
+                    f"block carry {q50:.0%} of their sum (median head). This measures whether each input's "
+                    "attention matrix is close to low-rank (Linformer's analysis), not the paper's claim that "
+                    "the variation of scores across inputs is low-dimensional, so it neither supports nor "
+                    f"refutes C1; {beside}",
+                    caveat=CAVEAT_PER_INPUT + (CAVEAT_PER_INPUT_PREFIX if view == "prefix" else ""),
+                )
+            )
+    return out
 
 
 # --------------------------------------------------------------------------------------------- C2

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from eigenattn.claims.reconstruction import c3_rows, c4_rows
-from eigenattn.claims.spectra import c1_headlines, c1_rows, c1_scaling_rows, c2_rows
+from eigenattn.claims.spectra import c1_headlines, c1_per_input_rows, c1_rows, c1_scaling_rows, c2_rows
 from eigenattn.claims.verdicts import COLUMNS, DEFAULTS, STATES
 from eigenattn.config.settings import ClaimThresholds
 
@@ -23,6 +23,7 @@ __all__ = [
     "COLUMNS",
     "DEFAULTS",
     "STATES",
+    "c1_per_input_rows",
     "c1_rows",
     "c1_scaling_rows",
     "c2_rows",
@@ -40,12 +41,17 @@ def claims_table(
     training,
     thresholds: ClaimThresholds | None = None,
     scaling: tuple = ((), (), ()),
+    per_input=(),
 ) -> pd.DataFrame:
     """``scaling``: (fits, saturations, tables) of the scaling study, one of each per model and view;
-    ``thresholds``: the claims section (:data:`DEFAULTS` when not given)."""
+    ``per_input``: the per-input spectrum's summaries (per_input_summary.csv, one per model and
+    view), each a C1 reference row; ``thresholds``: the claims section (:data:`DEFAULTS` when not
+    given)."""
     t = ClaimThresholds.from_params(DEFAULTS) if thresholds is None else thresholds
+    c1 = c1_headlines(c1_rows(spectra, t) + c1_scaling_rows(*scaling, t))
     rows = (
-        c1_headlines(c1_rows(spectra, t) + c1_scaling_rows(*scaling, t))
+        c1
+        + c1_per_input_rows(per_input, c1)
         + c2_rows(overlap_summary, t)
         + c3_rows(recon, plugin, t)
         + c4_rows(training, t)

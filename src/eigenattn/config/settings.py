@@ -188,6 +188,17 @@ def expected_scores(config: dict, model: str, split: str, n: int | None = None) 
 
 
 @dataclass(frozen=True)
+class PerInput(_Settings):
+    """The per-input spectrum of attention probabilities (docs/method.md §12): the split it reads."""
+
+    split: str
+
+    @classmethod
+    def from_config(cls, config: dict) -> PerInput:
+        return cls(config["eigen"]["per_input_split"])
+
+
+@dataclass(frozen=True)
 class Reconstruction(_Settings):
     """The held-out reconstruction of one model and view (docs/method.md §6)."""
 

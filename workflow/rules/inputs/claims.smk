@@ -4,6 +4,7 @@
 def claims_inputs(wildcards):
     return {
         "spectra": eigen_outputs(),
+        "per_input": per_input_outputs("summary"),
         "overlap_summary": rules.overlap_summary.output[0],
         "recon": reconstruct_outputs(),
         "plugin": plugin_outputs(),

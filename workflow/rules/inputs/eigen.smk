@@ -6,6 +6,16 @@ def expected_fit_scores(wildcards):
     return settings.expected_scores(config, wildcards.model, "fit", n)
 
 
+def per_input_shards(wildcards):
+    """The score shards of the split the per-input spectrum reads (eigen.per_input_split)."""
+    return score_shards(wildcards.model, settings.PerInput.from_config(config).split)
+
+
+def expected_per_input_scores(wildcards):
+    split = settings.PerInput.from_config(config).split
+    return settings.expected_scores(config, wildcards.model, split)
+
+
 def gram_mem_mb(wildcards, input, threads, attempt):
     """Peak memory of a full-matrix job, from the score stores' shapes once they exist
     (eigenattn.spectra.full_plan.stores_memory_mb, a generous guess before)."""
@@ -41,3 +51,13 @@ def eigen_outputs():
 
 def eigen_dirs():
     return [str(Path(p).parent) for p in eigen_outputs()]
+
+
+def per_input_outputs(*names):
+    """The per-input spectrum's tables of every model and view: ``names`` of the rule's outputs
+    (``curves``, ``summary``; both when none is given)."""
+    return [
+        path(rules.eigen_per_input.output[name], model=m, view=v)
+        for m, v in model_view_pairs()
+        for name in names or ("curves", "summary")
+    ]

@@ -39,7 +39,13 @@ def notebook_inputs(wildcards):
             files += [
                 f"{d}/{f}"
                 for d in v
-                for f in ("spectrum.csv", "rows.zarr", "full.zarr")
+                for f in (
+                    "spectrum.csv",
+                    "rows.zarr",
+                    "full.zarr",
+                    "per_input.csv",
+                    "per_input_summary.csv",
+                )
             ]
         elif isinstance(v, list):
             files += v
