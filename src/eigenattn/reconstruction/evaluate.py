@@ -115,9 +115,10 @@ def _layer_reference(scores, li: int, qs: slice, ks: slice, allowed, causal: boo
 
     Rows are chosen first and read one stored chunk of sequences at a time, so memory holds one
     chunk and the chosen rows, not the whole layer (N·H·|Q|·n scores). ``peers``: a function of one
-    chunk's view blocks (float64 torch, (c, H, |Q|, d)) returning {name: estimate}
-    (:func:`eigenattn.reconstruction.peers.estimate`), called on the sequences that hold chosen
-    rows: the peers need whole sequences (nystrom's landmarks, vertical_slash's last queries)."""
+    chunk's view blocks (float64 torch, (c, H, |Q|, d)) and the chosen rows' (sequence, query) indices
+    into them, returning {name: estimate} for those rows
+    (:func:`eigenattn.reconstruction.peers.estimate_rows`). It sees the whole sequences that hold
+    chosen rows: nystrom's landmarks and vertical_slash's last queries need them."""
     N, _, H, _, n = scores.shape
     nq = len(range(n)[qs])
     pick = eval_row_index(N * nq, eval_rows) if eval_rows and eval_rows < N * nq else np.arange(N * nq)
@@ -132,11 +133,8 @@ def _layer_reference(scores, li: int, qs: slice, ks: slice, allowed, causal: boo
             if peers is not None:
                 used, at = np.unique(seq[sel] - s0, return_inverse=True)
                 X = torch.from_numpy(np.ascontiguousarray(block[used][..., ks], dtype=np.float64))
-                rows = {}
-                for name, est in peers(X).items():  # each (c', H, |Q|, d) [, (c', H, |Q|)]
-                    ia, iq = torch.from_numpy(at), torch.from_numpy(q[sel])
-                    rows[name] = (est[0], *(e[ia, :, iq].float() for e in est[1:]))
-                peer_parts.append(rows)
+                rows = {name: (e[0], *(x.float() for x in e[1:])) for name, e in peers(X, at, q[sel]).items()}
+                peer_parts.append(rows)  # each (rows, H, d) [, (rows, H)]
     full = np.concatenate(parts).transpose(1, 0, 2).astype(np.float64)  # only the chosen rows are widened
     X = np.ascontiguousarray(full[..., ks])
     estimates = {}
@@ -235,9 +233,10 @@ def evaluate_view(
                 )
             log.info("layer %d: nystrom skipped (its scores carry a position bias, softcap or sink)", layer)
 
-        def run_peers(X, layer_peers=layer_peers):
+        def run_peers(X, seq, q, layer_peers=layer_peers):
+            kw = {"q_last": ps.q_last, "sinks": ps.sinks, "pinv": ps.pinv}
             return {
-                (m, s): peer_methods.estimate(m, X, s, geometry, q_last=ps.q_last, sinks=ps.sinks, pinv=ps.pinv)
+                (m, s): peer_methods.estimate_rows(m, X, s, geometry, seq, q, **kw)
                 for m in layer_peers
                 for s in subset_sizes
             }
