@@ -228,6 +228,9 @@ def _recon_csv(root, name, data, peers=(), subset_sizes=(4,)):
         seed=0,
         eval_rows=None,
         peers=peers,
+        q_last=16,
+        sinks=4,
+        pinv="exact",
     )
     df = evaluate_view(root / f"{name}-rows.zarr", [held], settings, fit_shards=[fit], progress=False)
     p = root / f"{name}-recon.csv"

@@ -26,6 +26,7 @@ from eigenattn.spectra.stores import run_rows
 from synthetic import low_rank_scores, write_store
 
 EVAL = {"ridge": 1e-6, "rank": 0.5, "seed": 0, "eval_rows": None}
+PEER_KW = {"q_last": 16, "sinks": 4, "pinv": "exact"}
 
 
 def qk(B=2, H=3, nq=12, d=12, dh=5, seed=0):
@@ -58,8 +59,8 @@ def brute_nystrom(Q, K, m, scale):
 def test_nystrom_from_stored_scores_equals_nystrom_from_q_and_k(nq, d, m):
     Q, K, scale = qk(nq=nq, d=d)
     S = scale * Q @ K.transpose(-1, -2)  # a model without bias: S is exactly scale·QKᵀ
-    P_s, z_s = nystrom_from_scores(S, m)
-    P_q, z_q = nystrom_from_qk(Q, K, m, scale)
+    P_s, z_s = nystrom_from_scores(S, m, "exact")
+    P_q, z_q = nystrom_from_qk(Q, K, m, scale, "exact")
     np.testing.assert_allclose(P_s.numpy(), P_q.numpy(), atol=1e-6, rtol=0)
     np.testing.assert_allclose(z_s.numpy(), z_q.numpy(), atol=1e-6, rtol=0)
     np.testing.assert_allclose(P_q.numpy(), brute_nystrom(Q, K, m, scale), atol=1e-8)
@@ -68,10 +69,10 @@ def test_nystrom_from_stored_scores_equals_nystrom_from_q_and_k(nq, d, m):
 def test_nystrom_with_m_equal_n_is_exact_attention():
     Q, K, scale = qk(nq=10, d=10)
     S = scale * Q @ K.transpose(-1, -2)
-    P, log_z = nystrom_from_scores(S, 10)
+    P, log_z = nystrom_from_scores(S, 10, "exact")
     np.testing.assert_allclose(P.numpy(), torch.softmax(S, -1).numpy(), atol=1e-10)
     np.testing.assert_allclose(log_z.numpy(), torch.logsumexp(S, -1).numpy(), atol=1e-12)
-    P, _ = nystrom_from_qk(Q, K, 10, scale)
+    P, _ = nystrom_from_qk(Q, K, 10, scale, "exact")
     np.testing.assert_allclose(P.numpy(), torch.softmax(S, -1).numpy(), atol=1e-10)
 
 
@@ -80,8 +81,8 @@ def test_nystrom_from_scores_is_not_nystrom_once_a_bias_is_added():
     Q, K, scale = qk(nq=12, d=12)
     S = scale * Q @ K.transpose(-1, -2)
     bias = -0.5 * (torch.arange(12)[:, None] - torch.arange(12)[None, :]).abs().double()  # ALiBi-like
-    P_s, _ = nystrom_from_scores(S + bias, 4)
-    assert (P_s - nystrom_from_qk(Q, K, 4, scale)[0]).abs().max() > 1e-2
+    P_s, _ = nystrom_from_scores(S + bias, 4, "exact")
+    assert (P_s - nystrom_from_qk(Q, K, 4, scale, "exact")[0]).abs().max() > 1e-2
 
 
 def test_iterative_pinv_converges_to_the_exact_one():
@@ -223,6 +224,7 @@ def test_peers_in_the_reconstruction_table(peer_stores, view):
         subset_sizes=(2, 6, 8),
         **EVAL,
         peers=("nystrom", "topk_oracle", "vertical_slash", "sink_window"),
+        **PEER_KW,
     )
     df = evaluate_view(
         peer_stores[view], [peer_stores["held"]], settings, fit_shards=[peer_stores["fit"]], progress=False
@@ -256,16 +258,18 @@ def test_peers_in_the_reconstruction_table(peer_stores, view):
 
 def test_nystrom_is_refused_or_skipped_on_biased_scores(peer_stores):
     kw = {"estimators": ("mean",), "strategies": ("strided",), "subset_sizes": (2,), **EVAL}
-    explicit = Reconstruction(**kw, peers=("nystrom", "sink_window"), peers_explicit=True)
+    explicit = Reconstruction(**kw, peers=("nystrom", "sink_window"), peers_explicit=True, **PEER_KW)
     with pytest.raises(ConfigError, match="reconstruction.peers.*position bias"):
         evaluate_view(peer_stores["all"], [peer_stores["held_bias"]], explicit, progress=False)
-    auto = Reconstruction(**kw, peers=("nystrom", "sink_window"), peers_explicit=False)
+    auto = Reconstruction(**kw, peers=("nystrom", "sink_window"), peers_explicit=False, **PEER_KW)
     df = evaluate_view(peer_stores["all"], [peer_stores["held_bias"]], auto, progress=False)
     assert "nystrom" not in set(df.estimator) and "sink_window" in set(df.estimator)
 
 
 def test_a_peer_larger_than_the_view_is_refused(peer_stores):
-    bad = Reconstruction(estimators=("mean",), strategies=("strided",), subset_sizes=(9,), **EVAL, peers=("nystrom",))
+    bad = Reconstruction(
+        estimators=("mean",), strategies=("strided",), subset_sizes=(9,), **EVAL, peers=("nystrom",), **PEER_KW
+    )
     with pytest.raises(ConfigError, match="subset"):
         evaluate_view(peer_stores["prefix"], [peer_stores["held"]], bad, progress=False)
 

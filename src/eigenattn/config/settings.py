@@ -212,11 +212,11 @@ class Reconstruction(_Settings):
     transfer: tuple = ()
     transfer_estimators: tuple = ()
     other_models: tuple = ()
-    peers: tuple = ()
+    peers: tuple = ()  # none unless asked: the config's values come from the schema
     peers_explicit: bool = False
-    q_last: int = 16
-    sinks: int = 4
-    pinv: str = "exact"
+    q_last: int = 0
+    sinks: int = 0
+    pinv: str | None = None
 
     @classmethod
     def from_config(cls, config: dict, model: str, view: str) -> Reconstruction:
@@ -269,11 +269,11 @@ class Plugin(_Settings):
     ridge: float
     rank: float
     seed: int
-    peers: tuple = ()
+    peers: tuple = ()  # none unless asked: the config's values come from the schema
     peers_explicit: bool = False
-    q_last: int = 16
-    sinks: int = 4
-    pinv: str = "exact"
+    q_last: int = 0
+    sinks: int = 0
+    pinv: str | None = None
 
     @classmethod
     def from_config(cls, config: dict) -> Plugin:

@@ -26,9 +26,11 @@ factored forms.
 
 from __future__ import annotations
 
-PAPER = ("eigenspace", "conditional_gaussian")
+from eigenattn.config.schema import enum
+
 BASELINES = ("mean", "subset_only")
-PEERS = ("nystrom", "topk_oracle", "vertical_slash", "sink_window")
+PAPER = tuple(e for e in enum("reconstruction.estimators") if e not in BASELINES)
+PEERS = enum("reconstruction.peers")
 ORACLES = ("topk_oracle",)
 
 

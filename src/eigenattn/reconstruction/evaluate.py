@@ -214,6 +214,14 @@ def evaluate_view(
         for s in subset_sizes:
             peer_methods.check_peer(m, s, geometry, ps.key)
     bilinear = _bilinear_layers(held_attrs, stats.layers)
+    biased = [layer for layer in stats.layers if not bilinear[layer]]
+    if "nystrom" in peers and biased and ps.explicit:
+        raise ConfigError(
+            ps.key,
+            f"nystrom needs scores that are exactly scale·QKᵀ, but layers {biased} of '{stats.model}' add "
+            "a position bias, a softcap or a sink",
+            f"leave nystrom out of {ps.key} for this model (auto does)",
+        )
 
     def cost(method: str, s: int, k: int = 0) -> dict:
         kw = {"nq": nq, "d": d, "d_head": d_head, "s": s, "k": k, "q_last": min(ps.q_last, nq)}
@@ -224,13 +232,6 @@ def evaluate_view(
     for li, layer in enumerate(stats.layers):
         layer_peers = [m for m in peers if m != "nystrom" or bilinear[layer]]
         if len(layer_peers) < len(peers):
-            if ps.explicit:
-                raise ConfigError(
-                    ps.key,
-                    f"nystrom needs scores that are exactly scale·QKᵀ, but layer {layer} of '{stats.model}' adds "
-                    "a position bias, a softcap or a sink",
-                    f"leave nystrom out of {ps.key} for this model (auto does)",
-                )
             log.info("layer %d: nystrom skipped (its scores carry a position bias, softcap or sink)", layer)
 
         def run_peers(X, seq, q, layer_peers=layer_peers):

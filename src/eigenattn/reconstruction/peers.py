@@ -33,9 +33,11 @@ import math
 import numpy as np
 import torch
 
+from eigenattn.config.schema import enum
 from eigenattn.errors import ConfigError
 
-PINV = ("exact", "iterative")
+PEERS = enum("reconstruction.peers")
+PINV = enum("reconstruction.nystrom_pinv")
 
 
 def segments(n: int, m: int) -> np.ndarray:
@@ -68,14 +70,14 @@ def _pinv(A: torch.Tensor, pinv: str) -> torch.Tensor:
     raise ConfigError("reconstruction.nystrom_pinv", f"unknown pseudo-inverse '{pinv}'", f"use one of {PINV}")
 
 
-def nystrom_from_kernels(K1, K2, K3, key_counts, pinv: str = "exact"):
+def nystrom_from_kernels(K1, K2, K3, key_counts, pinv: str):
     """(P̂, log Ẑ) from the landmark logits K1 (…, nq, m), K2 (…, m, m), K3 (…, m, d)."""
     P = torch.softmax(K1, dim=-1) @ _pinv(torch.softmax(K2, dim=-1), pinv) @ torch.softmax(K3, dim=-1)
     log_z = torch.logsumexp(K1 + torch.log(key_counts), dim=-1)
     return P, log_z
 
 
-def nystrom_from_scores(X: torch.Tensor, m: int, pinv: str = "exact"):
+def nystrom_from_scores(X: torch.Tensor, m: int, pinv: str):
     """Nyström attention of the view block from its scores X (…, nq, d), which must be scale·QKᵀ."""
     nq, d = X.shape[-2:]
     Aq = torch.from_numpy(segments(nq, m)).to(X)
@@ -87,7 +89,7 @@ def nystrom_from_scores(X: torch.Tensor, m: int, pinv: str = "exact"):
     return nystrom_from_kernels(K1, K2, K3, counts, pinv)
 
 
-def nystrom_from_qk(Q: torch.Tensor, K: torch.Tensor, m: int, scale: float, pinv: str = "exact"):
+def nystrom_from_qk(Q: torch.Tensor, K: torch.Tensor, m: int, scale: float, pinv: str):
     """Nyström attention from queries (…, nq, dh) and keys (…, d, dh) of the view."""
     nq, d = Q.shape[-2], K.shape[-2]
     Aq = torch.from_numpy(segments(nq, m)).to(Q)
@@ -200,8 +202,8 @@ class Geometry:
 
 def check_peer(method: str, s: int, geometry: Geometry, key: str) -> None:
     """Refuse a peer that cannot run on this view (``key``: the config key that asked for it)."""
-    if method not in ("nystrom", "topk_oracle", "vertical_slash", "sink_window"):
-        raise ConfigError(key, f"unknown peer '{method}'", "use nystrom, topk_oracle, vertical_slash or sink_window")
+    if method not in PEERS:
+        raise ConfigError(key, f"unknown peer '{method}'", f"use one of {', '.join(PEERS)}")
     limit = min(geometry.nq, geometry.d) if method == "nystrom" else geometry.d
     if not 1 <= s <= limit:
         raise ConfigError(
