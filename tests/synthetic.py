@@ -37,7 +37,9 @@ def write_store(path, scores, causal=False, batch=4, model="synthetic", layers=N
             "corpus": "synthetic",
             "seed": 0,
             "complete": True,
-            **({"layer_modifiers": modifiers} if modifiers is not None else {}),
+            "layer_modifiers": modifiers
+            if modifiers is not None
+            else [{"softcap": None, "position_bias": False, "sinks": False}] * L,
         }
     )
     return str(path)

@@ -46,10 +46,11 @@ def _judge(better: tuple, worse: tuple, t: ClaimThresholds) -> bool:
     return p < t.c3_alpha and gain >= t.c3_min_gain
 
 
-def peer_rows(df: pd.DataFrame, path, model, view, sz, be, bs, t: ClaimThresholds) -> list[dict]:
+def peer_rows(df: pd.DataFrame, path, model, view, sz, be, bs, t: ClaimThresholds, chosen_peers=None) -> list[dict]:
     """The fit-chosen paper method at s = sz against the best non-oracle peer whose cost is at most
     its own (the peer chosen on the fit split too), per head on held-out rows; and how far the method
-    is from the top-k oracle at the same s (a reference row)."""
+    is from the top-k oracle at the same s (a reference row). The chosen (peer, s) goes into
+    ``chosen_peers[(model, view)]``, where the plug-in rows look for it."""
     if "attn_macs" not in df.columns or not df.estimator.isin(PEERS).any():
         return []
     out = []
@@ -72,14 +73,16 @@ def peer_rows(df: pd.DataFrame, path, model, view, sz, be, bs, t: ClaimThreshold
                 scope=scope,
                 quantity=quantity,
                 value=float(best.tv.median()),
-                spread="no peer was measured at or below this cost",
+                spread="no non-oracle peer was measured on the fit split at or below this cost",
                 state="inconclusive",
-                verdict="no peer costs as little as this method, so none can be compared at equal cost",
+                verdict="no peer costs as little as this method (on the measured s grid), so none can be compared",
                 caveat="",
             )
         )
     else:
         pe, ps = fit.groupby(["estimator", "subset_size"]).tv.median().idxmin()
+        if chosen_peers is not None:
+            chosen_peers[(model, view)] = (pe, int(ps))
         peer = held[(held.estimator == pe) & (held.subset_size == ps)]
         pshare = float(peer.cost_share.iloc[0])
         mine_wins, peer_wins = paired_gain(best, peer), paired_gain(peer, best)
@@ -135,7 +138,7 @@ def c3_rows(recon, plugin, thresholds: ClaimThresholds) -> list[dict]:
     """Best method (chosen on the fit split) against subset_only and mean, and against the best
     peer at equal or lower cost, on held-out rows and in the plug-in evaluation."""
     out = []
-    chosen = {}
+    chosen, chosen_peers = {}, {}
     for p in recon:
         whole = pd.read_csv(p)
         whole = whole[whole.basis_source == "same"]
@@ -180,7 +183,7 @@ def c3_rows(recon, plugin, thresholds: ClaimThresholds) -> list[dict]:
                     caveat=f"s = {sz} of the view's keys computed per row",
                 )
             )
-        out += peer_rows(whole, p, model, view, sz, be, bs, thresholds)
+        out += peer_rows(whole, p, model, view, sz, be, bs, thresholds, chosen_peers)
     for p in plugin:
         pl = pd.read_csv(p)
         sz = nearest_measured(pl.subset_size, thresholds.s_report)
@@ -224,13 +227,16 @@ def c3_rows(recon, plugin, thresholds: ClaimThresholds) -> list[dict]:
                         else "one evaluation set, no interval; no fit-split choice for this view",
                     )
                 )
-            out += plugin_peer_rows(pl, p, r, sz, damage, thresholds)
+            view = "prefix" if metric == "perplexity" else "all"  # the plug-in's view (docs/method.md §7)
+            out += plugin_peer_rows(pl, p, r, sz, damage, thresholds, chosen_peers.get((model, view)))
     return out
 
 
-def plugin_peer_rows(pl: pd.DataFrame, path, r, sz, damage, t: ClaimThresholds) -> list[dict]:
-    """A paper method inside the model (plug-in row ``r``) against the best non-oracle peer at equal
-    or lower cost, and against the top-k oracle at the same s (reference)."""
+def plugin_peer_rows(pl: pd.DataFrame, path, r, sz, damage, t: ClaimThresholds, fit_peer=None) -> list[dict]:
+    """A paper method inside the model (plug-in row ``r``) against a non-oracle peer at equal or
+    lower cost, and against the top-k oracle at the same s (reference). The peer is the one chosen on
+    the fit split for this model's plug-in view (``fit_peer``: (peer, s)) when the plug-in measured
+    it within the cost; else the best one on the plug-in's own evaluation set, which favours it."""
     if "attn_macs" not in pl.columns or not pl.estimator.isin(PEERS).any():
         return []
     metric = pl.metric.iloc[0]
@@ -240,14 +246,21 @@ def plugin_peer_rows(pl: pd.DataFrame, path, r, sz, damage, t: ClaimThresholds) 
     peers = pl[pl.estimator.isin(PEERS) & ~pl.estimator.isin(ORACLES) & (pl.attn_macs <= r.attn_macs)]
     out = []
     if not len(peers):
+        how = ""
         state, verdict, spread, scope = (
             "inconclusive",
-            "no peer costs as little as this method, so none can be compared at equal cost",
-            "no peer was measured at or below this cost",
+            "no peer costs as little as this method (on the measured s grid), so none can be compared",
+            "no non-oracle peer was measured at or below this cost",
             f"plug-in, vs the best peer at ≤ its cost ({r.cost_share:.2f} of exact)",
         )
     else:
-        b = min(peers.itertuples(), key=damage)
+        fit_chosen = peers[(peers.estimator == fit_peer[0]) & (peers.subset_size == fit_peer[1])] if fit_peer else []
+        b = next(fit_chosen.itertuples()) if len(fit_chosen) else min(peers.itertuples(), key=damage)
+        how = (
+            "the peer was chosen on the fit split (held-out reconstruction)"
+            if len(fit_chosen)
+            else "the peer is the best on this same set, which favours the peer"
+        )
         dm, dp = damage(r), damage(b)
         if dp > 0 and 1 - dm / dp >= t.c3_min_gain:
             state, verdict = "supported", f"less damage than {b.estimator} at equal or lower cost"
@@ -271,7 +284,7 @@ def plugin_peer_rows(pl: pd.DataFrame, path, r, sz, damage, t: ClaimThresholds) 
             spread=spread,
             state=state,
             verdict=verdict,
-            caveat="one evaluation set, no interval; the peer is the best on this same set, which favours the peer",
+            caveat="; ".join(x for x in ("one evaluation set, no interval", how) if x),
         )
     )
     oracle = pl[pl.estimator.isin(ORACLES) & (pl.subset_size == sz)]

@@ -372,6 +372,14 @@ class Training(_Settings):
             **maps,
         )
 
+    def params(self) -> dict:
+        """As for every settings class, except that ``pinv`` (read by nystrom only) is left out
+        where it is None, so the runs of every other variant keep their recorded params."""
+        p = asdict(self)
+        if p["pinv"] is None:
+            del p["pinv"]
+        return p
+
     @classmethod
     def from_params(cls, params: dict) -> Training:
         p = dict(params)

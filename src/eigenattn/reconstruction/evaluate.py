@@ -148,9 +148,12 @@ def _layer_reference(scores, li: int, qs: slice, ks: slice, allowed, causal: boo
 
 
 def _bilinear_layers(attrs: dict, layers) -> dict[int, bool]:
-    """Per layer: are the stored scores exactly scale·QKᵀ (no position bias, softcap or sink)?"""
+    """Per layer: are the stored scores exactly scale·QKᵀ (no position bias, softcap or sink)? From
+    the store's ``layer_modifiers``; a store without them counts as not plain."""
     held = [int(x) for x in attrs["layers"]]
-    mods = attrs.get("layer_modifiers") or [{}] * len(held)
+    mods = attrs.get("layer_modifiers")
+    if mods is None:  # a store that does not say: not known to be plain
+        return {layer: False for layer in layers}
     plain = {layer: not any(bool(v) for v in m.values()) for layer, m in zip(held, mods)}
     return {layer: plain.get(layer, False) for layer in layers}
 

@@ -12,8 +12,8 @@ attention backend from Q and K (the plug-in and training), and in the tests agai
   its rows (``Q̃ Kᵀ``) and of its blocks (``Q̃ K̃ᵀ``), so stored scores suffice. With an additive
   position bias, a softcap or a sink term this identity fails, and the caller refuses.
   It returns probabilities (rows sum to about 1, entries can be negative), plus the landmark
-  estimate of the block's log partition function ``log Σ_l c_l exp(q·k̃_l)`` (c_l the segment
-  sizes), which weighs the block against exact keys outside the view.
+  estimate of the block's log partition function (:func:`landmark_log_z`), which weighs the block
+  against exact keys outside the view.
 - :func:`topk_keys`: each row's s largest scores (``topk_oracle``: needs every score, a bound).
 - :func:`sink_window_keys`: the first ``sinks`` keys and the s − sinks keys nearest the query
   (StreamingLLM-style), the same for every input.
@@ -70,11 +70,28 @@ def _pinv(A: torch.Tensor, pinv: str) -> torch.Tensor:
     raise ConfigError("reconstruction.nystrom_pinv", f"unknown pseudo-inverse '{pinv}'", f"use one of {PINV}")
 
 
-def nystrom_from_kernels(K1, K2, K3, key_counts, pinv: str):
+def segment_of(n: int, m: int) -> np.ndarray:
+    """The segment (0..m−1) of each of n positions, as in :func:`segments`."""
+    return segments(n, m).argmax(axis=0)
+
+
+def landmark_log_z(K1, K2, K3, key_counts, query_segment):
+    """The landmark estimate of each query's log partition function over the view's keys.
+
+    ``log Σ_l c_l exp(q·k̃_l)`` (c_l the key segment sizes) replaces each key segment by its mean, so
+    by Jensen's inequality it is low. It is calibrated with the landmark queries, whose exact
+    partition function ``logsumexp(q̃·K)`` is known from K3: each query gets its own segment's gap
+    ``δ_a = logsumexp(K3_a) − log Σ_l c_l exp(K2_al)`` added. Both are exact when m = n."""
+    log_c = torch.log(key_counts)
+    delta = torch.logsumexp(K3, dim=-1) - torch.logsumexp(K2 + log_c, dim=-1)  # (…, m)
+    seg = torch.as_tensor(query_segment, device=K1.device)
+    return torch.logsumexp(K1 + log_c, dim=-1) + delta[..., seg]
+
+
+def nystrom_from_kernels(K1, K2, K3, key_counts, query_segment, pinv: str):
     """(P̂, log Ẑ) from the landmark logits K1 (…, nq, m), K2 (…, m, m), K3 (…, m, d)."""
     P = torch.softmax(K1, dim=-1) @ _pinv(torch.softmax(K2, dim=-1), pinv) @ torch.softmax(K3, dim=-1)
-    log_z = torch.logsumexp(K1 + torch.log(key_counts), dim=-1)
-    return P, log_z
+    return P, landmark_log_z(K1, K2, K3, key_counts, query_segment)
 
 
 def nystrom_from_scores(X: torch.Tensor, m: int, pinv: str):
@@ -86,7 +103,7 @@ def nystrom_from_scores(X: torch.Tensor, m: int, pinv: str):
     K3 = Aq @ X  # segment means of the rows: Q̃ Kᵀ
     K2 = K3 @ Ak.T  # block means: Q̃ K̃ᵀ
     counts = torch.from_numpy(1.0 / segments(d, m).max(axis=1)).to(X)
-    return nystrom_from_kernels(K1, K2, K3, counts, pinv)
+    return nystrom_from_kernels(K1, K2, K3, counts, segment_of(nq, m), pinv)
 
 
 def nystrom_from_qk(Q: torch.Tensor, K: torch.Tensor, m: int, scale: float, pinv: str):
@@ -99,7 +116,7 @@ def nystrom_from_qk(Q: torch.Tensor, K: torch.Tensor, m: int, scale: float, pinv
     K2 = scale * Ql @ Kl.transpose(-1, -2)
     K3 = scale * Ql @ K.transpose(-1, -2)
     counts = torch.from_numpy(1.0 / segments(d, m).max(axis=1)).to(Q)
-    return nystrom_from_kernels(K1, K2, K3, counts, pinv)
+    return nystrom_from_kernels(K1, K2, K3, counts, segment_of(nq, m), pinv)
 
 
 def topk_keys(X: torch.Tensor, s: int) -> torch.Tensor:
@@ -234,11 +251,15 @@ def estimate_rows(
         Aq = torch.from_numpy(segments(nq, s)).to(X)
         Ak = torch.from_numpy(segments(d, s)).to(X)
         K3 = Aq @ X  # (c, H, m, d)
-        right = _pinv(torch.softmax(K3 @ Ak.T, dim=-1), pinv) @ torch.softmax(K3, dim=-1)  # (c, H, m, d)
+        K2 = K3 @ Ak.T
+        right = _pinv(torch.softmax(K2, dim=-1), pinv) @ torch.softmax(K3, dim=-1)  # (c, H, m, d)
         K1 = Xr @ Ak.T  # (r, H, m)
         P = (torch.softmax(K1, dim=-1)[..., None, :] @ right[seq]).squeeze(-2)
         counts = torch.from_numpy(1.0 / segments(d, s).max(axis=1)).to(X)
-        return ("probs", P, torch.logsumexp(K1 + torch.log(counts), dim=-1))
+        log_c = torch.log(counts)
+        delta = torch.logsumexp(K3, dim=-1) - torch.logsumexp(K2 + log_c, dim=-1)  # (c, H, m), as in landmark_log_z
+        seg = torch.from_numpy(segment_of(nq, s))[q]
+        return ("probs", P, torch.logsumexp(K1 + log_c, dim=-1) + delta[seq, :, seg])
     if method == "topk_oracle":
         keep = topk_keys(Xr if vis is None else Xr.masked_fill(~vis, float("-inf")), s)
     elif method == "sink_window":
