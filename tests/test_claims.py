@@ -230,7 +230,7 @@ def _recon_csv(root, name, data, peers=(), subset_sizes=(4,)):
         peers=peers,
         q_last=16,
         sinks=4,
-        pinv="exact",
+        pinv=("exact", "iterative"),
     )
     df = evaluate_view(root / f"{name}-rows.zarr", [held], settings, fit_shards=[fit], progress=False)
     p = root / f"{name}-recon.csv"

@@ -26,7 +26,7 @@ METHOD_COLORS = {
     "sink_window": "C8",
     "topk_oracle": "0.45",
 }
-STRATEGY_STYLES = {"pivoted_qr": "-", "strided": "--", "random": ":", "-": "-"}
+STRATEGY_STYLES = {"pivoted_qr": "-", "strided": "--", "random": ":", "-": "-", "exact": ":", "iterative": "-"}
 
 
 def pareto_front(cost, error) -> list[int]:

@@ -80,10 +80,11 @@ def peer_rows(df: pd.DataFrame, path, model, view, sz, be, bs, t: ClaimThreshold
             )
         )
     else:
-        pe, ps = fit.groupby(["estimator", "subset_size"]).tv.median().idxmin()
+        pe, pst, ps = fit.groupby(["estimator", "strategy", "subset_size"]).tv.median().idxmin()
         if chosen_peers is not None:
-            chosen_peers[(model, view)] = (pe, int(ps))
-        peer = held[(held.estimator == pe) & (held.subset_size == ps)]
+            chosen_peers[(model, view)] = (pe, pst, int(ps))
+        peer = held[(held.estimator == pe) & (held.strategy == pst) & (held.subset_size == ps)]
+        pe = pe if pst == "-" else f"{pe}/{pst}"
         pshare = float(peer.cost_share.iloc[0])
         mine_wins, peer_wins = paired_gain(best, peer), paired_gain(peer, best)
         if _judge(mine_wins, peer_wins, t):
@@ -254,7 +255,13 @@ def plugin_peer_rows(pl: pd.DataFrame, path, r, sz, damage, t: ClaimThresholds, 
             f"plug-in, vs the best peer at ≤ its cost ({r.cost_share:.2f} of exact)",
         )
     else:
-        fit_chosen = peers[(peers.estimator == fit_peer[0]) & (peers.subset_size == fit_peer[1])] if fit_peer else []
+        fit_chosen = (
+            peers[
+                (peers.estimator == fit_peer[0]) & (peers.strategy == fit_peer[1]) & (peers.subset_size == fit_peer[2])
+            ]
+            if fit_peer
+            else []
+        )
         b = next(fit_chosen.itertuples()) if len(fit_chosen) else min(peers.itertuples(), key=damage)
         how = (
             "the peer was chosen on the fit split (held-out reconstruction)"
@@ -262,17 +269,16 @@ def plugin_peer_rows(pl: pd.DataFrame, path, r, sz, damage, t: ClaimThresholds, 
             else "the peer is the best on this same set, which favours the peer"
         )
         dm, dp = damage(r), damage(b)
+        name = b.estimator if b.strategy == "-" else f"{b.estimator}/{b.strategy}"
         if dp > 0 and 1 - dm / dp >= t.c3_min_gain:
-            state, verdict = "supported", f"less damage than {b.estimator} at equal or lower cost"
+            state, verdict = "supported", f"less damage than {name} at equal or lower cost"
         elif dm > 0 and 1 - dp / dm >= t.c3_min_gain:
             state = "not supported"
-            verdict = f"{b.estimator} (s={b.subset_size}) does less damage at equal or lower cost"
+            verdict = f"{name} (s={b.subset_size}) does less damage at equal or lower cost"
         else:
             state, verdict = "inconclusive", f"within {t.c3_min_gain:.0%} of each other's damage"
-        spread = f"{b.estimator} s={b.subset_size}: {show(b):.3f} ({b.cost_share:.2f} of exact)"
-        scope = (
-            f"plug-in, vs the best peer at ≤ its cost ({r.cost_share:.2f} of exact): {b.estimator} s={b.subset_size}"
-        )
+        spread = f"{name} s={b.subset_size}: {show(b):.3f} ({b.cost_share:.2f} of exact)"
+        scope = f"plug-in, vs the best peer at ≤ its cost ({r.cost_share:.2f} of exact): {name} s={b.subset_size}"
     out.append(
         make_row(
             "C3",

@@ -216,7 +216,7 @@ class Reconstruction(_Settings):
     peers_explicit: bool = False
     q_last: int = 0
     sinks: int = 0
-    pinv: str | None = None
+    pinv: tuple = ()
 
     @classmethod
     def from_config(cls, config: dict, model: str, view: str) -> Reconstruction:
@@ -237,7 +237,7 @@ class Reconstruction(_Settings):
             explicit,
             r["peer_q_last"],
             r["peer_sinks"],
-            r["nystrom_pinv"],
+            tuple(r["nystrom_pinv"]),
         )
 
     @property
@@ -253,8 +253,12 @@ class PeerSettings(_Settings):
     explicit: bool
     q_last: int
     sinks: int
-    pinv: str
+    pinv: tuple
     key: str
+
+    def variants(self, method: str) -> tuple:
+        """The strategy column of a peer's rows: nystrom's pseudo-inverses, "-" for the others."""
+        return self.pinv if method == "nystrom" else ("-",)
 
 
 @dataclass(frozen=True)
@@ -273,7 +277,7 @@ class Plugin(_Settings):
     peers_explicit: bool = False
     q_last: int = 0
     sinks: int = 0
-    pinv: str | None = None
+    pinv: tuple = ()
 
     @classmethod
     def from_config(cls, config: dict) -> Plugin:
@@ -292,7 +296,7 @@ class Plugin(_Settings):
             explicit,
             r["peer_q_last"],
             r["peer_sinks"],
-            r["nystrom_pinv"],
+            tuple(r["nystrom_pinv"]),
         )
 
     @property
@@ -363,7 +367,7 @@ class Training(_Settings):
         t = config["training"]
         maps = {k: t[k] for k in MAP_KEYS} if variant in USES_MAPS else {}
         if variant == "nystrom":  # the only variant that reads it, so the others do not re-run
-            maps["pinv"] = config["reconstruction"]["nystrom_pinv"]
+            maps["pinv"] = t["nystrom_pinv"]
         return cls(
             **{k: t[k] for k in RUN_KEYS},
             model=EncoderModel(**t["model"]),

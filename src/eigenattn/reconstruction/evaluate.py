@@ -238,10 +238,11 @@ def evaluate_view(
             log.info("layer %d: nystrom skipped (its scores carry a position bias, softcap or sink)", layer)
 
         def run_peers(X, seq, q, layer_peers=layer_peers):
-            kw = {"q_last": ps.q_last, "sinks": ps.sinks, "pinv": ps.pinv}
+            kw = {"q_last": ps.q_last, "sinks": ps.sinks}
             return {
-                (m, s): peer_methods.estimate_rows(m, X, s, geometry, seq, q, **kw)
+                (m, v, s): peer_methods.estimate_rows(m, X, s, geometry, seq, q, **kw, pinv=v)
                 for m in layer_peers
+                for v in ps.variants(m)
                 for s in subset_sizes
             }
 
@@ -298,10 +299,10 @@ def evaluate_view(
                                     )
                                 )
         for split, ref in refs.items():
-            for (name, s), e in estimates[split].items():
+            for (name, variant, s), e in estimates[split].items():
                 met = ref.metrics(e[1]) if e[0] == "logits" else ref.metrics_probs(e[1], e[2])
                 for h in range(ref.X.shape[0]):
-                    records.append(record(split, name, "-", s, "same", met, h))
+                    records.append(record(split, name, variant, s, "same", met, h))
         bar.update(1)
     bar.close()
     return pd.DataFrame.from_records(records, columns=COLUMNS)

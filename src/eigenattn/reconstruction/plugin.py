@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from eigenattn.capture.probe import model_class
 from eigenattn.config.settings import Plugin
-from eigenattn.reconstruction.cost import cost_share, family, view_macs
+from eigenattn.reconstruction.cost import PEERS, cost_share, family, view_macs
 from eigenattn.reconstruction.estimators import check_method, eigenspace_rank
 from eigenattn.reconstruction.partial import attach, attach_peers, detach, maps_from_stats, register
 from eigenattn.reconstruction.peer_attention import PeerSpec
@@ -113,24 +113,24 @@ def plugin_eval(
     nq, d = stats.query_range[1] - stats.query_range[0], stats.d
     d_head = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
 
-    def peer_specs(method, s):
+    def peer_specs(method, variant, s):
         kw = {"seq_len": stats.seq_len, "query_range": stats.query_range, "key_range": stats.key_range}
+        pinv = variant if method == "nystrom" else None
         return {
             layer: PeerSpec(
-                method, s, **kw, causal=stats.causal, q_last=ps.q_last, sinks=ps.sinks, pinv=ps.pinv, key=ps.key
+                method, s, **kw, causal=stats.causal, q_last=ps.q_last, sinks=ps.sinks, pinv=pinv, key=ps.key
             )
             for layer in stats.layers
         }
 
-    for m in ps.methods:
-        for s in subset_sizes:
-            peer_specs(m, s)  # refuses a peer that cannot run on this view before any forward pass
+    peer_grid = [(m, v, s) for s in subset_sizes for m in ps.methods for v in ps.variants(m)]
+    for m, v, s in peer_grid:
+        peer_specs(m, v, s)  # refuses a peer that cannot run on this view before any forward pass
     records = []
     grid = [(e, st, s) for s in subset_sizes for st in strategies for e in estimators]
-    grid += [(m, "-", s) for s in subset_sizes for m in ps.methods]
-    for est, st, s in tqdm(grid, desc=f"plug-in {stats.model}", disable=not progress):
-        if st == "-":
-            attach_peers(model, peer_specs(est, s))
+    for est, st, s in tqdm(grid + peer_grid, desc=f"plug-in {stats.model}", disable=not progress):
+        if est in PEERS:
+            attach_peers(model, peer_specs(est, st, s))
         else:
             maps = maps_from_stats(stats, est, st, s, ridge=ridge, rank=rank, seed=seed)
             attach(model, {k: v.to(device) for k, v in maps.items()})

@@ -18,7 +18,7 @@ Variants differ only in attention:
 - ``subset_only``: attention restricted to ``T`` (sparse attention, the control);
 - ``linformer``: keys and values projected along the sequence to ``s`` rows by learned ``E, F``;
 - ``nystrom``: Nyströmformer's attention with ``s`` landmarks (segment means of Q and K), no
-  parameters of its own (``reconstruction.nystrom_pinv`` chooses the pseudo-inverse).
+  parameters of its own (``training.nystrom_pinv`` chooses the pseudo-inverse).
 
 Their cost is :func:`eigenattn.reconstruction.cost.attention_flops_per_seq`.
 """
