@@ -144,7 +144,8 @@ def test_planning_is_a_function_of_the_config():
     assert plan.cross_pairs(c) == [("minilm", "smollm2")]
     assert plan.plugin_view(c, "smollm2") == "prefix"
     runs = plan.training_runs(c)
-    assert len(runs) == 2 * (2 + 4 * len(c["training"]["subset_sizes"]))
+    variants = len(c["training"]["variants"])  # partial_fixed, partial_learned, subset_only, linformer, nystrom
+    assert variants == 5 and len(runs) == 2 * (2 + variants * len(c["training"]["subset_sizes"]))
     assert plan.model_spec(c, c["training"]["analysis_model"])["run"] == plan.trained_run(c)
 
 
