@@ -369,7 +369,7 @@ def test_training_outputs(tiny_run):
     expect = {(m, "exact", n) for m in ("scratch", "finetune")} | {
         (m, v, sz)
         for m in ("scratch", "finetune")
-        for v in ("partial_fixed", "partial_learned", "subset_only", "linformer")
+        for v in ("partial_fixed", "partial_learned", "subset_only", "linformer", "nystrom")
         for sz in t["subset_sizes"]
     }
     assert set(zip(s["mode"], s.variant, s.subset_size)) == expect
