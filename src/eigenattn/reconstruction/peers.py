@@ -75,6 +75,17 @@ def segment_of(n: int, m: int) -> np.ndarray:
     return segments(n, m).argmax(axis=0)
 
 
+def segment_sizes(n: int, m: int) -> np.ndarray:
+    """The number of positions in each of :func:`segments`' m segments."""
+    return np.diff(np.linspace(0, n, m + 1).round().astype(int)).astype(np.float64)
+
+
+def landmark_gap(K2, K3, log_c):
+    """Per landmark query: its exact log partition function over the view's keys (a row of K3)
+    minus the landmark estimate of it (from K2)."""
+    return torch.logsumexp(K3, dim=-1) - torch.logsumexp(K2 + log_c, dim=-1)
+
+
 def landmark_log_z(K1, K2, K3, key_counts, query_segment):
     """The landmark estimate of each query's log partition function over the view's keys.
 
@@ -83,9 +94,8 @@ def landmark_log_z(K1, K2, K3, key_counts, query_segment):
     partition function ``logsumexp(q̃·K)`` is known from K3: each query gets its own segment's gap
     ``δ_a = logsumexp(K3_a) − log Σ_l c_l exp(K2_al)`` added. Both are exact when m = n."""
     log_c = torch.log(key_counts)
-    delta = torch.logsumexp(K3, dim=-1) - torch.logsumexp(K2 + log_c, dim=-1)  # (…, m)
     seg = torch.as_tensor(query_segment, device=K1.device)
-    return torch.logsumexp(K1 + log_c, dim=-1) + delta[..., seg]
+    return torch.logsumexp(K1 + log_c, dim=-1) + landmark_gap(K2, K3, log_c)[..., seg]
 
 
 def nystrom_from_kernels(K1, K2, K3, key_counts, query_segment, pinv: str):
@@ -102,7 +112,7 @@ def nystrom_from_scores(X: torch.Tensor, m: int, pinv: str):
     K1 = X @ Ak.T  # segment means of the columns: Q K̃ᵀ
     K3 = Aq @ X  # segment means of the rows: Q̃ Kᵀ
     K2 = K3 @ Ak.T  # block means: Q̃ K̃ᵀ
-    counts = torch.from_numpy(1.0 / segments(d, m).max(axis=1)).to(X)
+    counts = torch.from_numpy(segment_sizes(d, m)).to(X)
     return nystrom_from_kernels(K1, K2, K3, counts, segment_of(nq, m), pinv)
 
 
@@ -115,7 +125,7 @@ def nystrom_from_qk(Q: torch.Tensor, K: torch.Tensor, m: int, scale: float, pinv
     K1 = scale * Q @ Kl.transpose(-1, -2)
     K2 = scale * Ql @ Kl.transpose(-1, -2)
     K3 = scale * Ql @ K.transpose(-1, -2)
-    counts = torch.from_numpy(1.0 / segments(d, m).max(axis=1)).to(Q)
+    counts = torch.from_numpy(segment_sizes(d, m)).to(Q)
     return nystrom_from_kernels(K1, K2, K3, counts, segment_of(nq, m), pinv)
 
 
@@ -255,11 +265,9 @@ def estimate_rows(
         right = _pinv(torch.softmax(K2, dim=-1), pinv) @ torch.softmax(K3, dim=-1)  # (c, H, m, d)
         K1 = Xr @ Ak.T  # (r, H, m)
         P = (torch.softmax(K1, dim=-1)[..., None, :] @ right[seq]).squeeze(-2)
-        counts = torch.from_numpy(1.0 / segments(d, s).max(axis=1)).to(X)
-        log_c = torch.log(counts)
-        delta = torch.logsumexp(K3, dim=-1) - torch.logsumexp(K2 + log_c, dim=-1)  # (c, H, m), as in landmark_log_z
-        seg = torch.from_numpy(segment_of(nq, s))[q]
-        return ("probs", P, torch.logsumexp(K1 + log_c, dim=-1) + delta[seq, :, seg])
+        log_c = torch.log(torch.from_numpy(segment_sizes(d, s)).to(X))
+        seg = torch.from_numpy(segment_of(nq, s))[q]  # each chosen row's query segment
+        return ("probs", P, torch.logsumexp(K1 + log_c, dim=-1) + landmark_gap(K2, K3, log_c)[seq, :, seg])
     if method == "topk_oracle":
         keep = topk_keys(Xr if vis is None else Xr.masked_fill(~vis, float("-inf")), s)
     elif method == "sink_window":
