@@ -221,7 +221,6 @@ class Reconstruction(_Settings):
     @classmethod
     def from_config(cls, config: dict, model: str, view: str) -> Reconstruction:
         r = config["reconstruction"]
-        peers, explicit = plan.peers(config, "reconstruction")
         return cls(
             tuple(r["estimators"]),
             tuple(r["strategies"]),
@@ -233,16 +232,24 @@ class Reconstruction(_Settings):
             tuple(plan.transfers(config)),
             tuple(r["transfer_estimators"]),
             tuple(plan.other_models(config, model, view)),
-            tuple(peers),
-            explicit,
-            r["peer_q_last"],
-            r["peer_sinks"],
-            tuple(r["nystrom_pinv"]),
+            *_peer_fields(config, "reconstruction"),
         )
 
     @property
     def peer_settings(self) -> PeerSettings:
-        return PeerSettings(self.peers, self.peers_explicit, self.q_last, self.sinks, self.pinv, "reconstruction.peers")
+        return _peer_settings(self, "reconstruction.peers")
+
+
+def _peer_fields(config: dict, section: str) -> tuple:
+    """The peer fields shared by :class:`Reconstruction` and :class:`Plugin`, in their order:
+    peers, peers_explicit, q_last, sinks, pinv (``section``: whose ``peers`` list)."""
+    r = config["reconstruction"]
+    peers, explicit = plan.peers(config, section)
+    return tuple(peers), explicit, r["peer_q_last"], r["peer_sinks"], tuple(r["nystrom_pinv"])
+
+
+def _peer_settings(s, key: str) -> PeerSettings:
+    return PeerSettings(s.peers, s.peers_explicit, s.q_last, s.sinks, s.pinv, key)
 
 
 @dataclass(frozen=True)
@@ -282,7 +289,6 @@ class Plugin(_Settings):
     @classmethod
     def from_config(cls, config: dict) -> Plugin:
         p, r = config["plugin"], config["reconstruction"]
-        peers, explicit = plan.peers(config, "plugin")
         return cls(
             tuple(p["estimators"]),
             tuple(p["strategies"]),
@@ -292,16 +298,12 @@ class Plugin(_Settings):
             r["ridge"],
             r["eigenspace_rank"],
             config["seed"],
-            tuple(peers),
-            explicit,
-            r["peer_q_last"],
-            r["peer_sinks"],
-            tuple(r["nystrom_pinv"]),
+            *_peer_fields(config, "plugin"),
         )
 
     @property
     def peer_settings(self) -> PeerSettings:
-        return PeerSettings(self.peers, self.peers_explicit, self.q_last, self.sinks, self.pinv, "plugin.peers")
+        return _peer_settings(self, "plugin.peers")
 
 
 @dataclass(frozen=True)
