@@ -239,19 +239,24 @@ def attention_modules(model) -> dict[int, nn.Module]:
     return out
 
 
-def attach(model, maps: dict[int, PartialMap]) -> list[int]:
-    """Set the map of each layer in ``maps`` (replacing any); other layers are left exact."""
+def _set_per_layer(model, items: dict, attr: str, what: str) -> list[int]:
+    """Set ``attr`` to ``items[i]`` on the attention module of each layer i (replacing any)."""
     mods = attention_modules(model)
-    bad = sorted(set(maps) - set(mods))
+    bad = sorted(set(items) - set(mods))
     if bad:
         raise InputError(
-            "partial maps",
+            what,
             f"layers {bad} are not attention layers of this model (it has {sorted(mods)})",
-            "attach maps fitted on this model's statistics",
+            f"attach {what} made for this model's analysed layers",
         )
-    for i, pm in maps.items():
-        setattr(mods[i], ATTR, pm)
-    return sorted(maps)
+    for i, item in items.items():
+        setattr(mods[i], attr, item)
+    return sorted(items)
+
+
+def attach(model, maps: dict[int, PartialMap]) -> list[int]:
+    """Set the map of each layer in ``maps`` (replacing any); other layers are left exact."""
+    return _set_per_layer(model, maps, ATTR, "partial maps")
 
 
 def detach(model) -> None:
@@ -263,18 +268,8 @@ def detach(model) -> None:
 
 
 def attach_peers(model, specs: dict[int, PeerSpec]) -> list[int]:
-    """Run the view of each layer in ``specs`` with its peer (replacing any map); others stay as they are."""
-    mods = attention_modules(model)
-    bad = sorted(set(specs) - set(mods))
-    if bad:
-        raise InputError(
-            "peers",
-            f"layers {bad} are not attention layers of this model (it has {sorted(mods)})",
-            "attach peers to this model's analysed layers",
-        )
-    for i, spec in specs.items():
-        setattr(mods[i], PEER_ATTR, spec)
-    return sorted(specs)
+    """Run the view of each layer in ``specs`` with its peer (it takes precedence over a map)."""
+    return _set_per_layer(model, specs, PEER_ATTR, "peers")
 
 
 def detach_all(model) -> None:
