@@ -145,7 +145,14 @@ def test_planning_is_a_function_of_the_config():
     assert plan.plugin_view(c, "smollm2") == "prefix"
     runs = plan.training_runs(c)
     variants = len(c["training"]["variants"])  # partial_fixed, partial_learned, subset_only, linformer, nystrom
-    assert variants == 5 and len(runs) == 2 * (2 + variants * len(c["training"]["subset_sizes"]))
+    seeds = len(c["training"]["seeds"])
+    sizes = sum(len(plan.training_sizes(c, m)) for m in ("scratch", "finetune"))  # 1 + 2 by default
+    assert variants == 5 and len(runs) == seeds * (2 * 2 + variants * sizes)
+    # paired: every variant runs with exactly the seeds of exact and of the uniform floor
+    by = {}
+    for r in runs:
+        by.setdefault((r["mode"], r["tvariant"], r["s"]), set()).add(r["seed"])
+    assert set(map(frozenset, by.values())) == {frozenset(c["training"]["seeds"])}
     assert plan.model_spec(c, c["training"]["analysis_model"])["run"] == plan.trained_run(c)
 
 

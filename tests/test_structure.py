@@ -41,7 +41,7 @@ def test_library_enums_come_from_the_schema():
     assert estimators.STRATEGIES == schema.enum("reconstruction.strategies")
     assert reconstruct.TRANSFERS == schema.enum("reconstruction.transfer")
     assert mlm_model.MODES == schema.enum("training.modes")
-    assert mlm_model.VARIANTS == ("exact", *schema.enum("training.variants"))
+    assert mlm_model.VARIANTS == ("exact", "uniform", *schema.enum("training.variants"))
 
 
 def _enum_groups():

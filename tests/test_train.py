@@ -138,7 +138,7 @@ def test_shapes_and_gradients(variant, positions):
 
 
 @pytest.mark.parametrize("positions", POSITIONS)
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, "uniform"])
 def test_attention_mask_is_honoured(variant, positions):
     """Masked keys get zero attention probability; Linformer refuses a mask it cannot apply."""
     m = model(variant, positions=positions).eval()
@@ -166,6 +166,28 @@ def test_attention_mask_is_honoured(variant, positions):
     else:
         assert w[..., 5].abs().max() == 0
     assert torch.allclose(w.sum(-1), torch.ones(()), atol=1e-5)
+
+
+@torch.no_grad()
+def test_uniform_floor_is_the_mean_of_the_values_and_ignores_order():
+    """The floor's attention: every visible key weighs 1/n, so each output is the mean of V; and a
+    rotary encoder with it is permutation-equivariant (position i's output moves with its token),
+    which exact attention with RoPE is not."""
+    m = model("uniform").eval()
+    mod = attention_modules(m.encoder)[0]
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, H, n, D // H, generator=g) for _ in range(3))
+    out, w = partial_attention_forward(mod, q, k, v, None, dropout=0.0)
+    torch.testing.assert_close(w, torch.full_like(w, 1 / n))
+    torch.testing.assert_close(out, v.mean(dim=2, keepdim=True).expand_as(v).transpose(1, 2))
+    ids = batch()
+    perm = torch.randperm(n, generator=g)
+    for variant, equivariant in (("uniform", True), ("exact", False)):
+        enc = model(variant).eval().encoder
+        a = enc(input_ids=ids).last_hidden_state[:, perm]
+        b = enc(input_ids=ids[:, perm]).last_hidden_state
+        assert torch.allclose(a, b, atol=1e-5) == equivariant, variant
+    assert not any(p.grad is not None for p in mod.parameters())
 
 
 @torch.no_grad()
@@ -255,6 +277,33 @@ def test_same_seed_same_metrics(tokenizer, tmp_path):
     assert (tmp_path / "a" / "model" / "config.json").is_file()
     c = run(tmp_path / "c", **{**kw, "seed": 4})
     assert c["heldout_loss"] != a["heldout_loss"]
+    # the per-token record: the same tokens in the same order for every run, its accuracy the run's
+    za, zc = (np.load(tmp_path / x / "heldout_tokens.npz") for x in ("a", "c"))
+    np.testing.assert_array_equal(za["labels"], zc["labels"])
+    assert za["correct"].dtype == bool and len(za["correct"]) == a["heldout_tokens"]
+    assert za["correct"].mean() == pytest.approx(a["heldout_mlm_acc"], abs=1e-12)
+    assert float(za["loss"].astype(np.float64).mean()) == pytest.approx(a["heldout_loss"], rel=1e-6)
+    assert za["correct_shuffled"].mean() == pytest.approx(a["heldout_mlm_acc_shuffled"], abs=1e-12)
+
+
+def test_runs_of_a_seed_share_their_initialisation():
+    """Paired seeds: every variant of a seed starts from the same encoder weights (its own extra
+    parameters, such as Linformer's E and F, are drawn after them); another seed starts elsewhere."""
+    from eigenattn.training.loop import _build_model
+
+    settings = replace(TRAINING, seq_len=n)
+
+    def weights(variant, seed):
+        m = _build_model("scratch", variant, 4, seed, settings, 50, Stats(), None)
+        return {k: v for k, v in m.state_dict().items() if "eigenattn" not in k}
+
+    ref = weights("exact", 3)
+    for variant in ("uniform", "linformer", "nystrom", "partial_fixed"):
+        w = weights(variant, 3)
+        assert w.keys() == ref.keys() and all(torch.equal(w[k], ref[k]) for k in ref), variant
+    assert not torch.equal(weights("exact", 4)["bias"] + 1, ref["bias"] + 1) or any(
+        not torch.equal(weights("exact", 4)[k], ref[k]) for k in ref
+    )
 
 
 def test_nystrom_trains_and_resumes_from_a_checkpoint(tokenizer, tmp_path, monkeypatch):

@@ -55,7 +55,7 @@ wildcard_constraints:
     view="|".join(enum("eigen.views")),
     variant="|".join(enum("eigen.variants")),
     mode="|".join(enum("training.modes")),
-    tvariant="|".join(["exact", *enum("training.variants")]),
+    tvariant="|".join(["exact", "uniform", *enum("training.variants")]),
     name="|".join(sorted({*NOTEBOOKS, "scaling"})),
     s=r"\d+",
     seed=r"\d+",
@@ -119,7 +119,7 @@ def all_outputs(wildcards):
         + [rules.overlap_summary.output[0]]
         + reconstruct_outputs()
         + plugin_outputs()
-        + [rules.train_summary.output[0], rules.claims.output[0]]
+        + [*rules.train_summary.output, rules.claims.output[0]]
         + scaling_outputs()
         + notebook_outputs()
     )

@@ -48,6 +48,7 @@ rule train_run:
     output:
         metrics="results/training/{mode}/{tvariant}/s{s}/seed{seed}/metrics.csv",
         final="results/training/{mode}/{tvariant}/s{s}/seed{seed}/final.json",
+        tokens="results/training/{mode}/{tvariant}/s{s}/seed{seed}/heldout_tokens.npz",
         model=directory("results/training/{mode}/{tvariant}/s{s}/seed{seed}/model"),
     log:
         "logs/train/{mode}/{tvariant}/s{s}/seed{seed}.log",
@@ -67,17 +68,21 @@ rule train_run:
 
 rule train_summary:
     input:
-        run_outputs("final"),
+        final=run_outputs("final"),
+        tokens=run_outputs("tokens"),
     output:
-        "results/training/summary.csv",
+        summary="results/training/summary.csv",
+        comparisons="results/training/comparisons.csv",
     log:
         "logs/train_summary.log",
     conda:
         "../../envs/eigenattn.yaml"
+    params:
+        keep=config["claims"]["c4_min_kept_gain"],
     script:
         "../scripts/train_summary.py"
 
 
 rule train:
     input:
-        rules.train_summary.output[0],
+        rules.train_summary.output.comparisons,

@@ -1,8 +1,12 @@
 from eigenattn.storage import logs
 from eigenattn.storage.store import write_table
-from eigenattn.training.summary import summarise
+from eigenattn.training.summary import compare, summarise
 
 log = logs.start(snakemake)
-df = summarise(list(snakemake.input))
-write_table(df, snakemake.output[0])
-log.info("wrote %s:\n%s", snakemake.output[0], df.to_string())
+finals = list(snakemake.input.final)
+for name, df in (
+    ("summary", summarise(finals)),
+    ("comparisons", compare(finals, keep=float(snakemake.params.keep))),
+):
+    write_table(df, snakemake.output[name])
+    log.info("wrote %s:\n%s", snakemake.output[name], df.to_string())

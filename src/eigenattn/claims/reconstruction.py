@@ -11,7 +11,6 @@ from eigenattn.claims.verdicts import BASELINES, iqr, make_row, nearest_measured
 from eigenattn.config.settings import ClaimThresholds
 from eigenattn.errors import InputError
 from eigenattn.reconstruction.cost import ORACLES, PAPER, PEERS
-from eigenattn.training.stats import accuracy_difference, learned_margins, order_gain
 
 # --------------------------------------------------------------------------------------------- C3
 
@@ -315,88 +314,162 @@ def plugin_peer_rows(pl: pd.DataFrame, path, r, sz, damage, t: ClaimThresholds, 
 # --------------------------------------------------------------------------------------------- C4
 
 
-def c4_rows(training, thresholds: ClaimThresholds) -> list[dict]:
-    """Per mode: exact against the unigram baseline and its own shuffled-order accuracy (both must be
-    beaten for any comparison to speak to C4), then every variant and s against exact."""
-    s = pd.read_csv(training)
+def _c4_blocker(r) -> str | None:
+    """Why no variant row of a mode can speak to C4, or None: exact must have learned, use word order
+    and beat the uniform floor, each beyond its interval."""
+    if not r.exact_learned:
+        return "inconclusive: exact has not learned"
+    if not r.exact_uses_order:
+        return (
+            "inconclusive: exact ignores word order (a bag-of-words model) in at least one seed "
+            f"(smallest per-seed gain over shuffled windows {r.exact_run_gain_min:+.3f}), so attention "
+            "variants cannot be told apart from it; rotary positions (training.model.positions) and "
+            "more steps let it learn order"
+        )
+    if not r.exact_beats_floor:
+        return (
+            "inconclusive: exact does not beat the uniform floor (order-free attention) beyond its "
+            f"interval (gain {r.exact_floor_gain:+.3f}, lower 95% end {r.exact_floor_gain_low:+.3f}): "
+            "attention has no gain for a variant to keep"
+        )
+    return None
+
+
+def _c4_state(r, blocker: str | None) -> tuple[str, str]:
+    keep = f"{r.keep:.0%}"
+    if blocker:
+        return "inconclusive", blocker
+    if not r.seeds >= 2:
+        return "inconclusive", "fewer than two seeds shared with exact and the floor: seed noise is not measured"
+    if not r.floor_ci_low > 0:
+        if r.keep_ci_high < 0:
+            return "not supported", "does not beat the uniform floor (order-free attention) beyond its interval"
+        return "inconclusive", (
+            "does not beat the uniform floor beyond its interval, but the interval is too wide to rule out "
+            f"keeping {keep} of exact's gain; more seeds (training.seeds) or held-out windows would narrow it"
+        )
+    if r.keep_ci_low > 0:
+        return "supported", f"keeps ≥ {keep} of exact's gain over the uniform floor"
+    if r.keep_ci_high < 0:
+        return "not supported", f"keeps < {keep} of exact's gain over the uniform floor"
+    return "inconclusive", (
+        f"interval too wide to tell whether it keeps {keep} of exact's gain over the floor; more seeds "
+        "(training.seeds) or held-out windows (training.eval_sequences) would narrow it"
+    )
+
+
+def c4_rows(comparisons, thresholds: ClaimThresholds) -> list[dict]:
+    """Per mode: exact against the unigram baseline, its own shuffled windows and the uniform floor
+    (all three must be beaten for any comparison to speak to C4), the floor as a reference, then
+    every variant and s against exact and the floor (``comparisons.csv`` of the training stage,
+    paired over seeds and tokens), and per variant the smallest s at which it keeps
+    ``c4_min_kept_gain`` of exact's gain over the floor."""
+    c = pd.read_csv(comparisons)
+    if len(c) and not np.allclose(c.keep, thresholds.c4_min_kept_gain):
+        raise InputError(
+            comparisons,
+            f"its keep contrast is for keep = {c.keep.iloc[0]}, "
+            f"claims.c4_min_kept_gain is {thresholds.c4_min_kept_gain}",
+            "re-run train_summary (it takes claims.c4_min_kept_gain as a parameter)",
+        )
     out = []
-    keep = thresholds.c4_min_kept_gain
-    n = int(s.heldout_tokens.iloc[0])
-    u, H = float(s.unigram_acc.iloc[0]), float(s.unigram_entropy.iloc[0])
-    for mode, g in s.groupby("mode", sort=False):
-        ex = g[g.variant == "exact"]
-        m = learned_margins(ex.heldout_mlm_acc, ex.heldout_loss, ex.heldout_loss_sd, n, u, H)
-        o = order_gain(ex.heldout_mlm_acc, ex.heldout_mlm_acc_shuffled, n)
-        acc = float(ex.heldout_mlm_acc.mean())
-        if not m["learned"]:
-            blocker = "inconclusive: exact has not learned"
-        elif not o["uses_order"]:
-            blocker = (
-                "inconclusive: exact ignores word order (a bag-of-words model) in at least one seed "
-                f"(smallest per-seed gain over shuffled windows {o['run_gain_min']:+.3f}), so attention "
-                "variants cannot be told apart from it; rotary positions (training.model.positions) and "
-                "more steps let it learn order"
-            )
-        else:
-            blocker = None
+    for mode, g in c.groupby("mode", sort=False):
+        ex = g[g.variant == "exact"].iloc[0]
+        fl = g[g.variant == "uniform"].iloc[0]
+        blocker = _c4_blocker(ex)
+        n, u, H = int(ex.heldout_tokens), float(ex.unigram_acc), float(ex.unigram_entropy)
         out.append(
             make_row(
                 "C4",
-                training,
+                comparisons,
                 mode=mode,
                 model="exact",
-                scope=f"{mode} exact ({len(ex)} seeds) vs unigram",
+                scope=f"{mode} exact ({ex.seeds} seeds) vs unigram, shuffled windows and the uniform floor",
                 quantity="held-out MLM accuracy",
-                value=acc,
-                spread=f"unigram {u:.3f} (×{acc / u:.2f}); loss {ex.heldout_loss.mean():.2f} vs entropy "
-                f"{H:.2f} nats; shuffled-order accuracy {ex.heldout_mlm_acc_shuffled.mean():.3f} "
-                f"(per-seed gain ≥ {o['run_gain_min']:+.3f}, lower 95% end "
-                f"{o['run_gain_low']:+.3f}); {n} tokens",
+                value=float(ex.acc_mean),
+                spread=f"unigram {u:.3f} (×{ex.acc_mean / u:.2f}; gain lower 95% end {ex.exact_acc_gap_low:+.3f}); "
+                f"loss {H - ex.exact_loss_gap:.2f} vs entropy {H:.2f} nats; shuffled-order accuracy "
+                f"{ex.acc_shuffled_mean:.3f} (per-seed gain ≥ {ex.exact_run_gain_min:+.3f}, lower 95% end "
+                f"{ex.exact_run_gain_low:+.3f}); uniform floor {fl.acc_mean:.3f} (gain {ex.exact_floor_gain:+.3f}, "
+                f"lower 95% end {ex.exact_floor_gain_low:+.3f}); {n} tokens",
                 state="inconclusive" if blocker else "reference",
-                verdict=blocker or "exact has learned and uses word order",
+                verdict=blocker or "exact has learned, uses word order and beats the order-free floor",
                 caveat="",
             )
         )
-        gain = m["acc_gap"]
-        for (v, size), x in g[g.variant != "exact"].groupby(["variant", "subset_size"], sort=False):
-            delta, lo, hi = accuracy_difference(x.heldout_mlm_acc, ex.heldout_mlm_acc, n)
-            margin = (1 - keep) * gain
-            if blocker:
-                state, verdict = "inconclusive", blocker
-            elif lo >= -margin:
-                state, verdict = "supported", f"keeps ≥ {keep:.0%} of exact's gain over unigram"
-            elif hi < -margin:
-                state, verdict = "not supported", f"keeps < {keep:.0%} of exact's gain over unigram"
-            else:
-                state, verdict = (
-                    "inconclusive",
-                    (
-                        f"interval too wide to tell whether it keeps {keep:.0%}; more "
-                        "exact seeds (training.exact_seeds) or held-out windows "
-                        "(training.eval_sequences) would narrow it"
-                    ),
-                )
+        out.append(
+            make_row(
+                "C4",
+                comparisons,
+                mode=mode,
+                model="uniform",
+                scope=f"{mode} uniform floor ({fl.seeds} seeds): every query attends equally to every key",
+                quantity="held-out MLM accuracy",
+                value=float(fl.acc_mean),
+                spread=f"Δ vs exact {fl.delta_vs_exact:+.3f} (95% {fl.delta_ci_low:+.3f}…{fl.delta_ci_high:+.3f}); "
+                f"×{fl.acc_mean / u:.2f} unigram",
+                state="reference",
+                verdict="the order-free floor: C4's keep-share is measured over it",
+                caveat="",
+            )
+        )
+        per_s = {}
+        for r in g[~g.variant.isin(["exact", "uniform"])].itertuples():
+            state, verdict = _c4_state(r, blocker)
+            per_s.setdefault(r.variant, []).append((int(r.subset_size), state))
             caveats = []
-            fr = float(x.flops_ratio.iloc[0])
-            if fr >= 1:
-                caveats.append(f"attention costs ×{fr:.2f} exact's FLOPs at this s: no saving")
-            if mode == "finetune" and x.heldout_mlm_acc_step0.notna().any():
-                caveats.append(f"step 0 (attention replaced, no training) {x.heldout_mlm_acc_step0.mean():.3f}")
-            kept = f"kept {(gain + delta) / gain:.0%} of exact's gain" if gain > 0 else "exact has no gain to keep"
+            if r.flops_ratio >= 1:
+                caveats.append(f"attention costs ×{r.flops_ratio:.2f} exact's FLOPs at this s: no saving")
+            if mode == "finetune":
+                caveats.append(
+                    f"every seed fine-tunes the same exact checkpoint, so seed noise is the fine-tuning's only; "
+                    f"step 0 (attention replaced, no training) {r.acc_step0_mean:.3f}"
+                )
+            hw = (r.delta_ci_high - r.delta_ci_low) / 2
             out.append(
                 make_row(
                     "C4",
-                    training,
+                    comparisons,
                     mode=mode,
-                    model=v,
-                    s=int(size),
-                    scope=f"{mode} {v} s={size}",
+                    model=r.variant,
+                    s=int(r.subset_size),
+                    scope=f"{mode} {r.variant} s={r.subset_size} ({r.seeds} paired seeds)",
                     quantity="held-out MLM accuracy",
-                    value=float(x.heldout_mlm_acc.mean()),
-                    spread=f"Δ vs exact {delta:+.3f} (95% {lo:+.3f}…{hi:+.3f}); {kept}",
+                    value=float(r.acc_mean),
+                    spread=f"Δ vs exact {r.delta_vs_exact:+.3f} (95% {r.delta_ci_low:+.3f}…{r.delta_ci_high:+.3f}, "
+                    f"half-width {hw:.3f} vs margin {r.margin:.3f}); Δ vs floor {r.delta_vs_floor:+.3f} "
+                    f"(95% {r.floor_ci_low:+.3f}…{r.floor_ci_high:+.3f}); kept {r.kept_gain_floor:.0%} of exact's "
+                    f"gain over the floor ({r.kept_gain_unigram:.0%} over unigram, a reference)",
                     state=state,
                     verdict=verdict,
                     caveat="; ".join(caveats),
+                )
+            )
+        for v, cells in per_s.items():
+            good = sorted(s for s, st in cells if st == "supported")
+            sizes = ", ".join(str(s) for s, _ in sorted(cells))
+            if good:
+                state, verdict = (
+                    "supported",
+                    f"keeps ≥ {thresholds.c4_min_kept_gain:.0%} of exact's gain over the floor from s = {good[0]}",
+                )
+            elif all(st == "not supported" for _, st in cells):
+                state, verdict = "not supported", f"keeps it at no s measured (s = {sizes})"
+            else:
+                state, verdict = "inconclusive", f"no s measured shows it (s = {sizes}); at least one cannot tell"
+            out.append(
+                make_row(
+                    "C4",
+                    comparisons,
+                    mode=mode,
+                    model=v,
+                    scope=f"{mode} {v}, every s measured ({sizes})",
+                    quantity="smallest s that keeps the gain",
+                    value=float(good[0]) if good else np.nan,
+                    spread="; ".join(f"s={s}: {st}" for s, st in sorted(cells)),
+                    state=blocker and "inconclusive" or state,
+                    verdict=blocker or verdict,
+                    caveat="",
                 )
             )
     return out

@@ -97,12 +97,12 @@ def extraction(config: dict) -> dict:
 
 
 def trained_run(config: dict) -> dict:
-    """The training run whose encoder is analysed and fine-tuned: the first exact seed, scratch."""
+    """The training run whose encoder is analysed and fine-tuned: the first seed's exact, scratch."""
     return {
         "mode": "scratch",
         "tvariant": "exact",
         "s": config["sampling"]["seq_len"],
-        "seed": config["training"]["exact_seeds"][0],
+        "seed": config["training"]["seeds"][0],
     }
 
 
@@ -120,18 +120,27 @@ def model_spec(config: dict, name: str) -> dict:
     return config["models"][name]
 
 
+def training_sizes(config: dict, mode: str) -> list[int]:
+    """The subset sizes of a mode: ``training.subset_sizes`` is one list for every mode, or a
+    mapping from mode to its list (a mode it leaves out trains no approximate variant)."""
+    sizes = config["training"]["subset_sizes"]
+    return list(sizes.get(mode, [])) if isinstance(sizes, dict) else list(sizes)
+
+
 def training_runs(config: dict) -> list[dict]:
-    """Every training run: exact for each exact seed (s = seq_len, all keys), and every variant ×
-    subset size × seed, in each mode."""
+    """Every training run: in each mode, exact and the uniform floor for each seed (s = seq_len, all
+    keys), and every variant × subset size of the mode × seed. Every run of a seed shares its
+    initialisation (where the shapes allow), batch order and masks: the comparisons are paired."""
     t = config["training"]
     n = config["sampling"]["seq_len"]
     runs = []
     for mode in t["modes"]:
-        runs += [{"mode": mode, "tvariant": "exact", "s": n, "seed": seed} for seed in t["exact_seeds"]]
+        refs = ("exact", "uniform")
+        runs += [{"mode": mode, "tvariant": v, "s": n, "seed": seed} for v in refs for seed in t["seeds"]]
         runs += [
             {"mode": mode, "tvariant": v, "s": s, "seed": seed}
             for v in t["variants"]
-            for s in t["subset_sizes"]
+            for s in training_sizes(config, mode)
             for seed in t["seeds"]
         ]
     return runs

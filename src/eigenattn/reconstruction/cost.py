@@ -17,6 +17,7 @@ vertical_slash      ``q_last·d·dh`` (the estimation queries) + ``nq·s·dh`` +
 nystrom (m)         ``nq·m·dh + m·m·dh + m·d·dh`` (the three kernels) + ``m³`` (pseudo-inverse) +
                     ``m·d·dh + m·m·dh + nq·m·dh`` (P·V in the factored order)
 linformer (s)       ``2·d·s·dh`` (E K, F V) + ``nq·s·dh`` + ``nq·s·dh``
+uniform             ``d·dh``: no scores; the mean of V, shared by every query (the training floor)
 ==================  ============================================================================
 
 Selecting keys, softmax, segment means and additions are not counted: they are O(n·d) or less
@@ -80,6 +81,8 @@ def view_macs(method: str, *, nq: int, d: int, d_head: int, s: int, k: int = 0, 
         return kernels + m**3 + m * d * d_head + m * m * d_head + nq * m * d_head
     if method == "linformer":
         return 2 * d * s * d_head + sparse
+    if method == "uniform":
+        return d * d_head
     raise ValueError(f"no cost formula for method '{method}'")
 
 

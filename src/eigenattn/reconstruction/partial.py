@@ -36,6 +36,7 @@ from eigenattn.reconstruction.peer_attention import PEER_ATTR, PeerSpec, peer_at
 PARTIAL_IMPL = "partial"
 ATTR = "eigenattn_partial"
 LINFORMER_ATTR = "eigenattn_linformer"
+UNIFORM_ATTR = "eigenattn_uniform"
 
 
 class Linformer(nn.Module):
@@ -177,7 +178,9 @@ def partial_attention_forward(module, query, key, value, attention_mask, scaling
     pm = getattr(module, ATTR, None)
     lf = getattr(module, LINFORMER_ATTR, None)
     mask = attention_mask
-    if lf is not None:  # Linformer: keys and values projected along the sequence (no key mask possible)
+    if getattr(module, UNIFORM_ATTR, False):  # order-free floor: every visible key weighs the same
+        scores = query.new_zeros(*query.shape[:-1], key.shape[-2])
+    elif lf is not None:  # Linformer: keys and values projected along the sequence (no key mask possible)
         if mask is not None and bool((mask < 0).any()):
             raise InputError(
                 "linformer attention input",
@@ -273,11 +276,12 @@ def attach_peers(model, specs: dict[int, PeerSpec]) -> list[int]:
 
 
 def detach_all(model) -> None:
-    """Remove partial maps and Linformer projections."""
+    """Remove partial maps, Linformer projections and uniform attention."""
     detach(model)
     for mod in attention_modules(model).values():
-        if hasattr(mod, LINFORMER_ATTR):
-            delattr(mod, LINFORMER_ATTR)
+        for attr in (LINFORMER_ATTR, UNIFORM_ATTR):
+            if hasattr(mod, attr):
+                delattr(mod, attr)
 
 
 def maps_from_stats(

@@ -30,6 +30,7 @@ from eigenattn.storage.assets import sha256_file
 from eigenattn.storage.store import atomic_output, write_table
 from eigenattn.training.data import heldout_batches, load_tokenizer, mask_batch, shuffle_windows, unigram_baseline
 from eigenattn.training.model import MLM, MODES, VARIANTS, attach_variant, attention_flops_per_seq, encoder_config
+from eigenattn.training.summary import TOKENS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,44 @@ def learning_rate(step: int, total: int, peak: float, warmup: float) -> float:
 
 @torch.no_grad()
 def evaluate(model, ids: torch.Tensor, tok_info: dict, seed: int, batch_size: int, device, amp) -> dict:
-    """Held-out MLM loss (mean and per-token standard deviation), accuracy and token count."""
+    """Held-out MLM loss (mean and per-token standard deviation), accuracy and token count, and the
+    per-token ``labels``, ``correct`` and ``token_loss`` arrays (in the fixed order of
+    :func:`heldout_batches`, the same for every run: the paired comparisons of C4 need them)."""
     model.eval()
-    losses, correct = [], 0
+    losses, hits, targets = [], [], []
     for x, pos, labels in heldout_batches(ids, tok_info, seed, batch_size):
         with amp():
             logits = model(x.to(device), pos.to(device))
         losses.append(F.cross_entropy(logits.float(), labels.to(device), reduction="none").cpu())
-        correct += int((logits.argmax(-1).cpu() == labels).sum())
+        hits.append(logits.argmax(-1).cpu() == labels)
+        targets.append(labels)
     model.train()
     loss = torch.cat(losses).double()
-    return {"loss": float(loss.mean()), "loss_sd": float(loss.std()), "acc": correct / len(loss), "tokens": len(loss)}
+    correct = torch.cat(hits)
+    return {
+        "loss": float(loss.mean()),
+        "loss_sd": float(loss.std()),
+        "acc": float(correct.double().mean()),
+        "tokens": len(loss),
+        "labels": torch.cat(targets).numpy().astype(np.int32),
+        "correct": correct.numpy(),
+        "token_loss": loss.numpy().astype(np.float32),
+    }
+
+
+def write_token_scores(path, ev: dict, shuffled: dict) -> None:
+    """The per-token record of a run's final evaluation (``heldout_tokens.npz``; docs/data-contract.md):
+    labels, correct (bool), loss (float32) on the held-out windows, and correct on their shuffled
+    copies."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f,
+                labels=ev["labels"],
+                correct=ev["correct"],
+                loss=ev["token_loss"],
+                correct_shuffled=shuffled["correct"],
+            )
 
 
 def _load_data(tokenizer_dir, windows, seq_len: int):
@@ -146,8 +174,9 @@ def _resume(ckpt: Path, digest: str, model, opt) -> tuple[list, int]:
     return state["records"], int(state["step"])
 
 
-def _publish(out_dir: Path, model: MLM, tok, metrics: pd.DataFrame, final: dict) -> None:
-    """model/ (HF encoder + tokenizer + the full MLM state), metrics.csv, final.json; each atomic."""
+def _publish(out_dir: Path, model: MLM, tok, metrics: pd.DataFrame, final: dict, ev: dict, shuffled: dict) -> None:
+    """model/ (HF encoder + tokenizer + the full MLM state), metrics.csv, heldout_tokens.npz,
+    final.json (last, so a run folder with final.json is complete); each atomic."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_output(out_dir / "model", directory=True) as tmp:
         save_file(state, str(tmp / "mlm.safetensors"))
@@ -155,6 +184,7 @@ def _publish(out_dir: Path, model: MLM, tok, metrics: pd.DataFrame, final: dict)
         model.encoder.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     write_table(metrics, out_dir / "metrics.csv")
+    write_token_scores(out_dir / TOKENS_FILE, ev, shuffled)
     with atomic_output(out_dir / "final.json") as tmp:
         tmp.write_text(json.dumps(final, indent=2))
 
@@ -342,7 +372,7 @@ def run(
     }
     if mode == "finetune":
         final["heldout_mlm_acc_step0"] = float(metrics.iloc[0].heldout_mlm_acc)
-    _publish(out_dir, model, tok, metrics, final)
+    _publish(out_dir, model, tok, metrics, final, ev, shuffled)
     ckpt.unlink(missing_ok=True)
     log.info("final: %s", final)
     return final

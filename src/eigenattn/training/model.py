@@ -18,7 +18,9 @@ Variants differ only in attention:
 - ``subset_only``: attention restricted to ``T`` (sparse attention, the control);
 - ``linformer``: keys and values projected along the sequence to ``s`` rows by learned ``E, F``;
 - ``nystrom``: Nyströmformer's attention with ``s`` landmarks (segment means of Q and K), no
-  parameters of its own (``training.nystrom_pinv`` chooses the pseudo-inverse).
+  parameters of its own (``training.nystrom_pinv`` chooses the pseudo-inverse);
+- ``uniform``: every query attends equally to every key (no scores: the mean of the values). It is
+  C4's floor, order-free context, and is always trained beside exact, with the same seeds.
 
 Their cost is :func:`eigenattn.reconstruction.cost.attention_flops_per_seq`.
 """
@@ -37,6 +39,7 @@ from eigenattn.reconstruction.cost import attention_flops_per_seq
 from eigenattn.reconstruction.estimators import check_method
 from eigenattn.reconstruction.partial import (
     LINFORMER_ATTR,
+    UNIFORM_ATTR,
     Linformer,
     attach,
     attach_peers,
@@ -46,9 +49,10 @@ from eigenattn.reconstruction.partial import (
 )
 from eigenattn.reconstruction.peer_attention import PeerSpec
 
-__all__ = ["MLM", "MODES", "VARIANTS", "attach_variant", "attention_flops_per_seq", "encoder_config"]
+__all__ = ["MLM", "MODES", "REFERENCES", "VARIANTS", "attach_variant", "attention_flops_per_seq", "encoder_config"]
 
-VARIANTS = ("exact", *enum("training.variants"))
+REFERENCES = ("exact", "uniform")  # trained in every mode with every seed; s is seq_len
+VARIANTS = (*REFERENCES, *enum("training.variants"))
 MODES = enum("training.modes")
 
 
@@ -122,6 +126,10 @@ def attach_variant(
     trained exact model's ``all`` view, for the variants that fit T, W, b on it)."""
     mods = attention_modules(model.encoder)
     if variant == "exact":
+        return
+    if variant == "uniform":
+        for mod in mods.values():
+            setattr(mod, UNIFORM_ATTR, True)
         return
     if variant == "linformer":
         for mod in mods.values():

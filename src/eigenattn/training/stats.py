@@ -1,97 +1,99 @@
-"""Intervals for comparing training runs (docs/method.md §8): accuracies measured on the same
-held-out tokens by models trained with several seeds.
+"""Intervals for comparing training runs (docs/method.md §8, "Noise").
 
-Two sources of noise are combined, treating them as independent (which is conservative: every
-run is scored on the same tokens, so part of the evaluation noise cancels in a difference):
+Every run is scored on the same held-out tokens, and every variant is trained with the same seeds
+as exact (the same initialisation where the shapes allow, the same batch order and masks). A
+comparison is therefore a *crossed, paired* design: seeds × tokens. Its data are a matrix
+``X[k, t]`` per group of tokens: the contrast of the runs of seed ``k`` on token ``t`` (for
+example ``correct_variant − correct_exact``, or ``correct_variant − ½ correct_exact −
+½ correct_floor``). The estimate is the mean of ``X``, and its variance has two parts that do not
+shrink together:
 
-- seed noise: the variance of accuracy (or loss) across the exact model's seeds, ``s²``
-  (sample variance, ``ddof = 1``), assumed to hold for every variant;
-- evaluation noise: the binomial variance ``p(1 − p)/n`` of an accuracy over ``n`` held-out
-  tokens (for a loss, the per-token variance over ``n``). It does not shrink with more seeds,
-  since every seed is scored on the same tokens.
+- **seeds** (``A``): the variance of the per-seed means ``X̄_k`` over the ``K`` seeds, divided by
+  ``K`` (``K − 1`` degrees of freedom). It is the paired, per-seed difference; with few seeds it is
+  the dominant and least certain part;
+- **tokens** (``B``): the variance of the per-token means ``X̄_t`` over the ``n`` tokens, divided by
+  ``n``, less the seed-by-token residual that ``A`` already holds (two-way random-effects mean
+  squares; ``n − 1`` degrees of freedom). It is the paired, per-token variance: tokens that every
+  run gets right or wrong cancel.
 
-The mean of ``K`` seeds then has variance ``s²/K + p(1 − p)/n``, and a 95% interval is the
-estimate ± 1.96 standard errors.
+The 95% interval is the estimate ± ``t(0.975, ν) · √(A + ΣB)`` with Welch–Satterthwaite degrees of
+freedom over the mean squares that make up ``A + ΣB`` (seeds: ``K − 1``; tokens: ``n − 1``;
+residual: ``(K − 1)(n − 1)``). Groups of different tokens (held-out windows
+against their shuffled copies) add their own ``B``. With one seed, ``A`` cannot be measured and the
+interval is NaN: the rows say so rather than assume a seed noise.
+
+``tests/test_train_stats.py`` checks the coverage by simulation at the default's sizes, and that a
+normal quantile misses it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from scipy import stats as sps
 
-Z95 = 1.959963984540054
-
-
-def seed_variance(values) -> float:
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.var(ddof=1)) if v.size > 1 else 0.0
+LEVEL = 0.95
 
 
-def mean_accuracy_variance(acc, n_tokens: int, seed_var: float) -> float:
-    """Variance of the mean accuracy of ``len(acc)`` seeds scored on ``n_tokens`` tokens."""
-    acc = np.asarray(acc, dtype=np.float64)
-    p = float(acc.mean())
-    return seed_var / acc.size + p * (1.0 - p) / n_tokens
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its two-sided interval at ``LEVEL``."""
+
+    estimate: float
+    low: float
+    high: float
+    se: float
+    df: float
+    seeds: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
 
 
-def accuracy_difference(acc_variant, acc_exact, n_tokens: int, z: float = Z95) -> tuple[float, float, float]:
-    """(difference, low, high): mean accuracy of a variant's seeds minus exact's, with its interval.
+def _token_part(X: np.ndarray) -> tuple[float, float]:
+    """``B`` of one group and its share of the Satterthwaite denominator.
 
-    The seed variance is exact's (a variant usually has one seed, so it has none of its own).
+    ``B = (MS_tok − MS_err) / (K n)``: the per-token mean square of the contrast less the
+    seed × token residual mean square, which the seed part already holds; floored at 0 (then the
+    group adds nothing). The residual is subtracted, so it counts in the degrees of freedom too:
+    where it is as large as the token mean square, B is noise and ν falls to the seeds' K − 1.
     """
-    s2 = seed_variance(acc_exact)
-    delta = float(np.mean(acc_variant) - np.mean(acc_exact))
-    se = np.sqrt(mean_accuracy_variance(acc_variant, n_tokens, s2) + mean_accuracy_variance(acc_exact, n_tokens, s2))
-    return delta, delta - z * se, delta + z * se
+    K, n = X.shape
+    tok = X.mean(axis=0)
+    ms_tok = K * float(tok.var(ddof=1))
+    if K < 2:
+        return ms_tok / n, 0.0
+    resid = X - X.mean(axis=1, keepdims=True) - tok[None, :] + X.mean()
+    ms_err = float((resid**2).sum()) / ((K - 1) * (n - 1))
+    b = (ms_tok - ms_err) / (K * n)
+    if b <= 0:
+        return 0.0, 0.0
+    return b, (ms_tok / (K * n)) ** 2 / (n - 1) + (ms_err / (K * n)) ** 2 / ((K - 1) * (n - 1))
 
 
-def learned_margins(
-    acc_exact, loss_exact, loss_token_sd, n_tokens: int, unigram_acc: float, unigram_entropy: float, z: float = Z95
-) -> dict:
-    """How far exact's accuracy and loss beat the unigram baseline, with the lower ends of their
-    95% intervals. ``loss_token_sd``: per-token standard deviation of exact's held-out loss (per seed).
+def crossed_interval(*groups, weights=None, level: float = LEVEL) -> Interval:
+    """The interval of ``Σ_g w_g · mean(X_g)`` for matrices ``X_g`` (seeds × tokens of group g).
 
-    The baseline accuracy is measured on the same tokens, and adds its own binomial variance; the
-    unigram entropy comes from the whole fit split and is treated as exact.
+    Every group has the same seeds in the same order (rows); each group has its own tokens
+    (columns). See the module docstring for the variance and the degrees of freedom.
     """
-    acc_exact = np.asarray(acc_exact, dtype=np.float64)
-    loss_exact = np.asarray(loss_exact, dtype=np.float64)
-    u = float(unigram_acc)
-    acc_gap = float(acc_exact.mean()) - u
-    acc_se = np.sqrt(mean_accuracy_variance(acc_exact, n_tokens, seed_variance(acc_exact)) + u * (1 - u) / n_tokens)
-    loss_gap = float(unigram_entropy) - float(loss_exact.mean())
-    tok_var = float(np.mean(np.square(loss_token_sd)))
-    loss_se = np.sqrt(seed_variance(loss_exact) / loss_exact.size + tok_var / n_tokens)
-    return {
-        "acc_gap": acc_gap,
-        "acc_gap_low": acc_gap - z * acc_se,
-        "loss_gap": loss_gap,
-        "loss_gap_low": loss_gap - z * loss_se,
-        "learned": bool(acc_gap - z * acc_se > 0 and loss_gap - z * loss_se > 0),
-    }
-
-
-def order_gain(acc, acc_shuffled, n_tokens: int, z: float = Z95) -> dict:
-    """How much exact's accuracy drops when each held-out window's tokens are shuffled.
-
-    Both accuracies are means over the same seeds on ``n_tokens`` tokens each; the shuffled windows
-    are different tokens at the masked positions, so the two binomial variances add. Each run is
-    also tested on its own (``run_gain_low``: the smallest lower end over the runs, binomial noise
-    only): exact uses word order only when the mean *and every run* beat the shuffled windows beyond
-    their intervals, so one order-blind seed among order-using ones is caught.
-    """
-    acc, acc_shuffled = np.asarray(acc, dtype=np.float64), np.asarray(acc_shuffled, dtype=np.float64)
-    gain = float(acc.mean() - acc_shuffled.mean())
-    se = np.sqrt(
-        mean_accuracy_variance(acc, n_tokens, seed_variance(acc))
-        + mean_accuracy_variance(acc_shuffled, n_tokens, seed_variance(acc_shuffled))
-    )
-    run_se = np.sqrt((acc * (1 - acc) + acc_shuffled * (1 - acc_shuffled)) / n_tokens)
-    run_gain = acc - acc_shuffled
-    run_low = float(np.min(run_gain - z * run_se))
-    return {
-        "gain": gain,
-        "gain_low": gain - z * se,
-        "run_gain_min": float(run_gain.min()),
-        "run_gain_low": run_low,
-        "uses_order": bool(gain - z * se > 0 and run_low > 0),
-    }
+    groups = [np.atleast_2d(np.asarray(X, dtype=np.float64)) for X in groups]
+    w = np.ones(len(groups)) if weights is None else np.asarray(weights, dtype=np.float64)
+    K = groups[0].shape[0]
+    if any(X.shape[0] != K for X in groups):
+        raise ValueError(f"every group needs the same seeds, got {[X.shape[0] for X in groups]} rows")
+    per_seed = sum(wg * X.mean(axis=1) for wg, X in zip(w, groups))
+    est = float(per_seed.mean())
+    if K < 2:
+        return Interval(est, np.nan, np.nan, np.nan, np.nan, K)
+    A = float(per_seed.var(ddof=1)) / K
+    parts = [_token_part(X) for X in groups]
+    var = A + sum(wg**2 * b for wg, (b, _) in zip(w, parts))
+    if var <= 0:
+        return Interval(est, est, est, 0.0, np.inf, K)
+    df = var**2 / (A**2 / (K - 1) + sum(wg**4 * d for wg, (_, d) in zip(w, parts)))
+    se = float(np.sqrt(var))
+    q = float(sps.t.ppf(0.5 + level / 2, df))
+    return Interval(est, est - q * se, est + q * se, se, float(df), K)

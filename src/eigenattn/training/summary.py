@@ -1,5 +1,23 @@
-"""summary.csv of the training stage: every run compared with exact and the unigram baseline
-(docs/method.md §8)."""
+"""The training stage's tables (docs/method.md §8, docs/data-contract.md):
+
+- ``summary.csv``: one row per run, its own figures;
+- ``comparisons.csv``: one row per mode × variant × s, every comparison C4 is judged on. Runs of a
+  seed are paired (same initialisation where the shapes allow, same batch order and masks) and
+  every run is scored on the same held-out tokens, so each comparison is a seeds × tokens contrast
+  with the interval of :func:`eigenattn.training.stats.crossed_interval`.
+
+What each comparison asks:
+
+- ``exact_learned``: exact beats the unigram baseline in accuracy (most frequent fit token, on the
+  same tokens) and in loss (the fit split's unigram entropy), beyond the 95% intervals;
+- ``exact_uses_order``: exact scores better on the held-out windows than on the same windows with
+  their tokens shuffled, beyond the interval, in the mean and in every seed;
+- ``exact_beats_floor``: exact beats the uniform floor (order-free attention) beyond the interval:
+  otherwise attention has no gain for a variant to keep;
+- per variant: ``delta_vs_exact`` and ``delta_vs_floor`` with their intervals, and the keep contrast
+  ``acc_v − keep·acc_exact − (1 − keep)·acc_floor``, whose interval decides whether the variant
+  keeps at least ``keep`` of exact's gain over the floor (the floor's own noise included).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats as sps
 
 from eigenattn.config.schema import enum
-from eigenattn.errors import ConfigError, InputError
-from eigenattn.training.stats import accuracy_difference, learned_margins, order_gain
+from eigenattn.errors import InputError
+from eigenattn.training.stats import LEVEL, crossed_interval
+
+TOKENS_FILE = "heldout_tokens.npz"  # beside each run's final.json (written by training.loop)
 
 SUMMARY_COLUMNS = [
     "mode",
@@ -24,102 +45,225 @@ SUMMARY_COLUMNS = [
     "heldout_loss_sd",
     "heldout_tokens",
     "heldout_mlm_acc_step0",
+    "heldout_mlm_acc_shuffled",
     "params",
     "attention_flops_per_seq",
     "flops_ratio",
     "mean_step_time_ms",
     "unigram_entropy",
     "unigram_acc",
-    "exact_mean_acc",
-    "exact_seed_sd",
+    "tokenizer_sha256",
+]
+
+COMPARISON_COLUMNS = [
+    "mode",
+    "variant",
+    "subset_size",
+    "seeds",
+    "acc_mean",
+    "acc_seed_sd",
+    "acc_step0_mean",
+    "acc_shuffled_mean",
+    "flops_ratio",
+    "mean_step_time_ms",
+    "delta_vs_exact",
+    "delta_ci_low",
+    "delta_ci_high",
+    "delta_df",
+    "delta_vs_floor",
+    "floor_ci_low",
+    "floor_ci_high",
+    "keep",
+    "keep_contrast",
+    "keep_ci_low",
+    "keep_ci_high",
+    "margin",
+    "kept_gain_floor",
+    "kept_gain_unigram",
+    "exact_acc_mean",
+    "floor_acc_mean",
+    "unigram_acc",
+    "unigram_entropy",
+    "heldout_tokens",
     "exact_acc_gap",
     "exact_acc_gap_low",
     "exact_loss_gap",
     "exact_loss_gap_low",
     "exact_learned",
-    "heldout_mlm_acc_shuffled",
     "exact_order_gain",
     "exact_order_gain_low",
+    "exact_run_gain_min",
+    "exact_run_gain_low",
     "exact_uses_order",
-    "delta_vs_exact",
-    "delta_ci_low",
-    "delta_ci_high",
-    "kept_gain",
-    "kept_gain_ci_low",
-    "kept_gain_ci_high",
-    "tokenizer_sha256",
+    "exact_floor_gain",
+    "exact_floor_gain_low",
+    "exact_beats_floor",
 ]
 
+ORDER = {v: i for i, v in enumerate(("exact", "uniform", *enum("training.variants")))}
 
-def summarise(final_paths) -> "pd.DataFrame":
-    """summary.csv: one row per run, each compared with ``exact`` of its mode.
 
-    - ``exact_learned``: exact's accuracy beats the unigram baseline's, and its loss the unigram
-      entropy, by more than their 95% intervals (:func:`eigenattn.training.stats.learned_margins`); unless
-      it does, no comparison with exact can speak to C4.
-    - ``exact_uses_order``: exact scores better on the held-out windows than on the same windows with
-      their tokens shuffled, beyond the 95% interval (:func:`eigenattn.training.stats.order_gain`); a model
-      that ignores word order is a bag-of-words predictor, against which no attention variant can
-      be told apart.
-    - ``delta_vs_exact`` with its 95% interval (:func:`eigenattn.training.stats.accuracy_difference`).
-    - ``kept_gain``: the share of exact's gain over the unigram baseline that the run keeps,
-      ``(acc − unigram_acc) / (exact_mean_acc − unigram_acc)``, with the interval of the difference.
+def _sorted(df: pd.DataFrame, keys) -> pd.DataFrame:
+    def key(c):
+        if c.name == "variant":
+            return c.map(ORDER)
+        if c.name == "mode":
+            return c.map({"scratch": 0, "finetune": 1})
+        return c
+
+    return df.sort_values(keys, key=key).reset_index(drop=True)
+
+
+def load_runs(final_paths) -> tuple[pd.DataFrame, dict]:
+    """(one row per run from its final.json, {(mode, variant, s, seed): its heldout_tokens.npz arrays}).
+
+    Every run must have been scored on the same held-out tokens (same tokenizer, same labels in the
+    same order), or no comparison is paired.
     """
-    df = pd.DataFrame([json.loads(Path(p).read_text()) for p in final_paths])
-    if "heldout_mlm_acc_step0" not in df:
-        df["heldout_mlm_acc_step0"] = np.nan
+    rows, tokens = [], {}
+    for p in map(Path, final_paths):
+        r = json.loads(p.read_text())
+        rows.append(r)
+        f = p.parent / TOKENS_FILE
+        if not f.is_file():
+            raise InputError(f, "missing: the run's per-token record is needed for paired comparisons", "re-run it")
+        with np.load(f) as z:
+            tokens[(r["mode"], r["variant"], int(r["subset_size"]), int(r["seed"]))] = {k: z[k] for k in z.files}
+    df = pd.DataFrame(rows)
     for key in ("unigram_entropy", "unigram_acc", "heldout_tokens", "tokenizer_sha256"):
         if df[key].nunique() != 1:
             raise InputError(
-                f"{len(final_paths)} training final.json files",
+                f"{len(rows)} training final.json files",
                 f"training runs were scored on different held-out data ({key} differs: {sorted(df[key].unique())})",
                 "re-run the training stage",
             )
-    n_tokens = int(df.heldout_tokens.iloc[0])
-    u = float(df.unigram_acc.iloc[0])
+    labels = next(iter(tokens.values()))["labels"]
+    for k, t in tokens.items():
+        if not np.array_equal(t["labels"], labels):
+            raise InputError(
+                "/".join(map(str, k)),
+                "its held-out tokens differ from the other runs' (labels in another order or of other tokens)",
+                "re-run the training stage with one tokenizer, windows file and seed",
+            )
+    return df, tokens
+
+
+def summarise(final_paths) -> pd.DataFrame:
+    """summary.csv: the runs' own figures, one row each (``flops_ratio``: attention FLOPs against
+    exact's in the same mode)."""
+    df, _ = load_runs(final_paths)
     for col in SUMMARY_COLUMNS:
         if col not in df:
             df[col] = np.nan
-    df["exact_learned"] = False
-    df["exact_uses_order"] = False
     for mode, g in df.groupby("mode"):
         ex = g[g.variant == "exact"]
-        if len(ex) < 2:
-            raise ConfigError(
-                "training.exact_seeds",
-                f"mode '{mode}': {len(ex)} exact run(s); seed noise needs at least two exact seeds",
-                "list two or more seeds in training.exact_seeds",
+        if len(ex):
+            df.loc[g.index, "flops_ratio"] = g.attention_flops_per_seq / ex.attention_flops_per_seq.iloc[0]
+    return _sorted(df, ["mode", "variant", "subset_size", "seed"])[SUMMARY_COLUMNS]
+
+
+def _stack(tokens: dict, mode: str, variant: str, s: int, seeds, field: str = "correct") -> np.ndarray:
+    return np.stack([tokens[(mode, variant, s, seed)][field].astype(np.float64) for seed in seeds])
+
+
+def _exact_checks(tokens, mode, n_len, seeds, top, entropy) -> dict:
+    """exact against the unigram baseline, its shuffled windows and the uniform floor."""
+    E = _stack(tokens, mode, "exact", n_len, seeds)
+    labels = next(iter(tokens.values()))["labels"]
+    unigram = (labels == top).astype(np.float64)[None, :]
+    acc = crossed_interval(E - unigram)
+    loss = crossed_interval(entropy - _stack(tokens, mode, "exact", n_len, seeds, "loss"))
+    Es = _stack(tokens, mode, "exact", n_len, seeds, "correct_shuffled")
+    order = crossed_interval(E, Es, weights=[1, -1])
+    # each seed on its own too (token noise only): one order-blind seed among order-using ones is caught
+    z = float(sps.norm.ppf(0.5 + LEVEL / 2))
+    a, b = E.mean(axis=1), Es.mean(axis=1)
+    run_gain = a - b
+    run_low = run_gain - z * np.sqrt((a * (1 - a) + b * (1 - b)) / E.shape[1])
+    floor = crossed_interval(E - _stack(tokens, mode, "uniform", n_len, seeds))
+    return {
+        "exact_acc_gap": acc.estimate,
+        "exact_acc_gap_low": acc.low,
+        "exact_loss_gap": loss.estimate,
+        "exact_loss_gap_low": loss.low,
+        "exact_learned": bool(acc.low > 0 and loss.low > 0),
+        "exact_order_gain": order.estimate,
+        "exact_order_gain_low": order.low,
+        "exact_run_gain_min": float(run_gain.min()),
+        "exact_run_gain_low": float(run_low.min()),
+        "exact_uses_order": bool(order.low > 0 and run_low.min() > 0),
+        "exact_floor_gain": floor.estimate,
+        "exact_floor_gain_low": floor.low,
+        "exact_beats_floor": bool(floor.low > 0),
+    }
+
+
+def compare(final_paths, keep: float) -> pd.DataFrame:
+    """comparisons.csv: one row per mode × variant × s (exact and uniform included), each paired with
+    exact and the uniform floor of its mode over the seeds they share (see the module docstring).
+    ``keep``: the share of exact's gain over the floor a variant must keep (claims.c4_min_kept_gain)."""
+    df, tokens = load_runs(final_paths)
+    if "heldout_mlm_acc_step0" not in df:
+        df["heldout_mlm_acc_step0"] = np.nan
+    n_tok, u, H = int(df.heldout_tokens.iloc[0]), float(df.unigram_acc.iloc[0]), float(df.unigram_entropy.iloc[0])
+    top = int(df.unigram_top_token.iloc[0])
+    out = []
+    for mode, g in df.groupby("mode"):
+        refs = {v: g[g.variant == v] for v in ("exact", "uniform")}
+        for v, r in refs.items():
+            if r.seed.nunique() < 2:
+                raise InputError(
+                    f"training runs of mode '{mode}'",
+                    f"{r.seed.nunique()} {v} run(s); seed noise needs at least two seeds",
+                    "list two or more seeds in training.seeds",
+                )
+        n_len = int(refs["exact"].subset_size.iloc[0])
+        ref_seeds = sorted(set(refs["exact"].seed) & set(refs["uniform"].seed))
+        checks = _exact_checks(tokens, mode, n_len, ref_seeds, top, H)
+        acc_e = float(refs["exact"].heldout_mlm_acc.mean())
+        acc_f = float(refs["uniform"].heldout_mlm_acc.mean())
+        flops_e = float(refs["exact"].attention_flops_per_seq.iloc[0])
+        for (v, s), x in g.groupby(["variant", "subset_size"]):
+            seeds = sorted(set(x.seed) & set(ref_seeds))
+            C = _stack(tokens, mode, v, int(s), seeds)
+            E = _stack(tokens, mode, "exact", n_len, seeds)
+            F = _stack(tokens, mode, "uniform", n_len, seeds)
+            d_e = crossed_interval(C - E)
+            d_f = crossed_interval(C - F)
+            kc = crossed_interval(C - keep * E - (1 - keep) * F)
+            acc = float(x.heldout_mlm_acc.mean())
+            out.append(
+                {
+                    "mode": mode,
+                    "variant": v,
+                    "subset_size": int(s),
+                    "seeds": len(seeds),
+                    "acc_mean": acc,
+                    "acc_seed_sd": float(x.heldout_mlm_acc.std()) if len(x) > 1 else np.nan,
+                    "acc_step0_mean": float(x.heldout_mlm_acc_step0.mean()),
+                    "acc_shuffled_mean": float(x.heldout_mlm_acc_shuffled.mean()),
+                    "flops_ratio": float(x.attention_flops_per_seq.iloc[0]) / flops_e,
+                    "mean_step_time_ms": float(x.mean_step_time_ms.mean()),
+                    "delta_vs_exact": d_e.estimate,
+                    "delta_ci_low": d_e.low,
+                    "delta_ci_high": d_e.high,
+                    "delta_df": d_e.df,
+                    "delta_vs_floor": d_f.estimate,
+                    "floor_ci_low": d_f.low,
+                    "floor_ci_high": d_f.high,
+                    "keep": keep,
+                    "keep_contrast": kc.estimate,
+                    "keep_ci_low": kc.low,
+                    "keep_ci_high": kc.high,
+                    "margin": (1 - keep) * (acc_e - acc_f),
+                    "kept_gain_floor": (acc - acc_f) / (acc_e - acc_f) if acc_e != acc_f else np.nan,
+                    "kept_gain_unigram": (acc - u) / (acc_e - u) if acc_e != u else np.nan,
+                    "exact_acc_mean": acc_e,
+                    "floor_acc_mean": acc_f,
+                    "unigram_acc": u,
+                    "unigram_entropy": H,
+                    "heldout_tokens": n_tok,
+                    **checks,
+                }
             )
-        m = learned_margins(
-            ex.heldout_mlm_acc, ex.heldout_loss, ex.heldout_loss_sd, n_tokens, u, float(ex.unigram_entropy.iloc[0])
-        )
-        gain = m["acc_gap"]
-        df.loc[g.index, ["exact_mean_acc", "exact_seed_sd"]] = [ex.heldout_mlm_acc.mean(), ex.heldout_mlm_acc.std()]
-        df.loc[g.index, ["exact_acc_gap", "exact_acc_gap_low", "exact_loss_gap", "exact_loss_gap_low"]] = [
-            m["acc_gap"],
-            m["acc_gap_low"],
-            m["loss_gap"],
-            m["loss_gap_low"],
-        ]
-        df.loc[g.index, "exact_learned"] = m["learned"]
-        o = order_gain(ex.heldout_mlm_acc, ex.heldout_mlm_acc_shuffled, n_tokens)
-        df.loc[g.index, ["exact_order_gain", "exact_order_gain_low"]] = [o["gain"], o["gain_low"]]
-        df.loc[g.index, "exact_uses_order"] = o["uses_order"]
-        df.loc[g.index, "flops_ratio"] = g.attention_flops_per_seq / ex.attention_flops_per_seq.iloc[0]
-        for i, r in g.iterrows():
-            delta, lo, hi = accuracy_difference([r.heldout_mlm_acc], ex.heldout_mlm_acc, n_tokens)
-            df.loc[i, ["delta_vs_exact", "delta_ci_low", "delta_ci_high"]] = [delta, lo, hi]
-            if gain > 0:
-                df.loc[i, ["kept_gain", "kept_gain_ci_low", "kept_gain_ci_high"]] = [
-                    (gain + delta) / gain,
-                    (gain + lo) / gain,
-                    (gain + hi) / gain,
-                ]
-    order = {v: i for i, v in enumerate(("exact", *enum("training.variants")))}
-    df = df.sort_values(
-        ["mode", "variant", "subset_size", "seed"],
-        key=lambda c: (
-            c.map(order) if c.name == "variant" else (c.map({"scratch": 0, "finetune": 1}) if c.name == "mode" else c)
-        ),
-    )
-    return df[SUMMARY_COLUMNS].reset_index(drop=True)
+    return _sorted(pd.DataFrame(out), ["mode", "variant", "subset_size"])[COMPARISON_COLUMNS]

@@ -20,7 +20,8 @@ def notebook_data(name):
         }
     if name == "training":
         return {
-            "summary": rules.train_summary.output[0],
+            "summary": rules.train_summary.output.summary,
+            "comparisons": rules.train_summary.output.comparisons,
             "metrics": run_outputs("metrics"),
         }
     if name == "scaling":
