@@ -286,3 +286,54 @@ def test_transfer_and_scaling_auto_follow_the_run_models():
     )
     assert plan.scaling_models(left) == ["minilm"]
     assert any("leaves out short" in n for n in plan.notes(left))
+
+
+# ------------------------------------------------------------------ local model folders (source: path)
+
+
+def _path_model(folder) -> dict:
+    return {"models": {"mymodel": {"source": "path", "path": str(folder), "causal": False}}, "run_models": ["mymodel"]}
+
+
+def test_missing_model_folder_is_refused_before_any_job(tmp_path):
+    rc, out = _dry_run(tmp_path, TINY, _path_model(tmp_path / "no-such-folder"))
+    assert rc != 0, out[-3000:]
+    assert "models.mymodel.path': the folder" in out and "does not exist" in out, out[-3000:]
+    assert "fix:" in out and "jobid" not in out
+
+
+def test_unused_model_folder_is_not_checked(tmp_path):
+    unused = {"models": {"unused": {"source": "path", "path": str(tmp_path / "gone"), "causal": False}}}
+    rc, out = _dry_run(tmp_path, TINY, unused)
+    assert rc == 0, out[-3000:]
+
+
+def _jobs(out: str) -> set[str]:
+    table = out.split("Job stats:")[-1] if "Job stats:" in out else ""
+    return {line.split()[0] for line in table.splitlines()[3:] if line.strip() and line.split()[0] != "total"}
+
+
+def test_editing_a_model_folder_refetches_it(tmp_path):
+    """A `source: path` model's files are inputs of its fetch rule: an edit re-fetches the model (and
+    so re-runs what reads it), an untouched folder does not."""
+    import os
+
+    src = tmp_path / "my-model"
+    src.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (src / name).write_text("{}")
+    work = tmp_path / "work"
+    (work / "resources" / "models" / "mymodel").mkdir(parents=True)  # a fetched copy, newer than its source
+    later = (src / "config.json").stat().st_mtime + 100
+    os.utime(work / "resources" / "models" / "mymodel", (later, later))
+    target = "resources/models/mymodel"
+    cfg = work / "override.yaml"
+    cfg.write_text(yaml.safe_dump(_path_model(src)))
+    proc = snakemake(work, "-n", target, configs=[*TINY, str(cfg)], check=False)
+    assert proc.returncode == 0 and "fetch_model" not in _jobs(proc.stdout + proc.stderr), proc.stdout[-3000:]
+    (src / "config.json").write_text('{"edited": true}')
+    os.utime(src / "config.json", (later + 100, later + 100))
+    proc = snakemake(work, "-n", target, configs=[*TINY, str(cfg)], check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "fetch_model" in _jobs(out), out[-3000:]
+    assert str(src / "config.json") in out  # the reason names the edited file

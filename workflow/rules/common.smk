@@ -15,6 +15,7 @@ from snakemake.utils import validate
 
 from eigenattn.config import plan
 from eigenattn.config import settings
+from eigenattn.config import sources
 from eigenattn.config import validation
 from eigenattn.config.schema import SCHEMA_FILE, enum
 from eigenattn.errors import ConfigError
@@ -28,6 +29,7 @@ except WorkflowError as e:
     raise WorkflowError(f"invalid configuration: {validation.explain(error)}") from None
 try:
     validation.check(config)
+    sources.check_model_folders(config)
 except ConfigError as e:
     raise WorkflowError(f"invalid configuration: {e}") from None
 

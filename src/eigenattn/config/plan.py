@@ -42,6 +42,15 @@ def prefix_models(config: dict) -> list[str]:
     return [m for m in config["run_models"] if "prefix" in model_views(config, m)]
 
 
+def fetched_models(config: dict) -> list[str]:
+    """The models under ``models:`` that the workflow fetches: the run models, and minilm when the
+    training vocabulary is minilm's (``training.vocab: minilm``)."""
+    models = list(config["run_models"])
+    if config["training"]["vocab"] == "minilm" and "minilm" not in models:
+        models.append("minilm")
+    return models
+
+
 def transfers(config: dict) -> list[str]:
     """The transfer rows of the reconstruction (``reconstruction.transfer``). auto: every transfer
     the run can do: adjacent_layer and farthest_layer, and other_model when at least two run models
