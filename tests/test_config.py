@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from conftest import REPO, snakemake
-from eigenattn.config import plan
+from eigenattn.config import plan, validation
 from eigenattn.config.validation import check, validate
 from eigenattn.errors import ConfigError
 
@@ -337,3 +337,41 @@ def test_editing_a_model_folder_refetches_it(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "fetch_model" in _jobs(out), out[-3000:]
     assert str(src / "config.json") in out  # the reason names the edited file
+
+
+# ------------------------------------------------------------------------- values from the command line
+
+
+def test_nested_command_line_values_are_typed(tmp_path):
+    """`--config 'sampling={seq_len: 64}'` reaches the schema as an integer (Snakemake parses nested
+    values as strings), lists of numbers too; a value of the wrong type is still refused by name."""
+    proc = snakemake(
+        tmp_path, "-n", "--config", "sampling={seq_len: 64}", "overlap={k: [2, 4]}", configs=TINY, check=False
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    proc = snakemake(tmp_path, "-n", "--config", "sampling={seq_len: 2048}", configs=DEFAULT, check=False)
+    assert "sampling.seq_len': 2048 exceeds the 512 positions of model 'minilm'" in proc.stdout + proc.stderr
+    proc = snakemake(tmp_path, "-n", "--config", "sampling={seq_len: long}", configs=DEFAULT, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "sampling.seq_len': 'long' is not of type 'integer'" in out, out[-3000:]
+
+
+def test_command_line_strings_are_coerced_by_the_schema():
+    from snakemake.utils import update_config
+
+    c = _config()
+    overrides = {
+        "sampling": {"seq_len": "64", "heldout_fraction": "0.25", "n_sequences": {"fit": "16"}},
+        "eigen": {"views": ["prefix"], "full_rank": "null", "report_k": ["1", "2"]},
+        "extraction": {"chunk_sequences": "auto"},
+        "models": {"minilm": {"causal": "false", "layers": ["0", "1"]}},
+        "corpora": {"enwiki-sample": {"member": "0123"}},  # a string where the schema wants one
+    }
+    update_config(c, overrides)  # as Snakemake does with --config, before the Snakefile sees it
+    c = validate(validation.coerce_overrides(c, overrides))
+    assert c["sampling"]["seq_len"] == 64 and c["sampling"]["heldout_fraction"] == 0.25
+    assert c["sampling"]["n_sequences"] == {"fit": 16, "heldout": 6}
+    assert c["eigen"]["views"] == ["prefix"] and c["eigen"]["full_rank"] is None and c["eigen"]["report_k"] == [1, 2]
+    assert c["extraction"]["chunk_sequences"] == "auto"
+    assert c["models"]["minilm"]["causal"] is False and c["models"]["minilm"]["layers"] == [0, 1]
+    assert c["corpora"]["enwiki-sample"]["member"] == "0123"

@@ -20,6 +20,8 @@ from eigenattn.config import validation
 from eigenattn.config.schema import SCHEMA_FILE, enum
 from eigenattn.errors import ConfigError
 
+# nested --config values arrive as strings: typed by the schema before it checks them
+validation.coerce_overrides(config, workflow.config_settings.config)
 try:
     validate(config, str(SCHEMA_FILE))
 except WorkflowError as e:

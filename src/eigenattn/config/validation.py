@@ -1,5 +1,7 @@
 """The config layer: the only module that speaks of config keys.
 
+- :func:`coerce_overrides` types the nested values of ``--config``, which Snakemake passes as
+  strings, by the schema before it checks them.
 - :func:`explain` turns a schema violation (from ``snakemake.utils.validate``, which also fills
   in the defaults) into a :class:`ConfigError` that names the key and the fix.
 - :func:`check` runs the cross-key checks a schema cannot express. It is a pure function of the
@@ -12,9 +14,10 @@
 from __future__ import annotations
 
 import jsonschema
+import yaml
 
 from eigenattn.config import plan
-from eigenattn.config.schema import SCHEMA_FILE, node
+from eigenattn.config.schema import SCHEMA, SCHEMA_FILE, node
 from eigenattn.config.settings import ModelFacts
 from eigenattn.config.views import View
 from eigenattn.errors import ConfigError
@@ -87,6 +90,85 @@ def validation_error(exc: BaseException) -> jsonschema.ValidationError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+# ------------------------------------------------------------------ values from the command line
+
+
+def _resolve(n: dict) -> dict:
+    while "$ref" in n:
+        n = SCHEMA["$defs"][n["$ref"].split("/")[-1]]
+    return n
+
+
+def _alternatives(n: dict) -> list[dict]:
+    return [_resolve(a) for a in n.get("oneOf", []) + n.get("anyOf", [])]
+
+
+def _takes_string(n: dict, value: str) -> bool:
+    """Whether the schema node allows this string as it is (a string type, or an enum or const
+    that lists it); a node that says nothing takes it."""
+    n = _resolve(n)
+    if "type" in n:
+        return "string" in (n["type"] if isinstance(n["type"], list) else [n["type"]])
+    if "const" in n:
+        return n["const"] == value
+    if "enum" in n:
+        return value in n["enum"]
+    alternatives = _alternatives(n)
+    return not alternatives or any(_takes_string(a, value) for a in alternatives)
+
+
+def _typed(value, n: dict | None):
+    """``value`` with each string that the schema node does not take read as YAML."""
+    if n is None:
+        return value
+    n = _resolve(n)
+    if isinstance(value, str):
+        if _takes_string(n, value):
+            return value
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return value if isinstance(parsed, str) else parsed
+    if isinstance(value, list):
+        items = next((a["items"] for a in [n, *_alternatives(n)] if "items" in a), None)
+        return [_typed(v, items) for v in value]
+    if isinstance(value, dict):
+        return {k: _typed(v, _child(n, k)) for k, v in value.items()}
+    return value
+
+
+def _child(n: dict, key: str) -> dict | None:
+    n = _resolve(n)
+    if key in n.get("properties", {}):
+        return n["properties"][key]
+    extra = n.get("additionalProperties")
+    return extra if isinstance(extra, dict) else None
+
+
+def coerce_overrides(config: dict, overrides) -> dict:
+    """Type the values given with ``--config``, in ``config`` (which holds them already).
+
+    Snakemake reads a nested ``--config`` value (``sampling={seq_len: 64}``) with YAML's base loader,
+    which keeps every scalar a string. Each such string that its schema node does not take is read
+    as YAML (64, 0.25, null, false), so the schema checks the value the user wrote; a string the
+    schema takes (a path, a name, ``auto``) is kept, and a value of the wrong type is still refused.
+    ``overrides``: the ``--config`` values (``workflow.config_settings.config``)."""
+
+    def walk(target: dict, given, n: dict | None) -> None:
+        for key, value in given.items():
+            sub = _child(n, key) if n is not None else None
+            if key not in target or sub is None:
+                continue  # an unknown key: the schema names it
+            if isinstance(value, dict) and isinstance(target[key], dict):
+                walk(target[key], value, sub)
+            else:
+                target[key] = _typed(target[key], sub)
+
+    walk(config, overrides or {}, SCHEMA)
+    return config
 
 
 def validate(config: dict) -> dict:
