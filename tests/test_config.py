@@ -375,3 +375,22 @@ def test_command_line_strings_are_coerced_by_the_schema():
     assert c["extraction"]["chunk_sequences"] == "auto"
     assert c["models"]["minilm"]["causal"] is False and c["models"]["minilm"]["layers"] == [0, 1]
     assert c["corpora"]["enwiki-sample"]["member"] == "0123"
+
+
+# ---------------------------------------------------------------------------------- helpful messages
+
+
+@pytest.mark.parametrize(
+    "section,values,bound",
+    [
+        ("overlap", {"k": [4, 8, 200]}, "use k <= 64"),
+        ("reconstruction", {"subset_sizes": [4, 200]}, "use subset sizes <= 64"),
+    ],
+)
+def test_bound_is_over_every_view_that_runs(section, values, bound):
+    """minilm's `all` view has d = 128, its `prefix` view and smollm2's 64: the first refusal gives
+    the bound that every view meets, so following it does not fail again."""
+    c = validate({**_config(), "sampling": {"seq_len": 128}, section: values})
+    with pytest.raises(ConfigError) as e:
+        check(c)
+    assert bound in str(e.value) and "prefix" in str(e.value), str(e.value)

@@ -303,26 +303,32 @@ def _check_views(config: dict) -> None:
             )
 
 
+def _smallest_view(config: dict, views_of) -> tuple[int, str, str]:
+    """(d, model, view) of the view with the fewest keys among the views that run (``views_of``: a
+    run model's views), so a bound it gives holds for every view, and following it cannot fail again."""
+    n = config["sampling"]["seq_len"]
+    views = [(plan.view_dim(v, n), m, v) for m in config["run_models"] for v in views_of(m)]
+    return min(views, key=lambda t: t[0])
+
+
 def _check_overlap(config: dict) -> None:
     n = config["sampling"]["seq_len"]
-    for m in config["run_models"]:
-        for v in plan.model_views(config, m):
-            d = plan.view_dim(v, n)
-            bad = [k for k in config["overlap"]["k"] if k > d]
-            if bad:
-                raise ConfigError(
-                    "overlap.k",
-                    f"k = {bad} exceeds the row dimension d = {d} of view '{v}' (seq_len {n}) for model '{m}'",
-                    f"use k <= {d}",
-                )
+    d, m, v = _smallest_view(config, lambda m: plan.model_views(config, m))
+    bad = [k for k in config["overlap"]["k"] if k > d]
+    if bad:
+        raise ConfigError(
+            "overlap.k",
+            f"k = {bad} exceeds the row dimension d = {d} of view '{v}' (seq_len {n}) for model '{m}', "
+            "the smallest of the views that run",
+            f"use k <= {d}",
+        )
     ks = config["eigen"]["report_k"]
-    d_min = min(plan.view_dim(v, n) for m in config["run_models"] for v in plan.model_views(config, m))
-    if max(ks) > d_min:
+    if max(ks) > d:
         raise ConfigError(
             "eigen.report_k",
-            f"k = {[k for k in ks if k > d_min]} exceeds the d = {d_min} keys of "
+            f"k = {[k for k in ks if k > d]} exceeds the d = {d} keys of "
             f"the smallest view (seq_len {n}); EV(k) would be clamped to EV(d)",
-            f"use k <= {d_min}",
+            f"use k <= {d}",
         )
     pairs = config["overlap"]["cross_pairs"]
     for i, (a, b) in enumerate(plan.cross_pairs(config)):
@@ -351,19 +357,19 @@ def _check_reconstruction(config: dict) -> None:
             "reconstruction fits on the 'raw' row spectra, which are not computed",
             "add raw to eigen.variants",
         )
-    for section in ("reconstruction", "plugin"):
-        sizes = config[section]["subset_sizes"]
-        for m in config["run_models"]:
-            views = plan.model_views(config, m) if section == "reconstruction" else [plan.plugin_view(config, m)]
-            for v in views:
-                d = plan.view_dim(v, n)
-                bad = [s for s in sizes if s > d]
-                if bad:
-                    raise ConfigError(
-                        f"{section}.subset_sizes",
-                        f"s = {bad} exceeds the d = {d} keys of view '{v}' (seq_len {n}) for model '{m}'",
-                        f"use subset sizes <= {d}",
-                    )
+    for section, views_of in (
+        ("reconstruction", lambda m: plan.model_views(config, m)),
+        ("plugin", lambda m: [plan.plugin_view(config, m)]),
+    ):
+        d, m, v = _smallest_view(config, views_of)
+        bad = [s for s in config[section]["subset_sizes"] if s > d]
+        if bad:
+            raise ConfigError(
+                f"{section}.subset_sizes",
+                f"s = {bad} exceeds the d = {d} keys of view '{v}' (seq_len {n}) for model '{m}', "
+                "the smallest of the views that run",
+                f"use subset sizes <= {d}",
+            )
     prefix_models = plan.prefix_models(config)
     if "other_model" in plan.transfers(config) and len(prefix_models) < 2:  # only an explicit list: auto adapts
         raise ConfigError(
