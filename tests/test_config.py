@@ -394,3 +394,23 @@ def test_bound_is_over_every_view_that_runs(section, values, bound):
     with pytest.raises(ConfigError) as e:
         check(c)
     assert bound in str(e.value) and "prefix" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "section,values,needles",
+    [
+        ("eigen", {"views": ["middle"]}, ["eigen.views", "'middle'", "all, prefix", "auto"]),
+        ("scaling", {"models": "all"}, ["scaling.models", "'all'", "auto", "first", "a list"]),
+        ("eigen", {"full_rank": 0}, ["eigen.full_rank", "0 is less than the minimum of 1", "null"]),
+        ("reconstruction", {"transfer": ["sideways"]}, ["'sideways'", "adjacent_layer, farthest_layer, other_model"]),
+    ],
+)
+def test_one_of_errors_name_the_value_and_the_allowed_ones(section, values, needles):
+    c = _config()
+    c[section] = {**c.get(section, {}), **values}
+    with pytest.raises(ConfigError) as e:
+        validate(c)
+    msg = str(e.value)
+    assert "is not valid under any of the given schemas" not in msg, msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)

@@ -79,7 +79,55 @@ def explain(error: jsonschema.ValidationError) -> ConfigError:
         )
     if error.validator in FIXES:
         return ConfigError(key, error.message, FIXES[error.validator].format(v=error.validator_value))
+    if error.validator in ("oneOf", "anyOf"):
+        return ConfigError(key, _no_alternative(error), f"write {_allowed(error.validator_value)}")
     return ConfigError(key, error.message, f"write a value that fits: {desc}" if desc else "see docs/config.md")
+
+
+def _literal(v) -> str:
+    """A value as it is written in the config file."""
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _kind(t: str, n: dict) -> str:
+    kind = {"integer": "an integer", "number": "a number", "array": "a list", "object": "a mapping"}.get(t, f"a {t}")
+    if "minimum" in n:
+        kind += f" of at least {n['minimum']}"
+    return _literal(None) if t == "null" else kind
+
+
+def _one_allowed(n: dict) -> str:
+    """What one alternative of a oneOf/anyOf takes, as a user would write it."""
+    n = _resolve(n)
+    if "const" in n:
+        return _literal(n["const"])
+    if "enum" in n:
+        return "one of " + ", ".join(map(_literal, n["enum"]))
+    if n.get("type") == "array":
+        items = _resolve(n.get("items", {}))
+        if "enum" in items:
+            return "a list of: " + ", ".join(map(_literal, items["enum"]))
+        noun = {"array": "list", "object": "mapping"}.get(items.get("type"), items.get("type"))
+        return f"a list of {noun}s" if isinstance(noun, str) else "a list"
+    t = n.get("type", "value")
+    return " or ".join(_kind(x, n) for x in t) if isinstance(t, list) else _kind(t, n)
+
+
+def _allowed(alternatives: list) -> str:
+    """Every alternative of a oneOf/anyOf: 'auto, or a list of: all, prefix'."""
+    shown = [_one_allowed(a) for a in alternatives]
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + ", or " + shown[-1]
+
+
+def _no_alternative(error: jsonschema.ValidationError) -> str:
+    """The value that fits no alternative, and why it fails the alternative of its kind: the error
+    inside the value (a list item not in the enum) or of its own range (a number below the
+    minimum), not that it is not the const or the type of the other alternatives."""
+    inside = [e for e in error.context if e.relative_path or e.validator not in ("type", "const", "enum")]
+    problem = f"{error.instance!r} is not allowed"
+    if inside:
+        problem += ": " + max(inside, key=lambda e: len(e.relative_path)).message
+    return problem
 
 
 def validation_error(exc: BaseException) -> jsonschema.ValidationError | None:
