@@ -42,6 +42,7 @@ SPLITS = ["fit", "heldout"]
 SHARDS = list(range(config["extraction"]["shards"]))
 SEQ_LEN = config["sampling"]["seq_len"]
 TRAIN = config["training"]
+EIGEN = settings.Eigen.from_config(config)
 NOTEBOOKS = ["spectrum", "overlap", "reconstruction", "training", "summary"]
 NOTEBOOKS += ["scaling"] if plan.scaling_models(config) else []
 WHEEL_CACHE = "resources/wheels"

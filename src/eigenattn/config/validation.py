@@ -8,7 +8,8 @@
   config dict: it reads no file and opens no socket, so it runs when the Snakefile is parsed.
 - Checks that need data run in the rule that has the data, and still name the key:
   :func:`check_corpus_capacity` (sampling), :func:`check_model_facts` (extraction, after the
-  equivalence probe) and :func:`resolve_device` (any rule that picks a device).
+  equivalence probe) and :meth:`~eigenattn.config.settings.Runtime.torch_device` (any rule that
+  picks a device).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import yaml
 
 from eigenattn.config import plan
 from eigenattn.config.schema import SCHEMA, SCHEMA_FILE, node
+from eigenattn.config.sections import Eigen, Overlap, Scaling
 from eigenattn.config.settings import ModelFacts
 from eigenattn.config.views import View
 from eigenattn.errors import ConfigError
@@ -309,12 +311,13 @@ def _check_extraction(config: dict) -> None:
 
 
 def _check_scaling(config: dict) -> None:
-    s, models = config["scaling"], plan.scaling_models(config)
+    s, models = Scaling.from_config(config), plan.scaling_models(config)
     for key, within, name in (
         ("models", config["run_models"], "run_models"),
         ("sample_models", models, "scaling.models"),
     ):
-        for i, m in enumerate([] if s[key] in ("auto", "first") else s[key]):
+        asked = getattr(s, key)
+        for i, m in enumerate([] if asked in ("auto", "first") else asked):
             if m not in within:
                 raise ConfigError(
                     f"scaling.{key}[{i}]",
@@ -323,13 +326,13 @@ def _check_scaling(config: dict) -> None:
                 )
     for m in models:
         pos = config["models"][m].get("max_positions")
-        if pos and m in plan.sample_models(config) and s["sample_length"] > pos:
+        if pos and m in plan.sample_models(config) and s.sample_length > pos:
             raise ConfigError(
                 "scaling.sample_length",
-                f"{s['sample_length']} exceeds the {pos} positions of model '{m}'",
+                f"{s.sample_length} exceeds the {pos} positions of model '{m}'",
                 f"use sample_length <= {pos}",
             )
-        if pos and len([n for n in s["lengths"] if n <= pos]) < 2:
+        if pos and len([n for n in s.lengths if n <= pos]) < 2:
             raise ConfigError(
                 "scaling.lengths",
                 f"fewer than two lengths are within the {pos} positions of model "
@@ -339,7 +342,7 @@ def _check_scaling(config: dict) -> None:
 
 
 def _check_views(config: dict) -> None:
-    views = config["eigen"]["views"]
+    views = Eigen.from_config(config).views
     if views == "auto":
         return
     for m in config["run_models"]:
@@ -362,7 +365,8 @@ def _smallest_view(config: dict, views_of) -> tuple[int, str, str]:
 def _check_overlap(config: dict) -> None:
     n = config["sampling"]["seq_len"]
     d, m, v = _smallest_view(config, lambda m: plan.model_views(config, m))
-    bad = [k for k in config["overlap"]["k"] if k > d]
+    overlap = Overlap.from_config(config)
+    bad = [k for k in overlap.k if k > d]
     if bad:
         raise ConfigError(
             "overlap.k",
@@ -370,7 +374,7 @@ def _check_overlap(config: dict) -> None:
             "the smallest of the views that run",
             f"use k <= {d}",
         )
-    ks = config["eigen"]["report_k"]
+    ks = Eigen.from_config(config).report_k
     if max(ks) > d:
         raise ConfigError(
             "eigen.report_k",
@@ -378,7 +382,7 @@ def _check_overlap(config: dict) -> None:
             f"the smallest view (seq_len {n}); EV(k) would be clamped to EV(d)",
             f"use k <= {d}",
         )
-    pairs = config["overlap"]["cross_pairs"]
+    pairs = overlap.cross_pairs
     for i, (a, b) in enumerate(plan.cross_pairs(config)):
         for j, m in enumerate((a, b)):
             if m not in config["run_models"]:
@@ -399,7 +403,7 @@ def _check_overlap(config: dict) -> None:
 
 def _check_reconstruction(config: dict) -> None:
     n = config["sampling"]["seq_len"]
-    if "raw" not in config["eigen"]["variants"]:
+    if "raw" not in Eigen.from_config(config).variants:
         raise ConfigError(
             "eigen.variants",
             "reconstruction fits on the 'raw' row spectra, which are not computed",
@@ -494,14 +498,3 @@ def check_model_facts(facts_cfg: ModelFacts, facts: dict) -> None:
             "(every layer hiding the keys after each query)",
             f"set causal: {str(facts['causal']).lower()}",
         )
-
-
-def resolve_device(value: str, key: str):
-    """A torch device for a config value (auto, cpu, cuda, cuda:N); CUDA asked for but absent fails."""
-    import torch  # not at module level: the Snakefile imports this module at parse time
-
-    if value == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if value.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(key, f"'{value}' requested but CUDA is not available", "use device: auto or cpu")
-    return torch.device(value)
