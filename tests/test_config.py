@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from conftest import REPO, snakemake
-from eigenattn.config import plan
+from eigenattn.config import plan, validation
 from eigenattn.config.validation import check, validate
 from eigenattn.errors import ConfigError
 
@@ -293,3 +293,131 @@ def test_transfer_and_scaling_auto_follow_the_run_models():
     )
     assert plan.scaling_models(left) == ["minilm"]
     assert any("leaves out short" in n for n in plan.notes(left))
+
+
+# ------------------------------------------------------------------ local model folders (source: path)
+
+
+def _path_model(folder) -> dict:
+    return {"models": {"mymodel": {"source": "path", "path": str(folder), "causal": False}}, "run_models": ["mymodel"]}
+
+
+def test_missing_model_folder_is_refused_before_any_job(tmp_path):
+    rc, out = _dry_run(tmp_path, TINY, _path_model(tmp_path / "no-such-folder"))
+    assert rc != 0, out[-3000:]
+    assert "models.mymodel.path': the folder" in out and "does not exist" in out, out[-3000:]
+    assert "fix:" in out and "jobid" not in out
+
+
+def test_unused_model_folder_is_not_checked(tmp_path):
+    unused = {"models": {"unused": {"source": "path", "path": str(tmp_path / "gone"), "causal": False}}}
+    rc, out = _dry_run(tmp_path, TINY, unused)
+    assert rc == 0, out[-3000:]
+
+
+def _jobs(out: str) -> set[str]:
+    table = out.split("Job stats:")[-1] if "Job stats:" in out else ""
+    return {line.split()[0] for line in table.splitlines()[3:] if line.strip() and line.split()[0] != "total"}
+
+
+def test_editing_a_model_folder_refetches_it(tmp_path):
+    """A `source: path` model's files are inputs of its fetch rule: an edit re-fetches the model (and
+    so re-runs what reads it), an untouched folder does not."""
+    import os
+
+    src = tmp_path / "my-model"
+    src.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (src / name).write_text("{}")
+    work = tmp_path / "work"
+    (work / "resources" / "models" / "mymodel").mkdir(parents=True)  # a fetched copy, newer than its source
+    later = (src / "config.json").stat().st_mtime + 100
+    os.utime(work / "resources" / "models" / "mymodel", (later, later))
+    target = "resources/models/mymodel"
+    cfg = work / "override.yaml"
+    cfg.write_text(yaml.safe_dump(_path_model(src)))
+    proc = snakemake(work, "-n", target, configs=[*TINY, str(cfg)], check=False)
+    assert proc.returncode == 0 and "fetch_model" not in _jobs(proc.stdout + proc.stderr), proc.stdout[-3000:]
+    (src / "config.json").write_text('{"edited": true}')
+    os.utime(src / "config.json", (later + 100, later + 100))
+    proc = snakemake(work, "-n", target, configs=[*TINY, str(cfg)], check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "fetch_model" in _jobs(out), out[-3000:]
+    assert str(src / "config.json") in out  # the reason names the edited file
+
+
+# ------------------------------------------------------------------------- values from the command line
+
+
+def test_nested_command_line_values_are_typed(tmp_path):
+    """`--config 'sampling={seq_len: 64}'` reaches the schema as an integer (Snakemake parses nested
+    values as strings), lists of numbers too; a value of the wrong type is still refused by name."""
+    proc = snakemake(
+        tmp_path, "-n", "--config", "sampling={seq_len: 64}", "overlap={k: [2, 4]}", configs=TINY, check=False
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    proc = snakemake(tmp_path, "-n", "--config", "sampling={seq_len: 2048}", configs=DEFAULT, check=False)
+    assert "sampling.seq_len': 2048 exceeds the 512 positions of model 'minilm'" in proc.stdout + proc.stderr
+    proc = snakemake(tmp_path, "-n", "--config", "sampling={seq_len: long}", configs=DEFAULT, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "sampling.seq_len': 'long' is not of type 'integer'" in out, out[-3000:]
+
+
+def test_command_line_strings_are_coerced_by_the_schema():
+    from snakemake.utils import update_config
+
+    c = _config()
+    overrides = {
+        "sampling": {"seq_len": "64", "heldout_fraction": "0.25", "n_sequences": {"fit": "16"}},
+        "eigen": {"views": ["prefix"], "full_rank": "null", "report_k": ["1", "2"]},
+        "extraction": {"chunk_sequences": "auto"},
+        "models": {"minilm": {"causal": "false", "layers": ["0", "1"]}},
+        "corpora": {"enwiki-sample": {"member": "0123"}},  # a string where the schema wants one
+    }
+    update_config(c, overrides)  # as Snakemake does with --config, before the Snakefile sees it
+    c = validate(validation.coerce_overrides(c, overrides))
+    assert c["sampling"]["seq_len"] == 64 and c["sampling"]["heldout_fraction"] == 0.25
+    assert c["sampling"]["n_sequences"] == {"fit": 16, "heldout": 6}
+    assert c["eigen"]["views"] == ["prefix"] and c["eigen"]["full_rank"] is None and c["eigen"]["report_k"] == [1, 2]
+    assert c["extraction"]["chunk_sequences"] == "auto"
+    assert c["models"]["minilm"]["causal"] is False and c["models"]["minilm"]["layers"] == [0, 1]
+    assert c["corpora"]["enwiki-sample"]["member"] == "0123"
+
+
+# ---------------------------------------------------------------------------------- helpful messages
+
+
+@pytest.mark.parametrize(
+    "section,values,bound",
+    [
+        ("overlap", {"k": [4, 8, 200]}, "use k <= 64"),
+        ("reconstruction", {"subset_sizes": [4, 200]}, "use subset sizes <= 64"),
+    ],
+)
+def test_bound_is_over_every_view_that_runs(section, values, bound):
+    """minilm's `all` view has d = 128, its `prefix` view and smollm2's 64: the first refusal gives
+    the bound that every view meets, so following it does not fail again."""
+    c = validate({**_config(), "sampling": {"seq_len": 128}, section: values})
+    with pytest.raises(ConfigError) as e:
+        check(c)
+    assert bound in str(e.value) and "prefix" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "section,values,needles",
+    [
+        ("eigen", {"views": ["middle"]}, ["eigen.views", "'middle'", "all, prefix", "auto"]),
+        ("scaling", {"models": "all"}, ["scaling.models", "'all'", "auto", "first", "a list"]),
+        ("eigen", {"full_rank": 0}, ["eigen.full_rank", "0 is less than the minimum of 1", "null"]),
+        ("reconstruction", {"transfer": ["sideways"]}, ["'sideways'", "adjacent_layer, farthest_layer, other_model"]),
+    ],
+)
+def test_one_of_errors_name_the_value_and_the_allowed_ones(section, values, needles):
+    c = _config()
+    c[section] = {**c.get(section, {}), **values}
+    with pytest.raises(ConfigError) as e:
+        validate(c)
+    msg = str(e.value)
+    assert "is not valid under any of the given schemas" not in msg, msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)

@@ -5,6 +5,8 @@ include: "inputs/assets.smk"
 
 
 rule fetch_model:
+    input:
+        model_source_files,
     output:
         directory("resources/models/{model}"),
     log:

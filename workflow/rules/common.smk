@@ -15,10 +15,13 @@ from snakemake.utils import validate
 
 from eigenattn.config import plan
 from eigenattn.config import settings
+from eigenattn.config import sources
 from eigenattn.config import validation
 from eigenattn.config.schema import SCHEMA_FILE, enum
 from eigenattn.errors import ConfigError
 
+# nested --config values arrive as strings: typed by the schema before it checks them
+validation.coerce_overrides(config, workflow.config_settings.config)
 try:
     validate(config, str(SCHEMA_FILE))
 except WorkflowError as e:
@@ -28,6 +31,7 @@ except WorkflowError as e:
     raise WorkflowError(f"invalid configuration: {validation.explain(error)}") from None
 try:
     validation.check(config)
+    sources.check_model_folders(config)
 except ConfigError as e:
     raise WorkflowError(f"invalid configuration: {e}") from None
 
@@ -38,6 +42,7 @@ SPLITS = ["fit", "heldout"]
 SHARDS = list(range(config["extraction"]["shards"]))
 SEQ_LEN = config["sampling"]["seq_len"]
 TRAIN = config["training"]
+EIGEN = settings.Eigen.from_config(config)
 NOTEBOOKS = ["spectrum", "overlap", "reconstruction", "training", "summary"]
 NOTEBOOKS += ["scaling"] if plan.scaling_models(config) else []
 WHEEL_CACHE = "resources/wheels"

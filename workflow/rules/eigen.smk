@@ -23,8 +23,8 @@ rule eigen_rows:
         mem_mb=mem_mb(4000),
     params:
         view=lambda wildcards: wildcards.view,
-        variants=config["eigen"]["variants"],
-        split_every=config["eigen"]["split_every"],
+        variants=EIGEN.variants,
+        split_every=EIGEN.split_every,
         expect=expected_fit_scores,
         runtime=runtime("eigen"),
     script:
@@ -47,8 +47,8 @@ rule eigen_full:
         mem_mb=gram_mem_mb,
     params:
         view=lambda wildcards: wildcards.view,
-        variants=config["eigen"]["variants"],
-        rank=config["eigen"]["full_rank"],
+        variants=EIGEN.variants,
+        rank=EIGEN.full_rank,
         seed=config["seed"],
         expect=expected_fit_scores,
         runtime=runtime("eigen"),
@@ -68,7 +68,7 @@ rule eigen_spectrum:
     conda:
         "../../envs/eigenattn.yaml"
     params:
-        p={"report_k": config["eigen"]["report_k"]},
+        p=settings.Spectrum.from_config(config).params(),
     script:
         "../scripts/eigen_spectrum.py"
 

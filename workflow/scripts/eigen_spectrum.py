@@ -1,3 +1,4 @@
+from eigenattn.config.settings import Spectrum
 from eigenattn.spectra.stores import spectrum_table
 from eigenattn.storage import logs
 from eigenattn.storage.store import write_table
@@ -7,7 +8,7 @@ table = spectrum_table(
     snakemake.input.rows,
     snakemake.input.halves,
     snakemake.input.get("full"),
-    snakemake.params.p["report_k"],
+    Spectrum.from_params(snakemake.params.p).report_k,
 )
 write_table(table, snakemake.output[0])
 log.info("%d spectrum rows -> %s", len(table), snakemake.output[0])

@@ -3,6 +3,8 @@ views, and the typed settings that the stages take instead of the config dict.
 
 Modules: ``schema`` (keys, defaults, descriptions), ``validation`` (schema and cross-key checks,
 with errors that name the key), ``plan`` (models, views, pairs, runs; pure functions of the
-config), ``views`` (the one definition of a view), ``settings`` (frozen dataclasses built from
-the config, one per stage).
+config), ``views`` (the one definition of a view), ``sections`` (the settings of the sections that
+planning reads: eigen, overlap, scaling), ``settings`` (frozen dataclasses built from the config,
+one per stage; re-exports those of ``sections``), ``sources`` (the folders of local models,
+checked at parse time).
 """

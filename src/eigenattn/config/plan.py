@@ -4,6 +4,7 @@ the validated config dict; the Snakefile builds its targets from them."""
 from __future__ import annotations
 
 from eigenattn.config.schema import enum
+from eigenattn.config.sections import Eigen, Overlap, Scaling
 from eigenattn.config.views import View, allowed_views
 
 
@@ -11,7 +12,7 @@ def model_views(config: dict, name: str) -> list[str]:
     """The eigen views of a model: ``all`` and ``prefix`` for bidirectional models, ``prefix`` for
     causal ones (``eigen.views: auto``), or the configured list."""
     causal = bool(model_spec(config, name)["causal"])
-    views = config["eigen"]["views"]
+    views = Eigen.from_config(config).views
     if views == "auto":
         return allowed_views(causal)
     return list(views)
@@ -30,7 +31,7 @@ def plugin_view(config: dict, name: str) -> str:
 
 def cross_pairs(config: dict) -> list[tuple[str, str]]:
     """The model pairs compared across models (prefix view)."""
-    pairs = config["overlap"]["cross_pairs"]
+    pairs = Overlap.from_config(config).cross_pairs
     if pairs == "auto":
         ms = config["run_models"]
         return [(a, b) for i, a in enumerate(ms) for b in ms[i + 1 :]]
@@ -40,6 +41,15 @@ def cross_pairs(config: dict) -> list[tuple[str, str]]:
 def prefix_models(config: dict) -> list[str]:
     """The run models analysed in the prefix view (the view models are compared in)."""
     return [m for m in config["run_models"] if "prefix" in model_views(config, m)]
+
+
+def fetched_models(config: dict) -> list[str]:
+    """The models under ``models:`` that the workflow fetches: the run models, and minilm when the
+    training vocabulary is minilm's (``training.vocab: minilm``)."""
+    models = list(config["run_models"])
+    if config["training"]["vocab"] == "minilm" and "minilm" not in models:
+        models.append("minilm")
+    return models
 
 
 def transfers(config: dict) -> list[str]:
@@ -149,14 +159,14 @@ def training_runs(config: dict) -> list[dict]:
 def scaling_lengths_within(config: dict, model: str) -> list[int]:
     """The lengths of the length sweep within a model's positions."""
     pos = model_spec(config, model).get("max_positions")
-    return [int(n) for n in config["scaling"]["lengths"] if not pos or int(n) <= pos]
+    return [int(n) for n in Scaling.from_config(config).lengths if not pos or int(n) <= pos]
 
 
 def scaling_models(config: dict) -> list[str]:
     """The models of the length sweep (``scaling.models``). auto: every run model, first: the first
     run model; either leaves out a model whose positions hold fewer than two of scaling.lengths (no
     trend to fit; :func:`notes` says so). An explicit list is kept as written (and checked)."""
-    m = config["scaling"]["models"]
+    m = Scaling.from_config(config).models
     if m not in ("auto", "first"):
         return list(m)
     fit = [x for x in config["run_models"] if len(scaling_lengths_within(config, x)) >= 2]
@@ -165,13 +175,13 @@ def scaling_models(config: dict) -> list[str]:
 
 def sample_models(config: dict) -> list[str]:
     """The models of the sample sweep (``scaling.sample_models``; auto: the first scaling model)."""
-    m = config["scaling"]["sample_models"]
+    m = Scaling.from_config(config).sample_models
     return scaling_models(config)[:1] if m == "auto" else list(m)
 
 
 def length_sequences(config: dict) -> int:
     """N of the length sweep (``scaling.length_sequences``; auto: the main run's fit sequences)."""
-    N = config["scaling"]["length_sequences"]
+    N = Scaling.from_config(config).length_sequences
     return int(config["sampling"]["n_sequences"]["fit"] if N == "auto" else N)
 
 
@@ -179,10 +189,10 @@ def scaling_points(config: dict, model: str) -> dict[str, list[tuple[int, int]]]
     """A model's (n, N) grid of the scaling study: the length sweep at ``length_sequences`` (lengths
     beyond the model's positions left out), and the sample sweep at ``scaling.sample_length`` for
     the sample-sweep models; ``full`` lists the points whose whole blocks are analysed."""
-    s = config["scaling"]
-    pos = model_spec(config, model).get("max_positions") or max(s["lengths"])
-    lengths = [(int(n), length_sequences(config)) for n in s["lengths"] if int(n) <= pos]
-    samples = [(int(s["sample_length"]), int(N)) for N in s["samples"]] if model in sample_models(config) else []
+    s = Scaling.from_config(config)
+    pos = model_spec(config, model).get("max_positions") or max(s.lengths)
+    lengths = [(int(n), length_sequences(config)) for n in s.lengths if int(n) <= pos]
+    samples = [(int(s.sample_length), int(N)) for N in s.samples] if model in sample_models(config) else []
     return {"all": sorted(set(lengths) | set(samples)), "full": sorted(set(samples))}
 
 
@@ -190,7 +200,7 @@ def scaling_layers(config: dict, model: str):
     """The layers a model's scaling stores keep: at most ``scaling.max_layers``, evenly spread over
     its analysed layers (see :func:`eigenattn.capture.extract.resolve_layers`)."""
     layers = model_spec(config, model).get("layers", "all")
-    k = config["scaling"]["max_layers"]
+    k = Scaling.from_config(config).max_layers
     return layers if k is None else {"of": layers, "at_most": int(k)}
 
 
@@ -219,11 +229,11 @@ def notes(config: dict) -> list[str]:
             f"{config['sampling']['n_sequences']['fit']} fit passages, dividing batch_size "
             f"{config['extraction']['batch_size']})"
         )
-    if config["scaling"]["models"] in ("auto", "first"):
+    if (asked := Scaling.from_config(config).models) in ("auto", "first"):
         left = [m for m in config["run_models"] if len(scaling_lengths_within(config, m)) < 2]
         if left:
             out.append(
-                f"scaling.models: {config['scaling']['models']} leaves out {', '.join(left)} (fewer than two "
+                f"scaling.models: {asked} leaves out {', '.join(left)} (fewer than two "
                 "of scaling.lengths within its max_positions)"
             )
         if not scaling_models(config):

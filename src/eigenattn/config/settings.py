@@ -1,7 +1,9 @@
 """Typed, frozen settings: what each stage's library functions take instead of the config dict.
 
 Each dataclass is built from the config in one place, its ``from_config`` constructor, which is the
-only code outside this package that names config keys. A rule passes ``settings.params()`` (a plain
+only code outside this package that names config keys. The settings of the sections that planning
+reads (:class:`Eigen`, :class:`Overlap`, :class:`Scaling`) live in :mod:`eigenattn.config.sections`,
+below :mod:`eigenattn.config.plan`, and are re-exported here. A rule passes ``settings.params()`` (a plain
 dict of the fields) as its params, so Snakemake's params rerun trigger sees every science value
 exactly as before; the script rebuilds the dataclass with ``from_params`` and calls the library.
 
@@ -12,21 +14,14 @@ nothing (tests/test_rerun.py checks it).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from eigenattn.config import plan
+from eigenattn.config.sections import Eigen, Overlap, Scaling, _Settings
+from eigenattn.errors import ConfigError
 
-
-class _Settings:
-    def params(self) -> dict:
-        """The fields as a plain dict: the rule's params (a rerun trigger)."""
-        return asdict(self)
-
-    @classmethod
-    def from_params(cls, params: dict):
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in dict(params).items() if k in names})
+__all__ = ["Eigen", "Overlap", "Scaling"]  # re-exported: every settings class is importable from here
 
 
 @dataclass(frozen=True)
@@ -55,9 +50,16 @@ class Runtime(_Settings):
         )
 
     def torch_device(self):
-        from eigenattn.config.validation import resolve_device
+        """The torch device (auto: CUDA when present, else the CPU); CUDA asked for but absent fails."""
+        import torch  # not at module level: the Snakefile imports this module at parse time
 
-        return resolve_device(self.device, key=self.key)
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                self.key, f"'{self.device}' requested but CUDA is not available", "use device: auto or cpu"
+            )
+        return torch.device(self.device)
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,56 @@ class PerInput(_Settings):
 
     @classmethod
     def from_config(cls, config: dict) -> PerInput:
-        return cls(config["eigen"]["per_input_split"])
+        return cls(Eigen.from_config(config).per_input_split)
+
+
+@dataclass(frozen=True)
+class Spectrum(_Settings):
+    """The spectrum table of one model and view: the k whose explained variance EV(k) it reports."""
+
+    report_k: list
+
+    @classmethod
+    def from_config(cls, config: dict) -> Spectrum:
+        return cls(Eigen.from_config(config).report_k)
+
+
+@dataclass(frozen=True)
+class SubspaceOverlap(_Settings):
+    """One overlap computation (docs/method.md §5), within a model or across a pair: the subspace
+    sizes k, and the score variant whose row spectra it compares."""
+
+    k: list
+    variant: str
+
+    @classmethod
+    def from_config(cls, config: dict, variant: str) -> SubspaceOverlap:
+        return cls(Overlap.from_config(config).k, variant)
+
+
+@dataclass(frozen=True)
+class ScalingTable(_Settings):
+    """The scaling table of one model (docs/method.md §10): its grid points (n, N) in the order of
+    its spectra, N of the length sweep, n of the sample sweep, and the bootstrap of the fits."""
+
+    n: list
+    N: list
+    length_N: int
+    sample_length: int
+    bootstrap: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: dict, model: str) -> ScalingTable:
+        s, points = Scaling.from_config(config), plan.scaling_points(config, model)["all"]
+        return cls(
+            [n for n, _ in points],
+            [N for _, N in points],
+            plan.length_sequences(config),
+            s.sample_length,
+            s.bootstrap,
+            config["seed"],
+        )
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,25 @@
 """The config layer: the only module that speaks of config keys.
 
+- :func:`coerce_overrides` types the nested values of ``--config``, which Snakemake passes as
+  strings, by the schema before it checks them.
 - :func:`explain` turns a schema violation (from ``snakemake.utils.validate``, which also fills
   in the defaults) into a :class:`ConfigError` that names the key and the fix.
 - :func:`check` runs the cross-key checks a schema cannot express. It is a pure function of the
   config dict: it reads no file and opens no socket, so it runs when the Snakefile is parsed.
 - Checks that need data run in the rule that has the data, and still name the key:
   :func:`check_corpus_capacity` (sampling), :func:`check_model_facts` (extraction, after the
-  equivalence probe) and :func:`resolve_device` (any rule that picks a device).
+  equivalence probe) and :meth:`~eigenattn.config.settings.Runtime.torch_device` (any rule that
+  picks a device).
 """
 
 from __future__ import annotations
 
 import jsonschema
+import yaml
 
 from eigenattn.config import plan
-from eigenattn.config.schema import SCHEMA_FILE, node
+from eigenattn.config.schema import SCHEMA, SCHEMA_FILE, node
+from eigenattn.config.sections import Eigen, Overlap, Scaling
 from eigenattn.config.settings import ModelFacts
 from eigenattn.config.views import View
 from eigenattn.errors import ConfigError
@@ -88,7 +93,55 @@ def explain(error: jsonschema.ValidationError) -> ConfigError:
         )
     if error.validator in FIXES:
         return ConfigError(key, error.message, FIXES[error.validator].format(v=error.validator_value))
+    if error.validator in ("oneOf", "anyOf"):
+        return ConfigError(key, _no_alternative(error), f"write {_allowed(error.validator_value)}")
     return ConfigError(key, error.message, f"write a value that fits: {desc}" if desc else "see docs/config.md")
+
+
+def _literal(v) -> str:
+    """A value as it is written in the config file."""
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _kind(t: str, n: dict) -> str:
+    kind = {"integer": "an integer", "number": "a number", "array": "a list", "object": "a mapping"}.get(t, f"a {t}")
+    if "minimum" in n:
+        kind += f" of at least {n['minimum']}"
+    return _literal(None) if t == "null" else kind
+
+
+def _one_allowed(n: dict) -> str:
+    """What one alternative of a oneOf/anyOf takes, as a user would write it."""
+    n = _resolve(n)
+    if "const" in n:
+        return _literal(n["const"])
+    if "enum" in n:
+        return "one of " + ", ".join(map(_literal, n["enum"]))
+    if n.get("type") == "array":
+        items = _resolve(n.get("items", {}))
+        if "enum" in items:
+            return "a list of: " + ", ".join(map(_literal, items["enum"]))
+        noun = {"array": "list", "object": "mapping"}.get(items.get("type"), items.get("type"))
+        return f"a list of {noun}s" if isinstance(noun, str) else "a list"
+    t = n.get("type", "value")
+    return " or ".join(_kind(x, n) for x in t) if isinstance(t, list) else _kind(t, n)
+
+
+def _allowed(alternatives: list) -> str:
+    """Every alternative of a oneOf/anyOf: 'auto, or a list of: all, prefix'."""
+    shown = [_one_allowed(a) for a in alternatives]
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + ", or " + shown[-1]
+
+
+def _no_alternative(error: jsonschema.ValidationError) -> str:
+    """The value that fits no alternative, and why it fails the alternative of its kind: the error
+    inside the value (a list item not in the enum) or of its own range (a number below the
+    minimum), not that it is not the const or the type of the other alternatives."""
+    inside = [e for e in error.context if e.relative_path or e.validator not in ("type", "const", "enum")]
+    problem = f"{error.instance!r} is not allowed"
+    if inside:
+        problem += ": " + max(inside, key=lambda e: len(e.relative_path)).message
+    return problem
 
 
 def validation_error(exc: BaseException) -> jsonschema.ValidationError | None:
@@ -99,6 +152,85 @@ def validation_error(exc: BaseException) -> jsonschema.ValidationError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+# ------------------------------------------------------------------ values from the command line
+
+
+def _resolve(n: dict) -> dict:
+    while "$ref" in n:
+        n = SCHEMA["$defs"][n["$ref"].split("/")[-1]]
+    return n
+
+
+def _alternatives(n: dict) -> list[dict]:
+    return [_resolve(a) for a in n.get("oneOf", []) + n.get("anyOf", [])]
+
+
+def _takes_string(n: dict, value: str) -> bool:
+    """Whether the schema node allows this string as it is (a string type, or an enum or const
+    that lists it); a node that says nothing takes it."""
+    n = _resolve(n)
+    if "type" in n:
+        return "string" in (n["type"] if isinstance(n["type"], list) else [n["type"]])
+    if "const" in n:
+        return n["const"] == value
+    if "enum" in n:
+        return value in n["enum"]
+    alternatives = _alternatives(n)
+    return not alternatives or any(_takes_string(a, value) for a in alternatives)
+
+
+def _typed(value, n: dict | None):
+    """``value`` with each string that the schema node does not take read as YAML."""
+    if n is None:
+        return value
+    n = _resolve(n)
+    if isinstance(value, str):
+        if _takes_string(n, value):
+            return value
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return value if isinstance(parsed, str) else parsed
+    if isinstance(value, list):
+        items = next((a["items"] for a in [n, *_alternatives(n)] if "items" in a), None)
+        return [_typed(v, items) for v in value]
+    if isinstance(value, dict):
+        return {k: _typed(v, _child(n, k)) for k, v in value.items()}
+    return value
+
+
+def _child(n: dict, key: str) -> dict | None:
+    n = _resolve(n)
+    if key in n.get("properties", {}):
+        return n["properties"][key]
+    extra = n.get("additionalProperties")
+    return extra if isinstance(extra, dict) else None
+
+
+def coerce_overrides(config: dict, overrides) -> dict:
+    """Type the values given with ``--config``, in ``config`` (which holds them already).
+
+    Snakemake reads a nested ``--config`` value (``sampling={seq_len: 64}``) with YAML's base loader,
+    which keeps every scalar a string. Each such string that its schema node does not take is read
+    as YAML (64, 0.25, null, false), so the schema checks the value the user wrote; a string the
+    schema takes (a path, a name, ``auto``) is kept, and a value of the wrong type is still refused.
+    ``overrides``: the ``--config`` values (``workflow.config_settings.config``)."""
+
+    def walk(target: dict, given, n: dict | None) -> None:
+        for key, value in given.items():
+            sub = _child(n, key) if n is not None else None
+            if key not in target or sub is None:
+                continue  # an unknown key: the schema names it
+            if isinstance(value, dict) and isinstance(target[key], dict):
+                walk(target[key], value, sub)
+            else:
+                target[key] = _typed(target[key], sub)
+
+    walk(config, overrides or {}, SCHEMA)
+    return config
 
 
 def validate(config: dict) -> dict:
@@ -191,12 +323,13 @@ def _check_extraction(config: dict) -> None:
 
 
 def _check_scaling(config: dict) -> None:
-    s, models = config["scaling"], plan.scaling_models(config)
+    s, models = Scaling.from_config(config), plan.scaling_models(config)
     for key, within, name in (
         ("models", config["run_models"], "run_models"),
         ("sample_models", models, "scaling.models"),
     ):
-        for i, m in enumerate([] if s[key] in ("auto", "first") else s[key]):
+        asked = getattr(s, key)
+        for i, m in enumerate([] if asked in ("auto", "first") else asked):
             if m not in within:
                 raise ConfigError(
                     f"scaling.{key}[{i}]",
@@ -205,13 +338,13 @@ def _check_scaling(config: dict) -> None:
                 )
     for m in models:
         pos = config["models"][m].get("max_positions")
-        if pos and m in plan.sample_models(config) and s["sample_length"] > pos:
+        if pos and m in plan.sample_models(config) and s.sample_length > pos:
             raise ConfigError(
                 "scaling.sample_length",
-                f"{s['sample_length']} exceeds the {pos} positions of model '{m}'",
+                f"{s.sample_length} exceeds the {pos} positions of model '{m}'",
                 f"use sample_length <= {pos}",
             )
-        if pos and len([n for n in s["lengths"] if n <= pos]) < 2:
+        if pos and len([n for n in s.lengths if n <= pos]) < 2:
             raise ConfigError(
                 "scaling.lengths",
                 f"fewer than two lengths are within the {pos} positions of model "
@@ -221,7 +354,7 @@ def _check_scaling(config: dict) -> None:
 
 
 def _check_views(config: dict) -> None:
-    views = config["eigen"]["views"]
+    views = Eigen.from_config(config).views
     if views == "auto":
         return
     for m in config["run_models"]:
@@ -233,28 +366,35 @@ def _check_views(config: dict) -> None:
             )
 
 
+def _smallest_view(config: dict, views_of) -> tuple[int, str, str]:
+    """(d, model, view) of the view with the fewest keys among the views that run (``views_of``: a
+    run model's views), so a bound it gives holds for every view, and following it cannot fail again."""
+    n = config["sampling"]["seq_len"]
+    views = [(plan.view_dim(v, n), m, v) for m in config["run_models"] for v in views_of(m)]
+    return min(views, key=lambda t: t[0])
+
+
 def _check_overlap(config: dict) -> None:
     n = config["sampling"]["seq_len"]
-    for m in config["run_models"]:
-        for v in plan.model_views(config, m):
-            d = plan.view_dim(v, n)
-            bad = [k for k in config["overlap"]["k"] if k > d]
-            if bad:
-                raise ConfigError(
-                    "overlap.k",
-                    f"k = {bad} exceeds the row dimension d = {d} of view '{v}' (seq_len {n}) for model '{m}'",
-                    f"use k <= {d}",
-                )
-    ks = config["eigen"]["report_k"]
-    d_min = min(plan.view_dim(v, n) for m in config["run_models"] for v in plan.model_views(config, m))
-    if max(ks) > d_min:
+    d, m, v = _smallest_view(config, lambda m: plan.model_views(config, m))
+    overlap = Overlap.from_config(config)
+    bad = [k for k in overlap.k if k > d]
+    if bad:
+        raise ConfigError(
+            "overlap.k",
+            f"k = {bad} exceeds the row dimension d = {d} of view '{v}' (seq_len {n}) for model '{m}', "
+            "the smallest of the views that run",
+            f"use k <= {d}",
+        )
+    ks = Eigen.from_config(config).report_k
+    if max(ks) > d:
         raise ConfigError(
             "eigen.report_k",
-            f"k = {[k for k in ks if k > d_min]} exceeds the d = {d_min} keys of "
+            f"k = {[k for k in ks if k > d]} exceeds the d = {d} keys of "
             f"the smallest view (seq_len {n}); EV(k) would be clamped to EV(d)",
-            f"use k <= {d_min}",
+            f"use k <= {d}",
         )
-    pairs = config["overlap"]["cross_pairs"]
+    pairs = overlap.cross_pairs
     for i, (a, b) in enumerate(plan.cross_pairs(config)):
         for j, m in enumerate((a, b)):
             if m not in config["run_models"]:
@@ -275,25 +415,25 @@ def _check_overlap(config: dict) -> None:
 
 def _check_reconstruction(config: dict) -> None:
     n = config["sampling"]["seq_len"]
-    if "raw" not in config["eigen"]["variants"]:
+    if "raw" not in Eigen.from_config(config).variants:
         raise ConfigError(
             "eigen.variants",
             "reconstruction fits on the 'raw' row spectra, which are not computed",
             "add raw to eigen.variants",
         )
-    for section in ("reconstruction", "plugin"):
-        sizes = config[section]["subset_sizes"]
-        for m in config["run_models"]:
-            views = plan.model_views(config, m) if section == "reconstruction" else [plan.plugin_view(config, m)]
-            for v in views:
-                d = plan.view_dim(v, n)
-                bad = [s for s in sizes if s > d]
-                if bad:
-                    raise ConfigError(
-                        f"{section}.subset_sizes",
-                        f"s = {bad} exceeds the d = {d} keys of view '{v}' (seq_len {n}) for model '{m}'",
-                        f"use subset sizes <= {d}",
-                    )
+    for section, views_of in (
+        ("reconstruction", lambda m: plan.model_views(config, m)),
+        ("plugin", lambda m: [plan.plugin_view(config, m)]),
+    ):
+        d, m, v = _smallest_view(config, views_of)
+        bad = [s for s in config[section]["subset_sizes"] if s > d]
+        if bad:
+            raise ConfigError(
+                f"{section}.subset_sizes",
+                f"s = {bad} exceeds the d = {d} keys of view '{v}' (seq_len {n}) for model '{m}', "
+                "the smallest of the views that run",
+                f"use subset sizes <= {d}",
+            )
     prefix_models = plan.prefix_models(config)
     if "other_model" in plan.transfers(config) and len(prefix_models) < 2:  # only an explicit list: auto adapts
         raise ConfigError(
@@ -366,14 +506,3 @@ def check_model_facts(facts_cfg: ModelFacts, facts: dict) -> None:
             "(every layer hiding the keys after each query)",
             f"set causal: {str(facts['causal']).lower()}",
         )
-
-
-def resolve_device(value: str, key: str):
-    """A torch device for a config value (auto, cpu, cuda, cuda:N); CUDA asked for but absent fails."""
-    import torch  # not at module level: the Snakefile imports this module at parse time
-
-    if value == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if value.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(key, f"'{value}' requested but CUDA is not available", "use device: auto or cpu")
-    return torch.device(value)

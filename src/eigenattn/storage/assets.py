@@ -211,6 +211,8 @@ def materialise_model(name: str, spec: dict, dest: str | os.PathLike, cache_dir:
             provenance = {"source": "hub", "repo_id": spec["repo_id"], "revision": spec["revision"]}
         elif source == "path":
             src = Path(spec["path"])
+            if not src.is_dir():  # refused at parse time already; here for callers outside the workflow
+                raise SourceError(f"{key}.path: the folder '{src}' does not exist")
             if not (src / "config.json").is_file() and not list(src.glob("*.gguf")):
                 raise SourceError(
                     f"{key}.path: '{src}' holds no config.json (nor a .gguf file); "

@@ -5,6 +5,11 @@ def model_spec(wildcards):
     return plan.model_spec(config, wildcards.model)
 
 
+def model_source_files(wildcards):
+    """A local model's files (source: path): editing them re-fetches the model."""
+    return sources.model_files(plan.model_spec(config, wildcards.model))
+
+
 def trained_model_dir():
     return path(rules.train_run.output.model, **plan.trained_run(config))
 

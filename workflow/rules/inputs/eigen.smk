@@ -21,15 +21,15 @@ def gram_mem_mb(wildcards, input, threads, attempt):
     (eigenattn.spectra.full_plan.stores_memory_mb, a generous guess before)."""
     from eigenattn.spectra.full_plan import stores_memory_mb
 
-    e = config["eigen"]
+    where = runtime("eigen")
     mb = stores_memory_mb(
         list(input),
         wildcards.view,
         bool(plan.model_spec(config, wildcards.model).get("causal")),
-        e["gram_memory_mb"],
+        where.memory_mb,
         threads,
-        e["full_route"],
-        rank=e["full_rank"],
+        where.route,
+        rank=EIGEN.full_rank,
         guess_n_sequences=int(
             getattr(wildcards, "N", 4 * config["sampling"]["n_sequences"]["fit"])
         ),

@@ -5,17 +5,16 @@ def overlap_within_outputs():
     return [
         path(rules.overlap_within.output[0], model=m, view=v, variant=variant)
         for m, v in model_view_pairs()
-        for variant in config["eigen"]["variants"]
+        for variant in EIGEN.variants
     ]
 
 
 def overlap_cross_outputs():
     pairs = plan.cross_pairs(config)
-    variants = config["eigen"]["variants"]
     return [
         path(rules.overlap_cross.output[0], model_a=a, model_b=b, variant=v)
         for a, b in pairs
-        for v in variants
+        for v in EIGEN.variants
     ]
 
 
@@ -31,7 +30,7 @@ def cross_inputs(wildcards):
 
 
 def overlap_params(wildcards):
-    return {"k": config["overlap"]["k"], "variant": wildcards.variant}
+    return settings.SubspaceOverlap.from_config(config, wildcards.variant).params()
 
 
 def overlap_summary_inputs(wildcards):

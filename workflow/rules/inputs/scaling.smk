@@ -67,16 +67,7 @@ def scaling_spectra(wildcards):
 
 
 def scaling_table_params(wildcards):
-    s = config["scaling"]
-    points = plan.scaling_points(config, wildcards.model)["all"]
-    return {
-        "n": [n for n, _ in points],
-        "N": [N for _, N in points],
-        "length_N": plan.length_sequences(config),
-        "sample_length": s["sample_length"],
-        "bootstrap": s["bootstrap"],
-        "seed": config["seed"],
-    }
+    return settings.ScalingTable.from_config(config, wildcards.model).params()
 
 
 def scaling_files(name):
