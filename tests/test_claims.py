@@ -510,7 +510,8 @@ def test_c4_reports_the_smallest_s_that_keeps_the_gain(tmp_path):
     rows = c4_rows(_finals(tmp_path, accs, tokens=20000), CFG)
     per = {r.get("s"): r for r in rows if r["model"] == "nystrom"}
     assert per[16]["state"] == "not supported" and per[64]["state"] == "supported"
-    assert per[None]["state"] == "supported" and per[None]["value"] == 64 and "from s = 64" in per[None]["verdict"]
+    assert per[None]["state"] == "supported" and "from s = 64" in per[None]["verdict"]
+    assert per[None]["value"] == pytest.approx(0.99, abs=0.1)  # the share kept at s = 64
 
 
 def test_claims_table_columns_and_states(analysed, tmp_path):
