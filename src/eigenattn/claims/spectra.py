@@ -134,6 +134,14 @@ def c1_scaling_rows(fits, saturations, tables, thresholds: ClaimThresholds) -> l
                         f"sequences are needed (scaling.length_sequences > {r.N})"
                     ),
                 )
+            elif not np.isfinite(r.alpha_low):
+                state, verdict = (
+                    "inconclusive",
+                    (
+                        "one layer: α's interval resamples layers (the heads of a layer are not independent "
+                        "draws), so it needs at least two (scaling.max_layers)"
+                    ),
+                )
             elif r.alpha_high < 1:
                 state, verdict = "supported", f"k90/d falls as n grows: k90 grows as n^{r.alpha:.2f}"
             elif r.alpha_low >= 1:
@@ -155,7 +163,13 @@ def c1_scaling_rows(fits, saturations, tables, thresholds: ClaimThresholds) -> l
                     scope=f"rows against n = {r.n_min}…{r.n_max} ({int(r.heads)} heads, N={r.N})",
                     quantity="α of median k90 ≈ c·n^α",
                     value=float(r.alpha),
-                    spread=f"95% {r.alpha_low:.2f}–{r.alpha_high:.2f} (bootstrap over heads); k90/d "
+                    spread=(
+                        f"95% {r.alpha_low:.2f}–{r.alpha_high:.2f} "
+                        f"(layer-cluster bootstrap, t over {int(r.layers)} layers)"
+                        if np.isfinite(r.alpha_low)
+                        else "no interval (one layer)"
+                    )
+                    + "; k90/d "
                     f"{r.median_k_share_first:.2f} at n={r.n_min}, {r.median_k_share_last:.2f} at "
                     f"n={r.n_max}",
                     state=state,
