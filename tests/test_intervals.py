@@ -9,7 +9,8 @@ nominal level over repeated draws (the band is the binomial spread of the draw c
 import numpy as np
 import pandas as pd
 
-from eigenattn.claims.table import DEFAULTS, c1_scaling_rows
+from eigenattn.claims.reconstruction import paired_gain
+from eigenattn.claims.table import DEFAULTS, c1_scaling_rows, c3_rows
 from eigenattn.config.settings import ClaimThresholds
 from eigenattn.spectra.scaling import alpha_interval, length_fits
 
@@ -103,3 +104,61 @@ def test_alpha_interval_coverage():
         hits += bool(lo <= 0.8 <= hi)
     lo, hi = _band(0.95, draws)
     assert lo <= hits / draws <= hi, hits / draws
+
+
+# -------------------------------------------------------------------------------------- C3 (§9)
+
+
+def _per_head(layer_diff, base=0.3, head_sd=0.001, seed=0):
+    """(method, baseline) per-head held-out TV: the method is better by ``layer_diff[l]`` on every
+    head of layer l (up to ``head_sd``)."""
+    rng = np.random.default_rng(seed)
+    layer = np.repeat(np.arange(len(layer_diff)), H)
+    head = np.tile(np.arange(H), len(layer_diff))
+    diff = np.repeat(layer_diff, H) + head_sd * rng.standard_normal(len(layer))
+    b = pd.DataFrame({"layer": layer, "head": head, "tv": base})
+    return b.assign(tv=base - diff), b
+
+
+def _recon_csv(tmp_path, layer_diff):
+    """A reconstruction table with one paper method and the two baselines at s = 4."""
+    best, base = _per_head(layer_diff)
+    parts = []
+    for split in ("fit", "heldout"):
+        for est, x in (("eigenspace", best), ("mean", base), ("subset_only", base.assign(tv=0.9))):
+            parts.append(x.assign(split=split, estimator=est))
+    df = pd.concat(parts).assign(model="m", view="all", strategy="strided", subset_size=4, basis_source="same")
+    p = tmp_path / "recon.csv"
+    df.to_csv(p, index=False)
+    return p
+
+
+def test_c3_test_counts_layers_not_heads(tmp_path):
+    """Five layers a little better, one much worse, twelve identical heads each: a signed-rank test
+    over 72 heads finds p ≈ 0.002; over six layers the evidence is one layer against five."""
+    rows = c3_rows([_recon_csv(tmp_path, [0.05, 0.05, 0.04, 0.04, 0.03, -0.2])], [], CFG)
+    vs_mean = next(r for r in rows if "vs mean" in r["scope"])
+    assert vs_mean["state"] == "not supported", vs_mean
+    assert "6 layers" in vs_mean["spread"], vs_mean["spread"]
+
+
+def test_c3_test_still_supports_a_large_effect(tmp_path):
+    rows = c3_rows([_recon_csv(tmp_path, [0.05, 0.06, 0.07, 0.08, 0.1, 0.12])], [], CFG)
+    assert {r["state"] for r in rows} == {"supported"}, rows
+
+
+def test_c3_test_with_one_layer_cannot_support(tmp_path):
+    rows = c3_rows([_recon_csv(tmp_path, [0.1])], [], CFG)
+    vs_mean = next(r for r in rows if "vs mean" in r["scope"])
+    assert vs_mean["state"] == "inconclusive" and "one layer" in vs_mean["verdict"], vs_mean
+
+
+def test_c3_test_size():
+    """No effect on average (layers' gains are independent N(0, 0.03²) draws, heads identical
+    within a layer): the one-sided test at 0.05 rejects at a rate inside the binomial band of 500
+    draws. Heads as units reject about half the time."""
+    rng = np.random.default_rng(5)
+    draws = 500
+    rejected = sum(paired_gain(*_per_head(0.03 * rng.standard_normal(L), seed=i))[2] < 0.05 for i in range(draws))
+    lo, hi = _band(0.05, draws)
+    assert lo <= rejected / draws <= hi, rejected / draws
