@@ -6,13 +6,19 @@ interval or test that counts heads as independent units claims a precision the d
 The same machinery must still say "supported" where the effect is real and large, and keep its
 nominal level over repeated draws (the band is the binomial spread of the draw count)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
+import pytest
 
 from eigenattn.claims.reconstruction import paired_gain
-from eigenattn.claims.table import DEFAULTS, c1_scaling_rows, c3_rows
+from eigenattn.claims.table import DEFAULTS, c1_scaling_rows, c2_rows, c3_rows
 from eigenattn.config.settings import ClaimThresholds
+from eigenattn.spectra.overlap import summarise, within_model, write_overlap
 from eigenattn.spectra.scaling import alpha_interval, length_fits
+from eigenattn.spectra.stores import run_rows
+from synthetic import VARIANTS, write_store
 
 CFG = ClaimThresholds.from_params(dict(DEFAULTS, k_report=4, s_report=4))
 NS = (32, 64, 128, 256, 512)  # scaling.lengths' default
@@ -162,3 +168,46 @@ def test_c3_test_size():
     rejected = sum(paired_gain(*_per_head(0.03 * rng.standard_normal(L), seed=i))[2] < 0.05 for i in range(draws))
     lo, hi = _band(0.05, draws)
     assert lo <= rejected / draws <= hi, rejected / draws
+
+
+# -------------------------------------------------------------------------------------- C2 (§5)
+
+
+def _shared_input_summary(root, same: bool):
+    """Heads with a rank-4 subspace each (independent random ones, or one shared one), plus a
+    per-sequence offset common to every head (the same 8 inputs feed every head). The offset is
+    isotropic over inputs, so it adds no direction to any head's population subspace; but 8
+    sequences span only 7 directions, and every head's full-sample top-k picks up the same ones."""
+    rng = np.random.default_rng(0)
+    N, Lc, Hc, n, r = 8, 3, 4, 64, 4
+    d = n // 2
+    z = 2.0 * rng.standard_normal((N, 1, d))
+    shared = np.linalg.qr(rng.standard_normal((d, r)))[0]
+    data = np.empty((N, Lc, Hc, n, n), np.float32)
+    for layer in range(Lc):
+        for head in range(Hc):
+            B = shared if same else np.linalg.qr(rng.standard_normal((d, r)))[0]
+            signal = (4.0 * rng.standard_normal((N, n, r))) @ B.T
+            data[:, layer, head, :, :d] = signal + z + 0.3 * rng.standard_normal((N, n, d))
+            data[:, layer, head, :, d:] = rng.standard_normal((N, n, d))
+    s = write_store(root / "shared.zarr", data, batch=2)
+    run_rows([s], root / "rows.zarr", "prefix", VARIANTS, 2, halves_path=root / "halves.zarr")
+    write_overlap(root / "w.zarr", *within_model(root / "rows.zarr", root / "halves.zarr", "raw", [8]))
+    p = root / "overlap.csv"
+    summarise([root / "w.zarr"], []).to_csv(p, index=False)
+    return p
+
+
+@pytest.mark.parametrize("same,state", [(False, "not supported"), (True, "supported")])
+def test_c2_is_judged_on_pairs_that_share_no_sequence(tmp_path, same, state):
+    """Independent subspaces: full-sample pairs of heads overlap at ×2.5 random, through the inputs
+    they share, while each head's split-half ceiling is ×2.4 (so the row is not held back as
+    unreliable). Half a of one head against half b of another shares no sequence and sits at
+    random. A truly shared subspace still reads supported."""
+    p = _shared_input_summary(tmp_path, same)
+    s = pd.read_csv(p).query("quantity == 'overlap' and scope == 'all_layer_pairs'").iloc[0]
+    if not same:
+        assert s.median_ratio_random > 2 and s.half_median / s.random < 1.5  # the planted trap
+    rows = [r for r in c2_rows(p, replace(CFG, k_report=8)) if r["method"] == "overlap"]
+    assert len(rows) == 1 and rows[0]["state"] == state, rows
+    assert "half a of one head, half b of the other" in rows[0]["quantity"]
