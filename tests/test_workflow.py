@@ -488,7 +488,7 @@ def test_claims_table_equals_its_sources(tiny_run):
                 & (src.scope != "split_half")
                 & (src.scope == ("cross_model" if "models" in r.scope else "all_layer_pairs"))
             ]
-            want = float(x["median"].iloc[0])
+            want = float(x["half_median"].iloc[0])  # judged on pairs that share no sequence
         elif r.claim == "C3" and r.view != "plug-in":
             est, strat = r.method.split("/")
             fit = src[
