@@ -17,7 +17,7 @@ rule notebook:
         figures=report(
             directory("results/figures/{name}"),
             patterns=["{fig}.png"],
-            caption="../report/notebook.rst",
+            caption="../report/figure.rst",
             category="{name}",
         ),
         html="results/report/{name}.html",
