@@ -20,6 +20,7 @@ include: "workflow/rules/notebooks.smk"
 
 
 rule all:
+    """Every output of the default run: all stages, the notebooks and the claims table."""
     default_target: True
     input:
         all_outputs,

@@ -1,6 +1,7 @@
 """Row-stage benchmark: this pipeline's streaming Dask reduction against the GEMM floor and sklearn.
 
     python benchmarks/eigen.py [--gb 2] [--threads 2]
+    python benchmarks/eigen.py --smoke    # 16 sequences (16 MB): every step once, in seconds
 
 Builds a synthetic score store shaped (N, L, H, n, n) in float16 with the extraction stage's
 chunking (about --gb GB uncompressed), then times the row analysis (raw variant, `all` view)
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 L, H, n = 4, 8, 128
+SMOKE = "--gb 0.016 --threads 1".split()
 
 
 def make_store(path: Path, N: int, batch: int = 8, seed: int = 0):
@@ -150,7 +152,10 @@ def main(argv=None):
     ap.add_argument("--child")
     ap.add_argument("--store")
     ap.add_argument("--n-seq", type=int)
+    ap.add_argument("--smoke", action="store_true", help=f"a smoke run: {' '.join(SMOKE)} (overrides those options)")
     a = ap.parse_args(argv)
+    if a.smoke:  # the smoke settings come last, so they win over the same options given before
+        a = ap.parse_args([*(sys.argv[1:] if argv is None else argv), *SMOKE])
     if a.child:
         return child(a.child, a.store, a.threads, a.n_seq)
 

@@ -1,10 +1,13 @@
 """Extraction throughput: this pipeline against the SDPA forward floor and the naive approach.
 
-    python benchmarks/extraction.py [--model-dir resources/models/minilm] [--threads 2]
+    python benchmarks/extraction.py [--model-dir resources/models/minilm] [--threads 2] [--dtype auto]
+    python benchmarks/extraction.py --smoke     # one tiny round (seconds): does it still run?
 
 (a) forward pass alone, SDPA attention (the floor);
 (b) naive: eager attention, output_attentions=True, post-softmax probabilities to numpy, np.save;
-(c) this pipeline's extraction (capture attention + float16 Zarr writes, checksums included);
+(c) this pipeline's extraction (capture attention + Zarr writes, checksums included), in the dtype
+    the pipeline stores: with --dtype auto (the default, as extraction.dtype), float16 where the
+    equivalence probe accepts it and float32 where not (minilm at n = 256), as the table's dtype says;
 (d) the machine's write floor: the same bytes written as plain files, one per batch, no model.
 Prints sequences/second, the ratios c/a and c/b, c against the serial floor 1/(1/a + 1/d) (the
 forward pass plus writing its bytes, if nothing overlapped), bytes per sequence and the
@@ -16,27 +19,30 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import torch
-import zarr
-from transformers import AutoModel, AutoTokenizer
 
-from eigenattn.capture.extract import dir_size, extract_scores
-from eigenattn.config.settings import Sampling
-from eigenattn.corpus.passages import sample_passages, tokenize_passages
+# torch, transformers and the library are imported where they are used, so that --help answers at once.
+# One round of 2 sequences at n = 256, where minilm's float16 scores fail the probe: the smallest run
+# that loads the model, probes it, resolves the dtype and writes a store.
+SMOKE = "--seq-lens 256 --tokens 512 --batch-size 2 --chunk-sequences 2 --rounds 1 --threads 1".split()
 
 
 def _batches(ids, bs):
+    import torch
+
     for i in range(0, len(ids), bs):
         yield torch.from_numpy(ids[i : i + bs].astype(np.int64))
 
 
 def time_sdpa(model_dir, ids, bs):
+    import torch
+    from transformers import AutoModel
+
     model = AutoModel.from_pretrained(model_dir, attn_implementation="sdpa").eval()
     t = time.perf_counter()
     with torch.inference_mode():
@@ -46,6 +52,9 @@ def time_sdpa(model_dir, ids, bs):
 
 
 def time_naive(model_dir, ids, bs, out_dir):
+    import torch
+    from transformers import AutoModel
+
     model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
     t = time.perf_counter()
     with torch.inference_mode():
@@ -56,10 +65,10 @@ def time_naive(model_dir, ids, bs, out_dir):
     return len(ids) / (time.perf_counter() - t)
 
 
-def time_write(shape, N, bs, out_dir) -> float:
-    """Sequences/second of writing N sequences of float16 scores of ``shape`` (L, H, n, n) as
+def time_write(shape, dtype, N, bs, out_dir) -> float:
+    """Sequences/second of writing N sequences of ``dtype`` scores of ``shape`` (L, H, n, n) as
     plain files, one per batch of ``bs`` (fresh files, as extraction writes them)."""
-    block = np.random.default_rng(0).standard_normal((bs, *shape)).astype(np.float16)
+    block = np.random.default_rng(0).standard_normal((bs, *shape)).astype(dtype)
     t = time.perf_counter()
     for i in range(0, N, bs):
         block[: min(bs, N - i)].tofile(out_dir / f"batch-{i}.bin")
@@ -78,7 +87,26 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per measurement (sets N = tokens/n)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float16", "float32"],
+        help="storage dtype, as extraction.dtype: auto lets the equivalence probe choose (an explicit "
+        "float16 is refused where the probe finds it inexact)",
+    )
+    ap.add_argument("--smoke", action="store_true", help=f"a smoke run: {' '.join(SMOKE)} (overrides those options)")
     a = ap.parse_args(argv)
+    if a.smoke:  # the smoke settings come last, so they win over the same options given before
+        a = ap.parse_args([*(sys.argv[1:] if argv is None else argv), *SMOKE])
+    import pandas as pd
+    import torch
+    import zarr
+    from transformers import AutoTokenizer
+
+    from eigenattn.capture.extract import dir_size, extract_scores
+    from eigenattn.config.settings import Sampling
+    from eigenattn.corpus.passages import sample_passages, tokenize_passages
+
     torch.set_num_threads(a.threads)
     docs = pd.read_parquet(a.documents)
     tok = AutoTokenizer.from_pretrained(a.model_dir)
@@ -105,7 +133,7 @@ def main(argv=None):
                     np.arange(N),
                     tmp / f"s-{r}.zarr",
                     seq_len=n,
-                    dtype="float16",
+                    dtype=a.dtype,
                     batch_size=a.batch_size,
                     chunk_sequences=a.chunk_sequences,
                     device=a.device,
@@ -115,11 +143,12 @@ def main(argv=None):
                     compression=a.compression,
                 )
                 sc.append(N / st["loop_seconds"])
-                shape = zarr.open_group(tmp / f"s-{r}.zarr", mode="r")["scores"].shape[1:]
+                stored = zarr.open_group(tmp / f"s-{r}.zarr", mode="r")["scores"]
+                shape, dtype = stored.shape[1:], stored.dtype
                 shutil.rmtree(tmp / f"s-{r}.zarr")
                 write_dir = tmp / f"write-{r}"
                 write_dir.mkdir()
-                sd.append(time_write(shape, N, a.batch_size, write_dir))
+                sd.append(time_write(shape, dtype, N, a.batch_size, write_dir))
                 shutil.rmtree(write_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -128,6 +157,7 @@ def main(argv=None):
             {
                 "n": n,
                 "N": N,
+                "dtype": str(dtype),
                 "a_sdpa_seq_s": sa,
                 "b_naive_seq_s": sb,
                 "c_pipeline_seq_s": sc,

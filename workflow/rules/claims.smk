@@ -5,6 +5,7 @@ include: "inputs/claims.smk"
 
 
 rule claims:
+    """Stage 7: the claims table, every claim value with its state."""
     input:
         unpack(claims_inputs),
     output:

@@ -7,6 +7,7 @@ include: "inputs/eigen.smk"
 
 
 rule eigen_rows:
+    """Row spectra of every head, streamed with Dask, and their split halves."""
     input:
         fit_shards,
     output:
@@ -32,6 +33,7 @@ rule eigen_rows:
 
 
 rule eigen_full:
+    """Full-matrix spectra of every head (covariance or Gram route)."""
     input:
         fit_shards,
     output:
@@ -57,6 +59,7 @@ rule eigen_full:
 
 
 rule eigen_spectrum:
+    """One spectrum table per model and view, from the row and full spectra."""
     input:
         rows=rules.eigen_rows.output.rows,
         halves=rules.eigen_rows.output.halves,
@@ -74,6 +77,7 @@ rule eigen_spectrum:
 
 
 rule eigen_per_input:
+    """Per-input spectra of the attention probabilities (Linformer's analysis)."""
     input:
         per_input_shards,
     output:
@@ -97,6 +101,7 @@ rule eigen_per_input:
 
 
 rule eigen:
+    """Stage 3: every spectrum table and the per-input spectra."""
     input:
         eigen_outputs(),
         per_input_outputs(),

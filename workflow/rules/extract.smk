@@ -5,6 +5,7 @@ include: "inputs/extract.smk"
 
 
 rule extract_scores:
+    """Store one shard of a model's pre-softmax scores, once the probe accepts it."""
     input:
         model=model_dir,
         passages=passages(),
@@ -28,5 +29,6 @@ rule extract_scores:
 
 
 rule extract:
+    """Stage 2: every model's score stores, all splits and shards."""
     input:
         extract_outputs(),

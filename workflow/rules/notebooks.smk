@@ -9,6 +9,7 @@ include: "inputs/notebooks.smk"
 
 
 rule notebook:
+    """Execute one notebook with papermill, save its figures, render it to HTML."""
     input:
         unpack(notebook_inputs),
     output:
@@ -16,7 +17,7 @@ rule notebook:
         figures=report(
             directory("results/figures/{name}"),
             patterns=["{fig}.png"],
-            caption="../report/notebook.rst",
+            caption="../report/figure.rst",
             category="{name}",
         ),
         html="results/report/{name}.html",
@@ -34,5 +35,6 @@ rule notebook:
 
 
 rule notebooks:
+    """Stage 8: every notebook, its figures and HTML."""
     input:
         notebook_outputs(),

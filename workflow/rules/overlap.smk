@@ -5,6 +5,7 @@ include: "inputs/overlap.smk"
 
 
 rule overlap_within:
+    """Overlap of top-k eigenspaces across one model's heads and layers."""
     input:
         rows=rules.eigen_rows.output.rows,
         halves=rules.eigen_rows.output.halves,
@@ -24,6 +25,7 @@ rule overlap_within:
 
 
 rule overlap_cross:
+    """Overlap of the prefix view's top-k eigenspaces between two models."""
     input:
         unpack(cross_inputs),
     output:
@@ -42,6 +44,7 @@ rule overlap_cross:
 
 
 rule overlap_summary:
+    """One table of the overlap and captured variance of every store."""
     input:
         unpack(overlap_summary_inputs),
     output:
@@ -55,5 +58,6 @@ rule overlap_summary:
 
 
 rule overlap:
+    """Stage 4: the subspace-overlap summary."""
     input:
         rules.overlap_summary.output[0],

@@ -5,6 +5,7 @@ include: "inputs/reconstruct.smk"
 
 
 rule reconstruct_view:
+    """Reconstruct held-out scores from key subsets, beside the peers and costs."""
     input:
         rows=rules.eigen_rows.output.rows,
         heldout=heldout_shards,
@@ -27,11 +28,13 @@ rule reconstruct_view:
 
 
 rule reconstruct:
+    """Stage 5: reconstruction of every model and view."""
     input:
         reconstruct_outputs(),
 
 
 rule plugin_eval_model:
+    """Reconstructed attention and the peers inside one pretrained model."""
     input:
         model=model_dir,
         rows=plugin_rows,
@@ -55,5 +58,6 @@ rule plugin_eval_model:
 
 
 rule plugin_eval:
+    """Stage 5: the plug-in evaluation of every model."""
     input:
         plugin_outputs(),

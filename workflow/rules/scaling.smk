@@ -7,6 +7,7 @@ include: "inputs/scaling.smk"
 
 
 use rule sample_passages as scaling_sample_passages with:
+    """Scaling study: sample the passages of one grid point (n, N)."""
     output:
         "results/scaling/corpus/{corpus}/n{n}/N{N}/passages.parquet",
     log:
@@ -16,6 +17,7 @@ use rule sample_passages as scaling_sample_passages with:
 
 
 use rule extract_scores as scaling_extract_scores with:
+    """Scaling study: store the scores of one grid point (n, N)."""
     input:
         model=model_dir,
         passages=scaling_passages,
@@ -30,6 +32,7 @@ use rule extract_scores as scaling_extract_scores with:
 
 
 use rule eigen_rows as scaling_eigen_rows with:
+    """Scaling study: row spectra of one grid point (n, N)."""
     input:
         rules.scaling_extract_scores.output[0],
     output:
@@ -42,6 +45,7 @@ use rule eigen_rows as scaling_eigen_rows with:
 
 
 use rule eigen_full as scaling_eigen_full with:
+    """Scaling study: full-matrix spectra of one grid point (n, N)."""
     input:
         rules.scaling_extract_scores.output[0],
     output:
@@ -55,6 +59,7 @@ use rule eigen_full as scaling_eigen_full with:
 
 
 use rule eigen_spectrum as scaling_eigen_spectrum with:
+    """Scaling study: the spectrum table of one grid point (n, N)."""
     input:
         unpack(scaling_spectrum_inputs),
     output:
@@ -64,6 +69,7 @@ use rule eigen_spectrum as scaling_eigen_spectrum with:
 
 
 rule scaling_table:
+    """Scaling study: spectra against n and N, fitted laws and saturation."""
     input:
         spectra=scaling_spectra,
     output:
@@ -81,5 +87,6 @@ rule scaling_table:
 
 
 rule scaling:
+    """The scaling study: every grid point and its tables."""
     input:
         scaling_outputs(),

@@ -5,6 +5,7 @@ include: "inputs/train.smk"
 
 
 rule train_tokenizer:
+    """The encoder's tokenizer: minilm's, or a WordPiece trained on the fit documents."""
     input:
         unpack(tokenizer_input),
     output:
@@ -24,6 +25,7 @@ rule train_tokenizer:
 
 
 rule train_data:
+    """Tokenize the corpus once into the fit and held-out windows of every run."""
     input:
         tokenizer=rules.train_tokenizer.output[0],
         documents=corpus_documents(),
@@ -43,6 +45,7 @@ rule train_data:
 
 
 rule train_run:
+    """Train or fine-tune the encoder with one attention variant, subset size and seed."""
     input:
         unpack(train_inputs),
     output:
@@ -67,6 +70,7 @@ rule train_run:
 
 
 rule train_summary:
+    """One table of every training run's final metrics."""
     input:
         final=run_outputs("final"),
         tokens=run_outputs("tokens"),
@@ -84,5 +88,6 @@ rule train_summary:
 
 
 rule train:
+    """Stage 6: every training run and their summary."""
     input:
         rules.train_summary.output.comparisons,

