@@ -93,6 +93,15 @@ def write_manifest(fig_dir, entries: dict[str, str]) -> None:
     (Path(fig_dir) / "figures.json").write_text(json.dumps(entries, indent=2))
 
 
+def number(value) -> float:
+    """A claims-table value as a float: NaN where the table (read with ``keep_default_na=False``)
+    holds an empty cell, a row whose number is undefined."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def claim_grid(table) -> "pd.DataFrame":
     """The one-glance summary of the claims table: one cell per claim (C4 per mode) and subject
     (model / view for C1–C3, variant and s for C4), with the state that answers it and its number.
@@ -129,7 +138,7 @@ def claim_grid(table) -> "pd.DataFrame":
                 "row": label,
                 "subject": subject,
                 "state": state,
-                "value": float(pick.value),
+                "value": number(pick.value),
                 "quantity": pick.quantity,
                 "rows": len(g),
                 "tally": ", ".join(f"{n} {s}" for s, n in counts.items()),
