@@ -366,14 +366,29 @@ def test_training_outputs(tiny_run):
     ]:
         assert c in s.columns
     n = TINY["sampling"]["seq_len"]
-    expect = {(m, "exact", n) for m in ("scratch", "finetune")} | {
+    expect = {(m, v, n) for m in ("scratch", "finetune") for v in ("exact", "uniform")} | {
         (m, v, sz)
         for m in ("scratch", "finetune")
         for v in ("partial_fixed", "partial_learned", "subset_only", "linformer", "nystrom")
         for sz in t["subset_sizes"]
     }
     assert set(zip(s["mode"], s.variant, s.subset_size)) == expect
-    assert (s[s.variant == "exact"].groupby("mode").seed.nunique() == 2).all()
+    # paired: every configuration runs with every seed
+    assert (s.groupby(["mode", "variant", "subset_size"]).seed.apply(set) == set(t["seeds"])).all()
+    # the comparisons, recomputed for one variant from the runs' per-token records
+    c = pd.read_csv(wd / "results" / "training" / "comparisons.csv")
+    assert set(zip(c["mode"], c.variant, c.subset_size)) == expect and (c.seeds == len(t["seeds"])).all()
+    tok = {}
+    for seed in t["seeds"]:
+        for v, sz in (("linformer", t["subset_sizes"][0]), ("exact", n)):
+            with np.load(
+                wd / "results" / "training" / "scratch" / v / f"s{sz}" / f"seed{seed}" / "heldout_tokens.npz"
+            ) as z:
+                tok[(v, seed)] = z["correct"].astype(float)
+    diff = np.mean([tok[("linformer", k)] - tok[("exact", k)] for k in t["seeds"]])
+    row = c[(c["mode"] == "scratch") & (c.variant == "linformer")].iloc[0]
+    assert row.delta_vs_exact == pytest.approx(diff, abs=1e-12)
+    assert row.delta_ci_low <= row.delta_vs_exact <= row.delta_ci_high
     assert (s.steps == np.where(s["mode"] == "scratch", t["steps"], t["finetune_steps"])).all()
     # the unigram baseline, recomputed from the training windows with scipy
     with np.load(wd / "results" / "training" / "data" / "windows.npz") as w:
