@@ -4,7 +4,13 @@ writes."""
 from pathlib import Path
 
 import pytest
+import yaml
 
+from conftest import REPO
+from eigenattn.config import plan, settings
+from eigenattn.config.settings import ModelFacts
+from eigenattn.config.validation import check_model_facts, validate
+from eigenattn.errors import ConfigError
 from eigenattn.storage import sizes
 from tiny_models import build, texts
 
@@ -49,3 +55,24 @@ def test_formula_matches_a_store_the_extraction_writes(tmp_path, family, dtype, 
     planned = sizes.score_store_bytes(n_seq, L, H, 16, g.attrs["dtype"], chunk, batch, sinks="sinks" in g)
     assert stats["bytes_planned"] == planned
     assert stats["bytes_stored"] <= planned <= stats["bytes_stored"] + sizes.METADATA + 4096
+
+
+def test_declared_layers_and_heads_are_checked_against_the_model():
+    facts = {"n_layers": 30, "heads": 9, "causal": True, "mask_kinds": "causal"}
+    check_model_facts(ModelFacts("m", "all", True, 30, 9), facts)
+    check_model_facts(ModelFacts("m", "all", True), facts)  # not declared: nothing to check
+    with pytest.raises(ConfigError, match=r"models\.m\.heads': is 12, but the model has 9 query heads"):
+        check_model_facts(ModelFacts("m", "all", True, 30, 12), facts)
+
+
+def test_declaring_layers_and_heads_re_runs_nothing():
+    c = _default_config()
+    assert plan.model_shape(c, "smollm2") == (30, 9) and plan.model_shape(c, "trained_mlm") == (2, 2)
+    recorded = settings.Extraction.from_config(c, "smollm2", "fit", 0, 1, 128).params()["source"]
+    assert not set(plan.SHAPE_KEYS) & set(recorded) and recorded == plan.recorded_spec(c, "smollm2")
+
+
+def _default_config(**sampling):
+    c = yaml.safe_load((REPO / "config.yaml").read_text())
+    c["sampling"].update(sampling)
+    return validate(c)

@@ -19,7 +19,7 @@ stats = extract_scores(
     autocast=e.autocast,
     layers=e.layers,
     compression=e.compression,
-    check_facts=lambda facts: check_model_facts(e.facts(), facts),
+    check_facts=lambda facts: check_model_facts(snakemake.params.facts, facts),
     attrs=e.attrs(),
 )
 log.info("done: %s", stats)

@@ -490,6 +490,15 @@ def check_model_facts(facts_cfg: ModelFacts, facts: dict) -> None:
     :meth:`Extraction.facts`). (A seq_len beyond the model's positions is refused at parse time
     when `max_positions` is set, and by extraction itself otherwise.)"""
     model, layers, causal = facts_cfg.model, facts_cfg.layers, facts_cfg.causal
+    for key, said in (("n_layers", facts_cfg.n_layers), ("heads", facts_cfg.heads)):
+        if said is not None and said != facts[key]:
+            raise ConfigError(
+                f"models.{model}.{key}",
+                f"is {said}, but the model has {facts[key]} "
+                f"{'layers' if key == 'n_layers' else 'query heads per layer'}: the score-store sizes "
+                "stated before the run were wrong",
+                f"set {key}: {facts[key]}, or leave it out",
+            )
     if layers != "all":
         bad = [x for x in layers if x >= facts["n_layers"]]
         if bad:
