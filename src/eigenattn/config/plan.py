@@ -231,6 +231,14 @@ def scaling_points(config: dict, model: str) -> dict[str, list[tuple[int, int]]]
     return {"all": sorted(set(lengths) | set(samples)), "full": sorted(set(samples))}
 
 
+def scaling_chunking(config: dict, N: int) -> tuple[int, int]:
+    """(chunk_sequences, batch_size) of a scaling grid point with N sequences: chunks small enough
+    that even a small N has two halves, and a batch of whole chunks."""
+    e = extraction(config)
+    chunk = min(e["chunk_sequences"], max(1, int(N) // 2))
+    return chunk, e["batch_size"] if chunk == e["chunk_sequences"] else chunk
+
+
 def scaling_layers(config: dict, model: str):
     """The layers a model's scaling stores keep: at most ``scaling.max_layers``, evenly spread over
     its analysed layers (see :func:`eigenattn.capture.extract.resolve_layers`)."""
