@@ -19,6 +19,11 @@ include: "workflow/rules/claims.smk"
 include: "workflow/rules/notebooks.smk"
 
 
+# Once every rule is defined (the stores are named by their outputs): the score stores' sizes,
+# stated, and refused before any job when they cannot fit the free disk (README, Configuration).
+STORE_SIZES = score_store_sizes()
+
+
 rule all:
     """Every output of the default run: all stages, the notebooks and the claims table."""
     default_target: True

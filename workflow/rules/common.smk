@@ -13,6 +13,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from eigenattn.config import disk
 from eigenattn.config import plan
 from eigenattn.config import settings
 from eigenattn.config import sources
@@ -75,6 +76,39 @@ def log_start():
     )
     for note in plan.notes(config):
         print(f"eigenattn: {note}")
+    for line in STORE_SIZES:
+        print(f"eigenattn: {line}")
+
+
+def score_store_path(store):
+    if store.part == "scaling":
+        pattern = rules.scaling_extract_scores.output[0]
+        return path(pattern, model=store.model, n=store.n, N=store.N)
+    pattern = rules.extract_scores.output[0]
+    return path(pattern, model=store.model, split=store.part, shard=store.shard)
+
+
+def score_store_exists(store):
+    return Path(score_store_path(store)).exists()
+
+
+def score_store_sizes():
+    """The score stores' sizes, one line per model and split and the total, printed (to stderr,
+    so that --dag output stays a graph) and returned; a run whose stores still to write cannot fit
+    the free disk of results/ is refused before any job. Only in the main process: each job parses
+    the Snakefile again, while the stores are being written."""
+    if not workflow.is_main_process:
+        return []
+    stores = disk.score_stores(config)
+    lines = disk.size_lines(config, stores)
+    for line in lines:
+        print(f"eigenattn: {line}", file=sys.stderr)
+    try:
+        room = disk.check_room(config, stores, score_store_exists, "results/")
+    except ConfigError as e:
+        raise WorkflowError(f"invalid configuration: {e}") from None
+    print(f"eigenattn: {room}", file=sys.stderr)
+    return [*lines, room]
 
 
 def path(pattern, **wildcards):

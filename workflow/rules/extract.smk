@@ -23,6 +23,7 @@ rule extract_scores:
         gpu=gpus_for("extraction"),
     params:
         settings=extraction_settings,
+        facts=model_facts,
         runtime=runtime("extraction"),
     script:
         "../scripts/extract_scores.py"

@@ -1,6 +1,6 @@
 from eigenattn.capture.extract import extract_scores, shard_passages
 from eigenattn.config.settings import Extraction
-from eigenattn.config.validation import check_model_facts
+from eigenattn.config.validation import check_model_facts, check_store_room
 from eigenattn.storage import logs
 
 log = logs.start(snakemake)
@@ -19,7 +19,8 @@ stats = extract_scores(
     autocast=e.autocast,
     layers=e.layers,
     compression=e.compression,
-    check_facts=lambda facts: check_model_facts(e.facts(), facts),
+    check_facts=lambda facts: check_model_facts(snakemake.params.facts, facts),
+    check_size=lambda nbytes: check_store_room(e.model, snakemake.output[0], nbytes),
     attrs=e.attrs(),
 )
 log.info("done: %s", stats)

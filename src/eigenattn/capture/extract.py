@@ -46,6 +46,7 @@ from eigenattn.capture.probe import (
 from eigenattn.corpus.passages import tokenize_passages
 from eigenattn.errors import ConfigError, UnsupportedModelError
 from eigenattn.storage.score_writer import ScoreWriter, reuse_freed_memory
+from eigenattn.storage.sizes import human, score_store_bytes
 from eigenattn.storage.store import create_score_store, new_store
 
 log = logging.getLogger(__name__)
@@ -140,13 +141,16 @@ def extract_scores(
     attrs: dict | None = None,
     progress: bool = True,
     check_facts=None,
+    check_size=None,
 ) -> dict:
     """Extract the scores of every passage into a new Zarr store at ``out_path``.
 
     Returns a dict of timings and sizes. ``attrs`` are merged into the group attributes.
     ``check_facts``, if given, is called with what the equivalence probe found (``n_layers``,
-    ``causal``, ``mask_kinds``) before any store exists, so a caller can refuse a model that does
-    not match what it expected. ``dtype``: ``auto``, ``float16`` or ``float32``
+    ``heads``, ``causal``, ``mask_kinds``) before any store exists, so a caller can refuse a model
+    that does not match what it expected; ``check_size``, if given, with the bytes the store will
+    take (:func:`eigenattn.storage.sizes.score_store_bytes`, once layers, heads and dtype are
+    known), so a caller can refuse a store that cannot fit the disk. ``dtype``: ``auto``, ``float16`` or ``float32``
     (:func:`eigenattn.capture.probe.resolve_store_dtype` decides ``auto`` from the probe).
     """
     if dtype != "auto" and dtype not in DTYPES:
@@ -185,6 +189,7 @@ def extract_scores(
         check_facts(
             {
                 "n_layers": probe.n_layers,
+                "heads": facts["heads"],
                 "causal": probe.causal(wanted),
                 "mask_kinds": ", ".join(sorted({describe(probe.masks[l]) for l in wanted})),
             }
@@ -197,6 +202,10 @@ def extract_scores(
     n_seq, L, H = len(ids), len(keep), facts["heads"]
     store_dtype = DTYPES[dtype]
     sinks = [l for l in keep if l in probe.sinks]
+    nbytes = score_store_bytes(n_seq, L, H, seq_len, dtype, chunk_sequences, batch_size, sinks=bool(sinks))
+    log.info("score store %s: %d sequences x %d layers x %d heads = %s", out_path, n_seq, L, H, human(nbytes))
+    if check_size is not None:
+        check_size(nbytes)
 
     out_path = Path(out_path)
     reuse_freed_memory()
@@ -303,6 +312,7 @@ def extract_scores(
         "loop_seconds": t_loop,
         "forward_seconds": t_fwd,
         "bytes_raw": int(n_seq * L * H * seq_len * seq_len * np.dtype(dtype).itemsize),
+        "bytes_planned": nbytes,
         "bytes_stored": dir_size(out_path),
     }
 

@@ -6,5 +6,6 @@ with errors that name the key), ``plan`` (models, views, pairs, runs; pure funct
 config), ``views`` (the one definition of a view), ``sections`` (the settings of the sections that
 planning reads: eigen, overlap, scaling), ``settings`` (frozen dataclasses built from the config,
 one per stage; re-exports those of ``sections``), ``sources`` (the folders of local models,
-checked at parse time).
+checked at parse time), ``disk`` (the score stores a config writes, their size, and the free disk
+they must fit, checked at parse time).
 """

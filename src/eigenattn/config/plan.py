@@ -130,6 +130,41 @@ def model_spec(config: dict, name: str) -> dict:
     return config["models"][name]
 
 
+# Keys of a model entry that describe its size for planning (the score stores' sizes). They change
+# no fetched file and no score, so they are left out of the params the rules record.
+SHAPE_KEYS = ("n_layers", "heads")
+
+
+def recorded_spec(config: dict, name: str) -> dict:
+    """A model's entry as the fetch and extraction rules record it: without :data:`SHAPE_KEYS`, so
+    that declaring them re-runs nothing."""
+    return {k: v for k, v in model_spec(config, name).items() if k not in SHAPE_KEYS}
+
+
+def model_shape(config: dict, name: str) -> tuple[int | None, int | None]:
+    """(layers in the model, query heads per layer) as known before the model is fetched: the
+    trained encoder's from ``training.model``, another model's from ``models.<name>.n_layers`` and
+    ``models.<name>.heads``; None where the config does not say (the model's config.json is read
+    only by the jobs that fetch and extract it)."""
+    if name == config["training"]["analysis_model"]:
+        m = config["training"]["model"]
+        return int(m["layers"]), int(m["heads"])
+    spec = config["models"][name]
+    return spec.get("n_layers"), spec.get("heads")
+
+
+def kept_layer_count(layers, n_layers: int | None) -> int | None:
+    """How many layers a ``layers`` setting keeps (``all``, a list, or ``{"of": ..., "at_most": k}``,
+    as :func:`eigenattn.capture.extract.resolve_layers` resolves them); None where that needs the
+    model's layer count and it is unknown."""
+    if isinstance(layers, dict):
+        base = kept_layer_count(layers["of"], n_layers)
+        return None if base is None else min(int(layers["at_most"]), base)
+    if layers in (None, "all"):
+        return n_layers
+    return len({int(x) for x in layers})
+
+
 def training_sizes(config: dict, mode: str) -> list[int]:
     """The subset sizes of a mode: ``training.subset_sizes`` is one list for every mode, or a
     mapping from mode to its list (a mode it leaves out trains no approximate variant)."""
@@ -194,6 +229,14 @@ def scaling_points(config: dict, model: str) -> dict[str, list[tuple[int, int]]]
     lengths = [(int(n), length_sequences(config)) for n in s.lengths if int(n) <= pos]
     samples = [(int(s.sample_length), int(N)) for N in s.samples] if model in sample_models(config) else []
     return {"all": sorted(set(lengths) | set(samples)), "full": sorted(set(samples))}
+
+
+def scaling_chunking(config: dict, N: int) -> tuple[int, int]:
+    """(chunk_sequences, batch_size) of a scaling grid point with N sequences: chunks small enough
+    that even a small N has two halves, and a batch of whole chunks."""
+    e = extraction(config)
+    chunk = min(e["chunk_sequences"], max(1, int(N) // 2))
+    return chunk, e["batch_size"] if chunk == e["chunk_sequences"] else chunk
 
 
 def scaling_layers(config: dict, model: str):

@@ -97,11 +97,22 @@ class Sampling(_Settings):
 
 @dataclass(frozen=True)
 class ModelFacts(_Settings):
-    """What the config says of a model, checked against the model itself after the probe."""
+    """What the config says of a model, checked against the model itself after the probe. The
+    extraction rule passes it as the object, like :class:`Runtime`: ``layers`` and ``causal`` are
+    recorded through :class:`Extraction`'s ``source``, and ``n_layers`` and ``heads`` describe the
+    model without changing a score, so declaring them re-runs nothing."""
 
     model: str
     layers: Any  # "all", a list of indices, or {"of": [...], "at_most": k}
     causal: bool | None
+    n_layers: int | None = None
+    heads: int | None = None
+
+    @classmethod
+    def from_config(cls, config: dict, model: str) -> ModelFacts:
+        spec = plan.model_spec(config, model)
+        n_layers, heads = plan.model_shape(config, model)
+        return cls(model, spec.get("layers", "all"), spec.get("causal"), n_layers, heads)
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,7 @@ class Extraction(_Settings):
     ) -> Extraction:
         """``layers``, ``chunk`` and ``batch`` override the config's (the scaling study's grid points)."""
         e = plan.extraction(config)
-        spec = plan.model_spec(config, model)
+        spec = plan.recorded_spec(config, model)
         chunk = e["chunk_sequences"] if chunk is None else chunk
         return cls(
             model,
@@ -157,9 +168,6 @@ class Extraction(_Settings):
             config["corpus"],
             config["seed"],
         )
-
-    def facts(self) -> ModelFacts:
-        return ModelFacts(self.model, self.source.get("layers", "all"), self.source.get("causal"))
 
     def attrs(self) -> dict:
         """The store attrs that say where its scores come from."""

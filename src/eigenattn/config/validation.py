@@ -7,9 +7,10 @@
 - :func:`check` runs the cross-key checks a schema cannot express. It is a pure function of the
   config dict: it reads no file and opens no socket, so it runs when the Snakefile is parsed.
 - Checks that need data run in the rule that has the data, and still name the key:
-  :func:`check_corpus_capacity` (sampling), :func:`check_model_facts` (extraction, after the
-  equivalence probe) and :meth:`~eigenattn.config.settings.Runtime.torch_device` (any rule that
-  picks a device).
+  :func:`check_corpus_capacity` (sampling), :func:`check_model_facts` and
+  :func:`check_store_room` (extraction, after the equivalence probe) and
+  :meth:`~eigenattn.config.settings.Runtime.torch_device` (any rule that picks a device).
+- The score stores against the free disk, before any job runs: :mod:`eigenattn.config.disk`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from __future__ import annotations
 import jsonschema
 import yaml
 
-from eigenattn.config import plan
+from eigenattn.config import disk, plan
 from eigenattn.config.schema import SCHEMA, SCHEMA_FILE, node
 from eigenattn.config.sections import Eigen, Overlap, Scaling
 from eigenattn.config.settings import ModelFacts
 from eigenattn.config.views import View
 from eigenattn.errors import ConfigError
+from eigenattn.storage import sizes
 
 
 def _key(path) -> str:
@@ -490,6 +492,15 @@ def check_model_facts(facts_cfg: ModelFacts, facts: dict) -> None:
     :meth:`Extraction.facts`). (A seq_len beyond the model's positions is refused at parse time
     when `max_positions` is set, and by extraction itself otherwise.)"""
     model, layers, causal = facts_cfg.model, facts_cfg.layers, facts_cfg.causal
+    for key, said in (("n_layers", facts_cfg.n_layers), ("heads", facts_cfg.heads)):
+        if said is not None and said != facts[key]:
+            raise ConfigError(
+                f"models.{model}.{key}",
+                f"is {said}, but the model has {facts[key]} "
+                f"{'layers' if key == 'n_layers' else 'query heads per layer'}: the score-store sizes "
+                "stated before the run were wrong",
+                f"set {key}: {facts[key]}, or leave it out",
+            )
     if layers != "all":
         bad = [x for x in layers if x >= facts["n_layers"]]
         if bad:
@@ -505,4 +516,20 @@ def check_model_facts(facts_cfg: ModelFacts, facts: dict) -> None:
             f"{facts['mask_kinds']}, so it is {'causal' if facts['causal'] else 'not causal'} "
             "(every layer hiding the keys after each query)",
             f"set causal: {str(facts['causal']).lower()}",
+        )
+
+
+def check_store_room(model: str, path, nbytes: int) -> None:
+    """Before a score store is written (extraction rule, once the probe has fixed its layers, heads
+    and dtype): its ``nbytes`` fit the free disk at ``path``, less the headroom
+    (:func:`eigenattn.storage.sizes.room`). The plan checks every store before any job runs
+    (:func:`eigenattn.config.disk.check_room`); this check covers a model whose size the config
+    does not state, ``dtype: auto`` storing float32, and a disk that filled up meanwhile."""
+    free = sizes.free_bytes(path)
+    if nbytes > sizes.room(free):
+        raise ConfigError(
+            f"models.{model}.layers",
+            f"the score store {path} needs {sizes.human(nbytes)}, but its disk has {sizes.human(free)} "
+            f"free ({sizes.human(sizes.room(free))} after the headroom)",
+            f"{disk.FIX.format(model=model)}; or free disk",
         )

@@ -2,7 +2,7 @@
 
 
 def model_spec(wildcards):
-    return plan.model_spec(config, wildcards.model)
+    return plan.recorded_spec(config, wildcards.model)
 
 
 def model_source_files(wildcards):

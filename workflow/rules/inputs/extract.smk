@@ -26,5 +26,11 @@ def extraction_settings(wildcards):
     ).params()
 
 
+def model_facts(wildcards):
+    """What the config says of the model, checked against it after the probe. Passed
+    as the object, so Snakemake does not record it (the settings hold layers, causal)."""
+    return settings.ModelFacts.from_config(config, wildcards.model)
+
+
 def extract_outputs():
     return [p for m in MODELS for s in SPLITS for p in score_shards(m, s)]

@@ -17,8 +17,7 @@ def scaling_passages(wildcards):
 def scaling_extraction_settings(wildcards):
     """A grid point's extraction: at most scaling.max_layers layers, and chunks small enough that
     even a small N has two halves (a batch is whole chunks)."""
-    e = plan.extraction(config)
-    chunk = min(e["chunk_sequences"], max(1, int(wildcards.N) // 2))
+    chunk, batch = plan.scaling_chunking(config, wildcards.N)
     return settings.Extraction.from_config(
         config,
         wildcards.model,
@@ -28,7 +27,7 @@ def scaling_extraction_settings(wildcards):
         int(wildcards.n),
         layers=plan.scaling_layers(config, wildcards.model),
         chunk=chunk,
-        batch=e["batch_size"] if chunk == e["chunk_sequences"] else chunk,
+        batch=batch,
     ).params()
 
 
