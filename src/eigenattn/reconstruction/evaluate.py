@@ -4,14 +4,11 @@ table chooses a method), plus the transfer of a map to another layer or model.""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 import torch
-from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from eigenattn.config.schema import enum
@@ -22,6 +19,7 @@ from eigenattn.reconstruction import peers as peer_methods
 from eigenattn.reconstruction.cost import cost_share, family, view_macs
 from eigenattn.reconstruction.estimators import METHOD_KEYS, check_method, fit_heads
 from eigenattn.reconstruction.metrics import METRICS, Reference
+from eigenattn.reconstruction.workers import map_in_threads
 from eigenattn.spectra.stores import RowStats
 from eigenattn.storage.store import open_scores
 
@@ -182,7 +180,7 @@ def evaluate_view(
 
     ``workers`` > 1 evaluates that many layers side by side in threads (torch, numpy and scipy
     release the GIL), each with one BLAS and one torch thread, which is what a single-threaded run
-    uses: the table is the same, row order included (:func:`_one_thread_per_worker`).
+    uses: the table is the same, row order included (:mod:`eigenattn.reconstruction.workers`).
     """
     estimators, strategies, subset_sizes = settings.estimators, settings.strategies, settings.subset_sizes
     transfer, transfer_estimators = settings.transfer, settings.transfer_estimators
@@ -238,8 +236,8 @@ def evaluate_view(
         kw = {"nq": nq, "d": d, "d_head": d_head, "s": s, "k": k, "q_last": min(ps.q_last, nq)}
         return {"family": family(method), "attn_macs": view_macs(method, **kw), "cost_share": cost_share(method, **kw)}
 
-    def layer_records(li: int, layer: int) -> list[dict]:
-        records = []
+    def layer_records(li: int) -> list[dict]:
+        layer, records = stats.layers[li], []
         layer_peers = [m for m in peers if m != "nystrom" or bilinear[layer]]
         if len(layer_peers) < len(peers):
             log.info("layer %d: nystrom skipped (its scores carry a position bias, softcap or sink)", layer)
@@ -312,29 +310,10 @@ def evaluate_view(
                     records.append(record(split, name, variant, s, "same", met, h))
         return records
 
-    workers = max(1, min(int(workers), len(stats.layers)))
     records = []
     bar = tqdm(total=len(stats.layers), desc=f"reconstruct {stats.model}/{stats.view}", disable=not progress)
-    with _one_thread_per_worker(workers), ThreadPoolExecutor(workers) as pool:
-        for layer_rows in pool.map(layer_records, range(len(stats.layers)), stats.layers):  # in layer order
-            records += layer_rows
-            bar.update(1)
+    for layer_rows in map_in_threads(layer_records, range(len(stats.layers)), workers):
+        records += layer_rows
+        bar.update(1)
     bar.close()
     return pd.DataFrame.from_records(records, columns=COLUMNS)
-
-
-@contextlib.contextmanager
-def _one_thread_per_worker(workers: int):
-    """With ``workers`` > 1: one BLAS thread and one torch thread per computation while it lasts, so
-    that side-by-side layers do not oversubscribe the cores, and each layer's floating-point
-    reductions run as in a single-threaded job (Snakemake sets its BLAS threads to the rule's)."""
-    if workers == 1:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        torch.set_num_threads(before)
