@@ -19,7 +19,7 @@ rule reconstruct_view:
         "benchmarks/out/reconstruct/{model}/{view}.tsv"
     conda:
         "../../envs/eigenattn.yaml"
-    threads: 1
+    threads: 2
     params:
         settings=reconstruction_settings,
         expect=expected_heldout_scores,

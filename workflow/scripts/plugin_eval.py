@@ -10,6 +10,7 @@ df = plugin_eval(
     list(snakemake.input.heldout),
     Plugin.from_params(snakemake.params.settings),
     device=snakemake.params.runtime.torch_device(),
+    workers=snakemake.threads,
 )
 write_table(df, snakemake.output[0])
 log.info("wrote %s:\n%s", snakemake.output[0], df.to_string())

@@ -12,6 +12,7 @@ df = evaluate_view(
     fit_shards=list(snakemake.input.fit),
     other_stores=dict(zip(settings.other_models, snakemake.input.others)),
     expect=snakemake.params.expect,
+    workers=snakemake.threads,
 )
 write_table(df, snakemake.output[0])
 same = df[(df.basis_source == "same") & (df.split == "heldout")]

@@ -19,6 +19,7 @@ from eigenattn.reconstruction import peers as peer_methods
 from eigenattn.reconstruction.cost import cost_share, family, view_macs
 from eigenattn.reconstruction.estimators import METHOD_KEYS, check_method, fit_heads
 from eigenattn.reconstruction.metrics import METRICS, Reference
+from eigenattn.reconstruction.workers import map_in_threads
 from eigenattn.spectra.stores import RowStats
 from eigenattn.storage.store import open_scores
 
@@ -167,6 +168,7 @@ def evaluate_view(
     other_stores=None,
     expect: dict | None = None,
     progress=True,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """The reconstruction table of one model and view: one row per split, layer, head, method, source.
 
@@ -175,6 +177,10 @@ def evaluate_view(
     (``split`` = fit), so that a best method can be chosen without looking at the held-out data it is
     reported on. Transfer rows (another layer's or model's statistics; ``other_stores`` maps
     ``settings.other_models`` to their rows stores) are measured on the held-out split only.
+
+    ``workers`` > 1 evaluates that many layers side by side in threads (torch, numpy and scipy
+    release the GIL), each with one BLAS and one torch thread, which is what a single-threaded run
+    uses: the table is the same, row order included (:mod:`eigenattn.reconstruction.workers`).
     """
     estimators, strategies, subset_sizes = settings.estimators, settings.strategies, settings.subset_sizes
     transfer, transfer_estimators = settings.transfer, settings.transfer_estimators
@@ -230,9 +236,8 @@ def evaluate_view(
         kw = {"nq": nq, "d": d, "d_head": d_head, "s": s, "k": k, "q_last": min(ps.q_last, nq)}
         return {"family": family(method), "attn_macs": view_macs(method, **kw), "cost_share": cost_share(method, **kw)}
 
-    records = []
-    bar = tqdm(total=len(stats.layers), desc=f"reconstruct {stats.model}/{stats.view}", disable=not progress)
-    for li, layer in enumerate(stats.layers):
+    def layer_records(li: int) -> list[dict]:
+        layer, records = stats.layers[li], []
         layer_peers = [m for m in peers if m != "nystrom" or bilinear[layer]]
         if len(layer_peers) < len(peers):
             log.info("layer %d: nystrom skipped (its scores carry a position bias, softcap or sink)", layer)
@@ -303,6 +308,12 @@ def evaluate_view(
                 met = ref.metrics(e[1]) if e[0] == "logits" else ref.metrics_probs(e[1], e[2])
                 for h in range(ref.X.shape[0]):
                     records.append(record(split, name, variant, s, "same", met, h))
+        return records
+
+    records = []
+    bar = tqdm(total=len(stats.layers), desc=f"reconstruct {stats.model}/{stats.view}", disable=not progress)
+    for layer_rows in map_in_threads(layer_records, range(len(stats.layers)), workers):
+        records += layer_rows
         bar.update(1)
     bar.close()
     return pd.DataFrame.from_records(records, columns=COLUMNS)

@@ -10,7 +10,9 @@ reconstruction inside the forward pass of the pretrained model, on held-out text
 
 from __future__ import annotations
 
+import copy
 import logging
+import queue
 import time
 
 import numpy as np
@@ -25,6 +27,7 @@ from eigenattn.reconstruction.cost import PEERS, cost_share, family, view_macs
 from eigenattn.reconstruction.estimators import check_method, eigenspace_rank
 from eigenattn.reconstruction.partial import attach, attach_peers, detach, maps_from_stats, register
 from eigenattn.reconstruction.peer_attention import PeerSpec
+from eigenattn.reconstruction.workers import map_in_threads
 from eigenattn.spectra.stores import RowStats
 from eigenattn.storage.store import open_store
 
@@ -82,10 +85,14 @@ def _outputs(model, ids: torch.Tensor, causal: bool, q0: int, batch_size: int):
 
 
 def plugin_eval(
-    model_dir, rows_store, heldout_shards, settings: Plugin, *, device, progress: bool = True
+    model_dir, rows_store, heldout_shards, settings: Plugin, *, device, progress: bool = True, workers: int = 1
 ) -> pd.DataFrame:
     """The plug-in table of one model: every method of ``settings`` inside the forward pass of
-    ``settings.n_sequences`` held-out passages, against the exact model."""
+    ``settings.n_sequences`` held-out passages, against the exact model.
+
+    On the CPU, ``workers`` > 1 runs that many methods side by side in threads, each on its own
+    copy of the model with one torch thread (:mod:`eigenattn.reconstruction.workers`): a method's
+    forward passes are then those of a single-threaded job, whatever ``workers`` is."""
     estimators, strategies, subset_sizes = settings.estimators, settings.strategies, settings.subset_sizes
     n_sequences, batch_size = settings.n_sequences, settings.batch_size
     ridge, rank, seed = settings.ridge, settings.rank, settings.seed
@@ -126,16 +133,29 @@ def plugin_eval(
     peer_grid = [(m, v, s) for s in subset_sizes for m in ps.methods for v in ps.variants(m)]
     for m, v, s in peer_grid:
         peer_specs(m, v, s)  # refuses a peer that cannot run on this view before any forward pass
+    grid = [(e, st, s) for s in subset_sizes for st in strategies for e in estimators] + peer_grid
+    workers = max(1, min(int(workers), len(grid))) if device.type == "cpu" else 1
+    idle = queue.SimpleQueue()  # a model copy per worker: the methods are attributes of its modules
+    for replica in [model, *(copy.deepcopy(model) for _ in range(workers - 1))]:
+        idle.put(replica)
+
+    def method_outputs(method):
+        est, st, s = method
+        replica = idle.get()
+        try:
+            if est in PEERS:
+                attach_peers(replica, peer_specs(est, st, s))
+            else:
+                maps = maps_from_stats(stats, est, st, s, ridge=ridge, rank=rank, seed=seed)
+                attach(replica, {k: v.to(device) for k, v in maps.items()})
+            return _outputs(replica, ids, stats.causal, q0, batch_size)
+        finally:
+            detach(replica)
+            idle.put(replica)
+
     records = []
-    grid = [(e, st, s) for s in subset_sizes for st in strategies for e in estimators]
-    for est, st, s in tqdm(grid + peer_grid, desc=f"plug-in {stats.model}", disable=not progress):
-        if est in PEERS:
-            attach_peers(model, peer_specs(est, st, s))
-        else:
-            maps = maps_from_stats(stats, est, st, s, ridge=ridge, rank=rank, seed=seed)
-            attach(model, {k: v.to(device) for k, v in maps.items()})
-        out = _outputs(model, ids, stats.causal, q0, batch_size)
-        detach(model)
+    outputs = zip(grid, map_in_threads(method_outputs, grid, workers))
+    for (est, st, s), out in tqdm(outputs, total=len(grid), desc=f"plug-in {stats.model}", disable=not progress):
         if stats.causal:
             value = float(np.exp(out[0] / out[1]))
             rec = ("perplexity", value, exact_ppl, value / exact_ppl)
