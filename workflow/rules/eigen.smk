@@ -20,6 +20,9 @@ rule eigen_rows:
     conda:
         "../../envs/eigenattn.yaml"
     threads: 2
+    # the main run's longest chain (extraction, row spectra, reconstruction, plug-in): started
+    # first, so the single-threaded training runs fill the other core rather than trail it
+    priority: 10
     resources:
         mem_mb=mem_mb(4000),
     params:

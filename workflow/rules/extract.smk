@@ -18,6 +18,9 @@ rule extract_scores:
     conda:
         "../../envs/eigenattn.yaml"
     threads: 2
+    # the main run's longest chain (extraction, row spectra, reconstruction, plug-in): started
+    # first, so the single-threaded training runs fill the other core rather than trail it
+    priority: 10
     resources:
         mem_mb=mem_mb(4000),
         gpu=gpus_for("extraction"),

@@ -20,6 +20,9 @@ rule reconstruct_view:
     conda:
         "../../envs/eigenattn.yaml"
     threads: 2
+    # the main run's longest chain (extraction, row spectra, reconstruction, plug-in): started
+    # first, so the single-threaded training runs fill the other core rather than trail it
+    priority: 10
     params:
         settings=reconstruction_settings,
         expect=expected_heldout_scores,
@@ -48,6 +51,9 @@ rule plugin_eval_model:
     conda:
         "../../envs/eigenattn.yaml"
     threads: 2
+    # the main run's longest chain (extraction, row spectra, reconstruction, plug-in): started
+    # first, so the single-threaded training runs fill the other core rather than trail it
+    priority: 10
     resources:
         gpu=gpus_for("plugin"),
     params:
