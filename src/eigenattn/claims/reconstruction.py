@@ -356,6 +356,13 @@ def plugin_peer_rows(pl: pd.DataFrame, path, r, sz, damage, t: ClaimThresholds, 
 # --------------------------------------------------------------------------------------------- C4
 
 
+def _nanmax(values) -> float:
+    """The largest finite value, NaN when there is none (a kept share is undefined when exact equals
+    the floor)."""
+    finite = [v for v in values if np.isfinite(v)]
+    return max(finite) if finite else np.nan
+
+
 def _c4_blocker(r) -> str | None:
     """Why no variant row of a mode can speak to C4, or None: exact must have learned, use word order
     and beat the uniform floor, each beyond its interval."""
@@ -506,7 +513,7 @@ def c4_rows(comparisons, thresholds: ClaimThresholds) -> list[dict]:
                     model=v,
                     scope=f"{mode} {v}, every s measured ({sizes})",
                     quantity="largest share of exact's gain over the floor kept at any s",
-                    value=max(k for _, _, k in cells),
+                    value=_nanmax([k for _, _, k in cells]),
                     spread="; ".join(f"s={s}: kept {k:.0%} ({st})" for s, st, k in cells),
                     state="inconclusive" if blocker else state,
                     verdict=blocker or verdict,
