@@ -43,6 +43,7 @@ SLURM_FLAGS = [
             "eigen_full",
             "overlap_within",
             "overlap_cross",
+            "reconstruct_view",
             "plugin_eval_model",
             "train_run",
         )
@@ -52,6 +53,7 @@ SLURM_FLAGS = [
     "extract_scores=1",
     "eigen_rows=1",
     "eigen_full=1",
+    "reconstruct_view=1",
     "plugin_eval_model=1",
     "-j",
     "4",

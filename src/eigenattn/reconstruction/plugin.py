@@ -92,7 +92,9 @@ def plugin_eval(
 
     On the CPU, ``workers`` > 1 runs that many methods side by side in threads, each on its own
     copy of the model with one torch thread (:mod:`eigenattn.reconstruction.workers`): a method's
-    forward passes are then those of a single-threaded job, whatever ``workers`` is."""
+    forward passes are then those of a single-threaded job, whatever ``workers`` is. (Two torch
+    threads inside each forward pass do as well on idle cores, but on shared ones their OpenMP
+    barriers wait for a descheduled partner: 2.1x the wall time in docs/performance.md.)"""
     estimators, strategies, subset_sizes = settings.estimators, settings.strategies, settings.subset_sizes
     n_sequences, batch_size = settings.n_sequences, settings.batch_size
     ridge, rank, seed = settings.ridge, settings.rank, settings.seed
