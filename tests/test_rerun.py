@@ -73,7 +73,7 @@ def test_subset_sizes_do_not_retrain_exact(tiny_run, tmp_path):
             wd, "-n", "train", configs=_override(tmp_path, {"training": {"subset_sizes": t["subset_sizes"] + [2]}})
         )
     )
-    n_new = 2 * 5  # both modes × the five non-exact variants (nystrom among them), at the new size only
+    n_new = 2 * 5 * len(t["seeds"])  # both modes × the five variants (nystrom among them) × the seeds, new size only
     assert jobs == {"train_run": n_new, "train_summary": 1, "train": 1}, jobs
 
 

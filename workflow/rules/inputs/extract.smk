@@ -28,7 +28,8 @@ def extraction_settings(wildcards):
 
 def model_facts(wildcards):
     """What the config says of the model, checked against it after the probe. Passed
-    as the object, so Snakemake does not record it (the settings hold layers, causal)."""
+    as the object, so Snakemake does not record it (the settings hold layers, causal).
+    """
     return settings.ModelFacts.from_config(config, wildcards.model)
 
 
