@@ -25,7 +25,7 @@ METHOD_COLORS = {
     "vertical_slash": "C6",
     "sink_window": "C8",
     "topk_oracle": "0.45",
-    "uniform": "C3",
+    "uniform": "C9",
 }
 STRATEGY_STYLES = {"pivoted_qr": "-", "strided": "--", "random": ":", "-": "-", "exact": ":", "iterative": "-"}
 
