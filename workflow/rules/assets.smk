@@ -16,7 +16,7 @@ rule fetch_model:
         "benchmarks/out/fetch_model/{model}.tsv"
     conda:
         "../../envs/eigenattn.yaml"
-    threads: 2
+    threads: job_threads
     resources:
         mem_mb=mem_mb(6000),
     params:

@@ -133,6 +133,21 @@ def runtime(section):
     return settings.Runtime.from_config(config, section)
 
 
+def job_threads(wildcards):
+    """Threads of a job that can split its own work (extraction, spectra, overlap, reconstruction,
+    plug-in): a quarter of --cores, from 1 to 8. The DAG is wide (every model, view, length and
+    training run is its own job), so on a small machine whole jobs side by side use the cores
+    better than threads inside one: on 2 cores these jobs used 1.0-1.3 cores when given both, and
+    a two-thread job waits for both cores while one-thread training runs take each core as it
+    frees. Where --cores is not known (a cluster executor), 4; `set-threads` in a profile, or
+    `--set-threads rule=N`, overrides this for any rule."""
+    try:
+        cores = int(workflow.cores)
+    except (WorkflowError, TypeError, ValueError, OverflowError):
+        return 4
+    return max(1, min(8, cores // 4))
+
+
 def gpus_for(key):
     """A `resources: gpu` function: 1 when the section's device is CUDA."""
     return lambda wildcards: int(config[key]["device"].startswith("cuda"))

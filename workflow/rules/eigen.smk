@@ -17,12 +17,12 @@ rule eigen_rows:
         "logs/eigen_rows/{model}/{view}.log",
     benchmark:
         "benchmarks/out/eigen_rows/{model}/{view}.tsv"
-    # the main run's longest chain (extraction, row spectra, reconstruction, plug-in) goes before
-    # ready training runs; Snakemake reserves no cores, so one-thread jobs already running delay it
+    # the main run's longest chain (extraction, row spectra, reconstruction, plug-in) starts before
+    # ready training runs and the scaling grid (whose copies of these rules set priority 0)
     priority: 10
     conda:
         "../../envs/eigenattn.yaml"
-    threads: 2
+    threads: job_threads
     resources:
         mem_mb=mem_mb(4000),
     params:
@@ -47,7 +47,7 @@ rule eigen_full:
         "benchmarks/out/eigen_full/{model}/{view}.tsv"
     conda:
         "../../envs/eigenattn.yaml"
-    threads: 2
+    threads: job_threads
     resources:
         mem_mb=gram_mem_mb,
     params:

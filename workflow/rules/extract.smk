@@ -15,12 +15,12 @@ rule extract_scores:
         "logs/extract/{model}/{split}/shard-{shard}.log",
     benchmark:
         "benchmarks/out/extract/{model}/{split}/shard-{shard}.tsv"
-    # the main run's longest chain (extraction, row spectra, reconstruction, plug-in) goes before
-    # ready training runs; Snakemake reserves no cores, so one-thread jobs already running delay it
+    # the main run's longest chain (extraction, row spectra, reconstruction, plug-in) starts before
+    # ready training runs and the scaling grid (whose copies of these rules set priority 0)
     priority: 10
     conda:
         "../../envs/eigenattn.yaml"
-    threads: 2
+    threads: job_threads
     resources:
         mem_mb=mem_mb(4000),
         gpu=gpus_for("extraction"),

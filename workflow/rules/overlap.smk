@@ -17,7 +17,7 @@ rule overlap_within:
         "benchmarks/out/overlap_within/{model}/{view}/{variant}.tsv"
     conda:
         "../../envs/eigenattn.yaml"
-    threads: 2
+    threads: job_threads
     params:
         p=overlap_params,
     script:
@@ -36,7 +36,7 @@ rule overlap_cross:
         "benchmarks/out/overlap_cross/{model_a}__{model_b}/{variant}.tsv"
     conda:
         "../../envs/eigenattn.yaml"
-    threads: 2
+    threads: job_threads
     params:
         p=overlap_params,
     script:

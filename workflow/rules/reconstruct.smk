@@ -17,12 +17,12 @@ rule reconstruct_view:
         "logs/reconstruct/{model}/{view}.log",
     benchmark:
         "benchmarks/out/reconstruct/{model}/{view}.tsv"
-    # the main run's longest chain (extraction, row spectra, reconstruction, plug-in) goes before
-    # ready training runs; Snakemake reserves no cores, so one-thread jobs already running delay it
+    # the main run's longest chain (extraction, row spectra, reconstruction, plug-in) starts before
+    # ready training runs and the scaling grid (whose copies of these rules set priority 0)
     priority: 10
     conda:
         "../../envs/eigenattn.yaml"
-    threads: 2
+    threads: job_threads
     params:
         settings=reconstruction_settings,
         expect=expected_heldout_scores,
@@ -48,12 +48,12 @@ rule plugin_eval_model:
         "logs/plugin_eval/{model}.log",
     benchmark:
         "benchmarks/out/plugin_eval/{model}.tsv"
-    # the main run's longest chain (extraction, row spectra, reconstruction, plug-in) goes before
-    # ready training runs; Snakemake reserves no cores, so one-thread jobs already running delay it
+    # the main run's longest chain (extraction, row spectra, reconstruction, plug-in) starts before
+    # ready training runs and the scaling grid (whose copies of these rules set priority 0)
     priority: 10
     conda:
         "../../envs/eigenattn.yaml"
-    threads: 2
+    threads: job_threads
     resources:
         gpu=gpus_for("plugin"),
     params:

@@ -21,6 +21,7 @@ use rule extract_scores as scaling_extract_scores with:
     input:
         model=model_dir,
         passages=scaling_passages,
+    priority: 0
     output:
         directory("results/scaling/scores/{model}/n{n}/N{N}/fit.zarr"),
     log:
@@ -35,6 +36,7 @@ use rule eigen_rows as scaling_eigen_rows with:
     """Scaling study: row spectra of one grid point (n, N)."""
     input:
         rules.scaling_extract_scores.output[0],
+    priority: 0
     output:
         rows=directory("results/scaling/eigen/{model}/n{n}/N{N}/{view}/rows.zarr"),
         halves=directory("results/scaling/eigen/{model}/n{n}/N{N}/{view}/halves.zarr"),
