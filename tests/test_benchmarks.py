@@ -17,6 +17,7 @@ FINAL_LINE = {
     "import_cost": "sum over scripts",
     "partial_attention": "  128  16 | ",
     "scale": "projection: n = 512",
+    "streamed": "   64 | ",
 }
 
 
@@ -38,11 +39,11 @@ def test_every_benchmark_has_a_smoke_check():
 def test_benchmark_help_and_smoke_run(name, tmp_path, request):
     assert "--smoke" in _run(name, "--help", cwd=tmp_path).stdout
     args = ["--smoke"]
-    if name == "extraction":
-        # n = 256, where minilm's float16 scores fail the equivalence probe: the benchmark must store
-        # what the pipeline would (extraction.dtype auto), not insist on float16.
+    if name in ("extraction", "streamed"):
+        # extraction: n = 256, where minilm's float16 scores fail the equivalence probe: the benchmark
+        # must store what the pipeline would (extraction.dtype auto), not insist on float16.
         resources = request.getfixturevalue("resources")
-        args += ["--model-dir", str(resources / "models" / "minilm")]
+        args += ["--model-dir", str(resources / "models" / ("minilm" if name == "extraction" else "smollm2"))]
         args += ["--documents", str(resources / "corpora" / "enwiki-sample" / "documents.parquet")]
     out = _run(name, *args, cwd=tmp_path).stdout
     assert FINAL_LINE[name] in out, out[-3000:]

@@ -58,6 +58,7 @@ wildcard_constraints:
     corpus="|".join(sorted(config["corpora"])),
     split="|".join(SPLITS),
     shard=r"\d+",
+    group=r"\d+",
     view="|".join(enum("eigen.views")),
     variant="|".join(enum("eigen.variants")),
     mode="|".join(enum("training.modes")),
@@ -100,7 +101,7 @@ def score_store_sizes():
     if not workflow.is_main_process:
         return []
     stores = disk.score_stores(config)
-    lines = disk.size_lines(config, stores)
+    lines = disk.size_lines(config, stores) + disk.stream_lines(config)
     for line in lines:
         print(f"eigenattn: {line}", file=sys.stderr)
     try:

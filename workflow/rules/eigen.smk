@@ -6,10 +6,36 @@
 include: "inputs/eigen.smk"
 
 
-rule eigen_rows:
-    """Row spectra of every head, streamed with Dask, and their split halves."""
+rule stream_moments:
+    """Streamed mode: row moments of one layer group over one shard of the fit split, from the forward pass."""
     input:
-        fit_shards,
+        model=model_dir,
+        passages=passages(),
+    output:
+        directory("results/moments/{model}/group-{group}/shard-{shard}.zarr"),
+    log:
+        "logs/stream_moments/{model}/group-{group}/shard-{shard}.log",
+    benchmark:
+        "benchmarks/out/stream_moments/{model}/group-{group}/shard-{shard}.tsv"
+    priority: 10
+    conda:
+        "../../envs/eigenattn.yaml"
+    threads: 1
+    resources:
+        mem_mb=stream_mem_mb,
+        gpu=gpus_for("extraction"),
+    params:
+        settings=stream_settings,
+        facts=model_facts,
+        runtime=runtime("extraction"),
+    script:
+        "../scripts/stream_moments.py"
+
+
+rule eigen_rows:
+    """Row spectra of every head (from the score stores with Dask, or merged streamed moments), and their split halves."""
+    input:
+        row_inputs,
     output:
         rows=directory("results/eigen/{model}/{view}/rows.zarr"),
         halves=directory("results/eigen/{model}/{view}/halves.zarr"),
@@ -30,6 +56,7 @@ rule eigen_rows:
         variants=EIGEN.variants,
         split_every=EIGEN.split_every,
         expect=expected_fit_scores,
+        streamed=rows_streamed,
         runtime=runtime("eigen"),
     script:
         "../scripts/eigen_rows.py"

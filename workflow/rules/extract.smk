@@ -32,7 +32,30 @@ rule extract_scores:
         "../scripts/extract_scores.py"
 
 
+rule extract_tokens:
+    """Streamed mode: one shard's tokens, once the probe accepts the model; readers recompute its scores."""
+    input:
+        model=model_dir,
+        passages=passages(),
+    output:
+        directory("results/tokens/{model}/{split}/shard-{shard}.zarr"),
+    log:
+        "logs/extract_tokens/{model}/{split}/shard-{shard}.log",
+    benchmark:
+        "benchmarks/out/extract_tokens/{model}/{split}/shard-{shard}.tsv"
+    conda:
+        "../../envs/eigenattn.yaml"
+    threads: 1
+    resources:
+        mem_mb=mem_mb(4000),
+    params:
+        settings=extraction_settings,
+        facts=model_facts,
+    script:
+        "../scripts/extract_tokens.py"
+
+
 rule extract:
-    """Stage 2: every model's score stores, all splits and shards."""
+    """Stage 2: every model's score stores (token stores where streamed), all splits and shards."""
     input:
         extract_outputs(),

@@ -32,10 +32,28 @@ use rule extract_scores as scaling_extract_scores with:
         settings=scaling_extraction_settings,
 
 
+use rule stream_moments as scaling_stream_moments with:
+    """Scaling study, streamed: the row moments of one layer group at one grid point (n, N)."""
+    input:
+        model=model_dir,
+        passages=scaling_passages,
+    priority: 0
+    output:
+        directory("results/scaling/moments/{model}/n{n}/N{N}/group-{group}.zarr"),
+    log:
+        "logs/scaling/stream_moments/{model}/n{n}/N{N}/group-{group}.log",
+    benchmark:
+        "benchmarks/out/scaling/stream_moments/{model}/n{n}/N{N}/group-{group}.tsv"
+    params:
+        settings=scaling_stream_settings,
+        facts=model_facts,
+        runtime=runtime("extraction"),
+
+
 use rule eigen_rows as scaling_eigen_rows with:
     """Scaling study: row spectra of one grid point (n, N)."""
     input:
-        rules.scaling_extract_scores.output[0],
+        scaling_row_inputs,
     priority: 0
     output:
         rows=directory("results/scaling/eigen/{model}/n{n}/N{N}/{view}/rows.zarr"),

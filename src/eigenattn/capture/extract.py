@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -163,42 +165,26 @@ def extract_scores(
         )
     if autocast not in AUTOCAST:
         raise ConfigError("extraction.autocast", f"unknown autocast '{autocast}'", f"use {', '.join(AUTOCAST)}")
-    dev = torch.device(device)
-    name = (attrs or {}).get("model")
-    label = f"'{name}' at {model_dir}" if name else str(model_dir)
-    tok, model = load_capture_model(model_dir, label, dev, None)
-    facts = model_facts(model)
-    if facts["max_positions"] and seq_len > facts["max_positions"]:
-        raise ConfigError(
-            "sampling.seq_len",
-            f"seq_len {seq_len} exceeds the {facts['max_positions']} positions of the model at {model_dir}",
-            f"use a seq_len of at most {facts['max_positions']} "
-            "(scaling.lengths and scaling.sample_length in the scaling study)",
-        )
-    ids = tokenize_passages(tok, texts, seq_len)
-    # Refuse before any store exists: the probe compares the capture with the model's eager attention.
-    probe = equivalence_probe(model, torch.from_numpy(ids[:PROBE_SEQUENCES].astype(np.int64)).to(dev), label)
-    facts["n_layers"] = probe.n_layers
-    configured = layers["of"] if isinstance(layers, dict) else layers  # before any thinning to at_most
-    wanted = (
-        list(range(probe.n_layers))
-        if configured in (None, "all")
-        else sorted({int(x) for x in configured if 0 <= int(x) < probe.n_layers})
+    prep = prepare_capture(
+        model_dir,
+        texts,
+        seq_len=seq_len,
+        device=device,
+        layers=layers,
+        name=(attrs or {}).get("model"),
+        check_facts=check_facts,
     )
-    if check_facts is not None:
-        check_facts(
-            {
-                "n_layers": probe.n_layers,
-                "heads": facts["heads"],
-                "causal": probe.causal(wanted),
-                "mask_kinds": ", ".join(sorted({describe(probe.masks[l]) for l in wanted})),
-            }
-        )
-    keep = resolve_layers(layers, facts["n_layers"], f"models.{name}.layers" if name else "models.<name>.layers")
+    model, ids, probe, facts, keep, label, dev = (
+        prep.model,
+        prep.ids,
+        prep.probe,
+        prep.facts,
+        prep.keep,
+        prep.label,
+        prep.device,
+    )
     # before any store exists: float16 is stored only where its cast reproduces the probabilities
     requested, dtype = dtype, resolve_store_dtype(probe, dtype, label, keep)  # the dtype stored, from here on
-    facts.update(probe_facts(probe, keep, label, facts["model_type"]))
-    causal = probe.causal(keep)
     n_seq, L, H = len(ids), len(keep), facts["heads"]
     store_dtype = DTYPES[dtype]
     sinks = [l for l in keep if l in probe.sinks]
@@ -224,20 +210,7 @@ def extract_scores(
             chunk_sequences=chunk_sequences,
             shard_sequences=batch_size,
         )
-        if sinks:
-            # -inf (no sink) for kept layers without one: softmax then ignores the sink column.
-            table = np.full((L, H), -np.inf, dtype=np.float32)
-            for i, l in enumerate(keep):
-                if l in probe.sinks:
-                    table[i] = probe.sinks[l]
-            arr = root.create_array("sinks", data=table, dimension_names=["layer", "head"])
-            arr.attrs.update(
-                {
-                    "definition": "per-head sink logit: an extra softmax column that is no token; "
-                    "P = softmax([S + mask, sink])[..., :n]",
-                    "layers": keep,
-                }
-            )
+        write_sinks(root, prep)
 
         on_cuda = dev.type == "cuda"
         amp = AUTOCAST[autocast]
@@ -284,24 +257,12 @@ def extract_scores(
 
         root.attrs.update(
             {
-                **(attrs or {}),
-                **{k: facts[k] for k in ("architecture", "model_type", "heads", "kv_heads", "head_dim")},
-                "layers": keep,
-                "n_layers_total": facts["n_layers"],
-                "seq_len": seq_len,
-                "causal": bool(causal),
-                "layer_masks": [probe.masks[l] for l in keep],
-                "layer_modifiers": [
-                    {k: probe.modifiers[l][k] for k in ("softcap", "position_bias", "sinks")} for l in keep
-                ],
-                "equivalence_probe": probe.summary(dtype, keep),
-                "score_definition": SCORE_DEFINITION,
+                **capture_attrs(prep, attrs),
                 "dtype": dtype,
                 "dtype_requested": requested,
                 "compression": compression,
+                "equivalence_probe": probe.summary(dtype, keep),
                 "autocast": autocast if on_cuda else "none",
-                "device": dev.type,
-                "special_tokens": describe_special_tokens(tok, ids),
             }
         )
     total = time.perf_counter() - t0
@@ -315,6 +276,100 @@ def extract_scores(
         "bytes_planned": nbytes,
         "bytes_stored": dir_size(out_path),
     }
+
+
+@dataclass
+class Prepared:
+    """A model loaded for capture over tokenized passages, once the equivalence probe accepted it."""
+
+    tok: Any
+    model: Any
+    ids: np.ndarray
+    probe: Any
+    facts: dict
+    keep: list[int]
+    causal: bool
+    label: str
+    device: torch.device
+
+
+def prepare_capture(model_dir, texts, *, seq_len, device, layers, name=None, check_facts=None) -> Prepared:
+    """Load the model, tokenize ``texts`` to ``seq_len`` and run the equivalence probe; refuse
+    (before anything is written) a model whose scores would not reproduce its probabilities, a
+    seq_len beyond its positions, or facts that ``check_facts`` rejects. Shared by the score store
+    (:func:`extract_scores`) and the streamed statistics (``eigenattn.spectra.streamed``)."""
+    dev = torch.device(device)
+    label = f"'{name}' at {model_dir}" if name else str(model_dir)
+    tok, model = load_capture_model(model_dir, label, dev, None)
+    facts = model_facts(model)
+    if facts["max_positions"] and seq_len > facts["max_positions"]:
+        raise ConfigError(
+            "sampling.seq_len",
+            f"seq_len {seq_len} exceeds the {facts['max_positions']} positions of the model at {model_dir}",
+            f"use a seq_len of at most {facts['max_positions']} "
+            "(scaling.lengths and scaling.sample_length in the scaling study)",
+        )
+    ids = tokenize_passages(tok, texts, seq_len)
+    # Refuse before any store exists: the probe compares the capture with the model's eager attention.
+    probe = equivalence_probe(model, torch.from_numpy(ids[:PROBE_SEQUENCES].astype(np.int64)).to(dev), label)
+    facts["n_layers"] = probe.n_layers
+    configured = layers["of"] if isinstance(layers, dict) else layers  # before any thinning to at_most
+    wanted = (
+        list(range(probe.n_layers))
+        if configured in (None, "all")
+        else sorted({int(x) for x in configured if 0 <= int(x) < probe.n_layers})
+    )
+    if check_facts is not None:
+        check_facts(
+            {
+                "n_layers": probe.n_layers,
+                "heads": facts["heads"],
+                "causal": probe.causal(wanted),
+                "mask_kinds": ", ".join(sorted({describe(probe.masks[l]) for l in wanted})),
+            }
+        )
+    keep = resolve_layers(layers, facts["n_layers"], f"models.{name}.layers" if name else "models.<name>.layers")
+    facts.update(probe_facts(probe, keep, label, facts["model_type"]))
+    return Prepared(tok, model, ids, probe, facts, keep, bool(probe.causal(keep)), label, dev)
+
+
+def capture_attrs(prep: Prepared, attrs: dict | None) -> dict:
+    """The attrs every output of a capture carries: where the passages come from (``attrs``), the
+    model's facts, its kept layers and their masks and modifiers, and the score definition."""
+    facts, probe, keep = prep.facts, prep.probe, prep.keep
+    return {
+        **(attrs or {}),
+        **{k: facts[k] for k in ("architecture", "model_type", "heads", "kv_heads", "head_dim")},
+        "layers": keep,
+        "n_layers_total": facts["n_layers"],
+        "seq_len": int(prep.ids.shape[1]),
+        "causal": bool(prep.causal),
+        "layer_masks": [probe.masks[l] for l in keep],
+        "layer_modifiers": [{k: probe.modifiers[l][k] for k in ("softcap", "position_bias", "sinks")} for l in keep],
+        "score_definition": SCORE_DEFINITION,
+        "device": prep.device.type,
+        "special_tokens": describe_special_tokens(prep.tok, prep.ids),
+    }
+
+
+def write_sinks(root, prep: Prepared) -> None:
+    """The ``sinks`` array (L, H) of a store, for models whose kept layers have attention sinks."""
+    keep, probe = prep.keep, prep.probe
+    if not any(l in probe.sinks for l in keep):
+        return
+    # -inf (no sink) for kept layers without one: softmax then ignores the sink column.
+    table = np.full((len(keep), int(prep.facts["heads"])), -np.inf, dtype=np.float32)
+    for i, l in enumerate(keep):
+        if l in probe.sinks:
+            table[i] = probe.sinks[l]
+    arr = root.create_array("sinks", data=table, dimension_names=["layer", "head"])
+    arr.attrs.update(
+        {
+            "definition": "per-head sink logit: an extra softmax column that is no token; "
+            "P = softmax([S + mask, sink])[..., :n]",
+            "layers": keep,
+        }
+    )
 
 
 def describe_special_tokens(tok, ids: np.ndarray) -> str:

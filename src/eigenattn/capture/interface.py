@@ -46,6 +46,11 @@ CAPTURE_IMPL = "eigenattn_capture"
 _state = threading.local()
 
 
+class StopForward(Exception):
+    """Raised by the capture backend at the first attention call after ``ScoreCapture.stop_after``:
+    a pass that needs only the first layers ends there (the caller catches it)."""
+
+
 class ScoreCapture:
     """Collects per-layer scores of one forward pass.
 
@@ -78,6 +83,8 @@ class ScoreCapture:
         self.owners: dict[int, torch.nn.Module] = {}
         self.mask: torch.Tensor | None = None
         self.calls = 0
+        # the last layer this pass needs: a later attention call raises StopForward
+        self.stop_after: int | None = None
 
     def wants(self, layer_idx: int) -> bool:
         return self.layers is None or layer_idx in self.layers
@@ -196,6 +203,8 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
     key, value, scaling = expand_heads(query, key, value, scaling)
     cap: ScoreCapture | None = getattr(_state, "capture", None)
     layer_idx = None if cap is None else cap.key(module)
+    if cap is not None and cap.stop_after is not None and layer_idx > cap.stop_after:
+        raise StopForward(layer_idx)
     wanted = cap is not None and cap.wants(layer_idx)
     # Plain attention (no softcap, bias or sink, no dropout) never materialises the whole batch's
     # n×n matrices: a layer that is not stored runs SDPA; a stored layer on CPU runs eager attention

@@ -25,6 +25,7 @@ from eigenattn.storage import sizes
 AUTO_DTYPE = "float16"
 
 FIX = (
+    "stream the model's statistics instead of storing its scores (extraction.store: stream, or auto), "
     "keep fewer layers (models.{model}.layers: a list of layer indices), fewer sequences "
     "(sampling.n_sequences), or a shorter sampling.seq_len (the stores grow as its square)"
 )
@@ -76,6 +77,8 @@ def score_stores(config: dict) -> list[Store]:
     if any(r["tvariant"] in USES_MAPS for r in plan.training_runs(config)):
         main.append(config["training"]["analysis_model"])
     for m in main:
+        if plan.store_mode(config, m) == "stream":  # no score store: moments and token stores only
+            continue
         L, H = kept(m, plan.model_spec(config, m).get("layers", "all"))
         splits = ["fit"] if m == config["training"]["analysis_model"] else ["fit", "heldout"]
         for split in splits:
@@ -85,7 +88,7 @@ def score_stores(config: dict) -> list[Store]:
     for m in plan.scaling_models(config):
         L, H = kept(m, plan.scaling_layers(config, m))
         for ni, Ni in plan.scaling_points(config, m)["all"]:
-            if not plan.is_main_point(config, m, ni, Ni):
+            if not plan.is_main_point(config, m, ni, Ni) and not plan.scaling_point_streamed(config, m, ni, Ni):
                 out.append(Store(m, "scaling", 0, ni, Ni, L, H, dtype, *plan.scaling_chunking(config, Ni)))
     return out
 
@@ -166,3 +169,41 @@ def check_room(config: dict, stores: list[Store], exists: Callable[[Store], bool
         f"keeps {sizes.human(free - sizes.room(free))} of it as headroom",
         f"{fix}; or run on a larger disk (snakemake --directory)",
     )
+
+
+def stream_lines(config: dict) -> list[str]:
+    """One line per streamed model (extraction.store): why it is streamed, its layer groups and
+    shards, and the bytes its row moments take (per job in memory, and written in all)."""
+    lines = []
+    e = plan.extraction_raw(config)
+    main = list(config["run_models"])
+    if any(r["tvariant"] in USES_MAPS for r in plan.training_runs(config)):
+        main.append(config["training"]["analysis_model"])
+    for m in main:
+        if plan.store_mode(config, m) != "stream":
+            continue
+        stored = plan.main_store_bytes(config, m)
+        why = (
+            "extraction.store: stream"
+            if e["store"] == "stream"
+            else f"its score stores would take {sizes.human(stored)}, "
+            f"over extraction.store_budget_gb {e['store_budget_gb']}"
+        )
+        groups, shards = plan.layer_groups(config, m), e["shards"]
+        n_layers, heads = plan.model_shape(config, m)
+        L = plan.kept_layer_count(plan.model_spec(config, m).get("layers", "all"), n_layers)
+        if L is None or heads is None:
+            size = "moment sizes unknown before the model is fetched"
+        else:
+            n = config["sampling"]["seq_len"]
+            dims = [plan.view_dim(v, n) for v in plan.model_views(config, m)]
+            per_layer = sizes.moment_layer_bytes(heads, dims, len(config["eigen"]["variants"]))
+            size = (
+                f"row moments {sizes.human(sizes.ceil_div(L, groups) * per_layer)} per job, "
+                f"{sizes.human(L * per_layer * shards)} written in all"
+            )
+        lines.append(
+            f"{m}: streamed ({why}): {groups} layer group(s) × {shards} shard(s) of fit moments, {size}; "
+            "held-out scores recomputed from the model"
+        )
+    return lines

@@ -6,6 +6,7 @@ from __future__ import annotations
 from eigenattn.config.schema import enum
 from eigenattn.config.sections import Eigen, Overlap, Scaling
 from eigenattn.config.views import View, allowed_views
+from eigenattn.storage import sizes
 
 
 def model_views(config: dict, name: str) -> list[str]:
@@ -282,3 +283,112 @@ def notes(config: dict) -> list[str]:
         if not scaling_models(config):
             out.append("scaling: no run model can be swept against the length; the scaling study is skipped")
     return out
+
+
+def main_store_bytes(config: dict, name: str) -> int | None:
+    """Bytes of a model's main-run score stores (fit and held-out, every shard), as
+    :mod:`eigenattn.config.disk` states them (float16 for ``dtype: auto``); None where the config
+    does not give the model's layers and heads."""
+    n_layers, heads = model_shape(config, name)
+    L = kept_layer_count(model_spec(config, name).get("layers", "all"), n_layers)
+    if L is None or heads is None:
+        return None
+    e = extraction_raw(config)
+    dtype = "float16" if e["dtype"] == "auto" else e["dtype"]
+    n, chunk = config["sampling"]["seq_len"], chunk_sequences(config)
+    total = 0
+    for split, N in config["sampling"]["n_sequences"].items():
+        for i in range(e["shards"]):
+            Ni = (i + 1) * N // e["shards"] - i * N // e["shards"]
+            total += sizes.score_store_bytes(Ni, L, heads, n, dtype, chunk, e["batch_size"])
+    return total
+
+
+def store_mode(config: dict, name: str) -> str:
+    """How a model's main run keeps its scores: ``scores`` (stored, the score-store route) or
+    ``stream`` (fit-split moments accumulated in the forward pass, held-out scores recomputed;
+    docs/method.md §14). ``extraction.store: auto`` streams a model whose score stores would
+    exceed ``extraction.store_budget_gb``; a model whose size the config does not give is stored
+    (its size is checked against the disk by the extraction rule)."""
+    mode = extraction_raw(config).get("store", "auto")
+    if mode != "auto":
+        return mode
+    nbytes = main_store_bytes(config, name)
+    budget = float(extraction_raw(config).get("store_budget_gb", 50)) * 1e9
+    return "stream" if nbytes is not None and nbytes > budget else "scores"
+
+
+def layer_groups(config: dict, name: str, n: int | None = None, layers=None) -> int:
+    """Layer groups of a streamed model: each is its own job, whose row moments (held in memory and
+    written) take at most ``extraction.stream_memory_gb``; 1 where the config does not give the
+    model's layers and heads. An explicit ``extraction.layer_groups`` is taken as it is (at most
+    the kept layers). ``n`` and ``layers``: a scaling grid point's length and layers."""
+    e = extraction_raw(config)
+    groups = e.get("layer_groups", "auto")
+    n_layers, heads = model_shape(config, name)
+    layers = model_spec(config, name).get("layers", "all") if layers is None else layers
+    L = kept_layer_count(layers, n_layers)
+    if groups != "auto":
+        return int(groups) if L is None else min(int(groups), L)
+    if L is None or heads is None:
+        return 1
+    n = config["sampling"]["seq_len"] if n is None else int(n)
+    per_layer = sizes.moment_layer_bytes(
+        heads, [view_dim(v, n) for v in model_views(config, name)], len(Eigen.from_config(config).variants)
+    )
+    budget = float(e.get("stream_memory_gb", 4)) * 1e9
+    per_job = max(1, int(budget // per_layer))  # layers whose moments fit the budget (at least one)
+    return max(1, sizes.ceil_div(L, per_job))
+
+
+def scaling_point_streamed(config: dict, model: str, n: int, N: int) -> bool:
+    """Whether a length-sweep point is streamed: as the main run under ``extraction.store``
+    (``auto``: when its score store would exceed ``extraction.store_budget_gb``). The sample
+    sweep's points, whose whole blocks are analysed, are always stored."""
+    if (int(n), int(N)) in scaling_points(config, model)["full"]:
+        return False
+    e = extraction_raw(config)
+    if e["store"] != "auto":
+        return e["store"] == "stream"
+    n_layers, heads = model_shape(config, model)
+    L = kept_layer_count(scaling_layers(config, model), n_layers)
+    if L is None or heads is None:
+        return False
+    dtype = "float16" if e["dtype"] == "auto" else e["dtype"]
+    chunk, batch = scaling_chunking(config, N)
+    return sizes.score_store_bytes(int(N), L, heads, int(n), dtype, chunk, batch) > float(e["store_budget_gb"]) * 1e9
+
+
+def fit_halves_split(config: dict, counts: list[int] | None = None, chunk: int | None = None) -> int:
+    """The first fit sequence of half b, where the stored route splits the fit sequences (at the
+    chunk boundary nearest the middle, chunks restarting in each shard). ``counts``: the sequences
+    of each shard, ``chunk``: sequences per chunk (default: the main run's)."""
+    e = extraction_raw(config)
+    if counts is None:
+        N, shards = config["sampling"]["n_sequences"]["fit"], e["shards"]
+        counts = [(i + 1) * N // shards - i * N // shards for i in range(shards)]
+    chunk = chunk_sequences(config) if chunk is None else int(chunk)
+    chunks = [min(chunk, c - s) for c in counts for s in range(0, c, chunk)]
+    edges = [sum(chunks[: i + 1]) for i in range(len(chunks))]
+    if len(edges) < 2:
+        return edges[-1] if edges else 0
+    i = min(range(len(edges)), key=lambda j: (abs(edges[j] - edges[-1] / 2), j)) + 1
+    i = min(max(i, 1), len(chunks) - 1)
+    return edges[i - 1]
+
+
+def shard_first(config: dict, split: str, shard: int) -> int:
+    """The index of a shard's first sequence within its split."""
+    N, shards = config["sampling"]["n_sequences"][split], extraction_raw(config)["shards"]
+    return shard * N // shards
+
+
+def extraction_raw(config: dict) -> dict:
+    """The ``extraction`` section with the defaults of the keys that streamed mode added."""
+    return {
+        "store": "auto",
+        "store_budget_gb": 50,
+        "stream_memory_gb": 4,
+        "layer_groups": "auto",
+        **config["extraction"],
+    }

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from eigenattn.capture.recompute import open_token_shard
 from eigenattn.config.schema import enum
 from eigenattn.config.settings import Reconstruction
 from eigenattn.config.views import view_slices
@@ -95,7 +96,7 @@ COLUMNS = [
 
 
 def _open_split(shards, stats: RowStats, rows_store, what: str, expect: dict | None):
-    scores, attrs = open_scores(shards, expect)
+    scores, attrs = open_scores(shards, expect, recompute=open_token_shard)
     stats.check_matches(attrs["seq_len"], f"{what} scores {shards[0]}")
     held = [int(x) for x in attrs["layers"]]
     skipped = {int(x["layer"]) for x in stats.attrs.get("skipped_layers", [])}  # masked views (eigenattn.capture.masks)

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from eigenattn.capture.masks import layer_masks, select_visible, visibility
+from eigenattn.capture.recompute import open_token_shard
 from eigenattn.config.views import view_slices
 from eigenattn.storage.score_source import open_score_source
 from eigenattn.storage.store import open_store
@@ -124,7 +125,7 @@ def per_input_spectrum(shards, view: str, expect: dict | None = None) -> dict:
     (L, H, r), and the per-input values at the quarter index, ``at_quarter`` and
     ``energy_at_quarter`` (N, L, H; NaN for an input whose block is empty).
     """
-    source, attrs = open_score_source(shards, expect)
+    source, attrs = open_score_source(shards, expect, recompute=open_token_shard)
     n, causal = int(attrs["seq_len"]), bool(attrs["causal"])
     qs, ks = view_slices(view, n, causal)
     sinks = _sinks_by_layer(shards[0])

@@ -69,8 +69,15 @@ def row_spectrum(scores, view: str, variant: str, causal: bool, split_every: int
         return _spectra(packed)
     i = half_block_index(scores.chunks[0])
     pa, pb = dask.compute(reduce_moments(per_block[:i], split_every), reduce_moments(per_block[i:], split_every))
+    return halves_spectrum(pa, pb, int(np.sum(scores.chunks[0][:i])))
+
+
+def halves_spectrum(pa: np.ndarray, pb: np.ndarray, split_sequence: int) -> dict:
+    """Row spectra (as :func:`row_spectrum` with ``halves``) from the packed moments of the two
+    halves (L, H, d + 2, d): the whole is their exact merge. Shared by the stored and the streamed
+    route (:mod:`eigenattn.spectra.streamed`)."""
     out = _spectra(merge_packed(np.stack([pa, pb]), axis=0, keepdims=False))
-    out["halves"] = {"a": _spectra(pa), "b": _spectra(pb), "split_sequence": int(np.sum(scores.chunks[0][:i]))}
+    out["halves"] = {"a": _spectra(pa), "b": _spectra(pb), "split_sequence": int(split_sequence)}
     return out
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from eigenattn.capture.masks import select_visible
+from eigenattn.capture.recompute import open_token_shard
 from eigenattn.config.views import view_slices
 from eigenattn.errors import InputError
 from eigenattn.spectra.full_spectra import full_spectra
@@ -15,11 +16,13 @@ from eigenattn.spectra.rows import (
     P_LEVELS,
     constant_alignment,
     explained_variance,
+    halves_spectrum,
     heldout_ev_rows,
     is_bounded,
     k_at,
     row_spectrum,
 )
+from eigenattn.spectra.streamed import merge_moment_files
 from eigenattn.storage.score_source import open_score_source
 from eigenattn.storage.store import new_store, open_scores, open_store, write_arrays
 
@@ -96,6 +99,30 @@ def run_rows(
     """
     scores, attrs, causal = _open_fit(shards, view, variants, expect)
     results = {v: row_spectrum(scores, view, v, causal, split_every, halves=halves_path is not None) for v in variants}
+    write_rows(results, attrs, view, causal, int(scores.shape[0]), variants, out_path, halves_path)
+    return results
+
+
+def run_rows_streamed(moment_paths, out_path, view: str, variants, halves_path, expect: dict | None = None) -> dict:
+    """rows.zarr and halves.zarr from streamed moments (every layer group and sequence shard of the
+    fit split, :mod:`eigenattn.spectra.streamed`) instead of score stores: the same stores, the
+    same spectra code; ``route`` says which way they were made."""
+    for v in variants:
+        check_variant(v)
+    halves, attrs = merge_moment_files(moment_paths, view, variants, expect)
+    causal = bool(attrs["causal"])
+    view_slices(view, attrs["seq_len"], causal)
+    idx, attrs = select_visible(np.arange(len(attrs["layers"]))[None], attrs, view)
+    idx = idx[0]
+    results = {v: halves_spectrum(halves[v]["a"][idx], halves[v]["b"][idx], attrs["split_sequence"]) for v in variants}
+    write_rows(
+        results, attrs, view, causal, int(attrs["n_sequences"]), variants, out_path, halves_path, route="streamed"
+    )
+    return results
+
+
+def write_rows(results, attrs, view, causal, n_seq, variants, out_path, halves_path=None, route="stored") -> None:
+    """Write the row spectra of every variant into rows.zarr (and their halves into halves.zarr)."""
     d = results[variants[0]]["heads"]["mean"].shape[-1]
     coords = _coords(attrs, d)
     if halves_path is not None:
@@ -114,12 +141,13 @@ def run_rows(
                     attrs,
                     view,
                     causal,
-                    scores.shape[0],
+                    n_seq,
                     {
                         "analysis": "rows_halves",
+                        "route": route,
                         "variants": list(variants),
                         "split_sequence": split,
-                        "halves": {"a": [0, split], "b": [split, int(scores.shape[0])]},
+                        "halves": {"a": [0, split], "b": [split, int(n_seq)]},
                         "definition": "row spectra (as rows.zarr) of the first (a) and second (b) half of the fit "
                         "sequences in passage_id order",
                     },
@@ -133,16 +161,16 @@ def run_rows(
                 attrs,
                 view,
                 causal,
-                scores.shape[0],
+                n_seq,
                 {
                     "analysis": "rows",
+                    "route": route,
                     "variants": list(variants),
                     "definition": "covariance of score rows S[i, keys] over queries i in the view and fit sequences; "
                     "eigenvalues descending, eigenvectors are columns; pooled/ merges the heads of a layer",
                 },
             )
         )
-    return results
 
 
 def run_full(
@@ -161,7 +189,9 @@ def run_full(
     """Full-matrix analysis into full.zarr: the `raw` variant at the root, others in subgroups.
     ``memory_mb`` bounds what the tasks hold, ``workers`` tasks run at once, ``route`` and ``rank``
     choose how (see eigenattn.spectra.full_spectra)."""
-    scores, attrs, causal = _open_fit(shards, view, variants, expect, opener=open_score_source)
+    scores, attrs, causal = _open_fit(
+        shards, view, variants, expect, opener=lambda s, e: open_score_source(s, e, recompute=open_token_shard)
+    )
     results = full_spectra(
         scores, view, variants, causal, memory_mb, workers=workers, route=route, rank=rank, seed=seed
     )

@@ -65,7 +65,7 @@ def _chunk_sizes(size: int, chunk: int) -> list[int]:
     return [min(chunk, size - s) for s in range(0, size, chunk)]
 
 
-def open_score_source(shards: list[str | Path], expect: dict | None = None):
+def open_score_source(shards: list[str | Path], expect: dict | None = None, recompute=None):
     """Like :func:`open_scores`, with the same checks, as a :class:`ScoreSource`."""
-    arrays, attrs = _checked_arrays(shards, expect)
+    arrays, attrs = _checked_arrays(shards, expect, recompute)
     return ScoreSource(arrays), attrs

@@ -168,15 +168,35 @@ def missing_objects(path, arr) -> list[tuple[int, ...]]:
     return [k for k in np.ndindex(*grid) if k not in present]
 
 
-def _checked_arrays(shards: list[str | Path], expect: dict | None):
-    """The checked ``scores`` arrays of the shard stores (see :func:`open_scores`), and the first's attrs."""
+# keys of a score store's expectations that a token store (streamed mode: float32 scores recomputed
+# from the model, never stored) does not answer
+STORED_ONLY = ("dtype", "dtype_requested")
+
+
+def _checked_arrays(shards: list[str | Path], expect: dict | None, recompute=None):
+    """The checked ``scores`` arrays of the shard stores (see :func:`open_scores`), and the first's attrs.
+
+    A token store (attrs ``route: recompute``, streamed mode) has no scores: ``recompute(path,
+    attrs)`` gives an array-like that computes them from the model
+    (:func:`eigenattn.capture.recompute.open_token_shard`); a caller that passes none reads stored
+    scores only."""
     if not shards:
         raise InputError(str(list(shards)), "no score shards given", "pass the shard stores the extraction stage wrote")
     arrays, attrs = [], None
     for p in shards:
         g = open_store(p)
         a = g.attrs.asdict()
+        token_store = a.get("route") == "recompute"
+        if token_store and recompute is None:
+            raise InputError(
+                p,
+                "is a token store of streamed mode (extraction.store: stream): its scores are not stored, "
+                "and this stage reads stored scores only",
+                "use extraction.store: scores for this model",
+            )
         for key, want in (expect or {}).items():
+            if token_store and key in STORED_ONLY:
+                continue
             if a.get(key) != want:
                 raise InputError(
                     p,
@@ -191,6 +211,9 @@ def _checked_arrays(shards: list[str | Path], expect: dict | None):
                 f"layers/heads/seq_len differ from {shards[0]}",
                 "pass shards of one extraction (same model, layers and seq_len), or re-run it",
             )
+        if token_store:
+            arrays.append(recompute(p, a))
+            continue
         arr = g["scores"]
         missing = missing_objects(Path(p) / "scores", arr)
         if missing:
@@ -201,16 +224,16 @@ def _checked_arrays(shards: list[str | Path], expect: dict | None):
     return arrays, attrs
 
 
-def open_scores(shards: list[str | Path], expect: dict | None = None):
+def open_scores(shards: list[str | Path], expect: dict | None = None, recompute=None):
     """Concatenate the ``scores`` arrays of several shard stores into one checked Dask array.
 
     Each store must be marked complete, hold every chunk, and carry the attributes in ``expect``
     (e.g. the model, split, seq_len, dtype and seed the calling rule was configured with); a stale
     or damaged store fails here, naming it and the fix. Dask chunks equal the Zarr chunks, and every
     chunk is checked as it is read (:class:`CheckedScores`). Returns (dask array, attrs of the
-    first shard).
+    first shard). ``recompute``: how to read a token store (see :func:`_checked_arrays`).
     """
-    arrays, attrs = _checked_arrays(shards, expect)
+    arrays, attrs = _checked_arrays(shards, expect, recompute)
     return _as_dask(arrays), attrs
 
 

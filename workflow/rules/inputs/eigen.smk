@@ -6,6 +6,48 @@ def expected_fit_scores(wildcards):
     return settings.expected_scores(config, wildcards.model, "fit", n)
 
 
+def row_inputs(wildcards):
+    """What the row spectra of a model are made from: its fit score shards, or in streamed mode
+    the moments of every layer group and shard (the scaling study always stores its scores)."""
+    if not rows_streamed(wildcards):
+        return fit_shards(wildcards)
+    return expand(
+        rules.stream_moments.output[0],
+        model=wildcards.model,
+        group=range(plan.layer_groups(config, wildcards.model)),
+        shard=SHARDS,
+    )
+
+
+def rows_streamed(wildcards):
+    """Whether these row spectra come from streamed moments (main run or scaling grid point)."""
+    if "n" in wildcards.keys():
+        return scaling_streamed(wildcards)
+    return streamed(wildcards.model)
+
+
+def stream_settings(wildcards):
+    """One streamed-moments job: the fit shard's extraction settings, its layer group, the views
+    and variants, and where its sequences sit in the fit split."""
+    return {
+        "extraction": settings.Extraction.from_config(
+            config, wildcards.model, "fit", int(wildcards.shard), len(SHARDS), SEQ_LEN
+        ).params(),
+        "group": int(wildcards.group),
+        "n_groups": plan.layer_groups(config, wildcards.model),
+        "views": plan.model_views(config, wildcards.model),
+        "variants": EIGEN.variants,
+        "first_index": plan.shard_first(config, "fit", int(wildcards.shard)),
+        "split_sequence": plan.fit_halves_split(config),
+    }
+
+
+def stream_mem_mb(wildcards, attempt):
+    """The job's moments (extraction.stream_memory_gb at most) plus the model and one batch's scores."""
+    gb = float(config["extraction"].get("stream_memory_gb", 4))
+    return int(attempt * (4000 + 1000 * gb))
+
+
 def per_input_shards(wildcards):
     """The score shards of the split the per-input spectrum reads (eigen.per_input_split)."""
     return score_shards(wildcards.model, settings.PerInput.from_config(config).split)

@@ -1,10 +1,17 @@
 # The extract stage's input, param and target functions (its rules: ../extract.smk).
 
 
+def streamed(model):
+    """Whether a model's main run streams its statistics (extraction.store)."""
+    return plan.store_mode(config, model) == "stream"
+
+
 def score_shards(model, split):
-    return expand(
-        rules.extract_scores.output[0], model=model, split=split, shard=SHARDS
-    )
+    """The shards a stage reads a split's scores from: score stores, or in streamed mode token
+    stores whose scores are recomputed from the model (eigenattn.capture.recompute)."""
+    writer = rules.extract_tokens if streamed(model) else rules.extract_scores
+    return expand(writer.output[0], model=model, split=split, shard=SHARDS)
+
 
 
 def fit_shards(wildcards):

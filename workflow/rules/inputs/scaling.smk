@@ -31,6 +31,44 @@ def scaling_extraction_settings(wildcards):
     ).params()
 
 
+def scaling_streamed(wildcards):
+    """Whether a grid point's statistics are streamed (extraction.store; docs/method.md §14)."""
+    return plan.scaling_point_streamed(
+        config, wildcards.model, int(wildcards.n), int(wildcards.N)
+    )
+
+
+def scaling_row_inputs(wildcards):
+    """A grid point's score store, or its streamed moments (one store per layer group)."""
+    where = {"model": wildcards.model, "n": wildcards.n, "N": wildcards.N}
+    if not scaling_streamed(wildcards):
+        return path(rules.scaling_extract_scores.output[0], **where)
+    groups = plan.layer_groups(
+        config,
+        wildcards.model,
+        int(wildcards.n),
+        plan.scaling_layers(config, wildcards.model),
+    )
+    return expand(rules.scaling_stream_moments.output[0], group=range(groups), **where)
+
+
+def scaling_stream_settings(wildcards):
+    """A streamed grid point's job: its extraction settings (one shard), layer group, views and
+    variants, and where its halves split."""
+    n, N = int(wildcards.n), int(wildcards.N)
+    chunk, _ = plan.scaling_chunking(config, N)
+    layers = plan.scaling_layers(config, wildcards.model)
+    return {
+        "extraction": scaling_extraction_settings(wildcards),
+        "group": int(wildcards.group),
+        "n_groups": plan.layer_groups(config, wildcards.model, n, layers),
+        "views": plan.model_views(config, wildcards.model),
+        "variants": EIGEN.variants,
+        "first_index": 0,
+        "split_sequence": plan.fit_halves_split(config, [N], chunk),
+    }
+
+
 def scaling_point_path(pattern, wildcards, n, N):
     return path(pattern, model=wildcards.model, view=wildcards.view, n=n, N=N)
 

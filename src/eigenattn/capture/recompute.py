@@ -1,0 +1,188 @@
+"""Token stores, whose scores are recomputed from the model when read (docs/method.md §14).
+
+In streamed mode no score is stored. The fit split's statistics are accumulated during the forward
+pass (:mod:`eigenattn.spectra.streamed`); what needs actual scores (the held-out reconstruction
+with the peers, the per-input spectrum, fit-split rows for choosing a method) reads a **token
+store** instead: the layout of a score store without its ``scores`` array (input_ids,
+attention_mask, passage_id and the same attrs, ``route: recompute``), written once the model has
+passed the same equivalence probe as for a score store.
+
+:func:`open_token_shard` turns a token store into a :class:`RecomputedScores`, an (N, L, H, n, n)
+float32 array that runs the model over the sequences it is asked for, up to the last layer asked
+for (:class:`~eigenattn.capture.interface.StopForward`), one chunk of sequences at a time. It
+quacks like the checked ``scores`` of a stored shard (shape, dtype, chunks, numpy indexing), so
+:func:`eigenattn.storage.store.open_scores` and :class:`eigenattn.storage.score_source.ScoreSource`
+read either kind, and the stages that read scores run unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eigenattn.capture.extract import capture_attrs, check_batch, prepare_capture
+from eigenattn.capture.interface import ScoreCapture, StopForward, capturing
+from eigenattn.capture.probe import PROBE_SEQUENCES, equivalence_probe, load_capture_model
+from eigenattn.errors import InputError
+from eigenattn.storage.store import new_store, open_store
+
+log = logging.getLogger(__name__)
+
+ROUTE = "recompute"
+
+
+def extract_tokens(
+    model_dir,
+    texts,
+    passage_ids,
+    out_path,
+    *,
+    seq_len: int,
+    layers,
+    chunk_sequences: int,
+    dtype_requested: str,
+    device,
+    attrs: dict | None = None,
+    check_facts=None,
+) -> dict:
+    """A token store for ``texts`` at ``out_path``: the model is loaded, the passages tokenized and
+    the equivalence probe run exactly as for a score store, but only tokens and attrs are written."""
+    prep = prepare_capture(
+        model_dir,
+        texts,
+        seq_len=seq_len,
+        device=device,
+        layers=layers,
+        name=(attrs or {}).get("model"),
+        check_facts=check_facts,
+    )
+    ids = prep.ids.astype(np.int32)
+    with new_store(out_path) as root:
+        whole = (max(len(ids), 1), seq_len)
+        root.create_array("input_ids", data=ids, chunks=whole, dimension_names=["sequence", "position"])
+        root.create_array(
+            "attention_mask",
+            data=np.ones_like(ids, dtype=np.int8),
+            chunks=whole,
+            dimension_names=["sequence", "position"],
+        )
+        root.create_array("passage_id", data=np.asarray(passage_ids, dtype=np.int64), dimension_names=["sequence"])
+        root.attrs.update(
+            {
+                **capture_attrs(prep, attrs),
+                "route": ROUTE,
+                "model_dir": str(model_dir),
+                "dtype": "float32",
+                "dtype_requested": dtype_requested,
+                "chunk_sequences": int(chunk_sequences),
+                "equivalence_probe": prep.probe.summary("float32", prep.keep),
+                "definition": "tokens of a split without its scores: readers recompute the float32 scores "
+                "S = scale·QKᵀ (+ modifiers) of the listed layers from the model at model_dir",
+            }
+        )
+    return {"n_sequences": len(ids), "layers": prep.keep}
+
+
+def is_token_store(attrs: dict) -> bool:
+    return attrs.get("route") == ROUTE
+
+
+class RecomputedScores:
+    """The (N, L, H, n, n) float32 scores of a token store, computed from the model when indexed.
+
+    Indexing takes a sequence index (slice, int or list) and a layer index first; each read runs
+    the model over the chosen sequences, ``chunk`` at a time, up to the last chosen layer. The
+    model is loaded, and checked by the equivalence probe, on the first read."""
+
+    def __init__(self, path, attrs: dict, ids: np.ndarray, device="cpu", model_dir=None):
+        self.path, self.attrs = str(path), attrs
+        self.model_dir = Path(model_dir or attrs["model_dir"])
+        self.ids = np.asarray(ids)
+        self.layers = [int(x) for x in attrs["layers"]]
+        n = int(attrs["seq_len"])
+        self.shape = (len(self.ids), len(self.layers), int(attrs["heads"]), n, n)
+        self.dtype, self.ndim = np.dtype(np.float32), 5
+        chunk = int(attrs.get("chunk_sequences", 8))
+        self.chunks = (chunk, 1, self.shape[2], n, n)
+        self.device = torch.device(device)
+        self._model = None
+        self._probe = None
+        self._lock = threading.Lock()  # Dask's threads share one model
+        self._last = None  # (key, block) of the last read
+
+    @property
+    def arr(self):  # the checked-array protocol of eigenattn.storage.store
+        return self
+
+    def _load(self):
+        if self._model is None:
+            if not (self.model_dir / "config.json").is_file():
+                raise InputError(
+                    self.path,
+                    f"its scores are recomputed from the model at {self.model_dir}, which holds no config.json",
+                    "run the fetch rule of this model (snakemake --forcerun fetch_model)",
+                )
+            label = f"'{self.attrs.get('model')}' at {self.model_dir}"
+            _, model = load_capture_model(self.model_dir, label, self.device, None)
+            probe_ids = torch.from_numpy(self.ids[:PROBE_SEQUENCES].astype(np.int64)).to(self.device)
+            self._probe = equivalence_probe(model, probe_ids, label)
+            self._model, self._label = model, label
+        return self._model
+
+    def compute(self, seqs: np.ndarray, layer_pos: list[int]) -> np.ndarray:
+        """Scores (len(seqs), len(layer_pos), H, n, n) of the sequences and layer positions. The
+        last block is kept, so readers that take one block a head group at a time run the model once."""
+        key = (tuple(int(x) for x in seqs), tuple(layer_pos))
+        with self._lock:
+            if self._last is not None and self._last[0] == key:
+                return self._last[1]
+        out = self._compute(seqs, layer_pos)
+        with self._lock:
+            self._last = (key, out)
+        return out
+
+    def _compute(self, seqs: np.ndarray, layer_pos: list[int]) -> np.ndarray:
+        want = [self.layers[i] for i in layer_pos]
+        out = np.empty((len(seqs), len(want), *self.shape[2:]), dtype=np.float32)
+        with self._lock, torch.inference_mode():
+            model = self._load()
+            step = self.chunks[0]
+            for a in range(0, len(seqs), step):
+                batch = torch.from_numpy(self.ids[seqs[a : a + step]].astype(np.int64)).to(self.device)
+                uniq = sorted(set(want))
+                cap = ScoreCapture(uniq, torch.float32)
+                cap.stop_after = max(uniq)
+                try:
+                    with capturing(cap):
+                        model(input_ids=batch, attention_mask=torch.ones_like(batch))
+                except StopForward:
+                    pass
+                check_batch(cap, uniq, self._probe, self._label)
+                for j, layer in enumerate(want):
+                    out[a : a + len(batch), j] = cap.scores[layer].float().cpu().numpy()
+        return out
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (5 - len(key))
+        seqs = np.arange(self.shape[0])[key[0]]
+        layers = np.arange(self.shape[1])[key[1]]
+        x = self.compute(np.atleast_1d(seqs), [int(i) for i in np.atleast_1d(layers)])
+        x = x[(slice(None), slice(None), *key[2:])].copy()  # the cached block stays as it is
+        if np.ndim(layers) == 0:
+            x = x[:, 0]
+        if np.ndim(seqs) == 0:
+            x = x[0]
+        return x
+
+
+def open_token_shard(path, attrs: dict, device=None) -> RecomputedScores:
+    """The recomputed scores of one token store (opened and checked by the caller); on the GPU
+    when one is present, unless ``device`` says otherwise."""
+    root = open_store(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return RecomputedScores(path, attrs, root["input_ids"][:], device=device)

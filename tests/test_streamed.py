@@ -1,0 +1,330 @@
+"""Streamed statistics (docs/method.md §14): row moments from the forward pass equal those of the
+stored scores, shards merge exactly, token stores recompute the stored scores, and the planner
+streams what would not fit."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from eigenattn.capture.extract import extract_scores
+from eigenattn.capture.recompute import RecomputedScores, extract_tokens, open_token_shard
+from eigenattn.config import plan
+from eigenattn.errors import ConfigError, InputError
+from eigenattn.spectra.moments import merge_packed, unpack
+from eigenattn.spectra.stores import run_rows, run_rows_streamed
+from eigenattn.spectra.streamed import _Moments, layer_group, stream_moments
+from eigenattn.storage.sizes import moment_layer_bytes
+from eigenattn.storage.store import open_scores, open_store
+
+SEQ_LEN = 24
+
+
+def _texts(resources, k):
+    docs = pd.read_parquet(resources / "corpora" / "enwiki-sample" / "documents.parquet")
+    words = " ".join(docs["text"].iloc[:6]).split()
+    return [" ".join(words[i * SEQ_LEN : (i + 1) * SEQ_LEN]) for i in range(k)]
+
+
+def test_merge_of_four_shards_equals_one_pass_and_numpy():
+    rng = np.random.default_rng(0)
+    L, H, d = 2, 3, 7
+    rows = [rng.normal(3.0, 2.0, (H, 5 + i % 3, d)) for i in range(16)]  # 16 sequences of rows
+    one = _Moments(L, H, d, "cpu")
+    shards = [_Moments(L, H, d, "cpu") for _ in range(4)]
+    for i, X in enumerate(rows):
+        for layer in range(L):
+            one.add(layer, torch.from_numpy(X * (layer + 1)))
+            shards[i // 4].add(layer, torch.from_numpy(X * (layer + 1)))
+    merged = merge_packed(np.stack([s.packed() for s in shards]), axis=0, keepdims=False)
+    whole = one.packed()
+    np.testing.assert_allclose(merged, whole, rtol=1e-12, atol=1e-12 * np.abs(whole).max())
+    count, mean, m2 = unpack(whole)
+    X = np.concatenate(rows, axis=1)  # (H, all rows, d)
+    for layer in range(L):
+        for h in range(H):
+            Y = X[h] * (layer + 1)
+            assert count[layer, h] == len(Y)
+            np.testing.assert_allclose(mean[layer, h], Y.mean(0), rtol=1e-12)
+            np.testing.assert_allclose(m2[layer, h] / (len(Y) - 1), np.cov(Y.T), rtol=1e-10)
+
+
+def test_layer_groups_cover_the_kept_layers_and_refuse_too_many():
+    keep = [0, 1, 15, 29]
+    assert [layer_group(keep, g, 3) for g in range(3)] == [[0], [1], [15, 29]]
+    assert sum((layer_group(keep, g, 2) for g in range(2)), []) == keep
+    with pytest.raises(ConfigError, match="extraction.layer_groups"):
+        layer_group(keep, 0, 5)
+
+
+@pytest.mark.parametrize("name,views", [("minilm", ["all", "prefix"]), ("smollm2", ["prefix"])])
+def test_streamed_rows_equal_stored_float32_rows(resources, tmp_path, name, views):
+    """Two layer groups × two sequence shards, streamed, against one float32 score store: the
+    same row and half stores (eigenvalues 1e-9 relative) with no score written."""
+    model_dir = resources / "models" / name
+    N, chunk = 8, 2
+    texts = _texts(resources, N)
+    layers = [0, 1, 2] if name == "minilm" else [0, 1, 29]
+    store = tmp_path / "fit.zarr"
+    extract_scores(
+        model_dir,
+        texts,
+        np.arange(N),
+        store,
+        seq_len=SEQ_LEN,
+        dtype="float32",
+        batch_size=chunk,
+        chunk_sequences=chunk,
+        device="cpu",
+        autocast="none",
+        layers=layers,
+        compression="none",
+        attrs={"model": name, "split": "fit", "seed": 0, "corpus": "c"},
+        progress=False,
+    )
+    split = plan.fit_halves_split(
+        {
+            "sampling": {"n_sequences": {"fit": N}},
+            "extraction": {"shards": 2, "chunk_sequences": chunk, "batch_size": chunk},
+        }
+    )
+    assert split == 4
+    moments = []
+    for g in range(2):
+        for shard, (lo, hi) in enumerate([(0, 4), (4, 8)]):
+            out = tmp_path / f"m-{g}-{shard}.zarr"
+            stream_moments(
+                model_dir,
+                texts[lo:hi],
+                np.arange(lo, hi),
+                out,
+                seq_len=SEQ_LEN,
+                layers=layers,
+                group=g,
+                n_groups=2,
+                views=views,
+                variants=["raw", "row_centered"],
+                first_index=lo,
+                split_sequence=split,
+                batch_size=3,
+                device="cpu",
+                attrs={"model": name, "split": "fit", "seed": 0, "corpus": "c"},
+                progress=False,
+            )
+            moments.append(str(out))
+    for view in views:
+        a = run_rows(
+            [str(store)],
+            tmp_path / f"s-{view}.zarr",
+            view,
+            ["raw", "row_centered"],
+            2,
+            halves_path=tmp_path / f"sh-{view}.zarr",
+        )
+        b = run_rows_streamed(
+            moments,
+            tmp_path / f"t-{view}.zarr",
+            view,
+            ["raw", "row_centered"],
+            tmp_path / f"th-{view}.zarr",
+            expect={"model": name, "split": "fit", "dtype": "float16"},
+        )
+        for v in ("raw", "row_centered"):
+            pairs = [(a[v], b[v])] + [(a[v]["halves"][h], b[v]["halves"][h]) for h in "ab"]
+            for x, y in pairs:
+                for scope in ("heads", "pooled"):
+                    wx, wy = x[scope]["eigenvalues"], y[scope]["eigenvalues"]
+                    np.testing.assert_allclose(wy, wx, rtol=1e-9, atol=1e-9 * wx.max())
+                    np.testing.assert_allclose(y[scope]["mean"], x[scope]["mean"], rtol=1e-9, atol=1e-12)
+                    assert (y[scope]["count"] == x[scope]["count"]).all()
+            assert b[v]["halves"]["split_sequence"] == a[v]["halves"]["split_sequence"] == split
+        rows = open_store(tmp_path / f"t-{view}.zarr")
+        assert rows.attrs["route"] == "streamed" and rows.attrs["layers"] == layers
+    # the moments stores hold no scores, and their size does not depend on N
+    m = open_store(moments[0])
+    assert "scores" not in m and m.attrs["analysis"] == "streamed_moments"
+
+
+def test_moment_bytes_do_not_depend_on_the_sequences(resources, tmp_path):
+    model_dir = resources / "models" / "minilm"
+    sizes = []
+    for N in (2, 6):
+        out = tmp_path / f"m{N}.zarr"
+        stream_moments(
+            model_dir,
+            _texts(resources, N),
+            np.arange(N),
+            out,
+            seq_len=SEQ_LEN,
+            layers=[0, 5],
+            group=0,
+            n_groups=1,
+            views=["prefix"],
+            variants=["raw"],
+            first_index=0,
+            split_sequence=1,
+            batch_size=2,
+            device="cpu",
+            attrs={"model": "minilm"},
+            progress=False,
+        )
+        sizes.append(sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "zarr.json" not in p.name))
+    assert abs(sizes[0] - sizes[1]) <= 0.01 * sizes[0], sizes
+    d = SEQ_LEN // 2
+    assert sizes[0] <= 2 * moment_layer_bytes(12, [d], 1)  # two layers, uncompressed at most
+
+
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_token_store_recomputes_the_stored_scores(resources, tmp_path, name):
+    model_dir = resources / "models" / name
+    N = 5
+    texts = _texts(resources, N)
+    layers = [1, 3]
+    common = {"seq_len": SEQ_LEN, "layers": layers, "device": "cpu"}
+    attrs = {"model": name, "split": "heldout", "seed": 0, "corpus": "c"}
+    extract_scores(
+        model_dir,
+        texts,
+        np.arange(N),
+        tmp_path / "s.zarr",
+        dtype="float32",
+        batch_size=2,
+        chunk_sequences=2,
+        autocast="none",
+        compression="none",
+        attrs=attrs,
+        progress=False,
+        **common,
+    )
+    extract_tokens(
+        model_dir,
+        texts,
+        np.arange(N),
+        tmp_path / "t.zarr",
+        chunk_sequences=2,
+        dtype_requested="auto",
+        attrs=attrs,
+        **common,
+    )
+    stored, sa = open_scores([tmp_path / "s.zarr"])
+    expect = {"model": name, "split": "heldout", "seq_len": SEQ_LEN, "dtype_requested": "auto"}
+    recomputed, ta = open_scores([tmp_path / "t.zarr"], expect, recompute=open_token_shard)
+    assert recomputed.shape == stored.shape and ta["layers"] == sa["layers"] == layers
+    assert ta["layer_masks"] == sa["layer_masks"] and ta["causal"] == sa["causal"]
+    np.testing.assert_allclose(recomputed[1:4, 1].compute(), stored[1:4, 1].compute(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(recomputed.compute(), stored.compute(), rtol=1e-6, atol=1e-6)
+    # a stage that reads stored scores only says what the token store is
+    with pytest.raises(InputError, match="token store"):
+        open_scores([tmp_path / "t.zarr"])
+    rs = open_token_shard(tmp_path / "t.zarr", ta)
+    assert isinstance(rs, RecomputedScores) and rs[0, 0].shape == (stored.shape[2], SEQ_LEN, SEQ_LEN)
+
+
+def _cfg(**extraction):
+    return {
+        "run_models": ["smollm2"],
+        "models": {"smollm2": {"causal": True, "layers": "all", "n_layers": 30, "heads": 9}},
+        "training": {"analysis_model": "trained_mlm", "model": {"layers": 2, "heads": 2}},
+        "sampling": {"seq_len": 2048, "n_sequences": {"fit": 384, "heldout": 32}},
+        "extraction": {"dtype": "auto", "shards": 1, "batch_size": 8, "chunk_sequences": "auto", **extraction},
+        "eigen": {"views": "auto", "variants": ["raw", "row_centered"]},
+    }
+
+
+def test_auto_streams_a_model_whose_stores_exceed_the_budget():
+    big = _cfg(store="auto")
+    assert plan.main_store_bytes(big, "smollm2") > 900e9
+    assert plan.store_mode(big, "smollm2") == "stream"
+    assert plan.store_mode(_cfg(store="scores"), "smollm2") == "scores"
+    small = _cfg(store="auto")
+    small["sampling"] = {"seq_len": 128, "n_sequences": {"fit": 384, "heldout": 32}}
+    assert plan.store_mode(small, "smollm2") == "scores"
+    # layer groups keep each job's moments within stream_memory_gb
+    groups = plan.layer_groups(big, "smollm2")
+    per_layer = moment_layer_bytes(9, [1024], 2)
+    assert -(-30 // groups) * per_layer <= 4e9 < -(-30 // (groups - 1)) * per_layer
+    assert plan.layer_groups(_cfg(layer_groups=7), "smollm2") == 7
+
+
+# --- the workflow, stored against streamed (tests/config.yaml with float32 stores) -----------------
+
+FLOAT32 = {"extraction": {"dtype": "float32"}, "scaling": {"models": []}}
+
+
+@pytest.fixture(scope="session")
+def routes(tmp_path_factory, resources):
+    """The tiny workflow to its claims table with float32 score stores, then again in the same
+    working directory with extraction.store: stream (training is shared; the eigen, overlap,
+    reconstruction, plug-in and claims outputs of the stored run are kept aside first)."""
+    import shutil
+
+    import yaml
+
+    from conftest import CONFIGS, make_workdir, snakemake
+
+    wd = make_workdir(tmp_path_factory.mktemp("routes"), resources)
+    stored_cfg, streamed_cfg = wd / "stored.yaml", wd / "streamed.yaml"
+    stored_cfg.write_text(yaml.safe_dump(FLOAT32))
+    streamed_cfg.write_text(yaml.safe_dump({**FLOAT32, "extraction": {"dtype": "float32", "store": "stream"}}))
+    snakemake(wd, "-c2", "--max-threads", "1", "claims", configs=[*CONFIGS, str(stored_cfg)])
+    kept = wd / "stored"
+    kept.mkdir()
+    for part in ("eigen", "overlap", "reconstruction", "plugin", "claims.csv"):
+        src = wd / "results" / part
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, kept / part)
+    proc = snakemake(wd, "-c2", "--max-threads", "1", "claims", configs=[*CONFIGS, str(streamed_cfg)])
+    return wd, kept, proc
+
+
+def test_streamed_run_writes_no_score_store(routes):
+    wd, _, proc = routes
+    assert "streamed (extraction.store: stream)" in proc.stderr
+    for m in ("minilm", "smollm2"):
+        assert list((wd / "results" / "moments" / m).glob("group-*/shard-*.zarr"))
+        assert list((wd / "results" / "tokens" / m / "heldout").glob("shard-*.zarr"))
+
+
+@pytest.mark.parametrize("model,view", [("minilm", "all"), ("minilm", "prefix"), ("smollm2", "prefix")])
+def test_streamed_and_stored_rows_and_halves_agree(routes, model, view):
+    import zarr
+
+    wd, kept, _ = routes
+    for store in ("rows.zarr", "halves.zarr"):
+        a = zarr.open_group(kept / "eigen" / model / view / store, mode="r")
+        b = zarr.open_group(wd / "results" / "eigen" / model / view / store, mode="r")
+        assert b.attrs["route"] == "streamed" and a.attrs["route"] == "stored"
+        groups = (
+            ["raw", "row_centered"]
+            if store == "rows.zarr"
+            else [f"{v}/{h}" for v in ("raw", "row_centered") for h in "ab"]
+        )
+        for g in groups:
+            for scope in ("", "pooled/"):
+                wa = np.asarray(a[f"{g}/{scope}eigenvalues"][...])
+                wb = np.asarray(b[f"{g}/{scope}eigenvalues"][...])
+                np.testing.assert_allclose(wb, wa, rtol=1e-9, atol=1e-9 * wa.max())
+                Ua, Ub = np.asarray(a[f"{g}/{scope}eigenvectors"][...]), np.asarray(b[f"{g}/{scope}eigenvectors"][...])
+                # overlap of the top-4 subspaces: 1 within rounding (eigenvectors of near-equal
+                # eigenvalues may rotate inside their span)
+                k = 4
+                ov = (np.matmul(np.swapaxes(Ua[..., :k], -1, -2), Ub[..., :k]) ** 2).sum((-2, -1)) / k
+                np.testing.assert_allclose(ov, 1.0, atol=1e-6)
+
+
+def test_streamed_and_stored_tables_and_claims_agree(routes):
+    wd, kept, _ = routes
+    for rel in ("eigen/smollm2/prefix/spectrum.csv", "eigen/minilm/all/spectrum.csv", "overlap/summary.csv"):
+        pd.testing.assert_frame_equal(
+            pd.read_csv(kept / rel), pd.read_csv(wd / "results" / rel), rtol=1e-9, atol=1e-9, check_dtype=False
+        )
+    for rel in ("reconstruction/minilm/all.csv", "reconstruction/smollm2/prefix.csv"):
+        a, b = pd.read_csv(kept / rel), pd.read_csv(wd / "results" / rel)
+        # nystrom's exact pseudo-inverse of an ill-conditioned kernel amplifies the last bits
+        ill = (a.estimator == "nystrom") & (a.strategy == "exact")
+        pd.testing.assert_frame_equal(
+            a[~ill].reset_index(drop=True), b[~ill.to_numpy()].reset_index(drop=True), rtol=1e-6, atol=1e-9
+        )
+    a, b = pd.read_csv(kept / "claims.csv"), pd.read_csv(wd / "results" / "claims.csv")
+    assert len(a) == len(b) and (a.state.to_numpy() == b.state.to_numpy()).all(), pd.concat(
+        [a[["claim", "model", "state"]], b[["state"]].rename(columns={"state": "streamed"})], axis=1
+    )[a.state.to_numpy() != b.state.to_numpy()]
