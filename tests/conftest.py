@@ -114,3 +114,28 @@ def minilm_dir(resources):
 @pytest.fixture(scope="session")
 def smollm2_dir(resources):
     return resources / "models" / "smollm2"
+
+
+# Stored against streamed (docs/method.md §14): tests/config.yaml with float32 score stores.
+FLOAT32 = {"extraction": {"dtype": "float32"}, "scaling": {"models": []}}
+
+
+@pytest.fixture(scope="session")
+def routes(tmp_path_factory, resources):
+    """The tiny workflow to its claims table with float32 score stores, then again in the same
+    working directory with extraction.store: stream (training is shared; the eigen, overlap,
+    reconstruction, plug-in and claims outputs of the stored run are kept aside first)."""
+    import yaml
+
+    wd = make_workdir(tmp_path_factory.mktemp("routes"), resources)
+    stored_cfg, streamed_cfg = wd / "stored.yaml", wd / "streamed.yaml"
+    stored_cfg.write_text(yaml.safe_dump(FLOAT32))
+    streamed_cfg.write_text(yaml.safe_dump({**FLOAT32, "extraction": {"dtype": "float32", "store": "stream"}}))
+    snakemake(wd, "-c2", "--max-threads", "1", "claims", configs=[*CONFIGS, str(stored_cfg)])
+    kept = wd / "stored"
+    kept.mkdir()
+    for part in ("eigen", "overlap", "reconstruction", "plugin", "claims.csv"):
+        src = wd / "results" / part
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, kept / part)
+    proc = snakemake(wd, "-c2", "--max-threads", "1", "claims", configs=[*CONFIGS, str(streamed_cfg)])
+    return wd, kept, proc

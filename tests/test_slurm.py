@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import CONFIGS, REPO, make_workdir, snakemake
+from conftest import CONFIGS, FLOAT32, REPO, make_workdir, snakemake
 
 SLURM_FLAGS = [
     "--workflow-profile",
@@ -48,7 +48,10 @@ SLURM_FLAGS = [
             "train_run",
         )
     ],
-    *[f"{r}:mem_mb=3000" for r in ("fetch_model", "extract_scores", "eigen_rows", "eigen_full")],
+    *[
+        f"{r}:mem_mb=3000"
+        for r in ("fetch_model", "extract_scores", "eigen_rows", "eigen_full", "stream_moments", "extract_tokens")
+    ],
     "--set-threads",
     "extract_scores=1",
     "eigen_rows=1",
@@ -250,6 +253,28 @@ def test_tiny_workflow_end_to_end_under_slurm(slurm, tmp_path, resources, tiny_r
             a, b = a[~ill].reset_index(drop=True), b[~ill.to_numpy()].reset_index(drop=True)
         pd.testing.assert_frame_equal(a, b, rtol=rtol, atol=1e-9)
     assert (tmp_path / "results" / "training" / "summary.csv").is_file()
+
+
+def test_streamed_tiny_workflow_under_slurm(slurm, tmp_path, resources, routes):
+    """Streamed mode (extraction.store: stream) through the SLURM profile: each layer group's
+    moments, each token store, the row spectra from the merged moments and the reconstruction from
+    recomputed scores are SLURM jobs, and give the local streamed run's tables."""
+    make_workdir(tmp_path, resources)
+    cfg = tmp_path / "streamed.yaml"
+    cfg.write_text(yaml.safe_dump({**FLOAT32, "extraction": {"dtype": "float32", "store": "stream"}}))
+    targets = ["results/eigen/smollm2/prefix/spectrum.csv", "results/reconstruction/smollm2/prefix.csv"]
+    proc = snakemake(tmp_path, *SLURM_FLAGS, *targets, timeout=1200, configs=[*CONFIGS, str(cfg)])
+    out = proc.stdout + proc.stderr
+    remote = set(re.findall(r"^rule (\w+):", out, flags=re.M))
+    assert {"stream_moments", "extract_tokens", "eigen_rows", "reconstruct_view"} <= remote, sorted(remote)
+    assert not (tmp_path / "results" / "scores" / "smollm2").exists()
+    wd, _, _ = routes
+    for rel, rtol in (("eigen/smollm2/prefix/spectrum.csv", 1e-9), ("reconstruction/smollm2/prefix.csv", 1e-6)):
+        a, b = pd.read_csv(wd / "results" / rel), pd.read_csv(tmp_path / "results" / rel)
+        if "estimator" in a:
+            ill = (a.estimator == "nystrom") & (a.strategy == "exact")
+            a, b = a[~ill].reset_index(drop=True), b[~ill.to_numpy()].reset_index(drop=True)
+        pd.testing.assert_frame_equal(a, b, rtol=rtol, atol=1e-9)
 
 
 def test_dask_on_slurm_equals_threads(slurm, tmp_path):

@@ -44,7 +44,8 @@ SHARDS = list(range(config["extraction"]["shards"]))
 SEQ_LEN = config["sampling"]["seq_len"]
 TRAIN = config["training"]
 EIGEN = settings.Eigen.from_config(config)
-NOTEBOOKS = ["spectrum", "overlap", "reconstruction", "training", "summary"]
+TRAINING = bool(plan.training_runs(config))  # training.modes: [] trains nothing
+NOTEBOOKS = ["spectrum", "overlap", "reconstruction", *(["training"] if TRAINING else []), "summary"]
 NOTEBOOKS += ["scaling"] if plan.scaling_models(config) else []
 WHEEL_CACHE = "resources/wheels"
 # The checkout this file belongs to (also when the workflow is used as a module).
@@ -174,7 +175,8 @@ def all_outputs(wildcards):
         + [rules.overlap_summary.output[0]]
         + reconstruct_outputs()
         + plugin_outputs()
-        + [*rules.train_summary.output, rules.claims.output[0]]
+        + (list(rules.train_summary.output) if TRAINING else [])
+        + [rules.claims.output[0]]
         + scaling_outputs()
         + notebook_outputs()
     )

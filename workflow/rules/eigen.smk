@@ -91,9 +91,7 @@ rule eigen_full:
 rule eigen_spectrum:
     """One spectrum table per model and view, from the row and full spectra."""
     input:
-        rows=rules.eigen_rows.output.rows,
-        halves=rules.eigen_rows.output.halves,
-        full=rules.eigen_full.output[0],
+        unpack(spectrum_inputs),
     output:
         "results/eigen/{model}/{view}/spectrum.csv",
     log:

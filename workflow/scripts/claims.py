@@ -10,7 +10,7 @@ table = claims_table(
     i.overlap_summary,
     list(i.recon),
     list(i.plugin),
-    i.training,
+    i.training if "training" in i.keys() else None,
     ClaimThresholds.from_params(snakemake.params.settings),
     scaling=(list(i.scaling_fits), list(i.scaling_saturation), list(i.scaling_tables)),
     per_input=list(i.per_input),

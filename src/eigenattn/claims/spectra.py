@@ -39,6 +39,8 @@ def c1_rows(spectra, thresholds: ClaimThresholds) -> list[dict]:
     for p in spectra:
         sp = pd.read_csv(p)
         heads = sp[sp["head"] != "pooled"]
+        if not (heads.analysis == "full").any():
+            out.append(_streamed_full_row(heads, p))
         for (analysis, v), x in heads.groupby(["analysis", "variant"], sort=False):
             model, view, d, N = x.model.iloc[0], x.view.iloc[0], int(x.d.iloc[0]), int(x.n_samples.iloc[0])
             bounded = float(x.bounded_k90.mean())
@@ -90,6 +92,34 @@ def c1_rows(spectra, thresholds: ClaimThresholds) -> list[dict]:
                 state, verdict = _level_state(q50, bounded, share, dim="D")
             out.append(make_row("C1", **base, **row, state=state, verdict=verdict))
     return out
+
+
+def _streamed_full_row(heads: pd.DataFrame, source) -> dict:
+    """The reference row that stands for the whole view blocks of a streamed model and view
+    (docs/method.md §14): not analysed, because N sequences span at most N − 1 of their D
+    dimensions, so their k90 could only be bounded by N."""
+    x = heads[heads.analysis == "rows"]
+    model, view, d, N = x.model.iloc[0], x.view.iloc[0], int(x.d.iloc[0]), int(x.n_samples.iloc[0])
+    n = d if view == "all" else 2 * d
+    D = (n - (0 if view == "all" else d)) * d  # |Q| · d: every query of the view, every key
+    return make_row(
+        "C1",
+        model=model,
+        view=view,
+        variant="raw",
+        source=source,
+        _analysis="full",
+        _n=n,
+        caveat="",
+        scope=f"full matrices (dim {D}, N={N}): not analysed in streamed mode",
+        quantity="median k90 over heads",
+        value=float("nan"),
+        spread="",
+        state="reference",
+        verdict=f"streamed mode (extraction.store) keeps no score store, so whole view blocks are not analysed: "
+        f"N = {N} sequences span at most {N - 1} of their D = {D} dimensions, and k90 would only be a lower "
+        "bound; the rows answer C1 at this length, the sample sweep (scaling.samples) for whole blocks",
+    )
 
 
 def c1_scaling_rows(fits, saturations, tables, thresholds: ClaimThresholds) -> list[dict]:

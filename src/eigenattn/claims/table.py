@@ -46,7 +46,7 @@ def claims_table(
     """``scaling``: (fits, saturations, tables) of the scaling study, one of each per model and view;
     ``per_input``: the per-input spectrum's summaries (per_input_summary.csv, one per model and
     view), each a C1 reference row; ``thresholds``: the claims section (:data:`DEFAULTS` when not
-    given)."""
+    given); ``training``: the training comparisons, or None when nothing was trained (no C4 rows)."""
     t = ClaimThresholds.from_params(DEFAULTS) if thresholds is None else thresholds
     c1 = c1_headlines(c1_rows(spectra, t) + c1_scaling_rows(*scaling, t))
     rows = (
@@ -54,7 +54,7 @@ def claims_table(
         + c1_per_input_rows(per_input, c1)
         + c2_rows(overlap_summary, t)
         + c3_rows(recon, plugin, t)
-        + c4_rows(training, t)
+        + (c4_rows(training, t) if training is not None else [])
     )
     df = pd.DataFrame.from_records(rows, columns=COLUMNS)
     for col in ("k", "s"):

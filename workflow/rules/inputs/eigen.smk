@@ -48,6 +48,23 @@ def stream_mem_mb(wildcards, attempt):
     return int(attempt * (4000 + 1000 * gb))
 
 
+def spectrum_inputs(wildcards):
+    """The row and half spectra, and the full-matrix spectra except in streamed mode: there N ≪ D,
+    and recomputing every sequence for each head group of every pass costs many forward passes,
+    so the claims table has a reference row instead (docs/method.md §14)."""
+    ins = {
+        "rows": path(rules.eigen_rows.output.rows, model=wildcards.model, view=wildcards.view),
+        "halves": path(
+            rules.eigen_rows.output.halves, model=wildcards.model, view=wildcards.view
+        ),
+    }
+    if not streamed(wildcards.model):
+        ins["full"] = path(
+            rules.eigen_full.output[0], model=wildcards.model, view=wildcards.view
+        )
+    return ins
+
+
 def per_input_shards(wildcards):
     """The score shards of the split the per-input spectrum reads (eigen.per_input_split)."""
     return score_shards(wildcards.model, settings.PerInput.from_config(config).split)

@@ -47,6 +47,7 @@ def notebook_inputs(wildcards):
                     "per_input.csv",
                     "per_input_summary.csv",
                 )
+                if f != "full.zarr" or not streamed(Path(d).parent.name)
             ]
         elif isinstance(v, list):
             files += v
