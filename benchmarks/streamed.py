@@ -89,7 +89,7 @@ def main(argv=None):
                 for s in range(a.sequences):
                     plain(input_ids=ids[s : s + 1], attention_mask=torch.ones_like(ids[s : s + 1]))
             best_a = min(best_a, (time.perf_counter() - t) / a.sequences)
-            cap = streamed.MomentCapture(layers, heads, slices, ["raw", "row_centered"], a.sequences // 2, "cpu")
+            cap = streamed.MomentCapture(layers, heads, slices, a.sequences // 2, "cpu")
             spent["moments"] = 0.0
             t = time.perf_counter()
             with torch.inference_mode():

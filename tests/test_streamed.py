@@ -103,7 +103,6 @@ def test_streamed_rows_equal_stored_float32_rows(resources, tmp_path, name, view
                 group=g,
                 n_groups=2,
                 views=views,
-                variants=["raw", "row_centered"],
                 first_index=lo,
                 split_sequence=split,
                 batch_size=3,
@@ -160,7 +159,6 @@ def test_moment_bytes_do_not_depend_on_the_sequences(resources, tmp_path):
             group=0,
             n_groups=1,
             views=["prefix"],
-            variants=["raw"],
             first_index=0,
             split_sequence=1,
             batch_size=2,
@@ -171,7 +169,7 @@ def test_moment_bytes_do_not_depend_on_the_sequences(resources, tmp_path):
         sizes.append(sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "zarr.json" not in p.name))
     assert abs(sizes[0] - sizes[1]) <= 0.01 * sizes[0], sizes
     d = SEQ_LEN // 2
-    assert sizes[0] <= 2 * moment_layer_bytes(12, [d], 1)  # two layers, uncompressed at most
+    assert sizes[0] <= 2 * moment_layer_bytes(12, [d])  # two layers, uncompressed at most
 
 
 @pytest.mark.parametrize("name", ["minilm", "smollm2"])
@@ -241,7 +239,7 @@ def test_auto_streams_a_model_whose_stores_exceed_the_budget():
     assert plan.store_mode(small, "smollm2") == "scores"
     # layer groups keep each job's moments within stream_memory_gb
     groups = plan.layer_groups(big, "smollm2")
-    per_layer = moment_layer_bytes(9, [1024], 2)
+    per_layer = moment_layer_bytes(9, [1024])
     assert -(-30 // groups) * per_layer <= 4e9 < -(-30 // (groups - 1)) * per_layer
     assert plan.layer_groups(_cfg(layer_groups=7), "smollm2") == 7
 

@@ -18,7 +18,6 @@ stats = stream_moments(
     group=p["group"],
     n_groups=p["n_groups"],
     views=p["views"],
-    variants=p["variants"],
     first_index=p["first_index"],
     split_sequence=p["split_sequence"],
     batch_size=e.batch_size,

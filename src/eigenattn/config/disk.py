@@ -197,7 +197,7 @@ def stream_lines(config: dict) -> list[str]:
         else:
             n = config["sampling"]["seq_len"]
             dims = [plan.view_dim(v, n) for v in plan.model_views(config, m)]
-            per_layer = sizes.moment_layer_bytes(heads, dims, len(config["eigen"]["variants"]))
+            per_layer = sizes.moment_layer_bytes(heads, dims)
             size = (
                 f"row moments {sizes.human(sizes.ceil_div(L, groups) * per_layer)} per job, "
                 f"{sizes.human(L * per_layer * shards)} written in all"

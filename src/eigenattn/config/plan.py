@@ -333,9 +333,7 @@ def layer_groups(config: dict, name: str, n: int | None = None, layers=None) -> 
     if L is None or heads is None:
         return 1
     n = config["sampling"]["seq_len"] if n is None else int(n)
-    per_layer = sizes.moment_layer_bytes(
-        heads, [view_dim(v, n) for v in model_views(config, name)], len(Eigen.from_config(config).variants)
-    )
+    per_layer = sizes.moment_layer_bytes(heads, [view_dim(v, n) for v in model_views(config, name)])
     budget = float(e.get("stream_memory_gb", 4)) * 1e9
     per_job = max(1, int(budget // per_layer))  # layers whose moments fit the budget (at least one)
     return max(1, sizes.ceil_div(L, per_job))

@@ -33,7 +33,7 @@ from eigenattn.capture.extract import capture_attrs, check_batch, prepare_captur
 from eigenattn.capture.interface import ScoreCapture, StopForward, capturing
 from eigenattn.config.views import view_slices
 from eigenattn.errors import ConfigError, InputError
-from eigenattn.spectra.moments import check_variant, merge_packed, pack, unpack
+from eigenattn.spectra.moments import merge_packed, pack, unpack
 from eigenattn.storage.sizes import moment_layer_bytes
 from eigenattn.storage.store import new_store, open_store
 
@@ -95,11 +95,10 @@ class MomentCapture(ScoreCapture):
     half b. Call :meth:`begin` before each batch with the global index of its first sequence.
     """
 
-    def __init__(self, layers, heads: int, views: dict, variants, split: int, device):
+    def __init__(self, layers, heads: int, views: dict, split: int, device):
         super().__init__(layers, torch.float32)
         self.order = {int(l): i for i, l in enumerate(layers)}
         self.views = views
-        self.variants = list(variants)
         self.split = int(split)
         # raw moments only: a row-centred row is P x with P = I − 11ᵀ/d, so its moments are P μ and
         # P M2 P (:func:`centre_rows`), exactly; one GEMM per view serves both variants
@@ -132,13 +131,8 @@ class MomentCapture(ScoreCapture):
         self.scores[layer_idx] = scores.new_empty(0)
 
     def packed(self) -> dict:
-        """{(view, variant, half): (layers, heads, d + 2, d) float64 packed moments}."""
-        out = {}
-        for (v, h), a in self.acc.items():
-            raw = a.packed()
-            for var in self.variants:
-                out[(v, var, h)] = centre_rows(raw) if var == "row_centered" else raw
-        return out
+        """{(view, half): (layers, heads, d + 2, d) float64 packed moments of the raw rows}."""
+        return {k: a.packed() for k, a in self.acc.items()}
 
 
 def centre_rows(packed: np.ndarray) -> np.ndarray:
@@ -163,7 +157,6 @@ def stream_moments(
     group: int,
     n_groups: int,
     views,
-    variants,
     first_index: int,
     split_sequence: int,
     batch_size: int,
@@ -177,8 +170,6 @@ def stream_moments(
     the shard's first sequence, ``split_sequence``: the first sequence of half b
     (:func:`eigenattn.config.plan.fit_halves_split`). The model passes the same equivalence probe as for a
     score store. Returns timings and sizes."""
-    for v in variants:
-        check_variant(v)
     prep = prepare_capture(
         model_dir,
         texts,
@@ -191,15 +182,14 @@ def stream_moments(
     keep = layer_group(prep.keep, group, n_groups)
     slices = {v: view_slices(v, seq_len, prep.causal) for v in views}
     heads = int(prep.facts["heads"])
-    cap = MomentCapture(keep, heads, slices, variants, split_sequence, prep.device)
-    acc_bytes = moment_layer_bytes(heads, [ks.stop - ks.start for _, ks in slices.values()], len(variants)) * len(keep)
+    cap = MomentCapture(keep, heads, slices, split_sequence, prep.device)
+    acc_bytes = moment_layer_bytes(heads, [ks.stop - ks.start for _, ks in slices.values()]) * len(keep)
     log.info(
-        "streamed moments %s: %d sequences, layers %s, views %s, variants %s; accumulators %.2f GB",
+        "streamed moments %s: %d sequences, layers %s, views %s; accumulators %.2f GB",
         out_path,
         len(prep.ids),
         keep,
         list(views),
-        list(variants),
         acc_bytes / 1e9,
     )
     n_seq = len(prep.ids)
@@ -228,8 +218,8 @@ def stream_moments(
     packed = cap.packed()
     probe_keep = prep.keep
     with new_store(out_path) as root:
-        for (v, var, h), arr in packed.items():
-            g = root.require_group(f"{v}/{var}")
+        for (v, h), arr in packed.items():
+            g = root.require_group(v)
             g.create_array(h, data=arr, chunks=(1, *arr.shape[1:]), dimension_names=MOMENT_DIMS)
         group_idx = [probe_keep.index(l) for l in keep]
         base = capture_attrs(prep, attrs)
@@ -241,7 +231,6 @@ def stream_moments(
                 "layer_modifiers": [base["layer_modifiers"][i] for i in group_idx],
                 "analysis": "streamed_moments",
                 "views": list(views),
-                "variants": list(variants),
                 "layer_group": [int(group), int(n_groups)],
                 "first_sequence": int(first_index),
                 "n_sequences": int(n_seq),
@@ -250,9 +239,10 @@ def stream_moments(
                 "dtype": "float32",
                 "dtype_requested": "streamed",
                 "equivalence_probe": prep.probe.summary("float32", probe_keep),
-                "definition": "packed float64 row moments per layer and head: [0] count, [1] mean, [2:] "
-                "M2 = Σ (x − mean)(x − mean)ᵀ over the rows S[i, keys] of the view's queries, for "
-                "the sequences of this shard in half a (global index < split_sequence) and half b",
+                "definition": "packed float64 moments of the raw rows S[i, keys] of the view's queries, per "
+                "layer and head: [0] count, [1] mean, [2:] M2 = Σ (x − mean)(x − mean)ᵀ, for the sequences "
+                "of this shard in half a (global index < split_sequence) and half b; the row-centred "
+                "variant's moments follow exactly (eigenattn.spectra.streamed.centre_rows)",
             }
         )
     return {"n_sequences": n_seq, "layers": keep, "seconds": seconds, "accumulator_bytes": acc_bytes}
@@ -276,11 +266,11 @@ def merge_moment_files(paths, view: str, variants, expect: dict | None = None) -
         a = dict(root.attrs)
         if a.get("analysis") != "streamed_moments":
             raise InputError(p, "not a streamed moments store", "re-run the stream_moments rule that writes it")
-        if view not in a["views"] or any(v not in a["variants"] for v in variants):
+        if view not in a["views"]:
             raise InputError(
                 p,
-                f"holds views {a['views']} and variants {a['variants']}, not view '{view}' with {list(variants)}",
-                "re-run the stream_moments rules with the current eigen.views and eigen.variants",
+                f"holds views {a['views']}, not view '{view}'",
+                "re-run the stream_moments rules with the current eigen.views",
             )
         for key, want in (expect or {}).items():
             if key not in NOT_STREAMED and a.get(key) != want:
@@ -316,10 +306,10 @@ def merge_moment_files(paths, view: str, variants, expect: dict | None = None) -
         layers += a0["layers"]
         masks += a0["layer_masks"]
         mods += a0["layer_modifiers"]
-        for v in variants:
-            for h in HALVES:
-                stacked = np.stack([np.asarray(r[f"{view}/{v}/{h}"][...]) for _, r in parts])
-                out[v].setdefault(h, []).append(merge_packed(stacked, axis=0, keepdims=False))
+        for h in HALVES:
+            raw = merge_packed(np.stack([np.asarray(r[f"{view}/{h}"][...]) for _, r in parts]), axis=0, keepdims=False)
+            for v in variants:
+                out[v].setdefault(h, []).append(centre_rows(raw) if v == "row_centered" else raw)
     for v in variants:
         for h in HALVES:
             out[v][h] = np.concatenate(out[v][h], axis=0)

@@ -109,10 +109,11 @@ def human(nbytes: int | float) -> str:
 HALVES = 2  # split halves a and b, each with its own moments
 
 
-def moment_layer_bytes(heads: int, dims: list[int], variants: int) -> int:
+def moment_layer_bytes(heads: int, dims: list[int]) -> int:
     """Bytes of one layer's streamed row moments (eigenattn.spectra.streamed): per head, view (with
-    d keys), variant and half, the float64 packed (d + 2) × d (count, mean, M2), plus one
-    per-sequence M2 of the widest view being merged in. The same bytes are held while a job runs
-    and written by it (uncompressed), whatever the number of sequences."""
+    d keys) and half, the float64 packed (d + 2) × d (count, mean, M2) of the raw rows (the
+    row-centred variant's follow from them), plus one per-sequence M2 of the widest view being
+    merged in. About the same bytes are held while a job runs and written by it (uncompressed),
+    whatever the number of sequences."""
     widest = max(dims, default=0)
-    return 8 * heads * (variants * HALVES * sum((d + 2) * d for d in dims) + widest * widest)
+    return 8 * heads * (HALVES * sum((d + 2) * d for d in dims) + widest * widest)

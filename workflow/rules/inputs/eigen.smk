@@ -28,7 +28,7 @@ def rows_streamed(wildcards):
 
 def stream_settings(wildcards):
     """One streamed-moments job: the fit shard's extraction settings, its layer group, the views
-    and variants, and where its sequences sit in the fit split."""
+    (the variants follow from the raw moments), and where its sequences sit in the fit split."""
     return {
         "extraction": settings.Extraction.from_config(
             config, wildcards.model, "fit", int(wildcards.shard), len(SHARDS), SEQ_LEN
@@ -36,7 +36,6 @@ def stream_settings(wildcards):
         "group": int(wildcards.group),
         "n_groups": plan.layer_groups(config, wildcards.model),
         "views": plan.model_views(config, wildcards.model),
-        "variants": EIGEN.variants,
         "first_index": plan.shard_first(config, "fit", int(wildcards.shard)),
         "split_sequence": plan.fit_halves_split(config),
     }

@@ -63,7 +63,6 @@ def scaling_stream_settings(wildcards):
         "group": int(wildcards.group),
         "n_groups": plan.layer_groups(config, wildcards.model, n, layers),
         "views": plan.model_views(config, wildcards.model),
-        "variants": EIGEN.variants,
         "first_index": 0,
         "split_sequence": plan.fit_halves_split(config, [N], chunk),
     }
