@@ -2,6 +2,7 @@
 writes, the sizes a dry run states, and a run refused before any job when its stores cannot fit
 the free disk (README, Configuration)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -145,9 +146,11 @@ def test_stores_already_written_are_not_counted_against_the_disk(monkeypatch):
     assert e.value.key == "sampling.seq_len"
 
 
-def _smollm2_2048(tmp_path) -> list[str]:
+def _smollm2_2048(tmp_path, store="scores") -> list[str]:
     cfg = tmp_path / "smollm2-2048.yaml"
-    cfg.write_text(yaml.safe_dump({"run_models": ["smollm2"], "sampling": {"seq_len": 2048}}))
+    cfg.write_text(
+        yaml.safe_dump({"run_models": ["smollm2"], "sampling": {"seq_len": 2048}, "extraction": {"store": store}})
+    )
     return [str(REPO / "config.yaml"), str(cfg)]
 
 
@@ -170,4 +173,18 @@ def test_dry_run_refuses_stores_that_cannot_fit_before_any_job(tmp_path, monkeyp
     assert "(the largest part: smollm2, 945 GB)" in out
     assert "keep fewer layers (models.smollm2.layers: a list of layer indices)" in out
     assert "a shorter sampling.seq_len" in out
+    assert "stream the model's statistics instead of storing its scores (extraction.store: stream" in out
     assert "Job stats" not in out and not (tmp_path / "results").exists()
+
+
+def test_dry_run_with_store_auto_plans_streamed_mode(tmp_path, monkeypatch):
+    """The same run with extraction.store: auto (the default) streams smollm2: no score store of it
+    is planned, its moments and token stores are, and the run fits the same disk."""
+    monkeypatch.setenv(sizes.FREE_ENV, "500")
+    proc = snakemake(tmp_path, "-n", configs=_smollm2_2048(tmp_path, "auto"))
+    out = proc.stdout + proc.stderr
+    assert "smollm2 fit:" not in out and "smollm2 heldout:" not in out
+    assert "smollm2: streamed (its score stores would take 942 GB, over extraction.store_budget_gb 50)" in out
+    assert "2 layer group(s) × 1 shard(s) of fit moments, row moments 3.4 GB per job" in out
+    assert re.search(r"stream_moments\s+2\b", out) and re.search(r"extract_tokens\s+2\b", out), out[-3000:]
+    assert re.search(r"^extract_scores\s+1\b", out, re.M)  # the trained encoder only (stored: 12.9 GB)

@@ -13,7 +13,7 @@ from eigenattn.config import plan
 from eigenattn.errors import ConfigError, InputError
 from eigenattn.spectra.moments import merge_packed, unpack
 from eigenattn.spectra.stores import run_rows, run_rows_streamed
-from eigenattn.spectra.streamed import _Moments, layer_group, stream_moments
+from eigenattn.spectra.streamed import _Moments, layer_group, merge_moment_files, stream_moments
 from eigenattn.storage.sizes import moment_layer_bytes
 from eigenattn.storage.store import open_scores, open_store
 
@@ -47,6 +47,40 @@ def test_merge_of_four_shards_equals_one_pass_and_numpy():
             assert count[layer, h] == len(Y)
             np.testing.assert_allclose(mean[layer, h], Y.mean(0), rtol=1e-12)
             np.testing.assert_allclose(m2[layer, h] / (len(Y) - 1), np.cov(Y.T), rtol=1e-10)
+
+
+def test_four_shards_of_a_real_model_merge_to_one_pass(resources, tmp_path):
+    """minilm's moments streamed as 4 sequence shards and merged equal one pass over all 8
+    sequences, 1e-12 relative, both halves and both variants."""
+    model_dir = resources / "models" / "minilm"
+    texts = _texts(resources, 8)
+    common = dict(
+        seq_len=SEQ_LEN,
+        layers=[0, 3],
+        group=0,
+        n_groups=1,
+        views=["all", "prefix"],
+        split_sequence=4,
+        batch_size=2,
+        device="cpu",
+        attrs={"model": "minilm"},
+        progress=False,
+    )
+    stream_moments(model_dir, texts, np.arange(8), tmp_path / "one.zarr", first_index=0, **common)
+    parts = []
+    for i in range(4):
+        out = tmp_path / f"part{i}.zarr"
+        stream_moments(
+            model_dir, texts[2 * i : 2 * i + 2], np.arange(2 * i, 2 * i + 2), out, first_index=2 * i, **common
+        )
+        parts.append(out)
+    for view in ("all", "prefix"):
+        one, _ = merge_moment_files([tmp_path / "one.zarr"], view, ["raw", "row_centered"])
+        four, attrs = merge_moment_files(parts, view, ["raw", "row_centered"])
+        assert attrs["n_sequences"] == 8
+        for v in ("raw", "row_centered"):
+            for h in "ab":
+                np.testing.assert_allclose(four[v][h], one[v][h], rtol=1e-12, atol=1e-12 * np.abs(one[v][h]).max())
 
 
 def test_layer_groups_cover_the_kept_layers_and_refuse_too_many():
@@ -105,7 +139,7 @@ def test_streamed_rows_equal_stored_float32_rows(resources, tmp_path, name, view
                 views=views,
                 first_index=lo,
                 split_sequence=split,
-                batch_size=3,
+                batch_size=chunk,  # as the store: a float32 forward pass is not batch-invariant
                 device="cpu",
                 attrs={"model": name, "split": "fit", "seed": 0, "corpus": "c"},
                 progress=False,
@@ -218,15 +252,18 @@ def test_token_store_recomputes_the_stored_scores(resources, tmp_path, name):
     assert isinstance(rs, RecomputedScores) and rs[0, 0].shape == (stored.shape[2], SEQ_LEN, SEQ_LEN)
 
 
-def _cfg(**extraction):
-    return {
-        "run_models": ["smollm2"],
-        "models": {"smollm2": {"causal": True, "layers": "all", "n_layers": 30, "heads": 9}},
-        "training": {"analysis_model": "trained_mlm", "model": {"layers": 2, "heads": 2}},
-        "sampling": {"seq_len": 2048, "n_sequences": {"fit": 384, "heldout": 32}},
-        "extraction": {"dtype": "auto", "shards": 1, "batch_size": 8, "chunk_sequences": "auto", **extraction},
-        "eigen": {"views": "auto", "variants": ["raw", "row_centered"]},
-    }
+def _cfg(seq_len=2048, **extraction):
+    """The default config, smollm2 alone at ``seq_len``, with ``extraction`` overrides."""
+    import yaml
+
+    from conftest import REPO
+    from eigenattn.config.validation import validate
+
+    c = yaml.safe_load((REPO / "config.yaml").read_text())
+    c["run_models"] = ["smollm2"]
+    c["sampling"]["seq_len"] = seq_len
+    c["extraction"].update(extraction)
+    return validate(c)
 
 
 def test_auto_streams_a_model_whose_stores_exceed_the_budget():
@@ -234,9 +271,7 @@ def test_auto_streams_a_model_whose_stores_exceed_the_budget():
     assert plan.main_store_bytes(big, "smollm2") > 900e9
     assert plan.store_mode(big, "smollm2") == "stream"
     assert plan.store_mode(_cfg(store="scores"), "smollm2") == "scores"
-    small = _cfg(store="auto")
-    small["sampling"] = {"seq_len": 128, "n_sequences": {"fit": 384, "heldout": 32}}
-    assert plan.store_mode(small, "smollm2") == "scores"
+    assert plan.store_mode(_cfg(128, store="auto"), "smollm2") == "scores"
     # layer groups keep each job's moments within stream_memory_gb
     groups = plan.layer_groups(big, "smollm2")
     per_layer = moment_layer_bytes(9, [1024])

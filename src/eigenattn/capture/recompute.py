@@ -91,6 +91,26 @@ def is_token_store(attrs: dict) -> bool:
     return attrs.get("route") == ROUTE
 
 
+class _Recapture(ScoreCapture):
+    """Computes the scores of ``layers`` (as extraction does) and keeps only those of ``keep``."""
+
+    def __init__(self, layers, keep: set):
+        super().__init__(layers, torch.float32)
+        self.keep = keep
+
+    def store_part(self, layer_idx, b, batch, scores):
+        if layer_idx in self.keep:
+            super().store_part(layer_idx, b, batch, scores)
+        else:
+            self.scores[layer_idx] = scores.new_empty(0)
+
+    def store(self, layer_idx, scores):
+        if layer_idx in self.keep:
+            super().store(layer_idx, scores)
+        else:
+            self.scores[layer_idx] = scores.new_empty(0)
+
+
 class RecomputedScores:
     """The (N, L, H, n, n) float32 scores of a token store, computed from the model when indexed.
 
@@ -153,15 +173,17 @@ class RecomputedScores:
             step = self.chunks[0]
             for a in range(0, len(seqs), step):
                 batch = torch.from_numpy(self.ids[seqs[a : a + step]].astype(np.int64)).to(self.device)
-                uniq = sorted(set(want))
-                cap = ScoreCapture(uniq, torch.float32)
-                cap.stop_after = max(uniq)
+                # every stored layer up to the last one wanted runs the capture's eager attention, as
+                # in a score store's extraction (SDPA differs in the last float32 bits)
+                computed = [l for l in self.layers if l <= max(want)]
+                cap = _Recapture(computed, set(want))
+                cap.stop_after = max(want)
                 try:
                     with capturing(cap):
                         model(input_ids=batch, attention_mask=torch.ones_like(batch))
                 except StopForward:
                     pass
-                check_batch(cap, uniq, self._probe, self._label)
+                check_batch(cap, computed, self._probe, self._label)
                 for j, layer in enumerate(want):
                     out[a : a + len(batch), j] = cap.scores[layer].float().cpu().numpy()
         return out

@@ -93,10 +93,14 @@ class MomentCapture(ScoreCapture):
 
     ``views``: view name -> (query slice, key slice); ``split``: the first global sequence index of
     half b. Call :meth:`begin` before each batch with the global index of its first sequence.
+    ``computed``: the layers whose scores the capture computes (default ``layers``). Give every
+    kept layer up to the group's last, so that they run the capture's eager attention as in a
+    score store's extraction, not SDPA: the two differ in the last float32 bits, which the layers
+    above would inherit.
     """
 
-    def __init__(self, layers, heads: int, views: dict, split: int, device):
-        super().__init__(layers, torch.float32)
+    def __init__(self, layers, heads: int, views: dict, split: int, device, computed=None):
+        super().__init__(sorted(set(layers) | set(computed or ())), torch.float32)
         self.order = {int(l): i for i, l in enumerate(layers)}
         self.views = views
         self.split = int(split)
@@ -117,6 +121,8 @@ class MomentCapture(ScoreCapture):
         self.mask, self.calls = None, 0
 
     def _add(self, layer_idx: int, g: int, S: torch.Tensor) -> None:
+        if layer_idx not in self.order:  # computed as in extraction, not this group's
+            return
         i, half = self.order[layer_idx], "a" if g < self.split else "b"
         for v, (qs, ks) in self.views.items():
             self.acc[(v, half)].add(i, S[:, qs, ks].to(torch.float64))  # rows (heads, |Q|, d)
@@ -182,7 +188,8 @@ def stream_moments(
     keep = layer_group(prep.keep, group, n_groups)
     slices = {v: view_slices(v, seq_len, prep.causal) for v in views}
     heads = int(prep.facts["heads"])
-    cap = MomentCapture(keep, heads, slices, split_sequence, prep.device)
+    computed = [l for l in prep.keep if l <= max(keep)]
+    cap = MomentCapture(keep, heads, slices, split_sequence, prep.device, computed=computed)
     acc_bytes = moment_layer_bytes(heads, [ks.stop - ks.start for _, ks in slices.values()]) * len(keep)
     log.info(
         "streamed moments %s: %d sequences, layers %s, views %s; accumulators %.2f GB",
@@ -208,7 +215,7 @@ def stream_moments(
                         prep.model(input_ids=batch, attention_mask=torch.ones_like(batch))
                 except StopForward:
                     pass
-                check_batch(cap, keep, prep.probe, prep.label)
+                check_batch(cap, computed, prep.probe, prep.label)
                 bar.update(batch.shape[0])
     finally:
         bar.close()
@@ -220,7 +227,8 @@ def stream_moments(
     with new_store(out_path) as root:
         for (v, h), arr in packed.items():
             g = root.require_group(v)
-            g.create_array(h, data=arr, chunks=(1, *arr.shape[1:]), dimension_names=MOMENT_DIMS)
+            # uncompressed: float64 moments barely compress, and the bytes written then do not depend on N
+            g.create_array(h, data=arr, chunks=(1, *arr.shape[1:]), compressors=None, dimension_names=MOMENT_DIMS)
         group_idx = [probe_keep.index(l) for l in keep]
         base = capture_attrs(prep, attrs)
         root.attrs.update(
