@@ -99,9 +99,10 @@ def _streamed_full_row(heads: pd.DataFrame, source) -> dict:
     (docs/method.md §14): not analysed, because N sequences span at most N − 1 of their D
     dimensions, so their k90 could only be bounded by N."""
     x = heads[heads.analysis == "rows"]
-    model, view, d, N = x.model.iloc[0], x.view.iloc[0], int(x.d.iloc[0]), int(x.n_samples.iloc[0])
+    model, view, d = x.model.iloc[0], x.view.iloc[0], int(x.d.iloc[0])
     n = d if view == "all" else 2 * d
-    D = (n - (0 if view == "all" else d)) * d  # |Q| · d: every query of the view, every key
+    N = int(x.n_samples.iloc[0]) // d  # rows are N sequences × |Q| = d queries (docs/method.md §2)
+    D = d * d  # one sample per sequence: |Q| · d scores
     return make_row(
         "C1",
         model=model,
