@@ -343,6 +343,7 @@ def test_streamed_and_stored_tables_and_claims_agree(routes):
     streamed = b[full_b]
     assert len(streamed) == 3 and (streamed.state == "reference").all(), streamed
     assert streamed.verdict.str.contains("streamed mode").all()
+    assert streamed.scope.str.contains("N=12").all(), streamed.scope  # tests/config.yaml: 12 fit sequences
     a, b = a[~full_a].reset_index(drop=True), b[~full_b].reset_index(drop=True)
     assert len(a) == len(b) and (a.claim == b.claim).all()
     differ = a.state.to_numpy() != b.state.to_numpy()

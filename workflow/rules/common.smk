@@ -45,7 +45,13 @@ SEQ_LEN = config["sampling"]["seq_len"]
 TRAIN = config["training"]
 EIGEN = settings.Eigen.from_config(config)
 TRAINING = bool(plan.training_runs(config))  # training.modes: [] trains nothing
-NOTEBOOKS = ["spectrum", "overlap", "reconstruction", *(["training"] if TRAINING else []), "summary"]
+NOTEBOOKS = [
+    "spectrum",
+    "overlap",
+    "reconstruction",
+    *(["training"] if TRAINING else []),
+    "summary",
+]
 NOTEBOOKS += ["scaling"] if plan.scaling_models(config) else []
 WHEEL_CACHE = "resources/wheels"
 # The checkout this file belongs to (also when the workflow is used as a module).

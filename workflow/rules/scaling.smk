@@ -21,13 +21,13 @@ use rule extract_scores as scaling_extract_scores with:
     input:
         model=model_dir,
         passages=scaling_passages,
-    priority: 0
     output:
         directory("results/scaling/scores/{model}/n{n}/N{N}/fit.zarr"),
     log:
         "logs/scaling/extract/{model}/n{n}/N{N}.log",
     benchmark:
         "benchmarks/out/scaling/extract/{model}/n{n}/N{N}.tsv"
+    priority: 0
     params:
         settings=scaling_extraction_settings,
 
@@ -37,13 +37,13 @@ use rule stream_moments as scaling_stream_moments with:
     input:
         model=model_dir,
         passages=scaling_passages,
-    priority: 0
     output:
         directory("results/scaling/moments/{model}/n{n}/N{N}/group-{group}.zarr"),
     log:
         "logs/scaling/stream_moments/{model}/n{n}/N{N}/group-{group}.log",
     benchmark:
         "benchmarks/out/scaling/stream_moments/{model}/n{n}/N{N}/group-{group}.tsv"
+    priority: 0
     params:
         settings=scaling_stream_settings,
         facts=model_facts,
@@ -54,7 +54,6 @@ use rule eigen_rows as scaling_eigen_rows with:
     """Scaling study: row spectra of one grid point (n, N)."""
     input:
         scaling_row_inputs,
-    priority: 0
     output:
         rows=directory("results/scaling/eigen/{model}/n{n}/N{N}/{view}/rows.zarr"),
         halves=directory("results/scaling/eigen/{model}/n{n}/N{N}/{view}/halves.zarr"),
@@ -62,6 +61,7 @@ use rule eigen_rows as scaling_eigen_rows with:
         "logs/scaling/eigen_rows/{model}/n{n}/N{N}/{view}.log",
     benchmark:
         "benchmarks/out/scaling/eigen_rows/{model}/n{n}/N{N}/{view}.tsv"
+    priority: 0
 
 
 use rule eigen_full as scaling_eigen_full with:

@@ -8,7 +8,8 @@ def expected_fit_scores(wildcards):
 
 def row_inputs(wildcards):
     """What the row spectra of a model are made from: its fit score shards, or in streamed mode
-    the moments of every layer group and shard (the scaling study always stores its scores)."""
+    the moments of every layer group and shard (the scaling study always stores its scores).
+    """
     if not rows_streamed(wildcards):
         return fit_shards(wildcards)
     return expand(
@@ -28,7 +29,8 @@ def rows_streamed(wildcards):
 
 def stream_settings(wildcards):
     """One streamed-moments job: the fit shard's extraction settings, its layer group, the views
-    (the variants follow from the raw moments), and where its sequences sit in the fit split."""
+    (the variants follow from the raw moments), and where its sequences sit in the fit split.
+    """
     return {
         "extraction": settings.Extraction.from_config(
             config, wildcards.model, "fit", int(wildcards.shard), len(SHARDS), SEQ_LEN
@@ -52,7 +54,9 @@ def spectrum_inputs(wildcards):
     and recomputing every sequence for each head group of every pass costs many forward passes,
     so the claims table has a reference row instead (docs/method.md §14)."""
     ins = {
-        "rows": path(rules.eigen_rows.output.rows, model=wildcards.model, view=wildcards.view),
+        "rows": path(
+            rules.eigen_rows.output.rows, model=wildcards.model, view=wildcards.view
+        ),
         "halves": path(
             rules.eigen_rows.output.halves, model=wildcards.model, view=wildcards.view
         ),

@@ -13,7 +13,6 @@ def score_shards(model, split):
     return expand(writer.output[0], model=model, split=split, shard=SHARDS)
 
 
-
 def fit_shards(wildcards):
     return score_shards(wildcards.model, "fit")
 
