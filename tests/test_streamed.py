@@ -83,6 +83,37 @@ def test_four_shards_of_a_real_model_merge_to_one_pass(resources, tmp_path):
                 np.testing.assert_allclose(four[v][h], one[v][h], rtol=1e-12, atol=1e-12 * np.abs(one[v][h]).max())
 
 
+def test_streamed_probe_runs_on_a_prefix_and_batches_are_checked_at_full_length(resources, tmp_path, monkeypatch):
+    """Streamed mode probes STREAM_PROBE_LEN tokens (the probe holds every layer's scores twice);
+    the moments are those of the full-length probe, and every batch's masks are checked at the
+    full length against the probe's."""
+    import eigenattn.spectra.streamed as streamed
+
+    model_dir = resources / "models" / "smollm2"
+    texts = _texts(resources, 4)
+    common = dict(
+        seq_len=SEQ_LEN,
+        layers=[0, 2],
+        group=0,
+        n_groups=1,
+        views=["prefix"],
+        first_index=0,
+        split_sequence=2,
+        batch_size=2,
+        device="cpu",
+        attrs={"model": "smollm2"},
+        progress=False,
+    )
+    stream_moments(model_dir, texts, np.arange(4), tmp_path / "full.zarr", **common)
+    monkeypatch.setattr(streamed, "STREAM_PROBE_LEN", 8)
+    stream_moments(model_dir, texts, np.arange(4), tmp_path / "prefix.zarr", **common)
+    a, b = open_store(tmp_path / "full.zarr"), open_store(tmp_path / "prefix.zarr")
+    assert a.attrs["equivalence_probe"]["tokens"] == SEQ_LEN and b.attrs["equivalence_probe"]["tokens"] == 8
+    assert b.attrs["layer_masks"] == a.attrs["layer_masks"] == [{"kind": "causal"}] * 2
+    for h in "ab":
+        np.testing.assert_array_equal(np.asarray(b[f"prefix/{h}"][...]), np.asarray(a[f"prefix/{h}"][...]))
+
+
 def test_layer_groups_cover_the_kept_layers_and_refuse_too_many():
     keep = [0, 1, 15, 29]
     assert [layer_group(keep, g, 3) for g in range(3)] == [[0], [1], [15, 29]]

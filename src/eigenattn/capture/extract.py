@@ -98,7 +98,9 @@ def check_batch(cap: ScoreCapture, keep: list[int], probe, label: str) -> None:
     for l in keep:
         m = cap.masks.get(l)
         if id(m) not in seen:
-            seen[id(m)] = mask_info(m, probe.seq_len)[0]
+            # the batch's own length: a streamed run probes a prefix (probe_len) and checks each
+            # batch's masks at its full length here
+            seen[id(m)] = mask_info(m, probe.seq_len if m is None else int(m.shape[-1]))[0]
         info = seen[id(m)]
         if info != probe.masks[l]:
             raise RuntimeError(
@@ -278,6 +280,10 @@ def extract_scores(
     }
 
 
+# Tokens the streamed route's equivalence probe runs over (see prepare_capture).
+STREAM_PROBE_LEN = 512
+
+
 @dataclass
 class Prepared:
     """A model loaded for capture over tokenized passages, once the equivalence probe accepted it."""
@@ -293,11 +299,19 @@ class Prepared:
     device: torch.device
 
 
-def prepare_capture(model_dir, texts, *, seq_len, device, layers, name=None, check_facts=None) -> Prepared:
+def prepare_capture(
+    model_dir, texts, *, seq_len, device, layers, name=None, check_facts=None, probe_len: int | None = None
+) -> Prepared:
     """Load the model, tokenize ``texts`` to ``seq_len`` and run the equivalence probe; refuse
     (before anything is written) a model whose scores would not reproduce its probabilities, a
     seq_len beyond its positions, or facts that ``check_facts`` rejects. Shared by the score store
-    (:func:`extract_scores`) and the streamed statistics (``eigenattn.spectra.streamed``)."""
+    (:func:`extract_scores`) and the streamed statistics (``eigenattn.spectra.streamed``).
+
+    ``probe_len``: probe the first ``probe_len`` tokens of the probe sequences only (default: all
+    of them). The probe holds every layer's scores twice (captured and eager), 9 GB for SmolLM2's
+    30 layers at n = 2,048, so streamed mode, which stores no score and so needs no dtype measured
+    at the full length, probes :data:`STREAM_PROBE_LEN` tokens; every batch's masks are still
+    checked against the probe's at the full length (:func:`check_batch`)."""
     dev = torch.device(device)
     label = f"'{name}' at {model_dir}" if name else str(model_dir)
     tok, model = load_capture_model(model_dir, label, dev, None)
@@ -311,7 +325,8 @@ def prepare_capture(model_dir, texts, *, seq_len, device, layers, name=None, che
         )
     ids = tokenize_passages(tok, texts, seq_len)
     # Refuse before any store exists: the probe compares the capture with the model's eager attention.
-    probe = equivalence_probe(model, torch.from_numpy(ids[:PROBE_SEQUENCES].astype(np.int64)).to(dev), label)
+    probe_ids = ids[:PROBE_SEQUENCES, : (probe_len or seq_len)]
+    probe = equivalence_probe(model, torch.from_numpy(probe_ids.astype(np.int64)).to(dev), label)
     facts["n_layers"] = probe.n_layers
     configured = layers["of"] if isinstance(layers, dict) else layers  # before any thinning to at_most
     wanted = (

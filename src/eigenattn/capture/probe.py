@@ -141,6 +141,7 @@ class ProbeResult:
         ``layers``: the stored layers (the stored errors are over those; None = all)."""
         out = {
             "sequences": self.sequences,
+            "tokens": self.seq_len,  # the probe's length: a prefix of each sequence in streamed mode
             "max_prob_error": self.prob_error,
             "prob_tolerance": PROB_TOL,
             "max_hidden_error": self.hidden_error,

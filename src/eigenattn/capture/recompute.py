@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eigenattn.capture.extract import capture_attrs, check_batch, prepare_capture
+from eigenattn.capture.extract import STREAM_PROBE_LEN, capture_attrs, check_batch, prepare_capture, write_sinks
 from eigenattn.capture.interface import ScoreCapture, StopForward, capturing
 from eigenattn.capture.probe import PROBE_SEQUENCES, equivalence_probe, load_capture_model
 from eigenattn.errors import InputError
@@ -59,6 +59,7 @@ def extract_tokens(
         layers=layers,
         name=(attrs or {}).get("model"),
         check_facts=check_facts,
+        probe_len=STREAM_PROBE_LEN,
     )
     ids = prep.ids.astype(np.int32)
     with new_store(out_path) as root:
@@ -71,6 +72,7 @@ def extract_tokens(
             dimension_names=["sequence", "position"],
         )
         root.create_array("passage_id", data=np.asarray(passage_ids, dtype=np.int64), dimension_names=["sequence"])
+        write_sinks(root, prep)
         root.attrs.update(
             {
                 **capture_attrs(prep, attrs),
@@ -148,7 +150,8 @@ class RecomputedScores:
                 )
             label = f"'{self.attrs.get('model')}' at {self.model_dir}"
             _, model = load_capture_model(self.model_dir, label, self.device, None)
-            probe_ids = torch.from_numpy(self.ids[:PROBE_SEQUENCES].astype(np.int64)).to(self.device)
+            probe = self.ids[:PROBE_SEQUENCES, :STREAM_PROBE_LEN]  # as the token store was probed
+            probe_ids = torch.from_numpy(probe.astype(np.int64)).to(self.device)
             self._probe = equivalence_probe(model, probe_ids, label)
             self._model, self._label = model, label
         return self._model

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from eigenattn.capture.extract import capture_attrs, check_batch, prepare_capture
+from eigenattn.capture.extract import STREAM_PROBE_LEN, capture_attrs, check_batch, prepare_capture
 from eigenattn.capture.interface import ScoreCapture, StopForward, capturing
 from eigenattn.config.views import view_slices
 from eigenattn.errors import ConfigError, InputError
@@ -184,6 +184,7 @@ def stream_moments(
         layers=layers,
         name=(attrs or {}).get("model"),
         check_facts=check_facts,
+        probe_len=STREAM_PROBE_LEN,  # looked up when called (a test shortens it)
     )
     keep = layer_group(prep.keep, group, n_groups)
     slices = {v: view_slices(v, seq_len, prep.causal) for v in views}
