@@ -367,12 +367,18 @@ def fit_halves_split(config: dict, counts: list[int] | None = None, chunk: int |
         counts = [(i + 1) * N // shards - i * N // shards for i in range(shards)]
     chunk = chunk_sequences(config) if chunk is None else int(chunk)
     chunks = [min(chunk, c - s) for c in counts for s in range(0, c, chunk)]
+    if len(chunks) < 2:
+        return sum(chunks)
+    return sum(chunks[: half_chunk_index(chunks)])
+
+
+def half_chunk_index(chunks) -> int:
+    """The chunk that starts half b: the boundary nearest the middle, leaving each half at least
+    one chunk (the one rule of both routes: :func:`eigenattn.spectra.moments.half_block_index`
+    and :func:`fit_halves_split`). ``chunks``: sequences per chunk, at least two chunks."""
     edges = [sum(chunks[: i + 1]) for i in range(len(chunks))]
-    if len(edges) < 2:
-        return edges[-1] if edges else 0
     i = min(range(len(edges)), key=lambda j: (abs(edges[j] - edges[-1] / 2), j)) + 1
-    i = min(max(i, 1), len(chunks) - 1)
-    return edges[i - 1]
+    return min(max(i, 1), len(chunks) - 1)
 
 
 def shard_first(config: dict, split: str, shard: int) -> int:

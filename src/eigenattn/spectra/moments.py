@@ -14,6 +14,7 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 
+from eigenattn.config.plan import half_chunk_index
 from eigenattn.config.schema import enum
 from eigenattn.config.views import VIEWS, view_slices  # noqa: F401  (VIEWS: the test of enums)
 from eigenattn.errors import ConfigError, InputError
@@ -147,7 +148,6 @@ def reduce_moments(per_block, split_every: int):
 
 def half_block_index(chunks_n) -> int:
     """Block index splitting the sequences into two halves at a chunk boundary (>= 1 block each)."""
-    edges = np.cumsum(chunks_n)
     nb = len(chunks_n)
     if nb < 2:
         raise ConfigError(
@@ -155,8 +155,7 @@ def half_block_index(chunks_n) -> int:
             f"split-half statistics need at least 2 sequence chunks, got {nb}",
             "use a smaller extraction.chunk_sequences or more passages",
         )
-    i = int(np.argmin(np.abs(edges - edges[-1] / 2))) + 1
-    return min(max(i, 1), nb - 1)
+    return half_chunk_index([int(c) for c in chunks_n])
 
 
 def moments_to_covariance(count, m2):
