@@ -267,3 +267,41 @@ def test_bounded_per_level_low_rank_vs_isotropic(tmp_path):
             assert f.k90 == int(np.searchsorted(ev, 0.9 - 1e-12) + 1)
         else:
             assert f.k90 > (Nf - 1) / 2 and pd.isna(f.k90_cv)
+
+
+def test_vector_dtype_auto_and_explicit(tmp_path, shards):
+    """eigen.vector_dtype: auto keeps float64 up to d = 512 and float32 above; an explicit choice
+    is kept; readers get float64 and the same spectra either way (within float32 rounding)."""
+    from eigenattn.spectra.overlap import within_model
+    from eigenattn.spectra.stores import RowStats, vector_dtype
+    from eigenattn.storage.store import open_store
+
+    assert vector_dtype("auto", 512) == np.float64 and vector_dtype("auto", 513) == np.float32
+    assert vector_dtype("float64", 4096) == np.float64 and vector_dtype("float32", 8) == np.float32
+    with pytest.raises(ValueError, match="vector_dtype"):
+        vector_dtype("float16", 8)
+    paths = {}
+    for choice in ("float64", "float32"):
+        r, h = tmp_path / f"{choice}-rows.zarr", tmp_path / f"{choice}-halves.zarr"
+        run_rows(shards, r, "all", VARIANTS, 2, halves_path=h, vectors=choice)
+        for store in (open_store(r), open_store(h)):
+            assert store.attrs["vector_dtype"] == choice
+        assert open_store(r)["raw/eigenvectors"].dtype == np.dtype(choice)
+        assert open_store(h)["raw/a/pooled/eigenvectors"].dtype == np.dtype(choice)
+        assert open_store(r)["raw/eigenvalues"].dtype == np.float64  # eigenvalues and means stay float64
+        paths[choice] = (r, h)
+    s64, s32 = RowStats(paths["float64"][0]), RowStats(paths["float32"][0])
+    assert s32.eigenvectors.dtype == np.float64
+    np.testing.assert_allclose(s32.eigenvectors, s64.eigenvectors, atol=1e-6)
+    t64 = spectrum_table(*paths["float64"], None, [1, 2, 4])
+    t32 = spectrum_table(*paths["float32"], None, [1, 2, 4])
+    pd.testing.assert_frame_equal(t64, t32, check_exact=False, rtol=1e-5)
+    (o64, _), (o32, _) = within_model(*paths["float64"], "raw", [1, 2]), within_model(*paths["float32"], "raw", [1, 2])
+
+    def flat(arrays, prefix=""):
+        for key, value in arrays.items():
+            yield from flat(value, f"{prefix}{key}/") if isinstance(value, dict) else [(prefix + key, value)]
+
+    b32 = dict(flat(o32))
+    for key, value in flat(o64):
+        np.testing.assert_allclose(np.asarray(b32[key], float), np.asarray(value, float), rtol=1e-5, atol=1e-6)

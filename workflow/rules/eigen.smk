@@ -55,6 +55,7 @@ rule eigen_rows:
         view=lambda wildcards: wildcards.view,
         variants=EIGEN.variants,
         split_every=EIGEN.split_every,
+        vectors=EIGEN.vector_dtype,
         expect=expected_fit_scores,
         streamed=rows_streamed,
         runtime=runtime("eigen"),

@@ -40,6 +40,7 @@ class Eigen(_Settings):
     split_every: int
     full_rank: int | None
     per_input_split: str
+    vector_dtype: str = "auto"
 
     @classmethod
     def from_config(cls, config: dict) -> Eigen:
@@ -51,6 +52,7 @@ class Eigen(_Settings):
             e["split_every"],
             e["full_rank"],
             e["per_input_split"],
+            e["vector_dtype"],
         )
 
 

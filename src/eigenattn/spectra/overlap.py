@@ -104,8 +104,8 @@ def _heads(group, prefix=""):
     """(U, lam) of every head (flattened, layer-major) and of every layer's pooled analysis."""
     g = group[prefix] if prefix else group
     return (
-        (flatten_heads(g["eigenvectors"][:]), flatten_heads(g["eigenvalues"][:])),
-        (g["pooled/eigenvectors"][:], g["pooled/eigenvalues"][:]),
+        (flatten_heads(np.asarray(g["eigenvectors"][:], np.float64)), flatten_heads(g["eigenvalues"][:])),
+        (np.asarray(g["pooled/eigenvectors"][:], np.float64), g["pooled/eigenvalues"][:]),
     )
 
 

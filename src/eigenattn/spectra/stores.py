@@ -90,7 +90,14 @@ def _coords(attrs: dict, d: int | None = None) -> dict:
 
 
 def run_rows(
-    shards, out_path, view: str, variants, split_every: int, halves_path=None, expect: dict | None = None
+    shards,
+    out_path,
+    view: str,
+    variants,
+    split_every: int,
+    halves_path=None,
+    expect: dict | None = None,
+    vectors: str = "auto",
 ) -> dict:
     """Row analysis of all fit shards into rows.zarr (groups per variant, with pooled/ subgroups).
 
@@ -99,11 +106,13 @@ def run_rows(
     """
     scores, attrs, causal = _open_fit(shards, view, variants, expect)
     results = {v: row_spectrum(scores, view, v, causal, split_every, halves=halves_path is not None) for v in variants}
-    write_rows(results, attrs, view, causal, int(scores.shape[0]), variants, out_path, halves_path)
+    write_rows(results, attrs, view, causal, int(scores.shape[0]), variants, out_path, halves_path, vectors=vectors)
     return results
 
 
-def run_rows_streamed(moment_paths, out_path, view: str, variants, halves_path, expect: dict | None = None) -> dict:
+def run_rows_streamed(
+    moment_paths, out_path, view: str, variants, halves_path, expect: dict | None = None, vectors: str = "auto"
+) -> dict:
     """rows.zarr and halves.zarr from streamed moments (every layer group and sequence shard of the
     fit split, :mod:`eigenattn.spectra.streamed`) instead of score stores: the same stores, the
     same spectra code; ``route`` says which way they were made."""
@@ -116,22 +125,65 @@ def run_rows_streamed(moment_paths, out_path, view: str, variants, halves_path, 
     idx = idx[0]
     results = {v: halves_spectrum(halves[v]["a"][idx], halves[v]["b"][idx], attrs["split_sequence"]) for v in variants}
     write_rows(
-        results, attrs, view, causal, int(attrs["n_sequences"]), variants, out_path, halves_path, route="streamed"
+        results,
+        attrs,
+        view,
+        causal,
+        int(attrs["n_sequences"]),
+        variants,
+        out_path,
+        halves_path,
+        route="streamed",
+        vectors=vectors,
     )
     return results
 
 
-def write_rows(results, attrs, view, causal, n_seq, variants, out_path, halves_path=None, route="stored") -> None:
-    """Write the row spectra of every variant into rows.zarr (and their halves into halves.zarr)."""
+# above this dimension, eigenvectors are stored as float32 unless eigen.vector_dtype says otherwise
+VECTOR_FLOAT64_MAX_D = 512
+
+
+def vector_dtype(choice: str, d: int) -> np.dtype:
+    """The dtype eigen.vector_dtype gives the eigenvectors of a view of dimension ``d``: auto is
+    float64 up to d = 512 and float32 above (a float64 d x d set per head and variant is what fills
+    the disk at long n); an explicit float32 or float64 is kept."""
+    if choice == "auto":
+        choice = "float64" if d <= VECTOR_FLOAT64_MAX_D else "float32"
+    if choice not in ("float32", "float64"):
+        raise ValueError(f"eigen.vector_dtype must be auto, float32 or float64, got {choice!r}")
+    return np.dtype(choice)
+
+
+def _f64(array) -> np.ndarray:
+    """A stored eigenvector array read as float64 (eigen.vector_dtype may have stored float32)."""
+    return np.asarray(array[...], dtype=np.float64)
+
+
+def _cast_vectors(stats: dict, dtype: np.dtype) -> dict:
+    """A heads/pooled statistics dict with its eigenvectors in ``dtype`` (the rest as computed)."""
+    return {k: (np.asarray(v).astype(dtype, copy=False) if k == "eigenvectors" else v) for k, v in stats.items()}
+
+
+def write_rows(
+    results, attrs, view, causal, n_seq, variants, out_path, halves_path=None, route="stored", vectors="auto"
+) -> None:
+    """Write the row spectra of every variant into rows.zarr (and their halves into halves.zarr).
+
+    ``vectors`` is eigen.vector_dtype (:func:`vector_dtype`); the stores' attrs record the dtype used.
+    """
     d = results[variants[0]]["heads"]["mean"].shape[-1]
     coords = _coords(attrs, d)
+    vdt = vector_dtype(vectors, d)
     if halves_path is not None:
         with new_store(halves_path) as root:
             for v, res in results.items():
                 for half in ("a", "b"):
                     write_arrays(
                         root.require_group(f"{v}/{half}"),
-                        {**res["halves"][half]["heads"], "pooled": res["halves"][half]["pooled"]},
+                        {
+                            **_cast_vectors(res["halves"][half]["heads"], vdt),
+                            "pooled": _cast_vectors(res["halves"][half]["pooled"], vdt),
+                        },
                         ROW_DIMS,
                         coords=coords,
                     )
@@ -145,6 +197,7 @@ def write_rows(results, attrs, view, causal, n_seq, variants, out_path, halves_p
                     {
                         "analysis": "rows_halves",
                         "route": route,
+                        "vector_dtype": vdt.name,
                         "variants": list(variants),
                         "split_sequence": split,
                         "halves": {"a": [0, split], "b": [split, int(n_seq)]},
@@ -155,7 +208,12 @@ def write_rows(results, attrs, view, causal, n_seq, variants, out_path, halves_p
             )
     with new_store(out_path) as root:
         for v, res in results.items():
-            write_arrays(root.require_group(v), {**res["heads"], "pooled": res["pooled"]}, ROW_DIMS, coords=coords)
+            write_arrays(
+                root.require_group(v),
+                {**_cast_vectors(res["heads"], vdt), "pooled": _cast_vectors(res["pooled"], vdt)},
+                ROW_DIMS,
+                coords=coords,
+            )
         root.attrs.update(
             _store_attrs(
                 attrs,
@@ -165,6 +223,7 @@ def write_rows(results, attrs, view, causal, n_seq, variants, out_path, halves_p
                 {
                     "analysis": "rows",
                     "route": route,
+                    "vector_dtype": vdt.name,
                     "variants": list(variants),
                     "definition": "covariance of score rows S[i, keys] over queries i in the view and fit sequences; "
                     "eigenvalues descending, eigenvectors are columns; pooled/ merges the heads of a layer",
@@ -293,10 +352,11 @@ def spectrum_table(rows_store, halves_store, full_store, report_k):
             ha, hb = halves[f"{v}/a/{scope}" if scope else f"{v}/a"], halves[f"{v}/b/{scope}" if scope else f"{v}/b"]
             eig = g["eigenvalues"][:][sl]
             ev_cv = heldout_ev_rows(
-                ha["eigenvectors"][:], ha["eigenvalues"][:], hb["eigenvectors"][:], hb["eigenvalues"][:]
+                _f64(ha["eigenvectors"]), ha["eigenvalues"][:], _f64(hb["eigenvectors"]), hb["eigenvalues"][:]
             )[sl]
             count = int(np.asarray(g["count"][:]).flat[0])
-            add("rows", v, ra, eig, eig.sum(-1), count, labels, d, ev_cv, constant_alignment(g["eigenvectors"][:])[sl])
+            u1 = constant_alignment(_f64(g["eigenvectors"]))[sl]
+            add("rows", v, ra, eig, eig.sum(-1), count, labels, d, ev_cv, u1)
     full = open_store(full_store) if full_store is not None else None
     for v in full.attrs["variants"] if full is not None else ():
         g = full if v == "raw" else full[v]
@@ -342,9 +402,9 @@ class RowStats:
         self.query_range = tuple(a["query_range"])
         self.key_range = tuple(a["key_range"])
         v = g[variant]
-        self.mean, self.eigenvalues, self.eigenvectors = v["mean"][:], v["eigenvalues"][:], v["eigenvectors"][:]
+        self.mean, self.eigenvalues, self.eigenvectors = v["mean"][:], v["eigenvalues"][:], _f64(v["eigenvectors"])
         p = v["pooled"]
-        self.pooled = (p["mean"][:], p["eigenvalues"][:], p["eigenvectors"][:])
+        self.pooled = (p["mean"][:], p["eigenvalues"][:], _f64(p["eigenvectors"]))
 
     def check_matches(self, seq_len: int, what: str) -> None:
         if int(seq_len) != self.seq_len:
