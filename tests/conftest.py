@@ -140,7 +140,7 @@ def routes(tmp_path_factory, resources):
     snakemake(wd, "-c2", "--max-threads", "1", "claims", configs=[*CONFIGS, str(stored_cfg)])
     kept = wd / "stored"
     kept.mkdir()
-    for part in ("eigen", "overlap", "reconstruction", "plugin", "claims.csv"):
+    for part in ("eigen", "overlap", "reconstruction", "plugin", "plans", "claims.csv"):
         src = wd / "results" / part
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, kept / part)
     proc = snakemake(wd, "-c2", "--max-threads", "1", "claims", configs=[*CONFIGS, str(streamed_cfg)])

@@ -278,7 +278,7 @@ def test_vector_dtype_auto_and_explicit(tmp_path, shards):
 
     assert vector_dtype("auto", 512) == np.float64 and vector_dtype("auto", 513) == np.float32
     assert vector_dtype("float64", 4096) == np.float64 and vector_dtype("float32", 8) == np.float32
-    with pytest.raises(ValueError, match="vector_dtype"):
+    with pytest.raises(ConfigError, match="vector_dtype"):
         vector_dtype("float16", 8)
     paths = {}
     for choice in ("float64", "float32"):

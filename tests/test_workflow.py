@@ -460,7 +460,7 @@ def test_claims_table_equals_its_sources(tiny_run):
     """Every value of the claims table, recomputed here directly from the CSVs it cites."""
     wd, _ = tiny_run
     table = pd.read_csv(wd / "results" / "claims.csv")
-    assert set(table.claim) == {"C1", "C2", "C3", "C4"}
+    assert set(table.claim) == {"C1", "C2", "C3", "C4", "C5"}
     assert set(table.state) <= {"supported", "not supported", "inconclusive", "reference"}
     # tiny data: 12 sequences resolve no whole-block spectrum (the main run's blocks are a reference
     # naming the N they need; the sample sweep's are inconclusive), and 20 training steps teach nothing
@@ -607,7 +607,7 @@ def test_single_model_run(tiny_run, tmp_path):
     assert (
         {"reconstruct_view", "overlap_summary", "claims"}
         <= ran
-        <= {"reconstruct_view", "overlap_summary", "claims", "plugin_eval_model"}
+        <= {"reconstruct_view", "overlap_summary", "claims", "plugin_eval_model", "plan_model"}
     ), ran
     res = one / "results"
     for view in ("all", "prefix"):

@@ -53,6 +53,7 @@ NOTEBOOKS = [
     "summary",
 ]
 NOTEBOOKS += ["scaling"] if plan.scaling_models(config) else []
+NOTEBOOKS += ["plans"] if config["plans"]["budgets"] else []
 WHEEL_CACHE = "resources/wheels"
 # The checkout this file belongs to (also when the workflow is used as a module).
 CHECKOUT = (Path(workflow.current_basedir) / ".." / "..").resolve()
@@ -70,7 +71,7 @@ wildcard_constraints:
     variant="|".join(enum("eigen.variants")),
     mode="|".join(enum("training.modes")),
     tvariant="|".join(["exact", "uniform", *enum("training.variants")]),
-    name="|".join(sorted({*NOTEBOOKS, "scaling"})),
+    name="|".join(sorted({*NOTEBOOKS, "scaling", "plans"})),
     s=r"\d+",
     seed=r"\d+",
     n=r"\d+",
@@ -181,6 +182,7 @@ def all_outputs(wildcards):
         + [rules.overlap_summary.output[0]]
         + reconstruct_outputs()
         + plugin_outputs()
+        + plan_outputs()
         + (list(rules.train_summary.output) if TRAINING else [])
         + [rules.claims.output[0]]
         + scaling_outputs()

@@ -67,3 +67,44 @@ rule plugin_eval:
     """Stage 5: the plug-in evaluation of every model."""
     input:
         plugin_outputs(),
+
+
+rule plan_model:
+    """Per-head plans of one model (fit split) at every budget and damage, judged inside the model on held-out sequences."""
+    input:
+        model=model_dir,
+        rows=plugin_rows,
+        recon=plan_recon,
+        plugin=rules.plugin_eval_model.output[0],
+        fit=fit_shards,
+        heldout=heldout_shards,
+        spectrum=plan_spectrum,
+        per_input=plan_per_input,
+    output:
+        plans=directory("results/plans/{model}/plans"),
+        summary="results/plans/{model}/summary.csv",
+        heads="results/plans/{model}/heads.csv",
+        predictors="results/plans/{model}/predictors.csv",
+        sequences="results/plans/{model}/sequences.csv",
+    log:
+        "logs/plans/{model}.log",
+    benchmark:
+        "benchmarks/out/plans/{model}.tsv"
+    priority: 10
+    conda:
+        "../../envs/eigenattn.yaml"
+    threads: 1
+    resources:
+        gpu=gpus_for("plugin"),
+    params:
+        settings=settings.Plans.from_config(config).params(),
+        plugin=settings.Plugin.from_config(config).params(),
+        runtime=runtime("plugin"),
+    script:
+        "../scripts/plan_model.py"
+
+
+rule plans:
+    """Per-head plans of every model."""
+    input:
+        plan_outputs(),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from eigenattn.claims.plans import c5_rows
 from eigenattn.claims.reconstruction import c3_rows, c4_rows
 from eigenattn.claims.spectra import c1_headlines, c1_per_input_rows, c1_rows, c1_scaling_rows, c2_rows
 from eigenattn.claims.verdicts import COLUMNS, DEFAULTS, STATES
@@ -29,6 +30,7 @@ __all__ = [
     "c2_rows",
     "c3_rows",
     "c4_rows",
+    "c5_rows",
     "claims_table",
 ]
 
@@ -42,10 +44,12 @@ def claims_table(
     thresholds: ClaimThresholds | None = None,
     scaling: tuple = ((), (), ()),
     per_input=(),
+    plans=(),
 ) -> pd.DataFrame:
     """``scaling``: (fits, saturations, tables) of the scaling study, one of each per model and view;
     ``per_input``: the per-input spectrum's summaries (per_input_summary.csv, one per model and
-    view), each a C1 reference row; ``thresholds``: the claims section (:data:`DEFAULTS` when not
+    view), each a C1 reference row; ``plans``: the plans jobs' summaries (C5 rows, beyond the paper);
+    ``thresholds``: the claims section (:data:`DEFAULTS` when not
     given); ``training``: the training comparisons, or None when nothing was trained (no C4 rows)."""
     t = ClaimThresholds.from_params(DEFAULTS) if thresholds is None else thresholds
     c1 = c1_headlines(c1_rows(spectra, t) + c1_scaling_rows(*scaling, t))
@@ -55,6 +59,7 @@ def claims_table(
         + c2_rows(overlap_summary, t)
         + c3_rows(recon, plugin, t)
         + (c4_rows(training, t) if training is not None else [])
+        + c5_rows(plans)
     )
     df = pd.DataFrame.from_records(rows, columns=COLUMNS)
     for col in ("k", "s"):

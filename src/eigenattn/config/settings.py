@@ -452,6 +452,28 @@ class Training(_Settings):
 
 
 @dataclass(frozen=True)
+class Plans(_Settings):
+    """Per-head plans (docs/method.md §13): budgets, damages and the head probe."""
+
+    budgets: tuple
+    damages: tuple
+    sensitivity_sequences: int
+    probe_vectors: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> Plans:
+        p = config["plans"]
+        return cls(
+            tuple(float(b) for b in p["budgets"]),
+            tuple(p["damages"]),
+            p["sensitivity_sequences"],
+            p["probe_vectors"],
+            config["seed"],
+        )
+
+
+@dataclass(frozen=True)
 class ClaimThresholds(_Settings):
     """The claims table's thresholds (the ``claims:`` section; docs/method.md §9)."""
 

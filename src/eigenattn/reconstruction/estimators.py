@@ -153,11 +153,17 @@ def fit(
     return linear_map(estimator, T, mean, U, lam, ridge=ridge, rank=rank)
 
 
-def fit_heads(estimator, strategy, s, mean, U, lam, *, ridge: float, rank: float, seed: int, key=()) -> Method:
-    """Methods of every head stacked along a leading head axis: T (H, s), W (H, d, s), b (H, d), …"""
+def fit_heads(
+    estimator, strategy, s, mean, U, lam, *, ridge: float, rank: float, seed: int, key=(), heads=None
+) -> Method:
+    """Methods of every head stacked along a leading head axis: T (H, s), W (H, d, s), b (H, d), …
+
+    ``heads``: the model's head indices of the rows of ``mean`` (default 0..H-1), so that a subset
+    of a layer's heads gets the same (seeded) fits as the whole layer."""
+    labels = range(mean.shape[0]) if heads is None else [int(h) for h in heads]
     out = [
-        fit(estimator, strategy, s, mean[h], U[h], lam[h], ridge=ridge, rank=rank, seed=seed, key=(*key, h))
-        for h in range(mean.shape[0])
+        fit(estimator, strategy, s, mean[i], U[i], lam[i], ridge=ridge, rank=rank, seed=seed, key=(*key, h))
+        for i, h in enumerate(labels)
     ]
     return Method(*(np.stack(x) for x in zip(*out)))
 

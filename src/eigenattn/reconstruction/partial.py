@@ -37,6 +37,10 @@ PARTIAL_IMPL = "partial"
 ATTR = "eigenattn_partial"
 LINFORMER_ATTR = "eigenattn_linformer"
 UNIFORM_ATTR = "eigenattn_uniform"
+# a per-head plan (plan_attention.LayerPlan, called as the layer's attention) and a per-head probe
+# (plan_attention.HeadProbe: output gates and attention statistics of exact attention)
+PLAN_ATTR = "eigenattn_plan"
+PROBE_ATTR = "eigenattn_probe"
 
 
 class Linformer(nn.Module):
@@ -172,6 +176,9 @@ def partial_attention_forward(module, query, key, value, attention_mask, scaling
     # Softcapping, position biases and sinks are not implemented here: refuse them, never drop them.
     check_kwargs(module, kwargs, IGNORED_KWARGS, PARTIAL_IMPL)
     key, value, scaling = expand_heads(query, key, value, scaling)
+    layer_plan = getattr(module, PLAN_ATTR, None)
+    if layer_plan is not None:
+        return layer_plan(module, query, key, value, attention_mask, scaling, dropout)
     peer = getattr(module, PEER_ATTR, None)
     if peer is not None:
         return peer_attention(module, query, key, value, attention_mask, scaling, dropout, peer)
@@ -218,7 +225,12 @@ def partial_attention_forward(module, query, key, value, attention_mask, scaling
         scores = partial_scores(query, key, pm, scaling)
     if mask is not None:
         mask = mask[..., : key.shape[-2]]
-    return finish_attention(module, scores, mask, value, query.dtype, dropout)
+    out, weights = finish_attention(module, scores, mask, value, query.dtype, dropout)
+    probe = getattr(module, PROBE_ATTR, None)
+    if probe is not None:
+        probe.record(weights)
+        out = out * probe.gate.to(out.dtype)[None, None, :, None]
+    return out, weights
 
 
 def register() -> str:
@@ -263,9 +275,9 @@ def attach(model, maps: dict[int, PartialMap]) -> list[int]:
 
 
 def detach(model) -> None:
-    """Remove every map and peer: the model runs exact attention again."""
+    """Remove every map, peer, plan and probe: the model runs exact attention again."""
     for mod in attention_modules(model).values():
-        for attr in (ATTR, PEER_ATTR):
+        for attr in (ATTR, PEER_ATTR, PLAN_ATTR, PROBE_ATTR):
             if hasattr(mod, attr):
                 delattr(mod, attr)
 

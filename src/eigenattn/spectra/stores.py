@@ -9,7 +9,7 @@ import pandas as pd
 from eigenattn.capture.masks import select_visible
 from eigenattn.capture.recompute import open_token_shard
 from eigenattn.config.views import view_slices
-from eigenattn.errors import InputError
+from eigenattn.errors import ConfigError, InputError
 from eigenattn.spectra.full_spectra import full_spectra
 from eigenattn.spectra.moments import check_variant
 from eigenattn.spectra.rows import (
@@ -150,7 +150,7 @@ def vector_dtype(choice: str, d: int) -> np.dtype:
     if choice == "auto":
         choice = "float64" if d <= VECTOR_FLOAT64_MAX_D else "float32"
     if choice not in ("float32", "float64"):
-        raise ValueError(f"eigen.vector_dtype must be auto, float32 or float64, got {choice!r}")
+        raise ConfigError("eigen.vector_dtype", f"unknown dtype {choice!r}", "use auto, float32 or float64")
     return np.dtype(choice)
 
 

@@ -8,6 +8,7 @@ def claims_inputs(wildcards):
         "overlap_summary": rules.overlap_summary.output[0],
         "recon": reconstruct_outputs(),
         "plugin": plugin_outputs(),
+        "plans": plan_outputs(),
         **({"training": rules.train_summary.output.comparisons} if TRAINING else {}),
         "scaling_fits": scaling_files("fits"),
         "scaling_saturation": scaling_files("saturation"),

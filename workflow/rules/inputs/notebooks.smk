@@ -24,6 +24,14 @@ def notebook_data(name):
             "comparisons": rules.train_summary.output.comparisons,
             "metrics": run_outputs("metrics"),
         }
+    if name == "plans":
+        return {
+            "summaries": plan_outputs(),
+            "heads": plan_outputs("heads"),
+            "predictors": plan_outputs("predictors"),
+            "sequences": plan_outputs("sequences"),
+            "plugin": plugin_outputs(),
+        }
     if name == "scaling":
         return {
             "tables": scaling_files("table"),

@@ -30,3 +30,29 @@ def plugin_rows(wildcards):
 
 def plugin_outputs():
     return expand(rules.plugin_eval_model.output[0], model=MODELS)
+
+
+PLANS = bool(config["plans"]["budgets"])  # plans.budgets: [] plans nothing
+
+
+def _plugin_view_path(pattern, wildcards):
+    view = plan.plugin_view(config, wildcards.model)
+    return path(pattern, model=wildcards.model, view=view)
+
+
+def plan_recon(wildcards):
+    return _plugin_view_path(rules.reconstruct_view.output[0], wildcards)
+
+
+def plan_spectrum(wildcards):
+    return _plugin_view_path(rules.eigen_spectrum.output[0], wildcards)
+
+
+def plan_per_input(wildcards):
+    return _plugin_view_path(rules.eigen_per_input.output.summary, wildcards)
+
+
+def plan_outputs(name="summary"):
+    if not PLANS:
+        return []
+    return expand(getattr(rules.plan_model.output, name), model=MODELS)
