@@ -355,3 +355,16 @@ def test_probe_gates_and_statistics(smollm2):
 
 def test_register_is_the_plugin_backend():
     assert register() == "partial"
+
+
+def test_exact_wins_ties_with_a_method_that_computes_every_key():
+    """At s = d, `mean` computes every score: same cost and (zero) damage as exact. The plan says exact."""
+    rows = [
+        {"split": "fit", "basis_source": "same", "layer": 0, "head": h, "estimator": "mean", "strategy": "pivoted_qr"}
+        | {"subset_size": 8, "cost_share": 1.0, "tv": 0.0}
+        for h in range(3)
+    ]
+    plan = make_plan(
+        candidates(pd.DataFrame(rows), [("mean", "pivoted_qr")]), 1.0, "tv", {**META, "settings": SETTINGS}
+    )
+    assert {h.method for h in plan.heads} == {EXACT}

@@ -191,7 +191,9 @@ def candidates(recon: pd.DataFrame, methods, sensitivity: pd.Series | None = Non
     c = fit.groupby(CANDIDATE_KEYS, as_index=False).agg(cost_share=("cost_share", "first"), tv=("tv", "mean"))
     heads = c[["layer", "head"]].drop_duplicates()
     exact = heads.assign(estimator=EXACT, strategy="-", subset_size=0, cost_share=1.0, tv=0.0)
-    c = pd.concat([c, exact], ignore_index=True).sort_values(["layer", "head", "cost_share"], ignore_index=True)
+    # exact first among equals: a method that computes every key (s = d) costs and damages as much
+    c = pd.concat([exact, c], ignore_index=True).sort_values(["layer", "head", "cost_share"], kind="stable")
+    c = c.reset_index(drop=True)
     c["damage_tv"] = c["tv"]
     if sensitivity is not None:
         w = c.set_index(["layer", "head"]).index.map(sensitivity)
