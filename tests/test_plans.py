@@ -368,3 +368,12 @@ def test_exact_wins_ties_with_a_method_that_computes_every_key():
         candidates(pd.DataFrame(rows), [("mean", "pivoted_qr")]), 1.0, "tv", {**META, "settings": SETTINGS}
     )
     assert {h.method for h in plan.heads} == {EXACT}
+
+
+def test_a_budget_no_plan_can_meet_reads_inconclusive(tmp_path):
+    note = "no plan within budget 0.01: the cheapest candidates cost 0.0625 of exact"
+    pd.DataFrame([{"model": "m", "view": "all", "damage": "tv", "budget": 0.01, "note": note}]).reindex(
+        columns=["model", "view", "damage", "budget", "cost_share", "metric", "plan_value", "note"]
+    ).to_csv(tmp_path / "s.csv", index=False)
+    (row,) = c5_rows([tmp_path / "s.csv"])
+    assert row["state"] == "inconclusive" and "no plan within budget" in row["verdict"]

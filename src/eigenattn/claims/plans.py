@@ -33,13 +33,30 @@ def c5_rows(summaries) -> list[dict]:
                 "model": r.model,
                 "view": f"plug-in ({r.view})",
                 "method": f"plan:{r.damage}",
-                "scope": f"budget {r.budget:g} of exact attention MACs; plan costs {r.cost_share:.3f}",
+                "scope": f"budget {r.budget:g} of exact attention MACs; plan costs {r.cost_share:.3f}"
+                if not pd.isna(r.cost_share)
+                else f"budget {r.budget:g} of exact attention MACs",
                 "quantity": (
                     "paired Δ mean NLL per sequence (single − plan)"
                     if r.metric == "perplexity"
                     else "paired Δ embedding cosine per sequence (plan − single)"
                 ),
             }
+            note = getattr(r, "note", None)
+            if isinstance(note, str) and note and pd.isna(r.plan_value):
+                rows.append(
+                    make_row(
+                        "C5",
+                        path,
+                        **common,
+                        value=float("nan"),
+                        spread="",
+                        state="inconclusive",
+                        verdict=note,
+                        caveat="",
+                    )
+                )
+                continue
             single = getattr(r, "single_method", None)
             if single is None or (isinstance(single, float) and math.isnan(single)):
                 rows.append(

@@ -59,6 +59,7 @@ SUMMARY_COLUMNS = [
     "solver_optimal",
     "families",
     "plan_file",
+    "note",
 ]
 
 
@@ -277,8 +278,20 @@ def run_plans(
         },
     }
     plans: list[Plan] = []
+    summary = []
+    cheapest = float(cands.groupby(["layer", "head"]).cost_share.min().mean())
     for damage in settings.damages:
         for budget in settings.budgets:
+            if budget < cheapest - 1e-12:  # defaults adapt: a budget no plan can meet is reported, not fatal
+                note = (
+                    f"no plan within budget {budget:g}: the cheapest candidates cost {cheapest:.4f} of exact "
+                    "(add smaller reconstruction.subset_sizes, or raise plans.budgets)"
+                )
+                log.warning(note)
+                summary.append(
+                    {"model": stats.model, "view": stats.view, "damage": damage, "budget": budget, "note": note}
+                )
+                continue
             plan = make_plan(cands, budget, damage, meta)
             write_plan(plan, out_dir / f"{damage}-{budget:g}.json")
             plans.append(plan)
@@ -304,7 +317,6 @@ def run_plans(
 
     per_seq = {"exact": exact}
     singles: dict[tuple, np.ndarray] = {}
-    summary = []
     for plan in tqdm(plans, desc=f"plans {stats.model}", disable=not progress):
         values = run(plan)
         per_seq[plan.label()] = values
