@@ -377,3 +377,18 @@ def test_a_budget_no_plan_can_meet_reads_inconclusive(tmp_path):
     ).to_csv(tmp_path / "s.csv", index=False)
     (row,) = c5_rows([tmp_path / "s.csv"])
     assert row["state"] == "inconclusive" and "no plan within budget" in row["verdict"]
+
+
+def test_heads_a_plan_does_not_name_run_exact(smollm2):
+    """apply_plan runs the heads a plan leaves out with exact attention (never uninitialised output)."""
+    n = 32
+    ids = torch.randint(0, 1000, (2, n))
+    exact = per_sequence(smollm2, ids, True, n // 2, 2)
+    plan = _smollm2_plan(smollm2, n, lambda layer, h: (EXACT, "-", 0))
+    plan.heads = [h for h in plan.heads if h.head != 3]
+    try:
+        apply_plan(smollm2, plan)
+        planned = per_sequence(smollm2, ids, True, n // 2, 2)
+    finally:
+        detach(smollm2)
+    np.testing.assert_allclose(planned, exact, rtol=1e-5)

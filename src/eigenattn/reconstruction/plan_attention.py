@@ -135,12 +135,14 @@ def apply_plan(model, plan, rows_store=None, stats=None) -> dict[int, LayerPlan]
     bad = sorted(set(plans) - set(mods))
     if bad:
         raise InputError("plan", f"layers {bad} are not attention layers of this model", "apply it to its own model")
+    n_heads = int(model.config.num_attention_heads)
     for layer, lp in plans.items():
-        n_heads = getattr(mods[layer], "num_heads", None) or getattr(model.config, "num_attention_heads", None)
-        if n_heads is not None and max(lp.heads) >= int(n_heads):
-            raise InputError(
-                "plan", f"layer {layer} plans head {max(lp.heads)} of {n_heads}", "apply it to its own model"
-            )
+        if max(lp.heads) >= n_heads:
+            raise InputError("plan", f"layer {layer} plans head {max(lp.heads)} of {n_heads}", "apply it to its model")
+        missing = sorted(set(range(n_heads)) - set(lp.heads))
+        if missing:  # heads the plan does not name run exact attention
+            lp.groups.append((torch.tensor(missing, dtype=torch.long), None))
+            lp.heads = sorted(lp.heads + missing)
         setattr(mods[layer], PLAN_ATTR, lp)
     return plans
 
@@ -155,6 +157,12 @@ def load_for_plans(model_dir, causal: bool, device="cpu"):
 def plan_attention(module, query, key, value, mask, scaling: float, dropout: float, lp: LayerPlan):
     """One layer's attention under its plan (query/key/value: (B, H, n, dh), keys repeated per query head)."""
     B, H, n, dh = query.shape
+    if lp.heads != list(range(H)):
+        raise InputError(
+            f"plan of layer {lp.layer}",
+            f"covers heads {lp.heads}, the layer has {H}",
+            "apply plans with apply_plan (it runs the heads a plan does not name exactly)",
+        )
     out = query.new_empty(B, n, H, dh)
     for idx, runner in lp.groups:
         idx = idx.to(query.device)

@@ -288,8 +288,10 @@ def run_plans(
                     "(add smaller reconstruction.subset_sizes, or raise plans.budgets)"
                 )
                 log.warning(note)
+                metric = "perplexity" if stats.causal else "embedding_cosine"
                 summary.append(
-                    {"model": stats.model, "view": stats.view, "damage": damage, "budget": budget, "note": note}
+                    {"model": stats.model, "view": stats.view, "damage": damage, "budget": budget}
+                    | {"metric": metric, "note": note}
                 )
                 continue
             plan = make_plan(cands, budget, damage, meta)
@@ -366,10 +368,15 @@ def run_plans(
             if abs(single_value - float(best["value"])) > 1e-3 * max(1.0, abs(single_value)):
                 log.warning("single method %s: %.5f here, %.5f in the plug-in table", key, single_value, best["value"])
         summary.append(rec)
-    heads = pd.concat([plan_table(p) for p in plans], ignore_index=True)
     feats = head_features(probe, spectrum, per_input)
-    heads = heads.merge(feats, on=["layer", "head"], how="left")
-    pred = predictors(heads, settings.seed).assign(model=stats.model, view=stats.view)
+    if plans:
+        heads = pd.concat([plan_table(p) for p in plans], ignore_index=True)
+        heads = heads.merge(feats, on=["layer", "head"], how="left")
+        pred = predictors(heads, settings.seed).assign(model=stats.model, view=stats.view)
+    else:  # no budget could be met: the summary says so; the plans folder stays empty
+        out_dir.mkdir(parents=True, exist_ok=True)
+        heads = feats.assign(model=stats.model, view=stats.view).iloc[:0]
+        pred = pd.DataFrame(columns=["damage", "budget", "heads", "model", "view"])
     seq = pd.DataFrame(per_seq).rename_axis("sequence").reset_index().assign(model=stats.model)
     return pd.DataFrame.from_records(summary, columns=SUMMARY_COLUMNS), heads, pred, seq
 

@@ -180,6 +180,7 @@ def candidates(recon: pd.DataFrame, methods, sensitivity: pd.Series | None = Non
     if missing:
         raise InputError("reconstruction table", f"lacks columns {sorted(missing)}", "re-run reconstruct_view")
     fit = recon[(recon["split"] == "fit") & (recon["basis_source"] == "same")]
+    fit = fit[np.isfinite(fit["tv"].to_numpy(float)) & np.isfinite(fit["cost_share"].to_numpy(float))]
     keep = {(e, str(s)) for e, s in methods if e not in ORACLES}
     fit = fit[[(e, str(s)) in keep for e, s in zip(fit["estimator"], fit["strategy"], strict=True)]]
     if fit.empty:
@@ -188,6 +189,7 @@ def candidates(recon: pd.DataFrame, methods, sensitivity: pd.Series | None = Non
             "has no fit-split rows for the plug-in's methods",
             "run the reconstruction with its fit split (reconstruction.eval_rows) and the plug-in's estimators",
         )
+    # a candidate without a finite TV (a failed solve on every row) is never a candidate
     c = fit.groupby(CANDIDATE_KEYS, as_index=False).agg(cost_share=("cost_share", "first"), tv=("tv", "mean"))
     heads = c[["layer", "head"]].drop_duplicates()
     exact = heads.assign(estimator=EXACT, strategy="-", subset_size=0, cost_share=1.0, tv=0.0)
@@ -197,8 +199,12 @@ def candidates(recon: pd.DataFrame, methods, sensitivity: pd.Series | None = Non
     c["damage_tv"] = c["tv"]
     if sensitivity is not None:
         w = c.set_index(["layer", "head"]).index.map(sensitivity)
-        if np.isnan(np.asarray(w, dtype=float)).any():
-            raise InputError("head sensitivity", "misses some analysed heads", "measure every analysed head")
+        if not np.isfinite(np.asarray(w, dtype=float)).all():
+            raise InputError(
+                "head sensitivity",
+                "is missing or not finite for some analysed heads",
+                "measure every analysed head (plans.sensitivity_sequences fit sequences)",
+            )
         c["damage_sensitivity"] = c["tv"] * np.asarray(w, dtype=float)
     return c
 
@@ -232,20 +238,27 @@ def solve(groups: list[np.ndarray], costs: list[np.ndarray], capacity: float, ti
     one = np.zeros((len(groups), nvar))
     for g in range(len(groups)):
         one[g, offsets[g] : offsets[g + 1]] = 1.0
-    constraints = [LinearConstraint(one, 1.0, 1.0), LinearConstraint(cost[None, :], -np.inf, capacity)]
-    res = milp(
-        damage,
-        constraints=constraints,
-        integrality=np.ones(nvar),
-        bounds=Bounds(0, 1),
-        options={"time_limit": time_limit, "mip_rel_gap": 0.0},
-    )
-    if res.x is None:
-        raise RuntimeError(f"the plan's integer programme found no solution: {res.message}")
-    x = np.round(res.x).astype(int)
-    choice = np.array([int(fronts[g][np.argmax(x[offsets[g] : offsets[g + 1]])]) for g in range(len(groups))])
-    total = sum(float(costs[g][choice[g]]) for g in range(len(groups)))
-    if total > capacity * (1 + 1e-9) + 1e-12:  # rounding of a near-integral solution: never over budget
+    bound = capacity
+    for _ in range(3):
+        constraints = [LinearConstraint(one, 1.0, 1.0), LinearConstraint(cost[None, :], -np.inf, bound)]
+        res = milp(
+            damage,
+            constraints=constraints,
+            integrality=np.ones(nvar),
+            bounds=Bounds(0, 1),
+            options={"time_limit": time_limit, "mip_rel_gap": 0.0},
+        )
+        if res.x is None:
+            raise RuntimeError(f"the plan's integer programme found no solution: {res.message}")
+        x = np.round(res.x).astype(int)
+        choice = np.array([int(fronts[g][np.argmax(x[offsets[g] : offsets[g + 1]])]) for g in range(len(groups))])
+        total = sum(float(costs[g][choice[g]]) for g in range(len(groups)))
+        if total <= capacity * (1 + 1e-12) + 1e-12:
+            break
+        # HiGHS accepts a row violation up to its feasibility tolerance (~1e-6): tighten and re-solve,
+        # so that a plan never costs more than its budget
+        bound -= (total - capacity) + 1e-9 * max(1.0, capacity)
+    else:
         raise RuntimeError(f"the plan's solution costs {total:.6g} > capacity {capacity:.6g}")
     info = {
         "status": int(res.status),
