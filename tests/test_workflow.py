@@ -527,6 +527,12 @@ def test_claims_table_equals_its_sources(tiny_run):
             if "oracle" in r.scope:
                 x = src[(src.subset_size == r.s) & (src.estimator == "topk_oracle")]
             want = float(x.ratio.iloc[0] if x.metric.iloc[0] == "perplexity" else x.value.iloc[0])
+        elif r.claim == "C5":  # a plan against the best single method, from the plans' summary.csv
+            budget = float(re.match(r"budget ([0-9.]+) ", r.scope).group(1))
+            x = src[(src.damage == r.method.removeprefix("plan:")) & np.isclose(src.budget, budget)]
+            want = float(x.paired_diff.iloc[0])
+            assert r.state in ("supported", "not supported", "inconclusive")
+            assert (r.state == "supported") == bool(x.paired_low.iloc[0] > 0), r
         else:  # C4, from comparisons.csv
             x = src[(src["mode"] == r.mode) & (src.variant == r.model)]
             if r.quantity.startswith("largest share"):  # per variant, across s
