@@ -203,13 +203,20 @@ def predictors(heads: pd.DataFrame, seed: int) -> pd.DataFrame:
         for c in feats:
             rho, p = sps.spearmanr(g[c], g["cost_share"])
             rec[f"rho_{c}"], rec[f"p_{c}"] = float(rho), float(p)
+        # methods given to fewer than 5 heads are one class, "other": each class then fills 5 folds
         counts = g["method"].value_counts()
+        label = g["method"].where(g["method"].map(counts) >= 5, "other")
+        counts = label.value_counts()
         rec["majority_rate"] = float(counts.iloc[0] / len(g))
+        if counts.get("other", 5) < 5:  # too few heads even together: left out of the classifier
+            keep = (label != "other").to_numpy()
+            g, label = g[keep], label[keep]
+            counts = label.value_counts()
         folds = int(min(5, counts.min())) if len(counts) > 1 else 0
         if folds >= 2 and feats:
             clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
             cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-            rec["classifier_accuracy"] = float(cross_val_score(clf, g[feats].to_numpy(), g["method"], cv=cv).mean())
+            rec["classifier_accuracy"] = float(cross_val_score(clf, g[feats].to_numpy(), label, cv=cv).mean())
             rec["classifier_folds"] = folds
         else:
             rec["classifier_accuracy"], rec["classifier_folds"] = np.nan, folds
