@@ -140,6 +140,8 @@ def test_plan_file_round_trip(tmp_path):
 class _Stats:
     """Fit statistics (μ, U, Λ) of a layer for the paper estimators' maps."""
 
+    seq_len, query_range, key_range, causal = 16, (8, 16), (0, 8), True
+
     def __init__(self, H, d, seed=0):
         rng = np.random.default_rng(seed)
         self.mean = rng.normal(size=(H, d))

@@ -42,35 +42,15 @@ def c5_rows(summaries) -> list[dict]:
                     else "paired Δ embedding cosine per sequence (plan − single)"
                 ),
             }
-            note = getattr(r, "note", None)
+            note, single = getattr(r, "note", None), getattr(r, "single_method", None)
+            unjudged = None
             if isinstance(note, str) and note and pd.isna(r.plan_value):
-                rows.append(
-                    make_row(
-                        "C5",
-                        path,
-                        **common,
-                        value=float("nan"),
-                        spread="",
-                        state="inconclusive",
-                        verdict=note,
-                        caveat="",
-                    )
-                )
-                continue
-            single = getattr(r, "single_method", None)
-            if single is None or (isinstance(single, float) and math.isnan(single)):
-                rows.append(
-                    make_row(
-                        "C5",
-                        path,
-                        **common,
-                        value=float("nan"),
-                        spread="",
-                        state="inconclusive",
-                        verdict="no single method of the plug-in costs as little as the plan, so none can be compared",
-                        caveat="",
-                    )
-                )
+                unjudged = note
+            elif single is None or (isinstance(single, float) and math.isnan(single)):
+                unjudged = "no single method of the plug-in costs as little as the plan, so none can be compared"
+            if unjudged is not None:
+                row = {"value": float("nan"), "spread": "", "state": "inconclusive", "verdict": unjudged}
+                rows.append(make_row("C5", path, **common, **row, caveat=""))
                 continue
             low, high = float(r.paired_low), float(r.paired_high)
             if low > 0:

@@ -309,18 +309,39 @@ def maps_from_stats(
     trainable: bool = False,
 ) -> dict[int, PartialMap]:
     """One PartialMap per analysed layer from a :class:`eigenattn.spectra.stores.RowStats`."""
-    out = {}
-    for layer in stats.layers if layers is None else layers:
-        mean, U, lam = stats.head_stats(layer)
-        m = fit_heads(estimator, strategy, s, mean, U, lam, ridge=ridge, rank=rank, seed=seed, key=(layer,))
-        out[layer] = PartialMap(
-            m.T,
-            m.W,
-            m.b,
-            seq_len=stats.seq_len,
-            query_range=stats.query_range,
-            key_range=stats.key_range,
-            causal=stats.causal,
-            trainable=trainable,
-        )
-    return out
+    return {
+        layer: fit_map(stats, layer, estimator, strategy, s, ridge=ridge, rank=rank, seed=seed, trainable=trainable)
+        for layer in (stats.layers if layers is None else layers)
+    }
+
+
+def fit_map(
+    stats,
+    layer: int,
+    estimator: str,
+    strategy: str,
+    s: int,
+    *,
+    ridge: float,
+    rank: float,
+    seed: int,
+    heads=None,
+    trainable: bool = False,
+) -> PartialMap:
+    """The PartialMap of one layer's ``heads`` (all when None) from the view's fit statistics: a
+    subset of heads gets the same (seeded) fits as in the whole layer's map."""
+    mean, U, lam = stats.head_stats(layer)
+    if heads is not None:
+        heads = np.asarray(heads, dtype=int)
+        mean, U, lam = mean[heads], U[heads], lam[heads]
+    m = fit_heads(estimator, strategy, s, mean, U, lam, ridge=ridge, rank=rank, seed=seed, key=(layer,), heads=heads)
+    return PartialMap(
+        m.T,
+        m.W,
+        m.b,
+        seq_len=stats.seq_len,
+        query_range=stats.query_range,
+        key_range=stats.key_range,
+        causal=stats.causal,
+        trainable=trainable,
+    )

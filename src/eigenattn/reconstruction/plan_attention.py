@@ -25,8 +25,7 @@ import torch
 
 from eigenattn.capture.attention import finish_attention
 from eigenattn.errors import InputError
-from eigenattn.reconstruction.estimators import fit_heads
-from eigenattn.reconstruction.partial import PLAN_ATTR, PartialMap, attention_modules, partial_scores
+from eigenattn.reconstruction.partial import PLAN_ATTR, attention_modules, fit_map, partial_scores
 from eigenattn.reconstruction.peer_attention import PeerSpec, peer_attention
 from eigenattn.reconstruction.plans import EXACT, Plan, is_peer, read_plan
 
@@ -83,31 +82,8 @@ def layer_plans(plan: Plan, stats=None) -> dict[int, LayerPlan]:
                         f"layer {layer} runs {method} on heads {sorted(idx)}, whose maps need the fit statistics",
                         "pass rows_store= (the view's rows.zarr) to apply_plan",
                     )
-                mean, U, lam = stats.head_stats(layer)
-                sel = index.numpy()
-                m = fit_heads(
-                    method,
-                    strategy,
-                    s,
-                    mean[sel],
-                    U[sel],
-                    lam[sel],
-                    ridge=st["ridge"],
-                    rank=st["rank"],
-                    seed=st["seed"],
-                    key=(layer,),
-                    heads=sel,
-                )
-                pm = PartialMap(
-                    m.T,
-                    m.W,
-                    m.b,
-                    seq_len=plan.seq_len,
-                    query_range=plan.query_range,
-                    key_range=plan.key_range,
-                    causal=plan.causal,
-                )
-                groups.append((index, pm))
+                kw = {"ridge": st["ridge"], "rank": st["rank"], "seed": st["seed"], "heads": index.numpy()}
+                groups.append((index, fit_map(stats, layer, method, strategy, s, **kw)))
         out[layer] = LayerPlan(layer, groups)
     return out
 
