@@ -78,7 +78,6 @@ rule plan_model:
         plugin=rules.plugin_eval_model.output[0],
         fit=fit_shards,
         heldout=heldout_shards,
-        spectrum=plan_spectrum,
         per_input=plan_per_input,
     output:
         plans=directory("results/plans/{model}/plans"),

@@ -19,7 +19,6 @@ summary, heads, predictors, sequences = run_plans(
     Plugin.from_params(snakemake.params.plugin),
     device=snakemake.params.runtime.torch_device(),
     out_dir=o.plans,
-    spectrum=pd.read_csv(i.spectrum),
     per_input=pd.read_csv(i.per_input),
 )
 for df, path in ((heads, o.heads), (predictors, o.predictors), (sequences, o.sequences), (summary, o.summary)):

@@ -32,6 +32,8 @@ from eigenattn.reconstruction.partial import PROBE_ATTR, attention_modules, deta
 from eigenattn.reconstruction.plan_attention import HeadProbe, apply_plan
 from eigenattn.reconstruction.plans import Plan, candidates, make_plan, plan_table, uniform_plan, write_plan
 from eigenattn.reconstruction.plugin import heldout_ids, load
+from eigenattn.spectra.rows import explained_variance, k_at
+from eigenattn.storage.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -168,14 +170,29 @@ def best_single(plugin: pd.DataFrame, cost_share: float, causal: bool):
     return p.sort_values("value", ascending=causal, kind="stable").iloc[0]
 
 
-def head_features(probe: pd.DataFrame, spectrum: pd.DataFrame | None, per_input: pd.DataFrame | None) -> pd.DataFrame:
+def row_k90_share(rows_store, layers) -> pd.DataFrame:
+    """k90/d of each head's row covariance, from rows.zarr's eigenvalues (row-centred rows where the
+    store has them, else raw), as the spectrum table computes it (docs/method.md §3)."""
+    g = open_store(rows_store)
+    variant = "row_centered" if "row_centered" in g else "raw"
+    lam = np.asarray(g[f"{variant}/eigenvalues"][...], dtype=np.float64)  # (L, H, d)
+    k90 = k_at(explained_variance(np.clip(lam, 0, None)), 0.9)
+    L, H, d = lam.shape
+    return pd.DataFrame(
+        {
+            "layer": np.repeat(np.asarray(layers, dtype=int), H),
+            "head": np.tile(np.arange(H), L),
+            "k90_share": (k90 / d).reshape(-1),
+            "k90_variant": variant,
+        }
+    )
+
+
+def head_features(probe: pd.DataFrame, k90: pd.DataFrame | None, per_input: pd.DataFrame | None) -> pd.DataFrame:
     """Per head, the measurements a choice is related to (FEATURES)."""
     f = probe.copy()
-    if spectrum is not None:
-        sp = spectrum[(spectrum["analysis"] == "rows") & (spectrum["variant"] == "row_centered")]
-        sp = sp[sp["head"].astype(str) != "pooled"].assign(head=lambda x: x["head"].astype(int))
-        sp = sp.assign(k90_share=sp["k90"] / sp["d"])[["layer", "head", "k90_share"]]
-        f = f.merge(sp, on=["layer", "head"], how="left")
+    if k90 is not None:
+        f = f.merge(k90[["layer", "head", "k90_share"]], on=["layer", "head"], how="left")
     else:
         f["k90_share"] = np.nan
     if per_input is not None:
@@ -236,7 +253,6 @@ def run_plans(
     *,
     device,
     out_dir,
-    spectrum: pd.DataFrame | None = None,
     per_input: pd.DataFrame | None = None,
     progress: bool = True,
 ):
@@ -375,7 +391,7 @@ def run_plans(
             if abs(single_value - float(best["value"])) > 1e-3 * max(1.0, abs(single_value)):
                 log.warning("single method %s: %.5f here, %.5f in the plug-in table", key, single_value, best["value"])
         summary.append(rec)
-    feats = head_features(probe, spectrum, per_input)
+    feats = head_features(probe, row_k90_share(stats.path, stats.layers), per_input)
     if plans:
         heads = pd.concat([plan_table(p) for p in plans], ignore_index=True)
         heads = heads.merge(feats, on=["layer", "head"], how="left")

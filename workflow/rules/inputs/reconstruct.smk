@@ -44,10 +44,6 @@ def plan_recon(wildcards):
     return _plugin_view_path(rules.reconstruct_view.output[0], wildcards)
 
 
-def plan_spectrum(wildcards):
-    return _plugin_view_path(rules.eigen_spectrum.output[0], wildcards)
-
-
 def plan_per_input(wildcards):
     return _plugin_view_path(rules.eigen_per_input.output.summary, wildcards)
 
