@@ -624,5 +624,5 @@ def test_single_model_run(tiny_run, tmp_path):
     assert set(summary.scope) >= {"all_layer_pairs"} and "smollm2" not in {*summary.model_a, *summary.model_b}
     assert (res / "scaling" / "minilm" / "prefix.fits.csv").is_file()
     claims = pd.read_csv(res / "claims.csv")
-    assert set(claims.claim) == {"C1", "C2", "C3", "C4"}
+    assert set(claims.claim) == {"C1", "C2", "C3", "C4", "C5"}
     assert set(claims[claims.claim != "C4"].model) == {"minilm"}  # C4 rows name training variants
