@@ -381,3 +381,60 @@ def test_streamed_and_stored_tables_and_claims_agree(routes):
     assert not differ.any(), pd.concat([a[["claim", "model", "view", "state"]], b.state.rename("streamed")], axis=1)[
         differ
     ]
+
+
+def test_a_window_longer_than_the_probe_is_recorded_at_full_length(tmp_path, monkeypatch):
+    """A tiny Mistral whose sliding window (4) covers the whole probe (4 tokens) but not seq_len
+    (24): the probe alone would call it causal. The streamed moments and the token store record
+    the window the layers receive at the full length, and the recomputed scores equal the stored."""
+    import eigenattn.capture.recompute as recompute
+    import eigenattn.spectra.streamed as streamed
+    from tiny_models import WINDOW, build, texts
+
+    model_dir = build("mistral", tmp_path / "mistral")
+    monkeypatch.setattr(streamed, "STREAM_PROBE_LEN", WINDOW)
+    monkeypatch.setattr(recompute, "STREAM_PROBE_LEN", WINDOW)
+    want = [{"kind": "sliding_window", "window": WINDOW}] * 2
+    passages = texts(4, words=SEQ_LEN)
+    attrs = {"model": "mistral", "split": "fit", "seed": 0, "corpus": "c"}
+    stream_moments(
+        model_dir,
+        passages,
+        np.arange(4),
+        tmp_path / "m.zarr",
+        seq_len=SEQ_LEN,
+        layers="all",
+        group=0,
+        n_groups=1,
+        views=["prefix"],
+        first_index=0,
+        split_sequence=2,
+        batch_size=2,
+        device="cpu",
+        attrs=attrs,
+        progress=False,
+    )
+    m = open_store(tmp_path / "m.zarr")
+    assert m.attrs["layer_masks"] == want and m.attrs["causal"] is True
+    assert m.attrs["equivalence_probe"]["tokens"] == WINDOW
+    common = {"seq_len": SEQ_LEN, "layers": "all", "device": "cpu", "attrs": attrs}
+    extract_tokens(
+        model_dir, passages, np.arange(4), tmp_path / "t.zarr", chunk_sequences=2, dtype_requested="auto", **common
+    )
+    extract_scores(
+        model_dir,
+        passages,
+        np.arange(4),
+        tmp_path / "s.zarr",
+        dtype="float32",
+        batch_size=2,
+        chunk_sequences=2,
+        autocast="none",
+        compression="none",
+        progress=False,
+        **common,
+    )
+    stored, sa = open_scores([tmp_path / "s.zarr"])
+    recomputed, ta = open_scores([tmp_path / "t.zarr"], recompute=open_token_shard)
+    assert sa["layer_masks"] == ta["layer_masks"] == want
+    np.testing.assert_allclose(recomputed.compute(), stored.compute(), rtol=1e-6, atol=1e-6)

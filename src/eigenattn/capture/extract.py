@@ -43,6 +43,7 @@ from eigenattn.capture.probe import (
     equivalence_probe,
     load_capture_model,
     mask_info,
+    masks_at_length,
     resolve_store_dtype,
 )
 from eigenattn.corpus.passages import tokenize_passages
@@ -104,7 +105,8 @@ def check_batch(cap: ScoreCapture, keep: list[int], probe, label: str) -> None:
         info = seen[id(m)]
         if info != probe.masks[l]:
             raise RuntimeError(
-                f"{label}: layer {l} received a mask ({info}) that differs from the probe's ({probe.masks[l]})"
+                f"{label}: layer {l} received a mask ({info}) that differs from the one recorded for it "
+                f"({probe.masks[l]}, read at {probe.mask_tokens or probe.seq_len} tokens)"
             )
 
 
@@ -310,8 +312,10 @@ def prepare_capture(
     ``probe_len``: probe the first ``probe_len`` tokens of the probe sequences only (default: all
     of them). The probe holds every layer's scores twice (captured and eager), 9 GB for SmolLM2's
     30 layers at n = 2,048, so streamed mode, which stores no score and so needs no dtype measured
-    at the full length, probes :data:`STREAM_PROBE_LEN` tokens; every batch's masks are still
-    checked against the probe's at the full length (:func:`check_batch`)."""
+    at the full length, probes :data:`STREAM_PROBE_LEN` tokens. A window or chunk as long as that
+    prefix looks causal in it, so the masks are then read again from one full-length sequence
+    (:func:`eigenattn.capture.probe.masks_at_length`); every batch's masks are checked against
+    those (:func:`check_batch`)."""
     dev = torch.device(device)
     label = f"'{name}' at {model_dir}" if name else str(model_dir)
     tok, model = load_capture_model(model_dir, label, dev, None)
@@ -334,6 +338,11 @@ def prepare_capture(
         if configured in (None, "all")
         else sorted({int(x) for x in configured if 0 <= int(x) < probe.n_layers})
     )
+    if probe.seq_len < seq_len and wanted:
+        # the probe saw a prefix, where a window or chunk as long as the prefix looks causal: the
+        # masks are read again at the run's length (one sequence, no score kept)
+        first = torch.from_numpy(ids[:1].astype(np.int64)).to(dev)
+        probe.use_masks(masks_at_length(model, first, label, max(wanted)), seq_len)
     if check_facts is not None:
         check_facts(
             {

@@ -37,7 +37,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer
 
-from eigenattn.capture.interface import ScoreCapture, capturing, register
+from eigenattn.capture.interface import ScoreCapture, StopForward, capturing, register
 from eigenattn.capture.masks import classify_visibility, describe, hides_future, visibility
 from eigenattn.errors import ConfigError, UnsupportedModelError
 
@@ -123,6 +123,9 @@ class ProbeResult:
     hidden_error: float
     sequences: int
     layer_errors: dict[int, float] = field(default_factory=dict)
+    mask_tokens: int = 0
+    """The length the masks were read at: ``seq_len`` (the probe's own), or the run's length once
+    :meth:`use_masks` replaced them with those of a full-length pass."""
     stored_errors: dict[str, dict[int, float]] = field(default_factory=dict)
     """Per storage dtype and layer: max |softmax(S cast to the dtype + mask, sink) - eager| (inf
     where the cast overflows)."""
@@ -131,6 +134,13 @@ class ProbeResult:
         """The largest error of the scores stored as ``dtype``, over ``layers`` (None = all)."""
         per_layer = self.stored_errors[dtype]
         return max(per_layer[int(l)] for l in (per_layer if layers is None else layers))
+
+    def use_masks(self, masks: dict[int, dict], n: int) -> None:
+        """Take ``masks`` (layer -> description, read at ``n`` tokens by :func:`masks_at_length`)
+        as the layers' masks; the layers not in ``masks`` are dropped (their kind at ``n`` is
+        unknown)."""
+        self.masks = dict(masks)
+        self.mask_tokens = int(n)
 
     def causal(self, layers) -> bool:
         """Every one of ``layers`` hides all keys after the query (causal, sliding window or chunked)."""
@@ -142,6 +152,7 @@ class ProbeResult:
         out = {
             "sequences": self.sequences,
             "tokens": self.seq_len,  # the probe's length: a prefix of each sequence in streamed mode
+            "mask_tokens": self.mask_tokens or self.seq_len,  # the length the layer masks were read at
             "max_prob_error": self.prob_error,
             "prob_tolerance": PROB_TOL,
             "max_hidden_error": self.hidden_error,
@@ -242,6 +253,60 @@ def mask_info(mask: torch.Tensor | None, n: int) -> tuple[dict | None, str]:
     return info, ""
 
 
+def received_mask(cap: ScoreCapture, layer: int, n: int) -> tuple[dict | None, str]:
+    """(mask description, problem) of the mask ``layer`` received in ``cap``'s pass over ``n``
+    tokens, checked against the ``sliding_window`` the layer passes (a mask that shows keys outside
+    that window would make eager and fused attention disagree)."""
+    info, problem = mask_info(cap.masks[layer], n)
+    if info is None:
+        return None, problem
+    w = cap.modifiers[layer].get("sliding_window")
+    if isinstance(w, (tuple, list)):
+        w = max(w)
+    if isinstance(w, int) and w < n:
+        i, j = np.indices((n, n))
+        if (visibility(info, n) & (np.abs(i - j) > w)).any():
+            return None, (
+                f"it passes sliding_window={w}, but the mask it receives ({describe(info)}) "
+                "shows keys outside that window, so eager and fused attention would disagree"
+            )
+    return info, ""
+
+
+@torch.no_grad()
+def masks_at_length(model, ids: torch.Tensor, label: str, last_layer: int) -> dict[int, dict]:
+    """Every layer's mask up to ``last_layer``, at the full length of ``ids`` (one unpadded
+    sequence, (1, n)): one forward pass that keeps no score (plain layers run SDPA) and stops
+    after ``last_layer``.
+
+    The equivalence probe may run on a prefix (streamed mode); a sliding window or chunk at least
+    as long as that prefix but shorter than ``n`` looks plain causal there. This reads the masks
+    the layers actually receive at the run's length, so the recorded kinds are the real ones."""
+    n = int(ids.shape[1])
+    cap = ScoreCapture(layers=[], store_dtype=torch.float32)
+    cap.stop_after = int(last_layer)
+    try:
+        with capturing(cap):
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except StopForward:
+        pass
+    out = {}
+    for l in range(int(last_layer) + 1):
+        problem = "its attention did not reach the capture backend" if l not in cap.masks else ""
+        info = None
+        if not problem:
+            info, problem = received_mask(cap, l, n)
+        if info is None:
+            raise UnsupportedModelError(
+                f"layer {l} at the run's length ({n} tokens): {problem}",
+                f"use a model whose attention the backend reproduces; {SUPPORTED_HINT}",
+                model=label,
+                model_type=getattr(model.config, "model_type", None),
+            )
+        out[l] = info
+    return out
+
+
 @torch.no_grad()
 def equivalence_probe(model, ids: torch.Tensor, label: str) -> ProbeResult:
     """Run ``ids`` (B, n) through the capture backend and through eager attention; refuse on mismatch."""
@@ -293,19 +358,9 @@ def equivalence_probe(model, ids: torch.Tensor, label: str) -> ProbeResult:
 
     masks, errors, stored = {}, {}, {}
     for l in layers:
-        info, problem = mask_info(cap.masks[l], n)
+        info, problem = received_mask(cap, l, n)
         if info is None:
             refuse(f"layer {l}: {problem}")
-        w = cap.modifiers[l].get("sliding_window")
-        if isinstance(w, (tuple, list)):
-            w = max(w)
-        if isinstance(w, int) and w < n:
-            i, j = np.indices((n, n))
-            if (visibility(info, n) & (np.abs(i - j) > w)).any():
-                refuse(
-                    f"layer {l} passes sliding_window={w}, but the mask it receives ({describe(info)}) "
-                    "shows keys outside that window, so eager and fused attention would disagree"
-                )
         masks[l] = info
         s = cap.scores[l]
         vis = torch.from_numpy(visibility(info, n)).to(s.device)

@@ -26,6 +26,7 @@ import torch
 
 from eigenattn.capture.extract import STREAM_PROBE_LEN, capture_attrs, check_batch, prepare_capture, write_sinks
 from eigenattn.capture.interface import ScoreCapture, StopForward, capturing
+from eigenattn.capture.masks import layer_masks
 from eigenattn.capture.probe import PROBE_SEQUENCES, equivalence_probe, load_capture_model
 from eigenattn.errors import InputError
 from eigenattn.storage.store import new_store, open_store
@@ -153,6 +154,9 @@ class RecomputedScores:
             probe = self.ids[:PROBE_SEQUENCES, :STREAM_PROBE_LEN]  # as the token store was probed
             probe_ids = torch.from_numpy(probe.astype(np.int64)).to(self.device)
             self._probe = equivalence_probe(model, probe_ids, label)
+            # the token store's masks were read at the full length (the probe saw a prefix, where a
+            # long window looks causal); every recomputed batch is checked against them
+            self._probe.use_masks(dict(zip(self.layers, layer_masks(self.attrs))), int(self.attrs["seq_len"]))
             self._model, self._label = model, label
         return self._model
 
