@@ -438,3 +438,58 @@ def test_a_window_longer_than_the_probe_is_recorded_at_full_length(tmp_path, mon
     recomputed, ta = open_scores([tmp_path / "t.zarr"], recompute=open_token_shard)
     assert sa["layer_masks"] == ta["layer_masks"] == want
     np.testing.assert_allclose(recomputed.compute(), stored.compute(), rtol=1e-6, atol=1e-6)
+
+
+def test_autocast_is_recorded_checked_and_applied_on_every_route(resources, tmp_path, monkeypatch):
+    """extraction.autocast: every route records it (``autocast_requested``; ``autocast`` is what the
+    scores were computed with, none off CUDA), a reader expecting another refuses the store, shards
+    written with different autocasts do not mix, and recomputed scores apply the token store's."""
+    import eigenattn.capture.recompute as recompute
+
+    model_dir = resources / "models" / "minilm"
+    texts = _texts(resources, 4)
+    attrs = {"model": "minilm", "split": "fit", "seed": 0, "corpus": "c"}
+    common = {"seq_len": SEQ_LEN, "layers": [0, 1], "device": "cpu", "attrs": attrs}
+    moments = dict(group=0, n_groups=1, views=["prefix"], split_sequence=2, batch_size=2, progress=False, **common)
+    for name, ac in (("m0", "bf16"), ("m1", "none")):
+        stream_moments(
+            model_dir, texts[:2] if name == "m0" else texts[2:], np.arange(2), tmp_path / f"{name}.zarr",
+            first_index=0 if name == "m0" else 2, autocast=ac, **moments,
+        )  # fmt: skip
+    m0 = open_store(tmp_path / "m0.zarr").attrs
+    assert (m0["autocast"], m0["autocast_requested"]) == ("none", "bf16")  # CPU: float32 forward
+    with pytest.raises(InputError, match="autocast_requested"):
+        merge_moment_files([tmp_path / "m0.zarr"], "prefix", ["raw"], expect={"autocast_requested": "none"})
+    merge_moment_files([tmp_path / "m0.zarr"], "prefix", ["raw"], expect={"autocast_requested": "bf16"})
+    with pytest.raises(InputError, match="autocast"):  # two shards of one merge, two autocasts
+        merge_moment_files([tmp_path / "m0.zarr", tmp_path / "m1.zarr"], "prefix", ["raw"])
+    extract_tokens(
+        model_dir, texts, np.arange(4), tmp_path / "t.zarr", chunk_sequences=2, dtype_requested="auto",
+        autocast="bf16", **common,
+    )  # fmt: skip
+    extract_scores(
+        model_dir, texts, np.arange(4), tmp_path / "s.zarr", dtype="float32", batch_size=2, chunk_sequences=2,
+        autocast="fp16", compression="none", progress=False, **common,
+    )  # fmt: skip
+    s = open_store(tmp_path / "s.zarr").attrs
+    assert (s["autocast"], s["autocast_requested"]) == ("none", "fp16")
+    with pytest.raises(InputError, match="autocast_requested"):
+        open_scores([tmp_path / "s.zarr"], {"autocast_requested": "none"})
+    with pytest.raises(InputError, match="autocast_requested"):
+        open_scores([tmp_path / "t.zarr"], {"autocast_requested": "none"}, recompute=open_token_shard)
+    scores, ta = open_scores([tmp_path / "t.zarr"], {"autocast_requested": "bf16"}, recompute=open_token_shard)
+    applied = []
+    real = recompute.autocast_context
+
+    def spy(autocast, device):
+        applied.append((autocast, torch.device(device).type))
+        return real(autocast, device)
+
+    monkeypatch.setattr(recompute, "autocast_context", spy)
+    scores[0:2, 0].compute()
+    assert applied and set(applied) == {("bf16", "cpu")}
+    with pytest.raises(ConfigError, match="extraction.autocast"):
+        extract_tokens(
+            model_dir, texts, np.arange(4), tmp_path / "x.zarr", chunk_sequences=2, dtype_requested="auto",
+            autocast="fp8", **common,
+        )  # fmt: skip

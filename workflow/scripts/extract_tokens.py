@@ -17,6 +17,7 @@ stats = extract_tokens(
     chunk_sequences=e.chunk_sequences,
     dtype_requested=e.dtype,
     device="cpu",
+    autocast=e.autocast,
     check_facts=lambda facts: check_model_facts(snakemake.params.facts, facts),
     attrs=e.attrs(),
 )

@@ -22,6 +22,7 @@ stats = stream_moments(
     split_sequence=p["split_sequence"],
     batch_size=e.batch_size,
     device=snakemake.params.runtime.torch_device(),
+    autocast=e.autocast,
     check_facts=lambda facts: check_model_facts(snakemake.params.facts, facts),
     attrs=e.attrs(),
 )

@@ -167,8 +167,7 @@ def extract_scores(
             f"{batch_size} is not a multiple of extraction.chunk_sequences = {chunk_sequences}",
             "make extraction.batch_size a multiple of extraction.chunk_sequences",
         )
-    if autocast not in AUTOCAST:
-        raise ConfigError("extraction.autocast", f"unknown autocast '{autocast}'", f"use {', '.join(AUTOCAST)}")
+    check_autocast(autocast)
     prep = prepare_capture(
         model_dir,
         texts,
@@ -217,7 +216,6 @@ def extract_scores(
         write_sinks(root, prep)
 
         on_cuda = dev.type == "cuda"
-        amp = AUTOCAST[autocast]
         block_shape = (batch_size, L, H, seq_len, seq_len)
         # the array object itself: its write_empty_chunks=True is not stored in the metadata, and a
         # re-opened array would test every chunk for all-NaN before writing it
@@ -243,7 +241,7 @@ def extract_scores(
                     # stay on the device and go to the pinned buffer in one asynchronous copy
                     cap = ScoreCapture(keep, store_dtype, out=None if on_cuda else buf[:count])
                     tf = time.perf_counter()
-                    with capturing(cap), torch.autocast(dev.type, dtype=amp, enabled=amp is not None and on_cuda):
+                    with capturing(cap), autocast_context(autocast, dev):
                         model(input_ids=batch, attention_mask=torch.ones_like(batch))
                     check_batch(cap, keep, probe, label)
                     t_fwd += time.perf_counter() - tf
@@ -266,7 +264,7 @@ def extract_scores(
                 "dtype_requested": requested,
                 "compression": compression,
                 "equivalence_probe": probe.summary(dtype, keep),
-                "autocast": autocast if on_cuda else "none",
+                **autocast_attrs(autocast, dev),
             }
         )
     total = time.perf_counter() - t0
@@ -280,6 +278,24 @@ def extract_scores(
         "bytes_planned": nbytes,
         "bytes_stored": dir_size(out_path),
     }
+
+
+def check_autocast(autocast: str) -> None:
+    if autocast not in AUTOCAST:
+        raise ConfigError("extraction.autocast", f"unknown autocast '{autocast}'", f"use {', '.join(AUTOCAST)}")
+
+
+def autocast_context(autocast: str, device: torch.device):
+    """``extraction.autocast`` for a forward pass, applied the same way on every route (score store,
+    streamed moments, recomputed scores): on CUDA only; on CPU the pass runs in float32."""
+    amp = AUTOCAST[autocast]
+    return torch.autocast(device.type, dtype=amp, enabled=amp is not None and device.type == "cuda")
+
+
+def autocast_attrs(autocast: str, device: torch.device) -> dict:
+    """The store attrs of ``extraction.autocast``: ``autocast``, what the scores were computed with
+    (none off CUDA), and ``autocast_requested``, the configured value the readers check."""
+    return {"autocast": autocast if device.type == "cuda" else "none", "autocast_requested": autocast}
 
 
 # Tokens the streamed route's equivalence probe runs over (see prepare_capture).

@@ -24,7 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eigenattn.capture.extract import STREAM_PROBE_LEN, capture_attrs, check_batch, prepare_capture, write_sinks
+from eigenattn.capture.extract import (
+    STREAM_PROBE_LEN,
+    autocast_context,
+    capture_attrs,
+    check_autocast,
+    check_batch,
+    prepare_capture,
+    write_sinks,
+)
 from eigenattn.capture.interface import ScoreCapture, StopForward, capturing
 from eigenattn.capture.masks import layer_masks
 from eigenattn.capture.probe import PROBE_SEQUENCES, equivalence_probe, load_capture_model
@@ -47,11 +55,15 @@ def extract_tokens(
     chunk_sequences: int,
     dtype_requested: str,
     device,
+    autocast: str = "none",
     attrs: dict | None = None,
     check_facts=None,
 ) -> dict:
     """A token store for ``texts`` at ``out_path``: the model is loaded, the passages tokenized and
-    the equivalence probe run exactly as for a score store, but only tokens and attrs are written."""
+    the equivalence probe run exactly as for a score store, but only tokens and attrs are written.
+    ``autocast``: ``extraction.autocast``, recorded as ``autocast_requested``; the readers apply it
+    as extraction does (on CUDA only) when they recompute the scores."""
+    check_autocast(autocast)
     prep = prepare_capture(
         model_dir,
         texts,
@@ -81,6 +93,9 @@ def extract_tokens(
                 "model_dir": str(model_dir),
                 "dtype": "float32",
                 "dtype_requested": dtype_requested,
+                # applied where the scores are recomputed (none off CUDA), as in extraction
+                "autocast": autocast,
+                "autocast_requested": autocast,
                 "chunk_sequences": int(chunk_sequences),
                 "equivalence_probe": prep.probe.summary("float32", prep.keep),
                 "definition": "tokens of a split without its scores: readers recompute the float32 scores "
@@ -132,6 +147,9 @@ class RecomputedScores:
         chunk = int(attrs.get("chunk_sequences", 8))
         self.chunks = (chunk, 1, self.shape[2], n, n)
         self.device = torch.device(device)
+        # extraction.autocast, applied as extraction applies it (on CUDA only)
+        self.autocast = str(attrs.get("autocast_requested", "none"))
+        check_autocast(self.autocast)
         self._model = None
         self._probe = None
         self._lock = threading.Lock()  # Dask's threads share one model
@@ -186,7 +204,7 @@ class RecomputedScores:
                 cap = _Recapture(computed, set(want))
                 cap.stop_after = max(want)
                 try:
-                    with capturing(cap):
+                    with capturing(cap), autocast_context(self.autocast, self.device):
                         model(input_ids=batch, attention_mask=torch.ones_like(batch))
                 except StopForward:
                     pass

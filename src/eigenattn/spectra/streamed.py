@@ -29,7 +29,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from eigenattn.capture.extract import STREAM_PROBE_LEN, capture_attrs, check_batch, prepare_capture
+from eigenattn.capture.extract import (
+    STREAM_PROBE_LEN,
+    autocast_attrs,
+    autocast_context,
+    capture_attrs,
+    check_autocast,
+    check_batch,
+    prepare_capture,
+)
 from eigenattn.capture.interface import ScoreCapture, StopForward, capturing
 from eigenattn.config.views import view_slices
 from eigenattn.errors import ConfigError, InputError
@@ -167,6 +175,7 @@ def stream_moments(
     split_sequence: int,
     batch_size: int,
     device,
+    autocast: str = "none",
     attrs: dict | None = None,
     check_facts=None,
     progress: bool = True,
@@ -175,7 +184,9 @@ def stream_moments(
     a new moments store at ``out_path``; no score is written. ``first_index``: the global index of
     the shard's first sequence, ``split_sequence``: the first sequence of half b
     (:func:`eigenattn.config.plan.fit_halves_split`). The model passes the same equivalence probe as for a
-    score store. Returns timings and sizes."""
+    score store. ``autocast``: ``extraction.autocast``, applied as in extraction (on CUDA only).
+    Returns timings and sizes."""
+    check_autocast(autocast)
     prep = prepare_capture(
         model_dir,
         texts,
@@ -212,7 +223,7 @@ def stream_moments(
                     batch = batch.pin_memory().to(prep.device, non_blocking=True)
                 cap.begin(first_index + start)
                 try:
-                    with capturing(cap):
+                    with capturing(cap), autocast_context(autocast, prep.device):
                         prep.model(input_ids=batch, attention_mask=torch.ones_like(batch))
                 except StopForward:
                     pass
@@ -247,6 +258,7 @@ def stream_moments(
                 "split_sequence": int(split_sequence),
                 "dtype": "float32",
                 "dtype_requested": "streamed",
+                **autocast_attrs(autocast, prep.device),
                 "equivalence_probe": prep.probe.summary("float32", probe_keep),
                 "definition": "packed float64 moments of the raw rows S[i, keys] of the view's queries, per "
                 "layer and head: [0] count, [1] mean, [2:] M2 = Σ (x − mean)(x − mean)ᵀ, for the sequences "
@@ -289,12 +301,16 @@ def merge_moment_files(paths, view: str, variants, expect: dict | None = None) -
                     "re-run the stream_moments rules (snakemake --forcerun stream_moments)",
                 )
         first = first or a
-        if (a["seq_len"], a["split_sequence"], a["layer_group"][1]) != (
+        if (a["seq_len"], a["split_sequence"], a["layer_group"][1], a.get("autocast"), a.get("autocast_requested")) != (
             first["seq_len"],
             first["split_sequence"],
             first["layer_group"][1],
+            first.get("autocast"),
+            first.get("autocast_requested"),
         ):
-            raise InputError(p, "was written with another seq_len, split or layer grouping", "re-run stream_moments")
+            raise InputError(
+                p, "was written with another seq_len, split, layer grouping or autocast", "re-run stream_moments"
+            )
         groups.setdefault(int(a["layer_group"][0]), []).append((a, root))
     if not groups:
         raise InputError("streamed moments", "no moments stores given", "run the stream_moments rules first")

@@ -205,11 +205,17 @@ def _checked_arrays(shards: list[str | Path], expect: dict | None, recompute=Non
                 )
         if attrs is None:
             attrs = a
-        elif (a["layers"], a["heads"], a["seq_len"]) != (attrs["layers"], attrs["heads"], attrs["seq_len"]):
+        elif (a["layers"], a["heads"], a["seq_len"], a.get("autocast"), a.get("autocast_requested")) != (
+            attrs["layers"],
+            attrs["heads"],
+            attrs["seq_len"],
+            attrs.get("autocast"),
+            attrs.get("autocast_requested"),
+        ):
             raise InputError(
                 p,
-                f"layers/heads/seq_len differ from {shards[0]}",
-                "pass shards of one extraction (same model, layers and seq_len), or re-run it",
+                f"layers/heads/seq_len/autocast differ from {shards[0]}",
+                "pass shards of one extraction (same model, layers, seq_len and autocast), or re-run it",
             )
         if token_store:
             arrays.append(recompute(p, a))
