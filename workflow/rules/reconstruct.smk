@@ -42,8 +42,10 @@ rule plugin_eval_model:
         model=model_dir,
         rows=plugin_rows,
         heldout=heldout_shards,
+        passages=passages(),
     output:
-        "results/plugin/{model}.csv",
+        table="results/plugin/{model}.csv",
+        sequences="results/plugin/{model}.sequences.csv",
     log:
         "logs/plugin_eval/{model}.log",
     benchmark:
@@ -70,7 +72,7 @@ rule plugin_eval:
 
 
 rule plan_model:
-    """Per-head plans of one model (fit split) at every budget and damage, judged inside the model on held-out sequences."""
+    """Per-head plans of one model (fit split) at every budget and damage, judged inside the model on held-out documents against the single methods at equal cost."""
     input:
         model=model_dir,
         rows=plugin_rows,
@@ -78,6 +80,7 @@ rule plan_model:
         plugin=rules.plugin_eval_model.output[0],
         fit=fit_shards,
         heldout=heldout_shards,
+        passages=passages(),
         per_input=plan_per_input,
     output:
         plans=directory("results/plans/{model}/plans"),

@@ -1,18 +1,32 @@
 """C5, beyond the paper (docs/method.md §13): "a per-head plan beats the best single method at equal
 cost", one row per model, budget and damage, from the plans job's summary.
 
-The comparison is paired over held-out sequences (the independent unit): per sequence, the single
-method's mean NLL minus the plan's (causal), or the plan's embedding cosine minus the single
-method's (encoder); positive means the plan is better. Student-t 95% interval over sequences.
+The comparator is every single method of the plan's own candidate grid run in the whole model at
+the largest s whose cost is at most the plan's, the best of them chosen on the **fit** split
+(:func:`eigenattn.reconstruction.plan_eval.best_single`); its cost as a share of the plan's is
+``single_cost_ratio``, and that of the dearest single method the grid holds at ≤ the plan's cost
+is ``grid_cost_ratio``. The comparison is paired per held-out sequence and resampled by
+**document** (the independent unit, docs/method.md §9): per sequence, the single method's mean NLL
+minus the plan's (causal), or the plan's embedding cosine minus the single method's (encoder),
+averaged within each document; Student's t over the documents (J − 1 degrees of freedom). Positive
+means the plan is better. The rows of one model are one family: their p-values are adjusted by
+Holm's method (``p_holm``).
 
-- supported: the interval's lower end is above 0;
-- not supported: its upper end is at or below 0 (the plan is no better: for example the plan *is*
-  the single method, when one method is best for every head);
-- inconclusive: the interval contains 0 with room above it, or no single method costs as little
-  as the plan (nothing to compare at equal cost).
+- supported: the interval's lower end is above 0, Holm's adjusted p is below ``ALPHA``, and the
+  grid allows an equal-cost comparison (``grid_cost_ratio`` ≥ ``EQUAL_COST``: some single method
+  within 10% of the plan's cost was a candidate; the comparator may be cheaper when it did better
+  on the fit split);
+- not supported: the interval's upper end is at or below 0 (the plan, costing at least as much,
+  is no better: for example the plan *is* the single method, when one method is best for every
+  head);
+- inconclusive: anything else: the interval contains 0 with room above it; the plan wins but not
+  after Holm's adjustment; the plan wins but the plan's grid has no single method within
+  ``EQUAL_COST`` of its cost, so a win may be bought with the extra cost; or no single method
+  costs as little as the plan.
 
 Each row also states the share of the gap between the single method and exact that the plan
-recovers.
+recovers (undefined, with the reason, when the single method is within noise of exact), and the
+number of documents it rests on.
 """
 
 from __future__ import annotations
@@ -22,13 +36,61 @@ import math
 import pandas as pd
 
 from eigenattn.claims.verdicts import make_row
+from eigenattn.reconstruction.intervals import holm
+
+ALPHA = 0.05
+EQUAL_COST = 0.9
+
+
+def _num(r, name, default=math.nan) -> float:
+    v = getattr(r, name, default)
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def _family_p(df: pd.DataFrame) -> pd.Series:
+    """Holm-adjusted p of each row, over the judged rows of each model (the summary's own ``p_holm``
+    where it has one)."""
+    if "p_holm" in df and df["p_holm"].notna().any():
+        return df["p_holm"].astype(float)
+    if "p_value" not in df:
+        return pd.Series(math.nan, index=df.index)
+    out = pd.Series(math.nan, index=df.index)
+    for _, g in df.groupby("model"):
+        out.loc[g.index] = holm(g["p_value"].astype(float).to_numpy())
+    return out
+
+
+def c5_state(low: float, high: float, p_holm: float, grid_ratio: float, family: int) -> tuple[str, str]:
+    """(state, verdict) of one C5 row (the module docstring's rules). ``grid_ratio``: the cost of the
+    dearest single method of the plan's grid at ≤ the plan's cost, as a share of the plan's."""
+    if high <= 0:
+        return "not supported", "the plan is no better than the best single method at ≤ its cost"
+    if not low > 0:
+        return "inconclusive", "the paired interval over documents contains no difference"
+    if not grid_ratio >= EQUAL_COST:
+        return "inconclusive", (
+            f"the plan beats the best single method, but no single method of the plan's grid costs within "
+            f"{EQUAL_COST:.0%} of the plan (the dearest: {grid_ratio:.2f} of it), so this is not an equal-cost "
+            "comparison"
+        )
+    if not p_holm < ALPHA:
+        return "inconclusive", (
+            f"the interval excludes 0, but not after Holm's adjustment over the model's {family} C5 rows "
+            f"(adjusted p = {p_holm:.2g})"
+        )
+    return "supported", "the plan beats the best single method at equal cost"
 
 
 def c5_rows(summaries) -> list[dict]:
     rows = []
     for path in summaries:
         df = pd.read_csv(path)
-        for r in df.itertuples():
+        adjusted = _family_p(df)
+        family = int(df["p_value"].notna().sum()) if "p_value" in df else len(df)
+        for i, r in zip(df.index, df.itertuples()):
             common = {
                 "model": r.model,
                 "view": f"plug-in ({r.view})",
@@ -37,48 +99,60 @@ def c5_rows(summaries) -> list[dict]:
                 if not pd.isna(r.cost_share)
                 else f"budget {r.budget:g} of exact attention MACs",
                 "quantity": (
-                    "paired Δ mean NLL per sequence (single − plan)"
+                    "paired Δ mean NLL per document (single − plan)"
                     if r.metric == "perplexity"
-                    else "paired Δ embedding cosine per sequence (plan − single)"
+                    else "paired Δ embedding cosine per document (plan − single)"
                 ),
             }
+            n_docs = _num(r, "n_documents")
+            common["n_documents"] = int(n_docs) if math.isfinite(n_docs) else None
             note, single = getattr(r, "note", None), getattr(r, "single_method", None)
+            note = note if isinstance(note, str) else ""
             unjudged = None
-            if isinstance(note, str) and note and pd.isna(r.plan_value):
+            if note and pd.isna(r.plan_value):
                 unjudged = note
             elif single is None or (isinstance(single, float) and math.isnan(single)):
-                unjudged = "no single method of the plug-in costs as little as the plan, so none can be compared"
+                unjudged = "no single method of the plan's candidate grid costs as little as the plan: none to compare"
             if unjudged is not None:
                 row = {"value": float("nan"), "spread": "", "state": "inconclusive", "verdict": unjudged}
                 rows.append(make_row("C5", path, **common, **row, caveat=""))
                 continue
             low, high = float(r.paired_low), float(r.paired_high)
-            if low > 0:
-                state, verdict = "supported", "the plan beats the best single method at ≤ its cost"
-            elif high <= 0:
-                state, verdict = "not supported", "the plan is no better than the best single method at ≤ its cost"
-            else:
-                state, verdict = "inconclusive", "the paired interval contains no difference"
-            gap = float(r.gap_recovered)
+            ratio = _num(r, "single_cost_ratio")
+            if not math.isfinite(ratio):  # an older summary: the ratio from its two costs
+                ratio = float(r.single_cost_share) / float(r.cost_share)
+            grid_ratio = _num(r, "grid_cost_ratio", ratio)
+            grid_ratio = grid_ratio if math.isfinite(grid_ratio) else ratio
+            p_holm = float(adjusted.loc[i])
+            state, verdict = c5_state(low, high, p_holm, grid_ratio, family)
+            gap = _num(r, "gap_recovered")
+            gap_text = f"{gap:.0%} of the gap to exact recovered" if math.isfinite(gap) else "gap recovered undefined"
             verdict += (
-                f"; vs {r.single_method}/{r.single_strategy} s={int(r.single_s)} "
-                f"(cost {r.single_cost_share:.3f}): {r.metric} {r.plan_value:.4f} against {r.single_value:.4f} "
-                f"(exact {r.exact_value:.4f}), {gap:.0%} of the gap to exact recovered"
+                f"; vs {r.single_method}/{r.single_strategy} s={int(r.single_s)} (cost {r.single_cost_share:.3f}, "
+                f"{ratio:.2f} of the plan's; chosen on the fit split): {r.metric} {r.plan_value:.4f} against "
+                f"{r.single_value:.4f} (exact {r.exact_value:.4f}), {gap_text}"
             )
+            docs = f"{int(n_docs)} documents" if math.isfinite(n_docs) else f"{int(r.n_sequences)} sequences"
+            caveats = [
+                "plans chosen on fit-split TV per head (in-sample for the paper estimators' fitted maps); the "
+                "comparator is the best on fit passages of every single method at the largest s of the plan's "
+                "grid within its cost"
+            ]
+            if note:
+                caveats.append(note)
             rows.append(
                 make_row(
                     "C5",
                     path,
                     **common,
                     value=float(r.paired_diff),
-                    spread=f"95% CI {low:+.4f}…{high:+.4f} over {int(r.n_sequences)} sequences",
+                    spread=(
+                        f"95% CI {low:+.4f}…{high:+.4f} over {docs} ({int(r.n_sequences)} sequences); "
+                        f"Holm-adjusted p {p_holm:.2g} over {family} rows"
+                    ),
                     state=state,
                     verdict=verdict,
-                    caveat=(
-                        "chosen on fit-split TV per head (in-sample for the paper estimators' fitted maps); the "
-                        "single method is the plug-in's best at ≤ the plan's cost on the same held-out sequences, "
-                        "on the plug-in's s grid (favours the single method)"
-                    ),
+                    caveat="; ".join(caveats),
                 )
             )
     return rows

@@ -11,6 +11,7 @@ from eigenattn.claims.verdicts import BASELINES, iqr, make_row, nearest_measured
 from eigenattn.config.settings import ClaimThresholds
 from eigenattn.errors import InputError
 from eigenattn.reconstruction.cost import ORACLES, PAPER, PEERS
+from eigenattn.reconstruction.intervals import DocumentInterval, paired_interval, sequences_path
 
 # --------------------------------------------------------------------------------------------- C3
 
@@ -228,6 +229,7 @@ def c3_rows(recon, plugin, thresholds: ClaimThresholds) -> list[dict]:
         out += peer_rows(whole, p, model, view, sz, be, bs, thresholds, chosen_peers)
     for p in plugin:
         pl = pd.read_csv(p)
+        seqs = plugin_sequences(p)
         sz = nearest_measured(pl.subset_size, thresholds.s_report)
         x = pl[pl.subset_size == sz]
         model, metric = x.model.iloc[0], x.metric.iloc[0]
@@ -246,10 +248,12 @@ def c3_rows(recon, plugin, thresholds: ClaimThresholds) -> list[dict]:
                     continue
                 b = next(base.itertuples())
                 gain = 1.0 - damage(r) / damage(b) if damage(b) > 0 else 0.0
-                ok = gain >= thresholds.c3_min_gain
+                iv = damage_interval(seqs, b, r, metric)
+                state, verdict, how = _plugin_state(gain, damage(b), iv, base_est, thresholds)
                 value = float(r.ratio if metric == "perplexity" else r.value)
                 bval = float(b.ratio if metric == "perplexity" else b.value)
                 quantity = "perplexity / exact" if metric == "perplexity" else "embedding cosine to exact"
+                choice = "the method was chosen on the fit split" if pick else "no fit-split choice for this view"
                 out.append(
                     make_row(
                         "C3",
@@ -261,24 +265,88 @@ def c3_rows(recon, plugin, thresholds: ClaimThresholds) -> list[dict]:
                         scope=f"plug-in, vs {base_est}",
                         quantity=quantity,
                         value=value,
-                        spread=f"{base_est} {bval:.3f}; {gain:.0%} of its damage removed",
-                        state="supported" if ok else "not supported",
-                        verdict=(f"beats {base_est} inside the model" if ok else f"no clear gain over {base_est}"),
-                        caveat="one evaluation set, no interval; the method was chosen on the fit split"
-                        if pick
-                        else "one evaluation set, no interval; no fit-split choice for this view",
+                        spread=f"{base_est} {bval:.3f}; {gain:.0%} of its damage removed{_iv_text(iv)}",
+                        n_documents=None if iv is None else iv.n_documents,
+                        state=state,
+                        verdict=verdict,
+                        caveat="; ".join([how, choice]),
                     )
                 )
             view = "prefix" if metric == "perplexity" else "all"  # the plug-in's view (docs/method.md §7)
-            out += plugin_peer_rows(pl, p, r, sz, damage, thresholds, chosen_peers.get((model, view)))
+            out += plugin_peer_rows(pl, p, r, sz, damage, thresholds, chosen_peers.get((model, view)), seqs)
     return out
 
 
-def plugin_peer_rows(pl: pd.DataFrame, path, r, sz, damage, t: ClaimThresholds, fit_peer=None) -> list[dict]:
+NO_SEQUENCES = "one evaluation set, no interval (the plug-in wrote no per-sequence values)"
+
+
+def plugin_sequences(path) -> pd.DataFrame | None:
+    """The per-sequence values beside a plug-in table, or None (a table from before they were kept)."""
+    sp = sequences_path(path)
+    return pd.read_csv(sp, dtype={"document": str}, keep_default_na=False) if sp.is_file() else None
+
+
+def _per_sequence(seqs: pd.DataFrame, est, st, s) -> pd.DataFrame:
+    x = seqs[(seqs.estimator == est) & (seqs.strategy.astype(str) == str(st)) & (seqs.subset_size == int(s))]
+    return x.sort_values("sequence")
+
+
+def damage_interval(seqs, worse, better, metric) -> DocumentInterval | None:
+    """How much less damage ``better`` (a plug-in row) does than ``worse`` per sequence, averaged
+    within each document, with Student's t over documents (positive: ``better`` does less). Damage:
+    the excess NLL over exact's on the same sequence (causal), or 1 − cosine (encoder). None without
+    per-sequence values."""
+    if seqs is None:
+        return None
+    a = _per_sequence(seqs, worse.estimator, worse.strategy, worse.subset_size)
+    b = _per_sequence(seqs, better.estimator, better.strategy, better.subset_size)
+    if not len(a) or len(a) != len(b) or not np.array_equal(a.sequence.to_numpy(), b.sequence.to_numpy()):
+        return None
+    docs = a.document.astype(str).to_numpy()
+    if not all(docs):  # no document labels: every sequence is its own document
+        docs = None
+    # the exact model's value cancels in the paired difference of damages (same sequences)
+    if metric == "perplexity":
+        return paired_interval(a.value.to_numpy(), b.value.to_numpy(), docs)
+    return paired_interval(b.value.to_numpy(), a.value.to_numpy(), docs)
+
+
+def _iv_text(iv) -> str:
+    if iv is None:
+        return ""
+    return (
+        f"; Δ damage {iv.estimate:+.4f} per document (95% CI {iv.low:+.4f}…{iv.high:+.4f} over "
+        f"{iv.n_documents} documents, {iv.n_sequences} sequences)"
+    )
+
+
+def _plugin_state(gain, base_damage, iv, base_est, t: ClaimThresholds) -> tuple[str, str, str]:
+    """(state, verdict, caveat) of a plug-in row against a baseline: supported when the method removes
+    ≥ c3_min_gain of the baseline's damage and the interval over documents excludes no gain;
+    not supported when the interval rules that gain out; inconclusive in between."""
+    ok = gain >= t.c3_min_gain
+    if iv is None:  # no per-sequence values: the point values alone, as before they were kept
+        state = "supported" if ok else "not supported"
+        verdict = f"beats {base_est} inside the model" if ok else f"no clear gain over {base_est}"
+        return state, verdict, NO_SEQUENCES
+    how = "paired per sequence, averaged within documents, Student's t over documents"
+    if base_damage <= 0:
+        return "not supported", f"{base_est} does no damage inside the model: nothing to remove", how
+    if ok and iv.low > 0:
+        return "supported", f"beats {base_est} inside the model", how
+    if iv.high < t.c3_min_gain * base_damage:
+        return "not supported", f"no gain of {t.c3_min_gain:.0%} over {base_est} (the interval rules it out)", how
+    verdict = f"the interval over documents cannot tell whether it removes {t.c3_min_gain:.0%} of {base_est}'s damage"
+    return "inconclusive", verdict, how
+
+
+def plugin_peer_rows(pl: pd.DataFrame, path, r, sz, damage, t: ClaimThresholds, fit_peer=None, seqs=None) -> list[dict]:
     """A paper method inside the model (plug-in row ``r``) against a non-oracle peer at equal or
     lower cost, and against the top-k oracle at the same s (reference). The peer is the one chosen on
     the fit split for this model's plug-in view (``fit_peer``: (peer, s)) when the plug-in measured
-    it within the cost; else the best one on the plug-in's own evaluation set, which favours it."""
+    it within the cost; else the best one on the plug-in's own evaluation set, which favours it.
+    ``seqs``: the plug-in's per-sequence values; the verdict then also needs the paired interval over
+    documents to exclude 0 on the winner's side."""
     if "attn_macs" not in pl.columns or not pl.estimator.isin(PEERS).any():
         return []
     metric = pl.metric.iloc[0]
@@ -287,6 +355,7 @@ def plugin_peer_rows(pl: pd.DataFrame, path, r, sz, damage, t: ClaimThresholds, 
     common = {"model": r.model, "view": "plug-in", "s": sz, "method": f"{r.estimator}/{r.strategy}"}
     peers = pl[pl.estimator.isin(PEERS) & ~pl.estimator.isin(ORACLES) & (pl.attn_macs <= r.attn_macs)]
     out = []
+    iv = None
     if not len(peers):
         how = ""
         state, verdict, spread, scope = (
@@ -311,15 +380,21 @@ def plugin_peer_rows(pl: pd.DataFrame, path, r, sz, damage, t: ClaimThresholds, 
         )
         dm, dp = damage(r), damage(b)
         name = b.estimator if b.strategy == "-" else f"{b.estimator}/{b.strategy}"
-        if dp > 0 and 1 - dm / dp >= t.c3_min_gain:
+        iv = damage_interval(seqs, b, r, metric)  # positive: the method does less damage than the peer
+        mine = dp > 0 and 1 - dm / dp >= t.c3_min_gain and (iv is None or iv.low > 0)
+        theirs = dm > 0 and 1 - dp / dm >= t.c3_min_gain and (iv is None or iv.high < 0)
+        if mine:
             state, verdict = "supported", f"less damage than {name} at equal or lower cost"
-        elif dm > 0 and 1 - dp / dm >= t.c3_min_gain:
+        elif theirs:
             state = "not supported"
             verdict = f"{name} (s={b.subset_size}) does less damage at equal or lower cost"
+        elif iv is not None and (dp > 0 and 1 - dm / dp >= t.c3_min_gain or dm > 0 and 1 - dp / dm >= t.c3_min_gain):
+            state, verdict = "inconclusive", "one does less damage, but the interval over documents contains 0"
         else:
             state, verdict = "inconclusive", f"within {t.c3_min_gain:.0%} of each other's damage"
-        spread = f"{name} s={b.subset_size}: {show(b):.3f} ({b.cost_share:.2f} of exact)"
+        spread = f"{name} s={b.subset_size}: {show(b):.3f} ({b.cost_share:.2f} of exact){_iv_text(iv)}"
         scope = f"plug-in, vs the best peer at ≤ its cost ({r.cost_share:.2f} of exact): {name} s={b.subset_size}"
+    first = NO_SEQUENCES if iv is None else "paired per sequence, averaged within documents, Student's t over documents"
     out.append(
         make_row(
             "C3",
@@ -329,9 +404,10 @@ def plugin_peer_rows(pl: pd.DataFrame, path, r, sz, damage, t: ClaimThresholds, 
             quantity=quantity,
             value=show(r),
             spread=spread,
+            n_documents=None if iv is None else iv.n_documents,
             state=state,
             verdict=verdict,
-            caveat="; ".join(x for x in ("one evaluation set, no interval", how) if x),
+            caveat="; ".join(x for x in (first, how) if x),
         )
     )
     oracle = pl[pl.estimator.isin(ORACLES) & (pl.subset_size == sz)]

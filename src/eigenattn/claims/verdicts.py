@@ -18,6 +18,7 @@ COLUMNS = [
     "quantity",
     "value",
     "spread",
+    "n_documents",
     "state",
     "role",
     "verdict",
@@ -56,7 +57,9 @@ ROLES = ("headline", "supporting", "")
 def make_row(claim, source, **kw) -> dict:
     """A claims row; ``role`` is "headline" for the row that answers its claim for a model and view,
     "supporting" for the other rows of that model and view (C1), and empty where every row answers
-    for its own scope. Keys starting with an underscore are bookkeeping, not columns."""
+    for its own scope. ``n_documents``: how many held-out documents an in-model interval rests on
+    (C3's plug-in rows, C5; empty elsewhere). Keys starting with an underscore are bookkeeping, not
+    columns."""
     return {"claim": claim, "source": str(source), "role": "", **kw}
 
 

@@ -6,7 +6,7 @@
     from eigenattn.reconstruction.plan_attention import apply_plan, load_for_plans
     model = load_for_plans("path/to/model", causal=True)          # the "partial" attention backend
     apply_plan(model, "results/plans/smollm2/plans/tv-0.3.json", rows_store="results/eigen/smollm2/prefix/rows.zarr")
-    model(input_ids)                                                 # every head runs its planned method
+    model(input_ids)          # (batch, seq_len) token ids, exactly the plan's seq_len: every head runs its method
 
 Each attention layer with a plan carries a :class:`LayerPlan`: its heads split into groups that
 share a method. A group runs exactly the code that runs the method for a whole layer, on its own
@@ -89,10 +89,34 @@ def layer_plans(plan: Plan, stats=None) -> dict[int, LayerPlan]:
 
 
 def apply_plan(model, plan, rows_store=None, stats=None) -> dict[int, LayerPlan]:
-    """Run ``plan`` (a :class:`Plan` or a plan file) in ``model``: each planned head runs its method,
-    heads and layers outside the plan stay exact. The model must use the ``partial`` attention
-    backend (:func:`load_for_plans`, or ``attn_implementation=register()``). Returns the layer plans;
-    :func:`eigenattn.reconstruction.partial.detach` removes them."""
+    """Run ``plan`` in ``model``: each planned head runs its method, heads and layers outside the
+    plan stay exact. Returns the layer plans; :func:`eigenattn.reconstruction.partial.detach`
+    removes them (the model is then exact again).
+
+    Arguments:
+
+    - ``model``: the plan's own pretrained ``transformers`` model (same layers and heads), loaded
+      on the ``partial`` attention backend: :func:`load_for_plans`, or ``from_pretrained(...,
+      attn_implementation=eigenattn.reconstruction.partial.register())``.
+    - ``plan``: a :class:`eigenattn.reconstruction.plans.Plan`, or the path of a plan file
+      (``results/plans/{model}/plans/{damage}-{budget}.json``, docs/data-contract.md).
+    - ``rows_store``: the path of the plan's view's ``rows.zarr``
+      (``results/eigen/{model}/{view}/rows.zarr``), the fit split's per-head row statistics
+      (μ, U, Λ). **Needed when any head runs a paper estimator or baseline** (eigenspace,
+      conditional_gaussian, mean, subset_only): their maps are refitted from it when the plan is
+      applied. A plan of exact and peers only (nystrom, vertical_slash, sink_window) needs neither
+      this nor ``stats``. An InputError names the layer and heads that need it.
+    - ``stats``: the same statistics already opened, an
+      :class:`eigenattn.spectra.stores.RowStats` (the pipeline passes its own; give one of
+      ``rows_store`` or ``stats``, not both). Its model, view and length must be the plan's.
+
+    **Inputs must be exactly ``plan.seq_len`` tokens** (the sampled passages' length,
+    ``sampling.seq_len``): the view's query and key ranges, the subset positions of the paper
+    estimators and the peers' windows are fixed positions of a sequence of that length. Tokenise
+    each passage with the model's tokenizer, truncated to ``seq_len`` and without padding (as
+    :func:`eigenattn.corpus.passages.tokenize_passages` does), and call ``model(input_ids=ids)`` with
+    ``ids`` of shape (batch, seq_len), no KV cache; every approximated head refuses another length
+    with an InputError."""
     if not isinstance(plan, Plan):
         plan = read_plan(plan)
     if stats is None and rows_store is not None:

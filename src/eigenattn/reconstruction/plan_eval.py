@@ -1,6 +1,6 @@
 """The plans job of one model (docs/method.md §13): measure each head on the fit split, choose a
-plan per budget and damage, and judge every plan inside the whole model on held-out sequences
-against the best single method at a cost at most the plan's, paired per sequence.
+plan per budget and damage, and judge every plan inside the whole model on held-out documents
+against the best single method at equal cost.
 
 1. **Fit side** (the choice): the reconstruction table's fit rows give each candidate's TV per
    head; a :class:`HeadProbe` pass over ``plans.sensitivity_sequences`` fit sequences gives each
@@ -9,17 +9,26 @@ against the best single method at a cost at most the plan's, paired per sequence
    Hutchinson's estimator with ``plans.probe_vectors`` random directions) and its attention mass
    on the sinks and on the diagonal, and its entropy.
 2. **Solve** :func:`eigenattn.reconstruction.plans.make_plan` for each budget and damage.
-3. **Held-out side** (the judgement): per sequence, the metric of the exact model, each plan, and
-   each plan's best single method. The single method is the plug-in table's best method (oracles
-   excluded) whose cost share is at most the plan's: chosen by its held-out plug-in value, the
-   strongest cheap baseline.
+3. **The comparator, at equal cost and chosen on the fit split.** For each plan, every single
+   method of the plan's own candidate grid (each paper estimator with its strategy, each peer)
+   runs in the whole model at the largest s whose cost share is at most the plan's
+   (:func:`equal_cost_singles`). Each runs on ``plugin.n_sequences`` **fit** passages (spread
+   over documents); the best of them there is the comparator (:func:`best_single`). The held-out
+   text never chooses it. Its cost as a share of the plan's is reported (``single_cost_ratio``),
+   beside that of the dearest single method the grid holds at ≤ the plan's cost
+   (``grid_cost_ratio``): below ``EQUAL_COST`` the grid cannot match the plan's cost, and the row
+   says so.
+4. **Held-out side** (the judgement): ``plugin.n_sequences`` held-out passages spread over
+   documents; per sequence, the metric of the exact model, each plan and its comparator. The
+   paired difference is averaged within each document and judged with Student's t over documents
+   (:mod:`eigenattn.reconstruction.intervals`); the rows of one model are a family, adjusted by
+   Holm (``p_holm``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 
 import numpy as np
@@ -28,16 +37,19 @@ import torch
 from scipy import stats as sps
 from tqdm.auto import tqdm
 
+from eigenattn.reconstruction.cost import ORACLES
+from eigenattn.reconstruction.intervals import DocumentInterval, holm, paired_interval
 from eigenattn.reconstruction.partial import PROBE_ATTR, attention_modules, detach
 from eigenattn.reconstruction.plan_attention import HeadProbe, apply_plan
-from eigenattn.reconstruction.plans import Plan, candidates, make_plan, plan_table, uniform_plan, write_plan
-from eigenattn.reconstruction.plugin import heldout_ids, load
+from eigenattn.reconstruction.plans import EXACT, Plan, candidates, make_plan, plan_table, uniform_plan, write_plan
+from eigenattn.reconstruction.plugin import heldout_ids, heldout_selection, load
 from eigenattn.spectra.rows import explained_variance, k_at
 from eigenattn.storage.store import open_store
 
 log = logging.getLogger(__name__)
 
 FEATURES = ["k90_share", "per_input_quarter", "sink_mass", "diagonal_mass", "entropy", "sensitivity"]
+EQUAL_COST = 0.9  # a comparator costing less than this share of the plan is not at equal cost
 SUMMARY_COLUMNS = [
     "model",
     "view",
@@ -51,12 +63,21 @@ SUMMARY_COLUMNS = [
     "single_strategy",
     "single_s",
     "single_cost_share",
+    "single_cost_ratio",
+    "grid_cost_ratio",
+    "single_fit_value",
     "single_value",
+    "comparators",
     "gap_recovered",
     "paired_diff",
     "paired_low",
     "paired_high",
+    "p_value",
+    "p_holm",
     "n_sequences",
+    "n_documents",
+    "fit_sequences",
+    "fit_documents",
     "predicted_damage",
     "solver_optimal",
     "families",
@@ -150,24 +171,44 @@ def aggregate(values: np.ndarray, causal: bool) -> float:
     return float(np.exp(values.mean())) if causal else float(values.mean())
 
 
-def paired_interval(better: np.ndarray, worse: np.ndarray, alpha: float = 0.05) -> tuple[float, float, float]:
-    """Mean paired difference ``better − worse`` (positive: the first is better) and its Student-t
-    interval over sequences (the independent unit)."""
-    d = np.asarray(better, float) - np.asarray(worse, float)
-    m = float(d.mean())
-    if len(d) < 2:
-        return m, -math.inf, math.inf
-    se = float(d.std(ddof=1) / math.sqrt(len(d)))
-    q = float(sps.t.ppf(1 - alpha / 2, len(d) - 1))
-    return m, m - q * se, m + q * se
+def equal_cost_singles(table: pd.DataFrame, cost_share: float) -> pd.DataFrame:
+    """Every single method of ``table`` (columns estimator, strategy, subset_size, cost_share; the
+    plan's candidate grid) at the largest s whose cost share is at most ``cost_share``: one row per
+    (estimator, strategy) that has such an s. Oracles and exact are never single methods."""
+    t = table[~table["estimator"].isin([*ORACLES, EXACT])]
+    t = t[t["cost_share"].to_numpy(float) <= cost_share + 1e-12]
+    if t.empty:
+        return t
+    t = t.sort_values(["estimator", "strategy", "subset_size"], kind="stable")
+    return t.groupby(["estimator", "strategy"], sort=False, as_index=False).tail(1).reset_index(drop=True)
 
 
-def best_single(plugin: pd.DataFrame, cost_share: float, causal: bool):
-    """The plug-in table's best single method (no oracle) at cost share ≤ ``cost_share``, or None."""
-    p = plugin[(plugin["family"] != "oracle") & (plugin["cost_share"] <= cost_share + 1e-12)]
-    if p.empty:
+def best_single(table: pd.DataFrame, cost_share: float, causal: bool):
+    """The comparator of a plan costing ``cost_share``: among :func:`equal_cost_singles` of
+    ``table`` (which needs a ``value`` column: each method's **fit**-split value), the lowest
+    perplexity (causal) or highest cosine (encoder); ties go to the dearer. None when no single
+    method costs as little as the plan."""
+    t = equal_cost_singles(table, cost_share)
+    if t.empty:
         return None
-    return p.sort_values("value", ascending=causal, kind="stable").iloc[0]
+    t = t.assign(_v=t["value"] if causal else -t["value"]).sort_values(["_v", "cost_share"], ascending=[True, False])
+    return t.drop(columns="_v").iloc[0]
+
+
+def gap_recovered(plan_value: float, single_value: float, exact_value: float, behind: DocumentInterval):
+    """(share of the gap between the single method and exact that the plan recovers, note).
+
+    ``(single − plan) / (single − exact)`` in the metric's units (perplexity, or cosine with exact
+    at 1). ``behind``: the interval of how far the single method is behind exact per sequence (NLL
+    or cosine); when that distance is within its half-width the single method is within noise of
+    exact, and the share is undefined (NaN, and the note says why)."""
+    if not np.isfinite(behind.estimate) or abs(behind.estimate) <= behind.half_width or single_value == exact_value:
+        note = (
+            f"gap recovered undefined: the single method is within noise of exact "
+            f"(Δ {behind.estimate:+.4g}, 95% half-width {behind.half_width:.4g} over {behind.n_documents} documents)"
+        )
+        return np.nan, note
+    return float((single_value - plan_value) / (single_value - exact_value)), ""
 
 
 def row_k90_share(rows_store, layers) -> pd.DataFrame:
@@ -254,10 +295,13 @@ def run_plans(
     device,
     out_dir,
     per_input: pd.DataFrame | None = None,
+    passages=None,
     progress: bool = True,
 ):
     """Plans for every budget and damage, written to ``out_dir/{damage}-{budget}.json``; returns
-    (summary, heads, predictors, per-sequence values)."""
+    (summary, heads, predictors, per-sequence values). ``passages``: the sampled passages table
+    (path or DataFrame), whose documents are the unit of the intervals and spread the evaluated
+    passages (without it every sequence is its own document)."""
     from pathlib import Path
 
     out_dir = Path(out_dir)
@@ -284,7 +328,8 @@ def run_plans(
     )
     log.info("head probe over %d fit sequences: %.1f s", len(fit_ids), time.perf_counter() - t0)
     sensitivity = probe.set_index(["layer", "head"])["sensitivity"]
-    cands = candidates(recon, methods, sensitivity if "sensitivity" in settings.damages else None)
+    all_heads = [(int(layer), h) for layer in stats.layers for h in range(int(model.config.num_attention_heads))]
+    cands = candidates(recon, methods, sensitivity if "sensitivity" in settings.damages else None, heads=all_heads)
     meta = {
         "model": stats.model,
         "view": stats.view,
@@ -300,6 +345,7 @@ def run_plans(
             "sinks": ps.sinks,
         },
     }
+    metric = "perplexity" if stats.causal else "embedding_cosine"
     plans: list[Plan] = []
     summary = []
     cheapest = float(cands.groupby(["layer", "head"]).cost_share.min().mean())
@@ -311,7 +357,6 @@ def run_plans(
                     "(add smaller reconstruction.subset_sizes, or raise plans.budgets)"
                 )
                 log.warning(note)
-                metric = "perplexity" if stats.causal else "embedding_cosine"
                 summary.append(
                     {"model": stats.model, "view": stats.view, "damage": damage, "budget": budget}
                     | {"metric": metric, "note": note}
@@ -326,71 +371,140 @@ def run_plans(
                 plan.cost_share,
                 json.dumps(_families(plan), sort_keys=True),
             )
-    ids = torch.from_numpy(heldout_ids(heldout_shards, plugin_settings.n_sequences).astype(np.int64)).to(device)
-    stats.check_matches(ids.shape[1], f"held-out tokens {heldout_shards[0]}")
+    held = heldout_selection(heldout_shards, plugin_settings.n_sequences, passages)
+    fit = heldout_selection(fit_shards, plugin_settings.n_sequences, passages)
+    stats.check_matches(held.ids.shape[1], f"held-out tokens {heldout_shards[0]}")
+    log.info(
+        "judged on %d held-out passages from %d documents; comparators chosen on %d fit passages from %d documents",
+        len(held.ids),
+        held.n_documents,
+        len(fit.ids),
+        fit.n_documents,
+    )
+    ids = torch.from_numpy(held.ids.astype(np.int64)).to(device)
+    fit_eval = torch.from_numpy(fit.ids.astype(np.int64)).to(device)
     bs = plugin_settings.batch_size
     exact_raw = per_sequence(model, ids, stats.causal, q0, bs)
     exact = exact_raw if stats.causal else np.ones(len(ids))
     ref = None if stats.causal else exact_raw
+    fit_ref = None if stats.causal else per_sequence(model, fit_eval, stats.causal, q0, bs)
 
-    def run(plan):
+    def run(plan, x, reference):
         try:
             apply_plan(model, plan, stats=stats)
-            return per_sequence(model, ids, stats.causal, q0, bs, exact=ref)
+            return per_sequence(model, x, stats.causal, q0, bs, exact=reference)
         finally:
             detach(model)
 
-    per_seq = {"exact": exact}
+    # the plans' own grid: every non-exact candidate's cost share (the same for every head)
+    grid = (
+        cands[cands["estimator"] != EXACT]
+        .groupby(["estimator", "strategy", "subset_size"], as_index=False)
+        .agg(cost_share=("cost_share", "max"))
+    )
+    per_seq = {"passage_id": held.passage_ids, "document": _labels(held), "exact": exact}
+    fit_values: dict[tuple, float] = {}
     singles: dict[tuple, np.ndarray] = {}
     for plan in tqdm(plans, desc=f"plans {stats.model}", disable=not progress):
-        values = run(plan)
+        values = run(plan, ids, ref)
         per_seq[plan.label()] = values
-        best = best_single(plugin, plan.cost_share, stats.causal)
         rec = {
             "model": stats.model,
             "view": stats.view,
             "damage": plan.damage,
             "budget": plan.budget,
             "cost_share": plan.cost_share,
-            "metric": "perplexity" if stats.causal else "embedding_cosine",
+            "metric": metric,
             "plan_value": aggregate(values, stats.causal),
             "exact_value": aggregate(exact, stats.causal),
             "n_sequences": len(ids),
+            "n_documents": held.n_documents,
+            "fit_sequences": len(fit.ids),
+            "fit_documents": fit.n_documents,
             "predicted_damage": plan.predicted_damage,
             "solver_optimal": plan.solver.get("optimal"),
             "families": json.dumps(_families(plan), sort_keys=True),
             "plan_file": str(out_dir / f"{plan.damage}-{plan.budget:g}.json"),
         }
-        if best is not None:
+        comps = equal_cost_singles(grid, plan.cost_share)
+        notes = []
+        for c in comps.itertuples():
+            key = (c.estimator, str(c.strategy), int(c.subset_size))
+            if key not in fit_values:
+                v = run(uniform_plan(plan, *key, float(c.cost_share)), fit_eval, fit_ref)
+                fit_values[key] = aggregate(v, stats.causal)
+                log.info("single %s/%s s=%d on the fit split: %s %.5f", *key, metric, fit_values[key])
+        comps = comps.assign(
+            value=[
+                fit_values[(e, str(st), int(s))] for e, st, s in comps[["estimator", "strategy", "subset_size"]].values
+            ]
+        )
+        best = best_single(comps, plan.cost_share, stats.causal)
+        if best is None:
+            notes.append("no single method of the plan's candidate grid costs as little as the plan")
+        else:
             key = (best["estimator"], str(best["strategy"]), int(best["subset_size"]))
             if key not in singles:
-                singles[key] = run(uniform_plan(plan, *key, float(best["cost_share"])))
+                singles[key] = run(uniform_plan(plan, *key, float(best["cost_share"])), ids, ref)
                 per_seq[f"single:{key[0]}/{key[1]}/{key[2]}"] = singles[key]
             sv = singles[key]
             single_value = aggregate(sv, stats.causal)
+            docs = held.documents
             # positive = the plan is better: lower NLL (causal), higher cosine (encoder)
-            diff = paired_interval(sv, values) if stats.causal else paired_interval(values, sv)
-            gap = (
-                (single_value - rec["plan_value"]) / (single_value - rec["exact_value"])
-                if single_value != rec["exact_value"]
-                else np.nan
-            )
+            diff = paired_interval(sv, values, docs) if stats.causal else paired_interval(values, sv, docs)
+            behind = paired_interval(sv, exact, docs) if stats.causal else paired_interval(exact, sv, docs)
+            gap, gap_note = gap_recovered(rec["plan_value"], single_value, rec["exact_value"], behind)
+            ratio = float(best["cost_share"]) / plan.cost_share
+            grid_ratio = float(comps["cost_share"].max()) / plan.cost_share
+            if grid_ratio < EQUAL_COST:
+                notes.append(
+                    f"not at equal cost: the plan's grid has no single method within {EQUAL_COST:.0%} of the plan's "
+                    f"cost (the dearest at ≤ it costs {grid_ratio:.2f} of the plan)"
+                )
+            elif ratio < EQUAL_COST:
+                notes.append(
+                    f"the comparator (best on the fit split) costs {ratio:.2f} of the plan; the single methods "
+                    f"within {EQUAL_COST:.0%} of the plan's cost did worse on the fit split"
+                )
+            if gap_note:
+                notes.append(gap_note)
             rec.update(
                 {
                     "single_method": key[0],
                     "single_strategy": key[1],
                     "single_s": key[2],
                     "single_cost_share": float(best["cost_share"]),
+                    "single_cost_ratio": ratio,
+                    "grid_cost_ratio": grid_ratio,
+                    "single_fit_value": float(best["value"]),
                     "single_value": single_value,
                     "gap_recovered": gap,
-                    "paired_diff": diff[0],
-                    "paired_low": diff[1],
-                    "paired_high": diff[2],
+                    "paired_diff": diff.estimate,
+                    "paired_low": diff.low,
+                    "paired_high": diff.high,
+                    "p_value": diff.p,
                 }
             )
-            if abs(single_value - float(best["value"])) > 1e-3 * max(1.0, abs(single_value)):
-                log.warning("single method %s: %.5f here, %.5f in the plug-in table", key, single_value, best["value"])
+            match = plugin[
+                (plugin["estimator"] == key[0])
+                & (plugin["strategy"].astype(str) == key[1])
+                & (plugin["subset_size"] == key[2])
+            ]
+            if len(match) and abs(single_value - float(match["value"].iloc[0])) > 1e-3 * max(1.0, abs(single_value)):
+                log.warning(
+                    "single method %s: %.5f here, %.5f in the plug-in table", key, single_value, match["value"].iloc[0]
+                )
+        rec["comparators"] = json.dumps(
+            {
+                f"{e}/{st}/{s}": [round(float(c), 6), fit_values[(e, str(st), int(s))]]
+                for e, st, s, c in comps[["estimator", "strategy", "subset_size", "cost_share"]].values
+            }
+        )
+        rec["note"] = "; ".join(notes)
         summary.append(rec)
+    summary = pd.DataFrame.from_records(summary, columns=SUMMARY_COLUMNS)
+    # the C5 rows of one model are one family: Holm's adjustment over the judged ones
+    summary["p_holm"] = holm(summary["p_value"].to_numpy(float))
     feats = head_features(probe, row_k90_share(stats.path, stats.layers), per_input)
     if plans:
         heads = pd.concat([plan_table(p) for p in plans], ignore_index=True)
@@ -401,7 +515,12 @@ def run_plans(
         heads = feats.assign(model=stats.model, view=stats.view).iloc[:0]
         pred = pd.DataFrame(columns=["damage", "budget", "heads", "model", "view"])
     seq = pd.DataFrame(per_seq).rename_axis("sequence").reset_index().assign(model=stats.model)
-    return pd.DataFrame.from_records(summary, columns=SUMMARY_COLUMNS), heads, pred, seq
+    return summary, heads, pred, seq
+
+
+def _labels(sel) -> np.ndarray:
+    """The selection's document labels, or the sequence index where they are unknown."""
+    return sel.documents if sel.documents is not None else np.arange(len(sel.ids)).astype(str)
 
 
 def _families(plan: Plan) -> dict:

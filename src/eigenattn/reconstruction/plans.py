@@ -5,12 +5,14 @@ A plan gives every analysed head of a view one candidate: ``exact``, a paper est
 
 - a **cost**: its view MACs as a share of exact attention on the view (the one cost model,
   :mod:`eigenattn.reconstruction.cost`); every head of a view has the same exact cost, so a plan's
-  cost share is the mean of its heads' shares;
+  cost share is the mean of its heads' shares over **every** head of the analysed layers (a head
+  with no finite candidate, or one a hand-made plan does not name, runs exact at cost 1);
 - a **damage** measured on the **fit** split: the head's mean TV on fit rows (the reconstruction
   table's ``split == "fit"`` rows), optionally weighted by the head's sensitivity.
 
 For a budget B the plan minimises the summed damage subject to mean cost share ≤ B: a
-multiple-choice knapsack, solved exactly by :func:`solve` (``scipy.optimize.milp``, HiGHS).
+multiple-choice knapsack, solved exactly by :func:`solve` (``scipy.optimize.milp``, HiGHS; what
+the solver prints on the C-level stdout goes to this module's debug log, not the console).
 
 A plan file is JSON (docs/data-contract.md, "Plans"): the model, the view and its geometry, the
 settings the methods need (ridge, rank, seed, the peers' q_last and sinks), the budget and the
@@ -20,8 +22,13 @@ damage, and one entry per head with its method, strategy, s, cost share, damage 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
+import os
+import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +39,8 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from eigenattn.config.schema import enum
 from eigenattn.errors import ConfigError, InputError
 from eigenattn.reconstruction.cost import ORACLES, PEERS, family
+
+log = logging.getLogger(__name__)
 
 EXACT = "exact"
 PLAN_FORMAT = 1
@@ -72,10 +81,16 @@ class Plan:
     settings: dict  # ridge, rank, seed (paper estimators), q_last, sinks (peers)
     heads: list = field(default_factory=list)  # HeadChoice, in (layer, head) order
     solver: dict = field(default_factory=dict)
+    n_heads: int | None = None  # heads of the analysed layers (None: the heads listed)
 
     @property
     def cost_share(self) -> float:
-        return float(np.mean([h.cost_share for h in self.heads])) if self.heads else 1.0
+        """Mean cost share over every head of the analysed layers: heads the plan does not name run
+        exact (cost 1), as :func:`eigenattn.reconstruction.plan_attention.apply_plan` runs them."""
+        n = max(int(self.n_heads or 0), len(self.heads))
+        if n == 0:
+            return 1.0
+        return float((sum(h.cost_share for h in self.heads) + (n - len(self.heads))) / n)
 
     @property
     def predicted_damage(self) -> float:
@@ -105,6 +120,7 @@ class Plan:
             "cost_share": self.cost_share,
             "predicted_damage": self.predicted_damage,
             "solver": self.solver,
+            "n_heads": max(int(self.n_heads or 0), len(self.heads)),
             "heads": [asdict(h) for h in self.heads],
         }
 
@@ -126,6 +142,7 @@ class Plan:
                 dict(d["settings"]),
                 heads,
                 dict(d.get("solver", {})),
+                d.get("n_heads"),
             )
         except (KeyError, TypeError) as err:
             raise InputError(source, f"not a plan file ({err})", "write plans with write_plan") from err
@@ -163,22 +180,28 @@ def uniform_plan(template: Plan, method: str, strategy: str, s: int, cost_share:
         template.causal,
         dict(template.settings),
         heads,
+        n_heads=template.n_heads,
     )
 
 
-def candidates(recon: pd.DataFrame, methods, sensitivity: pd.Series | None = None) -> pd.DataFrame:
+def candidates(recon: pd.DataFrame, methods, sensitivity: pd.Series | None = None, heads=None) -> pd.DataFrame:
     """Per head, each candidate's cost share and fit damage, from a reconstruction table.
 
     Only rows with ``split == "fit"`` and ``basis_source == "same"`` are read: the choice never sees
     the held-out split. ``methods``: the (estimator, strategy) pairs the plug-in can run (oracles are
     never candidates). ``sensitivity``: per (layer, head), the weight of the ``sensitivity`` damage.
-    Adds ``exact`` (cost 1, damage 0) for every head. Columns: layer, head, estimator, strategy,
+    ``heads``: every (layer, head) of the analysed layers (default: every head the table names, in
+    any split). Adds ``exact`` (cost 1, damage 0) for every one of them, so a head whose candidates
+    all failed (no finite TV) is still planned, and costed, as exact. Columns: layer, head, estimator, strategy,
     subset_size, cost_share, tv, damage_tv, damage_sensitivity (when weighted).
     """
     need = {"split", "basis_source", "tv", "cost_share", *CANDIDATE_KEYS}
     missing = need - set(recon.columns)
     if missing:
         raise InputError("reconstruction table", f"lacks columns {sorted(missing)}", "re-run reconstruct_view")
+    if heads is None:
+        heads = recon[["layer", "head"]].drop_duplicates().itertuples(index=False, name=None)
+    all_heads = pd.DataFrame(sorted({(int(a), int(b)) for a, b in heads}), columns=["layer", "head"])
     fit = recon[(recon["split"] == "fit") & (recon["basis_source"] == "same")]
     fit = fit[np.isfinite(fit["tv"].to_numpy(float)) & np.isfinite(fit["cost_share"].to_numpy(float))]
     keep = {(e, str(s)) for e, s in methods if e not in ORACLES}
@@ -191,8 +214,7 @@ def candidates(recon: pd.DataFrame, methods, sensitivity: pd.Series | None = Non
         )
     # a candidate without a finite TV (a failed solve on every row) is never a candidate
     c = fit.groupby(CANDIDATE_KEYS, as_index=False).agg(cost_share=("cost_share", "first"), tv=("tv", "mean"))
-    heads = c[["layer", "head"]].drop_duplicates()
-    exact = heads.assign(estimator=EXACT, strategy="-", subset_size=0, cost_share=1.0, tv=0.0)
+    exact = all_heads.assign(estimator=EXACT, strategy="-", subset_size=0, cost_share=1.0, tv=0.0)
     # exact first among equals: a method that computes every key (s = d) costs and damages as much
     c = pd.concat([exact, c], ignore_index=True).sort_values(["layer", "head", "cost_share"], kind="stable")
     c = c.reset_index(drop=True)
@@ -241,13 +263,14 @@ def solve(groups: list[np.ndarray], costs: list[np.ndarray], capacity: float, ti
     bound = capacity
     for _ in range(3):
         constraints = [LinearConstraint(one, 1.0, 1.0), LinearConstraint(cost[None, :], -np.inf, bound)]
-        res = milp(
-            damage,
-            constraints=constraints,
-            integrality=np.ones(nvar),
-            bounds=Bounds(0, 1),
-            options={"time_limit": time_limit, "mip_rel_gap": 0.0},
-        )
+        with c_stdout_to_log():
+            res = milp(
+                damage,
+                constraints=constraints,
+                integrality=np.ones(nvar),
+                bounds=Bounds(0, 1),
+                options={"time_limit": time_limit, "mip_rel_gap": 0.0, "disp": False},
+            )
         if res.x is None:
             raise RuntimeError(f"the plan's integer programme found no solution: {res.message}")
         x = np.round(res.x).astype(int)
@@ -270,6 +293,36 @@ def solve(groups: list[np.ndarray], costs: list[np.ndarray], capacity: float, ti
         "candidates": int(sum(len(g) for g in groups)),
     }
     return choice, info
+
+
+@contextlib.contextmanager
+def c_stdout_to_log():
+    """Send what C code prints on file descriptor 1 inside the block to this module's debug log.
+
+    HiGHS prints some branch-and-bound traces (``HighsMipSolverData::transformNewInteger...``)
+    with C's printf whatever its display options, so they would land in the run's console. The
+    descriptor is pointed at a temporary file for the solve and restored after it."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stdout (some notebook kernels): nothing to catch
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            try:
+                sys.stdout.flush()
+            finally:
+                os.dup2(saved, fd)
+                os.close(saved)
+        tmp.seek(0)
+        text = tmp.read().decode(errors="replace").strip()
+    if text:
+        log.debug("solver output:\n%s", text)
 
 
 def _front(damage: np.ndarray, cost: np.ndarray) -> np.ndarray:
@@ -337,6 +390,7 @@ def make_plan(cands: pd.DataFrame, budget: float, damage: str, meta: dict) -> Pl
         dict(meta["settings"]),
         out,
         info,
+        len(out),
     )
 
 
