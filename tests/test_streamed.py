@@ -450,7 +450,7 @@ def test_autocast_is_recorded_checked_and_applied_on_every_route(resources, tmp_
     texts = _texts(resources, 4)
     attrs = {"model": "minilm", "split": "fit", "seed": 0, "corpus": "c"}
     common = {"seq_len": SEQ_LEN, "layers": [0, 1], "device": "cpu", "attrs": attrs}
-    moments = dict(group=0, n_groups=1, views=["prefix"], split_sequence=2, batch_size=2, progress=False, **common)
+    moments = dict(group=0, n_groups=1, views=["prefix"], split_sequence=1, batch_size=2, progress=False, **common)
     for name, ac in (("m0", "bf16"), ("m1", "none")):
         stream_moments(
             model_dir, texts[:2] if name == "m0" else texts[2:], np.arange(2), tmp_path / f"{name}.zarr",
@@ -493,3 +493,24 @@ def test_autocast_is_recorded_checked_and_applied_on_every_route(resources, tmp_
             model_dir, texts, np.arange(4), tmp_path / "x.zarr", chunk_sequences=2, dtype_requested="auto",
             autocast="fp8", **common,
         )  # fmt: skip
+
+
+def test_one_chunk_in_streamed_mode_is_the_stored_routes_config_error(resources, tmp_path):
+    """Split-half statistics need two chunks on both routes: with one, streamed mode says so under
+    extraction.chunk_sequences, as the stored route does, instead of 'fewer than 2 samples'."""
+    N = 2
+    cfg = {"sampling": {"n_sequences": {"fit": N}}, "extraction": {"shards": 1, "chunk_sequences": 2, "batch_size": 2}}
+    split = plan.fit_halves_split(cfg)
+    assert split == N  # one chunk: half b is empty
+    out = tmp_path / "m.zarr"
+    stream_moments(
+        resources / "models" / "minilm", _texts(resources, N), np.arange(N), out, seq_len=SEQ_LEN, layers=[0],
+        group=0, n_groups=1, views=["prefix"], first_index=0, split_sequence=split, batch_size=2, device="cpu",
+        attrs={"model": "minilm"}, progress=False,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"extraction.chunk_sequences(.|\n)*at least 2 sequence chunks"):
+        run_rows_streamed([str(out)], tmp_path / "r.zarr", "prefix", ["raw"], tmp_path / "h.zarr")
+    with pytest.raises(ConfigError, match="extraction.chunk_sequences"):  # the stored route's
+        from eigenattn.spectra.moments import half_block_index
+
+        half_block_index((2,))

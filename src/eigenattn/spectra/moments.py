@@ -150,12 +150,18 @@ def half_block_index(chunks_n) -> int:
     """Block index splitting the sequences into two halves at a chunk boundary (>= 1 block each)."""
     nb = len(chunks_n)
     if nb < 2:
-        raise ConfigError(
-            "extraction.chunk_sequences",
-            f"split-half statistics need at least 2 sequence chunks, got {nb}",
-            "use a smaller extraction.chunk_sequences or more passages",
-        )
+        raise too_few_chunks(f"got {nb}")
     return half_chunk_index([int(c) for c in chunks_n])
+
+
+def too_few_chunks(detail: str) -> ConfigError:
+    """The error of both routes when the fit split has fewer than two sequence chunks, so that one
+    half of the split-half statistics would be empty."""
+    return ConfigError(
+        "extraction.chunk_sequences",
+        f"split-half statistics need at least 2 sequence chunks, {detail}",
+        "use a smaller extraction.chunk_sequences or more passages",
+    )
 
 
 def moments_to_covariance(count, m2):

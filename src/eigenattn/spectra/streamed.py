@@ -41,7 +41,7 @@ from eigenattn.capture.extract import (
 from eigenattn.capture.interface import ScoreCapture, StopForward, capturing
 from eigenattn.config.views import view_slices
 from eigenattn.errors import ConfigError, InputError
-from eigenattn.spectra.moments import merge_packed, pack, unpack
+from eigenattn.spectra.moments import merge_packed, pack, too_few_chunks, unpack
 from eigenattn.storage.sizes import moment_layer_bytes
 from eigenattn.storage.store import new_store, open_store
 
@@ -314,6 +314,7 @@ def merge_moment_files(paths, view: str, variants, expect: dict | None = None) -
         groups.setdefault(int(a["layer_group"][0]), []).append((a, root))
     if not groups:
         raise InputError("streamed moments", "no moments stores given", "run the stream_moments rules first")
+    split = int(first["split_sequence"])
     out: dict = {v: {} for v in variants}
     layers, masks, mods = [], [], []
     n_seq = None
@@ -327,6 +328,10 @@ def merge_moment_files(paths, view: str, variants, expect: dict | None = None) -
                 "re-run stream_moments",
             )
         n_seq = count
+        if not 0 < split < n_seq:  # one chunk: fit_halves_split puts every sequence in one half
+            raise too_few_chunks(
+                f"but the fit split's {n_seq} sequences make one (half b would start at sequence {split})"
+            )
         a0 = parts[0][0]
         layers += a0["layers"]
         masks += a0["layer_masks"]
