@@ -297,7 +297,7 @@ def test_bad_corpus_files_name_the_key(tmp_path, files, spec, error, needle):
         ({"training": {"seeds": [0, 0, 1]}}, "training.seeds': [0, 0, 1] has non-unique elements"),
         ({"training": {"seeds": [3]}}, "training.seeds': [3] is too short"),
         ({"training": {"exact_seeds": [0, 1, 2]}}, "training.exact_seeds': was merged into training.seeds"),
-        ({"training": {"subset_sizes": {"finetune": [16, 256]}}}, "training.subset_sizes': s = [256] exceeds"),
+        ({"training": {"subset_sizes": {"finetune": [16, 256]}}}, "training.subset_sizes.finetune': s = [256] exceeds"),
         (
             {"extraction": {"batch_size": 512, "chunk_sequences": 512}},
             "extraction.chunk_sequences': 512 covers all 384 fit passages",

@@ -19,6 +19,30 @@ class ConfigError(EigenattnError):
         return type(self), (self.key, self.problem, self.fix)
 
 
+class ConfigErrors(ConfigError):
+    """Several config values that are wrong together, reported in one message (each with its key and
+    fix), so that one edit fixes them all. ``errors``: the :class:`ConfigError` of each key; ``key``,
+    ``problem`` and ``fix`` are the first's."""
+
+    def __init__(self, errors: list[ConfigError], headline: str = ""):
+        self.errors = list(errors)
+        first = self.errors[0]
+        self.key, self.problem, self.fix, self.headline = first.key, first.problem, first.fix, headline
+        head = headline or f"{len(self.errors)} config keys cannot work"
+        Exception.__init__(self, head + ":\n" + "\n".join(str(e) for e in self.errors))
+
+    def __reduce__(self):
+        return type(self), (self.errors, self.headline)
+
+
+def raise_all(errors: list[ConfigError], headline: str = "") -> None:
+    """Raise nothing for no error, the error itself for one, and :class:`ConfigErrors` for several."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors, headline)
+
+
 class SourceError(EigenattnError):
     """A model or corpus source could not be materialised (bad checksum, offline hub, ...)."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from eigenattn.config import disk
+from eigenattn.config import needs
 from eigenattn.config import plan
 from eigenattn.config import settings
 from eigenattn.config import sources
@@ -30,11 +31,20 @@ except WorkflowError as e:
     if error is None:
         raise
     raise WorkflowError(f"invalid configuration: {validation.explain(error)}") from None
+# the grids left at their defaults fit the run (sampling.seq_len); what the user wrote is checked
+ADAPTED = validation.adapt(config)
 try:
     validation.check(config)
-    sources.check_model_folders(config)
+    sources.check(config)
 except ConfigError as e:
     raise WorkflowError(f"invalid configuration: {e}") from None
+# Before any job (a dry run too), in the main process only (each job parses this file again): the
+# defaults that adapted, and what the run needs of the machine and the network, as warnings.
+if workflow.is_main_process:
+    for line in ADAPTED:
+        print(f"eigenattn: {line}", file=sys.stderr)
+    for line in needs.needs(config):
+        print(f"eigenattn: warning: {line}", file=sys.stderr)
 
 MODELS = config["run_models"]
 TRAINED = config["training"]["analysis_model"]
@@ -83,7 +93,7 @@ def log_start():
         f"eigenattn: models {', '.join(MODELS)}; corpus {CORPUS}; seq_len {SEQ_LEN}; "
         f"n_sequences {config['sampling']['n_sequences']}; seed {config['seed']}"
     )
-    for note in plan.notes(config):
+    for note in ADAPTED + plan.notes(config):
         print(f"eigenattn: {note}")
     for line in STORE_SIZES:
         print(f"eigenattn: {line}")

@@ -23,12 +23,34 @@ from eigenattn.config.schema import SCHEMA, SCHEMA_FILE, node
 from eigenattn.config.sections import Eigen, Overlap, Scaling
 from eigenattn.config.settings import ModelFacts
 from eigenattn.config.views import View
-from eigenattn.errors import ConfigError
+from eigenattn.errors import ConfigError, raise_all
 from eigenattn.storage import sizes
 
 
 def _key(path) -> str:
-    return ".".join(str(p) for p in path) or "<top level>"
+    """A config key as every message writes it: dots between names, brackets around list indices
+    (``plans.budgets[0]``, ``run_models[1]``)."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<top level>"
+
+
+def _schema_at(path) -> dict:
+    """The schema node at a config path (names of mappings like ``models.<name>`` and list indices
+    followed through ``additionalProperties`` and ``items``); {} where the path leaves the schema."""
+    n = SCHEMA
+    for p in path:
+        n = _resolve(n)
+        if isinstance(p, int):
+            n = n.get("items", {})
+        elif p in n.get("properties", {}):
+            n = n["properties"][p]
+        elif isinstance(n.get("additionalProperties"), dict):
+            n = n["additionalProperties"]
+        else:
+            return {}
+    return _resolve(n)
 
 
 def _description(path) -> str | None:
@@ -47,8 +69,36 @@ FIXES = {
     "maxItems": "list at most {v} value(s)",
     "uniqueItems": "list each value once",
     "minProperties": "give at least {v} entr(y/ies)",
-    "pattern": "write it to match the pattern {v}",
+    "pattern": "write it to match the pattern {v}",  # unless PATTERNS says it in words
     "const": "write {v}",
+}
+
+
+# Patterns of the schema, in words: what a user may write.
+PATTERNS = {
+    "^(auto|cpu|cuda(:[0-9]+)?)$": "use auto (CUDA when it is present, else the CPU), cpu, cuda, or cuda:N for the "
+    "GPU numbered N (cuda:0, cuda:1, ...)",
+    "^[0-9a-fA-F]{64}$": "write the file's sha256: 64 hexadecimal digits, as `sha256sum FILE` prints them",
+    "^[A-Za-z0-9_.\\-]+==[A-Za-z0-9_.+\\-]+$": "write the package pinned to one version: name==version "
+    "(e.g. gensim==4.4.0)",
+}
+
+# Fixes of one key's bound that need more words than the bound.
+KEY_FIXES = {
+    ("sampling.seq_len", "maximum"): "use a length of at most 1,048,576 (2^20, beyond the positions of any model: "
+    "one head's scores of one sequence would take 4 TB); a model's own limit is checked when you set "
+    "models.<name>.max_positions",
+}
+
+# What to write for a required key that is missing, where its description alone would not say why.
+REQUIRED = {
+    "revision": "add {key}.revision: the commit sha (or tag) of {where} to download. It pins the weights, so that "
+    "a re-run, or another machine, gets the same model and the same results (reproducibility); e.g. "
+    "`revision: 7ae557604adf67be50417f59c2c2f167def9a775` (the sha on the repository's 'Files and versions' "
+    "page), or `revision: main` to follow the branch, which is not reproducible",
+    "causal": "add {key}.causal: true for a decoder (causal LM), false for an encoder",
+    "sha256": "add {key}.sha256: the sha256 of every extracted file, keyed by its path inside `member` "
+    "(`sha256sum FILE` prints it)",
 }
 
 
@@ -87,17 +137,37 @@ def explain(error: jsonschema.ValidationError) -> ConfigError:
     if error.validator == "enum":
         return ConfigError(key, error.message, f"use one of: {', '.join(map(str, error.validator_value))}")
     if error.validator == "required":
-        return ConfigError(key, error.message, "add the missing key" + (f" ({desc})" if desc else ""))
+        return _missing(error, key)
     if error.validator == "type":
         kinds = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
         return ConfigError(
             key, error.message, f"write a value of type {' or '.join(kinds)}" + (f": {desc}" if desc else "")
         )
+    if (key, error.validator) in KEY_FIXES:
+        return ConfigError(key, error.message, KEY_FIXES[key, error.validator])
+    if error.validator == "pattern" and error.validator_value in PATTERNS:
+        return ConfigError(key, f"{error.instance!r} is not allowed", PATTERNS[error.validator_value])
     if error.validator in FIXES:
         return ConfigError(key, error.message, FIXES[error.validator].format(v=error.validator_value))
     if error.validator in ("oneOf", "anyOf"):
         return ConfigError(key, _no_alternative(error), f"write {_allowed(error.validator_value)}")
     return ConfigError(key, error.message, f"write a value that fits: {desc}" if desc else "see docs/config.md")
+
+
+def _missing(error: jsonschema.ValidationError, key: str) -> ConfigError:
+    """A required key that is missing: named in full (``models.bb.revision``), with what to write."""
+    instance = error.instance if isinstance(error.instance, dict) else {}
+    missing = [k for k in error.validator_value if k not in instance]
+    if not missing:
+        return ConfigError(key, error.message, "add the missing key")
+    name = missing[0]
+    full = f"{key}.{name}" if error.absolute_path else name
+    problem = f"the key '{name}' is missing" + (f" (source: {instance['source']})" if "source" in instance else "")
+    if name in REQUIRED:
+        where = f"the repository {instance['repo_id']}" if "repo_id" in instance else "the repository"
+        return ConfigError(full, problem, REQUIRED[name].format(key=key, where=where))
+    desc = _schema_at([*error.absolute_path, name]).get("description")
+    return ConfigError(full, problem, f"add {full}" + (f": {desc}" if desc else ""))
 
 
 def _literal(v) -> str:
@@ -276,6 +346,8 @@ def check(config: dict) -> None:
             "choose another key for the trained model",
         )
     n = config["sampling"]["seq_len"]
+    for m in plan.fetched_models(config):
+        _check_layers(config, m)
     for m in config["run_models"]:
         if models[m].get("causal") is None:
             raise ConfigError(
@@ -294,10 +366,219 @@ def check(config: dict) -> None:
         plan.model_views(config, m)  # raises for an undefined view
     _check_extraction(config)
     _check_views(config)
+    raise_all(
+        length_conflicts(config),
+        f"sampling.seq_len = {n} is too short for these keys (the defaults you did not change adapt to it; "
+        "these were written, so they are checked)",
+    )
     _check_overlap(config)
     _check_reconstruction(config)
     _check_training(config)
     _check_scaling(config)
+    _check_plans(config)
+    _check_layer_groups(config)
+
+
+# ------------------------------------------------------------ grids bounded by the sequence length
+
+
+def _grids(config: dict) -> list[tuple[str, str, list, int, str]]:
+    """Every list whose values must fit the sequence length: (key, symbol, values, bound, what the
+    bound is). The bounds of the eigen and reconstruction grids are over every view that runs, so
+    following them cannot fail again for another model or view."""
+    n = config["sampling"]["seq_len"]
+    d, m, v = _smallest_view(config, lambda m: plan.model_views(config, m))
+    view = f"the d = {d} keys of view '{v}' (seq_len {n}) for model '{m}', the smallest of the views that run"
+    dp, mp, vp = _smallest_view(config, lambda m: [plan.plugin_view(config, m)])
+    plug = f"the d = {dp} keys of view '{vp}' (seq_len {n}) for model '{mp}', the smallest plug-in view"
+    out = [
+        ("overlap.k", "k", list(Overlap.from_config(config).k), d, view),
+        ("eigen.report_k", "k", list(Eigen.from_config(config).report_k), d, view),
+        ("reconstruction.subset_sizes", "s", list(config["reconstruction"]["subset_sizes"]), d, view),
+        ("plugin.subset_sizes", "s", list(config["plugin"]["subset_sizes"]), dp, plug),
+    ]
+    t, tokens = config["training"], f"the {n} tokens of a sequence (sampling.seq_len)"
+    if isinstance(t["subset_sizes"], dict):
+        out += [
+            (f"training.subset_sizes.{mode}", "s", plan.training_sizes(config, mode), n, tokens)
+            for mode in t["modes"]
+            if mode in t["subset_sizes"]
+        ]
+    elif t["modes"]:
+        out.append(("training.subset_sizes", "s", list(t["subset_sizes"]), n, tokens))
+    return out
+
+
+def _default(key: str):
+    """The schema's default of a key (``training.subset_sizes.<mode>``: that mode's entry)."""
+    parts = key.split(".")
+    if parts[0] == "training" and parts[1] == "subset_sizes" and len(parts) == 3:
+        return node("training.subset_sizes")["default"].get(parts[2])
+    return node(key).get("default")
+
+
+def _set(config: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    target = config
+    for p in parents:
+        target = target[p]
+    target[last] = value
+
+
+def adapt(config: dict) -> list[str]:
+    """Fit the defaults the user left alone to the run, in ``config``; return one line for each.
+
+    A grid bounded by the sequence length (:func:`_grids`: overlap.k, eigen.report_k, the subset
+    sizes of reconstruction, plugin and training) whose value is still the schema's default keeps
+    only the values the length allows, so that shrinking ``sampling.seq_len`` needs no other edit.
+    A grid the user wrote (a value other than the default) is kept as written and checked by
+    :func:`check`, which reports every such conflict in one message. A default with no value left
+    is kept too, and refused with a fix. The Snakefile calls this before :func:`check`; a config
+    that the first checks refuse is left to them."""
+    try:
+        grids = _grids(config)
+    except (ConfigError, KeyError, ValueError, TypeError):
+        return []
+    notes = []
+    for key, _, values, bound, what in grids:
+        kept = [x for x in values if x <= bound]
+        if values != _default(key) or kept == values or not kept:
+            continue
+        _set(config, key, kept)
+        dropped = [x for x in values if x > bound]
+        notes.append(
+            f"{key}: the default {values} -> {kept} ({dropped} exceed {what}; write {key} to choose other values)"
+        )
+    budgets = config["plans"]["budgets"]
+    if budgets and budgets == _default("plans.budgets"):
+        share, s, d, view, m = _cheapest(config)
+        kept = [b for b in budgets if b >= share - 1e-12]
+        if kept != budgets:
+            config["plans"]["budgets"] = kept
+            notes.append(
+                f"plans.budgets: the default {budgets} -> {kept} (the cheapest plan of model '{m}' costs {share:.4g} "
+                f"of exact attention: s = {s} of the d = {d} keys of view '{view}'"
+                + ("; no plans are made" if not kept else "")
+                + "; write plans.budgets to choose other values)"
+            )
+    return notes
+
+
+def length_conflicts(config: dict) -> list[ConfigError]:
+    """Every grid with values beyond its bound (see :func:`_grids`), one error per key, so that one
+    message lists them all."""
+    errors = []
+    for key, sym, values, bound, what in _grids(config):
+        bad = [x for x in values if x > bound]
+        if not bad:
+            continue
+        kept = [x for x in values if x <= bound]
+        default = values == _default(key)
+        problem = f"{sym} = {bad} exceeds {what}" + (" (the default, and none of its values fits)" if default else "")
+        noun = "k" if sym == "k" else "subset sizes"
+        fix = f"use {noun} <= {bound}" + (f", e.g. {key}: {kept}" if kept else f", e.g. {key}: [{max(1, bound // 2)}]")
+        errors.append(ConfigError(key, problem, fix))
+    return errors
+
+
+# ----------------------------------------------------------------------------- layers, plans, groups
+
+
+def _check_layers(config: dict, m: str) -> None:
+    """A model's layer list: each layer once, and within the model's layers where the config says
+    how many it has (``models.<name>.n_layers``); a local model's config.json is read by
+    :func:`eigenattn.config.sources.check_model_folders`, and extraction checks every model."""
+    layers = config["models"][m].get("layers", "all")
+    if not isinstance(layers, list):
+        return
+    dups = sorted({x for x in layers if layers.count(x) > 1})
+    if dups:
+        raise ConfigError(
+            f"models.{m}.layers",
+            f"lists layer(s) {dups} more than once (each would be captured and counted twice)",
+            f"list each layer once: {sorted(set(layers))}",
+        )
+    n_layers = config["models"][m].get("n_layers")
+    if n_layers:
+        check_layer_range(m, layers, n_layers, f"models.{m}.n_layers")
+
+
+def check_layer_range(model: str, layers: list, n_layers: int, source: str) -> None:
+    """Layer indices within a model's ``n_layers`` (``source``: where that count comes from)."""
+    bad = [x for x in layers if x >= n_layers]
+    if bad:
+        raise ConfigError(
+            f"models.{model}.layers",
+            f"layer(s) {bad} out of range for a model with {n_layers} layers ({source})",
+            f"use 'all' or indices in 0..{n_layers - 1}",
+        )
+
+
+def cheapest_share(config: dict, model: str) -> tuple[float, int, int, str]:
+    """(cost share, s, d, view) of the cheapest candidate of a model's plans: the smallest subset
+    size s of ``reconstruction.subset_sizes`` that its plug-in view's d keys allow, at s / d of exact
+    attention. In the one cost model (:mod:`eigenattn.reconstruction.cost`) every method computes at
+    least s scores per query and reads at least s values, so no candidate costs less than s / d, and
+    subset_only and sink_window cost exactly that."""
+    view, n = plan.plugin_view(config, model), config["sampling"]["seq_len"]
+    d = plan.view_dim(view, n)
+    s = min((x for x in config["reconstruction"]["subset_sizes"] if x <= d), default=d)
+    return s / d, s, d, view
+
+
+def _cheapest(config: dict) -> tuple[float, int, int, str, str]:
+    """(cost share, s, d, view, model) of the run model whose cheapest plan costs the most."""
+    return max((*cheapest_share(config, m), m) for m in config["run_models"])
+
+
+def _check_plans(config: dict) -> None:
+    """Each budget of ``plans.budgets`` at least the cheapest plan's cost share (every head on its
+    cheapest candidate) for every run model: a lower budget has no plan."""
+    budgets = [float(b) for b in config["plans"]["budgets"]]
+    if not budgets:
+        return
+    share, s, d, view, m = _cheapest(config)
+    bad = [i for i, b in enumerate(budgets) if b < share - 1e-12]
+    if not bad:
+        return
+    i = bad[0]
+    key = f"plans.budgets[{i}]" if len(bad) == 1 else "plans.budgets"
+    shown = budgets[i] if len(bad) == 1 else [budgets[j] for j in bad]
+    cheap = [x for x in ("subset_only", "sink_window") if x in _candidate_methods(config)]
+    raise ConfigError(
+        key,
+        f"{shown} is below the cheapest plan of model '{m}': its cheapest candidate "
+        f"({' or '.join(cheap) or 'a method'} at s = {s} of the d = {d} keys of view '{view}') costs "
+        f"{share:.4g} of exact attention, as a share of exact attention's cost on the view (the share "
+        "plans.budgets is written in)",
+        f"use budgets of at least {share:.4g}, or add a smaller subset size to reconstruction.subset_sizes",
+    )
+
+
+def _candidate_methods(config: dict) -> set[str]:
+    """The methods a plan may give a head: the plug-in's estimators and peers that the reconstruction also measures."""
+    ests = set(config["plugin"]["estimators"]) & set(config["reconstruction"]["estimators"])
+    peers = set(plan.peers(config, "plugin")[0]) & set(plan.peers(config, "reconstruction")[0])
+    return ests | peers
+
+
+def _check_layer_groups(config: dict) -> None:
+    """An explicit ``extraction.layer_groups`` splits the kept layers of each streamed model: more
+    groups than layers cannot be made."""
+    groups = plan.extraction_raw(config).get("layer_groups", "auto")
+    if groups == "auto":
+        return
+    for m in config["run_models"]:
+        if plan.store_mode(config, m) != "stream":
+            continue
+        n_layers, _ = plan.model_shape(config, m)
+        L = plan.kept_layer_count(plan.model_spec(config, m).get("layers", "all"), n_layers)
+        if L is not None and int(groups) > L:
+            raise ConfigError(
+                "extraction.layer_groups",
+                f"{groups} groups, but the streamed model '{m}' keeps only {L} layers (a group holds at least one)",
+                f"use layer_groups <= {L}, or layer_groups: auto (as few groups as stream_memory_gb allows)",
+            )
 
 
 def _check_extraction(config: dict) -> None:
@@ -377,26 +658,7 @@ def _smallest_view(config: dict, views_of) -> tuple[int, str, str]:
 
 
 def _check_overlap(config: dict) -> None:
-    n = config["sampling"]["seq_len"]
-    d, m, v = _smallest_view(config, lambda m: plan.model_views(config, m))
-    overlap = Overlap.from_config(config)
-    bad = [k for k in overlap.k if k > d]
-    if bad:
-        raise ConfigError(
-            "overlap.k",
-            f"k = {bad} exceeds the row dimension d = {d} of view '{v}' (seq_len {n}) for model '{m}', "
-            "the smallest of the views that run",
-            f"use k <= {d}",
-        )
-    ks = Eigen.from_config(config).report_k
-    if max(ks) > d:
-        raise ConfigError(
-            "eigen.report_k",
-            f"k = {[k for k in ks if k > d]} exceeds the d = {d} keys of "
-            f"the smallest view (seq_len {n}); EV(k) would be clamped to EV(d)",
-            f"use k <= {d}",
-        )
-    pairs = overlap.cross_pairs
+    pairs = Overlap.from_config(config).cross_pairs
     for i, (a, b) in enumerate(plan.cross_pairs(config)):
         for j, m in enumerate((a, b)):
             if m not in config["run_models"]:
@@ -416,26 +678,12 @@ def _check_overlap(config: dict) -> None:
 
 
 def _check_reconstruction(config: dict) -> None:
-    n = config["sampling"]["seq_len"]
     if "raw" not in Eigen.from_config(config).variants:
         raise ConfigError(
             "eigen.variants",
             "reconstruction fits on the 'raw' row spectra, which are not computed",
             "add raw to eigen.variants",
         )
-    for section, views_of in (
-        ("reconstruction", lambda m: plan.model_views(config, m)),
-        ("plugin", lambda m: [plan.plugin_view(config, m)]),
-    ):
-        d, m, v = _smallest_view(config, views_of)
-        bad = [s for s in config[section]["subset_sizes"] if s > d]
-        if bad:
-            raise ConfigError(
-                f"{section}.subset_sizes",
-                f"s = {bad} exceeds the d = {d} keys of view '{v}' (seq_len {n}) for model '{m}', "
-                "the smallest of the views that run",
-                f"use subset sizes <= {d}",
-            )
     prefix_models = plan.prefix_models(config)
     if "other_model" in plan.transfers(config) and len(prefix_models) < 2:  # only an explicit list: auto adapts
         raise ConfigError(
@@ -454,14 +702,7 @@ def _check_reconstruction(config: dict) -> None:
 
 
 def _check_training(config: dict) -> None:
-    t, n = config["training"], config["sampling"]["seq_len"]
-    bad = sorted({s for mode in t["modes"] for s in plan.training_sizes(config, mode) if s > n})
-    if bad:
-        raise ConfigError(
-            "training.subset_sizes",
-            f"s = {bad} exceeds the {n} tokens of a sequence (sampling.seq_len)",
-            f"use subset sizes <= {n}",
-        )
+    t = config["training"]
     if (m := t["model"])["d_model"] % m["heads"]:
         raise ConfigError(
             "training.model.d_model",
