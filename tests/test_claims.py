@@ -540,3 +540,64 @@ def test_claims_table_columns_and_states(analysed, tmp_path):
     head = t[(t.role == "headline") & (t.model == "low")].iloc[0]
     assert f"k90/d = {head.value:.2f}" in r.verdict
     pd.testing.assert_frame_equal(with_pi[with_pi.source != str(path)].reset_index(drop=True), t)
+
+
+def _plugin_with_sequences(root, method_nll, base_nll, peer_nll, docs):
+    """A causal plug-in table (exact, the method, subset_only and a cheaper peer at s = 4) and its
+    per-sequence values: each sequence's mean NLL, with its document."""
+    exact = np.full(len(docs), 3.0)
+    per = {
+        ("exact", "-", 0): exact,
+        ("conditional_gaussian", "pivoted_qr", 4): exact + method_nll,
+        ("subset_only", "pivoted_qr", 4): exact + base_nll,
+        ("sink_window", "-", 4): exact + peer_nll,
+    }
+    cost = {"conditional_gaussian": (900, 0.9), "subset_only": (300, 0.3), "sink_window": (600, 0.6)}
+    fam = {"conditional_gaussian": "paper", "subset_only": "baseline", "sink_window": "peer"}
+    table, seqs = [], []
+    for (e, st, s), v in per.items():
+        seqs.append(
+            pd.DataFrame(
+                {"model": "m", "estimator": e, "strategy": st, "subset_size": s, "sequence": range(len(v))}
+                | {"passage_id": range(len(v)), "document": docs, "value": v}
+            )
+        )
+        if e == "exact":
+            continue
+        ppl = float(np.exp(v.mean()))
+        table.append(
+            {"model": "m", "estimator": e, "strategy": st, "subset_size": s, "metric": "perplexity", "value": ppl}
+            | {"exact_value": float(np.exp(3.0)), "ratio": ppl / np.exp(3.0), "family": fam[e]}
+            | {"attn_macs": cost[e][0], "cost_share": cost[e][1], "n_sequences": len(v)}
+            | {"n_documents": len(set(docs))}
+        )
+    p = root / "m.csv"
+    pd.DataFrame(table).to_csv(p, index=False)
+    pd.concat(seqs).to_csv(root / "m.sequences.csv", index=False)
+    return p
+
+
+def test_c3_plugin_rows_resample_documents(tmp_path):
+    """16 passages from 4 documents (4 each). The method removes half of subset_only's damage on
+    average, but all of it in two documents and none in the other two: per sequence that looks
+    precise (and the old rule, on the point values, said supported), per document it is two
+    against two, and the row is inconclusive. The same average gain in every document is supported.
+    Each row states its 4 documents."""
+    docs = np.repeat(list("abcd"), 4)
+    rng = np.random.default_rng(0)
+    base = 0.4 + 0.01 * rng.standard_normal(16)
+    peer = 0.45 + 0.01 * rng.standard_normal(16)
+    lumpy = np.where(np.isin(docs, ["a", "b"]), 0.0, 0.4) + 0.01 * rng.standard_normal(16)
+    even = 0.2 + 0.01 * rng.standard_normal(16)
+    for method, want in ((lumpy, "inconclusive"), (even, "supported")):
+        root = tmp_path / want
+        root.mkdir()
+        p = _plugin_with_sequences(root, method, base, peer, docs)
+        rows = [r for r in c3_rows([], [p], CFG) if r["view"] == "plug-in" and r.get("state") != "reference"]
+        vs_base = [r for r in rows if r["scope"] == "plug-in, vs subset_only"]
+        assert len(vs_base) == 1 and vs_base[0]["state"] == want, vs_base
+        assert all(r["n_documents"] == 4 for r in rows) and "over 4 documents" in vs_base[0]["spread"]
+    # without per-sequence values (an older plug-in table) the rows say there is no interval
+    (tmp_path / "supported" / "m.sequences.csv").unlink()
+    rows = c3_rows([], [tmp_path / "supported" / "m.csv"], CFG)
+    assert all(r.get("n_documents") is None for r in rows) and any("no interval" in r["caveat"] for r in rows)

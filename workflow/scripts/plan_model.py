@@ -20,6 +20,7 @@ summary, heads, predictors, sequences = run_plans(
     device=snakemake.params.runtime.torch_device(),
     out_dir=o.plans,
     per_input=pd.read_csv(i.per_input),
+    passages=i.passages,
 )
 for df, path in ((heads, o.heads), (predictors, o.predictors), (sequences, o.sequences), (summary, o.summary)):
     write_table(df, path)

@@ -302,23 +302,23 @@ def c_stdout_to_log():
     HiGHS prints some branch-and-bound traces (``HighsMipSolverData::transformNewInteger...``)
     with C's printf whatever its display options, so they would land in the run's console. The
     descriptor is pointed at a temporary file for the solve and restored after it."""
+    fd = 1  # C's stdout, whatever Python's sys.stdout is (a notebook or pytest may replace that)
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        sys.stdout.flush()
     try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stdout (some notebook kernels): nothing to catch
+        saved = os.dup(fd)
+    except OSError:  # no descriptor 1 at all: nothing can be printed there
         yield
         return
-    sys.stdout.flush()
-    saved = os.dup(fd)
     with tempfile.TemporaryFile() as tmp:
         os.dup2(tmp.fileno(), fd)
         try:
             yield
         finally:
-            try:
+            with contextlib.suppress(AttributeError, OSError, ValueError):
                 sys.stdout.flush()
-            finally:
-                os.dup2(saved, fd)
-                os.close(saved)
+            os.dup2(saved, fd)
+            os.close(saved)
         tmp.seek(0)
         text = tmp.read().decode(errors="replace").strip()
     if text:
