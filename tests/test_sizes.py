@@ -136,14 +136,16 @@ def test_a_model_without_declared_heads_has_no_size_before_it_is_fetched():
     assert "plus the stores of unknown size" in lines[-1]
 
 
-def test_stores_already_written_are_not_counted_against_the_disk(monkeypatch):
+def test_stores_already_written_are_not_counted_against_the_disk(monkeypatch, tmp_path):
     c = _default_config(seq_len=2048)
+    c["extraction"]["store"] = "scores"
     stores = disk.score_stores(c)
     monkeypatch.setenv(sizes.FREE_ENV, "3")
-    disk.check_room(c, stores, lambda s: True, "results/")  # a finished run: nothing left to write
+    where = str(tmp_path / "results")
+    disk.check_room(c, stores, lambda s: True, where)  # a finished run: nothing left to write
     with pytest.raises(ConfigError) as e:
-        disk.check_room(c, stores, lambda s: False, "results/")
-    assert e.value.key == "sampling.seq_len"
+        disk.check_room(c, stores, lambda s: False, where)
+    assert e.value.key == "extraction.store"  # its stream (or auto) keeps no score at all
 
 
 def _smollm2_2048(tmp_path, store="scores") -> list[str]:
@@ -169,8 +171,8 @@ def test_dry_run_refuses_stores_that_cannot_fit_before_any_job(tmp_path, monkeyp
     proc = snakemake(tmp_path, "-n", configs=_smollm2_2048(tmp_path), check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "config key 'sampling.seq_len': the score stores still to write need 958 GB" in out
-    assert "(the largest part: smollm2, 945 GB)" in out
+    assert "config key 'extraction.store': the score stores still to write need 958 GB" in out
+    assert "the largest part: smollm2, 945 GB)" in out
     assert "keep fewer layers (models.smollm2.layers: a list of layer indices)" in out
     assert "a shorter sampling.seq_len" in out
     assert "stream the model's statistics instead of storing its scores (extraction.store: stream" in out
@@ -188,3 +190,124 @@ def test_dry_run_with_store_auto_plans_streamed_mode(tmp_path, monkeypatch):
     assert "2 layer group(s) × 1 shard(s) of fit moments, row moments 3.4 GB per job" in out
     assert re.search(r"stream_moments\s+2\b", out) and re.search(r"extract_tokens\s+2\b", out), out[-3000:]
     assert re.search(r"^extract_scores\s+1\b", out, re.M)  # the trained encoder only (stored: 12.9 GB)
+
+
+# --- streamed writes against the disk (config/gpu-long.yaml: qwen05 at n = 8,192, streamed) -------
+
+
+def _gpu_long():
+    from snakemake.utils import update_config
+
+    c = yaml.safe_load((REPO / "config.yaml").read_text())
+    update_config(c, yaml.safe_load((REPO / "config" / "gpu-long.yaml").read_text()))
+    return validate(c)
+
+
+def test_streamed_moments_are_planned_store_by_store():
+    """By hand: qwen05 keeps 24 layers of 14 heads; the prefix view at n = 8,192 has d = 4,096 keys.
+    Its moments hold 8 B × 14 × (2 halves × 4,098 × 4,096 + 4,096²) = 5.64 GB per layer in memory,
+    so stream_memory_gb: 30 takes 5 layers a job: 5 groups of 4, 5, 5, 5, 5 layers, one fit shard
+    each. Each writes 8 B × 14 × 2 × 4,098 × 4,096 = 3.76 GB per layer. The scaling study streams
+    its 6 layers at n = 512 ... 8,192 (one group each, two of 3 layers at 8,192, where 6 would
+    need 33.8 GB)."""
+    c = _gpu_long()
+    stores = disk.moment_stores(c)
+    fit = [s for s in stores if s.part == "fit"]
+    assert [(s.group, s.shard, s.layers, s.heads, s.dims) for s in fit] == [
+        (g, 0, L, 14, (4096,)) for g, L in enumerate([4, 5, 5, 5, 5])
+    ]
+    per_layer = 8 * 14 * 2 * 4098 * 4096
+    assert sum(s.nbytes for s in fit) == 24 * per_layer + 5 * sizes.METADATA
+    scaling = [(s.n, s.group, s.layers) for s in stores if s.part == "scaling"]
+    assert scaling == [(512, 0, 6), (1024, 0, 6), (2048, 0, 6), (4096, 0, 6), (8192, 0, 3), (8192, 1, 3)]
+    assert fit[1].path("results") == Path("results/moments/qwen05/group-1/shard-0.zarr")
+    s = next(s for s in stores if s.part == "scaling" and s.n == 8192 and s.group == 1)
+    assert s.path("results") == Path("results/scaling/moments/qwen05/n8192/N48/group-1.zarr")
+
+
+def test_moment_store_paths_are_the_rules_outputs():
+    """disk.MomentStore.path looks for a store where the stream_moments rules write it."""
+    for smk, rule, store in (
+        ("eigen.smk", "stream_moments", disk.MomentStore("m", "fit", 2, 3, 8, 4, 1, 1, (4,))),
+        ("scaling.smk", "scaling_stream_moments", disk.MomentStore("m", "scaling", 1, 0, 64, 12, 1, 1, (32,))),
+    ):
+        text = (REPO / "workflow" / "rules" / smk).read_text()
+        body = text[re.search(rf"(rule {rule}:|as {rule} with:)", text).start() :]
+        pattern = re.search(r'output:\s*directory\("([^"]+)"\)', body).group(1)
+        filled = pattern.format(model="m", group=store.group, shard=store.shard, n=store.n, N=store.N)
+        assert Path(filled) == store.path("results")
+
+
+def test_streamed_writes_are_checked_against_the_disk(tmp_path, monkeypatch):
+    c = _gpu_long()
+    where = tmp_path / "results"
+    monkeypatch.setenv(sizes.FREE_ENV, "81")
+    with pytest.raises(ConfigError) as e:
+        disk.check_room(c, disk.score_stores(c), lambda s: False, str(where))
+    assert e.value.key == "models.qwen05.layers"
+    assert "the streamed moments still to write need 120 GB (0 B of score stores, 120 GB of streamed moments" in str(
+        e.value
+    )
+    assert "has 81 GB free" in str(e.value)
+    assert "keep fewer layers (models.qwen05.layers" in e.value.fix and "a shorter sampling.seq_len" in e.value.fix
+    assert "--directory /path/to/larger/disk --configfile" in e.value.fix
+    # moments already written are not counted: with the five fit groups done, 29.7 GB are left
+    for s in disk.moment_stores(c):
+        if s.part == "fit":
+            s.path(where).mkdir(parents=True)
+    line = disk.check_room(c, disk.score_stores(c), lambda s: False, str(where))
+    assert "to write: 0 B of score stores and 30.1 GB of streamed moments" in line, line
+
+
+def test_the_larger_disk_command_names_every_file_by_its_full_path(tmp_path):
+    """From the checkout, `snakemake -n --configfile config/gpu-long.yaml`: the Snakefile read
+    config.yaml from the working directory, so the command on another disk gives it too."""
+    repo = tmp_path / "repo"
+    (repo / "config").mkdir(parents=True)
+    (repo / "Snakefile").write_text('configfile: "config.yaml"\n')
+    (repo / "config.yaml").write_text("{}")
+    (repo / "config" / "gpu-long.yaml").write_text("{}")
+    (repo / "profiles" / "slurm").mkdir(parents=True)
+    argv = ["/venv/bin/snakemake", "-n", "--configfile", "config/gpu-long.yaml", "--profile", "profiles/slurm"]
+    assert disk.larger_disk_command(argv, cwd=repo) == (
+        f"snakemake -s {repo}/Snakefile --directory /path/to/larger/disk --configfile {repo}/config.yaml "
+        f"{repo}/config/gpu-long.yaml -n --profile {repo}/profiles/slurm"
+    )
+    # run with a relative --directory from the checkout's parent, under python -m snakemake
+    work = repo / "work"
+    work.mkdir()
+    argv = ["/x/snakemake/__main__.py", "-s", "repo/Snakefile", "-d", "repo/work", "--configfile", "repo/config.yaml"]
+    assert disk.larger_disk_command(argv, cwd=work) == (
+        f"snakemake -s {repo}/Snakefile --directory /path/to/larger/disk --configfile {repo}/config.yaml"
+    )
+
+
+def test_gpu_long_is_refused_before_any_job_and_the_printed_command_runs(tmp_path, monkeypatch):
+    """config/gpu-long.yaml dry-run from a checkout's root on an 81 GB disk: refused because of
+    its streamed moments, naming the size and the fix; the command the fix prints, pointed at
+    another folder (a larger disk), then plans from anywhere."""
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import copy_checkout
+
+    repo = copy_checkout(tmp_path / "repo")
+    monkeypatch.setenv(sizes.FREE_ENV, "81")
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--configfile", "config/gpu-long.yaml"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "the streamed moments still to write need 120 GB" in out, out[-3000:]
+    assert "Job stats" not in out and not (repo / "results").exists()
+    printed = re.search(r"with every file by its full path: (snakemake .*)", out).group(1).strip()
+    big = tmp_path / "big"
+    big.mkdir()
+    fixed = shlex.split(printed.replace("/path/to/larger/disk", str(big)))
+    assert fixed[0] == "snakemake"
+    monkeypatch.setenv(sizes.FREE_ENV, "2000")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-m", *fixed], cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (printed, (proc.stdout + proc.stderr)[-3000:])
+    assert "Job stats" in proc.stdout + proc.stderr and not (repo / "results").exists()

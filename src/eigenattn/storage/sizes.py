@@ -117,3 +117,10 @@ def moment_layer_bytes(heads: int, dims: list[int]) -> int:
     whatever the number of sequences."""
     widest = max(dims, default=0)
     return 8 * heads * (HALVES * sum((d + 2) * d for d in dims) + widest * widest)
+
+
+def moment_store_bytes(layers: int, heads: int, dims: list[int]) -> int:
+    """Bytes one streamed-moments store takes on disk (a ``stream_moments`` job's output): per
+    layer, head, view (with d keys) and half, the float64 packed (d + 2) × d, stored uncompressed,
+    plus the metadata; whatever the number of sequences."""
+    return 8 * layers * heads * HALVES * sum((d + 2) * d for d in dims) + METADATA
