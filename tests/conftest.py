@@ -37,6 +37,18 @@ def snakemake(workdir, *args, configs=CONFIGS, check=True, timeout=1800):
     return proc
 
 
+# Two tiers (README, "Tests"): `pytest -m "not slow"` is the unit tier, minutes on 2 cores; plain
+# `pytest` is everything. A test is slow when it needs the real models and corpus (the fetch alone
+# takes minutes on a fresh clone) or runs the workflow; anything else may be marked by hand.
+SLOW_FIXTURES = {"resources", "tiny_run", "routes"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("workflow"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def resources():
     """The cache working directory with both models and the corpus fetched by the pipeline."""
