@@ -308,3 +308,16 @@ def test_conflicts_are_one_error_that_pickles():
         check(c)
     assert len(e.value.errors) == 5 and [x.key for x in e.value.errors][0] == "overlap.k"
     assert str(pickle.loads(pickle.dumps(e.value))) == str(e.value)
+
+
+def test_fewer_layers_than_explicit_groups_are_stated():
+    """The trained encoder and the scaling points keep fewer layers than a run model: an explicit
+    layer_groups is capped for them, and the notes say so (no longer quietly)."""
+    c = validate(
+        {**_config(tiny=False), "run_models": ["smollm2"], "extraction": {"store": "stream", "layer_groups": 10}}
+    )
+    check(c)
+    notes = plan.notes(c)
+    assert any(n.startswith("extraction.layer_groups: 10 -> 2 for the trained encoder") for n in notes), notes
+    assert any("10 -> 6 for the streamed scaling points of smollm2" in n for n in notes), notes
+    assert plan.layer_groups(c, "smollm2") == 10

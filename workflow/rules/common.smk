@@ -39,9 +39,9 @@ try:
 except ConfigError as e:
     raise WorkflowError(f"invalid configuration: {e}") from None
 # Before any job (a dry run too), in the main process only (each job parses this file again): the
-# defaults that adapted, and what the run needs of the machine and the network, as warnings.
+# defaults that adapted to the run, and what it needs of the machine and the network, as warnings.
 if workflow.is_main_process:
-    for line in ADAPTED:
+    for line in ADAPTED + plan.notes(config):
         print(f"eigenattn: {line}", file=sys.stderr)
     for line in needs.needs(config):
         print(f"eigenattn: warning: {line}", file=sys.stderr)

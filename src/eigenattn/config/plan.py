@@ -282,6 +282,22 @@ def notes(config: dict) -> list[str]:
             )
         if not scaling_models(config):
             out.append("scaling: no run model can be swept against the length; the scaling study is skipped")
+    groups = extraction_raw(config).get("layer_groups", "auto")
+    if groups != "auto":
+        # an explicit count beyond a run model's layers is refused (validation); the trained encoder
+        # and the scaling points keep fewer layers than the run models, and take fewer groups
+        trained = config["training"]["analysis_model"]
+        L = kept_layer_count("all", model_shape(config, trained)[0])
+        if training_runs(config) and store_mode(config, trained) == "stream" and L is not None and int(groups) > L:
+            out.append(f"extraction.layer_groups: {groups} -> {L} for the trained encoder {trained} ({L} layers)")
+        for m in scaling_models(config):
+            streamed = [p for p in scaling_points(config, m)["all"] if scaling_point_streamed(config, m, *p)]
+            L = kept_layer_count(scaling_layers(config, m), model_shape(config, m)[0])
+            if streamed and L is not None and int(groups) > L:
+                out.append(
+                    f"extraction.layer_groups: {groups} -> {L} for the streamed scaling points of {m} "
+                    f"(they keep {L} layers, scaling.max_layers; a group holds at least one)"
+                )
     return out
 
 
@@ -321,8 +337,10 @@ def store_mode(config: dict, name: str) -> str:
 def layer_groups(config: dict, name: str, n: int | None = None, layers=None) -> int:
     """Layer groups of a streamed model: each is its own job, whose row moments (held in memory and
     written) take at most ``extraction.stream_memory_gb``; 1 where the config does not give the
-    model's layers and heads. An explicit ``extraction.layer_groups`` is taken as it is (at most
-    the kept layers). ``n`` and ``layers``: a scaling grid point's length and layers."""
+    model's layers and heads. An explicit ``extraction.layer_groups`` is taken as it is: beyond a
+    run model's kept layers it is refused (:mod:`eigenattn.config.validation`), and the trained
+    encoder and the scaling points, which keep fewer layers, take one group per layer (:func:`notes`
+    says so). ``n`` and ``layers``: a scaling grid point's length and layers."""
     e = extraction_raw(config)
     groups = e.get("layer_groups", "auto")
     n_layers, heads = model_shape(config, name)
