@@ -4,8 +4,14 @@
   strings, by the schema before it checks them.
 - :func:`explain` turns a schema violation (from ``snakemake.utils.validate``, which also fills
   in the defaults) into a :class:`ConfigError` that names the key and the fix.
-- :func:`check` runs the cross-key checks a schema cannot express. It is a pure function of the
-  config dict: it reads no file and opens no socket, so it runs when the Snakefile is parsed.
+- :func:`adapt` fits the grids left at their schema defaults to the run (the values beyond what
+  ``sampling.seq_len`` allows are dropped, the budgets below the cheapest plan too) and returns a
+  line for each: defaults adapt, explicit asks are checked.
+- :func:`check` runs the cross-key checks a schema cannot express: among them the grids the user
+  wrote against the length (every conflict in one :class:`~eigenattn.errors.ConfigErrors`), plan
+  budgets against the cheapest plan, layer lists, and an explicit ``extraction.layer_groups``. It is
+  a pure function of the config dict: it reads no file and opens no socket, so it runs when the
+  Snakefile is parsed. Every message writes keys one way: ``plans.budgets[0]``, ``models.bb.revision``.
 - Checks that need data run in the rule that has the data, and still name the key:
   :func:`check_corpus_capacity` (sampling), :func:`check_model_facts` and
   :func:`check_store_room` (extraction, after the equivalence probe) and
