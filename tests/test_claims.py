@@ -366,7 +366,18 @@ def test_c3_versus_peer_rows_judge_the_plugin_too(tmp_path):
 TOP = 5  # the synthetic runs' most frequent fit token: the unigram baseline predicts it
 
 
-def _finals(root, accs, loss_gap=1.0, entropy=7.0, tokens=5000, mode="scratch", shuffled=0.06, floor=0.10, seed=0):
+def _finals(
+    root,
+    accs,
+    loss_gap=1.0,
+    entropy=7.0,
+    tokens=5000,
+    mode="scratch",
+    shuffled=0.06,
+    floor=0.10,
+    seed=0,
+    documents=None,
+):
     """Synthetic training runs with their per-token records, and the comparisons table of them.
 
     ``accs``: {(variant, s, seed): accuracy}; the uniform floor gets ``floor`` for every exact seed
@@ -392,6 +403,7 @@ def _finals(root, accs, loss_gap=1.0, entropy=7.0, tokens=5000, mode="scratch", 
             correct=correct,
             loss=loss,
             correct_shuffled=rng.random(tokens) < sh,
+            **({} if documents is None else {"document": documents}),
         )
         final = {
             "mode": mode,
@@ -601,3 +613,13 @@ def test_c3_plugin_rows_resample_documents(tmp_path):
     (tmp_path / "supported" / "m.sequences.csv").unlink()
     rows = c3_rows([], [tmp_path / "supported" / "m.csv"], CFG)
     assert all(r.get("n_documents") is None for r in rows) and any("no interval" in r["caveat"] for r in rows)
+
+
+def test_c4_rows_state_their_documents(tmp_path):
+    """With each token's document in the runs' records, every C4 row of the mode states how many
+    held-out documents its token part rests on."""
+    accs = {("exact", 128, i): 0.5 for i in range(3)} | {("partial_fixed", 16, i): 0.45 for i in range(3)}
+    docs = np.repeat(np.arange(25), 200)
+    rows = c4_rows(_finals(tmp_path, accs, documents=docs), CFG)
+    assert rows and all(r["n_documents"] == 25 for r in rows)
+    assert "5000 tokens from 25 documents" in rows[0]["spread"]

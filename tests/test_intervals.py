@@ -291,3 +291,29 @@ def test_passages_spread_over_documents():
     # the plug-in's old choice, the first 16 of 32 passages from 14 documents, rests on 9 of them
     held = np.repeat(np.arange(14), [3, 2, 2, 2, 2, 2, 1, 1, 1, 4, 4, 3, 3, 2])
     assert len(set(held[:16])) == 9 and len(set(held[spread_over_documents(held, 16)])) == 14
+
+
+def test_c4_token_part_resamples_documents():
+    """C4's seeds × tokens contrasts with a document effect (tokens of one document share it; 10
+    documents of 10–40 masked tokens, four seeds): collapsed to documents the interval covers the
+    truth in 93–97.5% of 2,000 draws, with tokens as the unit it does not (about 87%). The collapse
+    leaves every seed's mean, hence every estimate, unchanged."""
+    from eigenattn.training.stats import crossed_interval
+    from eigenattn.training.summary import by_document
+
+    rng = np.random.default_rng(0)
+    K, J = 4, 10
+    docs = np.repeat(np.arange(J), rng.integers(10, 40, J))
+    n, draws = len(docs), 2000
+    hit_doc = hit_tok = 0
+    for _ in range(draws):
+        X = 0.02 * rng.standard_normal((K, 1)) + 0.05 * rng.standard_normal(J)[docs][None, :]
+        X = X + 0.02 * rng.standard_normal((K, J))[:, docs] + 0.3 * rng.standard_normal((K, n))
+        D = by_document(X, docs)
+        a, b = crossed_interval(D), crossed_interval(X)
+        hit_doc += a.low <= 0 <= a.high
+        hit_tok += b.low <= 0 <= b.high
+    np.testing.assert_allclose(D.mean(axis=1), X.mean(axis=1))
+    assert D.shape == (K, J) and a.estimate == pytest.approx(b.estimate)
+    assert 0.93 <= hit_doc / draws <= 0.975, hit_doc / draws
+    assert hit_tok / draws < 0.91, hit_tok / draws

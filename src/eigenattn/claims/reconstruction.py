@@ -503,12 +503,16 @@ def c4_rows(comparisons, thresholds: ClaimThresholds) -> list[dict]:
         fl = g[g.variant == "uniform"].iloc[0]
         blocker = _c4_blocker(ex)
         n, u, H = int(ex.heldout_tokens), float(ex.unigram_acc), float(ex.unigram_entropy)
+        nd = getattr(ex, "heldout_documents", np.nan)
+        docs = {"n_documents": int(nd)} if pd.notna(nd) else {}  # the unit of the intervals' token part
+        unit = f"{n} tokens from {int(nd)} documents" if docs else f"{n} tokens"
         out.append(
             make_row(
                 "C4",
                 comparisons,
                 mode=mode,
                 model="exact",
+                **docs,
                 scope=f"{mode} exact ({ex.seeds} seeds) vs unigram, shuffled windows and the uniform floor",
                 quantity="held-out MLM accuracy",
                 value=float(ex.acc_mean),
@@ -516,7 +520,7 @@ def c4_rows(comparisons, thresholds: ClaimThresholds) -> list[dict]:
                 f"loss {H - ex.exact_loss_gap:.2f} vs entropy {H:.2f} nats; shuffled-order accuracy "
                 f"{ex.acc_shuffled_mean:.3f} (per-seed gain ≥ {ex.exact_run_gain_min:+.3f}, lower 95% end "
                 f"{ex.exact_run_gain_low:+.3f}); uniform floor {fl.acc_mean:.3f} (gain {ex.exact_floor_gain:+.3f}, "
-                f"lower 95% end {ex.exact_floor_gain_low:+.3f}); {n} tokens",
+                f"lower 95% end {ex.exact_floor_gain_low:+.3f}); {unit}",
                 state="inconclusive" if blocker else "reference",
                 verdict=blocker or "exact has learned, uses word order and beats the order-free floor",
                 caveat="",
@@ -528,6 +532,7 @@ def c4_rows(comparisons, thresholds: ClaimThresholds) -> list[dict]:
                 comparisons,
                 mode=mode,
                 model="uniform",
+                **docs,
                 scope=f"{mode} uniform floor ({fl.seeds} seeds): every query attends equally to every key",
                 quantity="held-out MLM accuracy",
                 value=float(fl.acc_mean),
@@ -558,6 +563,7 @@ def c4_rows(comparisons, thresholds: ClaimThresholds) -> list[dict]:
                     mode=mode,
                     model=r.variant,
                     s=int(r.subset_size),
+                    **docs,
                     scope=f"{mode} {r.variant} s={r.subset_size} ({r.seeds} paired seeds)",
                     quantity="held-out MLM accuracy",
                     value=float(r.acc_mean),
@@ -587,6 +593,7 @@ def c4_rows(comparisons, thresholds: ClaimThresholds) -> list[dict]:
                     comparisons,
                     mode=mode,
                     model=v,
+                    **docs,
                     scope=f"{mode} {v}, every s measured ({sizes})",
                     quantity="largest share of exact's gain over the floor kept at any s",
                     value=_nanmax([k for _, _, k in cells]),

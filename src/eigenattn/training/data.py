@@ -75,8 +75,9 @@ def split_texts(documents_path, seed: int, heldout_fraction: float) -> dict[str,
     return {s: docs["text"][split == s].tolist() for s in ("fit", "heldout")}
 
 
-def chunk_documents(tok, texts, seq_len: int) -> np.ndarray:
-    """Every document's tokens cut into consecutive windows of seq_len − 2, framed by [CLS] … [SEP]."""
+def chunk_documents(tok, texts, seq_len: int, with_documents: bool = False):
+    """Every document's tokens cut into consecutive windows of seq_len − 2, framed by [CLS] … [SEP]
+    (with ``with_documents``: also each window's document, its index in ``texts``)."""
     body = seq_len - 2
     out = []
     limit, tok.model_max_length = tok.model_max_length, int(1e12)  # whole documents, cut below
@@ -84,16 +85,19 @@ def chunk_documents(tok, texts, seq_len: int) -> np.ndarray:
         enc = tok(list(texts), add_special_tokens=False)["input_ids"]
     finally:
         tok.model_max_length = limit
-    for ids in enc:
+    docs = []
+    for d, ids in enumerate(enc):
         for i in range(0, len(ids) - body + 1, body):
             out.append([tok.cls_token_id, *ids[i : i + body], tok.sep_token_id])
+            docs.append(d)
     if not out:
         raise InputError(
             "documents",
             f"no document is longer than seq_len − 2 = {body} tokens",
             "use a corpus with longer documents, or a smaller sampling.seq_len",
         )
-    return np.asarray(out, dtype=np.int64)
+    windows = np.asarray(out, dtype=np.int64)
+    return (windows, np.asarray(docs, dtype=np.int64)) if with_documents else windows
 
 
 def build_windows(
@@ -101,16 +105,27 @@ def build_windows(
 ) -> dict:
     """Tokenise the corpus once for every run: fit windows, and the evenly spread held-out windows.
 
-    Writes an .npz with int32 arrays ``fit`` (N, n) and ``heldout`` (M, n), atomically.
+    Writes an .npz with int32 arrays ``fit`` (N, n), ``heldout`` (M, n) and ``heldout_documents``
+    (M,: each held-out window's document, the independent unit of C4's token part), atomically.
     """
     tok = load_tokenizer(tokenizer_dir)
     texts = split_texts(documents, seed, heldout_fraction)
     fit = chunk_documents(tok, texts["fit"], seq_len)
-    held = chunk_documents(tok, texts["heldout"], seq_len)
+    held, held_docs = chunk_documents(tok, texts["heldout"], seq_len, with_documents=True)
     pick = np.unique(np.linspace(0, len(held) - 1, min(eval_sequences, len(held))).round().astype(int))
     with atomic_output(out_path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, fit=fit.astype(np.int32), heldout=held[pick].astype(np.int32))
-    return {"fit": len(fit), "heldout": len(pick), "heldout_available": len(held)}
+        np.savez(
+            f,
+            fit=fit.astype(np.int32),
+            heldout=held[pick].astype(np.int32),
+            heldout_documents=held_docs[pick].astype(np.int32),
+        )
+    return {
+        "fit": len(fit),
+        "heldout": len(pick),
+        "heldout_available": len(held),
+        "heldout_documents": len(np.unique(held_docs[pick])),
+    }
 
 
 def mask_batch(ids: torch.Tensor, tok_info: dict, generator: torch.Generator, p: float = 0.15):

@@ -50,15 +50,19 @@ def learning_rate(step: int, total: int, peak: float, warmup: float) -> float:
 def evaluate(model, ids: torch.Tensor, tok_info: dict, seed: int, batch_size: int, device, amp) -> dict:
     """Held-out MLM loss (mean and per-token standard deviation), accuracy and token count, and the
     per-token ``labels``, ``correct`` and ``token_loss`` arrays (in the fixed order of
-    :func:`heldout_batches`, the same for every run: the paired comparisons of C4 need them)."""
+    :func:`heldout_batches`, the same for every run: the paired comparisons of C4 need them), with
+    each token's ``window`` (its row of ``ids``)."""
     model.eval()
-    losses, hits, targets = [], [], []
+    losses, hits, targets, windows = [], [], [], []
+    start = 0
     for x, pos, labels in heldout_batches(ids, tok_info, seed, batch_size):
         with amp():
             logits = model(x.to(device), pos.to(device))
         losses.append(F.cross_entropy(logits.float(), labels.to(device), reduction="none").cpu())
         hits.append(logits.argmax(-1).cpu() == labels)
         targets.append(labels)
+        windows.append(start + torch.div(pos, x.shape[1], rounding_mode="floor"))
+        start += x.shape[0]
     model.train()
     loss = torch.cat(losses).double()
     correct = torch.cat(hits)
@@ -70,13 +74,15 @@ def evaluate(model, ids: torch.Tensor, tok_info: dict, seed: int, batch_size: in
         "labels": torch.cat(targets).numpy().astype(np.int32),
         "correct": correct.numpy(),
         "token_loss": loss.numpy().astype(np.float32),
+        "window": torch.cat(windows).numpy().astype(np.int32),
     }
 
 
 def write_token_scores(path, ev: dict, shuffled: dict) -> None:
     """The per-token record of a run's final evaluation (``heldout_tokens.npz``; docs/data-contract.md):
     labels, correct (bool), loss (float32) on the held-out windows, and correct on their shuffled
-    copies."""
+    copies; each token's window and, where the windows file records them, its document."""
+    extra = {"document": ev["document"]} if "document" in ev else {}
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(
@@ -85,6 +91,8 @@ def write_token_scores(path, ev: dict, shuffled: dict) -> None:
                 correct=ev["correct"],
                 loss=ev["token_loss"],
                 correct_shuffled=shuffled["correct"],
+                window=ev["window"],
+                **extra,
             )
 
 
@@ -372,6 +380,9 @@ def run(
     }
     if mode == "finetune":
         final["heldout_mlm_acc_step0"] = float(metrics.iloc[0].heldout_mlm_acc)
+    with np.load(windows) as w:  # each held-out token's document: the unit of C4's token part
+        if "heldout_documents" in w.files:
+            ev["document"] = w["heldout_documents"][ev["window"]]
     _publish(out_dir, model, tok, metrics, final, ev, shuffled)
     ckpt.unlink(missing_ok=True)
     log.info("final: %s", final)

@@ -17,6 +17,15 @@ What each comparison asks:
 - per variant: ``delta_vs_exact`` and ``delta_vs_floor`` with their intervals, and the keep contrast
   ``acc_v − keep·acc_exact − (1 − keep)·acc_floor``, whose interval decides whether the variant
   keeps at least ``keep`` of exact's gain over the floor (the floor's own noise included).
+
+**The token part resamples documents** (docs/method.md §9): held-out windows of one document share
+its topic and names, so their tokens are not independent draws. Where the runs' per-token records
+name each token's document (``document`` in ``heldout_tokens.npz``, from the windows file's
+``heldout_documents``), every seeds × tokens contrast is collapsed to seeds × documents by
+:func:`by_document` before :func:`eigenattn.training.stats.crossed_interval`: the token part of
+the variance is then that of the documents (J − 1 degrees of freedom), and the estimate is
+unchanged. Older records without documents keep tokens as the unit, and ``heldout_documents`` is
+empty.
 """
 
 from __future__ import annotations
@@ -85,6 +94,7 @@ COMPARISON_COLUMNS = [
     "unigram_acc",
     "unigram_entropy",
     "heldout_tokens",
+    "heldout_documents",
     "exact_acc_gap",
     "exact_acc_gap_low",
     "exact_loss_gap",
@@ -166,21 +176,54 @@ def _stack(tokens: dict, mode: str, variant: str, s: int, seeds, field: str = "c
     return np.stack([tokens[(mode, variant, s, seed)][field].astype(np.float64) for seed in seeds])
 
 
-def _exact_checks(tokens, mode, n_len, seeds, top, entropy) -> dict:
-    """exact against the unigram baseline, its shuffled windows and the uniform floor."""
+def by_document(X: np.ndarray, documents) -> np.ndarray:
+    """Seeds × tokens ``X`` collapsed to seeds × documents (``documents``: each token's; None keeps
+    tokens as the unit). Column j is ``(J/n)·T_kj − (J·n_j/n − 1)·m``, with ``T_kj`` the sum of
+    seed k's values over document j's ``n_j`` tokens and ``m`` the grand mean: the columns of a seed
+    average to that seed's mean over tokens (so every estimate is unchanged), and their spread over
+    documents is the cluster-robust (linearised) variance of a mean over clustered tokens."""
+    X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+    if documents is None:
+        return X
+    _, inv = np.unique(np.asarray(documents), return_inverse=True)
+    J, n = int(inv.max()) + 1, X.shape[1]
+    counts = np.bincount(inv, minlength=J)
+    totals = np.stack([np.bincount(inv, weights=row, minlength=J) for row in X])
+    return (J / n) * totals - (J * counts / n - 1) * X.mean()
+
+
+def _documents(tokens: dict):
+    """Each held-out token's document, shared by every run, or None (records without documents)."""
+    docs = [t.get("document") for t in tokens.values()]
+    if any(d is None for d in docs) or any(not np.array_equal(d, docs[0]) for d in docs):
+        return None
+    return docs[0]
+
+
+def _exact_checks(tokens, mode, n_len, seeds, top, entropy, docs=None) -> dict:
+    """exact against the unigram baseline, its shuffled windows and the uniform floor (``docs``: each
+    token's document, the unit of the token part; None: tokens)."""
     E = _stack(tokens, mode, "exact", n_len, seeds)
     labels = next(iter(tokens.values()))["labels"]
     unigram = (labels == top).astype(np.float64)[None, :]
-    acc = crossed_interval(E - unigram)
-    loss = crossed_interval(entropy - _stack(tokens, mode, "exact", n_len, seeds, "loss"))
+    acc = crossed_interval(by_document(E - unigram, docs))
+    loss = crossed_interval(by_document(entropy - _stack(tokens, mode, "exact", n_len, seeds, "loss"), docs))
     Es = _stack(tokens, mode, "exact", n_len, seeds, "correct_shuffled")
-    order = crossed_interval(E, Es, weights=[1, -1])
+    # the shuffled windows are masked at the same positions: their tokens have the same documents
+    docs_s = docs if docs is not None and len(docs) == Es.shape[1] else None
+    order = crossed_interval(by_document(E, docs), by_document(Es, docs_s), weights=[1, -1])
     # each seed on its own too (token noise only): one order-blind seed among order-using ones is caught
-    z = float(sps.norm.ppf(0.5 + LEVEL / 2))
     a, b = E.mean(axis=1), Es.mean(axis=1)
     run_gain = a - b
-    run_low = run_gain - z * np.sqrt((a * (1 - a) + b * (1 - b)) / E.shape[1])
-    floor = crossed_interval(E - _stack(tokens, mode, "uniform", n_len, seeds))
+    if docs_s is not None:  # per seed, Student's t over documents
+        D = by_document(E - Es, docs_s)
+        J = D.shape[1]
+        q = float(sps.t.ppf(0.5 + LEVEL / 2, J - 1)) if J > 1 else np.inf
+        run_low = run_gain - q * D.std(axis=1, ddof=1) / np.sqrt(J)
+    else:
+        z = float(sps.norm.ppf(0.5 + LEVEL / 2))
+        run_low = run_gain - z * np.sqrt((a * (1 - a) + b * (1 - b)) / E.shape[1])
+    floor = crossed_interval(by_document(E - _stack(tokens, mode, "uniform", n_len, seeds), docs))
     return {
         "exact_acc_gap": acc.estimate,
         "exact_acc_gap_low": acc.low,
@@ -207,6 +250,8 @@ def compare(final_paths, keep: float) -> pd.DataFrame:
         df["heldout_mlm_acc_step0"] = np.nan
     n_tok, u, H = int(df.heldout_tokens.iloc[0]), float(df.unigram_acc.iloc[0]), float(df.unigram_entropy.iloc[0])
     top = int(df.unigram_top_token.iloc[0])
+    docs = _documents(tokens)
+    n_docs = len(np.unique(docs)) if docs is not None else np.nan
     out = []
     for mode, g in df.groupby("mode"):
         refs = {v: g[g.variant == v] for v in ("exact", "uniform")}
@@ -219,7 +264,7 @@ def compare(final_paths, keep: float) -> pd.DataFrame:
                 )
         n_len = int(refs["exact"].subset_size.iloc[0])
         ref_seeds = sorted(set(refs["exact"].seed) & set(refs["uniform"].seed))
-        checks = _exact_checks(tokens, mode, n_len, ref_seeds, top, H)
+        checks = _exact_checks(tokens, mode, n_len, ref_seeds, top, H, docs)
         acc_e = float(refs["exact"].heldout_mlm_acc.mean())
         acc_f = float(refs["uniform"].heldout_mlm_acc.mean())
         flops_e = float(refs["exact"].attention_flops_per_seq.iloc[0])
@@ -228,9 +273,9 @@ def compare(final_paths, keep: float) -> pd.DataFrame:
             C = _stack(tokens, mode, v, int(s), seeds)
             E = _stack(tokens, mode, "exact", n_len, seeds)
             F = _stack(tokens, mode, "uniform", n_len, seeds)
-            d_e = crossed_interval(C - E)
-            d_f = crossed_interval(C - F)
-            kc = crossed_interval(C - keep * E - (1 - keep) * F)
+            d_e = crossed_interval(by_document(C - E, docs))
+            d_f = crossed_interval(by_document(C - F, docs))
+            kc = crossed_interval(by_document(C - keep * E - (1 - keep) * F, docs))
             acc = float(x.heldout_mlm_acc.mean())
             out.append(
                 {
@@ -263,6 +308,7 @@ def compare(final_paths, keep: float) -> pd.DataFrame:
                     "unigram_acc": u,
                     "unigram_entropy": H,
                     "heldout_tokens": n_tok,
+                    "heldout_documents": n_docs,
                     **checks,
                 }
             )
