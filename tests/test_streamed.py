@@ -514,3 +514,38 @@ def test_one_chunk_in_streamed_mode_is_the_stored_routes_config_error(resources,
         from eigenattn.spectra.moments import half_block_index
 
         half_block_index((2,))
+
+
+def test_recomputed_scores_run_the_model_once_per_chunk(resources, tmp_path):
+    """Read layer by layer, chunk by chunk (as the reconstruction and per-input spectra do), a
+    token store of 3 layers and 2 chunks runs the model twice, once per chunk up to its last
+    layer, not once per (chunk, layer); with no room to hold blocks ahead, once per read again.
+    The scores are the same either way."""
+    model_dir = resources / "models" / "minilm"
+    texts = _texts(resources, 4)
+    extract_tokens(
+        model_dir, texts, np.arange(4), tmp_path / "t.zarr", seq_len=SEQ_LEN, layers=[0, 2, 4], chunk_sequences=2,
+        dtype_requested="auto", device="cpu", attrs={"model": "minilm", "split": "heldout"},
+    )  # fmt: skip
+    attrs = open_store(tmp_path / "t.zarr").attrs.asdict()
+    ids = open_store(tmp_path / "t.zarr")["input_ids"][:]
+    ahead = RecomputedScores(tmp_path / "t.zarr", attrs, ids)
+    blocks = {(li, s0): ahead[s0 : s0 + 2, li] for li in range(3) for s0 in (0, 2)}
+    assert ahead.forwards == [(2, 4), (2, 4)]
+    assert not ahead._cache and ahead._held == 0  # every block read, none held
+    one = RecomputedScores(tmp_path / "t.zarr", attrs, ids, cache_bytes=0)
+    for (li, s0), block in blocks.items():
+        np.testing.assert_array_equal(one[s0 : s0 + 2, li], block)
+    assert one.forwards == [(2, 0), (2, 0), (2, 2), (2, 2), (2, 4), (2, 4)]
+    # readers that take only some layers say so: nothing deeper is computed ahead
+    some = RecomputedScores(tmp_path / "t.zarr", attrs, ids)
+    some.needs([0, 1])
+    for li in (0, 1):
+        for s0 in (0, 2):
+            np.testing.assert_array_equal(some[s0 : s0 + 2, li], blocks[(li, s0)])
+    assert some.forwards == [(2, 2), (2, 2)]
+    # Dask's threads, reading every block at once: one pass per chunk as well
+    scores, _ = open_scores([tmp_path / "t.zarr"], recompute=open_token_shard)
+    whole = scores.compute(scheduler="threads", num_workers=4)
+    for (li, s0), block in blocks.items():
+        np.testing.assert_array_equal(whole[s0 : s0 + 2, li], block)

@@ -54,7 +54,11 @@ class ScoreSource:
         """``source[:, idx]``: the same shards exposing only the layers at positions ``idx``."""
         if not (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None)):
             raise TypeError("a ScoreSource selects layers only: source[:, positions]; use read() for data")
-        return ScoreSource(self.arrays, [self.layers[i] for i in key[1]])
+        layers = [self.layers[i] for i in key[1]]
+        for c in self.arrays:  # recomputed scores compute ahead only the layers that will be read
+            if hasattr(c, "needs"):
+                c.needs(layers)
+        return ScoreSource(self.arrays, layers)
 
     def dask(self):
         """The same array as Dask (for graph-based reductions)."""
