@@ -303,10 +303,13 @@ def test_auto_streams_a_model_whose_stores_exceed_the_budget():
     assert plan.store_mode(big, "smollm2") == "stream"
     assert plan.store_mode(_cfg(store="scores"), "smollm2") == "scores"
     assert plan.store_mode(_cfg(128, store="auto"), "smollm2") == "scores"
-    # layer groups keep each job's moments within stream_memory_gb
-    groups = plan.layer_groups(big, "smollm2")
-    per_layer = moment_layer_bytes(9, [1024])
-    assert -(-30 // groups) * per_layer <= 4e9 < -(-30 // (groups - 1)) * per_layer
+    # layer groups keep each job's moments within stream_memory_gb. By hand: the prefix view at
+    # n = 2,048 has d = 1,024 keys; per layer, 9 heads × 8 B × (2 halves × 1,026 × 1,024 + 1,024²)
+    # = 226.8 MB, so 4 GB holds 17 layers and smollm2's 30 take 2 groups (of 15)
+    assert moment_layer_bytes(9, [1024]) == 9 * 8 * (2 * 1026 * 1024 + 1024**2) == 226_787_328
+    assert plan.layer_groups(big, "smollm2") == 2
+    assert plan.layer_groups(_cfg(stream_memory_gb=1), "smollm2") == 8  # 4 layers a group: ceil(30 / 4)
+    assert [len(layer_group(list(range(30)), g, 8)) for g in range(8)] == [3, 4, 4, 4, 3, 4, 4, 4]
     assert plan.layer_groups(_cfg(layer_groups=7), "smollm2") == 7
 
 
