@@ -3,7 +3,7 @@
 The test extras (scikit-learn, xarray, pytest, ...) are installed wherever this test runs, so an
 import that works here proves nothing about a user's `pip install -e .`. Instead this test reads
 the imports themselves (top-level and inside functions) from `src/`, `workflow/` (scripts, rules,
-the Snakefile) and the notebooks, maps each module to the distribution that provides it, and
+the Snakefile), the notebooks and examples/, maps each module to the distribution that provides it, and
 checks that distribution against the closure of `[project].dependencies` in pyproject.toml
 (each runtime pin, the extras it names, and what those require in turn), never the test extra.
 """
@@ -76,7 +76,9 @@ def pipeline_imports(root: Path = REPO) -> dict[str, set[str]]:
         for m in mods:
             uses.setdefault(m, set()).add(str(f.relative_to(root)))
 
-    for f in sorted([*(root / "src").rglob("*.py"), *(root / "workflow").rglob("*.py")]):
+    for f in sorted(
+        [*(root / "src").rglob("*.py"), *(root / "workflow").rglob("*.py"), *(root / "examples").rglob("*.py")]
+    ):
         add(_python_imports(f.read_text(), str(f)), f)
     for f in sorted([root / "Snakefile", *(root / "workflow").rglob("*.smk")]):
         add(_smk_imports(f.read_text()), f)
