@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REPO, make_workdir, snakemake
 from eigenattn.config.views import view_slices
+from eigenattn.reconstruction.plugin import heldout_selection
 
 TINY = yaml.safe_load((REPO / "tests" / "config.yaml").read_text())
 
@@ -326,19 +327,21 @@ def test_reconstruction_and_plugin_outputs(tiny_run):
             "family",
             "attn_macs",
             "cost_share",
+            "n_sequences",
+            "n_documents",
         ]
         assert set(df.metric) == {metric}
+        seqs = pd.read_csv(wd / "results" / "plugin" / f"{model}.sequences.csv")
+        assert len(seqs) == (len(df) + 1) * TINY["plugin"]["n_sequences"]  # every method and exact
+        assert (df.n_documents == seqs.document.nunique()).all()
         assert len(df) == (4 * 1 + n_peers) * len(TINY["plugin"]["subset_sizes"])
         assert set(df[df.family == "peer"].estimator) == {"nystrom", "vertical_slash", "sink_window"}
     # the exact perplexity, recomputed here by transformers' own eager model on the same tokens
     df = pd.read_csv(wd / "results" / "plugin" / "smollm2.csv")
-    ids = np.concatenate(
-        [
-            zarr.open_group(p, mode="r")["input_ids"][:]
-            for p in sorted((wd / "results" / "scores" / "smollm2" / "heldout").iterdir())
-        ]
-    )
-    ids = torch.from_numpy(ids[: TINY["plugin"]["n_sequences"]].astype(np.int64))
+    shards = sorted((wd / "results" / "scores" / "smollm2" / "heldout").iterdir())
+    passages = next((wd / "results" / "corpus").rglob("passages.parquet"))
+    sel = heldout_selection(shards, TINY["plugin"]["n_sequences"], passages)  # spread over documents
+    ids = torch.from_numpy(sel.ids.astype(np.int64))
     lm = AutoModelForCausalLM.from_pretrained(
         wd / "resources" / "models" / "smollm2", attn_implementation="eager", dtype=torch.float32
     ).eval()
@@ -532,7 +535,10 @@ def test_claims_table_equals_its_sources(tiny_run):
             x = src[(src.damage == r.method.removeprefix("plan:")) & np.isclose(src.budget, budget)]
             want = float(x.paired_diff.iloc[0])
             assert r.state in ("supported", "not supported", "inconclusive")
-            assert (r.state == "supported") == bool(x.paired_low.iloc[0] > 0), r
+            supported = x.paired_low.iloc[0] > 0 and x.p_holm.iloc[0] < 0.05 and x.grid_cost_ratio.iloc[0] >= 0.9
+            assert (r.state == "supported") == bool(supported), r
+            if pd.notna(x.n_documents.iloc[0]):  # a judged row states its documents
+                assert r.n_documents == x.n_documents.iloc[0], r
         else:  # C4, from comparisons.csv
             x = src[(src["mode"] == r.mode) & (src.variant == r.model)]
             if r.quantity.startswith("largest share"):  # per variant, across s
