@@ -508,7 +508,7 @@ def test_a_plan_dearer_than_every_single_method_cannot_read_supported(tmp_path):
     """The plan costs 0.5; the dearest single method its grid holds at ≤ 0.5 costs 0.25 (ratio 0.5).
     However clearly the plan wins, that is bought with twice the multiply-adds: inconclusive, and
     the row says why. At a grid ratio of 0.95 the same win is supported."""
-    plan = Plan("m", "prefix", 0.5, "tv", 16, (8, 16), (0, 8), True, SETTINGS, [], n_heads=0)
+    plan = Plan("m", "prefix", 0.5, "tv", 16, (8, 16), (0, 8), True, SETTINGS, [])
     plan.heads = [HeadChoice(0, h, "nystrom", "exact", 8, 0.5, 0.1, 0.1) for h in range(4)]
     win = _interval(0.3, 0.1)
     for ratio, state in ((0.5, "inconclusive"), (0.95, "supported")):
@@ -523,7 +523,7 @@ def test_a_plan_dearer_than_every_single_method_cannot_read_supported(tmp_path):
 def test_c5_rows_of_a_model_are_one_family(tmp_path):
     """Three rows each with p = 0.02 and an interval above 0: Holm's adjustment (3 × 0.02 = 0.06)
     leaves none supported; one row alone at p = 0.02 is."""
-    plan = Plan("m", "prefix", 0.3, "tv", 16, (8, 16), (0, 8), True, SETTINGS, [], n_heads=0)
+    plan = Plan("m", "prefix", 0.3, "tv", 16, (8, 16), (0, 8), True, SETTINGS, [])
     plan.heads = [HeadChoice(0, h, "nystrom", "exact", 8, 0.3, 0.1, 0.1) for h in range(4)]
     one = _summary_row(plan, _interval(0.3, 0.25), p_value=0.02)
     three = pd.concat([one.assign(budget=b) for b in (0.15, 0.3, 0.5)], ignore_index=True)
