@@ -63,13 +63,21 @@ def _family_p(df: pd.DataFrame) -> pd.Series:
     return out
 
 
-def c5_state(low: float, high: float, p_holm: float, grid_ratio: float, family: int) -> tuple[str, str]:
+def c5_state(
+    low: float, high: float, p_holm: float, grid_ratio: float, family: int, n_documents: float = math.nan
+) -> tuple[str, str]:
     """(state, verdict) of one C5 row (the module docstring's rules). ``grid_ratio``: the cost of the
     dearest single method of the plan's grid at ≤ the plan's cost, as a share of the plan's."""
     if high <= 0:
         return "not supported", "the plan is no better than the best single method at ≤ its cost"
     if not low > 0:
-        return "inconclusive", "the paired interval over documents contains no difference"
+        if not math.isfinite(low):
+            return "inconclusive", "too few held-out documents to decide (an interval needs at least two)"
+        docs = f" of {int(n_documents)} documents" if math.isfinite(n_documents) else ""
+        return "inconclusive", (
+            f"the paired interval over the held-out documents{docs} contains no difference; more held-out "
+            "documents (sampling.n_sequences.heldout, plugin.n_sequences, a larger corpus) would narrow it"
+        )
     if not grid_ratio >= EQUAL_COST:
         return "inconclusive", (
             f"the plan beats the best single method, but no single method of the plan's grid costs within "
@@ -124,7 +132,7 @@ def c5_rows(summaries) -> list[dict]:
             grid_ratio = _num(r, "grid_cost_ratio", ratio)
             grid_ratio = grid_ratio if math.isfinite(grid_ratio) else ratio
             p_holm = float(adjusted.loc[i])
-            state, verdict = c5_state(low, high, p_holm, grid_ratio, family)
+            state, verdict = c5_state(low, high, p_holm, grid_ratio, family, n_docs)
             gap = _num(r, "gap_recovered")
             gap_text = f"{gap:.0%} of the gap to exact recovered" if math.isfinite(gap) else "gap recovered undefined"
             verdict += (

@@ -336,7 +336,11 @@ def _plugin_state(gain, base_damage, iv, base_est, t: ClaimThresholds) -> tuple[
         return "supported", f"beats {base_est} inside the model", how
     if iv.high < t.c3_min_gain * base_damage:
         return "not supported", f"no gain of {t.c3_min_gain:.0%} over {base_est} (the interval rules it out)", how
-    verdict = f"the interval over documents cannot tell whether it removes {t.c3_min_gain:.0%} of {base_est}'s damage"
+    verdict = (
+        f"the interval over {iv.n_documents} documents cannot tell whether it removes {t.c3_min_gain:.0%} of "
+        f"{base_est}'s damage; more held-out documents (sampling.n_sequences.heldout, plugin.n_sequences) would "
+        "narrow it"
+    )
     return "inconclusive", verdict, how
 
 
