@@ -29,12 +29,46 @@ def expand_heads(query, key, value, scaling):
     return repeat_kv(key, n_rep), repeat_kv(value, n_rep), scaling
 
 
-def sdpa_attention(query, key, value, mask, scaling: float):
-    """The output of plain attention (no softcap, bias or sink) from SDPA, as (batch, n, heads, d)."""
+def sdpa_attention(query, key, value, mask, scaling: float, causal: bool = False):
+    """The output of plain attention (no softcap, bias or sink) from SDPA, as (batch, n, heads, d).
+    ``causal``: ``mask`` is the plain causal mask, which SDPA then applies itself (``is_causal``),
+    skipping the keys after each query instead of adding a mask to all n² of them."""
+    if causal:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+        return out.transpose(1, 2).contiguous()
     if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
         mask = mask.to(query.dtype)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).contiguous()
+
+
+def quadrants(n: int, m: int) -> list[tuple[slice, slice]]:
+    """The four blocks of an n × m score matrix, split at n // 2 queries and m // 2 keys: a view
+    (``prefix``: queries n // 2.., keys ..n // 2) is a union of them."""
+    rows, cols = (slice(0, n // 2), slice(n // 2, n)), (slice(0, m // 2), slice(m // 2, m))
+    return [(r, c) for r in rows for c in cols if r.stop > r.start and c.stop > c.start]
+
+
+def block_scores(query, key, scaling: float, store, blocks=None):
+    """scale · Q_b K_bᵀ of each sequence b, handed to ``store(b, S_b)`` in one (heads, n, m) buffer
+    reused for every b. ``blocks``: the (query slice, key slice) blocks of :func:`quadrants` to
+    compute (None: the whole matrix, in one product), the others left unset; each block is its
+    own product of Q and K's rows, the same whichever other blocks are computed, so a capture that
+    takes one block sees the bits a capture of the whole matrix would (with ``blocks`` =
+    every quadrant) see there."""
+    B, H, n, _ = query.shape
+    m = key.shape[2]
+    buf = query.new_empty((H, n, m))  # one sequence's scores: small enough to stay in cache
+    for b in range(B):
+        if blocks is None:
+            torch.baddbmm(buf, query[b], key[b].transpose(1, 2), beta=0, alpha=scaling, out=buf)
+        else:
+            for rs, cs in blocks:
+                part = torch.baddbmm(
+                    buf.new_zeros(()), query[b][:, rs], key[b][:, cs].transpose(1, 2), beta=0, alpha=scaling
+                )
+                buf[:, rs, cs] = part
+        store(b, buf)
 
 
 def streamed_attention(query, key, value, mask, scaling: float, store):

@@ -33,11 +33,12 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
 from eigenattn.capture.attention import (
+    block_scores,
     expand_heads,
     finish_attention,
+    quadrants,
     scaled_scores,
     sdpa_attention,
-    streamed_attention,
 )
 from eigenattn.errors import UnsupportedModelError
 
@@ -85,6 +86,32 @@ class ScoreCapture:
         self.calls = 0
         # the last layer this pass needs: a later attention call raises StopForward
         self.stop_after: int | None = None
+        self._causal: dict[int, tuple] = {}  # id(mask) -> (mask, is it the plain causal mask)
+
+    def score_blocks(self, layer_idx: int, n: int, m: int) -> list[tuple[slice, slice]]:
+        """The blocks of a kept layer's (n × m) scores this capture takes
+        (:func:`eigenattn.capture.attention.quadrants`): all of them here; a capture that needs
+        only a view's block (streamed moments) or none (a layer computed but not kept) takes fewer."""
+        return quadrants(n, m)
+
+    def causal_mask(self, mask: torch.Tensor | None) -> bool:
+        """Whether ``mask`` (the additive or boolean mask a layer received) is the plain causal mask
+        over square scores; checked once per mask tensor (the layers of a pass share one)."""
+        if mask is None or mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
+            return False
+        hit = self._causal.get(id(mask))
+        if hit is None or hit[0] is not mask:
+            n = mask.shape[-1]
+            visible = mask if mask.dtype == torch.bool else mask == 0
+            lower = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril_()
+            if mask.dtype != torch.bool:  # hidden entries must be the eager -inf / dtype-min
+                hidden = mask <= torch.finfo(mask.dtype).min / 2
+                ok = bool((visible == lower).all()) and bool((visible | hidden).all())
+            else:
+                ok = bool((visible == lower).all())
+            hit = (mask, ok)
+            self._causal[id(mask)] = hit
+        return hit[1]
 
     def wants(self, layer_idx: int) -> bool:
         return self.layers is None or layer_idx in self.layers
@@ -207,11 +234,14 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
         raise StopForward(layer_idx)
     wanted = cap is not None and cap.wants(layer_idx)
     # Plain attention (no softcap, bias or sink, no dropout) never materialises the whole batch's
-    # n×n matrices: a layer that is not stored runs SDPA; a stored layer on CPU runs eager attention
-    # one sequence at a time in a reused buffer (the scores are computed once, cast into the store's
-    # buffer, then softmax and P·V run while they are in cache); on GPU a stored layer computes the
-    # scores and takes its output from SDPA. The equivalence probe checks each against eager
-    # attention (last hidden state included).
+    # n×n matrices, and takes its output from SDPA (with SDPA's own causal masking where the mask
+    # is the plain causal one), whether the layer is kept or not: a kept layer on CPU computes its
+    # scores one sequence at a time in a reused buffer, only the blocks the capture takes
+    # (:meth:`ScoreCapture.score_blocks`: a streamed view's block, or none for a layer computed but
+    # not analysed); on GPU a kept layer computes its scores whole. Every route (score store,
+    # streamed moments, recomputed scores) so runs the same arithmetic, and the layers above see
+    # the same bits. The equivalence probe checks each against eager attention (last hidden state
+    # included).
     plain = softcap is None and bias is None and sinks is None and not (module.training and dropout > 0)
     streamed = (
         wanted
@@ -250,14 +280,20 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
         if cap.mask is None and attention_mask is not None:
             cap.mask = attention_mask.detach()
 
+    causal = plain and cap is not None and cap.causal_mask(attention_mask)
     if streamed:
+        blocks = cap.score_blocks(layer_idx, int(query.shape[-2]), int(key.shape[-2]))
+        if blocks:
 
-        def store(b, S):
-            cap.store_part(layer_idx, b, query.shape[0], S)
+            def store(b, S):
+                cap.store_part(layer_idx, b, query.shape[0], S)
 
-        return streamed_attention(query, key, value, attention_mask, scaling, store), None
+            block_scores(query, key, scaling, store, blocks)
+        else:  # no score of this layer is taken: it only runs
+            for b in range(query.shape[0]):
+                cap.store_part(layer_idx, b, query.shape[0], query.new_empty(0))
     if plain:
-        return sdpa_attention(query, key, value, attention_mask, scaling), None
+        return sdpa_attention(query, key, value, attention_mask, scaling, causal), None
     return finish_attention(module, scores, attention_mask, value, query.dtype, dropout, sinks=sinks)
 
 

@@ -116,6 +116,9 @@ class _Recapture(ScoreCapture):
         super().__init__(layers, torch.float32)
         self.keep = keep
 
+    def score_blocks(self, layer_idx, n, m):
+        return super().score_blocks(layer_idx, n, m) if layer_idx in self.keep else []
+
     def store_part(self, layer_idx, b, batch, scores):
         if layer_idx in self.keep:
             super().store_part(layer_idx, b, batch, scores)

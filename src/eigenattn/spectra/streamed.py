@@ -27,8 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.linalg import blas
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from eigenattn.capture.attention import quadrants
 from eigenattn.capture.extract import (
     STREAM_PROBE_LEN,
     autocast_attrs,
@@ -65,34 +68,127 @@ def layer_group(keep: list[int], group: int, n_groups: int) -> list[int]:
     return keep[lo:hi]
 
 
-class _Moments:
-    """count, mean and M2 of one view, variant and half, for every layer of a group and head."""
+PRODUCTS = ("float64", "float32")
+"""How the row products XᵀX are formed: float64 (the default; streamed equals stored to rounding),
+or float32 products of the shifted rows accumulated in float64 per sequence (about twice the
+rate; error bound in :func:`float32_product_bound`)."""
 
-    def __init__(self, layers: int, heads: int, d: int, device):
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+def float32_product_bound(rows: int, s2_trace):
+    """Bound on |Δλ| of every eigenvalue of a head's M2 (and so of its covariance, times 1/(N−1))
+    when the products are float32 (``products="float32"``), against exact arithmetic on the same
+    float32 scores.
+
+    Per sequence, the shifted rows a = fl(x − K) carry |δa| ≤ u|x − K|, and their float32 product
+    P = fl(AᵀA) over ``rows`` = m rows carries |ΔP_jk| ≤ γ_m (|A|ᵀ|A|)_jk with γ_m = m·u/(1 − m·u)
+    (Higham, Accuracy and Stability, §3.5), u = 2⁻²⁴. Summed in float64 over the sequences (whose
+    own error is ~1e-16 relative), and with Cauchy–Schwarz (|A|ᵀ|A|)_jk ≤ √(S2_jj·S2_kk),
+    |ΔS2_jk| ≤ (γ_m + 2u)·√(S2_jj·S2_kk), where S2 = Σ (x − K)(x − K)ᵀ is the shifted sum. The
+    mean term S1·S1ᵀ/N adds at most 2u·tr(S2) (Cauchy–Schwarz again). The rank-one matrix
+    √(d_j d_k) has spectral norm Σ d_j = tr(S2), so by Weyl's inequality
+    |Δλ_i| ≤ ‖ΔM2‖₂ ≤ (γ_m + 4u)·tr(S2). ``s2_trace``: tr(S2) of each head (an array)."""
+    m = float(rows)
+    gamma = m * U32 / (1 - m * U32)
+    return (gamma + 4 * U32) * np.asarray(s2_trace, dtype=np.float64)
+
+
+class _Moments:
+    """count, mean and M2 of one view, variant and half, for every layer of a group and head.
+
+    Accumulated as shifted sums: with K the mean of the first sequence's rows (per head), S1 = Σ
+    (x − K) and S2 = Σ (x − K)(x − K)ᵀ over every row; at the end mean = K + S1/N and M2 = S2 −
+    S1·S1ᵀ/N. K is within a sequence's spread of the mean, so the subtraction loses nothing
+    measurable in float64 (the stored route's chunk moments XᵀX − m·μμᵀ rely on the same), and no
+    d × d merge runs per sequence: per sequence and head one pass shifts the rows into a reused
+    buffer (the only copy, and float64 only in float64 mode) and one symmetric rank-m update adds
+    them to the triangle of S2 (BLAS syrk on CPU, half the multiply-adds of XᵀX; a batched GEMM
+    over the heads on CUDA). ``products``: see :data:`PRODUCTS`."""
+
+    def __init__(self, layers: int, heads: int, d: int, device, products: str = "float64"):
+        if products not in PRODUCTS:
+            raise ConfigError("extraction.stream_products", f"unknown '{products}'", f"use {' or '.join(PRODUCTS)}")
         kw = {"dtype": torch.float64, "device": device}
-        self.count = [0.0] * layers
-        self.mean = torch.zeros(layers, heads, d, **kw)
-        self.m2 = torch.zeros(layers, heads, d, d, **kw)
+        self.products = products
+        self.dtype = torch.float64 if products == "float64" else torch.float32
+        self.count = [0] * layers
+        self.shift = torch.zeros(layers, heads, d, **kw)
+        self.s1 = torch.zeros(layers, heads, d, **kw)
+        self.s2 = torch.zeros(layers, heads, d, d, **kw)  # CPU: the lower triangle only
+        self._buf = None  # the shifted rows (heads, m, d), reused
+        self._tmp = None  # float32 mode on CPU: one head's float32 product (d, d), reused
+        self.rows_per_add = 0
+
+    def _buffer(self, shape, device) -> torch.Tensor:
+        if self._buf is None or self._buf.shape != shape:
+            self._buf = torch.empty(shape, dtype=self.dtype, device=device)
+        return self._buf
 
     def add(self, i: int, X: torch.Tensor) -> None:
-        """Merge the rows X (heads, m, d) into layer ``i``: the chunk's moments as the stored route
-        takes them (XᵀX − m·μμᵀ), then Chan's pairwise update."""
-        m = float(X.shape[1])
-        mean_b = X.mean(dim=1)
-        m2_b = torch.matmul(X.transpose(1, 2), X)
-        m2_b -= m * mean_b[:, :, None] * mean_b[:, None, :]
-        n_a = self.count[i]
-        n = n_a + m
-        delta = mean_b - self.mean[i]
-        self.mean[i] += delta * (m / n)
-        self.m2[i] += m2_b + (n_a * m / n) * (delta[:, :, None] * delta[:, None, :])
-        self.count[i] = n
+        """Add the rows X (heads, m, d), any float dtype and strides (a view of the scores), to
+        layer ``i``."""
+        H, m, d = X.shape
+        if self.count[i] == 0:
+            self.shift[i] = X.to(torch.float64).mean(dim=1)
+            if self.dtype == torch.float32:  # the shift used is the float32 one, exactly
+                self.shift[i] = self.shift[i].float().double()
+        A = self._buffer((H, m, d), X.device)
+        torch.sub(X, self.shift[i][:, None, :].to(self.dtype), out=A)  # float64 mode: exact, x widened first
+        self.s1[i] += A.sum(dim=1, dtype=torch.float64)
+        if A.device.type == "cpu":
+            self._syrk(self.s2[i], A)
+        elif self.dtype == torch.float64:
+            self.s2[i].baddbmm_(A.transpose(1, 2), A)
+        else:
+            self.s2[i] += torch.bmm(A.transpose(1, 2), A)
+        self.count[i] += m
+        self.rows_per_add = m
+
+    def _syrk(self, S2: torch.Tensor, A: torch.Tensor) -> None:
+        """S2[h] += A[h]ᵀ A[h] in the lower triangle, for every head h (BLAS syrk)."""
+        d = A.shape[-1]
+        for h in range(A.shape[0]):
+            a = A[h].numpy().T  # (d, m), Fortran order: syrk's A·Aᵀ is AᵀA of the rows
+            c = S2[h].numpy().T  # Fortran view: its upper triangle is the lower one of S2[h]
+            if self.dtype == torch.float64:
+                out = blas.dsyrk(1.0, a, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
+            else:
+                if self._tmp is None or self._tmp.shape != (d, d):
+                    self._tmp = np.zeros((d, d), dtype=np.float32, order="F")
+                out = blas.ssyrk(1.0, a, beta=0.0, c=self._tmp, trans=0, lower=0, overwrite_c=1)
+                S2[h] += torch.from_numpy(out.T)  # float32 products accumulated in float64
+                continue
+            if not np.shares_memory(out, c):
+                raise RuntimeError("syrk did not update the accumulator in place")
+
+    def moments(self):
+        """(count (layers,), mean (layers, heads, d), M2 (layers, heads, d, d)) as float64 tensors."""
+        count = torch.tensor(self.count, dtype=torch.float64, device=self.s1.device)
+        S2 = self.s2
+        if S2.device.type == "cpu":  # the triangle syrk filled, mirrored
+            low = torch.tril(S2)
+            S2 = low + torch.tril(S2, -1).transpose(-1, -2)
+        safe = count.clamp(min=1)[:, None, None]
+        mean = self.shift + self.s1 / safe
+        c = self.s1 / safe.sqrt()
+        m2 = S2 - c[..., :, None] * c[..., None, :]
+        return count, mean, m2
 
     def packed(self) -> np.ndarray:
         """(layers, heads, d + 2, d) float64, as :func:`eigenattn.spectra.moments.pack` lays it out."""
-        heads = self.mean.shape[1]
-        count = np.repeat(np.asarray(self.count, dtype=np.float64)[:, None], heads, axis=1)
-        return pack(count, self.mean.cpu().numpy(), self.m2.cpu().numpy())
+        count, mean, m2 = self.moments()
+        heads = mean.shape[1]
+        count = np.repeat(count.cpu().numpy()[:, None], heads, axis=1)
+        return pack(count, mean.cpu().numpy(), m2.cpu().numpy())
+
+    def product_bound(self) -> np.ndarray:
+        """(layers, heads): the bound of :func:`float32_product_bound` on |Δλ| of each head's M2 in
+        float32 mode (0 in float64 mode)."""
+        if self.products == "float64":
+            return np.zeros(self.s1.shape[:2])
+        trace = torch.diagonal(self.s2, dim1=-2, dim2=-1).sum(-1).cpu().numpy()
+        return float32_product_bound(self.rows_per_add, trace)
 
 
 class MomentCapture(ScoreCapture):
@@ -107,7 +203,7 @@ class MomentCapture(ScoreCapture):
     above would inherit.
     """
 
-    def __init__(self, layers, heads: int, views: dict, split: int, device, computed=None):
+    def __init__(self, layers, heads: int, views: dict, split: int, device, computed=None, products="float64"):
         super().__init__(sorted(set(layers) | set(computed or ())), torch.float32)
         self.order = {int(l): i for i, l in enumerate(layers)}
         self.views = views
@@ -115,7 +211,7 @@ class MomentCapture(ScoreCapture):
         # raw moments only: a row-centred row is P x with P = I − 11ᵀ/d, so its moments are P μ and
         # P M2 P (:func:`centre_rows`), exactly; one GEMM per view serves both variants
         self.acc = {
-            (v, h): _Moments(len(self.order), heads, ks.stop - ks.start, device)
+            (v, h): _Moments(len(self.order), heads, ks.stop - ks.start, device, products)
             for v, (qs, ks) in views.items()
             for h in HALVES
         }
@@ -126,14 +222,29 @@ class MomentCapture(ScoreCapture):
         """Start a batch whose first sequence has global index ``first`` (per-pass records cleared)."""
         self.first = int(first)
         self.scores, self.masks, self.sinks, self.modifiers, self.shapes, self.owners = {}, {}, {}, {}, {}, {}
-        self.mask, self.calls = None, 0
+        self.mask, self.calls, self._causal = None, 0, {}
+
+    def score_blocks(self, layer_idx: int, n: int, m: int) -> list[tuple[slice, slice]]:
+        """The quadrants of the scores that hold a view's rows, in the analysed layers; none in a
+        layer computed on the way to them (its scores are never materialised)."""
+        if layer_idx not in self.order:
+            return []
+
+        def meets(a: slice, b: slice) -> bool:
+            return max(a.start, b.start) < min(a.stop, b.stop)
+
+        return [
+            (rs, cs)
+            for rs, cs in quadrants(n, m)
+            if any(meets(rs, qs) and meets(cs, ks) for qs, ks in self.views.values())
+        ]
 
     def _add(self, layer_idx: int, g: int, S: torch.Tensor) -> None:
         if layer_idx not in self.order:  # computed as in extraction, not this group's
             return
         i, half = self.order[layer_idx], "a" if g < self.split else "b"
         for v, (qs, ks) in self.views.items():
-            self.acc[(v, half)].add(i, S[:, qs, ks].to(torch.float64))  # rows (heads, |Q|, d)
+            self.acc[(v, half)].add(i, S[:, qs, ks])  # rows (heads, |Q|, d): a view, shifted into the update's buffer
 
     def store_part(self, layer_idx: int, b: int, batch: int, scores: torch.Tensor) -> None:
         self._add(layer_idx, self.first + b, scores.detach())
@@ -141,7 +252,7 @@ class MomentCapture(ScoreCapture):
 
     def store(self, layer_idx: int, scores: torch.Tensor) -> None:
         for b in range(scores.shape[0]):
-            self._add(layer_idx, self.first + b, scores[b].detach().float())
+            self._add(layer_idx, self.first + b, scores[b].detach())
         self.scores[layer_idx] = scores.new_empty(0)
 
     def packed(self) -> dict:
@@ -176,6 +287,7 @@ def stream_moments(
     batch_size: int,
     device,
     autocast: str = "none",
+    products: str = "float64",
     attrs: dict | None = None,
     check_facts=None,
     progress: bool = True,
@@ -184,8 +296,8 @@ def stream_moments(
     a new moments store at ``out_path``; no score is written. ``first_index``: the global index of
     the shard's first sequence, ``split_sequence``: the first sequence of half b
     (:func:`eigenattn.config.plan.fit_halves_split`). The model passes the same equivalence probe as for a
-    score store. ``autocast``: ``extraction.autocast``, applied as in extraction (on CUDA only).
-    Returns timings and sizes."""
+    score store. ``autocast``: ``extraction.autocast``, applied as in extraction (on CUDA only);
+    ``products``: how the row products are formed (:data:`PRODUCTS`). Returns timings and sizes."""
     check_autocast(autocast)
     prep = prepare_capture(
         model_dir,
@@ -201,7 +313,7 @@ def stream_moments(
     slices = {v: view_slices(v, seq_len, prep.causal) for v in views}
     heads = int(prep.facts["heads"])
     computed = [l for l in prep.keep if l <= max(keep)]
-    cap = MomentCapture(keep, heads, slices, split_sequence, prep.device, computed=computed)
+    cap = MomentCapture(keep, heads, slices, split_sequence, prep.device, computed=computed, products=products)
     acc_bytes = moment_layer_bytes(heads, [ks.stop - ks.start for _, ks in slices.values()]) * len(keep)
     log.info(
         "streamed moments %s: %d sequences, layers %s, views %s; accumulators %.2f GB",
@@ -216,7 +328,8 @@ def stream_moments(
     t0 = time.perf_counter()
     bar = tqdm(total=n_seq, desc=f"moments {Path(out_path).name}", unit="seq", disable=not progress, mininterval=1.0)
     try:
-        with torch.inference_mode():
+        # the moments' BLAS (syrk) takes the job's threads, as torch does
+        with torch.inference_mode(), threadpool_limits(torch.get_num_threads(), user_api="blas"):
             for start in range(0, n_seq, batch_size):
                 batch = torch.from_numpy(prep.ids[start : start + batch_size].astype(np.int64))
                 if on_cuda:
@@ -259,6 +372,7 @@ def stream_moments(
                 "dtype": "float32",
                 "dtype_requested": "streamed",
                 **autocast_attrs(autocast, prep.device),
+                "moment_products": products,
                 "equivalence_probe": prep.probe.summary("float32", probe_keep),
                 "definition": "packed float64 moments of the raw rows S[i, keys] of the view's queries, per "
                 "layer and head: [0] count, [1] mean, [2:] M2 = Σ (x − mean)(x − mean)ᵀ, for the sequences "
