@@ -619,7 +619,7 @@ def tiny_case(tmp_path_factory):
         root / "model", stats, recon, empty, [fit], [held], settings, plugin,
         device="cpu", out_dir=root / "plans", passages=passages, progress=False,
     )  # fmt: skip
-    return {"root": root, "fit": fit, "held": held, "stats": stats, "out": out}
+    return {"root": root, "fit": fit, "held": held, "stats": stats, "out": out, "plugin": plugin, "passages": passages}
 
 
 def test_run_plans_summary_by_hand(tiny_case):
@@ -708,3 +708,32 @@ def test_run_plans_rows_are_judged_as_c5(tiny_case, tmp_path):
     low = summary.set_index("budget").loc[0.3]
     assert low.grid_cost_ratio < 0.9
     assert rows[0]["state"] != "supported"
+
+
+def test_plugin_keeps_each_sequence_and_its_document(tiny_case):
+    """The plug-in takes its held-out passages spread over documents, as the plans do, and keeps each
+    method's per-sequence value with its passage and document: the table's perplexity is exp of
+    their mean, and exact's values are the plans' exact values."""
+    from eigenattn.reconstruction.plugin import plugin_eval
+
+    sequences = []
+    table = plugin_eval(
+        tiny_case["root"] / "model",
+        tiny_case["root"] / "rows.zarr",
+        [tiny_case["held"]],
+        tiny_case["plugin"],
+        device="cpu",
+        passages=tiny_case["passages"],
+        progress=False,
+        sequences=sequences,
+    )
+    (seqs,) = sequences
+    assert (table.n_sequences == 6).all() and (table.n_documents == 4).all()
+    assert len(seqs) == (len(table) + 1) * 6 and set(seqs.document) == set(HELD_DOCS)
+    plans_seq = tiny_case["out"][3]
+    exact = seqs[seqs.estimator == "exact"]
+    assert list(exact.passage_id) == list(plans_seq.passage_id)
+    np.testing.assert_allclose(exact.value, plans_seq.exact, rtol=1e-10)
+    for r in table.itertuples():
+        v = seqs[(seqs.estimator == r.estimator) & (seqs.strategy == r.strategy) & (seqs.subset_size == r.subset_size)]
+        assert r.value == pytest.approx(np.exp(v.value.mean()), rel=1e-12)

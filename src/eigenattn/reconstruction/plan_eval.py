@@ -157,7 +157,7 @@ def per_sequence(model, ids, causal: bool, q0: int, batch_size: int, exact=None)
         x = ids[i : i + batch_size]
         if causal:
             lp = torch.log_softmax(model(input_ids=x).logits[:, q0:-1].float(), dim=-1)
-            out.append((-lp.gather(-1, x[:, q0 + 1 :, None]).squeeze(-1)).mean(-1).double().cpu())
+            out.append((-lp.gather(-1, x[:, q0 + 1 :, None]).squeeze(-1)).double().mean(-1).cpu())
         else:
             out.append(model(input_ids=x).last_hidden_state.float().mean(dim=1).cpu())
     res = torch.cat(out)
