@@ -2,6 +2,8 @@
 isolation from held-out data, a plan's heads against their methods run alone, budget 1 = the exact
 model, and a C5 row that says "not supported" when one method is best for every head."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -661,7 +663,7 @@ def test_run_plans_summary_by_hand(tiny_case):
         # each method of the grid at its largest s within the plan's cost, judged on the fit passages
         fit_values = {}
         for e, st in {(e, st) for e, st, _ in TINY_COST}:
-            ok = [(s, c) for (e2, st2, s), c in TINY_COST.items() if (e2, st2) == (e, st) and c <= plan.cost_share]
+            ok = [(s, c) for (e2, st2, s), c in TINY_COST.items() if (e2, st2) == (e, st) and c <= plan.budget]
             if ok:
                 s, c = max(ok)
                 fit_values[(e, st, s)] = (c, float(np.exp(nll(uniform_plan(plan, e, st, s, c), fit).mean())))
@@ -699,15 +701,22 @@ def test_run_plans_summary_by_hand(tiny_case):
 
 
 def test_run_plans_rows_are_judged_as_c5(tiny_case, tmp_path):
-    """The tiny run's summary through the claims: the budget-0.3 plan's grid holds nothing within
-    90% of its cost (sink_window s = 4 at 0.25 is the dearest), so it can never read supported."""
+    """The tiny run's summary through the claims. At budget 0.3 the plan spends 0.2917; mean at s = 2
+    costs 0.3, within the budget, so it is a candidate comparator though dearer than the plan (the
+    grid ratio is above 1: the plan's unspent budget goes to the single method). Each row's state
+    follows its own numbers."""
+    from eigenattn.claims.plans import c5_state
+
     summary = tiny_case["out"][0]
     summary.to_csv(tmp_path / "summary.csv", index=False)
     rows = c5_rows([tmp_path / "summary.csv"])
     assert len(rows) == 2 and all(r["n_documents"] == 4 for r in rows)
     low = summary.set_index("budget").loc[0.3]
-    assert low.grid_cost_ratio < 0.9
-    assert rows[0]["state"] != "supported"
+    assert low.cost_share < 0.3 and low.grid_cost_ratio == pytest.approx(0.3 / low.cost_share)
+    assert "mean/pivoted_qr/2" in json.loads(low.comparators)
+    for r, row in zip(summary.itertuples(), rows, strict=True):
+        want = c5_state(r.paired_low, r.paired_high, r.p_holm, r.grid_cost_ratio, 2, r.n_documents)[0]
+        assert row["state"] == want
 
 
 def test_plugin_keeps_each_sequence_and_its_document(tiny_case):

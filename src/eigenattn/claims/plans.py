@@ -2,10 +2,12 @@
 cost", one row per model, budget and damage, from the plans job's summary.
 
 The comparator is every single method of the plan's own candidate grid run in the whole model at
-the largest s whose cost is at most the plan's, the best of them chosen on the **fit** split
+the largest s whose cost is at most the plan's budget (which the plan's own cost is at most too),
+the best of them chosen on the **fit** split
 (:func:`eigenattn.reconstruction.plan_eval.best_single`); its cost as a share of the plan's is
-``single_cost_ratio``, and that of the dearest single method the grid holds at ≤ the plan's cost
-is ``grid_cost_ratio``. The comparison is paired per held-out sequence and resampled by
+``single_cost_ratio`` (it can exceed 1 by the plan's unspent budget, which only makes the claim
+harder), and that of the dearest single method the grid holds within the budget is
+``grid_cost_ratio``. The comparison is paired per held-out sequence and resampled by
 **document** (the independent unit, docs/method.md §9): per sequence, the single method's mean NLL
 minus the plan's (causal), or the plan's embedding cosine minus the single method's (encoder),
 averaged within each document; Student's t over the documents (J − 1 degrees of freedom). Positive
@@ -22,7 +24,7 @@ Holm's method (``p_holm``).
 - inconclusive: anything else: the interval contains 0 with room above it; the plan wins but not
   after Holm's adjustment; the plan wins but the plan's grid has no single method within
   ``EQUAL_COST`` of its cost, so a win may be bought with the extra cost; or no single method
-  costs as little as the plan.
+  fits within the plan's budget.
 
 Each row also states the share of the gap between the single method and exact that the plan
 recovers (undefined, with the reason, when the single method is within noise of exact), and the
@@ -67,9 +69,9 @@ def c5_state(
     low: float, high: float, p_holm: float, grid_ratio: float, family: int, n_documents: float = math.nan
 ) -> tuple[str, str]:
     """(state, verdict) of one C5 row (the module docstring's rules). ``grid_ratio``: the cost of the
-    dearest single method of the plan's grid at ≤ the plan's cost, as a share of the plan's."""
+    dearest single method of the plan's grid within its budget, as a share of the plan's cost."""
     if high <= 0:
-        return "not supported", "the plan is no better than the best single method at ≤ its cost"
+        return "not supported", "the plan is no better than the best single method within its budget"
     if not low > 0:
         if not math.isfinite(low):
             return "inconclusive", "too few held-out documents to decide (an interval needs at least two)"
@@ -120,7 +122,9 @@ def c5_rows(summaries) -> list[dict]:
             if note and pd.isna(r.plan_value):
                 unjudged = note
             elif single is None or (isinstance(single, float) and math.isnan(single)):
-                unjudged = "no single method of the plan's candidate grid costs as little as the plan: none to compare"
+                unjudged = (
+                    "no single method of the plan's candidate grid fits within the plan's budget: none to compare"
+                )
             if unjudged is not None:
                 row = {"value": float("nan"), "spread": "", "state": "inconclusive", "verdict": unjudged}
                 rows.append(make_row("C5", path, **common, **row, caveat=""))
