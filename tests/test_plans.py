@@ -571,7 +571,7 @@ FIT_DOCS, HELD_DOCS = list("aaabbcddeeff"), list("xxxyyzww")
 def tiny_case(tmp_path_factory):
     """A tiny Llama, its fit and held-out stores (token ids and passage ids), prefix rows.zarr, a
     passages table (fit passages 0–11 from 6 documents, held-out 100–107 from 4) and a
-    reconstruction table of fit TVs, and run_plans' outputs on them (budgets 0.3 and 0.5)."""
+    reconstruction table of fit TVs, and run_plans' outputs on them (budgets 0.3, 0.44 and 0.5)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from eigenattn.config.settings import Plans, Plugin
@@ -614,7 +614,7 @@ def tiny_case(tmp_path_factory):
         ]
     )
     passages = pd.DataFrame({"passage_id": [*range(12), *range(100, 108)], "doc_id": FIT_DOCS + HELD_DOCS})
-    settings = Plans((0.3, 0.5), ("tv",), 2, 1, 0)
+    settings = Plans((0.3, 0.44, 0.5), ("tv",), 2, 1, 0)
     stats = RowStats(root / "rows.zarr")
     empty = pd.DataFrame(columns=["estimator", "strategy", "subset_size", "value"])
     out = run_plans(
@@ -697,7 +697,7 @@ def test_run_plans_summary_by_hand(tiny_case):
     order = np.argsort(p)
     holm = np.maximum.accumulate(np.minimum(1, (len(p) - np.arange(len(p))) * p[order]))
     np.testing.assert_allclose(summary.p_holm.to_numpy()[order], holm)
-    assert set(heads.budget) == {0.3, 0.5}
+    assert set(heads.budget) == {0.3, 0.44, 0.5}
 
 
 def test_run_plans_rows_are_judged_as_c5(tiny_case, tmp_path):
@@ -710,13 +710,18 @@ def test_run_plans_rows_are_judged_as_c5(tiny_case, tmp_path):
     summary = tiny_case["out"][0]
     summary.to_csv(tmp_path / "summary.csv", index=False)
     rows = c5_rows([tmp_path / "summary.csv"])
-    assert len(rows) == 2 and all(r["n_documents"] == 4 for r in rows)
+    assert len(rows) == 3 and all(r["n_documents"] == 4 for r in rows)
     low = summary.set_index("budget").loc[0.3]
     assert low.cost_share < 0.3 and low.grid_cost_ratio == pytest.approx(0.3 / low.cost_share)
     assert "mean/pivoted_qr/2" in json.loads(low.comparators)
     for r, row in zip(summary.itertuples(), rows, strict=True):
-        want = c5_state(r.paired_low, r.paired_high, r.p_holm, r.grid_cost_ratio, 2, r.n_documents)[0]
+        want = c5_state(r.paired_low, r.paired_high, r.p_holm, r.grid_cost_ratio, 3, r.n_documents)[0]
         assert row["state"] == want
+    # at budget 0.44 the dearest single method within it is vertical_slash s = 4 at 0.35: the plan
+    # costs more than every single method at its budget, and its row cannot read supported
+    mid = summary.set_index("budget").loc[0.44]
+    assert mid.cost_share > 0.35 / 0.9 and mid.grid_cost_ratio < 0.9 and "not at equal cost" in mid.note
+    assert rows[1]["state"] != "supported"
 
 
 def test_plugin_keeps_each_sequence_and_its_document(tiny_case):
