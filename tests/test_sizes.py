@@ -187,7 +187,7 @@ def test_dry_run_with_store_auto_plans_streamed_mode(tmp_path, monkeypatch):
     out = proc.stdout + proc.stderr
     assert "smollm2 fit:" not in out and "smollm2 heldout:" not in out
     assert "smollm2: streamed (its score stores would take 942 GB, over extraction.store_budget_gb 50)" in out
-    assert "2 layer group(s) × 1 shard(s) of fit moments, row moments 3.4 GB per job" in out
+    assert "2 layer group(s) × 1 shard(s) of fit moments, row moments 2.27 GB per job" in out
     assert re.search(r"stream_moments\s+2\b", out) and re.search(r"extract_tokens\s+2\b", out), out[-3000:]
     assert re.search(r"^extract_scores\s+1\b", out, re.M)  # the trained encoder only (stored: 12.9 GB)
 
@@ -205,24 +205,34 @@ def _gpu_long():
 
 def test_streamed_moments_are_planned_store_by_store():
     """By hand: qwen05 keeps 24 layers of 14 heads; the prefix view at n = 8,192 has d = 4,096 keys.
-    Its moments hold 8 B × 14 × (2 halves × 4,098 × 4,096 + 4,096²) = 5.64 GB per layer in memory,
-    so stream_memory_gb: 30 takes 5 layers a job: 5 groups of 4, 5, 5, 5, 5 layers, one fit shard
-    each. Each writes 8 B × 14 × 2 × 4,098 × 4,096 = 3.76 GB per layer. The scaling study streams
-    its 6 layers at n = 512 ... 8,192 (one group each, two of 3 layers at 8,192, where 6 would
-    need 33.8 GB)."""
+    Its moments hold and write 8 B × 14 × 2 halves × 4,098 × 4,096 = 3.76 GB per layer, so
+    stream_memory_gb: 30 takes 7 layers a job: 4 groups of 6 layers, one fit shard each. The
+    scaling study streams its 6 layers at n = 512 ... 8,192, one group each."""
     c = _gpu_long()
     stores = disk.moment_stores(c)
     fit = [s for s in stores if s.part == "fit"]
-    assert [(s.group, s.shard, s.layers, s.heads, s.dims) for s in fit] == [
-        (g, 0, L, 14, (4096,)) for g, L in enumerate([4, 5, 5, 5, 5])
-    ]
+    assert [(s.group, s.shard, s.layers, s.heads, s.dims) for s in fit] == [(g, 0, 6, 14, (4096,)) for g in range(4)]
     per_layer = 8 * 14 * 2 * 4098 * 4096
-    assert sum(s.nbytes for s in fit) == 24 * per_layer + 5 * sizes.METADATA
+    assert sum(s.nbytes for s in fit) == 24 * per_layer + 4 * sizes.METADATA
     scaling = [(s.n, s.group, s.layers) for s in stores if s.part == "scaling"]
-    assert scaling == [(512, 0, 6), (1024, 0, 6), (2048, 0, 6), (4096, 0, 6), (8192, 0, 3), (8192, 1, 3)]
+    assert scaling == [(512, 0, 6), (1024, 0, 6), (2048, 0, 6), (4096, 0, 6), (8192, 0, 6)]
     assert fit[1].path("results") == Path("results/moments/qwen05/group-1/shard-0.zarr")
-    s = next(s for s in stores if s.part == "scaling" and s.n == 8192 and s.group == 1)
-    assert s.path("results") == Path("results/scaling/moments/qwen05/n8192/N48/group-1.zarr")
+    s = next(s for s in stores if s.part == "scaling" and s.n == 8192)
+    assert s.path("results") == Path("results/scaling/moments/qwen05/n8192/N48/group-0.zarr")
+
+
+def test_streamed_jobs_over_the_memory_budget_are_refused_before_any_job():
+    c = _gpu_long()
+    c["extraction"]["stream_memory_gb"] = 3  # one layer takes 3.76 GB
+    with pytest.raises(ConfigError, match="one layer of qwen05's streamed row moments takes 3.76 GB") as e:
+        disk.check_stream_memory(c)
+    assert e.value.key == "extraction.stream_memory_gb" and "at least 4" in e.value.fix
+    c = _gpu_long()
+    c["extraction"]["layer_groups"] = 2  # 12 layers a job: 45.1 GB
+    with pytest.raises(ConfigError, match="holds 12 layers' streamed row moments, 45.1 GB") as e:
+        disk.check_stream_memory(c)
+    assert e.value.key == "extraction.layer_groups" and "at least 4 layer groups" in e.value.fix
+    disk.check_stream_memory(_gpu_long())
 
 
 def test_moment_store_paths_are_the_rules_outputs():
@@ -251,7 +261,7 @@ def test_streamed_writes_are_checked_against_the_disk(tmp_path, monkeypatch):
     assert "has 81 GB free" in str(e.value)
     assert "keep fewer layers (models.qwen05.layers" in e.value.fix and "a shorter sampling.seq_len" in e.value.fix
     assert "--directory /path/to/larger/disk --configfile" in e.value.fix
-    # moments already written are not counted: with the five fit groups done, 29.7 GB are left
+    # moments already written are not counted: with the four fit groups done, the scaling study's are left
     for s in disk.moment_stores(c):
         if s.part == "fit":
             s.path(where).mkdir(parents=True)

@@ -304,12 +304,13 @@ def test_auto_streams_a_model_whose_stores_exceed_the_budget():
     assert plan.store_mode(_cfg(store="scores"), "smollm2") == "scores"
     assert plan.store_mode(_cfg(128, store="auto"), "smollm2") == "scores"
     # layer groups keep each job's moments within stream_memory_gb. By hand: the prefix view at
-    # n = 2,048 has d = 1,024 keys; per layer, 9 heads × 8 B × (2 halves × 1,026 × 1,024 + 1,024²)
-    # = 226.8 MB, so 4 GB holds 17 layers and smollm2's 30 take 2 groups (of 15)
-    assert moment_layer_bytes(9, [1024]) == 9 * 8 * (2 * 1026 * 1024 + 1024**2) == 226_787_328
+    # n = 2,048 has d = 1,024 keys; per layer, 9 heads × 2 halves × 8 B × (1,024 + 2) × 1,024 (the
+    # shift, the sum and the product sum) = 151.3 MB, so 4 GB holds 26 layers and smollm2's 30
+    # take 2 groups (of 15); 1 GB holds 6, so 5 groups of 6
+    assert moment_layer_bytes(9, [1024]) == 9 * 2 * 8 * 1026 * 1024 == 151_289_856
     assert plan.layer_groups(big, "smollm2") == 2
-    assert plan.layer_groups(_cfg(stream_memory_gb=1), "smollm2") == 8  # 4 layers a group: ceil(30 / 4)
-    assert [len(layer_group(list(range(30)), g, 8)) for g in range(8)] == [3, 4, 4, 4, 3, 4, 4, 4]
+    assert plan.layer_groups(_cfg(stream_memory_gb=1), "smollm2") == 5
+    assert [len(layer_group(list(range(30)), g, 5)) for g in range(5)] == [6] * 5
     assert plan.layer_groups(_cfg(layer_groups=7), "smollm2") == 7
 
 
@@ -579,3 +580,24 @@ def test_float32_products_stay_within_their_derived_bound():
         assert err / w64.max() < 1e-5
     np.testing.assert_allclose(mean32, mean64, rtol=1e-6)
     assert (exact.product_bound() == 0).all()
+
+
+def test_a_group_over_the_memory_budget_is_refused_before_its_first_pass(resources, tmp_path, monkeypatch):
+    """A job whose layer group's moments exceed extraction.stream_memory_gb (a plan that did not
+    know the model's layers and heads puts every layer in one group) is refused with the number of
+    groups that fit, before any forward pass; one layer over the budget asks for a larger one."""
+    import eigenattn.spectra.streamed as streamed
+
+    per_layer = moment_layer_bytes(9, [SEQ_LEN // 2])  # smollm2, prefix: 9 heads × 2 × 8 × 14 × 12 B
+    common = dict(
+        seq_len=SEQ_LEN, layers=[0, 1, 2, 3], group=0, n_groups=1, views=["prefix"], first_index=0, split_sequence=1,
+        batch_size=2, device="cpu", attrs={"model": "smollm2"}, progress=False,
+    )  # fmt: skip
+    passes = []
+    monkeypatch.setattr(streamed.MomentCapture, "begin", lambda self, first: passes.append(first))
+    args = (resources / "models" / "smollm2", _texts(resources, 2), np.arange(2))
+    with pytest.raises(ConfigError, match=r"extraction.layer_groups(.|\n)*use at least 2 layer groups"):
+        stream_moments(*args, tmp_path / "a.zarr", stream_memory_gb=2.5 * per_layer / 1e9, **common)
+    with pytest.raises(ConfigError, match=r"extraction.stream_memory_gb(.|\n)*one layer of smollm2"):
+        stream_moments(*args, tmp_path / "b.zarr", stream_memory_gb=0.5 * per_layer / 1e9, **common)
+    assert not passes and not (tmp_path / "a.zarr").exists()

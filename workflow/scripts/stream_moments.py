@@ -1,4 +1,5 @@
 from eigenattn.capture.extract import shard_passages
+from eigenattn.config import plan
 from eigenattn.config.settings import Extraction
 from eigenattn.config.validation import check_model_facts
 from eigenattn.spectra.streamed import stream_moments
@@ -23,6 +24,7 @@ stats = stream_moments(
     batch_size=e.batch_size,
     device=snakemake.params.runtime.torch_device(),
     autocast=e.autocast,
+    stream_memory_gb=plan.extraction_raw(snakemake.config)["stream_memory_gb"],
     check_facts=lambda facts: check_model_facts(snakemake.params.facts, facts),
     attrs=e.attrs(),
 )

@@ -231,13 +231,33 @@ def _key(config: dict, stores: list) -> str:
     return "extraction.store"
 
 
+def check_stream_memory(config: dict) -> None:
+    """Before any job: every layer group of a streamed model (and of a streamed scaling point) fits
+    ``extraction.stream_memory_gb`` (:func:`eigenattn.storage.sizes.check_group_memory`): one
+    layer alone must fit, and an explicit ``extraction.layer_groups`` must make groups that fit.
+    A model whose layers and heads the config does not give is checked by its job instead."""
+    budget = plan.extraction_raw(config)["stream_memory_gb"]
+    groups: dict[tuple, list[MomentStore]] = {}
+    for s in moment_stores(config):
+        groups.setdefault((s.model, s.part, s.n, s.N), []).append(s)
+    for (model, _, _, _), stores in groups.items():
+        s = stores[0]
+        if s.layers is None or s.heads is None:
+            continue
+        per_layer = sizes.moment_layer_bytes(s.heads, list(s.dims))
+        kept = sum(x.layers for x in stores if x.shard == 0)
+        sizes.check_group_memory(model, per_layer, max(x.layers for x in stores), kept, budget)
+
+
 def check_room(config: dict, stores: list[Store], exists: Callable[[Store], bool], where: str) -> str:
     """Refuse what the run still has to write when it cannot fit the free disk at ``where`` (the
     results folder): the score stores and the streamed moments (:func:`moment_stores`) not yet
     written must take at most :func:`eigenattn.storage.sizes.room` of it (all but 10%, and at least
     2 GB, kept free for the rest of the run's outputs). A store that exists is not counted (a
     finished run re-runs nothing): ``exists`` says so for a score store, a moments store is looked
-    for under ``where``. Returns the line that states the room."""
+    for under ``where``. Returns the line that states the room. Checks first that each streamed
+    job's moments fit extraction.stream_memory_gb (:func:`check_stream_memory`)."""
+    check_stream_memory(config)
     todo = [s for s in stores if not exists(s) and s.nbytes is not None]
     planned = moment_stores(config)
     streamed = [s for s in planned if s.nbytes is not None and not s.path(where).exists()]

@@ -45,7 +45,7 @@ from eigenattn.capture.interface import ScoreCapture, StopForward, capturing
 from eigenattn.config.views import view_slices
 from eigenattn.errors import ConfigError, InputError
 from eigenattn.spectra.moments import merge_packed, pack, too_few_chunks, unpack
-from eigenattn.storage.sizes import moment_layer_bytes
+from eigenattn.storage.sizes import check_group_memory, moment_layer_bytes, moment_work_bytes
 from eigenattn.storage.store import new_store, open_store
 
 log = logging.getLogger(__name__)
@@ -288,6 +288,7 @@ def stream_moments(
     device,
     autocast: str = "none",
     products: str = "float64",
+    stream_memory_gb: float | None = None,
     attrs: dict | None = None,
     check_facts=None,
     progress: bool = True,
@@ -297,7 +298,10 @@ def stream_moments(
     the shard's first sequence, ``split_sequence``: the first sequence of half b
     (:func:`eigenattn.config.plan.fit_halves_split`). The model passes the same equivalence probe as for a
     score store. ``autocast``: ``extraction.autocast``, applied as in extraction (on CUDA only);
-    ``products``: how the row products are formed (:data:`PRODUCTS`). Returns timings and sizes."""
+    ``products``: how the row products are formed (:data:`PRODUCTS`). ``stream_memory_gb``
+    (``extraction.stream_memory_gb``), if given: the group's moments must fit it, or the job is
+    refused before its first forward pass (a group sized by a plan that did not know the model's
+    layers and heads, or an explicit ``extraction.layer_groups``). Returns timings and sizes."""
     check_autocast(autocast)
     prep = prepare_capture(
         model_dir,
@@ -314,14 +318,21 @@ def stream_moments(
     heads = int(prep.facts["heads"])
     computed = [l for l in prep.keep if l <= max(keep)]
     cap = MomentCapture(keep, heads, slices, split_sequence, prep.device, computed=computed, products=products)
-    acc_bytes = moment_layer_bytes(heads, [ks.stop - ks.start for _, ks in slices.values()]) * len(keep)
+    per_layer = moment_layer_bytes(heads, [ks.stop - ks.start for _, ks in slices.values()])
+    acc_bytes = per_layer * len(keep)
+    work = moment_work_bytes(
+        heads, [(qs.stop - qs.start, ks.stop - ks.start) for qs, ks in slices.values()], seq_len, products
+    )
+    if stream_memory_gb is not None and acc_bytes > float(stream_memory_gb) * 1e9:
+        check_group_memory((attrs or {}).get("model", "<name>"), per_layer, len(keep), len(prep.keep), stream_memory_gb)
     log.info(
-        "streamed moments %s: %d sequences, layers %s, views %s; accumulators %.2f GB",
+        "streamed moments %s: %d sequences, layers %s, views %s; accumulators %.2f GB, work buffers %.2f GB",
         out_path,
         len(prep.ids),
         keep,
         list(views),
         acc_bytes / 1e9,
+        work / 1e9,
     )
     n_seq = len(prep.ids)
     on_cuda = prep.device.type == "cuda"

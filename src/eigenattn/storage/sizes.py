@@ -5,9 +5,12 @@ extraction rule before it writes. Pure arithmetic on the layout of
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
+
+from eigenattn.errors import ConfigError
 
 ITEMSIZE = {"float16": 2, "float32": 4}
 
@@ -110,13 +113,21 @@ HALVES = 2  # split halves a and b, each with its own moments
 
 
 def moment_layer_bytes(heads: int, dims: list[int]) -> int:
-    """Bytes of one layer's streamed row moments (eigenattn.spectra.streamed): per head, view (with
-    d keys) and half, the float64 packed (d + 2) × d (count, mean, M2) of the raw rows (the
-    row-centred variant's follow from them), plus one per-sequence M2 of the widest view being
-    merged in. About the same bytes are held while a job runs and written by it (uncompressed),
-    whatever the number of sequences."""
-    widest = max(dims, default=0)
-    return 8 * heads * (HALVES * sum((d + 2) * d for d in dims) + widest * widest)
+    """Bytes one layer's streamed row moments hold while a job runs (eigenattn.spectra.streamed):
+    per head, view (with d keys) and half, the float64 shift and sum of the shifted rows (2d) and
+    their d × d product sum: 8 · H · 2 · Σ (d + 2) · d, whatever the number of sequences. The
+    job's fixed work buffers besides them: :func:`moment_work_bytes`."""
+    return 8 * heads * HALVES * sum((d + 2) * d for d in dims)
+
+
+def moment_work_bytes(heads: int, views: list[tuple[int, int]], n: int, products: str = "float64") -> int:
+    """Bytes a stream_moments job holds besides its layers' moments, whatever its layers: per view
+    ((queries, keys) = (q, d)) and half, the shifted rows of one sequence (H · q · d, float64, or
+    float32 with float32 products, which add one d × d float32 product); and one sequence's
+    (H, n, n) float32 score buffer of the capture."""
+    item = 8 if products == "float64" else 4
+    rows = sum(HALVES * heads * q * d * item + (HALVES * 4 * d * d if products == "float32" else 0) for q, d in views)
+    return rows + 4 * heads * n * n
 
 
 def moment_store_bytes(layers: int, heads: int, dims: list[int]) -> int:
@@ -124,3 +135,29 @@ def moment_store_bytes(layers: int, heads: int, dims: list[int]) -> int:
     layer, head, view (with d keys) and half, the float64 packed (d + 2) × d, stored uncompressed,
     plus the metadata; whatever the number of sequences."""
     return 8 * layers * heads * HALVES * sum((d + 2) * d for d in dims) + METADATA
+
+
+def check_group_memory(model: str, per_layer: int, group: int, kept: int, stream_memory_gb: float) -> None:
+    """Refuse a layer group whose moments (``group`` layers of ``per_layer`` bytes) exceed
+    ``extraction.stream_memory_gb``, with the fix: a larger budget when one layer alone exceeds
+    it, else as many layer groups as the budget needs (of ``kept`` layers)."""
+    budget = float(stream_memory_gb) * 1e9
+    if group * per_layer <= budget:
+        return
+    if per_layer > budget:
+        raise ConfigError(
+            "extraction.stream_memory_gb",
+            f"one layer of {model}'s streamed row moments takes {human(per_layer)}, over the "
+            f"{stream_memory_gb} GB a job's moments may take",
+            f"raise extraction.stream_memory_gb to at least {math.ceil(per_layer / 1e9)} (if the machine "
+            "has it), or analyse fewer eigen.views or a shorter sampling.seq_len (a view's moments grow as "
+            "its square)",
+        )
+    per_job = int(budget // per_layer)
+    raise ConfigError(
+        "extraction.layer_groups",
+        f"a job of {model} holds {group} layers' streamed row moments, {human(group * per_layer)}, over the "
+        f"{stream_memory_gb} GB of extraction.stream_memory_gb ({per_job} layers fit)",
+        f"use at least {math.ceil(kept / per_job)} layer groups (extraction.layer_groups), or auto with "
+        f"models.{model}.n_layers and heads declared, so that the plan sizes the groups",
+    )
