@@ -56,7 +56,7 @@ def _schema_at(path) -> dict:
             n = n["additionalProperties"]
         else:
             return {}
-    return _resolve(n)
+    return {**_resolve(n), **{k: v for k, v in n.items() if k != "$ref"}}  # a $ref's own description kept
 
 
 def _description(path) -> str | None:
@@ -96,7 +96,8 @@ KEY_FIXES = {
     "models.<name>.max_positions",
 }
 
-# What to write for a required key that is missing, where its description alone would not say why.
+# What to write for a required key of a model (models.<name>) that is missing, where its description
+# alone would not say why.
 REQUIRED = {
     "revision": "add {key}.revision: the commit sha (or tag) of {where} to download. It pins the weights, so that "
     "a re-run, or another machine, gets the same model and the same results (reproducibility); e.g. "
@@ -169,7 +170,7 @@ def _missing(error: jsonschema.ValidationError, key: str) -> ConfigError:
     name = missing[0]
     full = f"{key}.{name}" if error.absolute_path else name
     problem = f"the key '{name}' is missing" + (f" (source: {instance['source']})" if "source" in instance else "")
-    if name in REQUIRED:
+    if name in REQUIRED and list(error.absolute_path)[:1] == ["models"]:
         where = f"the repository {instance['repo_id']}" if "repo_id" in instance else "the repository"
         return ConfigError(full, problem, REQUIRED[name].format(key=key, where=where))
     desc = _schema_at([*error.absolute_path, name]).get("description")
