@@ -63,6 +63,7 @@ def test_four_shards_of_a_real_model_merge_to_one_pass(resources, tmp_path):
         split_sequence=4,
         batch_size=2,
         device="cpu",
+        autocast="none",
         attrs={"model": "minilm"},
         progress=False,
     )
@@ -101,6 +102,7 @@ def test_streamed_probe_runs_on_a_prefix_and_batches_are_checked_at_full_length(
         split_sequence=2,
         batch_size=2,
         device="cpu",
+        autocast="none",
         attrs={"model": "smollm2"},
         progress=False,
     )
@@ -172,6 +174,7 @@ def test_streamed_rows_equal_stored_float32_rows(resources, tmp_path, name, view
                 split_sequence=split,
                 batch_size=chunk,  # as the store: a float32 forward pass is not batch-invariant
                 device="cpu",
+                autocast="none",
                 attrs={"model": name, "split": "fit", "seed": 0, "corpus": "c"},
                 progress=False,
             )
@@ -228,6 +231,7 @@ def test_moment_bytes_do_not_depend_on_the_sequences(resources, tmp_path):
             split_sequence=1,
             batch_size=2,
             device="cpu",
+            autocast="none",
             attrs={"model": "minilm"},
             progress=False,
         )
@@ -243,7 +247,7 @@ def test_token_store_recomputes_the_stored_scores(resources, tmp_path, name):
     N = 5
     texts = _texts(resources, N)
     layers = [1, 3]
-    common = {"seq_len": SEQ_LEN, "layers": layers, "device": "cpu"}
+    common = {"seq_len": SEQ_LEN, "layers": layers, "device": "cpu", "autocast": "none"}
     attrs = {"model": name, "split": "heldout", "seed": 0, "corpus": "c"}
     extract_scores(
         model_dir,
@@ -253,7 +257,6 @@ def test_token_store_recomputes_the_stored_scores(resources, tmp_path, name):
         dtype="float32",
         batch_size=2,
         chunk_sequences=2,
-        autocast="none",
         compression="none",
         attrs=attrs,
         progress=False,
@@ -415,13 +418,14 @@ def test_a_window_longer_than_the_probe_is_recorded_at_full_length(tmp_path, mon
         split_sequence=2,
         batch_size=2,
         device="cpu",
+        autocast="none",
         attrs=attrs,
         progress=False,
     )
     m = open_store(tmp_path / "m.zarr")
     assert m.attrs["layer_masks"] == want and m.attrs["causal"] is True
     assert m.attrs["equivalence_probe"]["tokens"] == WINDOW
-    common = {"seq_len": SEQ_LEN, "layers": "all", "device": "cpu", "attrs": attrs}
+    common = {"seq_len": SEQ_LEN, "layers": "all", "device": "cpu", "autocast": "none", "attrs": attrs}
     extract_tokens(
         model_dir, passages, np.arange(4), tmp_path / "t.zarr", chunk_sequences=2, dtype_requested="auto", **common
     )
@@ -433,7 +437,6 @@ def test_a_window_longer_than_the_probe_is_recorded_at_full_length(tmp_path, mon
         dtype="float32",
         batch_size=2,
         chunk_sequences=2,
-        autocast="none",
         compression="none",
         progress=False,
         **common,
@@ -510,6 +513,7 @@ def test_one_chunk_in_streamed_mode_is_the_stored_routes_config_error(resources,
     stream_moments(
         resources / "models" / "minilm", _texts(resources, N), np.arange(N), out, seq_len=SEQ_LEN, layers=[0],
         group=0, n_groups=1, views=["prefix"], first_index=0, split_sequence=split, batch_size=2, device="cpu",
+        autocast="none",
         attrs={"model": "minilm"}, progress=False,
     )  # fmt: skip
     with pytest.raises(ConfigError, match=r"extraction.chunk_sequences(.|\n)*at least 2 sequence chunks"):
@@ -529,7 +533,7 @@ def test_recomputed_scores_run_the_model_once_per_chunk(resources, tmp_path):
     texts = _texts(resources, 4)
     extract_tokens(
         model_dir, texts, np.arange(4), tmp_path / "t.zarr", seq_len=SEQ_LEN, layers=[0, 2, 4], chunk_sequences=2,
-        dtype_requested="auto", device="cpu", attrs={"model": "minilm", "split": "heldout"},
+        dtype_requested="auto", device="cpu", autocast="none", attrs={"model": "minilm", "split": "heldout"},
     )  # fmt: skip
     attrs = open_store(tmp_path / "t.zarr").attrs.asdict()
     ids = open_store(tmp_path / "t.zarr")["input_ids"][:]
@@ -591,7 +595,7 @@ def test_a_group_over_the_memory_budget_is_refused_before_its_first_pass(resourc
     per_layer = moment_layer_bytes(9, [SEQ_LEN // 2])  # smollm2, prefix: 9 heads × 2 × 8 × 14 × 12 B
     common = dict(
         seq_len=SEQ_LEN, layers=[0, 1, 2, 3], group=0, n_groups=1, views=["prefix"], first_index=0, split_sequence=1,
-        batch_size=2, device="cpu", attrs={"model": "smollm2"}, progress=False,
+        batch_size=2, device="cpu", autocast="none", attrs={"model": "smollm2"}, progress=False,
     )  # fmt: skip
     passes = []
     monkeypatch.setattr(streamed.MomentCapture, "begin", lambda self, first: passes.append(first))

@@ -1,5 +1,4 @@
 from eigenattn.capture.extract import shard_passages
-from eigenattn.config import plan
 from eigenattn.config.settings import Extraction
 from eigenattn.config.validation import check_model_facts
 from eigenattn.spectra.streamed import stream_moments
@@ -24,7 +23,7 @@ stats = stream_moments(
     batch_size=e.batch_size,
     device=snakemake.params.runtime.torch_device(),
     autocast=e.autocast,
-    stream_memory_gb=plan.extraction_raw(snakemake.config)["stream_memory_gb"],
+    stream_memory_gb=p.get("stream_memory_gb"),  # the group must fit it (checked before the first pass)
     check_facts=lambda facts: check_model_facts(snakemake.params.facts, facts),
     attrs=e.attrs(),
 )

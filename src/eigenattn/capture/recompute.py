@@ -55,7 +55,7 @@ def extract_tokens(
     chunk_sequences: int,
     dtype_requested: str,
     device,
-    autocast: str = "none",
+    autocast: str,
     attrs: dict | None = None,
     check_facts=None,
 ) -> dict:

@@ -286,7 +286,7 @@ def stream_moments(
     split_sequence: int,
     batch_size: int,
     device,
-    autocast: str = "none",
+    autocast: str,
     products: str = "float64",
     stream_memory_gb: float | None = None,
     attrs: dict | None = None,
