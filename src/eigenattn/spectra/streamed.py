@@ -162,25 +162,37 @@ class _Moments:
             if not np.shares_memory(out, c):
                 raise RuntimeError("syrk did not update the accumulator in place")
 
+    def packed(self) -> np.ndarray:
+        """(layers, heads, d + 2, d) float64, as :func:`eigenattn.spectra.moments.pack` lays it out:
+        count, mean = K + S1/N and M2 = S2 − S1·S1ᵀ/N, written in place into the packed array (on
+        CPU, S2 holds a triangle, the other one zeros: S2 + S2ᵀ with its diagonal halved)."""
+        L, H, d = self.s1.shape
+        out = np.empty((L, H, d + 2, d), dtype=np.float64)
+        O = torch.from_numpy(out)
+        count = torch.tensor(self.count, dtype=torch.float64)
+        safe = count.clamp(min=1)[:, None, None]
+        s1 = self.s1.cpu()
+        O[..., 0, :] = count[:, None, None]
+        O[..., 1, :] = self.shift.cpu() + s1 / safe
+        M = O[..., 2:, :]
+        S2 = self.s2.cpu()
+        c = s1 / safe.sqrt()
+        triangle = self.s2.device.type == "cpu"
+        for i in range(L):  # one head's d × d at a time: the transposed read stays in cache
+            for h in range(H):
+                m = M[i, h]
+                if triangle:
+                    torch.add(S2[i, h], S2[i, h].T, out=m)
+                    m.diagonal().mul_(0.5)
+                else:
+                    m.copy_(S2[i, h])
+                m.addr_(c[i, h], c[i, h], alpha=-1.0)
+        return out
+
     def moments(self):
         """(count (layers,), mean (layers, heads, d), M2 (layers, heads, d, d)) as float64 tensors."""
-        count = torch.tensor(self.count, dtype=torch.float64, device=self.s1.device)
-        S2 = self.s2
-        if S2.device.type == "cpu":  # the triangle syrk filled, mirrored
-            low = torch.tril(S2)
-            S2 = low + torch.tril(S2, -1).transpose(-1, -2)
-        safe = count.clamp(min=1)[:, None, None]
-        mean = self.shift + self.s1 / safe
-        c = self.s1 / safe.sqrt()
-        m2 = S2 - c[..., :, None] * c[..., None, :]
-        return count, mean, m2
-
-    def packed(self) -> np.ndarray:
-        """(layers, heads, d + 2, d) float64, as :func:`eigenattn.spectra.moments.pack` lays it out."""
-        count, mean, m2 = self.moments()
-        heads = mean.shape[1]
-        count = np.repeat(count.cpu().numpy()[:, None], heads, axis=1)
-        return pack(count, mean.cpu().numpy(), m2.cpu().numpy())
+        count, mean, m2 = unpack(self.packed())
+        return torch.from_numpy(np.ascontiguousarray(count[:, 0])), torch.from_numpy(mean), torch.from_numpy(m2)
 
     def product_bound(self) -> np.ndarray:
         """(layers, heads): the bound of :func:`float32_product_bound` on |Δλ| of each head's M2 in
