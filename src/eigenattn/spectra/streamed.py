@@ -3,10 +3,12 @@
 Everything the eigen stage takes from the fit split's scores is a per-head moment of the rows of
 each view and variant: count, mean and M2 (docs/method.md §3), whole and per split half. In
 streamed mode a :class:`MomentCapture` receives each layer's scores from the capture backend the
-moment they are computed, one sequence at a time, turns them into float64 moments on the scores'
-device (the GPU when there is one) and merges them by the parallel (Chan) update; the scores are
-then dropped. So nothing of size N·n² is ever written or held, and memory is the accumulators:
-per layer and head, (d + 2)·d float64 per view, variant and half.
+moment they are computed, one sequence at a time (only the blocks of the scores that hold a view's
+rows; the layers' outputs come from SDPA), and adds them to float64 moments on the scores' device
+(the GPU when there is one) as shifted sums with a symmetric rank-|Q| update (:class:`_Moments`);
+the scores are then dropped. So nothing of size N·n² is ever written or held, and memory is the
+accumulators: per layer and head, (d + 2)·d float64 per view and half (the row-centred variant
+follows from the raw moments).
 
 One job handles one **layer group** (a slice of the kept layers, sized so that its accumulators fit
 ``extraction.stream_memory_gb``) of one **sequence shard**: each is its own Snakemake job, so a
@@ -44,7 +46,7 @@ from eigenattn.capture.extract import (
 from eigenattn.capture.interface import ScoreCapture, StopForward, capturing
 from eigenattn.config.views import view_slices
 from eigenattn.errors import ConfigError, InputError
-from eigenattn.spectra.moments import merge_packed, pack, too_few_chunks, unpack
+from eigenattn.spectra.moments import pack, too_few_chunks, unpack
 from eigenattn.storage.sizes import check_group_memory, moment_layer_bytes, moment_work_bytes
 from eigenattn.storage.store import new_store, open_store
 
@@ -209,10 +211,10 @@ class MomentCapture(ScoreCapture):
 
     ``views``: view name -> (query slice, key slice); ``split``: the first global sequence index of
     half b. Call :meth:`begin` before each batch with the global index of its first sequence.
-    ``computed``: the layers whose scores the capture computes (default ``layers``). Give every
-    kept layer up to the group's last, so that they run the capture's eager attention as in a
-    score store's extraction, not SDPA: the two differ in the last float32 bits, which the layers
-    above would inherit.
+    ``computed``: the layers the capture records (masks checked by ``check_batch``; default
+    ``layers``): every kept layer up to the group's last. Only ``layers`` materialise scores, and
+    only the blocks that hold a view's rows (:meth:`score_blocks`); every plain layer takes its
+    output from SDPA, as on the score store's route, so the layers above see the same bits.
     """
 
     def __init__(self, layers, heads: int, views: dict, split: int, device, computed=None, products="float64"):
@@ -270,6 +272,42 @@ class MomentCapture(ScoreCapture):
     def packed(self) -> dict:
         """{(view, half): (layers, heads, d + 2, d) float64 packed moments of the raw rows}."""
         return {k: a.packed() for k, a in self.acc.items()}
+
+
+def merge_into(acc: np.ndarray, part: np.ndarray) -> None:
+    """Merge the packed moments ``part`` into ``acc`` (both (L, H, d + 2, d)) in place, by Chan's
+    pairwise update: n = n_a + n_b, mean_a += δ·n_b/n, M2_a += M2_b + (n_a·n_b/n)·δδᵀ with δ = mean_b −
+    mean_a; one head's d × d at a time."""
+    A, B = torch.from_numpy(acc), torch.from_numpy(part)
+    for i in range(acc.shape[0]):
+        for h in range(acc.shape[1]):
+            na, nb = float(acc[i, h, 0, 0]), float(part[i, h, 0, 0])
+            if nb == 0:
+                continue
+            if na == 0:
+                acc[i, h] = part[i, h]
+                continue
+            n = na + nb
+            delta = B[i, h, 1] - A[i, h, 1]
+            A[i, h, 2:] += B[i, h, 2:]
+            A[i, h, 2:].addr_(delta, delta, alpha=na * nb / n)
+            A[i, h, 1] += delta * (nb / n)
+            A[i, h, 0] = n
+
+
+def centre_rows_into(dst: np.ndarray, packed: np.ndarray) -> None:
+    """:func:`centre_rows` of ``packed`` written into ``dst``, one head at a time."""
+    d = packed.shape[-1]
+    for i in range(packed.shape[0]):
+        for h in range(packed.shape[1]):
+            m2, out = packed[i, h, 2:], dst[i, h, 2:]
+            r = m2.sum(axis=1) / d
+            c = m2.sum(axis=0) / d
+            np.subtract(m2, r[:, None], out=out)
+            out -= c[None, :]
+            out += r.sum() / d
+            dst[i, h, 0] = packed[i, h, 0]
+            dst[i, h, 1] = packed[i, h, 1] - packed[i, h, 1].mean()
 
 
 def centre_rows(packed: np.ndarray) -> np.ndarray:
@@ -452,11 +490,11 @@ def merge_moment_files(paths, view: str, variants, expect: dict | None = None) -
     if not groups:
         raise InputError("streamed moments", "no moments stores given", "run the stream_moments rules first")
     split = int(first["split_sequence"])
-    out: dict = {v: {} for v in variants}
     layers, masks, mods = [], [], []
     n_seq = None
-    for g in sorted(groups):
-        parts = sorted(groups[g], key=lambda t: t[0]["first_sequence"])
+    order = sorted(groups)
+    for g in order:
+        parts = groups[g] = sorted(groups[g], key=lambda t: t[0]["first_sequence"])
         count = sum(int(a["n_sequences"]) for a, _ in parts)
         if n_seq is not None and count != n_seq:
             raise InputError(
@@ -473,13 +511,22 @@ def merge_moment_files(paths, view: str, variants, expect: dict | None = None) -
         layers += a0["layers"]
         masks += a0["layer_masks"]
         mods += a0["layer_modifiers"]
+    # the merged moments are written into their final arrays, shard by shard, in place: memory holds
+    # those (variants × halves) and one shard's part, not a stack of every shard and its copies
+    shape = groups[order[0]][0][1][f"{view}/a"].shape[1:]
+    out = {v: {h: np.empty((len(layers), *shape), dtype=np.float64) for h in HALVES} for v in variants}
+    lo = 0
+    for g in order:
+        parts = groups[g]
+        hi = lo + len(parts[0][0]["layers"])
         for h in HALVES:
-            raw = merge_packed(np.stack([np.asarray(r[f"{view}/{h}"][...]) for _, r in parts]), axis=0, keepdims=False)
-            for v in variants:
-                out[v].setdefault(h, []).append(centre_rows(raw) if v == "row_centered" else raw)
-    for v in variants:
-        for h in HALVES:
-            out[v][h] = np.concatenate(out[v][h], axis=0)
+            raw = out["raw"][h][lo:hi] if "raw" in out else np.empty((hi - lo, *shape))
+            raw[...] = parts[0][1][f"{view}/{h}"][...]
+            for _, r in parts[1:]:
+                merge_into(raw, np.asarray(r[f"{view}/{h}"][...]))
+            if "row_centered" in out:
+                centre_rows_into(out["row_centered"][h][lo:hi], raw)
+        lo = hi
     attrs = {
         **first,
         "layers": layers,

@@ -130,6 +130,14 @@ def moment_work_bytes(heads: int, views: list[tuple[int, int]], n: int, products
     return rows + 4 * heads * n * n
 
 
+def moment_merge_bytes(layers: int, heads: int, dims: list[int], variants: int = 2) -> int:
+    """Bytes the merge of a streamed model's moments holds (``eigen_rows`` in streamed mode,
+    :func:`eigenattn.spectra.streamed.merge_moment_files`), per view: the merged packed moments of
+    every layer, for each variant and half, plus one stored part being read (at most every layer);
+    the eigendecomposition that follows adds its own work arrays."""
+    return 8 * heads * sum((d + 2) * d for d in dims) * layers * (HALVES * variants + 1)
+
+
 def moment_store_bytes(layers: int, heads: int, dims: list[int]) -> int:
     """Bytes one streamed-moments store takes on disk (a ``stream_moments`` job's output): per
     layer, head, view (with d keys) and half, the float64 packed (d + 2) × d, stored uncompressed,
