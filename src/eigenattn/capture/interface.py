@@ -9,8 +9,11 @@ masking, from what the model hands to its attention backend:
 Q and K are taken after any positional transform (RoPE), so this works for absolute-position
 encoders and rotary decoders alike, and with grouped-query attention every query head gets its own
 matrix against its shared key head. Per-head attention sinks (``s_aux``, gpt-oss) are not token
-pairs; they are recorded beside the scores. The function then finishes the attention as eager
-attention does (mask, softmax with the sink column, V), so the model's outputs are unchanged.
+pairs; they are recorded beside the scores. The function then finishes the attention: plain
+attention (no softcap, bias, sink or dropout) through SDPA, with SDPA's own causal masking where the
+layer's mask is the plain causal one; modified attention as eager attention does (mask, softmax
+with the sink column, V). The model's outputs are those of its own attention, within the
+equivalence probe's tolerance.
 
 Every keyword argument the model passes is either applied (``scaling``, ``softcap``,
 ``position_bias``, ``s_aux``), carried by the mask the layer receives (``sliding_window``,
