@@ -137,12 +137,15 @@ class _Moments:
                 self.shift[i] = self.shift[i].float().double()
         A = self._buffer((H, m, d), X.device)
         torch.sub(X, self.shift[i][:, None, :].to(self.dtype), out=A)  # float64 mode: exact, x widened first
-        self.s1[i] += A.sum(dim=1, dtype=torch.float64)
         if A.device.type == "cpu":
+            # numpy's float64 sum of float32 rows runs ~7x faster than torch's
+            self.s1[i] += torch.from_numpy(A.numpy().sum(axis=1, dtype=np.float64))
             self._syrk(self.s2[i], A)
         elif self.dtype == torch.float64:
+            self.s1[i] += A.sum(dim=1)
             self.s2[i].baddbmm_(A.transpose(1, 2), A)
         else:
+            self.s1[i] += A.sum(dim=1, dtype=torch.float64)
             self.s2[i] += torch.bmm(A.transpose(1, 2), A)
         self.count[i] += m
         self.rows_per_add = m
