@@ -15,6 +15,7 @@ FINAL_LINE = {
     "eigen": "peak RSS of b = ",
     "extraction": "n=256: c/a = ",
     "import_cost": "sum over scripts",
+    "kernels": "MACs vs clock: ",
     "partial_attention": "  128  16 | ",
     "scale": "projection: n = 512",
     "streamed": "   64 | ",
