@@ -1,4 +1,4 @@
-"""The latency table (docs/method.md §15): every method's real kernel against SDPA, with its three
+"""The latency table (docs/method.md, "Cost by the clock"): every method's real kernel against SDPA, with its three
 cost shares side by side in one run.
 
     python benchmarks/kernels.py                         # n 2048 4096 8192, s 64 256 1024, 9 heads, d_head 64, 1 thread

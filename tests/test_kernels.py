@@ -1,4 +1,4 @@
-"""Real kernels (docs/method.md §15): each equals its dense-mask reference within 1e-5 in float32,
+"""Real kernels (docs/method.md, "Cost by the clock"): each equals its dense-mask reference within 1e-5 in float32,
 the blocks each touches equal a brute-force count over its dense mask, and the clock's table holds
 its three axes. The references are the project's own (peers.py, peer_attention.py, partial.py)."""
 

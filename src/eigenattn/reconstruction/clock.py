@@ -1,4 +1,4 @@
-"""Three cost axes of each method (docs/method.md §15): multiply-adds, key blocks touched, and time
+"""Three cost axes of each method (docs/method.md, "Cost by the clock"): multiply-adds, key blocks touched, and time
 by the clock, each as a share of exact causal attention of one head on the same shapes and device.
 
 The unit is a whole causal head of n queries (batch 1, ``heads`` heads, ``d_head``), float32, the

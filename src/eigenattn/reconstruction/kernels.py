@@ -1,4 +1,4 @@
-"""Real kernels: each attention method as it would be deployed (docs/method.md §15, "Cost by the clock").
+"""Real kernels: each attention method as it would be deployed (docs/method.md, "Cost by the clock").
 
 Every function here computes the output ``O = P·V`` (batch, heads, n, d_head), the layout of
 ``torch.nn.functional.scaled_dot_product_attention``, of one attention call with every query
