@@ -2,6 +2,8 @@
 the blocks each touches equal a brute-force count over its dense mask, and the clock's table holds
 its three axes. The references are the project's own (peers.py, peer_attention.py, partial.py)."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from eigenattn.reconstruction.peer_attention import PeerSpec, peer_attention
 from eigenattn.reconstruction.peers import masked_logits, nystrom_from_qk, sink_window_keys, vertical_slash_keys
 
 TOL = 1e-5
+BACKENDS = itertools.count()
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
@@ -285,17 +288,17 @@ def test_latency_table_has_three_axes():
 
 
 def capture_layer(model_dir, layer: int, n: int):
-    """Q, K (after RoPE), V and the scale of one layer's attention on n tokens of text, from the
-    model run through a recording attention backend."""
-    from transformers import AutoModel, AutoTokenizer
-
+    """Q, K (after RoPE), V and the scale of one layer's attention (the layer-th attention call) on
+    n tokens of text, from the model run through a recording attention backend."""
     from eigenattn.capture.attention import expand_heads
     from eigenattn.capture.interface import register_backend
+    from eigenattn.capture.probe import load_capture_model
 
-    got = {}
+    got, calls = {}, []
 
     def record(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        if getattr(module, "layer_idx", None) == layer:
+        calls.append(1)  # the layer by call order (minilm's attention modules carry no layer_idx)
+        if len(calls) - 1 == layer:
             key2, value2, sc = expand_heads(query, key, value, scaling)
             got.update(q=query.detach().float(), k=key2.detach().float(), v=value2.detach().float(), scale=sc)
         out = F.scaled_dot_product_attention(
@@ -306,9 +309,8 @@ def capture_layer(model_dir, layer: int, n: int):
         )
         return out.transpose(1, 2).contiguous(), None
 
-    name = register_backend("kernels_record", record)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir, attn_implementation=name).eval()
+    name = register_backend(f"kernels_record_{next(BACKENDS)}", record)  # a name keeps its first function
+    tok, model = load_capture_model(model_dir, str(model_dir), attn_implementation=name)
     text = " ".join(["The quick brown fox jumps over the lazy dog while the river runs to the sea."] * 40)
     ids = tok(text, return_tensors="pt").input_ids[:, :n]
     with torch.no_grad():
