@@ -48,6 +48,12 @@ def main(argv=None):
     ap.add_argument("--q-last", type=int, default=node("reconstruction.peer_q_last")["default"])
     ap.add_argument("--pinv", default=node("reconstruction.nystrom_pinv")["default"][0])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--inputs",
+        default="random",
+        choices=["random", "local"],
+        help="random normal Q, K, V, or with a position code on Q and K (heads that attend near their diagonal)",
+    )
     ap.add_argument("--out", type=Path, help="also write the table as CSV here")
     ap.add_argument("--smoke", action="store_true", help=f"a smoke run: {' '.join(SMOKE)} (overrides those options)")
     args = ap.parse_args(argv)
@@ -57,7 +63,7 @@ def main(argv=None):
     print(
         f"latency table: {args.heads} heads, d_head {args.d_head}, float32, batch 1, {args.threads} thread(s), "
         f"{args.device}, {'eager' if args.eager else 'compiled'} FlexAttention, median of {args.repeats} warm repeats; "
-        f"sinks {args.sinks}, q_last {args.q_last}, nystrom pinv {args.pinv}"
+        f"sinks {args.sinks}, q_last {args.q_last}, nystrom pinv {args.pinv}, {args.inputs} Q and K"
     )
     head = (
         f"{'n':>5} {'method':<15} {'s':>5} | {'macs':>6} {'blocks':>6} {'time':>6} | "
@@ -90,6 +96,7 @@ def main(argv=None):
         q_last=args.q_last,
         pinv=args.pinv,
         seed=args.seed,
+        inputs=args.inputs,
         log=log,
     )
     if len(table):

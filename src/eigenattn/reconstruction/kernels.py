@@ -421,23 +421,27 @@ def _band_part(q, k, v, band, is_v, scale):
     return out.reshape(G, nb * B, dh)[:, :n], lse.reshape(G, nb * B)[:, :n]
 
 
-def _extras_part(q, k, v, extras, scale, chunk_elems: int = 1 << 24):
+def _extras_part(q, k, v, extras, scale, rows: int = 32):
+    """Each row's own diagonal keys: gathered into small reused buffers a few rows at a time (a
+    fresh n·e·d_head buffer costs more in page faults than the gather itself), then scored and
+    weighed as batched GEMMs."""
     G, n, dh = q.shape
     e = extras.shape[-1]
-    rows = max(1, chunk_elems // max(1, G * e * dh))
     kf, vf = k.reshape(G * n, dh), v.reshape(G * n, dh)
-    base = (torch.arange(G, device=q.device) * n)[:, None, None]
-    outs, lses = [], []
+    flat = (torch.arange(G, device=q.device) * n)[:, None, None] + extras.clamp_min(0)
+    out, lse = q.new_empty((G, n, dh)), q.new_empty((G, n))
+    kbuf, vbuf = q.new_empty((G * rows * e, dh)), q.new_empty((G * rows * e, dh))
     for r0 in range(0, n, rows):
-        ex = extras[:, r0 : r0 + rows]
-        flat = (base + ex.clamp_min(0)).reshape(-1)
-        ke = kf[flat].reshape(*ex.shape, dh)
-        ve = vf[flat].reshape(*ex.shape, dh)
-        scores = torch.matmul(ke, q[:, r0 : r0 + rows, :, None]).squeeze(-1) * scale  # (G, r, e)
-        o, lse = partial_softmax(scores.masked_fill(ex < 0, float("-inf"))[..., None, :], ve)
-        outs.append(o.squeeze(-2))
-        lses.append(lse.squeeze(-1))
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+        r = min(rows, n - r0)
+        idx = flat[:, r0 : r0 + r].reshape(-1)
+        ke = torch.index_select(kf, 0, idx, out=kbuf[: G * r * e]).view(G, r, e, dh)
+        ve = torch.index_select(vf, 0, idx, out=vbuf[: G * r * e]).view(G, r, e, dh)
+        scores = torch.einsum("grd,gred->gre", q[:, r0 : r0 + r], ke) * scale
+        scores.masked_fill_(extras[:, r0 : r0 + r] < 0, float("-inf"))
+        o, l_ = partial_softmax(scores[..., None, :], ve)
+        out[:, r0 : r0 + r] = o.squeeze(-2)
+        lse[:, r0 : r0 + r] = l_.squeeze(-1)
+    return out, lse
 
 
 def vertical_slash_attention(q, k, v, s: int, q_last: int, *, scale=None, index: VSIndex | None = None):
