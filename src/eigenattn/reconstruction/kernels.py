@@ -76,6 +76,9 @@ def flex(compiled: bool):
     if not compiled:
         return flex_attention
     if "flex" not in _COMPILED:
+        # one compile per shape and mask code: past torch's default limit of 8 it would fall back
+        # to eager FlexAttention silently, and a latency table would time the unfused path
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
     return _COMPILED["flex"]
 
