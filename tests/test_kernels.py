@@ -159,8 +159,8 @@ def test_vertical_slash_keeps_the_reference_keys(n, s, q_last, structured, candi
     assert torch.equal(kernels.vs_blocks(index, n), brute_blocks(keep))
 
 
-def test_vertical_slash_computes_its_own_index():
-    q, k, v = qkv(260, H=2, structured=True)
+def test_vertical_slash_computes_its_own_index_per_sequence_and_head():
+    q, k, v = (torch.cat(x) for x in zip(qkv(260, H=2, structured=True), qkv(260, H=2, seed=1)))  # batch 2
     keep = vs_reference(q, k, 24, 16)
     assert (kernels.vertical_slash_attention(q, k, v, 24, 16) - dense(q, k, v, keep)).abs().max() < TOL
 
