@@ -131,6 +131,7 @@ def vs_reference(q, k, s, q_last):
         (513, 48, 32, True, None),
         (130, 1, 4, False, None),
         (300, 32, 16, True, 20),  # few candidate diagonals: rows fall back to the reference's full-row rule
+        (600, 200, 16, True, None),  # dense rows span two query blocks
     ],
 )
 def test_vertical_slash_keeps_the_reference_keys(n, s, q_last, structured, candidates):
@@ -152,8 +153,12 @@ def test_vertical_slash_keeps_the_reference_keys(n, s, q_last, structured, candi
         2, torch.where(index.extras >= 0, index.extras, n), True
     )
     extra = extra[..., :n]
-    assert int(vert.sum() + band.sum() + extra.sum()) == int(keep.sum())
-    assert torch.equal(vert | band | extra, keep)
+    d0 = index.dense_rows
+    assert d0 == min(s, n) and torch.equal(keep[:, :d0], causal(n)[None, :d0].expand(2, -1, -1))
+    assert not extra[:, :d0].any()
+    vert, band = vert[:, d0:], band[:, d0:]
+    assert int(vert.sum() + band.sum() + extra.sum()) == int(keep[:, d0:].sum())
+    assert torch.equal(vert | band | extra[:, d0:], keep[:, d0:])
     out = kernels.vertical_slash_attention(q, k, v, s, q_last, index=index)
     assert (out - dense(q, k, v, keep[None])).abs().max() < TOL
     assert torch.equal(kernels.vs_blocks(index, n), brute_blocks(keep))

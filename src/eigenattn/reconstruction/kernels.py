@@ -241,13 +241,15 @@ def sink_window_view_block_mask(
 
 
 class VSIndex(NamedTuple):
-    """Each row's kept keys of vertical-slash, for G = batch·heads: ``verticals`` (G, ⌈s/2⌉) key
-    columns (row i keeps those ≤ i); ``band`` (G,) width w: row i keeps keys i−w+1..i that are not
-    vertical; ``extras`` (G, n, e) the row's other diagonal keys (−1: none). The three are disjoint."""
+    """Each row's kept keys of vertical-slash, for G = batch·heads. Rows ``0..dense_rows−1`` (at most
+    s visible keys) keep every key up to themselves: exact causal attention. Every later row i keeps
+    the ``verticals`` (G, ⌈s/2⌉) key columns ≤ i, the ``band`` (G,) keys i−w+1..i that are not
+    vertical, and its ``extras`` (G, n, e) other diagonal keys (−1: none). The parts are disjoint."""
 
     verticals: torch.Tensor
     band: torch.Tensor
     extras: torch.Tensor
+    dense_rows: int
     fallback_rows: int  # rows whose keys came from the reference's full-row rule (diagnostic)
 
 
@@ -290,12 +292,7 @@ def vertical_slash_index(
     c = is_v.cumsum(dim=-1)  # verticals at or before each row
     sel = torch.full((G, n, s), -1, dtype=torch.long, device=dev)
     rows_all = torch.arange(n, device=dev)
-    # rows with at most s visible keys keep every one (the non-vertical ones go to sel)
-    full = min(s, n)
-    if full:
-        j = torch.arange(s, device=dev)
-        ok = (j[None, :] <= rows_all[:full, None]) & ~is_v[:, j].unsqueeze(1)  # (G, full, s)
-        sel[:, :full] = torch.where(ok, j.expand(G, full, s), -1)
+    full = min(s, n)  # rows with at most s visible keys keep every one: the dense rows
     fallback = []
     for r0 in range(full, n, block):
         r1 = min(r0 + block, n)
@@ -327,13 +324,13 @@ def vertical_slash_index(
             fallback.append((g, r0 + t))
     if fallback:
         _fallback_rows(sel, fallback, vertical, slash, is_v, shift, s, n)
-    band = _band_width(sel, is_v, s)
+    band = _band_width(sel, is_v, s, full)
     off = rows_all[None, :, None] - sel
     extra = (sel >= 0) & (off >= band[:, None, None])
     e = int(extra.sum(dim=-1).max()) if n else 0
     order = torch.sort((~extra).to(torch.int8), dim=-1, stable=True).indices[..., :e]
     extras = torch.where(torch.gather(extra, 2, order), torch.gather(sel, 2, order), -1)
-    return VSIndex(verticals.sort(dim=-1).values, band, extras, len(fallback))
+    return VSIndex(verticals.sort(dim=-1).values, band, extras, full, len(fallback))
 
 
 def _fallback_rows(sel, rows, vertical, slash, is_v, shift, s, n, chunk: int = 256):
@@ -354,8 +351,9 @@ def _fallback_rows(sel, rows, vertical, slash, is_v, shift, s, n, chunk: int = 2
             sel[g, ii] = torch.where(torch.gather(keep, 1, order), order, -1)
 
 
-def _band_width(sel, is_v, s: int) -> torch.Tensor:
-    """Per head the widest band 0..w−1 of offsets whose non-vertical keys every row keeps."""
+def _band_width(sel, is_v, s: int, dense_rows: int) -> torch.Tensor:
+    """Per head the widest band 0..w−1 of offsets whose non-vertical keys every row after the dense
+    rows keeps."""
     G, n, _ = sel.shape
     dev = sel.device
     width = s + 2
@@ -367,8 +365,8 @@ def _band_width(sel, is_v, s: int) -> torch.Tensor:
     j = rows[:, None] - o[None, :]  # (n, width)
     cov |= (j < 0)[None]
     cov |= torch.gather(is_v[:, None, :].expand(-1, n, -1), 2, j.clamp_min(0)[None].expand(G, -1, -1)) & (j >= 0)[None]
-    first = torch.where(~cov, o, width).amin(dim=-1)  # (G, n)
-    return first.amin(dim=-1) if n else torch.zeros(G, dtype=torch.long, device=dev)
+    first = torch.where(~cov, o, width).amin(dim=-1)[:, dense_rows:]  # (G, n − dense_rows)
+    return first.amin(dim=-1) if first.shape[1] else torch.zeros(G, dtype=torch.long, device=dev)
 
 
 def vs_index_mask(index: VSIndex, n: int) -> torch.Tensor:
@@ -378,10 +376,13 @@ def vs_index_mask(index: VSIndex, n: int) -> torch.Tensor:
     i = torch.arange(n, device=dev)
     keep = torch.zeros((G, n, n), dtype=torch.bool, device=dev)
     keep.scatter_(2, index.verticals[:, None, :].expand(-1, n, -1), True)
+    keep[:, : index.dense_rows] = True
     keep &= (i[None, :] <= i[:, None])[None]
     is_v = torch.zeros((G, n), dtype=torch.bool, device=dev).scatter_(-1, index.verticals, True)
     off = i[:, None] - i[None, :]
-    keep |= (off[None] >= 0) & (off[None] < index.band[:, None, None]) & ~is_v[:, None, :]
+    keep[:, index.dense_rows :] |= ((off[None] >= 0) & (off[None] < index.band[:, None, None]) & ~is_v[:, None, :])[
+        :, index.dense_rows :
+    ]
     if index.extras.shape[-1]:
         ex = index.extras
         hit = torch.zeros((G, n, n + 1), dtype=torch.bool, device=dev)
@@ -424,14 +425,15 @@ def _band_part(q, k, v, band, is_v, scale):
     return out.reshape(G, nb * B, dh)[:, :n], lse.reshape(G, nb * B)[:, :n]
 
 
-def _extras_part(q, k, v, extras, scale, rows: int = 32):
-    """Each row's own diagonal keys: gathered into small reused buffers a few rows at a time (a
-    fresh n·e·d_head buffer costs more in page faults than the gather itself), then scored and
-    weighed as batched GEMMs."""
+def _extras_part(q, k, v, extras, scale, buffer_keys: int = 1 << 16):
+    """Each row's own diagonal keys (q: (G, r, dh) rows, extras (G, r, e) their key indices into
+    k, v (G, n, dh)): gathered into small reused buffers a few rows at a time (a fresh r·e·d_head
+    buffer costs more in page faults than the gather itself), then scored and weighed as batched GEMMs."""
     G, n, dh = q.shape
     e = extras.shape[-1]
-    kf, vf = k.reshape(G * n, dh), v.reshape(G * n, dh)
-    flat = (torch.arange(G, device=q.device) * n)[:, None, None] + extras.clamp_min(0)
+    rows = max(1, min(32, buffer_keys // max(1, G * e)))
+    kf, vf = k.reshape(-1, dh), v.reshape(-1, dh)
+    flat = (torch.arange(G, device=q.device) * k.shape[1])[:, None, None] + extras.clamp_min(0)
     out, lse = q.new_empty((G, n, dh)), q.new_empty((G, n))
     kbuf, vbuf = q.new_empty((G * rows * e, dh)), q.new_empty((G * rows * e, dh))
     for r0 in range(0, n, rows):
@@ -459,19 +461,27 @@ def vertical_slash_attention(q, k, v, s: int, q_last: int, *, scale=None, index:
     qg, kg, vg = (x.reshape(Bt * H, n, dh) for x in (q, k, v))
     if index is None:
         index = vertical_slash_index(qg, kg, s, q_last, scale)
-    parts = [_vertical_part(qg, kg, vg, index.verticals, scale)]
+    d0 = index.dense_rows
+    dense = F.scaled_dot_product_attention(
+        qg[:, None, :d0], kg[:, None, :d0], vg[:, None, :d0], is_causal=True, scale=scale
+    )
+    if d0 == n:
+        return dense.reshape(Bt, H, n, dh)
+    parts = [_vertical_part(qg, kg, vg, index.verticals, scale)]  # the dense rows' share is dropped below
     if int(index.band.max()) > 0:
         is_v = torch.zeros((Bt * H, n), dtype=torch.bool, device=q.device).scatter_(-1, index.verticals, True)
         parts.append(_band_part(qg, kg, vg, index.band, is_v, scale))
+    parts = [(o[:, d0:], lse[:, d0:]) for o, lse in parts]
     if index.extras.shape[-1]:
-        parts.append(_extras_part(qg, kg, vg, index.extras, scale))
-    return merge(parts).reshape(Bt, H, n, dh)
+        parts.append(_extras_part(qg[:, d0:], kg, vg, index.extras[:, d0:], scale))
+    return torch.cat([dense[:, 0], merge(parts)], dim=1).reshape(Bt, H, n, dh)
 
 
 def vs_blocks(index: VSIndex, n: int, block: int = BLOCK) -> torch.Tensor:
     """(G, n/block, n/block) key blocks each query block touches under ``index``, from its parts
-    (no dense mask): a vertical column's block for every query block that reaches it, the band's
-    blocks that hold a non-vertical key within w of a row of the block, each extra key's block."""
+    (no dense mask): the dense rows' causal blocks, a vertical column's block for every query block
+    that reaches it, the band's blocks that hold a non-vertical key within w of a row of the block,
+    each extra key's block."""
     G = index.band.shape[0]
     dev = index.band.device
     nb = -(-n // block)
@@ -496,6 +506,8 @@ def vs_blocks(index: VSIndex, n: int, block: int = BLOCK) -> torch.Tensor:
         nonv, 1, lo.clamp(0, n).reshape(G, -1)
     )
     touched |= ok & (cnt.reshape(G, nb, nb) > 0)
+    dense_hi = torch.clamp(a_end[:, 0], max=index.dense_rows - 1)  # the dense rows: every key up to the row
+    touched |= ((a[:, 0] * block < index.dense_rows)[:, None] & (qb[None, :] * block <= dense_hi[:, None]))[None]
     if index.extras.shape[-1]:
         ex = index.extras
         rows = torch.arange(n, device=dev)[None, :, None].expand_as(ex) // block
