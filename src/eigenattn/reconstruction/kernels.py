@@ -436,13 +436,15 @@ def _extras_part(q, k, v, extras, scale, buffer_keys: int = 1 << 16):
     flat = (torch.arange(G, device=q.device) * k.shape[1])[:, None, None] + extras.clamp_min(0)
     out, lse = q.new_empty((G, n, dh)), q.new_empty((G, n))
     kbuf, vbuf = q.new_empty((G * rows * e, dh)), q.new_empty((G * rows * e, dh))
+    counts = (extras >= 0).sum(dim=-1)  # extras are packed first: a chunk pads to its own longest row
     for r0 in range(0, n, rows):
         r = min(rows, n - r0)
-        idx = flat[:, r0 : r0 + r].reshape(-1)
-        ke = torch.index_select(kf, 0, idx, out=kbuf[: G * r * e]).view(G, r, e, dh)
-        ve = torch.index_select(vf, 0, idx, out=vbuf[: G * r * e]).view(G, r, e, dh)
+        ec = max(1, int(counts[:, r0 : r0 + r].max()))
+        idx = flat[:, r0 : r0 + r, :ec].reshape(-1)
+        ke = torch.index_select(kf, 0, idx, out=kbuf[: G * r * ec]).view(G, r, ec, dh)
+        ve = torch.index_select(vf, 0, idx, out=vbuf[: G * r * ec]).view(G, r, ec, dh)
         scores = torch.einsum("grd,gred->gre", q[:, r0 : r0 + r], ke) * scale
-        scores.masked_fill_(extras[:, r0 : r0 + r] < 0, float("-inf"))
+        scores.masked_fill_(extras[:, r0 : r0 + r, :ec] < 0, float("-inf"))
         o, l_ = partial_softmax(scores[..., None, :], ve)
         out[:, r0 : r0 + r] = o.squeeze(-2)
         lse[:, r0 : r0 + r] = l_.squeeze(-1)
