@@ -26,7 +26,8 @@ The kernels:
   Triton), else eager FlexAttention, which materialises the scores (for tests).
 - **vertical-slash** (:func:`vertical_slash_attention`, MInference-style): the pattern comes from
   the last ``q_last`` queries' softmax rows (``q_last·n·d_head``); :func:`vertical_slash_index`
-  turns it into each row's kept keys, the same keys the reference keeps, held as three parts:
+  turns it into each row's kept keys, the same keys the reference keeps. The first s rows keep
+  every visible key and run as one exact causal SDPA block; every later row's keys are three parts:
   the vertical keys (⌈s/2⌉ columns, gathered into a dense (⌈s/2⌉, d_head) buffer, causal per row),
   a diagonal band (offsets 0..w−1 that every row keeps, vertical keys excluded so no key counts
   twice, computed by a banded block kernel) and each row's remaining diagonal keys (gathered per
