@@ -5,7 +5,9 @@ Every function here computes the output ``O = P·V`` (batch, heads, n, d_head), 
 (a whole prefill), and computes exactly what its dense-mask reference in
 :mod:`eigenattn.reconstruction.peers`, :mod:`eigenattn.reconstruction.peer_attention` and
 :mod:`eigenattn.reconstruction.partial` computes, within float tolerance (``tests/test_kernels.py``
-holds them to 1e-5 in float32). None of them forms the n×n score matrix.
+holds them to 1e-5 in float32; Nyström with the exact pseudo-inverse to 1e-4, as its ill-conditioned
+landmark kernel amplifies the rounding of another association order). None of them forms the n×n
+score matrix.
 
 Two scopes (§15):
 
@@ -42,7 +44,8 @@ The kernels:
   keys and values only.
 
 Exact parts that need their log-sum-exp (the keys outside a view) run through the device's fused
-SDPA kernel that returns it (:func:`sdpa_lse`).
+SDPA kernel that returns it (:func:`sdpa_lse`): compiled FlexAttention on CPU cannot return it
+(torch 2.13), so FlexAttention serves the patterns that need no merge.
 """
 
 from __future__ import annotations
