@@ -15,7 +15,8 @@ method at each s on the same tensors (eigenattn.reconstruction.clock):
 
 Shares are of exact causal attention: macs (§11's count), blocks (key blocks of 128 touched) and
 time (median of warm repeats over SDPA's median). compile is the first call's extra time plus any
-input-independent setup (a block mask), apart from the time. A row is flagged (!) where the MAC share
+input-independent setup (a block mask), apart from the time. vertical_slash's index (pattern and
+per-row keys, input-dependent, inside its time) is also timed alone. A row is flagged (!) where the MAC share
 and the time share differ by more than 2x either way.
 """
 
@@ -75,10 +76,12 @@ def main(argv=None):
     def log(r):
         ratio = r["time_share"] / r["macs_share"]
         flag = "!" if ratio > 2 or ratio < 0.5 else ""
+        index = f" (index {r['index_s']:.4f} s)" if r["method"] == "vertical_slash" else ""
         print(
             f"{r['n']:>5} {r['method']:<15} {r['s']:>5} | {r['macs_share']:>6.3f} {r['blocks_share']:>6.3f} "
             f"{r['time_share']:>6.3f} | {r['time_s']:>8.4f} {r['sdpa_s']:>8.4f} {r['compile_s']:>9.2f} | "
-            f"{flag}{f' time/macs {ratio:.1f}x' if flag else ''}",
+            f"{flag}{f' time/macs {ratio:.1f}x' if flag else ''}"
+            f"{index}",
             flush=True,
         )
 

@@ -200,7 +200,8 @@ def latency_table(
     log=None,
 ) -> pd.DataFrame:
     """The latency table: one row per (n, method, s), with :data:`COLUMNS` (see the module
-    docstring), plus ``scope``, ``blocks`` (touched per head) and ``exact_blocks``. Q, K and V are
+    docstring), plus ``scope``, ``blocks`` (touched per head), ``exact_blocks`` and ``index_s``
+    (vertical-slash: the median time of its index alone, part of ``time_s``; NaN for the others). Q, K and V are
     random normal (1, heads, n, d_head) float32, one set per n; ``threads`` sets torch's CPU threads.
     ``inputs="local"`` adds a smooth position code to Q and K (:func:`position_code`), so that every
     head attends mostly near its diagonal, as many real heads do: vertical-slash then runs its
@@ -230,6 +231,9 @@ def latency_table(
                         method, q, k, v, s, sinks=sinks, q_last=q_last, pinv=pinv, compiled=compiled, seed=seed
                     )
                     first, t = _timed(fn, dev, repeats)
+                    index_s = float("nan")
+                    if method == "vertical_slash":  # its index alone (pattern and per-row keys), within time_s
+                        _, index_s = _timed(lambda: kernels.vertical_slash_index(q[0], k[0], s, q_last), dev, repeats)
                     row = {
                         "method": method,
                         "s": s,
@@ -246,11 +250,12 @@ def latency_table(
                         "scope": "whole" if method in WHOLE or method == "flex_causal" else "view",
                         "blocks": blocks,
                         "exact_blocks": exact_blocks,
+                        "index_s": index_s,
                     }
                     rows.append(row)
                     if log is not None:
                         log(row)
-    return pd.DataFrame(rows, columns=[*COLUMNS, "scope", "blocks", "exact_blocks"])
+    return pd.DataFrame(rows, columns=[*COLUMNS, "scope", "blocks", "exact_blocks", "index_s"])
 
 
 def disagreements(table: pd.DataFrame, factor: float = 2.0) -> pd.DataFrame:
