@@ -18,7 +18,8 @@ Two scopes (§15):
   (:func:`peer_attention`, :func:`partial_scores`). The project's views are ``all`` (every query
   against every key, bidirectional) and ``prefix`` (queries [n/2, n) against keys [0, n/2)): the
   view's keys start at key 0 and its queries run to the last one. :func:`sink_window_view_attention`,
-  :func:`nystrom_attention` and :func:`partial_attention` run in this scope.
+  :func:`vertical_slash_view_attention`, :func:`nystrom_attention` and :func:`partial_attention`
+  run in this scope.
 
 The kernels:
 
@@ -34,6 +35,8 @@ The kernels:
   a diagonal band (offsets 0..w−1 that every row keeps, vertical keys excluded so no key counts
   twice, computed by a banded block kernel) and each row's remaining diagonal keys (gathered per
   row). The three partial softmaxes merge by log-sum-exp. A column costs one key, not its block.
+  On a view (:func:`vertical_slash_view_attention`) every row keeps all ⌈s/2⌉ columns and its own
+  diagonal keys, merged with the row's exact keys outside the view.
 - **Nyström** (:func:`nystrom_attention`): the landmark GEMMs in the factored order
   ``softmax(QK̃ᵀ)·(pinv(softmax(Q̃K̃ᵀ))·(softmax(Q̃Kᵀ)·V))``; the view's queries weigh it against
   their exact keys outside the view by the landmark estimate of the partition function, as
@@ -546,6 +549,109 @@ def _before(q, k, v, q0, causal, scale):
             q[..., :q0, :], k[..., :q0, :], v[..., :q0, :], is_causal=True, scale=scale
         )
     return F.scaled_dot_product_attention(q[..., :q0, :], k, v, scale=scale)
+
+
+def vertical_slash_view_keys(q, k, s: int, q_last: int, *, query_range, key_range, scale=None, block: int = BLOCK):
+    """Vertical-slash on a view (every key of the view visible to every query of it, the ``prefix``
+    and ``all`` views), for q, k (G, n, dh): (verticals (G, ⌈s/2⌉) view keys every view row keeps,
+    extras (G, nq, s − ⌈s/2⌉) each view row's diagonal keys), exactly the keys of
+    ``vertical_slash_keys(X_view, q_pos, k_pos, s, q_last)``. Rows are certified against the best
+    candidate diagonals of their block as in :func:`vertical_slash_index`; the rest take the
+    reference rule on their whole row."""
+    n = q.shape[1]
+    q0, q1, k0, k1 = _check_view(n, query_range, key_range, False)
+    G, d, nq = q.shape[0], k1 - k0, q1 - q0
+    if not 1 <= s <= d:
+        raise ValueError(f"s={s} keys of {d}")
+    scale = _scale(q, scale)
+    dev = q.device
+    ql = min(int(q_last), nq)
+    last_pos = np.arange(q1 - ql, q1)
+    Xl = torch.matmul(q[:, q1 - ql : q1], k[:, k0:k1].transpose(-1, -2)) * scale
+    vertical, slash, _ = vertical_slash_pattern(Xl, last_pos, np.arange(k0, k1), ql, None)
+    o_min = q0 - (k1 - 1)  # the view's smallest offset i − j; the pattern's index of offset o is o − lo
+    lo = (q1 - ql) - (k1 - 1)
+    n_vert = math.ceil(s / 2)
+    r = s - n_vert
+    verticals = vertical.topk(n_vert, dim=-1).indices
+    is_v = torch.zeros((G, d), dtype=torch.bool, device=dev).scatter_(-1, verticals, True)
+    tiny = torch.finfo(slash.dtype).tiny
+    s_norm = slash / slash.amax(dim=-1, keepdim=True).clamp_min(tiny)
+    v_norm = vertical / vertical.amax(dim=-1, keepdim=True).clamp_min(tiny)
+    width = (q1 - 1) - o_min + 1
+    # a[o − o_min] for every offset of the view (offsets the last rows never reach have no mass)
+    a = torch.zeros((G, width), dtype=s_norm.dtype, device=dev)
+    src0 = max(o_min, lo)
+    a[:, src0 - o_min :] = 0.99 * s_norm[:, src0 - lo : src0 - lo + width - (src0 - o_min)]
+    vt = 1e-3 * v_norm
+    vt_top = vt.masked_fill(is_v, float("-inf")).amax(dim=-1)
+    extras = torch.full((G, nq, max(r, 1)), -1, dtype=torch.long, device=dev)
+    fallback = []
+    for r0 in range(q0, q1, block):
+        r1 = min(r0 + block, q1)
+        rows = torch.arange(r0, r1, device=dev)
+        a0, a1 = r0 - (k1 - 1) - o_min, r1 - 1 - o_min + 1  # offsets the block's rows can reach
+        m = min(a1 - a0, r + n_vert + block + 32)
+        if r == 0:
+            break
+        if m >= a1 - a0:
+            cand = torch.arange(a0, a1, device=dev).expand(G, -1)
+            bound = torch.full((G,), float("-inf"), device=dev, dtype=a.dtype)
+        else:
+            cand = a0 + a[:, a0:a1].topk(m, dim=-1).indices
+            bound = a[:, a0:a1].scatter(-1, cand - a0, float("-inf")).amax(dim=-1) + vt_top
+        j = rows[None, :, None] - (cand[:, None, :] + o_min) - k0  # (G, R, m) view key index
+        jc = j.clamp(0, d - 1)
+        valid = (j >= 0) & (j < d) & ~torch.gather(is_v[:, None, :].expand(-1, len(rows), -1), 2, jc)
+        p = a.gather(1, cand)[:, None, :] + torch.gather(vt[:, None, :].expand(-1, len(rows), -1), 2, jc)
+        p = p.masked_fill(~valid, float("-inf"))
+        kk = min(r, p.shape[-1])
+        top = p.topk(kk, dim=-1)
+        keys = torch.gather(j, 2, top.indices)
+        cut = top.values[..., -1]
+        ok = (kk == r) & torch.isfinite(cut) & (cut > bound[:, None] + 1e-6)
+        extras[:, r0 - q0 : r1 - q0, :kk] = torch.where(ok[..., None], keys, -1)
+        for g, t in (~ok).nonzero().tolist():
+            fallback.append((g, r0 + t))
+    if fallback and r:
+        keys = torch.arange(d, device=dev)
+        pad = torch.cat([slash.new_zeros((G, lo - o_min)), slash], dim=-1)  # offsets the last rows never reach: no mass
+        by_head = {}
+        for g, i in fallback:
+            by_head.setdefault(g, []).append(i)
+        for g, idx in by_head.items():
+            for c0 in range(0, len(idx), 256):
+                ii = torch.tensor(idx[c0 : c0 + 256], device=dev)
+                off = (ii[:, None] - k0) - keys[None, :] - o_min
+                keep = vertical_slash_select(vertical[g], pad[g], off, s) & ~is_v[g][None, :]
+                order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :r]
+                extras[g, ii - q0, :r] = torch.where(torch.gather(keep, 1, order), order, -1)
+    return verticals.sort(dim=-1).values, extras[..., :r]
+
+
+def vertical_slash_view_attention(q, k, v, s: int, q_last: int, *, query_range, key_range, causal: bool, scale=None):
+    """Vertical-slash on the view block, everything else exact (the view scope of
+    :func:`peer_attention` with a ``vertical_slash`` PeerSpec): the view's rows attend to the
+    gathered vertical keys and their own diagonal keys of the view, merged by log-sum-exp with
+    their exact keys outside the view; queries before the view are exact."""
+    Bt, H, n, dh = q.shape
+    q0, q1, k0, k1 = _check_view(n, query_range, key_range, causal)
+    scale = _scale(q, scale)
+    qg, kg, vg = (x.reshape(Bt * H, n, dh) for x in (q, k, v))
+    verticals, extras = vertical_slash_view_keys(
+        qg, kg, s, q_last, query_range=query_range, key_range=key_range, scale=scale
+    )
+    Qv = qg[:, q0:q1]
+    idx = verticals[..., None].expand(-1, -1, dh)
+    parts = [
+        partial_softmax(torch.matmul(Qv, torch.gather(kg, 1, idx).transpose(-1, -2)) * scale, torch.gather(vg, 1, idx))
+    ]
+    if extras.shape[-1]:
+        parts.append(_extras_part(Qv, kg, vg, extras, scale))
+    o_out, lse_out = _outside(q, k, v, q0, k1, causal, scale)
+    parts.append((o_out.reshape(Bt * H, q1 - q0, dh), lse_out.reshape(Bt * H, q1 - q0)))
+    rows = merge(parts).reshape(Bt, H, q1 - q0, dh)
+    return torch.cat([_before(q, k, v, q0, causal, scale), rows], dim=2) if q0 else rows
 
 
 def nystrom_attention(q, k, v, m: int, *, pinv: str, query_range, key_range, causal: bool, scale=None):
