@@ -519,7 +519,7 @@ def test_a_plan_dearer_than_every_single_method_cannot_read_supported(tmp_path):
         (row,) = c5_rows([tmp_path / "s.csv"])
         assert row["state"] == state, row
         if state == "inconclusive":
-            assert "not an equal-cost comparison" in row["verdict"] and "0.50 of" in row["verdict"]
+            assert "not an equal-cost comparison" in row["verdict"] and "0.500 of" in row["verdict"]
 
 
 def test_c5_rows_of_a_model_are_one_family(tmp_path):

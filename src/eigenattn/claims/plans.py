@@ -83,7 +83,7 @@ def c5_state(
     if not grid_ratio >= EQUAL_COST:
         return "inconclusive", (
             f"the plan beats the best single method, but no single method of the plan's grid costs within "
-            f"{EQUAL_COST:.0%} of the plan (the dearest: {grid_ratio:.2f} of it), so this is not an equal-cost "
+            f"{EQUAL_COST:.0%} of the plan (the dearest: {grid_ratio:.3f} of it), so this is not an equal-cost "
             "comparison"
         )
     if not p_holm < ALPHA:

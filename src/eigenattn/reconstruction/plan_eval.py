@@ -463,11 +463,11 @@ def run_plans(
             if grid_ratio < EQUAL_COST:
                 notes.append(
                     f"not at equal cost: the plan's grid has no single method within {EQUAL_COST:.0%} of the plan's "
-                    f"cost (the dearest within its budget costs {grid_ratio:.2f} of the plan)"
+                    f"cost (the dearest within its budget costs {grid_ratio:.3f} of the plan)"
                 )
             elif ratio < EQUAL_COST:
                 notes.append(
-                    f"the comparator (best on the fit split) costs {ratio:.2f} of the plan; the single methods "
+                    f"the comparator (best on the fit split) costs {ratio:.3f} of the plan; the single methods "
                     f"within {EQUAL_COST:.0%} of the plan's cost did worse on the fit split"
                 )
             if gap_note:
