@@ -6,9 +6,9 @@
 The page is stamped with the commit of the checkout, whether it had local changes, and the
 SHA-256 of the config files the run used. It holds a headline table (one row per claim: the
 states of its judged rows, its headline numbers, the figure to open) and then every judged row
-of ``results/claims.csv``. The README quotes the headline table verbatim between two markers
-(:data:`BEGIN`, :data:`END`); tests/test_docs.py checks that the two agree, so a number edited by
-hand in the README fails the suite. :func:`sync_readme` rewrites the README's block.
+of ``results/claims.csv``. A README may quote the headline table verbatim between two markers
+(:data:`BEGIN`, :data:`END`), and ``--readme README.md`` (:func:`sync_readme`) rewrites that block
+from the same table, so the two cannot drift apart by hand.
 """
 
 from __future__ import annotations
