@@ -130,7 +130,7 @@ def moment_work_bytes(heads: int, views: list[tuple[int, int]], n: int, products
     return rows + 4 * heads * n * n
 
 
-def moment_merge_bytes(layers: int, heads: int, dims: list[int], variants: int = 2) -> int:
+def moment_merge_bytes(layers: int, heads: int, dims: list[int], variants: int) -> int:
     """Bytes the merge of a streamed model's moments holds (``eigen_rows`` in streamed mode,
     :func:`eigenattn.spectra.streamed.merge_moment_files`), per view: the merged packed moments of
     every layer, for each variant and half, plus one stored part being read (at most every layer);
