@@ -44,7 +44,7 @@ from eigenattn.reconstruction.intervals import DocumentInterval, holm, paired_in
 from eigenattn.reconstruction.partial import PROBE_ATTR, attention_modules, detach
 from eigenattn.reconstruction.plan_attention import HeadProbe, apply_plan
 from eigenattn.reconstruction.plans import EXACT, Plan, candidates, make_plan, plan_table, uniform_plan, write_plan
-from eigenattn.reconstruction.plugin import heldout_ids, heldout_selection, load
+from eigenattn.reconstruction.plugin import heldout_ids, heldout_selection, load, sequence_outputs
 from eigenattn.spectra.rows import explained_variance, k_at
 from eigenattn.storage.store import open_store
 
@@ -150,21 +150,13 @@ def probe_heads(
     return pd.DataFrame.from_records(rows)
 
 
-@torch.inference_mode()
 def per_sequence(model, ids, causal: bool, q0: int, batch_size: int, exact=None) -> np.ndarray:
     """Causal: each sequence's mean NLL over the view's targets. Encoder: each sequence's pooled
-    embedding (``exact`` None) or its cosine to ``exact``'s."""
-    out = []
-    for i in range(0, len(ids), batch_size):
-        x = ids[i : i + batch_size]
-        if causal:
-            lp = torch.log_softmax(model(input_ids=x).logits[:, q0:-1].float(), dim=-1)
-            out.append((-lp.gather(-1, x[:, q0 + 1 :, None]).squeeze(-1)).double().mean(-1).cpu())
-        else:
-            out.append(model(input_ids=x).last_hidden_state.float().mean(dim=1).cpu())
-    res = torch.cat(out)
+    embedding (``exact`` None) or its cosine to ``exact``'s. The plug-in computes them alike
+    (:func:`eigenattn.reconstruction.plugin.sequence_outputs`)."""
+    res = sequence_outputs(model, ids, causal, q0, batch_size)
     if causal or exact is None:
-        return res.numpy() if causal else res
+        return res
     return torch.nn.functional.cosine_similarity(res, exact, dim=-1).double().numpy()
 
 

@@ -126,7 +126,7 @@ def load(model_dir, causal: bool, device):
 
 
 @torch.inference_mode()
-def _outputs(model, ids: torch.Tensor, causal: bool, q0: int, batch_size: int):
+def sequence_outputs(model, ids: torch.Tensor, causal: bool, q0: int, batch_size: int):
     """Causal: each sequence's mean NLL over the targets predicted from queries >= q0 (float64
     array). Encoder: the pooled final states (tensor)."""
     out = []
@@ -185,7 +185,7 @@ def plugin_eval(
         log.warning("statistics cover layers %s of %d: the other layers keep exact attention", stats.layers, n_layers)
     q0 = stats.query_range[0]
     t0 = time.perf_counter()
-    exact = _outputs(model, ids, stats.causal, q0, batch_size)
+    exact = sequence_outputs(model, ids, stats.causal, q0, batch_size)
     log.info("exact forward of %d sequences: %.1f s", len(ids), time.perf_counter() - t0)
     if stats.causal:
         exact_ppl = float(np.exp(exact.mean()))
@@ -222,7 +222,7 @@ def plugin_eval(
             else:
                 maps = maps_from_stats(stats, est, st, s, ridge=ridge, rank=rank, seed=seed)
                 attach(replica, {k: v.to(device) for k, v in maps.items()})
-            return _outputs(replica, ids, stats.causal, q0, batch_size)
+            return sequence_outputs(replica, ids, stats.causal, q0, batch_size)
         finally:
             detach(replica)
             idle.put(replica)
