@@ -180,6 +180,6 @@ def _config(**overlap):
 def test_config_checks():
     with pytest.raises(ConfigError, match=r"overlap.cross_pairs\[0\]\[1\]': unknown model 'bert'"):
         check(_config(cross_pairs=[["minilm", "bert"]]))
-    with pytest.raises(ConfigError, match="overlap.k': k = \\[128\\] exceeds the row dimension d = 64"):
+    with pytest.raises(ConfigError, match="overlap.k': k = \\[128\\] exceeds the d = 64 keys of view 'prefix'"):
         check(_config(k=[4, 128]))
     check(_config())
