@@ -9,6 +9,9 @@ import pytest
 
 from conftest import REPO
 
+# Each smoke run starts a process and imports torch (about 100 s for all of them): the full suite's tier.
+pytestmark = pytest.mark.slow
+
 BENCHMARKS = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py"))
 # What each smoke run prints last, once every step has run.
 FINAL_LINE = {
