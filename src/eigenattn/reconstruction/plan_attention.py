@@ -22,21 +22,47 @@ entropy, over the view's queries.
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
-from eigenattn.capture.attention import finish_attention
+from eigenattn.capture.attention import expand_heads, finish_attention
+from eigenattn.capture.interface import IGNORED_KWARGS, check_kwargs
 from eigenattn.errors import InputError
-from eigenattn.reconstruction.partial import PLAN_ATTR, attention_modules, fit_map, partial_scores
-from eigenattn.reconstruction.peer_attention import PeerSpec, peer_attention
+from eigenattn.reconstruction import kernels as K
+from eigenattn.reconstruction.partial import (
+    ATTR,
+    LINFORMER_ATTR,
+    PLAN_ATTR,
+    PROBE_ATTR,
+    UNIFORM_ATTR,
+    PartialMap,
+    attention_modules,
+    fit_map,
+    partial_attention_forward,
+    partial_scores,
+)
+from eigenattn.reconstruction.peer_attention import PEER_ATTR, PeerSpec, peer_attention
 from eigenattn.reconstruction.plans import EXACT, Plan, is_peer, read_plan
+
+KERNEL_MODES = ("compiled", "eager", "dense")
+# what the ``partial`` backend runs (a plan, peer, map, probe, Linformer, the uniform floor)
+ATTACHMENTS = (PLAN_ATTR, PEER_ATTR, ATTR, PROBE_ATTR, LINFORMER_ATTR, UNIFORM_ATTR)
+PLAN_KERNELS_IMPL = "eigenattn_plan"
 
 
 class LayerPlan:
-    """The groups of one layer's plan: (head indices, runner) with runner a PeerSpec, a PartialMap or None (exact)."""
+    """The groups of one layer's plan: (head indices, runner) with runner a PeerSpec, a PartialMap or None (exact).
 
-    def __init__(self, layer: int, groups: list):
+    ``kernels``: ``"dense"`` runs the dense-mask reference; ``"compiled"`` or ``"eager"`` the real
+    kernels (FlexAttention compiled or eager; the other kernels are the same in both), set by
+    :func:`apply_plan`. ``causal``: the model's causality (the plan's)."""
+
+    def __init__(self, layer: int, groups: list, *, causal: bool = False, kernels: str = "dense"):
         self.layer = layer
         self.groups = groups
         self.heads = sorted(int(h) for idx, _ in groups for h in idx.tolist())
+        self.causal = bool(causal)
+        self.kernels = kernels
+        self._block_masks: dict = {}  # (group index, n, device) -> sink + window BlockMask
 
     def __repr__(self) -> str:
         parts = [f"{'exact' if r is None else r!r}: heads {idx.tolist()}" for idx, r in self.groups]
@@ -84,11 +110,11 @@ def layer_plans(plan: Plan, stats=None) -> dict[int, LayerPlan]:
                     )
                 kw = {"ridge": st["ridge"], "rank": st["rank"], "seed": st["seed"], "heads": index.numpy()}
                 groups.append((index, fit_map(stats, layer, method, strategy, s, **kw)))
-        out[layer] = LayerPlan(layer, groups)
+        out[layer] = LayerPlan(layer, groups, causal=plan.causal)
     return out
 
 
-def apply_plan(model, plan, rows_store=None, stats=None) -> dict[int, LayerPlan]:
+def apply_plan(model, plan, rows_store=None, stats=None, kernels: str = "compiled") -> dict[int, LayerPlan]:
     """Run ``plan`` in ``model``: each planned head runs its method, heads and layers outside the
     plan stay exact. Returns the layer plans; :func:`eigenattn.reconstruction.partial.detach`
     removes them (the model is then exact again).
@@ -130,6 +156,8 @@ def apply_plan(model, plan, rows_store=None, stats=None) -> dict[int, LayerPlan]
             f"{plan.model}/{plan.view} at n = {plan.seq_len}",
             "pass the rows.zarr of the plan's model and view",
         )
+    if kernels not in KERNEL_MODES:
+        raise InputError("kernels", f"is {kernels!r}", f"use one of {', '.join(KERNEL_MODES)}")
     plans = layer_plans(plan, stats)
     mods = attention_modules(model)
     bad = sorted(set(plans) - set(mods))
@@ -143,7 +171,10 @@ def apply_plan(model, plan, rows_store=None, stats=None) -> dict[int, LayerPlan]
         if missing:  # heads the plan does not name run exact attention
             lp.groups.append((torch.tensor(missing, dtype=torch.long), None))
             lp.heads = sorted(lp.heads + missing)
+        lp.kernels = kernels
         setattr(mods[layer], PLAN_ATTR, lp)
+    if kernels != "dense" and getattr(model.config, "_attn_implementation", None) != PLAN_KERNELS_IMPL:
+        model.set_attn_implementation(register_kernels())
     return plans
 
 
@@ -155,14 +186,10 @@ def load_for_plans(model_dir, causal: bool, device="cpu"):
 
 
 def plan_attention(module, query, key, value, mask, scaling: float, dropout: float, lp: LayerPlan):
-    """One layer's attention under its plan (query/key/value: (B, H, n, dh), keys repeated per query head)."""
+    """One layer's attention under its plan (query/key/value: (B, H, n, dh), keys repeated per
+    query head; ``mask`` additive, the eager one), by the dense-mask reference."""
     B, H, n, dh = query.shape
-    if lp.heads != list(range(H)):
-        raise InputError(
-            f"plan of layer {lp.layer}",
-            f"covers heads {lp.heads}, the layer has {H}",
-            "apply plans with apply_plan (it runs the heads a plan does not name exactly)",
-        )
+    _check_heads(lp, H)
     out = query.new_empty(B, n, H, dh)
     for idx, runner in lp.groups:
         idx = idx.to(query.device)
@@ -181,6 +208,145 @@ def plan_attention(module, query, key, value, mask, scaling: float, dropout: flo
             )
         out[:, :, idx] = o.to(out.dtype)
     return out, None
+
+
+def _check_heads(lp: LayerPlan, H: int) -> None:
+    if lp.heads != list(range(H)):
+        raise InputError(
+            f"plan of layer {lp.layer}",
+            f"covers heads {lp.heads}, the layer has {H}",
+            "apply plans with apply_plan (it runs the heads a plan does not name exactly)",
+        )
+
+
+def _check_length(runner, n: int) -> None:
+    if runner is not None and n != runner.seq_len:
+        name = runner.method if hasattr(runner, "method") else "partial"
+        raise InputError(
+            f"{name} attention input",
+            f"the plan is for seq_len {runner.seq_len}, the input has {n} tokens",
+            f"use inputs of exactly {runner.seq_len} tokens (no KV cache)",
+        )
+
+
+def kernel_group(lp: LayerPlan, g: int, q, k, v, scaling: float):
+    """The output (B, h, n, dh) of group ``g`` of ``lp`` by its method's real kernel, or None where
+    the method has none (the top-k oracle). ``q``, ``k``, ``v``: that group's heads."""
+    _, runner = lp.groups[g]
+    n = q.shape[-2]
+    _check_length(runner, n)
+    if runner is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=lp.causal, scale=scaling)
+    if isinstance(runner, PartialMap):
+        view = {"query_range": (runner.qs.start, runner.qs.stop), "key_range": (runner.ks.start, runner.ks.stop)}
+        return K.partial_attention(q, k, v, runner.T, runner.W, runner.bias(), causal=lp.causal, scale=scaling, **view)
+    view = {"query_range": (runner.qs.start, runner.qs.stop), "key_range": (runner.ks.start, runner.ks.stop)}
+    if runner.method == "sink_window":
+        key = (g, n, str(q.device))
+        bm = lp._block_masks.get(key)
+        if bm is None:
+            bm = K.sink_window_view_block_mask(n, runner.s, runner.sinks, causal=lp.causal, device=q.device, **view)
+            lp._block_masks[key] = bm
+        return K.sink_window_view_attention(
+            q,
+            k,
+            v,
+            runner.s,
+            runner.sinks,
+            causal=lp.causal,
+            scale=scaling,
+            compiled=lp.kernels == "compiled",
+            block_mask=bm,
+            **view,
+        )
+    if runner.method == "vertical_slash":
+        return K.vertical_slash_view_attention(
+            q, k, v, runner.s, runner.q_last, causal=lp.causal, scale=scaling, **view
+        )
+    if runner.method == "nystrom":
+        return K.nystrom_attention(q, k, v, runner.s, pinv=runner.pinv, causal=lp.causal, scale=scaling, **view)
+    return None
+
+
+def plan_kernel_attention(module, query, key, value, scaling: float, lp: LayerPlan):
+    """One layer's attention under its plan by the real kernels, for an unpadded batch (the
+    model's plain causal or all-visible mask); output (B, n, H, dh) as the attention interface's."""
+    B, H, n, dh = query.shape
+    _check_heads(lp, H)
+    out = query.new_empty(B, n, H, dh)
+    for g, (idx, runner) in enumerate(lp.groups):
+        idx = idx.to(query.device)
+        q, k, v = query.index_select(1, idx), key.index_select(1, idx), value.index_select(1, idx)
+        o = kernel_group(lp, g, q, k, v, scaling)
+        if o is None:  # no kernel (the top-k oracle): its dense reference under the plain mask
+            mask = _additive_mask(None, lp.causal, n, query.dtype, query.device)
+            o, _ = peer_attention(module, q, k, v, mask, scaling, 0.0, runner)  # (B, n, h, dh)
+        else:
+            o = o.transpose(1, 2)
+        out[:, :, idx] = o.to(out.dtype)
+    return out, None
+
+
+def _additive_mask(mask, causal: bool, n: int, dtype, device):
+    """The eager (additive) mask of a boolean SDPA mask, or of none (plain causal or all-visible)."""
+    if mask is None:
+        if not causal:
+            return None
+        keep = torch.ones(n, n, dtype=torch.bool, device=device).tril_()[None, None]
+    elif mask.dtype == torch.bool:
+        keep = mask
+    else:
+        return mask
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, torch.finfo(dtype).min)
+
+
+_PLAIN: list = [None, False]  # the last mask checked (held, so its id is not reused) and the answer
+
+
+def _plain(mask, causal: bool, n: int) -> bool:
+    """Whether an SDPA mask hides nothing beyond causality: none, or a boolean mask equal to the
+    plain causal one (causal) or all True (bidirectional). Checked once per mask tensor."""
+    if mask is None:
+        return True
+    if _PLAIN[0] is mask:
+        return _PLAIN[1]
+    ok = mask.dtype == torch.bool and mask.shape[-2:] == (n, n)
+    if ok:
+        want = torch.ones(n, n, dtype=torch.bool, device=mask.device)
+        ok = bool((mask == (want.tril_() if causal else want)).all())
+    _PLAIN[0], _PLAIN[1] = mask, ok
+    return ok
+
+
+def plan_kernels_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The ``eigenattn_plan`` attention backend (its masks are SDPA's): a layer with a plan whose
+    kernels are real runs them (an unpadded batch; a padded one runs the dense reference); a layer
+    carrying any other eigenattn attachment runs the ``partial`` backend with the eager mask; every
+    other layer runs ``transformers``' SDPA attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    lp = getattr(module, PLAN_ATTR, None)
+    causal = bool(getattr(module, "is_causal", False)) if lp is None else lp.causal
+    n = query.shape[-2]
+    if lp is not None and lp.kernels != "dense" and _plain(attention_mask, causal, n) and not module.training:
+        check_kwargs(module, kwargs, IGNORED_KWARGS, PLAN_KERNELS_IMPL)
+        key, value, scaling = expand_heads(query, key, value, scaling)
+        return plan_kernel_attention(module, query, key, value, scaling, lp)
+    if lp is not None or any(hasattr(module, a) for a in ATTACHMENTS):
+        mask = _additive_mask(attention_mask, causal, n, query.dtype, query.device)
+        return partial_attention_forward(module, query, key, value, mask, scaling, dropout, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+def register_kernels() -> str:
+    """Register the ``eigenattn_plan`` attention backend with SDPA's mask (idempotent); return its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if PLAN_KERNELS_IMPL not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PLAN_KERNELS_IMPL, plan_kernels_forward)
+        AttentionMaskInterface.register(PLAN_KERNELS_IMPL, sdpa_mask)
+    return PLAN_KERNELS_IMPL
 
 
 class HeadProbe:

@@ -1,0 +1,193 @@
+"""Plans that run (docs/method.md §15): a model under ``apply_plan`` with the real kernels gives the
+output of the same plan by its dense-mask reference, within 1e-4, on a causal model with grouped
+queries (the prefix view) and on a bidirectional encoder (the ``all`` view); a padded batch falls
+back to the reference; layers without a plan run SDPA; the real kernels really differ from exact."""
+
+import numpy as np
+import pytest
+import torch
+
+from eigenattn.errors import InputError
+from eigenattn.reconstruction.partial import detach, register
+from eigenattn.reconstruction.plan_attention import PLAN_KERNELS_IMPL, apply_plan
+from eigenattn.reconstruction.plans import EXACT, HeadChoice, Plan
+
+# eager FlexAttention (kernels="eager") materialises its scores and says so; that is the point here
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+SETTINGS = {"ridge": 1e-6, "rank": 0.5, "seed": 0, "q_last": 4, "sinks": 2}
+# every method a plan can choose, with the real kernel it runs on
+METHODS = [
+    ("sink_window", "-", 6),
+    ("vertical_slash", "-", 6),
+    ("nystrom", "iterative", 4),
+    ("eigenspace", "pivoted_qr", 6),
+    ("subset_only", "pivoted_qr", 6),
+    ("mean", "pivoted_qr", 4),
+    (EXACT, "-", 0),
+]
+
+
+class _Stats:
+    """Fit statistics (μ, U, Λ) of every layer, for the paper estimators' maps."""
+
+    model = "m"
+
+    def __init__(self, n, query_range, key_range, causal, H, seed=0):
+        self.view = "prefix" if causal else "all"
+        self.seq_len, self.query_range, self.key_range, self.causal = n, query_range, key_range, causal
+        d = key_range[1] - key_range[0]
+        rng = np.random.default_rng(seed)
+        self.mean = rng.normal(size=(H, d))
+        A = rng.normal(size=(H, d, d))
+        lam, U = np.linalg.eigh(A @ np.swapaxes(A, -1, -2) / d)
+        self.lam, self.U = lam[:, ::-1].copy(), U[:, :, ::-1].copy()
+
+    def head_stats(self, layer):
+        return self.mean, self.U, self.lam
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation(register())
+    return model
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=97, hidden_size=56, num_hidden_layers=2, num_attention_heads=7, intermediate_size=80)
+    model = BertModel(cfg).eval()
+    model.set_attn_implementation(register())
+    return model
+
+
+def _plan(n, causal, H, layers, methods=METHODS):
+    qr, kr = ((n // 2, n), (0, n // 2)) if causal else ((0, n), (0, n))
+    heads = [
+        HeadChoice(layer, h, *methods[(h + layer) % len(methods)], 0.5, 0.0, 0.0) for layer in layers for h in range(H)
+    ]
+    plan = Plan("m", "prefix" if causal else "all", 0.5, "tv", n, qr, kr, causal, SETTINGS, heads)
+    return plan, _Stats(n, qr, kr, causal, H)
+
+
+def _out(model, ids, **kw):
+    with torch.inference_mode():
+        res = model(input_ids=ids, **kw)
+    return (res.logits if hasattr(res, "logits") else res.last_hidden_state).float()
+
+
+def _run(model, plan, stats, ids, kernels, **kw):
+    try:
+        apply_plan(model, plan, stats=stats, kernels=kernels)
+        return _out(model, ids, **kw)
+    finally:
+        detach(model)
+
+
+@pytest.mark.parametrize("make, causal, n", [(_llama, True, 48), (_bert, False, 40)])
+def test_real_kernels_equal_the_dense_reference_in_a_model(make, causal, n):
+    model = make()
+    H = model.config.num_attention_heads
+    plan, stats = _plan(n, causal, H, layers=[0, 1])
+    ids = torch.randint(0, 97, (2, n), generator=torch.Generator().manual_seed(1))
+    exact = _out(model, ids)
+    dense = _run(model, plan, stats, ids, "dense")
+    real = _run(model, plan, stats, ids, "eager")
+    assert model.config._attn_implementation == PLAN_KERNELS_IMPL
+    torch.testing.assert_close(real, dense, rtol=1e-4, atol=1e-4)
+    # the plan changes the model (a kernel that ran exact attention would fail here) ...
+    assert (dense - exact).abs().max() > 1e-2
+    # ... and with the plan detached, the kernel backend is the exact model (SDPA)
+    torch.testing.assert_close(_out(model, ids), exact, rtol=1e-4, atol=1e-5)
+
+
+def test_each_method_alone_equals_its_reference():
+    """One method on every head of a layer, method by method: the whole-layer output by the real
+    kernel equals the dense reference (so no method hides behind another in the mixed plan)."""
+    model = _llama()
+    n, H = 48, model.config.num_attention_heads
+    ids = torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(2))
+    for m in METHODS[:-1]:
+        plan, stats = _plan(n, True, H, layers=[1], methods=[m])
+        dense = _run(model, plan, stats, ids, "dense")
+        real = _run(model, plan, stats, ids, "eager")
+        torch.testing.assert_close(real, dense, rtol=1e-4, atol=1e-4, msg=lambda s, m=m: f"{m}: {s}")
+
+
+def test_a_padded_batch_runs_the_dense_reference():
+    """The unpadded sequence of a padded batch gets the reference's output. (The padded one's pad
+    positions hold whatever each backend leaves there, and a paper estimator whose subset holds a
+    pad key reads its score, so only its finiteness is checked. Nyström refuses a mask inside its
+    view and sits this one out.)"""
+    model = _llama()
+    n, H = 48, model.config.num_attention_heads
+    plan, stats = _plan(n, True, H, layers=[0, 2], methods=[m for m in METHODS if m[0] != "nystrom"])
+    ids = torch.randint(0, 97, (2, n), generator=torch.Generator().manual_seed(3))
+    pad = torch.ones(2, n, dtype=torch.long)
+    pad[1, :5] = 0
+    dense = _run(model, plan, stats, ids, "dense", attention_mask=pad)
+    real = _run(model, plan, stats, ids, "eager", attention_mask=pad)
+    torch.testing.assert_close(real[0], dense[0], rtol=1e-4, atol=1e-4)
+    assert bool(torch.isfinite(real).all())
+
+
+def test_another_length_and_an_unknown_mode_are_refused():
+    model = _llama()
+    n, H = 48, model.config.num_attention_heads
+    plan, stats = _plan(n, True, H, layers=[0])
+    with pytest.raises(InputError, match="kernels"):
+        apply_plan(model, plan, stats=stats, kernels="fast")
+    try:
+        apply_plan(model, plan, stats=stats, kernels="eager")
+        with pytest.raises(InputError, match="exactly 48 tokens"):
+            _out(model, torch.zeros(1, 40, dtype=torch.long))
+    finally:
+        detach(model)
+
+
+@pytest.mark.slow
+def test_compiled_kernels_equal_the_dense_reference():
+    """torch.compile'd FlexAttention (sink + window), the default of apply_plan."""
+    model = _llama()
+    n, H = 256, model.config.num_attention_heads
+    plan, stats = _plan(n, True, H, layers=[0, 1, 2], methods=[("sink_window", "-", 32), (EXACT, "-", 0)])
+    ids = torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(4))
+    dense = _run(model, plan, stats, ids, "dense")
+    real = _run(model, plan, stats, ids, "compiled")
+    torch.testing.assert_close(real, dense, rtol=1e-4, atol=1e-4)
+
+
+def _real_plan(model, n, causal):
+    H = model.config.num_attention_heads
+    layers = range(min(2, model.config.num_hidden_layers))
+    methods = [m for m in METHODS if m[0] in ("sink_window", "vertical_slash", "nystrom", EXACT)]
+    return _plan(n, causal, H, layers=layers, methods=methods)
+
+
+@pytest.mark.parametrize("name, causal", [("smollm2", True), ("minilm", False)])
+def test_real_kernels_in_each_default_model(resources, name, causal):
+    """The peers and exact heads of a plan on a real layer of each default model (the paper
+    estimators' maps need a run's statistics; the random-model tests above cover them)."""
+    from eigenattn.reconstruction.plan_attention import load_for_plans
+
+    model = load_for_plans(resources / "models" / name, causal)
+    n = 128
+    plan, stats = _real_plan(model, n, causal)
+    ids = torch.randint(5, 1000, (2, n), generator=torch.Generator().manual_seed(5))
+    dense = _run(model, plan, stats, ids, "dense")
+    real = _run(model, plan, stats, ids, "eager")
+    torch.testing.assert_close(real, dense, rtol=1e-4, atol=1e-4)
