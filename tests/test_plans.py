@@ -614,7 +614,7 @@ def tiny_case(tmp_path_factory):
         ]
     )
     passages = pd.DataFrame({"passage_id": [*range(12), *range(100, 108)], "doc_id": FIT_DOCS + HELD_DOCS})
-    settings = Plans((0.3, 0.44, 0.5), ("tv",), 2, 1, 0)
+    settings = Plans((0.3, 0.44, 0.5), ("tv",), 2, 1, 0, "auto")
     stats = RowStats(root / "rows.zarr")
     empty = pd.DataFrame(columns=["estimator", "strategy", "subset_size", "value"])
     out = run_plans(
@@ -644,8 +644,8 @@ def test_run_plans_summary_by_hand(tiny_case):
     docs = np.array([HELD_DOCS[i] for i in held_pick])
 
     def nll(plan, ids):
-        try:
-            apply_plan(model, plan, stats=stats)
+        try:  # the kernels run_plans used (plans.kernels: auto, on a CPU)
+            apply_plan(model, plan, stats=stats, kernels="eager")
             return per_sequence(model, ids, True, TN // 2, 4)
         finally:
             detach(model)

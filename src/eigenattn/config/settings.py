@@ -460,6 +460,7 @@ class Plans(_Settings):
     sensitivity_sequences: int
     probe_vectors: int
     seed: int
+    kernels: str  # auto, compiled, eager or dense (plan_attention.apply_plan)
 
     @classmethod
     def from_config(cls, config: dict) -> Plans:
@@ -470,7 +471,16 @@ class Plans(_Settings):
             p["sensitivity_sequences"],
             p["probe_vectors"],
             config["seed"],
+            p["kernels"],
         )
+
+    def kernel_mode(self, device) -> str:
+        """``kernels`` with auto resolved: compiled FlexAttention on CUDA; on a CPU its eager form
+        (the other real kernels are the same in both), as torch.compile's C++ build of every new
+        shape costs more than it saves at the pipeline's lengths."""
+        if self.kernels != "auto":
+            return self.kernels
+        return "compiled" if str(device).startswith("cuda") else "eager"
 
 
 @dataclass(frozen=True)

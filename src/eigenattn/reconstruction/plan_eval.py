@@ -383,9 +383,12 @@ def run_plans(
     ref = None if stats.causal else exact_raw
     fit_ref = None if stats.causal else per_sequence(model, fit_eval, stats.causal, q0, bs)
 
+    kernels = settings.kernel_mode(device)
+    log.info("plans run inside the model on %s kernels (plans.kernels: %s)", kernels, settings.kernels)
+
     def run(plan, x, reference):
         try:
-            apply_plan(model, plan, stats=stats)
+            apply_plan(model, plan, stats=stats, kernels=kernels)
             return per_sequence(model, x, stats.causal, q0, bs, exact=reference)
         finally:
             detach(model)
