@@ -10,7 +10,7 @@ import torch
 from eigenattn.errors import InputError
 from eigenattn.reconstruction.partial import detach, register
 from eigenattn.reconstruction.plan_attention import PLAN_KERNELS_IMPL, apply_plan
-from eigenattn.reconstruction.plans import EXACT, HeadChoice, Plan
+from eigenattn.reconstruction.plans import EXACT, HeadChoice, Plan, read_plan, write_plan
 
 # eager FlexAttention (kernels="eager") materialises its scores and says so; that is the point here
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -191,3 +191,45 @@ def test_real_kernels_in_each_default_model(resources, name, causal):
     dense = _run(model, plan, stats, ids, "dense")
     real = _run(model, plan, stats, ids, "eager")
     torch.testing.assert_close(real, dense, rtol=1e-4, atol=1e-4)
+
+
+def _whole_plan(n, H, layers, methods):
+    heads = [
+        HeadChoice(layer, h, *methods[(h + layer) % len(methods)], 0.5, 0.0, 0.0) for layer in layers for h in range(H)
+    ]
+    return Plan("m", "whole", 0.3, "tv", n, (0, n), (0, n), True, SETTINGS, heads, scope="whole", cost="time")
+
+
+WHOLE = [("sink_window", "-", 8), ("vertical_slash", "-", 12), (EXACT, "-", 0), ("sink_window", "-", 20)]
+
+
+@pytest.mark.parametrize("kernels", ["eager", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_whole_scope_kernels_equal_the_dense_reference(kernels, tmp_path):
+    """Whole scope (§15): every query of a causal head runs sink + window or vertical-slash (one
+    FlexAttention call per sink + window group; vertical-slash's gathered columns, band and
+    diagonals), against the same plan by the dense-mask reference; the plan file keeps its scope."""
+    model = _llama()
+    n, H = 160 if kernels == "eager" else 384, model.config.num_attention_heads
+    plan = _whole_plan(n, H, [0, 1, 2], WHOLE)
+    write_plan(plan, tmp_path / "p.json")
+    again = read_plan(tmp_path / "p.json")
+    assert (again.scope, again.cost) == ("whole", "time")
+    ids = torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(6))
+    exact = _out(model, ids)
+    dense = _run(model, again, None, ids, "dense")
+    real = _run(model, again, None, ids, kernels)
+    torch.testing.assert_close(real, dense, rtol=1e-4, atol=1e-4)
+    assert (dense - exact).abs().max() > 1e-2  # the early queries differ too: not the prefix view
+
+
+def test_a_whole_scope_plan_holds_only_methods_defined_there():
+    """No Nyström, no paper estimator (they need a view), no encoder, no partial geometry."""
+    n, H = 64, 4
+    for m in [("nystrom", "iterative", 4), ("eigenspace", "pivoted_qr", 4), ("subset_only", "pivoted_qr", 4)]:
+        with pytest.raises(InputError, match="not defined for causal whole attention"):
+            _whole_plan(n, H, [0], [m, (EXACT, "-", 0)])
+    heads = [HeadChoice(0, 0, "sink_window", "-", 8, 0.5, 0.0, 0.0)]
+    with pytest.raises(InputError, match="causal models"):
+        Plan("m", "whole", 0.3, "tv", n, (0, n), (0, n), False, SETTINGS, heads, scope="whole")
+    with pytest.raises(InputError, match="covers queries and keys"):
+        Plan("m", "whole", 0.3, "tv", n, (n // 2, n), (0, n // 2), True, SETTINGS, heads, scope="whole")

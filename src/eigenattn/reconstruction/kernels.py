@@ -69,6 +69,7 @@ from eigenattn.reconstruction.peers import (
     segments,
     sink_count,
     sink_window_keys,
+    sink_window_whole_keys,  # noqa: F401 (its dense-mask reference, kept beside the kernel)
     vertical_slash_pattern,
     vertical_slash_select,
 )
@@ -163,16 +164,6 @@ def sink_window_mask_mod(n_sink: torch.Tensor, window: torch.Tensor):
         return (kv_idx <= q_idx) & ((kv_idx < n_sink[h]) | (q_idx - kv_idx < window[h]))
 
     return mask_mod
-
-
-def sink_window_whole_keys(n: int, s: int, sinks: int) -> torch.Tensor:
-    """(n, n) dense mask of sink + window in whole causal scope: row i keeps what
-    ``sink_window_keys([i], keys 0..i, min(s, i+1), sinks)`` keeps, i.e. the ``sink_count(s, sinks)``
-    first keys and the ``s − that`` latest keys up to i (every key when i < s)."""
-    n_sink = sink_count(s, sinks)
-    i = torch.arange(n)
-    causal = i[None, :] <= i[:, None]
-    return causal & ((i[None, :] < n_sink) | (i[:, None] - i[None, :] < s - n_sink))
 
 
 def sink_window_block_mask(n: int, s, sinks: int, heads: int, device="cpu", block: int = BLOCK):

@@ -19,7 +19,14 @@ from torch.nn import functional as F
 
 from eigenattn.capture.attention import finish_attention
 from eigenattn.errors import InputError
-from eigenattn.reconstruction.peers import Geometry, check_peer, nystrom_from_qk, sink_window_keys, topk_keys
+from eigenattn.reconstruction.peers import (
+    Geometry,
+    check_peer,
+    nystrom_from_qk,
+    sink_window_keys,
+    sink_window_whole_keys,
+    topk_keys,
+)
 from eigenattn.reconstruction.peers import vertical_slash_keys as _vertical_slash_keys
 
 PEER_ATTR = "eigenattn_peer"
@@ -37,7 +44,15 @@ class PeerSpec:
         self.geometry = Geometry(q_pos, k_pos, visible)
         check_peer(method, self.s, self.geometry, key)
         self.q_last, self.sinks, self.pinv = int(q_last), int(sinks), pinv
-        self._window = sink_window_keys(q_pos, k_pos, self.s, self.sinks) if method == "sink_window" else None
+        self._window = None
+        if method == "sink_window":
+            whole = causal and self.qs == self.ks == slice(0, self.seq_len)
+            # whole causal scope (§15): each row's sinks and latest keys up to itself, as the kernel
+            self._window = (
+                sink_window_whole_keys(self.seq_len, self.s, self.sinks)
+                if whole
+                else sink_window_keys(q_pos, k_pos, self.s, self.sinks)
+            )
 
     def __repr__(self) -> str:
         return f"PeerSpec({self.method}, s={self.s}, queries={self.qs}, keys={self.ks})"

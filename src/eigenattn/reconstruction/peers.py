@@ -297,3 +297,13 @@ def estimate(method: str, X: torch.Tensor, s: int, geometry: Geometry, *, q_last
     else:
         raise ValueError(f"unknown peer '{method}'")
     return ("logits", masked_logits(X, keep))
+
+
+def sink_window_whole_keys(n: int, s: int, sinks: int) -> torch.Tensor:
+    """(n, n) dense mask of sink + window in whole causal scope: row i keeps what
+    ``sink_window_keys([i], keys 0..i, min(s, i+1), sinks)`` keeps, i.e. the ``sink_count(s, sinks)``
+    first keys and the ``s − that`` latest keys up to i (every key when i < s)."""
+    n_sink = sink_count(s, sinks)
+    i = torch.arange(n)
+    causal = i[None, :] <= i[:, None]
+    return causal & ((i[None, :] < n_sink) | (i[:, None] - i[None, :] < s - n_sink))

@@ -56,8 +56,9 @@ class LayerPlan:
     kernels (FlexAttention compiled or eager; the other kernels are the same in both), set by
     :func:`apply_plan`. ``causal``: the model's causality (the plan's)."""
 
-    def __init__(self, layer: int, groups: list, *, causal: bool = False, kernels: str = "dense"):
+    def __init__(self, layer: int, groups: list, *, causal: bool = False, kernels: str = "dense", scope: str = "view"):
         self.layer = layer
+        self.scope = scope
         self.groups = groups
         self.heads = sorted(int(h) for idx, _ in groups for h in idx.tolist())
         self.causal = bool(causal)
@@ -110,7 +111,7 @@ def layer_plans(plan: Plan, stats=None) -> dict[int, LayerPlan]:
                     )
                 kw = {"ridge": st["ridge"], "rank": st["rank"], "seed": st["seed"], "heads": index.numpy()}
                 groups.append((index, fit_map(stats, layer, method, strategy, s, **kw)))
-        out[layer] = LayerPlan(layer, groups, causal=plan.causal)
+        out[layer] = LayerPlan(layer, groups, causal=plan.causal, scope=plan.scope)
     return out
 
 
@@ -240,6 +241,18 @@ def kernel_group(lp: LayerPlan, g: int, q, k, v, scaling: float):
     if isinstance(runner, PartialMap):
         view = {"query_range": (runner.qs.start, runner.qs.stop), "key_range": (runner.ks.start, runner.ks.stop)}
         return K.partial_attention(q, k, v, runner.T, runner.W, runner.bias(), causal=lp.causal, scale=scaling, **view)
+    if lp.scope == "whole":  # every query of a causal head (§15): the whole-scope kernels
+        compiled = lp.kernels == "compiled"
+        if runner.method == "sink_window":
+            key = (g, n, str(q.device))
+            bm = lp._block_masks.get(key)
+            if bm is None:
+                bm = K.sink_window_block_mask(n, runner.s, runner.sinks, q.shape[1], q.device)
+                lp._block_masks[key] = bm
+            return K.sink_window_attention(
+                q, k, v, runner.s, runner.sinks, scale=scaling, compiled=compiled, block_mask=bm
+            )
+        return K.vertical_slash_attention(q, k, v, runner.s, runner.q_last, scale=scaling)
     view = {"query_range": (runner.qs.start, runner.qs.stop), "key_range": (runner.ks.start, runner.ks.stop)}
     if runner.method == "sink_window":
         key = (g, n, str(q.device))

@@ -46,6 +46,12 @@ EXACT = "exact"
 PLAN_FORMAT = 1
 DAMAGES = enum("plans.damages")
 CANDIDATE_KEYS = ["layer", "head", "estimator", "strategy", "subset_size"]
+SCOPES = ("view", "whole")
+COST_AXES = ("macs", "time")
+# the methods defined for causal whole attention (docs/method.md §15): the sparse patterns that
+# need no statistics of a view; Nyström mixes rows across the causal boundary, the paper's maps
+# are fitted for a view block
+WHOLE_METHODS = {EXACT, "sink_window", "vertical_slash"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,35 @@ class Plan:
     heads: list = field(default_factory=list)  # HeadChoice, in (layer, head) order
     solver: dict = field(default_factory=dict)
     n_heads: int | None = None  # heads of the analysed layers (None: the heads listed)
+    # view: methods on the view block only, the rest exact (§13); whole: on every query of a
+    # causal head, as a deployed decoder runs them (§15; sink_window, vertical_slash and exact)
+    scope: str = "view"
+    cost: str = "macs"  # the axis the budget is on: macs (multiply-add share) or time (measured share)
+    device: str | None = None  # the device whose latency table priced a time plan
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise InputError("plan scope", f"is {self.scope!r}", f"use one of {', '.join(SCOPES)}")
+        if self.cost not in COST_AXES:
+            raise InputError("plan cost", f"is {self.cost!r}", f"use one of {', '.join(COST_AXES)}")
+        if self.scope == "whole":
+            if not self.causal:
+                raise InputError("plan scope", "whole scope is for causal models", "use scope view")
+            whole = (0, int(self.seq_len))
+            if tuple(self.query_range) != whole or tuple(self.key_range) != whole:
+                raise InputError(
+                    "plan scope",
+                    f"a whole-scope plan covers queries and keys 0..{self.seq_len - 1}, "
+                    f"not {tuple(self.query_range)} × {tuple(self.key_range)}",
+                    "give it query_range and key_range (0, seq_len)",
+                )
+            bad = sorted({h.method for h in self.heads} - WHOLE_METHODS)
+            if bad:
+                raise InputError(
+                    "plan scope",
+                    f"methods {bad} are not defined for causal whole attention (§15)",
+                    f"use {', '.join(sorted(WHOLE_METHODS))}",
+                )
 
     @property
     def cost_share(self) -> float:
@@ -121,6 +156,9 @@ class Plan:
             "predicted_damage": self.predicted_damage,
             "solver": self.solver,
             "n_heads": max(int(self.n_heads or 0), len(self.heads)),
+            "scope": self.scope,
+            "cost": self.cost,
+            "device": self.device,
             "heads": [asdict(h) for h in self.heads],
         }
 
@@ -143,6 +181,9 @@ class Plan:
                 heads,
                 dict(d.get("solver", {})),
                 d.get("n_heads"),
+                d.get("scope", "view"),
+                d.get("cost", "macs"),
+                d.get("device"),
             )
         except (KeyError, TypeError) as err:
             raise InputError(source, f"not a plan file ({err})", "write plans with write_plan") from err
@@ -181,6 +222,9 @@ def uniform_plan(template: Plan, method: str, strategy: str, s: int, cost_share:
         dict(template.settings),
         heads,
         n_heads=template.n_heads,
+        scope=template.scope,
+        cost=template.cost,
+        device=template.device,
     )
 
 
