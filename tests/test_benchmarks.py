@@ -20,6 +20,7 @@ FINAL_LINE = {
     "import_cost": "sum over scripts",
     "kernels": "MACs vs clock: ",
     "partial_attention": "  128  16 | ",
+    "plans_speed": "plans speed: n = 256, 1 thread(s): end-to-end ",
     "scale": "projection: n = 512",
     "streamed": "   64 | ",
 }
@@ -43,7 +44,7 @@ def test_every_benchmark_has_a_smoke_check():
 def test_benchmark_help_and_smoke_run(name, tmp_path, request):
     assert "--smoke" in _run(name, "--help", cwd=tmp_path).stdout
     args = ["--smoke"]
-    if name in ("extraction", "streamed"):
+    if name in ("extraction", "streamed", "plans_speed"):
         # extraction: n = 256, where minilm's float16 scores fail the equivalence probe: the benchmark
         # must store what the pipeline would (extraction.dtype auto), not insist on float16.
         resources = request.getfixturevalue("resources")

@@ -4,11 +4,13 @@ queries (the prefix view) and on a bidirectional encoder (the ``all`` view); a p
 back to the reference; layers without a plan run SDPA; the real kernels really differ from exact."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from eigenattn.errors import InputError
 from eigenattn.reconstruction.partial import detach, register
+from eigenattn.reconstruction.peer_attention import PeerSpec
 from eigenattn.reconstruction.plan_attention import PLAN_KERNELS_IMPL, apply_plan
 from eigenattn.reconstruction.plans import EXACT, HeadChoice, Plan, read_plan, write_plan
 
@@ -233,3 +235,80 @@ def test_a_whole_scope_plan_holds_only_methods_defined_there():
         Plan("m", "whole", 0.3, "tv", n, (0, n), (0, n), False, SETTINGS, heads, scope="whole")
     with pytest.raises(InputError, match="covers queries and keys"):
         Plan("m", "whole", 0.3, "tv", n, (n // 2, n), (0, n // 2), True, SETTINGS, heads, scope="whole")
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-scope plans priced by the clock (eigenattn.reconstruction.whole_plans)
+
+
+def test_whole_damage_is_the_tv_of_the_renormalised_rows_by_brute_force():
+    """1 − kept mass equals the TV between each exact row and the method's renormalised row, the
+    rows taken from transformers' own output_attentions (eager), not from the recorded Q and K."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from eigenattn.reconstruction import kernels as K
+    from eigenattn.reconstruction.whole_plans import whole_damage
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, max_position_embeddings=256, attn_implementation="eager",
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    n, sinks, q_last = 40, 2, 4
+    ids = torch.randint(0, 97, (2, n), generator=torch.Generator().manual_seed(7))
+    grid = [("sink_window", 6), ("sink_window", 12), ("vertical_slash", 8)]
+    got = whole_damage(model, ids, grid, sinks=sinks, q_last=q_last).set_index(
+        ["layer", "head", "estimator", "subset_size"]
+    )
+    assert model.config._attn_implementation == "eager"  # restored
+    with torch.inference_mode():
+        att = [model(input_ids=ids[b : b + 1], output_attentions=True).attentions for b in range(2)]
+    # vertical-slash's keys: the dense reference's rule (PeerSpec.keep) on log P, the scores up to
+    # a per-row constant (its pattern is a softmax of the last q_last rows, blind to that constant)
+    peer = PeerSpec("vertical_slash", 8, seq_len=n, query_range=(0, n), key_range=(0, n), causal=True,
+                    q_last=q_last, sinks=sinks, pinv=None)  # fmt: skip
+    for layer in range(2):
+        for h in range(4):
+            for m, s in grid:
+                tvs = []
+                for b in range(2):
+                    P = att[b][layer][0, h].double()
+                    if m == "sink_window":
+                        keep = K.sink_window_whole_keys(n, s, sinks)
+                    else:
+                        keep = peer.keep(P.float().log()[None, None])[0, 0] & torch.ones(n, n, dtype=torch.bool).tril()
+                    Q = torch.where(keep, P, 0.0)
+                    Q = Q / Q.sum(-1, keepdim=True)
+                    tvs.append(float(0.5 * (P - Q).abs().sum(-1).mean()))
+                assert got.loc[(layer, h, m, s), "tv"] == pytest.approx(np.mean(tvs), abs=1e-5), (layer, h, m, s)
+    assert (got["tv"] > 0).all() and (got["tv"] < 1).all()
+
+
+def test_a_time_priced_plan_never_exceeds_its_budget_by_the_latency_table():
+    from eigenattn.reconstruction.whole_plans import best_single, candidates, whole_plan
+
+    rng = np.random.default_rng(0)
+    grid = [("sink_window", s) for s in (16, 64, 256)] + [("vertical_slash", s) for s in (64, 256)]
+    damage = pd.DataFrame(
+        [
+            {"layer": layer, "head": h, "estimator": m, "subset_size": s, "tv": float(rng.uniform(0, 1) / np.log2(s))}
+            for layer in range(3)
+            for h in range(6)
+            for m, s in grid
+        ]
+    )
+    # vertical-slash far dearer in time than in multiply-adds, as measured (method.md §15)
+    times = {("sink_window", 16): 0.05, ("sink_window", 64): 0.1, ("sink_window", 256): 0.3}
+    times |= {("vertical_slash", 64): 0.9, ("vertical_slash", 256): 1.4}
+    latency = pd.DataFrame([{"method": m, "s": s, "n": 1024, "time_share": t} for (m, s), t in times.items()])
+    cands = candidates(damage, latency, 1024)
+    for budget in (0.06, 0.15, 0.3, 0.5):
+        plan = whole_plan(cands, budget, model="m", n=1024, settings=SETTINGS, device="cpu")
+        assert (plan.scope, plan.cost, plan.device) == ("whole", "time", "cpu")
+        by_table = np.mean([times.get((h.method, h.s), 1.0) for h in plan.heads])
+        assert by_table <= budget + 1e-9 and plan.cost_share == pytest.approx(by_table)
+        m, s, t, _ = best_single(cands, plan.cost_share)
+        assert t <= plan.cost_share + 1e-12 and m == "sink_window"  # vertical-slash never fits by time
+    with pytest.raises(ValueError, match="no time for"):
+        candidates(damage, latency[latency.method != "vertical_slash"], 1024)

@@ -395,7 +395,8 @@ def brute_force(groups, costs, capacity):
 def make_plan(cands: pd.DataFrame, budget: float, damage: str, meta: dict) -> Plan:
     """The plan of least summed ``damage`` (``tv`` or ``sensitivity``) at mean cost share ≤ budget.
 
-    ``meta``: model, view, seq_len, query_range, key_range, causal and settings of the plan."""
+    ``meta``: model, view, seq_len, query_range, key_range, causal and settings of the plan, and
+    optionally its scope, cost axis (``cost_share`` is then a time share) and device."""
     if damage not in DAMAGES:
         raise ConfigError("plans.damages", f"unknown damage '{damage}'", f"use {' or '.join(DAMAGES)}")
     col = f"damage_{damage}"
@@ -435,6 +436,9 @@ def make_plan(cands: pd.DataFrame, budget: float, damage: str, meta: dict) -> Pl
         out,
         info,
         len(out),
+        scope=meta.get("scope", "view"),
+        cost=meta.get("cost", "macs"),
+        device=meta.get("device"),
     )
 
 
