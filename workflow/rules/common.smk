@@ -147,9 +147,17 @@ def checkout_file(*parts):
 
 
 def runtime(section):
-    """Where a section's jobs run (device, Dask scheduler): a params object that Snakemake does
-    not record, so changing it re-runs nothing."""
-    return settings.Runtime.from_config(config, section)
+    """Where a section's jobs run (device, Dask scheduler, the local run's cores): a params object
+    that Snakemake does not record, so changing it re-runs nothing."""
+    return settings.Runtime.from_config(config, section, local_cores())
+
+
+def local_cores():
+    """--cores of a local run (None under a cluster executor, or where it is not known)."""
+    try:
+        return int(workflow.cores) if workflow.local_exec else None
+    except (WorkflowError, TypeError, ValueError, OverflowError):
+        return None
 
 
 def job_threads(wildcards):

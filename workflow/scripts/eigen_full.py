@@ -4,7 +4,17 @@ from eigenattn.storage import logs
 
 log = logs.start(snakemake)
 p, runtime = snakemake.params, snakemake.params.runtime
-with dask_scheduler(runtime.scheduler, snakemake.threads, runtime.slurm):
+# the cores no other job of this run holds, when it runs alone (a stage re-run on its own)
+workers = runtime.threads_now(snakemake.threads)
+if workers != snakemake.threads:
+    log.info(
+        "%d of the run's %s cores are free: %d workers instead of %d",
+        workers,
+        runtime.cores,
+        workers,
+        snakemake.threads,
+    )
+with dask_scheduler(runtime.scheduler, workers, runtime.slurm):
     res = run_full(
         list(snakemake.input),
         snakemake.output[0],
@@ -12,7 +22,7 @@ with dask_scheduler(runtime.scheduler, snakemake.threads, runtime.slurm):
         p.variants,
         runtime.memory_mb,
         expect=p.expect,
-        workers=snakemake.threads,
+        workers=workers,
         route=runtime.route,
         rank=p.rank,
         seed=p.seed,

@@ -36,9 +36,10 @@ class Runtime(_Settings):
     slurm: dict | None = None
     memory_mb: float | None = None
     route: str = "auto"
+    cores: int | None = None  # the local run's --cores (None under a cluster executor)
 
     @classmethod
-    def from_config(cls, config: dict, section: str) -> Runtime:
+    def from_config(cls, config: dict, section: str, cores: int | None = None) -> Runtime:
         s = config[section]
         return cls(
             device=s.get("device", "cpu"),
@@ -47,7 +48,15 @@ class Runtime(_Settings):
             slurm=s.get("slurm"),
             memory_mb=s.get("gram_memory_mb"),
             route=s.get("full_route", "auto"),
+            cores=cores,
         )
+
+    def threads_now(self, own: int) -> int:
+        """A job's threads now: its own, or more where the local run's cores are free
+        (:func:`eigenattn.storage.running.free_threads`; the Dask scheduler on SLURM: its own)."""
+        from eigenattn.storage.running import free_threads
+
+        return free_threads(own, self.cores if self.scheduler == "threads" else None)
 
     def torch_device(self):
         """The torch device (auto: CUDA when present, else the CPU); CUDA asked for but absent fails."""

@@ -21,4 +21,7 @@ def start(snakemake) -> logging.Logger:
         torch.set_num_threads(threads)
     log = logging.getLogger("eigenattn")
     log.info("rule %s, threads %d", getattr(snakemake, "rule", "?"), threads)
+    from eigenattn.storage.running import register
+
+    register(threads)  # so that a job running alone can see the cores nobody holds (running.py)
     return log
