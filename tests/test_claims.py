@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from eigenattn.claims.spectra import c1_headlines
 from eigenattn.claims.table import DEFAULTS, STATES, c1_rows, c1_scaling_rows, c2_rows, c3_rows, c4_rows, claims_table
@@ -623,3 +624,60 @@ def test_c4_rows_state_their_documents(tmp_path):
     rows = c4_rows(_finals(tmp_path, accs, documents=docs), CFG)
     assert rows and all(r["n_documents"] == 25 for r in rows)
     assert "5000 tokens from 25 documents" in rows[0]["spread"]
+
+
+def _latency_csv(root, model, n, shares):
+    rows = [
+        {"method": m, "s": s, "n": n, "time_share": t, "device": "test CPU", "model": model, "view": "all"}
+        for (m, s), t in shares.items()
+    ]
+    p = root / f"latency-{model}-{n}.csv"
+    pd.DataFrame(rows).to_csv(p, index=False)
+    return p
+
+
+def test_c3_on_the_time_axis_prices_peers_by_the_latency_table(tmp_path):
+    """The same local-pattern data as above: by multiply-adds a peer wins. Priced by a latency table
+    where every peer is dearer than the paper's map (as vertical-slash is on a CPU, method.md §15), no
+    peer is as fast and the time row cannot read "not supported"; at n = 128 (overhead-bound) the
+    time row is a reference, never a verdict."""
+    rng = np.random.default_rng(7)
+    n = 16
+    near = (np.abs(np.arange(n)[:, None] - np.arange(n)[None, :]) <= 1).astype(np.float32)
+    height = rng.uniform(4, 8, size=(32, 2, 3, n, 1)).astype(np.float32)
+    data = 0.3 * rng.standard_normal((32, 2, 3, n, n)).astype(np.float32) + height * near
+    recon = _recon_csv(tmp_path, "local", data, PEERS, (4, 6))
+    dear = {(m, s): 0.5 for m in ("paper", "subset_only") for s in (4, 6)}
+    dear |= {(m, s): 3.0 for m in ("nystrom", "sink_window", "vertical_slash") for s in (4, 6)}
+    cheap = {**dear, ("sink_window", 4): 0.2, ("sink_window", 6): 0.3}
+
+    def time_rows(shares, length):
+        rows = c3_rows([recon], [], CFG, [_latency_csv(tmp_path, "local", length, shares)])
+        return [r for r in rows if "measured time" in r["scope"]]
+
+    (row,) = time_rows(dear, 2048)
+    assert row["state"] == "inconclusive" and "no peer costs as little" in row["verdict"]
+    (row,) = time_rows(cheap, 2048)
+    assert row["state"] == "not supported" and "sink_window" in row["scope"] and "of SDPA's time" in row["scope"]
+    assert "n = 2048" in row["caveat"] and "test CPU" in row["caveat"]
+    (row,) = time_rows(cheap, 128)
+    assert row["state"] == "reference" and "bound by call overhead" in row["verdict"]
+    # and the multiply-add rows are unchanged by a latency table
+    macs = [r for r in c3_rows([recon], [], CFG) if "best peer" in r["scope"]]
+    assert [r["state"] for r in _peer_rows(c3_rows([recon], [], CFG, []))[0]] == [r["state"] for r in macs]
+
+
+def test_view_latency_table_times_every_method_on_the_view(tmp_path):
+    from eigenattn.reconstruction import clock
+    from eigenattn.reconstruction.cost import with_time
+
+    t = clock.view_latency_table(
+        64, (4, 8), query_range=(32, 64), key_range=(0, 32), causal=True, d_head=8, heads=2, threads=1,
+        device="cpu", repeats=1, compiled=False, sinks=2, q_last=4, pinv="iterative", seed=0,
+    )  # fmt: skip
+    assert set(t.method) == set(clock.VIEW_METHODS) and set(t.s) == {4, 8}
+    assert (t.time_share > 0).all() and t.overhead_bound.all() and (t.torch_version == torch.__version__).all()
+    recon = pd.DataFrame({"estimator": ["eigenspace", "topk_oracle", "sink_window"], "subset_size": [4, 4, 8]})
+    got = with_time(recon, t).time_share
+    lat = t.set_index(["method", "s"]).time_share
+    assert got[0] == lat[("paper", 4)] and np.isnan(got[1]) and got[2] == lat[("sink_window", 8)]

@@ -36,6 +36,32 @@ rule reconstruct:
         reconstruct_outputs(),
 
 
+rule latency_table:
+    """Every method's real kernel on one model's view at the run's n, timed against SDPA on this device (docs/method.md §15)."""
+    input:
+        model=model_dir,
+        rows=rules.eigen_rows.output.rows,
+    output:
+        "results/latency/{model}/{view}.csv",
+    log:
+        "logs/latency/{model}/{view}.log",
+    benchmark:
+        "benchmarks/out/latency/{model}/{view}.tsv"
+    conda:
+        "../../envs/eigenattn.yaml"
+    threads: 1
+    resources:
+        gpu=gpus_for("plugin"),
+    params:
+        settings=reconstruction_settings,
+        repeats=5,
+        # the device and torch version the table is measured on: another one re-measures it
+        device_key=latency_device_key,
+        runtime=runtime("plugin"),
+    script:
+        "../scripts/latency_table.py"
+
+
 rule plugin_eval_model:
     """Reconstructed attention and the peers inside one pretrained model."""
     input:

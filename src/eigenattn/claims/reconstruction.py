@@ -10,7 +10,7 @@ from scipy import stats as sps
 from eigenattn.claims.verdicts import BASELINES, iqr, make_row, nearest_measured
 from eigenattn.config.settings import ClaimThresholds
 from eigenattn.errors import InputError
-from eigenattn.reconstruction.cost import ORACLES, PAPER, PEERS
+from eigenattn.reconstruction.cost import ORACLES, OVERHEAD_N, PAPER, PEERS, with_time
 from eigenattn.reconstruction.intervals import DocumentInterval, paired_interval, sequences_path
 
 # --------------------------------------------------------------------------------------------- C3
@@ -79,23 +79,36 @@ def _judge(better: tuple, worse: tuple, t: ClaimThresholds) -> bool:
     return p < t.c3_alpha and gain >= t.c3_min_gain
 
 
-def peer_rows(df: pd.DataFrame, path, model, view, sz, be, bs, t: ClaimThresholds, chosen_peers=None) -> list[dict]:
+def peer_rows(
+    df: pd.DataFrame, path, model, view, sz, be, bs, t: ClaimThresholds, chosen_peers=None, axis: str = "macs"
+) -> list[dict]:
     """The fit-chosen paper method at s = sz against the best non-oracle peer whose cost is at most
     its own (the peer chosen on the fit split too), per head on held-out rows; and how far the method
     is from the top-k oracle at the same s (a reference row). The chosen (peer, s) goes into
-    ``chosen_peers[(model, view)]``, where the plug-in rows look for it."""
-    if "attn_macs" not in df.columns or not df.estimator.isin(PEERS).any():
+    ``chosen_peers[(model, view)]``, where the plug-in rows look for it.
+
+    ``axis``: ``macs`` (§11's multiply-adds) or ``time``: the measured time shares of the view's
+    latency table (``df`` from :func:`eigenattn.reconstruction.cost.with_time`, with ``n``); a
+    table measured below :data:`OVERHEAD_N` gives reference rows, never a verdict."""
+    col = "attn_macs" if axis == "macs" else "time_share"
+    if col not in df.columns or not df.estimator.isin(PEERS).any():
         return []
     out = []
     mine = df[(df.estimator == be) & (df.strategy == bs) & (df.subset_size == sz)]
-    budget = float(mine.attn_macs.iloc[0])
-    exact_share = float(mine.cost_share.iloc[0])
+    budget = float(mine[col].iloc[0])
+    if not np.isfinite(budget):
+        return []
+    exact_share = float(mine.cost_share.iloc[0] if axis == "macs" else budget)
+    unit = "of exact" if axis == "macs" else "of SDPA's time"
     held = df[df.split == "heldout"]
     best = held.loc[mine.index.intersection(held.index)]
-    peers = df[df.estimator.isin(PEERS) & ~df.estimator.isin(ORACLES) & (df.attn_macs <= budget)]
-    scope = f"held-out rows, vs the best peer at ≤ its cost ({exact_share:.2f} of exact)"
+    peers = df[df.estimator.isin(PEERS) & ~df.estimator.isin(ORACLES) & (df[col] <= budget)]
+    what = "cost" if axis == "macs" else "measured time"
+    scope = f"held-out rows, vs the best peer at ≤ its {what} ({exact_share:.2f} {unit})"
     common = {"model": model, "view": view, "s": sz, "method": f"{be}/{bs}"}
     quantity = "median TV over heads, paper method vs best peer at equal or lower cost"
+    if axis == "time":
+        quantity = "median TV over heads, paper method vs best peer at equal or lower measured time"
     fit = peers[peers.split == "fit"]
     if not len(fit):
         out.append(
@@ -118,7 +131,7 @@ def peer_rows(df: pd.DataFrame, path, model, view, sz, be, bs, t: ClaimThreshold
             chosen_peers[(model, view)] = (pe, pst, int(ps))
         peer = held[(held.estimator == pe) & (held.strategy == pst) & (held.subset_size == ps)]
         pe = pe if pst == "-" else f"{pe}/{pst}"
-        pshare = float(peer.cost_share.iloc[0])
+        pshare = float(peer.cost_share.iloc[0] if axis == "macs" else peer[col].iloc[0])
         mine_wins, peer_wins = paired_gain(best, peer), paired_gain(peer, best)
         if np.isnan(mine_wins[2]):
             state, verdict = "inconclusive", ONE_LAYER
@@ -132,13 +145,29 @@ def peer_rows(df: pd.DataFrame, path, model, view, sz, be, bs, t: ClaimThreshold
                 f"neither is clearly better (needs p < {t.c3_alpha:g} over layers and a median gain ≥ "
                 f"{t.c3_min_gain:.0%})",
             )
+        caveat = (
+            "costs in multiply-adds of the view block (docs/method.md, Peers at equal cost); the peer "
+            "is the one with the lowest fit-split TV among those at or below the method's cost"
+        )
+        if axis == "time":
+            n = int(df["n"].iloc[0])
+            caveat = (
+                f"costs by the clock: each method's real kernel on the view, exact elsewhere, as a share of SDPA's "
+                f"time at n = {n} on {df['device'].iloc[0]} (results/latency/; docs/method.md §15)"
+            )
+            if n < OVERHEAD_N:
+                state = "reference"
+                verdict = (
+                    f"at n = {n} every kernel is bound by call overhead (below {OVERHEAD_N}), so the time axis is a "
+                    f"reference here, not a verdict; on its numbers: {verdict}"
+                )
         q25, q50, q75 = iqr(best.tv)
         out.append(
             make_row(
                 "C3",
                 path,
                 **common,
-                scope=f"{scope}: {pe} s={ps} ({pshare:.2f} of exact)",
+                scope=f"{scope}: {pe} s={ps} ({pshare:.2f} {unit})",
                 quantity=quantity,
                 value=q50,
                 spread=f"IQR {q25:.3f}–{q75:.3f}; {pe} s={ps} {peer.tv.median():.3f}; method's median gain "
@@ -147,12 +176,11 @@ def peer_rows(df: pd.DataFrame, path, model, view, sz, be, bs, t: ClaimThreshold
                 "layers' mean head differences",
                 state=state,
                 verdict=verdict,
-                caveat="costs in multiply-adds of the view block (docs/method.md, Peers at equal cost); the peer "
-                "is the one with the lowest fit-split TV among those at or below the method's cost",
+                caveat=caveat,
             )
         )
     oracle = held[(held.estimator.isin(ORACLES)) & (held.subset_size == sz)]
-    if len(oracle):
+    if len(oracle) and axis == "macs":
         j = best.set_index(["layer", "head"]).tv.sub(oracle.set_index(["layer", "head"]).tv).dropna()
         q25, q50, q75 = iqr(j)
         out.append(
@@ -172,9 +200,16 @@ def peer_rows(df: pd.DataFrame, path, model, view, sz, be, bs, t: ClaimThreshold
     return out
 
 
-def c3_rows(recon, plugin, thresholds: ClaimThresholds) -> list[dict]:
+def c3_rows(recon, plugin, thresholds: ClaimThresholds, latency=()) -> list[dict]:
     """Best method (chosen on the fit split) against subset_only and mean, and against the best
-    peer at equal or lower cost, on held-out rows and in the plug-in evaluation."""
+    peer at equal or lower cost, on held-out rows and in the plug-in evaluation. ``latency``: the
+    views' latency tables (results/latency/{model}/{view}.csv): each view with one also gets its
+    peer row on the time axis."""
+    times = {}
+    for p in latency:
+        lat = pd.read_csv(p)
+        if len(lat):
+            times[(lat.model.iloc[0], lat.view.iloc[0])] = lat
     out = []
     chosen, chosen_peers = {}, {}
     for p in recon:
@@ -227,6 +262,10 @@ def c3_rows(recon, plugin, thresholds: ClaimThresholds) -> list[dict]:
                 )
             )
         out += peer_rows(whole, p, model, view, sz, be, bs, thresholds, chosen_peers)
+        lat = times.get((model, view))
+        if lat is not None:
+            timed = with_time(whole, lat).assign(n=int(lat.n.iloc[0]), device=lat.device.iloc[0])
+            out += peer_rows(timed, p, model, view, sz, be, bs, thresholds, axis="time")
     for p in plugin:
         pl = pd.read_csv(p)
         seqs = plugin_sequences(p)

@@ -45,11 +45,13 @@ def claims_table(
     scaling: tuple = ((), (), ()),
     per_input=(),
     plans=(),
+    latency=(),
 ) -> pd.DataFrame:
     """``scaling``: (fits, saturations, tables) of the scaling study, one of each per model and view;
     ``per_input``: the per-input spectrum's summaries (per_input_summary.csv, one per model and
     view), each a C1 reference row; ``plans``: the plans jobs' summaries (C5 rows, beyond the paper);
-    ``thresholds``: the claims section (:data:`DEFAULTS` when not
+    ``latency``: the views' latency tables (C3's rows on the time axis); ``thresholds``: the claims
+    section (:data:`DEFAULTS` when not
     given); ``training``: the training comparisons, or None when nothing was trained (no C4 rows)."""
     t = ClaimThresholds.from_params(DEFAULTS) if thresholds is None else thresholds
     c1 = c1_headlines(c1_rows(spectra, t) + c1_scaling_rows(*scaling, t))
@@ -57,7 +59,7 @@ def claims_table(
         c1
         + c1_per_input_rows(per_input, c1)
         + c2_rows(overlap_summary, t)
-        + c3_rows(recon, plugin, t)
+        + c3_rows(recon, plugin, t, latency)
         + (c4_rows(training, t) if training is not None else [])
         + c5_rows(plans)
     )

@@ -32,6 +32,50 @@ def cuda_visible() -> bool:
     return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
+def device_key(device: str) -> str:
+    """The device a job asking for ``device`` (auto, cpu, cuda[:N]) runs on, in words, with the
+    installed torch version, found without importing torch (the Snakefile reads it at parse time):
+    a CPU by its model name, a GPU by ``nvidia-smi``'s name where one is visible here. Under a
+    cluster the jobs may run elsewhere; the latency table records the device it ran on as well."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "absent"
+    gpu = device.startswith("cuda") or (device == "auto" and cuda_visible())
+    name = _gpu_name() if gpu else cpu_name()
+    return f"{name or device} | torch {torch_version}"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _gpu_name() -> str:
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return ""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+
+
 def cuda_keys(config: dict) -> list[str]:
     """The ``<section>.device`` keys set to CUDA."""
     return [

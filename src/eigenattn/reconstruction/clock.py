@@ -29,7 +29,6 @@ Axes:
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 
@@ -38,8 +37,9 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
+from eigenattn.config.needs import cpu_name
 from eigenattn.reconstruction import kernels
-from eigenattn.reconstruction.cost import exact_macs, view_macs
+from eigenattn.reconstruction.cost import OVERHEAD_N, exact_macs, view_macs
 from eigenattn.reconstruction.estimators import select_subset
 
 WHOLE = ("sink_window", "vertical_slash")
@@ -95,14 +95,7 @@ def device_name(device: torch.device) -> str:
     """The device in words: the GPU's name, or the CPU's model."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def _sync(device):
@@ -262,3 +255,101 @@ def disagreements(table: pd.DataFrame, factor: float = 2.0) -> pd.DataFrame:
     """Rows where the MAC share and the time share differ by more than ``factor`` either way."""
     ratio = table["time_share"] / table["macs_share"]
     return table.assign(time_over_macs=ratio)[(ratio > factor) | (ratio < 1 / factor)]
+
+
+# ---------------------------------------------------------------------------------------------
+# view scope at a run's own geometry (the pipeline's latency table, rule latency_table)
+
+VIEW_METHODS = ("sink_window", "vertical_slash", "nystrom", "paper", "subset_only")
+
+
+def view_kernel_call(method, q, k, v, s, *, query_range, key_range, causal, sinks, q_last, pinv, compiled, seed):
+    """(setup seconds, closure) of ``method`` on the view block, exact elsewhere (the plug-in's
+    scope), for Q, K, V (1, H, n, dh)."""
+    H = q.shape[1]
+    dev = q.device
+    view = {"query_range": query_range, "key_range": key_range, "causal": causal}
+    d = key_range[1] - key_range[0]
+    t = time.perf_counter()
+    if method == "sink_window":
+        bm = kernels.sink_window_view_block_mask(q.shape[2], s, sinks, device=dev, **view)
+        fn = lambda: kernels.sink_window_view_attention(q, k, v, s, sinks, compiled=compiled, block_mask=bm, **view)  # noqa: E731
+    elif method == "vertical_slash":
+        fn = lambda: kernels.vertical_slash_view_attention(q, k, v, s, q_last, **view)  # noqa: E731
+    elif method == "nystrom":
+        fn = lambda: kernels.nystrom_attention(q, k, v, s, pinv=pinv, **view)  # noqa: E731
+    else:
+        rng = np.random.default_rng(seed)
+        T = torch.from_numpy(np.stack([select_subset("strided", d, s, seed=seed) for _ in range(H)])).to(dev)
+        if method == "subset_only":
+            W = torch.zeros((H, d, s), device=dev).scatter_(1, T[:, None, :], 1.0)
+            b = torch.full((H, d), float("-inf"), device=dev).scatter_(1, T, 0.0)
+        else:
+            W = torch.from_numpy(0.1 * rng.standard_normal((H, d, s)).astype(np.float32)).to(dev)
+            b = torch.from_numpy(rng.standard_normal((H, d)).astype(np.float32)).to(dev)
+        fn = lambda: kernels.partial_attention(q, k, v, T, W, b, **view)  # noqa: E731
+    return time.perf_counter() - t, fn
+
+
+def view_latency_table(
+    n: int,
+    subset_sizes,
+    *,
+    query_range,
+    key_range,
+    causal: bool,
+    d_head: int,
+    heads: int,
+    threads: int,
+    device: str,
+    repeats: int,
+    compiled: bool,
+    sinks: int,
+    q_last: int,
+    pinv: str,
+    seed: int,
+    methods=VIEW_METHODS,
+) -> pd.DataFrame:
+    """Each method at each s on a view of length ``n`` (exact outside the view) against SDPA on the
+    same Q, K, V (``is_causal`` when the model is causal): ``time_share`` and the setup apart, with
+    the device, torch version and threads. Q and K carry :func:`position_code` (heads that attend
+    near their diagonal). ``overhead_bound``: n < :data:`OVERHEAD_N`, where the shares measure
+    call overhead more than work, a reference only."""
+    torch.set_num_threads(int(threads))
+    dev = torch.device(device)
+    name = device_name(dev)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, n, d_head, generator=gen) for _ in range(3))
+    q, k = q + position_code(n, d_head), k + position_code(n, d_head)
+    q, k, v = q.to(dev), k.to(dev), v.to(dev)
+    d = key_range[1] - key_range[0]
+    nq = query_range[1] - query_range[0]
+    rows = []
+    with torch.inference_mode():
+        _, sdpa_s = _timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), dev, repeats)
+        for method in methods:
+            for s in subset_sizes:
+                if not 1 <= s <= (min(nq, d) if method == "nystrom" else d):
+                    continue
+                setup, fn = view_kernel_call(
+                    method, q, k, v, int(s), query_range=query_range, key_range=key_range, causal=causal,
+                    sinks=sinks, q_last=q_last, pinv=pinv, compiled=compiled, seed=seed,
+                )  # fmt: skip
+                first, t = _timed(fn, dev, repeats)
+                rows.append(
+                    {
+                        "method": method,
+                        "s": int(s),
+                        "n": n,
+                        "time_share": t / sdpa_s,
+                        "time_s": t,
+                        "sdpa_s": sdpa_s,
+                        "compile_s": setup + max(first - t, 0.0),
+                        "device": name,
+                        "torch_version": torch.__version__,
+                        "threads": int(threads),
+                        "compiled": bool(compiled),
+                        "overhead_bound": n < OVERHEAD_N,
+                    }
+                )
+    return pd.DataFrame(rows)

@@ -27,6 +27,9 @@ factored forms.
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
+
 from eigenattn.config.schema import enum
 
 BASELINES = ("mean", "subset_only")
@@ -94,3 +97,31 @@ def cost_share(method: str, *, nq: int, d: int, d_head: int, s: int, k: int = 0,
 def attention_flops_per_seq(variant: str, n: int, s: int, layers: int, heads: int, d_head: int) -> int:
     """MACs of a training variant's attention per sequence (the whole n×n matrix), over heads and layers."""
     return int(view_macs(variant, nq=n, d=n, d_head=d_head, s=s) * heads * layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# the time axis (docs/method.md §15): measured shares from a latency table (clock.py measures them)
+
+# the reconstruction table's estimators by the kernel that deploys them (the oracle has none)
+KERNEL_OF = {
+    "sink_window": "sink_window",
+    "vertical_slash": "vertical_slash",
+    "nystrom": "nystrom",
+    "subset_only": "subset_only",
+    "eigenspace": "paper",
+    "conditional_gaussian": "paper",
+    "mean": "paper",
+}
+OVERHEAD_N = 1024  # below this length every kernel is bound by call overhead: its times are a reference only
+
+
+def with_time(recon: pd.DataFrame, latency: pd.DataFrame) -> pd.DataFrame:
+    """The reconstruction table with ``time_share``: each row's method's measured time share at its
+    s from the view's latency table (NaN for the oracle, which has no kernel)."""
+    lat = latency.set_index(["method", "s"])["time_share"]
+    kernel = recon["estimator"].map(KERNEL_OF)
+    share = [
+        float(lat.get((kname, int(sz)), np.nan)) if isinstance(kname, str) else np.nan
+        for kname, sz in zip(kernel, recon["subset_size"], strict=True)
+    ]
+    return recon.assign(time_share=share)

@@ -9,6 +9,7 @@ def claims_inputs(wildcards):
         "recon": reconstruct_outputs(),
         "plugin": plugin_outputs(),
         "plans": plan_outputs(),
+        "latency": latency_outputs(),
         **({"training": rules.train_summary.output.comparisons} if TRAINING else {}),
         "scaling_fits": scaling_files("fits"),
         "scaling_saturation": scaling_files("saturation"),

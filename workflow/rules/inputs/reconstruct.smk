@@ -23,6 +23,20 @@ def reconstruct_outputs():
     ]
 
 
+def latency_outputs():
+    return [
+        path(rules.latency_table.output[0], model=m, view=v)
+        for m, v in model_view_pairs()
+    ]
+
+
+def latency_device_key(wildcards):
+    """The device (``plugin.device``, where the models run; a CPU by its model name) and torch
+    version the latency table is measured on, read without importing torch: a change re-measures
+    the table."""
+    return needs.device_key(config["plugin"]["device"])
+
+
 def plugin_rows(wildcards):
     view = plan.plugin_view(config, wildcards.model)
     return path(rules.eigen_rows.output.rows, model=wildcards.model, view=view)
