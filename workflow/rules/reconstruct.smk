@@ -62,6 +62,12 @@ rule latency_table:
         "../scripts/latency_table.py"
 
 
+rule latency:
+    """Stage 5: the latency table of every model and view."""
+    input:
+        latency_outputs(),
+
+
 rule plugin_eval_model:
     """Reconstructed attention and the peers inside one pretrained model."""
     input:
