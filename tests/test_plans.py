@@ -751,3 +751,50 @@ def test_plugin_keeps_each_sequence_and_its_document(tiny_case):
     for r in table.itertuples():
         v = seqs[(seqs.estimator == r.estimator) & (seqs.strategy == r.strategy) & (seqs.subset_size == r.subset_size)]
         assert r.value == pytest.approx(np.exp(v.value.mean()), rel=1e-12)
+
+
+def test_plans_priced_by_measured_time(tiny_case, tmp_path):
+    """plans.cost: time. The same candidates priced by a latency table in which vertical-slash is far
+    dearer in time than in multiply-adds (as on a CPU, method.md §15): the plans never exceed their
+    budgets by the table's numbers, record the time axis and the device, and at n = 16 (bound by
+    call overhead) their C5 rows are references, never verdicts."""
+    from eigenattn.config.settings import Plans
+    from eigenattn.reconstruction.plan_eval import run_plans
+
+    times = {("paper", 2): 0.35, ("paper", 4): 0.4, ("vertical_slash", 2): 0.9, ("vertical_slash", 4): 1.2}
+    times |= {("sink_window", 2): 0.1, ("sink_window", 4): 0.2}
+    latency = pd.DataFrame(
+        [{"method": m, "s": s, "n": TN, "time_share": t, "device": "test CPU"} for (m, s), t in times.items()]
+    )
+    recon = pd.DataFrame(
+        [
+            {"split": "fit", "basis_source": "same", "layer": layer, "head": h, "estimator": e, "strategy": st}
+            | {"subset_size": s, "cost_share": c, "tv": 0.1 / s + 0.01 * h}
+            for layer in range(TL)
+            for h in range(TH)
+            for (e, st, s), c in TINY_COST.items()
+        ]
+    )
+    settings = Plans((0.3,), ("tv",), 2, 1, 0, "eager", "time")
+    empty = pd.DataFrame(columns=["estimator", "strategy", "subset_size", "value"])
+    with pytest.raises(InputError, match="latency table"):
+        run_plans(
+            tiny_case["root"] / "model", tiny_case["stats"], recon, empty, [tiny_case["fit"]], [tiny_case["held"]],
+            settings, tiny_case["plugin"], device="cpu", out_dir=tmp_path / "none", progress=False,
+        )  # fmt: skip
+    summary, *_ = run_plans(
+        tiny_case["root"] / "model", tiny_case["stats"], recon, empty, [tiny_case["fit"]], [tiny_case["held"]],
+        settings, tiny_case["plugin"], device="cpu", out_dir=tmp_path / "plans", passages=tiny_case["passages"],
+        progress=False, latency=latency,
+    )  # fmt: skip
+    (r,) = summary.itertuples()
+    plan = read_plan(r.plan_file)
+    assert (plan.cost, plan.device, r.cost_axis, r.seq_len) == ("time", "test CPU", "time", TN)
+    kernel = {"mean": "paper", "vertical_slash": "vertical_slash", "sink_window": "sink_window"}
+    by_table = np.mean([times.get((kernel.get(h.method), h.s), 1.0) for h in plan.heads])
+    assert by_table <= 0.3 + 1e-9 and plan.cost_share == pytest.approx(by_table)
+    assert not any(h.method == "vertical_slash" for h in plan.heads)  # it never fits by time here
+    summary.to_csv(tmp_path / "summary.csv", index=False)
+    (row,) = c5_rows([tmp_path / "summary.csv"])
+    assert row["state"] == "reference" and "bound by call overhead" in row["verdict"]
+    assert "of SDPA's measured time" in row["scope"]

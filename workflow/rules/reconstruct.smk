@@ -114,6 +114,7 @@ rule plan_model:
         heldout=heldout_shards,
         passages=passages(),
         per_input=plan_per_input,
+        latency=plan_latency,
     output:
         plans=directory("results/plans/{model}/plans"),
         summary="results/plans/{model}/summary.csv",

@@ -38,6 +38,7 @@ import math
 import pandas as pd
 
 from eigenattn.claims.verdicts import make_row
+from eigenattn.reconstruction.cost import OVERHEAD_N
 from eigenattn.reconstruction.intervals import holm
 
 ALPHA = 0.05
@@ -101,13 +102,16 @@ def c5_rows(summaries) -> list[dict]:
         adjusted = _family_p(df)
         family = int(df["p_value"].notna().sum()) if "p_value" in df else len(df)
         for i, r in zip(df.index, df.itertuples()):
+            axis = getattr(r, "cost_axis", "macs")
+            axis = axis if isinstance(axis, str) else "macs"
+            unit = "of exact attention MACs" if axis == "macs" else "of SDPA's measured time"
             common = {
                 "model": r.model,
                 "view": f"plug-in ({r.view})",
                 "method": f"plan:{r.damage}",
-                "scope": f"budget {r.budget:g} of exact attention MACs; plan costs {r.cost_share:.3f}"
+                "scope": f"budget {r.budget:g} {unit}; plan costs {r.cost_share:.3f}"
                 if not pd.isna(r.cost_share)
-                else f"budget {r.budget:g} of exact attention MACs",
+                else f"budget {r.budget:g} {unit}",
                 "quantity": (
                     "paired Δ mean NLL per document (single − plan)"
                     if r.metric == "perplexity"
@@ -137,6 +141,13 @@ def c5_rows(summaries) -> list[dict]:
             grid_ratio = grid_ratio if math.isfinite(grid_ratio) else ratio
             p_holm = float(adjusted.loc[i])
             state, verdict = c5_state(low, high, p_holm, grid_ratio, family, n_docs)
+            n = _num(r, "seq_len")
+            if axis == "time" and math.isfinite(n) and n < OVERHEAD_N:
+                state = "reference"
+                verdict = (
+                    f"priced by measured time at n = {int(n)}, where every kernel is bound by call overhead "
+                    f"(below {OVERHEAD_N}): a reference, not a verdict; on its numbers: {verdict}"
+                )
             gap = _num(r, "gap_recovered")
             gap_text = f"{gap:.0%} of the gap to exact recovered" if math.isfinite(gap) else "gap recovered undefined"
             verdict += (

@@ -470,6 +470,7 @@ class Plans(_Settings):
     probe_vectors: int
     seed: int
     kernels: str  # auto, compiled, eager or dense (plan_attention.apply_plan)
+    cost: str = "macs"  # macs or time: the axis of the budgets
 
     @classmethod
     def from_config(cls, config: dict) -> Plans:
@@ -481,6 +482,7 @@ class Plans(_Settings):
             p["probe_vectors"],
             config["seed"],
             p["kernels"],
+            p["cost"],
         )
 
     def kernel_mode(self, device) -> str:

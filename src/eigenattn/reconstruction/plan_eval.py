@@ -39,7 +39,8 @@ import torch
 from scipy import stats as sps
 from tqdm.auto import tqdm
 
-from eigenattn.reconstruction.cost import ORACLES
+from eigenattn.errors import InputError
+from eigenattn.reconstruction.cost import ORACLES, with_time
 from eigenattn.reconstruction.intervals import DocumentInterval, holm, paired_interval
 from eigenattn.reconstruction.partial import PROBE_ATTR, attention_modules, detach
 from eigenattn.reconstruction.plan_attention import HeadProbe, apply_plan
@@ -58,6 +59,8 @@ SUMMARY_COLUMNS = [
     "damage",
     "budget",
     "cost_share",
+    "cost_axis",
+    "seq_len",
     "metric",
     "plan_value",
     "exact_value",
@@ -291,11 +294,14 @@ def run_plans(
     per_input: pd.DataFrame | None = None,
     passages=None,
     progress: bool = True,
+    latency: pd.DataFrame | None = None,
 ):
     """Plans for every budget and damage, written to ``out_dir/{damage}-{budget}.json``; returns
     (summary, heads, predictors, per-sequence values). ``passages``: the sampled passages table
     (path or DataFrame), whose documents are the unit of the intervals and spread the evaluated
-    passages (without it every sequence is its own document)."""
+    passages (without it every sequence is its own document). ``latency``: the view's latency
+    table, which prices every candidate by its measured time when ``settings.cost`` is ``time``
+    (a candidate without a kernel, the oracle, is then no candidate)."""
     from pathlib import Path
 
     out_dir = Path(out_dir)
@@ -323,6 +329,14 @@ def run_plans(
     log.info("head probe over %d fit sequences: %.1f s", len(fit_ids), time.perf_counter() - t0)
     sensitivity = probe.set_index(["layer", "head"])["sensitivity"]
     all_heads = [(int(layer), h) for layer in stats.layers for h in range(int(model.config.num_attention_heads))]
+    device_name = None
+    if settings.cost == "time":
+        if latency is None or not len(latency):
+            raise InputError("plans.cost", "is time, but no latency table was given", "pass the view's latency table")
+        timed = with_time(recon, latency)
+        recon = timed[timed["time_share"].notna()].assign(cost_share=lambda d: d["time_share"])
+        device_name = str(latency["device"].iloc[0])
+        log.info("candidates priced by measured time at n = %d on %s", int(latency["n"].iloc[0]), device_name)
     cands = candidates(recon, methods, sensitivity if "sensitivity" in settings.damages else None, heads=all_heads)
     meta = {
         "model": stats.model,
@@ -338,6 +352,8 @@ def run_plans(
             "q_last": ps.q_last,
             "sinks": ps.sinks,
         },
+        "cost": settings.cost,
+        "device": device_name,
     }
     metric = "perplexity" if stats.causal else "embedding_cosine"
     plans: list[Plan] = []
@@ -411,6 +427,8 @@ def run_plans(
             "damage": plan.damage,
             "budget": plan.budget,
             "cost_share": plan.cost_share,
+            "cost_axis": settings.cost,
+            "seq_len": stats.seq_len,
             "metric": metric,
             "plan_value": aggregate(values, stats.causal),
             "exact_value": aggregate(exact, stats.causal),

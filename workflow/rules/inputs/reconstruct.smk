@@ -58,6 +58,13 @@ def plan_recon(wildcards):
     return _plugin_view_path(rules.reconstruct_view.output[0], wildcards)
 
 
+def plan_latency(wildcards):
+    """The plug-in view's latency table when plans.cost is time (its candidates priced by it)."""
+    if config["plans"]["cost"] != "time":
+        return []
+    return _plugin_view_path(rules.latency_table.output[0], wildcards)
+
+
 def plan_per_input(wildcards):
     return _plugin_view_path(rules.eigen_per_input.output.summary, wildcards)
 
