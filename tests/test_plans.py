@@ -798,3 +798,38 @@ def test_plans_priced_by_measured_time(tiny_case, tmp_path):
     (row,) = c5_rows([tmp_path / "summary.csv"])
     assert row["state"] == "reference" and "bound by call overhead" in row["verdict"]
     assert "of SDPA's measured time" in row["scope"]
+
+
+@pytest.mark.parametrize("cost", ["macs", "time"])
+def test_whole_scope_plans_run_every_query(tiny_case, tmp_path, cost):
+    """plans.scope: whole. Candidates are exact, sink + window and vertical-slash on every query,
+    their damage measured over every query of the fit sequences; the plans hold only those methods,
+    cover queries and keys 0..n−1, stay within budget on their own axis, and are judged on every
+    position's next token (the exact value is every position's perplexity)."""
+    from eigenattn.config.settings import Plans
+    from eigenattn.reconstruction.plan_eval import run_plans
+    from eigenattn.reconstruction.plugin import heldout_ids, load
+
+    # (at n = 16 every kernel costs more time than SDPA: budget 1 is the one a time plan can meet)
+    settings = Plans((0.5, 1.0), ("tv",), 2, 1, 0, "eager", cost, "whole", (2, 4, 8))
+    empty = pd.DataFrame(columns=["estimator", "strategy", "subset_size", "value"])
+    summary, heads, _, seq = run_plans(
+        tiny_case["root"] / "model", tiny_case["stats"], pd.DataFrame(), empty, [tiny_case["fit"]],
+        [tiny_case["held"]], settings, tiny_case["plugin"], device="cpu", out_dir=tmp_path / "plans",
+        passages=tiny_case["passages"], progress=False,
+    )  # fmt: skip
+    assert set(heads.method) <= {"exact", "sink_window", "vertical_slash"}
+    judged = summary.dropna(subset=["plan_value"])
+    assert len(judged)
+    for r in judged.itertuples():
+        plan = read_plan(r.plan_file)
+        assert (plan.scope, plan.cost, plan.query_range, plan.key_range) == ("whole", cost, (0, TN), (0, TN))
+        assert plan.cost_share <= r.budget + 1e-9
+        assert (plan.device is not None) == (cost == "time")
+    assert (tmp_path / "plans" / "latency.csv").exists() == (cost == "time")
+    # exact is judged on every position: exp(mean NLL over positions 0..n−2 → 1..n−1)
+    model = load(tiny_case["root"] / "model", True, torch.device("cpu"))
+    ids = torch.from_numpy(heldout_ids([tiny_case["held"]], None).astype(np.int64))
+    ids = ids[[list(range(100, 108)).index(p) for p in seq.passage_id]]
+    nll = per_sequence(model, ids, True, 0, 4)
+    np.testing.assert_allclose(seq.exact, nll, rtol=1e-6)

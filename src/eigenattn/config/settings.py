@@ -471,6 +471,8 @@ class Plans(_Settings):
     seed: int
     kernels: str  # auto, compiled, eager or dense (plan_attention.apply_plan)
     cost: str = "macs"  # macs or time: the axis of the budgets
+    scope: str = "view"  # view or whole (causal models; encoders keep view)
+    subset_sizes: tuple = ()  # the s grid of whole-scope candidates (reconstruction.subset_sizes)
 
     @classmethod
     def from_config(cls, config: dict) -> Plans:
@@ -483,6 +485,8 @@ class Plans(_Settings):
             config["seed"],
             p["kernels"],
             p["cost"],
+            p["scope"],
+            tuple(int(x) for x in config["reconstruction"]["subset_sizes"]),
         )
 
     def kernel_mode(self, device) -> str:

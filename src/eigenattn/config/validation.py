@@ -468,6 +468,13 @@ def adapt(config: dict) -> list[str]:
                 + ("; no plans are made" if not kept else "")
                 + "; write plans.budgets to choose other values)"
             )
+    if config["plans"].get("scope") == "whole":
+        encoders = [m for m in config.get("run_models", []) if not config["models"].get(m, {}).get("causal", True)]
+        if encoders:
+            notes.append(
+                f"plans.scope: whole runs every query of a causal head; {', '.join(encoders)} "
+                "(an encoder) keeps view-scope plans"
+            )
     return notes
 
 

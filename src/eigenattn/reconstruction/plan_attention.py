@@ -146,6 +146,8 @@ def apply_plan(model, plan, rows_store=None, stats=None, kernels: str = "compile
     with an InputError."""
     if not isinstance(plan, Plan):
         plan = read_plan(plan)
+    if plan.scope == "whole":  # exact, sink + window and vertical-slash: no fitted map, no statistics
+        rows_store = stats = None
     if stats is None and rows_store is not None:
         from eigenattn.spectra.stores import RowStats  # the spectra stage's reader of rows.zarr
 

@@ -330,21 +330,33 @@ def run_plans(
     sensitivity = probe.set_index(["layer", "head"])["sensitivity"]
     all_heads = [(int(layer), h) for layer in stats.layers for h in range(int(model.config.num_attention_heads))]
     device_name = None
-    if settings.cost == "time":
+    whole = settings.scope == "whole" and stats.causal
+    if settings.scope == "whole" and not stats.causal:
+        log.warning("plans.scope is whole, but %s is an encoder: its plans stay in view scope", stats.model)
+    if whole:
+        cands, device_name = whole_candidates(model, fit_ids, stats, settings, ps, device, out_dir)
+        q0 = 0  # judged on every position's next token, as the plan runs every query
+    elif settings.cost == "time":
         if latency is None or not len(latency):
             raise InputError("plans.cost", "is time, but no latency table was given", "pass the view's latency table")
         timed = with_time(recon, latency)
         recon = timed[timed["time_share"].notna()].assign(cost_share=lambda d: d["time_share"])
         device_name = str(latency["device"].iloc[0])
         log.info("candidates priced by measured time at n = %d on %s", int(latency["n"].iloc[0]), device_name)
-    cands = candidates(recon, methods, sensitivity if "sensitivity" in settings.damages else None, heads=all_heads)
+    if whole:
+        if "sensitivity" in settings.damages:
+            weight = sensitivity.reindex(pd.MultiIndex.from_frame(cands[["layer", "head"]])).to_numpy()
+            cands = cands.assign(damage_sensitivity=cands["damage_tv"].to_numpy() * weight)
+    else:
+        cands = candidates(recon, methods, sensitivity if "sensitivity" in settings.damages else None, heads=all_heads)
     meta = {
         "model": stats.model,
-        "view": stats.view,
+        "view": "whole" if whole else stats.view,
         "seq_len": stats.seq_len,
-        "query_range": stats.query_range,
-        "key_range": stats.key_range,
+        "query_range": (0, stats.seq_len) if whole else stats.query_range,
+        "key_range": (0, stats.seq_len) if whole else stats.key_range,
         "causal": stats.causal,
+        "scope": "whole" if whole else "view",
         "settings": {
             "ridge": plugin_settings.ridge,
             "rank": plugin_settings.rank,
@@ -507,7 +519,11 @@ def run_plans(
                 & (plugin["strategy"].astype(str) == key[1])
                 & (plugin["subset_size"] == key[2])
             ]
-            if len(match) and abs(single_value - float(match["value"].iloc[0])) > 1e-3 * max(1.0, abs(single_value)):
+            if (
+                not whole
+                and len(match)
+                and abs(single_value - float(match["value"].iloc[0])) > 1e-3 * max(1.0, abs(single_value))
+            ):
                 log.warning(
                     "single method %s: %.5f here, %.5f in the plug-in table", key, single_value, match["value"].iloc[0]
                 )
@@ -533,6 +549,51 @@ def run_plans(
         pred = pd.DataFrame(columns=["damage", "budget", "heads", "model", "view"])
     seq = pd.DataFrame(per_seq).rename_axis("sequence").reset_index().assign(model=stats.model)
     return summary, heads, pred, seq
+
+
+def whole_candidates(model, fit_ids, stats, settings, ps, device, out_dir):
+    """Whole-scope candidates of every head (docs/method.md §15): exact, and each whole-scope peer
+    of ``plugin.peers`` at each ``reconstruction.subset_sizes`` s below n, with its damage (mean TV
+    over every query of the fit sequences, :func:`eigenattn.reconstruction.whole_plans.whole_damage`)
+    and its cost: the whole-scope multiply-add share, or (``plans.cost: time``) the time share of a
+    latency table measured here at the model's head shapes and n, written beside the plans
+    (``latency.csv``). Returns (candidates, the device that priced them or None)."""
+    from pathlib import Path
+
+    from eigenattn.reconstruction import clock, whole_plans
+
+    peers = [m for m in ps.methods if m in whole_plans.WHOLE_PEERS]
+    if not peers:
+        raise InputError(
+            "plans.scope",
+            f"is whole, but plugin.peers holds none of {', '.join(whole_plans.WHOLE_PEERS)}",
+            "add sink_window or vertical_slash to plugin.peers",
+        )
+    n = stats.seq_len
+    grid = [(m, s) for m in peers for s in settings.subset_sizes if s < n]
+    t0 = time.perf_counter()
+    damage = whole_plans.whole_damage(model, fit_ids, grid, sinks=ps.sinks, q_last=ps.q_last)
+    log.info("whole-scope damage of %d (method, s) over every query: %.1f s", len(grid), time.perf_counter() - t0)
+    cfg = model.config
+    heads = int(cfg.num_attention_heads)
+    d_head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    if settings.cost == "time":
+        lat = clock.latency_table(
+            [n], sorted({s for _, s in grid}), tuple(peers), d_head=d_head, heads=heads,
+            threads=torch.get_num_threads(), device=str(device), repeats=5, compiled=device.type == "cuda",
+            sinks=ps.sinks, q_last=ps.q_last, pinv="iterative", seed=settings.seed, inputs="local",
+        )  # fmt: skip
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        lat.to_csv(Path(out_dir) / "latency.csv", index=False)
+        device_name = str(lat["device"].iloc[0])
+    else:
+        rows = [
+            {"method": m, "s": s, "n": n, "time_share": clock.macs_share(m, n=n, d_head=d_head, s=s, q_last=ps.q_last)}
+            for m, s in grid
+        ]
+        lat, device_name = pd.DataFrame(rows), None
+    cands = whole_plans.candidates(damage, lat, n)
+    return cands.assign(tv=cands["damage_tv"]), device_name
 
 
 def _labels(sel) -> np.ndarray:
