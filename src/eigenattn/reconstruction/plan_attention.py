@@ -14,6 +14,19 @@ heads' Q, K and V: a peer through :func:`peer_attention`, a paper estimator thro
 :class:`PartialMap` fitted for those heads (``partial_scores``), ``exact`` as eager attention. So a
 head under a plan computes what the same method computes for it when run alone.
 
+**Real kernels** (``apply_plan(..., kernels="auto")``, the default: FlexAttention compiled on CUDA,
+eager on a CPU): the model is switched to the ``eigenattn_plan`` attention backend
+(:func:`register_kernels`), whose masks are SDPA's (none for an unpadded causal or bidirectional
+batch) and whose layers without a plan run ``transformers``' own SDPA attention. A planned layer
+runs each group of heads through its method's real kernel (:mod:`eigenattn.reconstruction.kernels`):
+exact heads through SDPA, sink + window through one FlexAttention call with a block mask,
+vertical-slash through gathered columns and diagonals merged by log-sum-exp, Nyström through its
+GEMMs and the paper's estimators through s scores, the map and P·V; a whole-scope plan
+(``plan.scope == "whole"``) through the whole-scope kernels, on every query. None of them forms the
+n×n score matrix; each equals its dense-mask reference (``kernels="dense"``, the code above) within
+float tolerance (``tests/test_plan_kernels.py``). A padded batch (a mask that is not plain causal
+or all-visible) and the top-k oracle, which has no kernel, run the dense reference.
+
 :class:`HeadProbe` sets a gate ξ_h = 1 on every head's output (for the first-order sensitivity
 ∂loss/∂ξ_h) and records each head's attention mass on the sink keys and on the diagonal and its
 entropy, over the view's queries.
@@ -43,7 +56,7 @@ from eigenattn.reconstruction.partial import (
 from eigenattn.reconstruction.peer_attention import PEER_ATTR, PeerSpec, peer_attention
 from eigenattn.reconstruction.plans import EXACT, Plan, is_peer, read_plan
 
-KERNEL_MODES = ("compiled", "eager", "dense")
+KERNEL_MODES = ("auto", "compiled", "eager", "dense")
 # what the ``partial`` backend runs (a plan, peer, map, probe, Linformer, the uniform floor)
 ATTACHMENTS = (PLAN_ATTR, PEER_ATTR, ATTR, PROBE_ATTR, LINFORMER_ATTR, UNIFORM_ATTR)
 PLAN_KERNELS_IMPL = "eigenattn_plan"
@@ -115,7 +128,7 @@ def layer_plans(plan: Plan, stats=None) -> dict[int, LayerPlan]:
     return out
 
 
-def apply_plan(model, plan, rows_store=None, stats=None, kernels: str = "compiled") -> dict[int, LayerPlan]:
+def apply_plan(model, plan, rows_store=None, stats=None, kernels: str = "auto") -> dict[int, LayerPlan]:
     """Run ``plan`` in ``model``: each planned head runs its method, heads and layers outside the
     plan stay exact. Returns the layer plans; :func:`eigenattn.reconstruction.partial.detach`
     removes them (the model is then exact again).
@@ -136,6 +149,15 @@ def apply_plan(model, plan, rows_store=None, stats=None, kernels: str = "compile
     - ``stats``: the same statistics already opened, an
       :class:`eigenattn.spectra.stores.RowStats` (the pipeline passes its own; give one of
       ``rows_store`` or ``stats``, not both). Its model, view and length must be the plan's.
+      A whole-scope plan needs neither.
+    - ``kernels``: ``"compiled"`` runs each method's real kernel, with FlexAttention compiled by
+      ``torch.compile`` (a C++ compiler on CPU, Triton on CUDA; the first call of each shape
+      compiles); ``"eager"`` the same kernels with eager FlexAttention (no compiler; sink + window
+      then materialises its scores); ``"auto"`` (default): compiled when the model is on CUDA,
+      eager on a CPU; ``"dense"`` the dense-mask reference, every score computed and the unkept
+      ones masked (what the pipeline's reconstruction tables measure). The real kernels switch
+      the model to the ``eigenattn_plan`` backend (SDPA where no plan runs);
+      :func:`eigenattn.reconstruction.partial.detach` leaves it there, exact.
 
     **Inputs must be exactly ``plan.seq_len`` tokens** (the sampled passages' length,
     ``sampling.seq_len``): the view's query and key ranges, the subset positions of the paper
@@ -161,6 +183,8 @@ def apply_plan(model, plan, rows_store=None, stats=None, kernels: str = "compile
         )
     if kernels not in KERNEL_MODES:
         raise InputError("kernels", f"is {kernels!r}", f"use one of {', '.join(KERNEL_MODES)}")
+    if kernels == "auto":
+        kernels = "compiled" if next(model.parameters()).device.type == "cuda" else "eager"
     plans = layer_plans(plan, stats)
     mods = attention_modules(model)
     bad = sorted(set(plans) - set(mods))
