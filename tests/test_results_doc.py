@@ -3,6 +3,7 @@
 import pandas as pd
 import pytest
 
+from conftest import REPO
 from eigenattn.claims import results_doc as rd
 
 
@@ -62,3 +63,33 @@ def test_a_hand_edit_is_caught():
     block = rd.headline_block(_claims())
     edited = block.replace("0.17", "0.18")
     assert edited != block and rd.readme_block(f"x{edited}y") != rd.readme_block(f"x{block}y")
+
+
+def test_the_results_page_and_the_readme_are_the_run_s_numbers():
+    """docs/results.md and the README's headline block are rendered again from the claims table kept
+    beside the page (docs/results.claims.csv): a number edited by hand in either fails here
+    (regenerate both with `python -m eigenattn.claims.results_doc --readme README.md`)."""
+    page = (REPO / "docs" / "results.md").read_text()
+    claims = pd.read_csv(rd.source_of(REPO / "docs" / "results.md"))
+    assert page == rd.render(claims, rd.stamp_line(page)), "docs/results.md is not what its claims table renders"
+    readme = (REPO / "README.md").read_text()
+    assert rd.BEGIN in readme, "README.md lacks the results-headline block"
+    assert rd.readme_block(readme) == rd.headline_block(claims), (
+        "README.md's headline table is not the run's: run `python -m eigenattn.claims.results_doc --readme README.md`"
+    )
+
+
+def test_a_hand_edit_of_a_number_in_the_readme_or_the_page_fails(tmp_path):
+    claims = _claims()
+    page = rd.render(claims, "Commit `x`; config `c` (SHA-256 `0`); written 2026-01-01.")
+    assert page == rd.render(claims, rd.stamp_line(page))
+    assert page.replace("0.17", "0.18") != rd.render(claims, rd.stamp_line(page))
+    readme = f"# x\n{rd.headline_block(claims)}\n"
+    assert rd.readme_block(readme.replace("0.17", "0.18")) != rd.headline_block(claims)
+    (tmp_path / "results").mkdir()
+    claims.to_csv(tmp_path / "results" / "claims.csv", index=False)
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    rd.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "docs" / "results.md"),
+             "--config", str(tmp_path / "config.yaml")])  # fmt: skip
+    kept = pd.read_csv(tmp_path / "docs" / "results.claims.csv")
+    assert rd.headline_block(kept) == rd.headline_block(claims)
