@@ -127,7 +127,8 @@ def main(argv=None):
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, attn_implementation="sdpa", dtype=torch.float32)
     model = model.eval().to(device)
     cfg = model.config
-    H, d_head = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    H = cfg.num_attention_heads
+    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     settings = {"ridge": 0.0, "rank": 0.0, "seed": 0, "q_last": a.q_last, "sinks": a.sinks}
     name = clock.device_name(device)
     mode = "eager" if a.eager else "compiled"
@@ -215,7 +216,10 @@ def main(argv=None):
             med = {
                 k: (statistics.median(e for e, _ in v), statistics.median(at for _, at in v)) for k, v in timers.items()
             }
-            if not quality:
+            # quality depends on the plan and the single method, not on the threads: measured once per pair
+            key = (tuple((h.layer, h.head, h.method, h.s) for h in plan.heads), method, s)
+            if key not in quality:
+                quality[key] = {}
                 for kind in kinds:
                     if kind == "sdpa":
                         model.set_attn_implementation("sdpa")
@@ -226,8 +230,9 @@ def main(argv=None):
                         )
                         nll = whole_plans.sequence_nll(model, held)
                         detach(model)
-                    quality[kind] = float(np.exp(nll.mean()))
+                    quality[key][kind] = float(np.exp(nll.mean()))
                 model.set_attn_implementation("sdpa")
+            ppl = quality[key]
             (e_sdpa, at_sdpa), (e_plan, at_plan), (e_one, at_one) = med["sdpa"], med["plan"], med["single"]
             row = {
                 "n": n,
@@ -248,9 +253,9 @@ def main(argv=None):
                 "plan_attn_share": at_plan / at_sdpa,
                 "single_attn_share": at_one / at_sdpa,
                 "plan_compile_s": max(compile_s["plan"] - e_plan, 0.0),
-                "ppl_exact": quality["sdpa"],
-                "ppl_plan": quality["plan"],
-                "ppl_single": quality["single"],
+                "ppl_exact": ppl["sdpa"],
+                "ppl_plan": ppl["plan"],
+                "ppl_single": ppl["single"],
             }
             rows.append(row)
             print(

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from checkout_stamp import checkout_stamp
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("EIGENATTN_TEST_CACHE", REPO / ".test-cache"))
 CONFIGS = [str(REPO / "config.yaml"), str(REPO / "tests" / "config.yaml")]
@@ -130,8 +132,10 @@ def tiny_run(tmp_path_factory, resources):
 
 
 def reusable_tiny_run() -> Path | None:
-    """The finished tiny run named by ``EIGENATTN_TEST_TINY_RUN``, when it is this checkout's own
-    (the same files ran it) and it reached its claims table; else None."""
+    """The finished tiny run named by ``EIGENATTN_TEST_TINY_RUN``, when this very checkout ran it:
+    ``.ci/run`` writes :func:`checkout_stamp` to ``results/.tiny-run-stamp`` after the run, and the
+    stamp must match the checkout now (the library is not tracked by Snakemake, so a run of other
+    code must not stand in). Else None, and the tiny run runs here."""
     named = os.environ.get("EIGENATTN_TEST_TINY_RUN")
     if not named:
         return None
@@ -141,7 +145,10 @@ def reusable_tiny_run() -> Path | None:
             f"EIGENATTN_TEST_TINY_RUN={named}: only a run of this checkout ({REPO}) can stand in for the "
             "tests' tiny run; unset it to run the tiny workflow here"
         )
-    return done if (done / "results" / "claims.csv").is_file() else None
+    stamp = done / "results" / ".tiny-run-stamp"
+    if not (done / "results" / "claims.csv").is_file() or not stamp.is_file():
+        return None
+    return done if stamp.read_text().strip() == checkout_stamp(done) else None
 
 
 @pytest.fixture(scope="session")

@@ -673,11 +673,21 @@ def test_view_latency_table_times_every_method_on_the_view(tmp_path):
 
     t = clock.view_latency_table(
         64, (4, 8), query_range=(32, 64), key_range=(0, 32), causal=True, d_head=8, heads=2, threads=1,
-        device="cpu", repeats=1, compiled=False, sinks=2, q_last=4, pinv="iterative", seed=0,
+        device="cpu", repeats=1, compiled=False, sinks=2, q_last=4, pinvs=("exact", "iterative"), seed=0,
     )  # fmt: skip
     assert set(t.method) == set(clock.VIEW_METHODS) and set(t.s) == {4, 8}
+    assert set(t[t.method == "nystrom"].strategy) == {"exact", "iterative"} and set(
+        t[t.method != "nystrom"].strategy
+    ) == {"-"}
     assert (t.time_share > 0).all() and t.overhead_bound.all() and (t.torch_version == torch.__version__).all()
-    recon = pd.DataFrame({"estimator": ["eigenspace", "topk_oracle", "sink_window"], "subset_size": [4, 4, 8]})
+    recon = pd.DataFrame(
+        {
+            "estimator": ["eigenspace", "topk_oracle", "sink_window", "nystrom", "nystrom"],
+            "strategy": ["strided", "-", "-", "exact", "iterative"],
+            "subset_size": [4, 4, 8, 4, 4],
+        }
+    )
     got = with_time(recon, t).time_share
-    lat = t.set_index(["method", "s"]).time_share
-    assert got[0] == lat[("paper", 4)] and np.isnan(got[1]) and got[2] == lat[("sink_window", 8)]
+    lat = t.set_index(["method", "strategy", "s"]).time_share
+    assert got[0] == lat[("paper", "-", 4)] and np.isnan(got[1]) and got[2] == lat[("sink_window", "-", 8)]
+    assert got[3] == lat[("nystrom", "exact", 4)] and got[4] == lat[("nystrom", "iterative", 4)]

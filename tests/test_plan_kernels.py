@@ -12,6 +12,7 @@ from eigenattn.errors import InputError
 from eigenattn.reconstruction.partial import detach, register
 from eigenattn.reconstruction.peer_attention import PeerSpec
 from eigenattn.reconstruction.plan_attention import PLAN_KERNELS_IMPL, apply_plan
+from eigenattn.reconstruction.plan_attention import layer_plans as _layer_plans
 from eigenattn.reconstruction.plans import EXACT, HeadChoice, Plan, read_plan, write_plan
 
 # eager FlexAttention (kernels="eager") materialises its scores and says so; that is the point here
@@ -100,16 +101,35 @@ def _run(model, plan, stats, ids, kernels, **kw):
         detach(model)
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How many head groups ran through a real kernel (plan_attention.kernel_group)."""
+    from eigenattn.reconstruction import plan_attention
+
+    calls = []
+    real = plan_attention.kernel_group
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan_attention, "kernel_group", spy)
+    return calls
+
+
 @pytest.mark.parametrize("make, causal, n", [(_llama, True, 48), (_bert, False, 40)])
-def test_real_kernels_equal_the_dense_reference_in_a_model(make, causal, n):
+def test_real_kernels_equal_the_dense_reference_in_a_model(make, causal, n, kernel_calls):
     model = make()
     H = model.config.num_attention_heads
     plan, stats = _plan(n, causal, H, layers=[0, 1])
     ids = torch.randint(0, 97, (2, n), generator=torch.Generator().manual_seed(1))
     exact = _out(model, ids)
     dense = _run(model, plan, stats, ids, "dense")
+    assert not kernel_calls
     real = _run(model, plan, stats, ids, "eager")
     assert model.config._attn_implementation == PLAN_KERNELS_IMPL
+    groups = sum(len(lp.groups) for lp in _layer_plans(plan, stats).values())
+    assert len(kernel_calls) == groups  # every group of every planned layer ran through a kernel
     torch.testing.assert_close(real, dense, rtol=1e-4, atol=1e-4)
     # the plan changes the model (a kernel that ran exact attention would fail here) ...
     assert (dense - exact).abs().max() > 1e-2
@@ -130,7 +150,7 @@ def test_each_method_alone_equals_its_reference():
         torch.testing.assert_close(real, dense, rtol=1e-4, atol=1e-4, msg=lambda s, m=m: f"{m}: {s}")
 
 
-def test_a_padded_batch_runs_the_dense_reference():
+def test_a_padded_batch_runs_the_dense_reference(kernel_calls):
     """The unpadded sequence of a padded batch gets the reference's output. (The padded one's pad
     positions hold whatever each backend leaves there, and a paper estimator whose subset holds a
     pad key reads its score, so only its finiteness is checked. Nyström refuses a mask inside its
@@ -145,6 +165,7 @@ def test_a_padded_batch_runs_the_dense_reference():
     real = _run(model, plan, stats, ids, "eager", attention_mask=pad)
     torch.testing.assert_close(real[0], dense[0], rtol=1e-4, atol=1e-4)
     assert bool(torch.isfinite(real).all())
+    assert not kernel_calls  # a padded batch never reaches a kernel that cannot see its mask
 
 
 def test_another_length_and_an_unknown_mode_are_refused():

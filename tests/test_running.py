@@ -32,6 +32,10 @@ def test_a_job_alone_takes_every_core_and_beside_others_its_own(tmp_path):
         sleeper.kill()
         sleeper.wait()
     assert running.free_threads(1, 2, reg) == 2  # it ended
+    mine = reg / f"{socket.gethostname()}-{os.getpid()}.json"
+    assert json.loads(mine.read_text())["threads"] == 2  # what it took is what others see
+    (reg / "broken.json").write_text('{"host": "%s"}' % socket.gethostname())  # no pid: skipped
+    assert running.held_by_others(reg) == 0
     assert running.free_threads(3, None, reg) == 3  # a cluster executor: its own threads
     assert running.free_threads(3, 2, reg) == 3  # never fewer than its own
 

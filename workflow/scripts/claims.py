@@ -15,7 +15,7 @@ table = claims_table(
     scaling=(list(i.scaling_fits), list(i.scaling_saturation), list(i.scaling_tables)),
     per_input=list(i.per_input),
     plans=list(i.plans) if "plans" in i.keys() else [],
-    latency=list(i.latency) if "latency" in i.keys() else [],
+    latency=list(i.get("latency", [])),
 )
 write_table(table, snakemake.output[0])
 log.info("%d claim rows -> %s\n%s", len(table), snakemake.output[0], table.to_string())

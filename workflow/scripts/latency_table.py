@@ -38,7 +38,7 @@ table = clock.view_latency_table(
     compiled=compiled,
     sinks=settings.sinks,
     q_last=settings.q_last,
-    pinv=settings.pinv[0] if settings.pinv else "iterative",
+    pinvs=settings.pinv or ("iterative",),
     seed=settings.seed,
 )
 table = table.assign(model=stats.model, view=stats.view, device_key=snakemake.params.device_key)
@@ -48,5 +48,5 @@ log.info(
     stats.seq_len,
     table.device.iloc[0] if len(table) else device,
     "overhead-bound: a reference only" if stats.seq_len < clock.OVERHEAD_N else "measured",
-    table[["method", "s", "time_share", "compile_s"]].to_string(index=False),
+    table[["method", "strategy", "s", "time_share", "compile_s"]].to_string(index=False),
 )

@@ -21,7 +21,7 @@ summary, heads, predictors, sequences = run_plans(
     out_dir=o.plans,
     per_input=pd.read_csv(i.per_input),
     passages=i.passages,
-    latency=pd.read_csv(i.latency) if "latency" in i.keys() else None,
+    latency=pd.read_csv(i.latency[0]) if len(i.get("latency", [])) else None,
 )
 for df, path in ((heads, o.heads), (predictors, o.predictors), (sequences, o.sequences), (summary, o.summary)):
     write_table(df, path)

@@ -105,9 +105,10 @@ def c5_rows(summaries) -> list[dict]:
             axis = getattr(r, "cost_axis", "macs")
             axis = axis if isinstance(axis, str) else "macs"
             unit = "of exact attention MACs" if axis == "macs" else "of SDPA's measured time"
+            scope = getattr(r, "scope", "view")
             common = {
                 "model": r.model,
-                "view": f"plug-in ({r.view})",
+                "view": f"plug-in ({r.view})" if scope != "whole" else "whole (every query)",
                 "method": f"plan:{r.damage}",
                 "scope": f"budget {r.budget:g} {unit}; plan costs {r.cost_share:.3f}"
                 if not pd.isna(r.cost_share)
@@ -130,7 +131,9 @@ def c5_rows(summaries) -> list[dict]:
                     "no single method of the plan's candidate grid fits within the plan's budget: none to compare"
                 )
             if unjudged is not None:
-                row = {"value": float("nan"), "spread": "", "state": "inconclusive", "verdict": unjudged}
+                n = _num(r, "seq_len")
+                state = "reference" if axis == "time" and math.isfinite(n) and n < OVERHEAD_N else "inconclusive"
+                row = {"value": float("nan"), "spread": "", "state": state, "verdict": unjudged}
                 rows.append(make_row("C5", path, **common, **row, caveat=""))
                 continue
             low, high = float(r.paired_low), float(r.paired_high)

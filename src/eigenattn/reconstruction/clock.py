@@ -306,15 +306,17 @@ def view_latency_table(
     compiled: bool,
     sinks: int,
     q_last: int,
-    pinv: str,
+    pinvs,
     seed: int,
     methods=VIEW_METHODS,
 ) -> pd.DataFrame:
     """Each method at each s on a view of length ``n`` (exact outside the view) against SDPA on the
-    same Q, K, V (``is_causal`` when the model is causal): ``time_share`` and the setup apart, with
-    the device, torch version and threads. Q and K carry :func:`position_code` (heads that attend
-    near their diagonal). ``overhead_bound``: n < :data:`OVERHEAD_N`, where the shares measure
-    call overhead more than work, a reference only."""
+    same Q, K, V (``is_causal`` when the model is causal), SDPA timed again beside each method so
+    that drift hits both alike: ``time_share`` and the setup apart, with the device, torch version
+    and threads. Nyström is timed with each of ``pinvs`` (its ``strategy``; ``-`` for the others).
+    Q and K carry :func:`position_code` (heads that attend near their diagonal).
+    ``overhead_bound``: n < :data:`OVERHEAD_N`, where the shares measure call overhead more than
+    work, a reference only."""
     torch.set_num_threads(int(threads))
     dev = torch.device(device)
     name = device_name(dev)
@@ -325,31 +327,35 @@ def view_latency_table(
     d = key_range[1] - key_range[0]
     nq = query_range[1] - query_range[0]
     rows = []
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
     with torch.inference_mode():
-        _, sdpa_s = _timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), dev, repeats)
+        _timed(sdpa, dev, repeats)  # warm
         for method in methods:
-            for s in subset_sizes:
-                if not 1 <= s <= (min(nq, d) if method == "nystrom" else d):
-                    continue
-                setup, fn = view_kernel_call(
-                    method, q, k, v, int(s), query_range=query_range, key_range=key_range, causal=causal,
-                    sinks=sinks, q_last=q_last, pinv=pinv, compiled=compiled, seed=seed,
-                )  # fmt: skip
-                first, t = _timed(fn, dev, repeats)
-                rows.append(
-                    {
-                        "method": method,
-                        "s": int(s),
-                        "n": n,
-                        "time_share": t / sdpa_s,
-                        "time_s": t,
-                        "sdpa_s": sdpa_s,
-                        "compile_s": setup + max(first - t, 0.0),
-                        "device": name,
-                        "torch_version": torch.__version__,
-                        "threads": int(threads),
-                        "compiled": bool(compiled),
-                        "overhead_bound": n < OVERHEAD_N,
-                    }
-                )
+            for pinv in pinvs if method == "nystrom" else ["-"]:
+                for s in subset_sizes:
+                    if not 1 <= s <= (min(nq, d) if method == "nystrom" else d):
+                        continue
+                    setup, fn = view_kernel_call(
+                        method, q, k, v, int(s), query_range=query_range, key_range=key_range, causal=causal,
+                        sinks=sinks, q_last=q_last, pinv=pinv, compiled=compiled, seed=seed,
+                    )  # fmt: skip
+                    first, t = _timed(fn, dev, repeats)
+                    _, sdpa_s = _timed(sdpa, dev, repeats)
+                    rows.append(
+                        {
+                            "method": method,
+                            "strategy": pinv,
+                            "s": int(s),
+                            "n": n,
+                            "time_share": t / sdpa_s,
+                            "time_s": t,
+                            "sdpa_s": sdpa_s,
+                            "compile_s": setup + max(first - t, 0.0),
+                            "device": name,
+                            "torch_version": torch.__version__,
+                            "threads": int(threads),
+                            "compiled": bool(compiled),
+                            "overhead_bound": n < OVERHEAD_N,
+                        }
+                    )
     return pd.DataFrame(rows)

@@ -117,11 +117,16 @@ OVERHEAD_N = 1024  # below this length every kernel is bound by call overhead: i
 
 def with_time(recon: pd.DataFrame, latency: pd.DataFrame) -> pd.DataFrame:
     """The reconstruction table with ``time_share``: each row's method's measured time share at its
-    s from the view's latency table (NaN for the oracle, which has no kernel)."""
-    lat = latency.set_index(["method", "s"])["time_share"]
+    s from the view's latency table (NaN for the oracle, which has no kernel). Nyström is looked up
+    with its pseudo-inverse (the table's ``strategy``); the other kernels do not depend on it."""
+    strategy = latency["strategy"] if "strategy" in latency else pd.Series("-", index=latency.index)
+    lat = latency.assign(strategy=strategy.fillna("-")).set_index(["method", "strategy", "s"])["time_share"]
     kernel = recon["estimator"].map(KERNEL_OF)
-    share = [
-        float(lat.get((kname, int(sz)), np.nan)) if isinstance(kname, str) else np.nan
-        for kname, sz in zip(kernel, recon["subset_size"], strict=True)
-    ]
+    share = []
+    for kname, st, sz in zip(kernel, recon["strategy"].astype(str), recon["subset_size"], strict=True):
+        if not isinstance(kname, str):
+            share.append(np.nan)
+            continue
+        key = (kname, st if kname == "nystrom" and "strategy" in latency else "-", int(sz))
+        share.append(float(lat.get(key, np.nan)))
     return recon.assign(time_share=share)

@@ -40,22 +40,41 @@ class PeerSpec:
         self.seq_len = int(seq_len)
         self.qs, self.ks = slice(*map(int, query_range)), slice(*map(int, key_range))
         q_pos, k_pos = np.arange(self.qs.start, self.qs.stop), np.arange(self.ks.start, self.ks.stop)
-        visible = k_pos[None, :] <= q_pos[:, None] if causal else None
-        self.geometry = Geometry(q_pos, k_pos, visible)
-        check_peer(method, self.s, self.geometry, key)
+        # a causal view whose keys all precede its queries hides nothing (the prefix view)
+        self._hides = bool(causal) and self.ks.stop > self.qs.start + 1
+        # the check needs the sizes and whether the mask hides keys of the view, not the (nq, d) mask
+        check_peer(method, self.s, Geometry(q_pos, k_pos, np.zeros((1, 1), bool) if self._hides else None), key)
         self.q_last, self.sinks, self.pinv = int(q_last), int(sinks), pinv
-        self._window = None
-        if method == "sink_window":
-            whole = causal and self.qs == self.ks == slice(0, self.seq_len)
-            # whole causal scope (§15): each row's sinks and latest keys up to itself, as the kernel
-            self._window = (
-                sink_window_whole_keys(self.seq_len, self.s, self.sinks)
-                if whole
-                else sink_window_keys(q_pos, k_pos, self.s, self.sinks)
-            )
+        self._causal = bool(causal)
+        # the (nq, d) masks are built on first use: the real kernels never need them, and at
+        # n = 8,192 each would take 67 MB per head group
+        self._geometry = None
+        self._window_mask = None
+
+    @property
+    def geometry(self) -> Geometry:
+        if self._geometry is None:
+            q_pos, k_pos = np.arange(self.qs.start, self.qs.stop), np.arange(self.ks.start, self.ks.stop)
+            visible = k_pos[None, :] <= q_pos[:, None] if self._causal else None
+            self._geometry = Geometry(q_pos, k_pos, visible)
+        return self._geometry
 
     def __repr__(self) -> str:
         return f"PeerSpec({self.method}, s={self.s}, queries={self.qs}, keys={self.ks})"
+
+    @property
+    def _window(self) -> torch.Tensor:
+        """Sink + window's (nq, d) kept keys; in whole causal scope (§15) each row's sinks and
+        latest keys up to itself, as the kernel keeps them."""
+        if self._window_mask is None:
+            g = self.geometry
+            whole = self._causal and self.qs == self.ks == slice(0, self.seq_len)
+            self._window_mask = (
+                sink_window_whole_keys(self.seq_len, self.s, self.sinks)
+                if whole
+                else sink_window_keys(g.q_pos, g.k_pos, self.s, self.sinks)
+            )
+        return self._window_mask
 
     def keep(self, X: torch.Tensor) -> torch.Tensor:
         """The kept keys (…, nq, d) of a sparse peer for view scores X."""

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from eigenattn.capture.attention import expand_heads, finish_attention
 from eigenattn.capture.interface import IGNORED_KWARGS, check_kwargs
+from eigenattn.config.schema import enum
 from eigenattn.errors import InputError
 from eigenattn.reconstruction import kernels as K
 from eigenattn.reconstruction.partial import (
@@ -56,7 +57,7 @@ from eigenattn.reconstruction.partial import (
 from eigenattn.reconstruction.peer_attention import PEER_ATTR, PeerSpec, peer_attention
 from eigenattn.reconstruction.plans import EXACT, Plan, is_peer, read_plan
 
-KERNEL_MODES = ("auto", "compiled", "eager", "dense")
+KERNEL_MODES = enum("plans.kernels")  # auto, compiled, eager, dense
 # what the ``partial`` backend runs (a plan, peer, map, probe, Linformer, the uniform floor)
 ATTACHMENTS = (PLAN_ATTR, PEER_ATTR, ATTR, PROBE_ATTR, LINFORMER_ATTR, UNIFORM_ATTR)
 PLAN_KERNELS_IMPL = "eigenattn_plan"
@@ -76,7 +77,6 @@ class LayerPlan:
         self.heads = sorted(int(h) for idx, _ in groups for h in idx.tolist())
         self.causal = bool(causal)
         self.kernels = kernels
-        self._block_masks: dict = {}  # (group index, n, device) -> sink + window BlockMask
 
     def __repr__(self) -> str:
         parts = [f"{'exact' if r is None else r!r}: heads {idx.tolist()}" for idx, r in self.groups]
@@ -202,6 +202,12 @@ def apply_plan(model, plan, rows_store=None, stats=None, kernels: str = "auto") 
         setattr(mods[layer], PLAN_ATTR, lp)
     if kernels != "dense" and getattr(model.config, "_attn_implementation", None) != PLAN_KERNELS_IMPL:
         model.set_attn_implementation(register_kernels())
+        if getattr(model.config, "_attn_implementation", None) != PLAN_KERNELS_IMPL:
+            raise InputError(
+                type(model).__name__,
+                f"could not be switched to the {PLAN_KERNELS_IMPL} attention backend for the real kernels",
+                'use kernels="dense" (the dense-mask reference) for this model',
+            )
     return plans
 
 
@@ -256,6 +262,19 @@ def _check_length(runner, n: int) -> None:
         )
 
 
+_BLOCK_MASKS: dict = {}  # a block mask depends on the shapes and the pattern alone: built once
+
+
+def _block_mask(key, make):
+    """The cached BlockMask for ``key`` (input-independent setup, as clock.py counts it apart)."""
+    bm = _BLOCK_MASKS.get(key)
+    if bm is None:
+        if len(_BLOCK_MASKS) >= 64:
+            _BLOCK_MASKS.pop(next(iter(_BLOCK_MASKS)))
+        bm = _BLOCK_MASKS[key] = make()
+    return bm
+
+
 def kernel_group(lp: LayerPlan, g: int, q, k, v, scaling: float):
     """The output (B, h, n, dh) of group ``g`` of ``lp`` by its method's real kernel, or None where
     the method has none (the top-k oracle). ``q``, ``k``, ``v``: that group's heads."""
@@ -270,22 +289,23 @@ def kernel_group(lp: LayerPlan, g: int, q, k, v, scaling: float):
     if lp.scope == "whole":  # every query of a causal head (§15): the whole-scope kernels
         compiled = lp.kernels == "compiled"
         if runner.method == "sink_window":
-            key = (g, n, str(q.device))
-            bm = lp._block_masks.get(key)
-            if bm is None:
-                bm = K.sink_window_block_mask(n, runner.s, runner.sinks, q.shape[1], q.device)
-                lp._block_masks[key] = bm
+            key = ("whole", n, runner.s, runner.sinks, q.shape[1], str(q.device))
+            bm = _block_mask(key, lambda: K.sink_window_block_mask(n, runner.s, runner.sinks, q.shape[1], q.device))
             return K.sink_window_attention(
                 q, k, v, runner.s, runner.sinks, scale=scaling, compiled=compiled, block_mask=bm
             )
-        return K.vertical_slash_attention(q, k, v, runner.s, runner.q_last, scale=scaling)
+        if runner.method == "vertical_slash":
+            return K.vertical_slash_attention(q, k, v, runner.s, runner.q_last, scale=scaling)
+        raise InputError(
+            f"plan of layer {lp.layer}", f"{runner.method} is not defined in whole scope", "use view scope"
+        )
     view = {"query_range": (runner.qs.start, runner.qs.stop), "key_range": (runner.ks.start, runner.ks.stop)}
     if runner.method == "sink_window":
-        key = (g, n, str(q.device))
-        bm = lp._block_masks.get(key)
-        if bm is None:
-            bm = K.sink_window_view_block_mask(n, runner.s, runner.sinks, causal=lp.causal, device=q.device, **view)
-            lp._block_masks[key] = bm
+        key = ("view", n, runner.s, runner.sinks, view["query_range"], view["key_range"], lp.causal, str(q.device))
+        bm = _block_mask(
+            key,
+            lambda: K.sink_window_view_block_mask(n, runner.s, runner.sinks, causal=lp.causal, device=q.device, **view),
+        )
         return K.sink_window_view_attention(
             q,
             k,

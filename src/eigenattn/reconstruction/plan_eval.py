@@ -59,6 +59,7 @@ SUMMARY_COLUMNS = [
     "damage",
     "budget",
     "cost_share",
+    "scope",
     "cost_axis",
     "seq_len",
     "metric",
@@ -310,7 +311,10 @@ def run_plans(
     methods += [(m, v) for m in ps.methods for v in ps.variants(m)]
     device = torch.device(device)
     model = load(model_dir, stats.causal, device)
-    q0 = stats.query_range[0]
+    whole = settings.scope == "whole" and stats.causal
+    # whole scope: the plans run every query and are judged on every position's next token, and
+    # the heads' sensitivity is that loss's
+    q0 = 0 if whole else stats.query_range[0]
     fit_ids = torch.from_numpy(heldout_ids(fit_shards, settings.sensitivity_sequences).astype(np.int64)).to(device)
     stats.check_matches(fit_ids.shape[1], f"fit tokens {fit_shards[0]}")
     t0 = time.perf_counter()
@@ -330,12 +334,10 @@ def run_plans(
     sensitivity = probe.set_index(["layer", "head"])["sensitivity"]
     all_heads = [(int(layer), h) for layer in stats.layers for h in range(int(model.config.num_attention_heads))]
     device_name = None
-    whole = settings.scope == "whole" and stats.causal
     if settings.scope == "whole" and not stats.causal:
         log.warning("plans.scope is whole, but %s is an encoder: its plans stay in view scope", stats.model)
     if whole:
         cands, device_name = whole_candidates(model, fit_ids, stats, settings, ps, device, out_dir)
-        q0 = 0  # judged on every position's next token, as the plan runs every query
     elif settings.cost == "time":
         if latency is None or not len(latency):
             raise InputError("plans.cost", "is time, but no latency table was given", "pass the view's latency table")
@@ -346,6 +348,12 @@ def run_plans(
     if whole:
         if "sensitivity" in settings.damages:
             weight = sensitivity.reindex(pd.MultiIndex.from_frame(cands[["layer", "head"]])).to_numpy()
+            if not np.isfinite(weight).all():
+                raise InputError(
+                    "plans.damages",
+                    f"sensitivity is missing for {int((~np.isfinite(weight)).sum())} whole-scope candidates",
+                    "measure every analysed head (plans.sensitivity_sequences fit sequences)",
+                )
             cands = cands.assign(damage_sensitivity=cands["damage_tv"].to_numpy() * weight)
     else:
         cands = candidates(recon, methods, sensitivity if "sensitivity" in settings.damages else None, heads=all_heads)
@@ -374,14 +382,17 @@ def run_plans(
     for damage in settings.damages:
         for budget in settings.budgets:
             if budget < cheapest - 1e-12:  # defaults adapt: a budget no plan can meet is reported, not fatal
-                note = (
-                    f"no plan within budget {budget:g}: the cheapest candidates cost {cheapest:.4f} of exact "
+                unit = "of exact" if settings.cost == "macs" else "of SDPA's measured time"
+                note = f"no plan within budget {budget:g}: the cheapest candidates cost {cheapest:.4f} {unit} " + (
                     "(add smaller reconstruction.subset_sizes, or raise plans.budgets)"
+                    if settings.cost == "macs"
+                    else "(at short lengths every kernel is bound by call overhead; raise plans.budgets)"
                 )
                 log.warning(note)
                 summary.append(
-                    {"model": stats.model, "view": stats.view, "damage": damage, "budget": budget}
-                    | {"metric": metric, "note": note}
+                    {"model": stats.model, "view": meta["view"], "damage": damage, "budget": budget}
+                    | {"metric": metric, "note": note, "scope": meta["scope"]}
+                    | {"cost_axis": settings.cost, "seq_len": stats.seq_len}
                 )
                 continue
             plan = make_plan(cands, budget, damage, meta)
@@ -435,7 +446,8 @@ def run_plans(
         per_seq[plan.label()] = values
         rec = {
             "model": stats.model,
-            "view": stats.view,
+            "view": meta["view"],
+            "scope": meta["scope"],
             "damage": plan.damage,
             "budget": plan.budget,
             "cost_share": plan.cost_share,
@@ -572,7 +584,7 @@ def whole_candidates(model, fit_ids, stats, settings, ps, device, out_dir):
     n = stats.seq_len
     grid = [(m, s) for m in peers for s in settings.subset_sizes if s < n]
     t0 = time.perf_counter()
-    damage = whole_plans.whole_damage(model, fit_ids, grid, sinks=ps.sinks, q_last=ps.q_last)
+    damage = whole_plans.whole_damage(model, fit_ids, grid, sinks=ps.sinks, q_last=ps.q_last, layers=stats.layers)
     log.info("whole-scope damage of %d (method, s) over every query: %.1f s", len(grid), time.perf_counter() - t0)
     cfg = model.config
     heads = int(cfg.num_attention_heads)
@@ -580,7 +592,8 @@ def whole_candidates(model, fit_ids, stats, settings, ps, device, out_dir):
     if settings.cost == "time":
         lat = clock.latency_table(
             [n], sorted({s for _, s in grid}), tuple(peers), d_head=d_head, heads=heads,
-            threads=torch.get_num_threads(), device=str(device), repeats=5, compiled=device.type == "cuda",
+            threads=torch.get_num_threads(), device=str(device), repeats=5,
+            compiled=settings.kernel_mode(device) == "compiled",
             sinks=ps.sinks, q_last=ps.q_last, pinv="iterative", seed=settings.seed, inputs="local",
         )  # fmt: skip
         Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,8 @@ EXACT = "exact"
 PLAN_FORMAT = 1
 DAMAGES = enum("plans.damages")
 CANDIDATE_KEYS = ["layer", "head", "estimator", "strategy", "subset_size"]
-SCOPES = ("view", "whole")
-COST_AXES = ("macs", "time")
+SCOPES = enum("plans.scope")
+COST_AXES = enum("plans.cost")
 # the methods defined for causal whole attention (docs/method.md §15): the sparse patterns that
 # need no statistics of a view; Nyström mixes rows across the causal boundary, the paper's maps
 # are fitted for a view block

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from eigenattn.capture.attention import expand_heads
-from eigenattn.capture.interface import register_backend
+from eigenattn.capture.interface import IGNORED_KWARGS, check_kwargs, register_backend
 from eigenattn.reconstruction import kernels as K
 from eigenattn.reconstruction.peers import sink_window_whole_keys
 from eigenattn.reconstruction.plans import EXACT, WHOLE_METHODS, Plan, make_plan
@@ -35,9 +35,11 @@ _recorded: dict = {}
 
 def _record_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Exact SDPA attention that also hands each layer's Q and K (keys repeated per query head)
-    to the damage callback; nothing is kept."""
+    to the damage callback; nothing is kept. Softcapping, sliding windows and sinks would change
+    the rows the damage is measured on, so they are refused, never dropped."""
     from torch.nn import functional as F
 
+    check_kwargs(module, kwargs, IGNORED_KWARGS, _RECORD_IMPL)
     key, value, scaling = expand_heads(query, key, value, scaling)
     cb = _recorded.get("callback")
     if cb is not None:
@@ -76,15 +78,21 @@ def head_damages(q, k, scale: float, grid, *, sinks: int, q_last: int) -> list[d
 
 
 @torch.inference_mode()
-def whole_damage(model, ids: torch.Tensor, grid, *, sinks: int, q_last: int, progress=None) -> pd.DataFrame:
+def whole_damage(
+    model, ids: torch.Tensor, grid, *, sinks: int, q_last: int, layers=None, progress=None
+) -> pd.DataFrame:
     """Per (layer, head, method, s): the damage averaged over the sequences ``ids`` (B, n) of a
     causal ``transformers`` model (run once per sequence on a recording SDPA backend; the model's
-    own attention implementation is restored after)."""
+    own attention implementation is restored after). ``layers``: the layers to measure (default:
+    every layer)."""
     grid = [(m, int(s)) for m, s in grid if int(s) < ids.shape[1]]
+    keep = None if layers is None else {int(x) for x in layers}
     impl = model.config._attn_implementation
     rows = []
 
     def callback(layer, q, k, scale):
+        if keep is not None and layer not in keep:
+            return
         for r in head_damages(q[0].float(), k[0].float(), scale, grid, sinks=sinks, q_last=q_last):
             rows.append({"layer": layer, **r})
         if progress is not None:

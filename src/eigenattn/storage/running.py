@@ -38,7 +38,9 @@ def register(threads: int, registry: Path = REGISTRY) -> Path | None:
     try:
         registry.mkdir(parents=True, exist_ok=True)
         entry = registry / f"{socket.gethostname()}-{os.getpid()}.json"
-        entry.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "threads": int(threads)}))
+        tmp = entry.with_suffix(".tmp")  # written whole, then renamed: a reader never sees half of it
+        tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "threads": int(threads)}))
+        tmp.replace(entry)
     except OSError:  # a read-only working directory: the job keeps its own threads
         return None
     atexit.register(lambda: entry.unlink(missing_ok=True))
@@ -53,21 +55,26 @@ def held_by_others(registry: Path = REGISTRY) -> int:
     for f in registry.glob("*.json"):
         try:
             e = json.loads(f.read_text())
-        except (OSError, ValueError):
+            pid, threads = int(e["pid"]), int(e.get("threads", 1))
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        if e.get("host") != host or e.get("pid") == os.getpid():
+        if e.get("host") != host or pid == os.getpid():
             continue
-        if not _alive(int(e["pid"])):
+        if not _alive(pid):
             f.unlink(missing_ok=True)
             continue
-        total += int(e.get("threads", 1))
+        total += threads
     return total
 
 
 def free_threads(own: int, cores: int | None, registry: Path = REGISTRY) -> int:
     """The threads a job may use now: the local run's ``cores`` less those the other running jobs
-    hold, and at least ``own`` (``cores`` None, a cluster executor: ``own``)."""
+    hold, and at least ``own`` (``cores`` None, a cluster executor: ``own``). What it takes is
+    written to its registry entry, so a job starting after it sees those cores held."""
     own = max(int(own), 1)
     if not cores:
         return own
-    return max(own, int(cores) - held_by_others(registry))
+    taken = max(own, int(cores) - held_by_others(registry))
+    if taken != own:
+        register(taken, registry)
+    return taken
