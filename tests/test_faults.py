@@ -16,7 +16,7 @@ import torch
 import yaml
 import zarr
 
-from conftest import CONFIGS, REPO, SNAKEMAKE, make_workdir, snakemake
+from conftest import CONFIGS, REPO, SNAKEMAKE, make_workdir, snakemake, snakemake_env
 from eigenattn.corpus.passages import load_documents
 from eigenattn.errors import ConfigError, InputError
 from eigenattn.spectra.scheduler import dask_scheduler
@@ -328,7 +328,9 @@ def test_bad_input_fails_before_any_job(workdir, override, needle):
 
 
 def _kill_when(cmd, wd, ready, timeout=300):
-    proc = subprocess.Popen(cmd, cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=snakemake_env()
+    )
     deadline = time.time() + timeout
     while not ready() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -352,7 +354,7 @@ def test_sigkill_then_rerun_completes_and_keeps_finished_work(tmp_path, resource
         def ready():  # one shard finished, the other being written
             return len(list(scores.glob("shard-*.zarr"))) == 1 and list(scores.glob(".shard-*.partial-*"))
     else:
-        subprocess.run(base + shards, cwd=wd, check=True, capture_output=True)
+        subprocess.run(base + shards, cwd=wd, check=True, capture_output=True, env=snakemake_env())
         targets = ["results/eigen/minilm/all/rows.zarr"]
         eig = wd / "results" / "eigen" / "minilm" / "all"
 
@@ -363,8 +365,10 @@ def test_sigkill_then_rerun_completes_and_keeps_finished_work(tmp_path, resource
     finished = {p: p.stat().st_mtime for p in scores.glob("shard-*.zarr")}
     unfinished = [t for t in targets if not (wd / t).exists()]
     assert unfinished and list((wd / "results").rglob(".*partial-*"))
-    subprocess.run(base[:-1] + ["--unlock"], cwd=wd, check=True, capture_output=True)
-    done = subprocess.run(base[:-1] + ["--rerun-incomplete", "--"] + targets, cwd=wd, capture_output=True, text=True)
+    subprocess.run(base[:-1] + ["--unlock"], cwd=wd, check=True, capture_output=True, env=snakemake_env())
+    done = subprocess.run(
+        base[:-1] + ["--rerun-incomplete", "--"] + targets, cwd=wd, capture_output=True, text=True, env=snakemake_env()
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert not list((wd / "results").rglob(".*partial-*"))  # swept by the re-run
     for p, t in finished.items():

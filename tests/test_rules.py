@@ -4,11 +4,13 @@ rule name (its docstring), so a user can pick a target without reading the rule 
 import re
 import subprocess
 
-from conftest import REPO, SNAKEMAKE
+from conftest import REPO, SNAKEMAKE, snakemake_env
 
 
 def test_every_rule_has_a_description():
-    proc = subprocess.run([*SNAKEMAKE, "--list-rules"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*SNAKEMAKE, "--list-rules"], cwd=REPO, capture_output=True, text=True, timeout=300, env=snakemake_env()
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     listed = dict(
         re.fullmatch(r"(\w+)(?: \((.+)\))?", line).groups()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, snakemake
+from conftest import REPO, snakemake, snakemake_env
 from eigenattn.config import disk, plan, settings
 from eigenattn.config.settings import ModelFacts
 from eigenattn.config.validation import check_model_facts, check_store_room, validate
@@ -305,7 +305,7 @@ def test_gpu_long_is_refused_before_any_job_and_the_printed_command_runs(tmp_pat
     repo = copy_checkout(tmp_path / "repo")
     monkeypatch.setenv(sizes.FREE_ENV, "81")
     cmd = [sys.executable, "-m", "snakemake", "-n", "--configfile", "config/gpu-long.yaml"]
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600, env=snakemake_env())
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "the streamed moments still to write need 120 GB" in out, out[-3000:]
@@ -318,6 +318,8 @@ def test_gpu_long_is_refused_before_any_job_and_the_printed_command_runs(tmp_pat
     monkeypatch.setenv(sizes.FREE_ENV, "2000")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    proc = subprocess.run([sys.executable, "-m", *fixed], cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", *fixed], cwd=elsewhere, capture_output=True, text=True, timeout=600, env=snakemake_env()
+    )
     assert proc.returncode == 0, (printed, (proc.stdout + proc.stderr)[-3000:])
     assert "Job stats" in proc.stdout + proc.stderr and not (repo / "results").exists()

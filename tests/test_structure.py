@@ -10,7 +10,7 @@ import textwrap
 
 import yaml
 
-from conftest import CONFIGS, REPO, SNAKEMAKE
+from conftest import CONFIGS, REPO, SNAKEMAKE, snakemake_env
 from eigenattn.config import schema
 from eigenattn.reconstruction import estimators
 from eigenattn.reconstruction import evaluate as reconstruct
@@ -322,7 +322,9 @@ def test_usable_as_a_snakemake_module(tmp_path):
         f'module eigenattn:\n    snakefile: "{REPO / "Snakefile"}"\n    config: config\n'
         "use rule * from eigenattn as eigenattn_*\n"
     )
-    proc = subprocess.run([*SNAKEMAKE, "-n", "eigenattn_all"], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [*SNAKEMAKE, "-n", "eigenattn_all"], cwd=tmp_path, capture_output=True, text=True, env=snakemake_env()
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "eigenattn_extract_scores" in out and "eigenattn_notebook" in out

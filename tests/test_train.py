@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, SNAKEMAKE, make_workdir
+from conftest import REPO, SNAKEMAKE, make_workdir, snakemake_env
 from eigenattn.config.settings import EncoderModel, Training
 from eigenattn.errors import InputError
 from eigenattn.reconstruction.partial import (
@@ -364,7 +364,9 @@ def test_sigkill_resumes_from_checkpoint(tmp_path, resources):
         str(REPO / "tests" / "config.yaml"),
         str(cfg),
     ]
-    proc = subprocess.Popen(cmd, cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=snakemake_env()
+    )
     ckpt = wd / "results/training/scratch/exact/s32/seed0/checkpoint.pt"
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -377,8 +379,11 @@ def test_sigkill_resumes_from_checkpoint(tmp_path, resources):
     step = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < step < 250
     # a killed Snakemake leaves its lock behind: unlock, then re-run the target
-    subprocess.run(cmd + ["--unlock"], cwd=wd, capture_output=True, text=True, timeout=120, check=True)
-    done = subprocess.run(cmd + ["--rerun-incomplete"], cwd=wd, capture_output=True, text=True, timeout=600)
+    env = snakemake_env()
+    subprocess.run(cmd + ["--unlock"], cwd=wd, capture_output=True, text=True, timeout=120, check=True, env=env)
+    done = subprocess.run(
+        cmd + ["--rerun-incomplete"], cwd=wd, capture_output=True, text=True, timeout=600, env=snakemake_env()
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     log = (wd / "logs/train/scratch/exact/s32/seed0.log").read_text()
     assert "resumed from checkpoint" in log and f"at step {torch.tensor(step).item()}" in log

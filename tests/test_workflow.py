@@ -17,7 +17,7 @@ import zarr
 from sklearn.decomposition import PCA
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, make_workdir, snakemake
+from conftest import REPO, make_workdir, snakemake, snakemake_env
 from eigenattn.config.views import view_slices
 from eigenattn.reconstruction.plugin import heldout_selection
 
@@ -595,7 +595,9 @@ def test_same_seed_same_tokens(tiny_run, tmp_path, resources):
 
 
 def test_lint_and_format_clean():
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True, env=snakemake_env()
+    )
     assert proc.returncode == 0 and "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     proc = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "."], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
