@@ -123,6 +123,20 @@ def prefix_view(n: int):
     return (n // 2, n), (0, n // 2)
 
 
+def paper_map(method: str, H: int, d: int, s: int, seed: int, dev):
+    """(T, W, b) of a timed paper estimator on a view of d keys: strided subsets; ``subset_only``
+    the identity on T (−inf elsewhere), any other a dense random map (the work is the same)."""
+    T = torch.from_numpy(np.stack([select_subset("strided", d, s, seed=seed) for _ in range(H)])).to(dev)
+    if method == "subset_only":
+        W = torch.zeros((H, d, s), device=dev).scatter_(1, T[:, None, :], 1.0)
+        b = torch.full((H, d), float("-inf"), device=dev).scatter_(1, T, 0.0)
+    else:
+        rng = np.random.default_rng(seed)
+        W = torch.from_numpy(0.1 * rng.standard_normal((H, d, s)).astype(np.float32)).to(dev)
+        b = torch.from_numpy(rng.standard_normal((H, d)).astype(np.float32)).to(dev)
+    return T, W, b
+
+
 def kernel_call(method: str, q, k, v, s: int, *, sinks: int, q_last: int, pinv: str, compiled: bool, seed: int):
     """(setup seconds, the method's kernel as a closure, blocks touched per head (mean)) for Q, K, V
     (1, H, n, dh). Setup is input-independent work done once (a block mask, a fitted map)."""
@@ -150,16 +164,9 @@ def kernel_call(method: str, q, k, v, s: int, *, sinks: int, q_last: int, pinv: 
             )
             blocks = float(kernels.view_blocks(n, qr, kr, True).float().mean())
         else:
-            rng = np.random.default_rng(seed)
-            T = torch.from_numpy(np.stack([select_subset("strided", d, s, seed=seed) for _ in range(H)])).to(dev)
-            if method == "subset_only":
-                W = torch.zeros((H, d, s), device=dev).scatter_(1, T[:, None, :], 1.0)
-                b = torch.full((H, d), float("-inf"), device=dev).scatter_(1, T, 0.0)
-                blocks = float(kernels.view_blocks(n, qr, kr, True, T.cpu()).float().mean())
-            else:
-                W = torch.from_numpy(0.1 * rng.standard_normal((H, d, s)).astype(np.float32)).to(dev)
-                b = torch.from_numpy(rng.standard_normal((H, d)).astype(np.float32)).to(dev)
-                blocks = float(kernels.view_blocks(n, qr, kr, True).float().mean())
+            T, W, b = paper_map(method, H, d, s, seed, dev)
+            view_keys = T.cpu() if method == "subset_only" else None
+            blocks = float(kernels.view_blocks(n, qr, kr, True, view_keys).float().mean())
             fn = lambda: kernels.partial_attention(  # noqa: E731
                 q, k, v, T, W, b, query_range=qr, key_range=kr, causal=True
             )
@@ -279,14 +286,7 @@ def view_kernel_call(method, q, k, v, s, *, query_range, key_range, causal, sink
     elif method == "nystrom":
         fn = lambda: kernels.nystrom_attention(q, k, v, s, pinv=pinv, **view)  # noqa: E731
     else:
-        rng = np.random.default_rng(seed)
-        T = torch.from_numpy(np.stack([select_subset("strided", d, s, seed=seed) for _ in range(H)])).to(dev)
-        if method == "subset_only":
-            W = torch.zeros((H, d, s), device=dev).scatter_(1, T[:, None, :], 1.0)
-            b = torch.full((H, d), float("-inf"), device=dev).scatter_(1, T, 0.0)
-        else:
-            W = torch.from_numpy(0.1 * rng.standard_normal((H, d, s)).astype(np.float32)).to(dev)
-            b = torch.from_numpy(rng.standard_normal((H, d)).astype(np.float32)).to(dev)
+        T, W, b = paper_map(method, H, d, s, seed, dev)
         fn = lambda: kernels.partial_attention(q, k, v, T, W, b, **view)  # noqa: E731
     return time.perf_counter() - t, fn
 
