@@ -86,11 +86,14 @@ def make_workdir(tmp_path: Path, resources: Path) -> Path:
     """
     res = tmp_path / "resources"
     (res / "models").mkdir(parents=True)
-    for name in ("corpora", "wheels"):
-        if (resources / name).exists():
-            (res / name).symlink_to(resources / name, target_is_directory=True)
-    for m in SHARED_MODELS:
-        (res / "models" / m).symlink_to(resources / "models" / m, target_is_directory=True)
+    links = [(res / name, resources / name) for name in ("corpora", "wheels") if (resources / name).exists()]
+    links += [(res / "models" / m, resources / "models" / m) for m in SHARED_MODELS]
+    for link, target in links:
+        link.symlink_to(target, target_is_directory=True)
+        # Snakemake dates a linked input by the link itself: as old as what it points to, so that a
+        # run's outputs (a reused tiny run's among them) are not older than their inputs
+        st = target.stat()
+        os.utime(link, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
     return tmp_path
 
 
