@@ -174,21 +174,22 @@ def smollm2_dir(resources):
     return resources / "models" / "smollm2"
 
 
-# Stored against streamed (docs/method.md §14): tests/config.yaml with float32 score stores.
-# Training cut to exact and the floor from scratch (C4 rows still judged), no scaling study: the
-# routes differ in the eigen, reconstruction and plug-in stages only.
+# Stored against streamed (docs/method.md §14): tests/config.yaml with float32 score stores. No
+# training and no plans (the stages after the plug-in that read nothing the routes differ in), no
+# scaling study: the routes differ in the eigen, reconstruction and plug-in stages only.
 FLOAT32 = {
     "extraction": {"dtype": "float32"},
     "scaling": {"models": []},
-    "training": {"modes": ["scratch"], "variants": []},
+    "training": {"modes": []},
+    "plans": {"budgets": []},
 }
 
 
 @pytest.fixture(scope="session")
 def routes(tmp_path_factory, resources):
     """The tiny workflow to its claims table with float32 score stores, then again in the same
-    working directory with extraction.store: stream (training is shared; the eigen, overlap,
-    reconstruction, plug-in and claims outputs of the stored run are kept aside first)."""
+    working directory with extraction.store: stream (the eigen, overlap, reconstruction, plug-in
+    and claims outputs of the stored run are kept aside first)."""
     import yaml
 
     wd = make_workdir(tmp_path_factory.mktemp("routes"), resources)
@@ -198,7 +199,7 @@ def routes(tmp_path_factory, resources):
     snakemake(wd, "-c2", "--max-threads", "1", "claims", configs=[*CONFIGS, str(stored_cfg)])
     kept = wd / "stored"
     kept.mkdir()
-    for part in ("eigen", "overlap", "reconstruction", "plugin", "plans", "claims.csv"):
+    for part in ("eigen", "overlap", "reconstruction", "plugin", "claims.csv"):
         src = wd / "results" / part
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, kept / part)
     proc = snakemake(wd, "-c2", "--max-threads", "1", "claims", configs=[*CONFIGS, str(streamed_cfg)])

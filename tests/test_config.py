@@ -424,3 +424,15 @@ def test_one_of_errors_name_the_value_and_the_allowed_ones(section, values, need
     assert "is not valid under any of the given schemas" not in msg, msg
     for needle in needles:
         assert needle in msg, (needle, msg)
+
+
+def test_the_recorded_model_spec_does_not_depend_on_the_merge_order():
+    """`--configfile tests/config.yaml` and `--configfile config.yaml tests/config.yaml` merge a
+    model's keys in different orders; Snakemake compares recorded params in order, so the fetch
+    rule re-fetched the model (and re-ran everything after it) when only the order differed."""
+    one = {"source": "pypi", "package": "p==1", "sha256": {"b": "2", "a": "1"}, "layers": [0, 1], "causal": True}
+    other = {"layers": [0, 1], "causal": True, "sha256": {"a": "1", "b": "2"}, "package": "p==1", "source": "pypi"}
+    training = {"analysis_model": "trained"}
+    a = plan.recorded_spec({"models": {"m": one}, "training": training}, "m")
+    b = plan.recorded_spec({"models": {"m": other}, "training": training}, "m")
+    assert repr(a) == repr(b)

@@ -53,7 +53,7 @@ rule latency_table:
     resources:
         gpu=gpus_for("plugin"),
     params:
-        settings=reconstruction_settings,
+        settings=latency_settings,
         repeats=5,
         # the device and torch version the table is measured on: another one re-measures it
         device_key=latency_device_key,

@@ -6,7 +6,6 @@ import json
 import warnings
 from pathlib import Path
 
-from eigenattn.config.settings import Reconstruction
 from eigenattn.reconstruction import clock
 from eigenattn.spectra.stores import RowStats
 from eigenattn.storage import logs
@@ -15,7 +14,7 @@ from eigenattn.storage.store import write_table
 log = logs.start(snakemake)
 # eager FlexAttention on a CPU (it materialises its scores) is what is timed there: no warning per call
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-settings = Reconstruction.from_params(snakemake.params.settings)
+settings = snakemake.params.settings  # subset_sizes, sinks, q_last, pinv, seed
 runtime = snakemake.params.runtime
 stats = RowStats(snakemake.input.rows)
 cfg = json.loads((Path(snakemake.input.model) / "config.json").read_text())
@@ -26,7 +25,7 @@ device = runtime.torch_device()
 compiled = device.type == "cuda"  # torch.compile's C++ build of every shape costs more than it measures on a CPU
 table = clock.view_latency_table(
     stats.seq_len,
-    settings.subset_sizes,
+    settings["subset_sizes"],
     query_range=stats.query_range,
     key_range=stats.key_range,
     causal=stats.causal,
@@ -36,10 +35,10 @@ table = clock.view_latency_table(
     device=str(device),
     repeats=snakemake.params.repeats,
     compiled=compiled,
-    sinks=settings.sinks,
-    q_last=settings.q_last,
-    pinvs=settings.pinv or ("iterative",),
-    seed=settings.seed,
+    sinks=settings["sinks"],
+    q_last=settings["q_last"],
+    pinvs=settings["pinv"] or ("iterative",),
+    seed=settings["seed"],
 )
 table = table.assign(model=stats.model, view=stats.view, device_key=snakemake.params.device_key)
 write_table(table, snakemake.output[0])

@@ -138,8 +138,18 @@ SHAPE_KEYS = ("n_layers", "heads")
 
 def recorded_spec(config: dict, name: str) -> dict:
     """A model's entry as the fetch and extraction rules record it: without :data:`SHAPE_KEYS`, so
-    that declaring them re-runs nothing."""
-    return {k: v for k, v in model_spec(config, name).items() if k not in SHAPE_KEYS}
+    that declaring them re-runs nothing, and with its keys sorted at every level, so that the order
+    the config files were merged in (``--configfile tests/config.yaml`` against
+    ``--configfile config.yaml tests/config.yaml``) re-runs nothing either: Snakemake compares
+    recorded params in order."""
+    spec = model_spec(config, name)
+    return _sorted({k: spec[k] for k in spec if k not in SHAPE_KEYS})
+
+
+def _sorted(value):
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    return value
 
 
 def model_shape(config: dict, name: str) -> tuple[int | None, int | None]:

@@ -30,6 +30,19 @@ def latency_outputs():
     ]
 
 
+def latency_settings(wildcards):
+    """What the latency table measures: the subset sizes and the peers' settings of the view (not
+    the rest of the reconstruction settings, so that e.g. run_models re-measures nothing)."""
+    r = settings.Reconstruction.from_config(config, wildcards.model, wildcards.view)
+    return {
+        "subset_sizes": list(r.subset_sizes),
+        "sinks": r.sinks,
+        "q_last": r.q_last,
+        "pinv": list(r.pinv),
+        "seed": r.seed,
+    }
+
+
 def latency_device_key(wildcards):
     """The device (``plugin.device``, where the models run; a CPU by its model name) and torch
     version the latency table is measured on, read without importing torch: a change re-measures
