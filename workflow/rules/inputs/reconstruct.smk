@@ -32,7 +32,8 @@ def latency_outputs():
 
 def latency_settings(wildcards):
     """What the latency table measures: the subset sizes and the peers' settings of the view (not
-    the rest of the reconstruction settings, so that e.g. run_models re-measures nothing)."""
+    the rest of the reconstruction settings, so that e.g. run_models re-measures nothing).
+    """
     r = settings.Reconstruction.from_config(config, wildcards.model, wildcards.view)
     return {
         "subset_sizes": list(r.subset_sizes),
