@@ -131,13 +131,13 @@ def tiny_run(tmp_path_factory, resources):
 
     CI has just run the same target in this very checkout (`.ci/run`, step 1: the README's first
     command at tiny size) and says so with ``EIGENATTN_TEST_TINY_RUN`` (this checkout's path). That
-    run's results, logs and Snakemake metadata are then copied in, and the ``all`` target below must
+    run's results, logs, benchmark files and Snakemake metadata are then copied in, and the ``all`` target below must
     find them complete (``test_complete_run_is_a_noop`` checks that nothing is left to run); any job
     it does not find complete still runs here."""
     wd = copy_checkout(make_workdir(tmp_path_factory.mktemp("tiny"), resources))
     done = reusable_tiny_run()
     if done is not None:
-        for part in ("results", "logs", ".snakemake/metadata"):
+        for part in ("results", "logs", "benchmarks/out", ".snakemake/metadata"):
             if (done / part).is_dir():
                 shutil.copytree(done / part, wd / part, symlinks=True)
     proc = snakemake(wd, "-c2", "--max-threads", "1", "all")
