@@ -265,6 +265,9 @@ def main(argv=None):
                 f"plan {row['ppl_plan']:.3f}, single {row['ppl_single']:.3f}; compile {row['plan_compile_s']:.1f} s"
             )
     table = pd.DataFrame(rows)
+    if table.empty:
+        print(f"plans speed: no plan within {a.budget} of SDPA's time at any length measured (see above)")
+        return
     if a.out:
         table.to_csv(a.out, index=False)
     cols = [
