@@ -112,11 +112,13 @@ def main(argv=None):
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from eigenattn.capture.extract import model_facts
     from eigenattn.errors import ConfigError
     from eigenattn.reconstruction import clock, whole_plans
     from eigenattn.reconstruction.partial import detach
     from eigenattn.reconstruction.plan_attention import PLAN_KERNELS_IMPL, apply_plan, register_kernels
     from eigenattn.reconstruction.plans import uniform_plan
+    from eigenattn.reconstruction.plugin import sequence_outputs
 
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     device = torch.device(a.device)
@@ -127,8 +129,8 @@ def main(argv=None):
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, attn_implementation="sdpa", dtype=torch.float32)
     model = model.eval().to(device)
     cfg = model.config
-    H = cfg.num_attention_heads
-    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    facts = model_facts(model)
+    H, d_head = facts["heads"], facts["head_dim"]
     settings = {"ridge": 0.0, "rank": 0.0, "seed": 0, "q_last": a.q_last, "sinks": a.sinks}
     name = clock.device_name(device)
     mode = "eager" if a.eager else "compiled"
@@ -223,12 +225,12 @@ def main(argv=None):
                 for kind in kinds:
                     if kind == "sdpa":
                         model.set_attn_implementation("sdpa")
-                        nll = whole_plans.sequence_nll(model, held)
+                        nll = sequence_outputs(model, held, True, 0, 1)  # every position's next token
                     else:
                         apply_plan(
                             model, plan if kind == "plan" else single, kernels="eager" if a.eager else "compiled"
                         )
-                        nll = whole_plans.sequence_nll(model, held)
+                        nll = sequence_outputs(model, held, True, 0, 1)  # every position's next token
                         detach(model)
                     quality[key][kind] = float(np.exp(nll.mean()))
                 model.set_attn_implementation("sdpa")

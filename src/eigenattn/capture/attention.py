@@ -29,6 +29,22 @@ def expand_heads(query, key, value, scaling):
     return repeat_kv(key, n_rep), repeat_kv(value, n_rep), scaling
 
 
+def mask_is_plain(mask: torch.Tensor, causal: bool) -> bool:
+    """Whether an additive or boolean attention mask over square scores hides exactly the future
+    keys (``causal``) or nothing: no padding, no window. Additive hidden entries must be the eager
+    −inf / dtype-min."""
+    if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
+        return False
+    n = mask.shape[-1]
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    want = torch.ones(n, n, dtype=torch.bool, device=mask.device)
+    if causal:
+        want = want.tril_()
+    if not bool((visible == want).all()):
+        return False
+    return mask.dtype == torch.bool or bool((visible | (mask <= torch.finfo(mask.dtype).min / 2)).all())
+
+
 def sdpa_attention(query, key, value, mask, scaling: float, causal: bool = False):
     """The output of plain attention (no softcap, bias or sink) from SDPA, as (batch, n, heads, d).
     ``causal``: ``mask`` is the plain causal mask, which SDPA then applies itself (``is_causal``),

@@ -39,6 +39,7 @@ from eigenattn.capture.attention import (
     block_scores,
     expand_heads,
     finish_attention,
+    mask_is_plain,
     quadrants,
     scaled_scores,
     sdpa_attention,
@@ -100,19 +101,11 @@ class ScoreCapture:
     def causal_mask(self, mask: torch.Tensor | None) -> bool:
         """Whether ``mask`` (the additive or boolean mask a layer received) is the plain causal mask
         over square scores; checked once per mask tensor (the layers of a pass share one)."""
-        if mask is None or mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
+        if mask is None:
             return False
         hit = self._causal.get(id(mask))
         if hit is None or hit[0] is not mask:
-            n = mask.shape[-1]
-            visible = mask if mask.dtype == torch.bool else mask == 0
-            lower = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril_()
-            if mask.dtype != torch.bool:  # hidden entries must be the eager -inf / dtype-min
-                hidden = mask <= torch.finfo(mask.dtype).min / 2
-                ok = bool((visible == lower).all()) and bool((visible | hidden).all())
-            else:
-                ok = bool((visible == lower).all())
-            hit = (mask, ok)
+            hit = (mask, mask_is_plain(mask, causal=True))
             self._causal[id(mask)] = hit
         return hit[1]
 

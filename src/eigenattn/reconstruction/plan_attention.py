@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from eigenattn.capture.attention import expand_heads, finish_attention
+from eigenattn.capture.attention import expand_heads, finish_attention, mask_is_plain
 from eigenattn.capture.interface import IGNORED_KWARGS, check_kwargs
 from eigenattn.config.schema import enum
 from eigenattn.errors import InputError
@@ -369,10 +369,7 @@ def _plain(mask, causal: bool, n: int) -> bool:
         return True
     if _PLAIN[0] is mask:
         return _PLAIN[1]
-    ok = mask.dtype == torch.bool and mask.shape[-2:] == (n, n)
-    if ok:
-        want = torch.ones(n, n, dtype=torch.bool, device=mask.device)
-        ok = bool((mask == (want.tril_() if causal else want)).all())
+    ok = mask.dtype == torch.bool and mask.shape[-1] == n and mask_is_plain(mask, causal)
     _PLAIN[0], _PLAIN[1] = mask, ok
     return ok
 

@@ -572,6 +572,7 @@ def whole_candidates(model, fit_ids, stats, settings, ps, device, out_dir):
     (``latency.csv``). Returns (candidates, the device that priced them or None)."""
     from pathlib import Path
 
+    from eigenattn.capture.extract import model_facts
     from eigenattn.reconstruction import clock, whole_plans
 
     peers = [m for m in ps.methods if m in whole_plans.WHOLE_PEERS]
@@ -586,9 +587,8 @@ def whole_candidates(model, fit_ids, stats, settings, ps, device, out_dir):
     t0 = time.perf_counter()
     damage = whole_plans.whole_damage(model, fit_ids, grid, sinks=ps.sinks, q_last=ps.q_last, layers=stats.layers)
     log.info("whole-scope damage of %d (method, s) over every query: %.1f s", len(grid), time.perf_counter() - t0)
-    cfg = model.config
-    heads = int(cfg.num_attention_heads)
-    d_head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    facts = model_facts(model)
+    heads, d_head = facts["heads"], facts["head_dim"]
     if settings.cost == "time":
         lat = clock.latency_table(
             [n], sorted({s for _, s in grid}), tuple(peers), d_head=d_head, heads=heads,

@@ -18,7 +18,6 @@ and a plan's budget is a share of SDPA's measured time.
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -155,14 +154,3 @@ def best_single(cands: pd.DataFrame, cost: float) -> tuple[str, int, float, floa
         raise ValueError(f"no single method costs at most {cost:.3f} of SDPA's time")
     r = ok.sort_values(["damage", "cost_share"]).iloc[0]
     return str(r.estimator), int(r.subset_size), float(r.cost_share), float(r.damage)
-
-
-def sequence_nll(model, ids: torch.Tensor) -> np.ndarray:
-    """Each sequence's mean next-token NLL over every position (float64)."""
-    out = []
-    with torch.inference_mode():
-        for b in range(ids.shape[0]):
-            x = ids[b : b + 1]
-            lp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
-            out.append(float(-lp.gather(-1, x[:, 1:, None]).mean()))
-    return np.array(out)
